@@ -1,0 +1,71 @@
+"""The one typed settings module. Every knob that changes behaviour lives here, read from the
+environment once (NEMOCOMPILE_<NAME>) and patchable in tests through `override`."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, fields
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Settings:
+    # Verify the graph after every pass (cheap; on by default, as in tests).
+    verify_each_pass: bool = True
+    # Print tracebacks instead of one-sentence errors.
+    debug: bool = False
+    # Bytes read or written per step when hashing and copying engine files.
+    io_chunk_bytes: int = 16 << 20
+    # Weights are written to the engine in groups of at most this many bytes (bounds host memory).
+    write_group_bytes: int = 512 << 20
+    # Device the reference runtime runs on: "auto" picks CUDA when present, else CPU.
+    device: str = "auto"
+    # Show rich progress bars on the terminal.
+    progress: bool = True
+
+
+def _parse(kind: type[Any] | str, text: str) -> Any:
+    kind_name = kind if isinstance(kind, str) else kind.__name__
+    if kind_name == "bool":
+        return text.strip().lower() in {"1", "true", "yes", "on"}
+    if kind_name == "int":
+        return int(text)
+    return text
+
+
+def _from_environment() -> Settings:
+    values: dict[str, Any] = {}
+    for field in fields(Settings):
+        raw = os.environ.get(f"NEMOCOMPILE_{field.name.upper()}")
+        if raw is not None:
+            values[field.name] = _parse(field.type, raw)
+    return Settings(**values)
+
+
+_current: Settings = _from_environment()
+
+
+def settings() -> Settings:
+    """The settings in force."""
+    return _current
+
+
+@contextlib.contextmanager
+def override(**changes: Any) -> Iterator[Settings]:
+    """Temporarily change settings (tests, the CLI's --debug)."""
+    global _current
+    previous = _current
+    _current = dataclasses.replace(previous, **changes)
+    try:
+        yield _current
+    finally:
+        _current = previous
+
+
+def set_settings(**changes: Any) -> None:
+    """Change settings for the rest of the process (the CLI's global flags)."""
+    global _current
+    _current = dataclasses.replace(_current, **changes)

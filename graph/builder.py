@@ -1,0 +1,119 @@
+"""GraphBuilder: the one way graphs are made (importer, passes, tests). It infers each op's
+result types from its declaration, so a builder-made graph is well-typed by construction."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+from nemocompile.errors import IRError
+
+from .ir import Attrs, AttrValue, Graph, Op, StateSlot, TensorSource, Value, Weight
+from .opdef import opdef
+from .types import TensorType
+
+
+class GraphBuilder:
+    def __init__(self, name: str, metadata: Mapping[str, str] | None = None, origin: str = "import") -> None:
+        self.name = name
+        self.metadata = dict(metadata or {})
+        self.origin = origin
+        self._inputs: list[Value] = []
+        self._weights: dict[str, Weight] = {}
+        self._states: dict[str, StateSlot] = {}
+        self._ops: list[Op] = []
+        self._outputs: list[str] = []
+        self._types: dict[str, TensorType] = {}
+        self._counter = 0
+
+    def _declare(self, name: str, type_: TensorType) -> None:
+        if name in self._types:
+            raise IRError(f"value %{name} is defined twice")
+        self._types[name] = type_
+
+    def input(self, name: str, type_: TensorType) -> str:
+        self._declare(name, type_)
+        self._inputs.append(Value(name, type_))
+        return name
+
+    def weight(self, name: str, type_: TensorType, category: str,
+               sources: Sequence[TensorSource] = ()) -> str:
+        self._declare(name, type_)
+        self._weights[name] = Weight(name, type_, category, tuple(sources))
+        return name
+
+    def add_weight(self, weight: Weight) -> str:
+        self._declare(weight.name, weight.type)
+        self._weights[weight.name] = weight
+        return weight.name
+
+    def state(self, name: str, kind: str, type_: TensorType) -> str:
+        if name in self._states:
+            raise IRError(f"state {name} is declared twice")
+        self._states[name] = StateSlot(name, kind, type_)
+        return name
+
+    def type_of(self, name: str) -> TensorType:
+        return self._types[name]
+
+    def fresh(self) -> str:
+        name = str(self._counter)
+        self._counter += 1
+        return name
+
+    def op(self, opname: str, operands: Sequence[str | None], attrs: Mapping[str, AttrValue] | None = None,
+           scope: str = "", result_names: Sequence[str] | None = None) -> tuple[str, ...]:
+        """Append an op; returns the names of its results (fresh numbers unless given)."""
+        definition = opdef(opname)
+        frozen = Attrs.of(attrs or {})
+        missing = range(len(operands), len(definition.operands))
+        if all(definition.is_optional(i) for i in missing):
+            operands = [*operands, *(None for _ in missing)]  # trailing optional operands may be left out
+        types = [None if o is None else self._types[o] for o in operands]
+        result_types = definition.infer(types, frozen)
+        names = list(result_names) if result_names else [self.fresh() for _ in result_types]
+        results = []
+        for name, type_ in zip(names, result_types, strict=True):
+            self._declare(name, type_)
+            results.append(Value(name, type_))
+        self._ops.append(Op(opname, tuple(operands), tuple(results), frozen, scope, self.origin))
+        return tuple(names)
+
+    def op1(self, opname: str, operands: Sequence[str | None], attrs: Mapping[str, AttrValue] | None = None,
+            scope: str = "") -> str:
+        (name,) = self.op(opname, operands, attrs, scope)
+        return name
+
+    def append(self, op: Op) -> None:
+        """Re-emit an op unchanged (passes copy the ops they don't rewrite)."""
+        for result in op.results:
+            self._declare(result.name, result.type)
+        self._ops.append(op)
+
+    def output(self, name: str) -> None:
+        self._outputs.append(name)
+
+    def build(self) -> Graph:
+        return Graph(
+            name=self.name,
+            inputs=tuple(self._inputs),
+            weights=tuple(self._weights.values()),
+            states=tuple(self._states.values()),
+            ops=tuple(self._ops),
+            outputs=tuple(self._outputs),
+            metadata=tuple(sorted(self.metadata.items())),
+        )
+
+
+def rebuild_header(graph: Graph, origin: str) -> GraphBuilder:
+    """A builder holding `graph`'s inputs, weights and states, ready for a pass to emit ops.
+    Result numbering continues after the largest numeric name so new names never collide."""
+    builder = GraphBuilder(graph.name, dict(graph.metadata), origin)
+    for value in graph.inputs:
+        builder.input(value.name, value.type)
+    for weight in graph.weights:
+        builder.add_weight(weight)
+    for slot in graph.states:
+        builder.state(slot.name, slot.kind, slot.type)
+    numbers = [int(r.name) for op in graph.ops for r in op.results if r.name.isdigit()]
+    builder._counter = max(numbers, default=-1) + 1
+    return builder

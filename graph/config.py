@@ -1,0 +1,242 @@
+"""The Nemotron-H model configuration, read from a Hugging Face config.json as released
+(`layers_block_type` or `hybrid_override_pattern`, legacy `mamba_*` field names)."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from nemocompile.errors import ConfigError
+
+PATTERN_LETTERS = {"M": "mamba", "*": "attention", "E": "moe", "-": "mlp"}
+LAYER_TYPE_NAMES = {"linear_attention": "mamba", "mamba": "mamba", "full_attention": "attention",
+                    "attention": "attention", "moe": "moe", "mlp": "mlp"}
+# Older releases spelled some Mamba fields with a prefix.
+_LEGACY_NAMES = {"mamba_n_groups": "n_groups", "mamba_d_conv": "conv_kernel", "mamba_expand": "expand",
+                 "mamba_dt_min": "time_step_min", "mamba_dt_max": "time_step_max",
+                 "mamba_conv_bias": "use_conv_bias", "mamba_chunk_size": "chunk_size"}
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int
+    hidden_size: int
+    layer_kinds: tuple[str, ...]  # "mamba" | "attention" | "moe" | "mlp"
+    mtp_layer_kinds: tuple[str, ...]
+    num_nextn_predict_layers: int
+    tie_word_embeddings: bool
+    layer_norm_epsilon: float
+    # attention
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    attention_bias: bool
+    # dense MLP
+    intermediate_size: int
+    mlp_hidden_act: str
+    mlp_bias: bool
+    # Mamba2
+    mamba_num_heads: int
+    mamba_head_dim: int
+    n_groups: int
+    ssm_state_size: int
+    conv_kernel: int
+    chunk_size: int
+    use_conv_bias: bool
+    use_bias: bool
+    mamba_hidden_act: str
+    time_step_min: float
+    # MoE
+    n_routed_experts: int
+    num_experts_per_tok: int
+    moe_intermediate_size: int
+    moe_shared_expert_intermediate_size: int
+    moe_latent_size: int | None
+    n_group: int
+    topk_group: int
+    norm_topk_prob: bool
+    routed_scaling_factor: float
+    torch_dtype: str
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layer_kinds)
+
+    @property
+    def mamba_intermediate(self) -> int:
+        return self.mamba_num_heads * self.mamba_head_dim
+
+    @property
+    def conv_dim(self) -> int:
+        return self.mamba_intermediate + 2 * self.n_groups * self.ssm_state_size
+
+    @property
+    def in_proj_size(self) -> int:
+        return self.mamba_intermediate + self.conv_dim + self.mamba_num_heads
+
+    @property
+    def expert_input_size(self) -> int:
+        return self.moe_latent_size if self.moe_latent_size is not None else self.hidden_size
+
+    @property
+    def pattern(self) -> str:
+        letters = {kind: letter for letter, kind in PATTERN_LETTERS.items()}
+        return "".join(letters[k] for k in self.layer_kinds)
+
+
+def _kinds_from_pattern(pattern: Any, field: str, source: str) -> tuple[str, ...]:
+    if not isinstance(pattern, str):
+        raise ConfigError(f"{source}: '{field}' must be a string of block letters M, E, * and -")
+    for index, letter in enumerate(pattern):
+        if letter not in PATTERN_LETTERS:
+            raise ConfigError(f"{source}: unknown block letter '{letter}' at position {index} of '{field}'; "
+                              f"known letters are M (Mamba2), E (MoE), * (attention), - (MLP)")
+    return tuple(PATTERN_LETTERS[c] for c in pattern)
+
+
+def _kinds_from_list(kinds: Any, field: str, source: str) -> tuple[str, ...]:
+    if not isinstance(kinds, list) or not all(isinstance(k, str) for k in kinds):
+        raise ConfigError(f"{source}: '{field}' must be a list of block type names")
+    for kind in kinds:
+        if kind not in LAYER_TYPE_NAMES:
+            raise ConfigError(f"{source}: unknown block type '{kind}' in '{field}'; known types are "
+                              f"{', '.join(sorted(LAYER_TYPE_NAMES))}")
+    return tuple(LAYER_TYPE_NAMES[k] for k in kinds)
+
+
+class _Fields:
+    """Typed reads from the raw JSON with the defaults transformers uses."""
+
+    def __init__(self, raw: dict[str, Any], source: str) -> None:
+        self.raw = dict(raw)
+        for legacy, name in _LEGACY_NAMES.items():
+            if legacy in self.raw and name not in self.raw:
+                self.raw[name] = self.raw[legacy]
+        self.source = source
+
+    def int(self, name: str, default: int | None = None, minimum: int = 1) -> int:
+        value = self.raw.get(name, default)
+        if value is None:
+            raise ConfigError(f"{self.source}: required field '{name}' is missing")
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise ConfigError(f"{self.source}: '{name}' must be an integer >= {minimum}, got {value!r}")
+        return value
+
+    def optional_int(self, name: str) -> int | None:
+        return None if self.raw.get(name) is None else self.int(name)
+
+    def float(self, name: str, default: float) -> float:
+        value = self.raw.get(name, default)
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+            raise ConfigError(f"{self.source}: '{name}' must be a finite number, got {value!r}")
+        return float(value)
+
+    def bool(self, name: str, default: bool) -> bool:
+        value = self.raw.get(name, default)
+        if not isinstance(value, bool):
+            raise ConfigError(f"{self.source}: '{name}' must be true or false, got {value!r}")
+        return value
+
+    def str(self, name: str, default: str, allowed: tuple[str, ...] | None = None) -> str:
+        value = self.raw.get(name, default)
+        if not isinstance(value, str) or (allowed and value not in allowed):
+            expected = f"one of {', '.join(allowed)}" if allowed else "a string"
+            raise ConfigError(f"{self.source}: '{name}' must be {expected}, got {value!r}")
+        return value
+
+
+def config_from_dict(raw: dict[str, Any], source: str = "config.json") -> ModelConfig:
+    model_type = raw.get("model_type")
+    if model_type != "nemotron_h":
+        raise ConfigError(f"{source}: model_type is {model_type!r}, but nemocompile compiles only 'nemotron_h'")
+    f = _Fields(raw, source)
+    if raw.get("layers_block_type") is not None:
+        kinds = _kinds_from_list(raw["layers_block_type"], "layers_block_type", source)
+    elif raw.get("hybrid_override_pattern") is not None:
+        kinds = _kinds_from_pattern(raw["hybrid_override_pattern"], "hybrid_override_pattern", source)
+    else:
+        raise ConfigError(f"{source}: neither 'layers_block_type' nor 'hybrid_override_pattern' is given")
+    if not kinds:
+        raise ConfigError(f"{source}: the model has no layers")
+    mtp_layers = f.int("num_nextn_predict_layers", 0, minimum=0)
+    if raw.get("mtp_layers_block_type") is not None:
+        mtp_kinds = _kinds_from_list(raw["mtp_layers_block_type"], "mtp_layers_block_type", source)
+    else:
+        mtp_kinds = _kinds_from_pattern(raw.get("mtp_hybrid_override_pattern", "*E"),
+                                        "mtp_hybrid_override_pattern", source)
+    hidden = f.int("hidden_size")
+    heads = f.int("num_attention_heads", 32)
+    config = ModelConfig(
+        vocab_size=f.int("vocab_size"),
+        hidden_size=hidden,
+        layer_kinds=kinds,
+        mtp_layer_kinds=mtp_kinds if mtp_layers else (),
+        num_nextn_predict_layers=mtp_layers,
+        tie_word_embeddings=f.bool("tie_word_embeddings", False),
+        layer_norm_epsilon=f.float("layer_norm_epsilon", 1e-5),
+        num_attention_heads=heads,
+        num_key_value_heads=f.int("num_key_value_heads", heads),
+        head_dim=f.int("head_dim", hidden // heads),
+        attention_bias=f.bool("attention_bias", False),
+        intermediate_size=f.int("intermediate_size", 21504),
+        mlp_hidden_act=f.str("mlp_hidden_act", "relu2", ("relu2", "silu")),
+        mlp_bias=f.bool("mlp_bias", False),
+        mamba_num_heads=f.int("mamba_num_heads", 128),
+        mamba_head_dim=f.int("mamba_head_dim", 64),
+        n_groups=f.int("n_groups", 8),
+        ssm_state_size=f.int("ssm_state_size", 128),
+        conv_kernel=f.int("conv_kernel", 4),
+        chunk_size=f.int("chunk_size", 128),
+        use_conv_bias=f.bool("use_conv_bias", True),
+        use_bias=f.bool("use_bias", False),
+        mamba_hidden_act=f.str("mamba_hidden_act", "silu", ("silu",)),
+        time_step_min=f.float("time_step_min", 0.001),
+        n_routed_experts=f.int("n_routed_experts", 8),
+        num_experts_per_tok=f.int("num_experts_per_tok", 2),
+        moe_intermediate_size=f.int("moe_intermediate_size", 7688),
+        moe_shared_expert_intermediate_size=f.int("moe_shared_expert_intermediate_size", 7688),
+        moe_latent_size=f.optional_int("moe_latent_size"),
+        n_group=f.int("n_group", 1),
+        topk_group=f.int("topk_group", 1),
+        norm_topk_prob=f.bool("norm_topk_prob", True),
+        routed_scaling_factor=f.float("routed_scaling_factor", 1.0),
+        torch_dtype=f.str("torch_dtype", str(raw.get("dtype", "bfloat16")), ("bfloat16", "float16", "float32")),
+    )
+    _check_consistent(config, source)
+    return config
+
+
+def _check_consistent(c: ModelConfig, source: str) -> None:
+    problems = []
+    if c.num_attention_heads % c.num_key_value_heads:
+        problems.append(f"num_attention_heads {c.num_attention_heads} is not a multiple of "
+                        f"num_key_value_heads {c.num_key_value_heads}")
+    if c.mamba_num_heads % c.n_groups:
+        problems.append(f"mamba_num_heads {c.mamba_num_heads} is not a multiple of n_groups {c.n_groups}")
+    if c.n_routed_experts % c.n_group:
+        problems.append(f"n_routed_experts {c.n_routed_experts} is not a multiple of n_group {c.n_group}")
+    if c.topk_group > c.n_group:
+        problems.append(f"topk_group {c.topk_group} exceeds n_group {c.n_group}")
+    if c.num_experts_per_tok > c.n_routed_experts:
+        problems.append(f"num_experts_per_tok {c.num_experts_per_tok} exceeds n_routed_experts")
+    if "moe" in c.layer_kinds and c.n_routed_experts // c.n_group < 2:
+        problems.append("each expert group needs at least 2 experts (group scores sum the top 2)")
+    if problems:
+        raise ConfigError(f"{source}: " + "; ".join(problems))
+
+
+def load_config(path: Path) -> tuple[ModelConfig, dict[str, Any]]:
+    """Read config.json from a file or a checkpoint directory; returns the typed config and the raw JSON."""
+    config_path = path / "config.json" if path.is_dir() else path
+    if not config_path.exists():
+        raise ConfigError(f"{config_path} does not exist; a Nemotron-H checkpoint directory needs config.json")
+    try:
+        raw = json.loads(config_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ConfigError(f"{config_path} is not valid JSON ({error})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{config_path} must hold a JSON object")
+    return config_from_dict(raw, str(config_path)), raw

@@ -1,0 +1,118 @@
+"""Ops are declared as data: name, level, typed operands and results, attributes, shape inference,
+an optional verify hook, and the state slots they use. The executable meaning of each core op
+is its reference implementation in `nemocompile.runtime.reference_dispatch`."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from nemocompile.errors import IRError
+
+from .ir import Attrs
+from .types import Dim, TensorType
+
+InferFn = Callable[[Sequence[TensorType | None], Attrs], tuple[TensorType, ...]]
+VerifyFn = Callable[[Sequence[TensorType | None], Attrs], str | None]
+
+LEVELS = ("model", "block", "core", "fused")
+
+# Python types an attribute may declare; "list" means a tuple of scalars.
+ATTR_KINDS: dict[str, tuple[type, ...]] = {
+    "int": (int,),
+    "float": (int, float),
+    "str": (str,),
+    "bool": (bool,),
+    "list": (tuple,),
+    "dtype": (str,),
+}
+
+
+@dataclass(frozen=True)
+class OpDef:
+    name: str
+    level: str
+    operands: tuple[str, ...]  # a trailing "?" marks an optional operand
+    results: tuple[str, ...]
+    attrs: tuple[tuple[str, str], ...]  # (name, kind) with kind from ATTR_KINDS; "?" suffix = optional
+    infer: InferFn
+    verify: VerifyFn | None = None
+    states: tuple[tuple[str, str], ...] = ()  # (attr naming the slot, state kind)
+    doc: str = ""
+
+    def __post_init__(self) -> None:
+        assert self.level in LEVELS, f"{self.name}: level {self.level!r} not in {LEVELS}"
+        for _, kind in self.attrs:
+            assert kind.rstrip("?") in ATTR_KINDS, f"{self.name}: attr kind {kind!r}"
+
+    @property
+    def operand_names(self) -> tuple[str, ...]:
+        return tuple(o.rstrip("?") for o in self.operands)
+
+    def is_optional(self, index: int) -> bool:
+        return self.operands[index].endswith("?")
+
+    def check_attrs(self, attrs: Attrs) -> list[str]:
+        problems: list[str] = []
+        declared = {name: kind for name, kind in self.attrs}
+        for name, kind in declared.items():
+            optional = kind.endswith("?")
+            if name not in attrs:
+                if not optional:
+                    problems.append(f"missing attribute '{name}'")
+                continue
+            value = attrs[name]
+            allowed = ATTR_KINDS[kind.rstrip("?")]
+            if value is None and optional:
+                continue
+            if isinstance(value, bool) and bool not in allowed:
+                problems.append(f"attribute '{name}' must be {kind.rstrip('?')}, got {value!r}")
+            elif not isinstance(value, allowed):
+                problems.append(f"attribute '{name}' must be {kind.rstrip('?')}, got {value!r}")
+        for name in attrs.keys():
+            if name not in declared:
+                problems.append(f"unknown attribute '{name}'")
+        return problems
+
+
+REGISTRY: dict[str, OpDef] = {}
+
+
+def define(
+    name: str,
+    level: str,
+    operands: Sequence[str],
+    results: Sequence[str],
+    attrs: Sequence[tuple[str, str]] = (),
+    *,
+    infer: InferFn,
+    verify: VerifyFn | None = None,
+    states: Sequence[tuple[str, str]] = (),
+    doc: str = "",
+) -> OpDef:
+    """Declare an op; one short call per op."""
+    assert name not in REGISTRY, f"op {name} declared twice"
+    opdef = OpDef(name, level, tuple(operands), tuple(results), tuple(attrs), infer, verify, tuple(states), doc)
+    REGISTRY[name] = opdef
+    return opdef
+
+
+def opdef(name: str) -> OpDef:
+    from . import ops  # noqa: F401  (the declarations register themselves)
+
+    try:
+        return REGISTRY[name]
+    except KeyError:
+        raise IRError(f"unknown op '{name}'") from None
+
+
+def dims_agree(a: Dim, b: Dim) -> bool:
+    """Two dims agree unless both are ints and differ, or both are the same kind and differ."""
+    return a == b or isinstance(a, str) or isinstance(b, str)
+
+
+def require(types: Sequence[TensorType | None], index: int) -> TensorType:
+    found = types[index]
+    if found is None:
+        raise IRError(f"operand {index} is required")
+    return found

@@ -1,0 +1,275 @@
+"""Op declarations: the model blocks as imported, and the core ops they decompose into.
+Shapes use symbolic dims: `batch`, `seq` (tokens in this call), `ctx` (cached tokens),
+`routed` (token-expert pairs after MoE dispatch)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from nemocompile.errors import IRError
+
+from .ir import Attrs
+from .opdef import define, dims_agree, require
+from .types import F32, I64, TensorType, dtype_named
+
+Types = Sequence[TensorType | None]
+
+
+def _same_as_first(types: Types, attrs: Attrs) -> tuple[TensorType, ...]:
+    return (require(types, 0),)
+
+
+def _last_dim(t: TensorType, what: str, expected: int | str) -> None:
+    if not dims_agree(t.shape[-1], expected):
+        raise IRError(f"{what} has last dim {t.shape[-1]}, expected {expected}")
+
+
+def _with_last(t: TensorType, dim: int | str) -> TensorType:
+    return t.with_(shape=(*t.shape[:-1], dim))
+
+
+# ---------------------------------------------------------------- core ops used at every level
+
+
+def _infer_embedding(types: Types, attrs: Attrs) -> tuple[TensorType, ...]:
+    ids, table = require(types, 0), require(types, 1)
+    if ids.dtype.is_float:
+        raise IRError(f"embedding ids must be integers, got {ids.dtype}")
+    return (TensorType(table.dtype, (*ids.shape, table.shape[1])),)
+
+
+define("embedding", "core", ["ids", "table"], ["out"], infer=_infer_embedding,
+       doc="out[b, s] = table[ids[b, s]]")
+
+
+def _infer_rms_norm(types: Types, attrs: Attrs) -> tuple[TensorType, ...]:
+    x, weight = require(types, 0), require(types, 1)
+    _last_dim(x, "rms_norm input", weight.shape[0])
+    return (x,)
+
+
+define("rms_norm", "core", ["x", "weight"], ["out"], [("eps", "float")], infer=_infer_rms_norm,
+       doc="x / rms(x) * weight over the last dim, computed in fp32, result in x's dtype")
+
+
+def _infer_linear(types: Types, attrs: Attrs) -> tuple[TensorType, ...]:
+    x, weight = require(types, 0), require(types, 1)
+    if weight.rank != 2:
+        raise IRError(f"linear weight must be 2-D, got {weight}")
+    _last_dim(x, "linear input", weight.shape[1])
+    bias = types[2]
+    if bias is not None and not dims_agree(bias.shape[0], weight.shape[0]):
+        raise IRError(f"linear bias {bias} does not match weight {weight}")
+    return (_with_last(x, weight.shape[0]),)
+
+
+define("linear", "core", ["x", "weight", "bias?"], ["out"], infer=_infer_linear,
+       doc="x @ weight^T + bias; weight [out, in]")
+
+
+def _infer_add(types: Types, attrs: Attrs) -> tuple[TensorType, ...]:
+    a, b = require(types, 0), require(types, 1)
+    if a.rank != b.rank or not all(dims_agree(x, y) for x, y in zip(a.shape, b.shape, strict=True)):
+        raise IRError(f"add of mismatched shapes {a} and {b}")
+    return (a,)
+
+
+define("add", "core", ["a", "b"], ["out"], infer=_infer_add, doc="a + b, result in a's dtype")
+
+
+def _infer_cast(types: Types, attrs: Attrs) -> tuple[TensorType, ...]:
+    return (require(types, 0).with_(dtype=dtype_named(attrs.str("dtype"))),)
+
+
+define("cast", "core", ["x"], ["out"], [("dtype", "dtype")], infer=_infer_cast)
+
+ACTIVATIONS = ("relu2", "silu")
+
+
+def _verify_activation(types: Types, attrs: Attrs) -> str | None:
+    kind = attrs.str("kind")
+    return None if kind in ACTIVATIONS else f"activation kind {kind!r} is not one of {ACTIVATIONS}"
+
+
+define("activation", "core", ["x"], ["out"], [("kind", "str")], infer=_same_as_first,
+       verify=_verify_activation, doc="relu2: relu(x)^2; silu: x * sigmoid(x)")
+
+
+def _infer_split(types: Types, attrs: Attrs) -> tuple[TensorType, ...]:
+    x = require(types, 0)
+    sizes = attrs.ints("sizes")
+    if isinstance(x.shape[-1], int) and sum(sizes) != x.shape[-1]:
+        raise IRError(f"split sizes {list(sizes)} do not sum to the last dim of {x}")
+    return tuple(_with_last(x, size) for size in sizes)
+
+
+define("split", "core", ["x"], ["*"], [("sizes", "list")], infer=_infer_split,
+       doc="split the last dim into pieces of the given sizes")
+
+# ---------------------------------------------------------------- Mamba2 core ops
+
+
+def _infer_gated_rms_norm(types: Types, attrs: Attrs) -> tuple[TensorType, ...]:
+    x, gate, weight = require(types, 0), require(types, 1), require(types, 2)
+    _last_dim(gate, "gated_rms_norm gate", x.shape[-1])
+    _last_dim(x, "gated_rms_norm input", weight.shape[0])
+    return (x,)
+
+
+define("gated_rms_norm", "core", ["x", "gate", "weight"], ["out"], [("group_size", "int"), ("eps", "float")],
+       infer=_infer_gated_rms_norm, doc="rms-normalise x * silu(gate) per group, times weight")
+
+
+def _infer_conv(types: Types, attrs: Attrs) -> tuple[TensorType, ...]:
+    x, weight = require(types, 0), require(types, 1)
+    _last_dim(x, "causal_conv1d input", weight.shape[0])
+    return (x,)
+
+
+define("causal_conv1d", "core", ["x", "weight", "bias?"], ["out"],
+       [("activation", "str?"), ("conv_state", "str")], infer=_infer_conv, states=[("conv_state", "conv")],
+       doc="depthwise causal conv over seq, channels last; continues from and updates the conv window")
+
+_SSD_OPERANDS = ["x", "dt", "A_log", "B", "C", "D", "dt_bias"]
+_SSD_ATTRS = [("num_heads", "int"), ("head_dim", "int"), ("n_groups", "int"), ("state_size", "int"),
+              ("dt_min", "float"), ("dt_max", "float"), ("ssm_state", "str")]
+
+
+def _verify_ssd(types: Types, attrs: Attrs) -> str | None:
+    x, dt, b = require(types, 0), require(types, 1), require(types, 3)
+    heads, head_dim = attrs.int("num_heads"), attrs.int("head_dim")
+    groups, state = attrs.int("n_groups"), attrs.int("state_size")
+    if not dims_agree(x.shape[-1], heads * head_dim):
+        return f"x has {x.shape[-1]} channels, expected num_heads * head_dim = {heads * head_dim}"
+    if not dims_agree(dt.shape[-1], heads):
+        return f"dt has {dt.shape[-1]} channels, expected num_heads = {heads}"
+    if not dims_agree(b.shape[-1], groups * state):
+        return f"B has {b.shape[-1]} channels, expected n_groups * state_size = {groups * state}"
+    if heads % groups:
+        return f"num_heads {heads} is not a multiple of n_groups {groups}"
+    return None
+
+
+def _infer_ssd_chunk(types: Types, attrs: Attrs) -> tuple[TensorType, ...]:
+    # The chunked scan accumulates in fp32 and returns fp32 (as transformers' torch path does).
+    return (require(types, 0).with_(dtype=F32),)
+
+
+define("ssd_chunk_scan", "core", _SSD_OPERANDS, ["y"], [*_SSD_ATTRS, ("chunk_size", "int")],
+       infer=_infer_ssd_chunk, verify=_verify_ssd, states=[("ssm_state", "ssm")],
+       doc="Mamba2 SSD over a whole sequence in chunks; continues from and updates the SSM state")
+define("ssd_state_update", "core", _SSD_OPERANDS, ["y"], _SSD_ATTRS, infer=_same_as_first,
+       verify=_verify_ssd, states=[("ssm_state", "ssm")],
+       doc="one Mamba2 recurrence step (seq == 1): state = exp(dt*A) state + dt B x; y = C state + D x")
+
+# ---------------------------------------------------------------- attention
+
+
+def _verify_gqa(types: Types, attrs: Attrs) -> str | None:
+    q, k = require(types, 0), require(types, 1)
+    heads, kv_heads, head_dim = attrs.int("num_heads"), attrs.int("num_kv_heads"), attrs.int("head_dim")
+    if heads % kv_heads:
+        return f"num_heads {heads} is not a multiple of num_kv_heads {kv_heads}"
+    if not dims_agree(q.shape[-1], heads * head_dim):
+        return f"q has {q.shape[-1]} channels, expected {heads * head_dim}"
+    if not dims_agree(k.shape[-1], kv_heads * head_dim):
+        return f"k has {k.shape[-1]} channels, expected {kv_heads * head_dim}"
+    return None
+
+
+define("attention_gqa", "core", ["q", "k", "v"], ["out"],
+       [("num_heads", "int"), ("num_kv_heads", "int"), ("head_dim", "int"), ("scale", "float"),
+        ("kv_state", "str")],
+       infer=_same_as_first, verify=_verify_gqa, states=[("kv_state", "kv")],
+       doc="causal grouped-query attention over the cached keys/values and these; appends to the cache")
+
+# ---------------------------------------------------------------- mixture of experts
+
+
+def _infer_router(types: Types, attrs: Attrs) -> tuple[TensorType, ...]:
+    x, weight = require(types, 0), require(types, 1)
+    _last_dim(x, "moe_router input", weight.shape[1])
+    shape = (*x.shape[:-1], attrs.int("top_k"))
+    return (TensorType(F32, shape), TensorType(I64, shape))
+
+
+def _verify_router(types: Types, attrs: Attrs) -> str | None:
+    weight = require(types, 1)
+    experts, groups = weight.shape[0], attrs.int("n_group")
+    if isinstance(experts, int) and experts % groups:
+        return f"{experts} experts do not split into n_group = {groups} groups"
+    if attrs.int("topk_group") > groups:
+        return f"topk_group {attrs.int('topk_group')} exceeds n_group {groups}"
+    if isinstance(experts, int) and attrs.int("top_k") > experts:
+        return f"top_k {attrs.int('top_k')} exceeds the {experts} experts"
+    return None
+
+
+define("moe_router", "core", ["x", "weight", "bias"], ["weights", "ids"],
+       [("top_k", "int"), ("n_group", "int"), ("topk_group", "int"), ("norm_topk_prob", "bool"),
+        ("routed_scaling_factor", "float")],
+       infer=_infer_router, verify=_verify_router,
+       doc="sigmoid scores; group-limited top-k on score + bias; weights normalised and scaled (fp32)")
+
+
+def _infer_dispatch(types: Types, attrs: Attrs) -> tuple[TensorType, ...]:
+    x = require(types, 0)
+    experts = attrs.int("num_experts")
+    return (TensorType(x.dtype, ("routed", x.shape[-1])), TensorType(I64, (experts + 1,)),
+            TensorType(I64, ("routed",)))
+
+
+define("moe_dispatch", "core", ["x", "ids"], ["x_sorted", "offsets", "order"], [("num_experts", "int")],
+       infer=_infer_dispatch, doc="token copies sorted by expert; expert e owns rows offsets[e]:offsets[e+1]")
+
+
+def _infer_grouped_gemm(types: Types, attrs: Attrs) -> tuple[TensorType, ...]:
+    x, weight = require(types, 0), require(types, 2)
+    if weight.rank != 3:
+        raise IRError(f"grouped_gemm weight must be [experts, out, in], got {weight}")
+    _last_dim(x, "grouped_gemm input", weight.shape[2])
+    return (_with_last(x, weight.shape[1]),)
+
+
+define("grouped_gemm", "core", ["x", "offsets", "weight"], ["out"], infer=_infer_grouped_gemm,
+       doc="rows of expert e times weight[e]^T")
+
+
+def _infer_combine(types: Types, attrs: Attrs) -> tuple[TensorType, ...]:
+    y, weights = require(types, 0), require(types, 2)
+    return (TensorType(y.dtype, (*weights.shape[:-1], y.shape[-1])),)
+
+
+define("moe_combine", "core", ["y", "order", "weights"], ["out"], infer=_infer_combine,
+       doc="out[token] = sum over its k experts of weight * expert output (fp32 accumulation)")
+
+# ---------------------------------------------------------------- blocks, as imported
+
+
+def _infer_block(types: Types, attrs: Attrs) -> tuple[TensorType, ...]:
+    x = require(types, 0)
+    return (x,)
+
+
+define("mamba2_mixer", "block",
+       ["x", "in_proj", "conv_weight", "conv_bias?", "dt_bias", "A_log", "D", "norm_weight", "out_proj"],
+       ["out"],
+       [("num_heads", "int"), ("head_dim", "int"), ("n_groups", "int"), ("state_size", "int"),
+        ("conv_kernel", "int"), ("chunk_size", "int"), ("eps", "float"), ("dt_min", "float"),
+        ("dt_max", "float"), ("activation", "str"), ("conv_state", "str"), ("ssm_state", "str")],
+       infer=_infer_block, states=[("conv_state", "conv"), ("ssm_state", "ssm")],
+       doc="Mamba2 mixer: in_proj -> conv1d -> SSD -> gated RMS norm -> out_proj")
+define("attention", "block", ["x", "q_proj", "k_proj", "v_proj", "o_proj"], ["out"],
+       [("num_heads", "int"), ("num_kv_heads", "int"), ("head_dim", "int"), ("scale", "float"),
+        ("kv_state", "str")],
+       infer=_infer_block, states=[("kv_state", "kv")], doc="GQA self-attention without positional encoding")
+define("mlp", "block", ["x", "up_proj", "down_proj"], ["out"], [("activation", "str")],
+       infer=_infer_block, doc="down(act(up(x)))")
+define("moe", "block",
+       ["x", "router_weight", "router_bias", "experts_up", "experts_down", "shared_up", "shared_down",
+        "fc1_latent?", "fc2_latent?"],
+       ["out"],
+       [("top_k", "int"), ("n_group", "int"), ("topk_group", "int"), ("norm_topk_prob", "bool"),
+        ("routed_scaling_factor", "float"), ("activation", "str")],
+       infer=_infer_block,
+       doc="routed experts (optionally in a latent space) plus a shared expert")

@@ -1,0 +1,95 @@
+"""The verifier: every value defined once before use, every op known with the right operands,
+attributes and state slots, and every declared result type equal to what the op infers.
+A rejection quotes the IR around the op at fault."""
+
+from __future__ import annotations
+
+from nemocompile.errors import IRError
+
+from .ir import Graph, Op, unique
+from .opdef import REGISTRY, opdef
+from .text import format_op, format_weight
+from .types import TensorType
+
+
+def _context(graph: Graph, index: int, radius: int = 2) -> str:
+    lines = []
+    for i in range(max(0, index - radius), min(len(graph.ops), index + radius + 1)):
+        marker = ">>" if i == index else "  "
+        lines.append(f"{marker} {format_op(graph.ops[i])}")
+    return "\n".join(lines)
+
+
+def _check_op(op: Op, types: dict[str, TensorType], graph: Graph) -> str | None:
+    if op.opname not in REGISTRY:
+        opdef(op.opname)  # imports the declarations on first use
+    if op.opname not in REGISTRY:
+        return f"unknown op '{op.opname}'"
+    definition = REGISTRY[op.opname]
+    if len(op.operands) != len(definition.operands):
+        return (f"{op.opname} takes {len(definition.operands)} operands "
+                f"({', '.join(definition.operands)}), got {len(op.operands)}")
+    operand_types: list[TensorType | None] = []
+    for index, name in enumerate(op.operands):
+        if name is None:
+            if not definition.is_optional(index):
+                return f"operand '{definition.operand_names[index]}' of {op.opname} is required"
+            operand_types.append(None)
+            continue
+        if name not in types:
+            return f"%{name} is used before it is defined"
+        operand_types.append(types[name])
+    problems = definition.check_attrs(op.attrs)
+    if problems:
+        return "; ".join(problems)
+    slots = graph.state_map()
+    for attr, kind in definition.states:
+        slot_name = op.attrs.str(attr)
+        if slot_name not in slots:
+            return f"state slot {slot_name!r} (attribute {attr}) is not declared"
+        if slots[slot_name].kind != kind:
+            return f"state slot {slot_name!r} is a {slots[slot_name].kind} slot, {op.opname} needs {kind}"
+    try:
+        inferred = definition.infer(operand_types, op.attrs)
+        message = definition.verify(operand_types, op.attrs) if definition.verify else None
+    except IRError as error:
+        return str(error)
+    if message:
+        return message
+    declared = tuple(r.type for r in op.results)
+    if declared != inferred:
+        return (f"{op.opname} declares result types {', '.join(map(str, declared))} "
+                f"but its operands give {', '.join(map(str, inferred))}")
+    return None
+
+
+def verify(graph: Graph, after: str | None = None) -> Graph:
+    """Return the graph if it is well formed; raise IRError quoting the op at fault otherwise."""
+    where = f" after pass '{after}'" if after else ""
+    repeated = unique([v.name for v in graph.inputs] + [w.name for w in graph.weights])
+    if repeated:
+        raise IRError(f"graph {graph.name}{where}: %{repeated[0]} is defined twice")
+    for weight in graph.weights:
+        if not weight.type.is_static:
+            raise IRError(f"graph {graph.name}{where}: weight has a symbolic shape: {format_weight(weight)}")
+    repeated_states = unique(s.name for s in graph.states)
+    if repeated_states:
+        raise IRError(f"graph {graph.name}{where}: state {repeated_states[0]} is declared twice")
+    types: dict[str, TensorType] = {v.name: v.type for v in graph.inputs}
+    types.update({w.name: w.type for w in graph.weights})
+    for index, op in enumerate(graph.ops):
+        problem = _check_op(op, types, graph)
+        if problem is None:
+            for result in op.results:
+                if result.name in types:
+                    problem = f"%{result.name} is defined twice"
+                    break
+                types[result.name] = result.type
+        if problem:
+            raise IRError(f"graph {graph.name}{where}: {problem}\n{_context(graph, index)}")
+    for name in graph.outputs:
+        if name not in types:
+            raise IRError(f"graph {graph.name}{where}: output %{name} is not defined")
+    if not graph.outputs:
+        raise IRError(f"graph {graph.name}{where}: has no outputs")
+    return graph

@@ -117,3 +117,11 @@ def rebuild_header(graph: Graph, origin: str) -> GraphBuilder:
     numbers = [int(r.name) for op in graph.ops for r in op.results if r.name.isdigit()]
     builder._counter = max(numbers, default=-1) + 1
     return builder
+
+
+def reemit(builder: GraphBuilder, op: Op, opname: str | None = None,
+           attrs: Mapping[str, AttrValue] | None = None) -> None:
+    """Emit `op` again (optionally as another op or with other attrs), re-inferring its result
+    types from the operands as they are now; result names are kept."""
+    new_attrs = dict(op.attrs.items) if attrs is None else dict(attrs)
+    builder.op(opname or op.opname, op.operands, new_attrs, op.scope, [r.name for r in op.results])

@@ -9,6 +9,7 @@ download, a missing shard, a corrupt header) is one `CheckpointError` sentence n
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -27,11 +28,26 @@ INDEX_FILE_NAME = "model.safetensors.index.json"
 # Bits per element of every safetensors dtype string (sub-byte formats are packed).
 SAFETENSORS_DTYPE_BITS: Mapping[str, int] = MappingProxyType(
     {
-        "BOOL": 8, "U8": 8, "I8": 8, "F8_E4M3": 8, "F8_E5M2": 8, "F8_E8M0": 8,
-        "I16": 16, "U16": 16, "F16": 16, "BF16": 16,
-        "I32": 32, "U32": 32, "F32": 32,
-        "I64": 64, "U64": 64, "F64": 64, "C64": 64,
-        "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6,
+        "BOOL": 8,
+        "U8": 8,
+        "I8": 8,
+        "F8_E4M3": 8,
+        "F8_E5M2": 8,
+        "F8_E8M0": 8,
+        "I16": 16,
+        "U16": 16,
+        "F16": 16,
+        "BF16": 16,
+        "I32": 32,
+        "U32": 32,
+        "F32": 32,
+        "I64": 64,
+        "U64": 64,
+        "F64": 64,
+        "C64": 64,
+        "F4": 4,
+        "F6_E2M3": 6,
+        "F6_E3M2": 6,
     }
 )
 
@@ -39,10 +55,23 @@ SAFETENSORS_DTYPE_BITS: Mapping[str, int] = MappingProxyType(
 def _torch_dtypes() -> Mapping[str, torch.dtype]:
     """The safetensors dtype strings that torch can hold directly (packed sub-byte ones cannot)."""
     names = {
-        "BOOL": "bool", "U8": "uint8", "I8": "int8", "F8_E4M3": "float8_e4m3fn",
-        "F8_E5M2": "float8_e5m2", "F8_E8M0": "float8_e8m0fnu", "I16": "int16", "U16": "uint16",
-        "F16": "float16", "BF16": "bfloat16", "I32": "int32", "U32": "uint32", "F32": "float32",
-        "I64": "int64", "U64": "uint64", "F64": "float64", "C64": "complex64",
+        "BOOL": "bool",
+        "U8": "uint8",
+        "I8": "int8",
+        "F8_E4M3": "float8_e4m3fn",
+        "F8_E5M2": "float8_e5m2",
+        "F8_E8M0": "float8_e8m0fnu",
+        "I16": "int16",
+        "U16": "uint16",
+        "F16": "float16",
+        "BF16": "bfloat16",
+        "I32": "int32",
+        "U32": "uint32",
+        "F32": "float32",
+        "I64": "int64",
+        "U64": "uint64",
+        "F64": "float64",
+        "C64": "complex64",
     }
     found = {key: getattr(torch, name) for key, name in names.items() if hasattr(torch, name)}
     return MappingProxyType(found)
@@ -101,7 +130,9 @@ def _parse_offsets(value: object) -> tuple[int, int] | None:
     return (begin, end) if 0 <= begin <= end else None
 
 
-def _parse_entry(path: Path, file: str, name: str, entry: object, data_size: int) -> tuple[TensorRef, int, int]:
+def _parse_entry(
+    path: Path, file: str, name: str, entry: object, data_size: int
+) -> tuple[TensorRef, int, int]:
     """Validate one header entry against the data region; return its reference and byte span."""
     if not isinstance(entry, dict):
         raise CheckpointError(f"{path} is corrupt: the header entry for tensor {name} is not an object.")
@@ -129,7 +160,7 @@ def _parse_entry(path: Path, file: str, name: str, entry: object, data_size: int
 def _check_no_overlap(path: Path, spans: list[tuple[int, int, str]]) -> None:
     """Refuse two tensors sharing bytes: a well-formed file never has them, a corrupt one may."""
     spans = sorted(spans)
-    for (_, previous_end, previous), (begin, _, name) in zip(spans, spans[1:]):
+    for (_, previous_end, previous), (begin, _, name) in itertools.pairwise(spans):
         if begin < previous_end:
             raise CheckpointError(f"{path} is corrupt: tensors {previous} and {name} overlap.")
 
@@ -181,7 +212,9 @@ def _check_relative(index_path: Path, shard: str) -> None:
     """Shards must stay inside the checkpoint; symlinks are allowed (the Hugging Face cache uses them)."""
     parts = PurePosixPath(shard).parts
     if not shard or PurePosixPath(shard).is_absolute() or Path(shard).is_absolute() or ".." in parts:
-        raise CheckpointError(f"{index_path} names shard {shard!r}, which is outside the checkpoint directory.")
+        raise CheckpointError(
+            f"{index_path} names shard {shard!r}, which is outside the checkpoint directory."
+        )
 
 
 def _load_weight_map(index_path: Path) -> dict[str, str]:
@@ -312,7 +345,9 @@ class Checkpoint:
         except (OSError, SafetensorError) as error:
             raise CheckpointError(f"cannot read tensor {name} from {path}: {error}.") from error
         expected_dtype = TORCH_DTYPES.get(ref.dtype)
-        if tuple(tensor.shape) != ref.shape or (expected_dtype is not None and tensor.dtype != expected_dtype):
+        if tuple(tensor.shape) != ref.shape or (
+            expected_dtype is not None and tensor.dtype != expected_dtype
+        ):
             raise CheckpointError(f"{path} changed after the checkpoint was opened (tensor {name}).")
         return tensor
 
@@ -352,7 +387,9 @@ def _dtype_problem(ref: TensorRef, allowed: frozenset[str]) -> str | None:
     return f"{ref.name} has dtype {ref.dtype}, expected {wanted}"
 
 
-def check_tensors(ckpt: Checkpoint, expected: Mapping[str, tuple[tuple[int, ...], frozenset[str]]]) -> list[str]:
+def check_tensors(
+    ckpt: Checkpoint, expected: Mapping[str, tuple[tuple[int, ...], frozenset[str]]]
+) -> list[str]:
     """Every way the checkpoint differs from the expected tensors, as short phrases in `expected` order.
 
     `expected` maps a tensor name to its shape and the dtypes accepted (an empty set accepts any).
@@ -365,7 +402,9 @@ def check_tensors(ckpt: Checkpoint, expected: Mapping[str, tuple[tuple[int, ...]
             problems.append(f"{name} is missing")
             continue
         if ref.shape != tuple(shape):
-            problems.append(f"{name} has shape {_format_shape(ref.shape)}, expected {_format_shape(tuple(shape))}")
+            problems.append(
+                f"{name} has shape {_format_shape(ref.shape)}, expected {_format_shape(tuple(shape))}"
+            )
         dtype_problem = _dtype_problem(ref, dtypes)
         if dtype_problem is not None:
             problems.append(dtype_problem)

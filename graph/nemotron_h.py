@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from .builder import GraphBuilder
 from .config import ModelConfig
-from .ir import Graph, TensorSource
+from .ir import Graph, TensorSource, Weight
 from .types import BF16, F16, F32, I64, DType, TensorType
 
 FLOAT_DTYPES = frozenset({"BF16", "F16", "F32"})
@@ -164,7 +164,7 @@ def _block_op(b: GraphBuilder, c: ModelConfig, kind: str, index: int, x: str, dt
 
 
 def build_block_graph(c: ModelConfig, dtype: DType, sources: dict[str, tuple[TensorSource, ...]] | None = None,
-                      extra_weights: list[tuple[WeightSpec, tuple[TensorSource, ...]]] | None = None,
+                      extra_weights: list[Weight] | None = None,
                       metadata: dict[str, str] | None = None, prefix: str = "backbone.") -> Graph:
     """The block-level graph. Weight values get `dtype` (routers stay fp32); `sources` maps each
     weight name to its checkpoint tensors (omitted in plan mode); `extra_weights` are carried,
@@ -174,8 +174,8 @@ def build_block_graph(c: ModelConfig, dtype: DType, sources: dict[str, tuple[Ten
         weight_dtype = F32 if spec.keep_fp32 else dtype
         b.weight(spec.name, TensorType(weight_dtype, spec.shape), spec.category,
                  sources.get(spec.name, ()) if sources else ())
-    for spec, spec_sources in extra_weights or []:
-        b.weight(spec.name, TensorType(dtype, spec.shape), spec.category, spec_sources)
+    for weight in extra_weights or []:
+        b.add_weight(weight)
     ids = b.input("input_ids", TensorType(I64, ("batch", "seq")))
     hidden = b.op1("embedding", [ids, "embeddings"], scope="embeddings")
     for index, kind in enumerate(c.layer_kinds):

@@ -1,0 +1,139 @@
+"""A streaming safetensors writer, so an engine's weights never need to be in memory all at once.
+
+The header is written first from the declared (name, dtype, shape) list, then each tensor's
+bytes are streamed in that order. The output is byte-identical across runs for the same
+inputs (sorted JSON keys, fixed separators, space padding) and loads with
+`safetensors.torch.load_file`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import BinaryIO
+
+import torch
+
+from nemocompile.graph.checkpoint import SAFETENSORS_DTYPE_BITS, TORCH_DTYPES, tensor_nbytes
+
+# The safetensors format requires the data region to start on an 8-byte boundary.
+_HEADER_ALIGNMENT = 8
+
+DeclaredTensor = tuple[str, str, tuple[int, ...]]
+
+
+def _validate_specs(tensors: Sequence[DeclaredTensor]) -> None:
+    """Refuse duplicate names, unknown or packed dtypes and malformed shapes before writing a byte."""
+    seen: set[str] = set()
+    for name, dtype, shape in tensors:
+        if name in seen or name == "__metadata__":
+            raise ValueError(f"tensor name {name!r} is duplicated or reserved")
+        seen.add(name)
+        if dtype not in SAFETENSORS_DTYPE_BITS or dtype not in TORCH_DTYPES:
+            raise ValueError(f"tensor {name} has dtype {dtype!r}, which this writer cannot write")
+        if not all(type(dim) is int and dim >= 0 for dim in shape):
+            raise ValueError(f"tensor {name} has invalid shape {list(shape)}")
+
+
+def _header_bytes(tensors: Sequence[DeclaredTensor], metadata: dict[str, str] | None) -> bytes:
+    """The length-prefixed, space-padded JSON header with contiguous data offsets in declared order."""
+    header: dict[str, object] = {}
+    if metadata:
+        header["__metadata__"] = dict(metadata)
+    offset = 0
+    for name, dtype, shape in tensors:
+        nbytes = tensor_nbytes(dtype, shape)
+        assert nbytes is not None  # only whole-byte dtypes pass _validate_specs
+        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    text = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode("ascii")
+    text += b" " * (-len(text) % _HEADER_ALIGNMENT)
+    return len(text).to_bytes(8, "little") + text
+
+
+def _raw_bytes(tensor: torch.Tensor) -> memoryview:
+    """The tensor's bytes in row-major order, without a copy when it is already contiguous on the CPU."""
+    flat = tensor.detach().to("cpu").resolve_conj().resolve_neg().contiguous().reshape(-1)
+    return flat.view(torch.uint8).numpy().data
+
+
+class SafetensorsWriter:
+    """Writes one safetensors file tensor by tensor, in the order declared up front."""
+
+    def __init__(
+        self,
+        path: Path,
+        tensors: Sequence[tuple[str, str, tuple[int, ...]]],
+        metadata: dict[str, str] | None = None,
+    ) -> None:
+        """Validate the declared tensors and write the header; `write` then streams each tensor."""
+        if metadata is not None and not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
+        ):
+            raise ValueError("safetensors metadata must map strings to strings")
+        self._specs: list[DeclaredTensor] = [(name, dtype, tuple(shape)) for name, dtype, shape in tensors]
+        _validate_specs(self._specs)
+        self._path = Path(path)
+        self._next = 0
+        self._file: BinaryIO | None = self._path.open("wb")
+        self._file.write(_header_bytes(self._specs, metadata))
+
+    @property
+    def path(self) -> Path:
+        """The file being written."""
+        return self._path
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        """Stream the next declared tensor; its name, dtype and shape must match the declaration."""
+        if self._file is None:
+            raise ValueError(f"{self._path} is already closed")
+        if self._next >= len(self._specs):
+            raise ValueError(
+                f"tensor {name} was not declared for {self._path} (all declared tensors are written)"
+            )
+        expected_name, dtype, shape = self._specs[self._next]
+        if name != expected_name:
+            raise ValueError(f"expected tensor {expected_name} next in {self._path}, got {name}")
+        if tensor.dtype != TORCH_DTYPES[dtype]:
+            raise ValueError(f"tensor {name} has torch dtype {tensor.dtype}, declared {dtype}")
+        if tuple(tensor.shape) != shape:
+            raise ValueError(f"tensor {name} has shape {list(tensor.shape)}, declared {list(shape)}")
+        self._file.write(_raw_bytes(tensor))
+        self._next += 1
+
+    def close(self) -> None:
+        """Finish the file; raises ValueError (and removes the incomplete file) if tensors are missing."""
+        if self._file is None:
+            return
+        self._file.close()
+        self._file = None
+        if self._next < len(self._specs):
+            self._path.unlink(missing_ok=True)
+            missing = self._specs[self._next][0]
+            raise ValueError(
+                f"{self._path} closed with {len(self._specs) - self._next} declared tensors unwritten, "
+                f"starting with {missing}"
+            )
+
+    def abort(self) -> None:
+        """Close and delete the incomplete file, so no file claiming unwritten data is left behind."""
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        self._path.unlink(missing_ok=True)
+
+    def __enter__(self) -> SafetensorsWriter:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc_value: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        if exc_type is not None:
+            self.abort()
+        else:
+            self.close()

@@ -1,0 +1,58 @@
+"""set_precision: one floating-point format for weights and activations (fp32 or bf16), as the
+foundation's `--precision` asks. Routers keep fp32 weights (their logits decide expert choice),
+SSM states stay fp32; every op's types are re-inferred. Per-op target policies (NVFP4, FP8)
+build on this pass. Runs on the block graph, before decompose, so the casts that decompose
+emits already name the final activation dtype."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from nemocompile.errors import UsageError
+from nemocompile.graph.builder import GraphBuilder, reemit
+from nemocompile.graph.ir import Graph, StateSlot, Weight
+from nemocompile.graph.types import DTYPES, F32, DType
+
+from .base import Pass, PassOutput
+
+PRECISIONS = {"fp32": "f32", "bf16": "bf16"}
+KEEP_FP32_CATEGORIES = frozenset({"router"})
+
+
+def _weight_dtype(weight: Weight, dtype: DType) -> DType:
+    if not weight.type.dtype.is_float or weight.category in KEEP_FP32_CATEGORIES:
+        return weight.type.dtype
+    return dtype
+
+
+def _state_dtype(slot: StateSlot, dtype: DType) -> DType:
+    return F32 if slot.kind == "ssm" else dtype
+
+
+@dataclass(frozen=True)
+class SetPrecision(Pass):
+    name: ClassVar[str] = "set_precision"
+    precision: str = "bf16"
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise UsageError(f"--precision must be one of {', '.join(PRECISIONS)}, got '{self.precision}'")
+
+    def apply(self, graph: Graph) -> PassOutput:
+        dtype = DTYPES[PRECISIONS[self.precision]]
+        builder = GraphBuilder(graph.name, {**dict(graph.metadata), "precision": self.precision}, self.name)
+        changed = 0
+        for value in graph.inputs:
+            builder.input(value.name, value.type)
+        for weight in graph.weights:
+            new_type = weight.type.with_(dtype=_weight_dtype(weight, dtype))
+            changed += new_type is not weight.type
+            builder.add_weight(Weight(weight.name, new_type, weight.category, weight.sources))
+        for slot in graph.states:
+            builder.state(slot.name, slot.kind, slot.type.with_(dtype=_state_dtype(slot, dtype)))
+        for op in graph.ops:
+            reemit(builder, op)
+        for name in graph.outputs:
+            builder.output(name)
+        return PassOutput(builder.build(), {"weights_retyped": changed})

@@ -1,0 +1,57 @@
+"""Executes a core-op graph: each op by its implementation (today the reference one; compiled
+kernels slot in here by op name), values kept by name, state in a Cache."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+
+from nemocompile.errors import IRError, UsageError
+from nemocompile.graph.ir import Graph
+
+from .cache import Cache
+from .dtypes import torch_dtype
+from .reference_dispatch import OpImpl, reference_impl
+
+
+class Executor:
+    def __init__(self, graph: Graph, weights: Mapping[str, torch.Tensor]) -> None:
+        missing = [w.name for w in graph.weights if w.name not in weights]
+        if missing:
+            raise IRError(f"graph {graph.name} needs weights that were not loaded: {', '.join(missing[:5])}")
+        self.graph = graph
+        self.weights = weights
+        self.plan: list[tuple[OpImpl, tuple[str | None, ...]]] = [
+            (reference_impl(op.opname), op.operands) for op in graph.ops
+        ]
+        # Values no later op reads are dropped as soon as possible (bounded activation memory).
+        last_use: dict[str, int] = {}
+        for index, op in enumerate(graph.ops):
+            for name in op.operands:
+                if name is not None:
+                    last_use[name] = index
+        self.release_after: list[list[str]] = [[] for _ in graph.ops]
+        keep = set(graph.outputs) | set(weights)
+        for name, index in last_use.items():
+            if name not in keep:
+                self.release_after[index].append(name)
+
+    def run(self, input_ids: torch.Tensor, cache: Cache) -> dict[str, torch.Tensor]:
+        if input_ids.dim() != 2:
+            raise UsageError(f"input_ids must be [batch, seq], got shape {list(input_ids.shape)}")
+        if input_ids.shape[0] != cache.batch_size:
+            raise UsageError(f"input_ids has batch {input_ids.shape[0]} but the cache holds {cache.batch_size}")
+        values: dict[str, torch.Tensor | None] = dict(self.weights)
+        values[self.graph.inputs[0].name] = input_ids
+        for index, (op, (impl, operands)) in enumerate(zip(self.graph.ops, self.plan, strict=True)):
+            results = impl(op, [None if name is None else values[name] for name in operands], cache)
+            for value, tensor in zip(op.results, results, strict=True):
+                if tensor.dtype != torch_dtype(value.type.dtype):
+                    raise IRError(f"{op.opname} at {op.scope} produced {tensor.dtype} for %{value.name}, "
+                                  f"the IR says {value.type.dtype}")
+                values[value.name] = tensor
+            for name in self.release_after[index]:
+                values.pop(name, None)
+        cache.length += input_ids.shape[1]
+        return {name: values[name] for name in self.graph.outputs}  # type: ignore[misc]

@@ -1,0 +1,156 @@
+"""Runs each core op by its reference implementation (`runtime/reference`), the executable
+meaning of the op. Adapts IR operands/attributes/state slots to the plain torch functions."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from nemocompile.errors import IRError
+from nemocompile.graph.ir import Op
+
+from . import reference as ref
+from .cache import Cache
+from .dtypes import torch_dtype
+
+Args = Sequence[torch.Tensor | None]
+OpImpl = Callable[[Op, Args, Cache], tuple[torch.Tensor, ...]]
+
+
+def _t(value: torch.Tensor | None) -> torch.Tensor:
+    assert value is not None
+    return value
+
+
+def _embedding(op: Op, a: Args, cache: Cache) -> tuple[torch.Tensor, ...]:
+    return (F.embedding(_t(a[0]), _t(a[1])),)
+
+
+def _rms_norm(op: Op, a: Args, cache: Cache) -> tuple[torch.Tensor, ...]:
+    return (ref.rms_norm(_t(a[0]), _t(a[1]), op.attrs.float("eps")),)
+
+
+def _linear(op: Op, a: Args, cache: Cache) -> tuple[torch.Tensor, ...]:
+    return (ref.linear(_t(a[0]), _t(a[1]), a[2]),)
+
+
+def _add(op: Op, a: Args, cache: Cache) -> tuple[torch.Tensor, ...]:
+    return (ref.add(_t(a[0]), _t(a[1])),)
+
+
+def _cast(op: Op, a: Args, cache: Cache) -> tuple[torch.Tensor, ...]:
+    return (_t(a[0]).to(torch_dtype(op.attrs.str("dtype"))),)
+
+
+def _activation(op: Op, a: Args, cache: Cache) -> tuple[torch.Tensor, ...]:
+    kind = op.attrs.str("kind")
+    return (ref.relu2(_t(a[0])) if kind == "relu2" else ref.silu(_t(a[0])),)
+
+
+def _split(op: Op, a: Args, cache: Cache) -> tuple[torch.Tensor, ...]:
+    return tuple(torch.split(_t(a[0]), list(op.attrs.ints("sizes")), dim=-1))
+
+
+def _gated_rms_norm(op: Op, a: Args, cache: Cache) -> tuple[torch.Tensor, ...]:
+    return (ref.gated_rms_norm(_t(a[0]), _t(a[1]), _t(a[2]), op.attrs.int("group_size"), op.attrs.float("eps")),)
+
+
+def _causal_conv1d(op: Op, a: Args, cache: Cache) -> tuple[torch.Tensor, ...]:
+    slot = op.attrs.str("conv_state")
+    activation = op.attrs.get("activation")
+    y, state = ref.causal_conv1d(_t(a[0]), _t(a[1]), a[2], activation if isinstance(activation, str) else None,
+                                 cache.tensors[slot])
+    cache.tensors[slot] = state.to(cache.tensors[slot].dtype)
+    return (y,)
+
+
+def _ssd_attrs(op: Op) -> dict[str, int | float]:
+    at = op.attrs
+    return {"num_heads": at.int("num_heads"), "head_dim": at.int("head_dim"), "n_groups": at.int("n_groups"),
+            "state_size": at.int("state_size"), "dt_min": at.float("dt_min"), "dt_max": at.float("dt_max")}
+
+
+def _ssd_chunk_scan(op: Op, a: Args, cache: Cache) -> tuple[torch.Tensor, ...]:
+    slot = op.attrs.str("ssm_state")
+    x, dt, a_log, b, c, d, dt_bias = (_t(v) for v in a)
+    y, state = ref.ssd_chunk_scan(x, dt, a_log, b, c, d, dt_bias, chunk_size=op.attrs.int("chunk_size"),
+                                  initial_state=cache.tensors[slot], **_ssd_attrs(op))  # type: ignore[arg-type]
+    cache.tensors[slot] = state.to(cache.tensors[slot].dtype)
+    return (y,)
+
+
+def _ssd_state_update(op: Op, a: Args, cache: Cache) -> tuple[torch.Tensor, ...]:
+    slot = op.attrs.str("ssm_state")
+    x, dt, a_log, b, c, d, dt_bias = (_t(v) for v in a)
+    y, state = ref.ssd_state_update(x, dt, a_log, b, c, d, dt_bias, state=cache.tensors[slot],
+                                    **_ssd_attrs(op))  # type: ignore[arg-type]
+    cache.tensors[slot] = state.to(cache.tensors[slot].dtype)
+    return (y,)
+
+
+def _attention_gqa(op: Op, a: Args, cache: Cache) -> tuple[torch.Tensor, ...]:
+    slot = op.attrs.str("kv_state")
+    past_k, past_v = cache.kv[slot]
+    out, k_all, v_all = ref.attention_gqa(
+        _t(a[0]), _t(a[1]), _t(a[2]), num_heads=op.attrs.int("num_heads"), num_kv_heads=op.attrs.int("num_kv_heads"),
+        head_dim=op.attrs.int("head_dim"), scale=op.attrs.float("scale"),
+        past_k=past_k if past_k.shape[2] else None, past_v=past_v if past_v.shape[2] else None)
+    cache.kv[slot] = (k_all.to(past_k.dtype), v_all.to(past_v.dtype))
+    return (out,)
+
+
+def _moe_router(op: Op, a: Args, cache: Cache) -> tuple[torch.Tensor, ...]:
+    x = _t(a[0])
+    at = op.attrs
+    weights, ids = ref.moe_router(x.reshape(-1, x.shape[-1]), _t(a[1]), _t(a[2]), top_k=at.int("top_k"),
+                                  n_group=at.int("n_group"), topk_group=at.int("topk_group"),
+                                  norm_topk_prob=at.bool("norm_topk_prob"),
+                                  routed_scaling_factor=at.float("routed_scaling_factor"))
+    shape = (*x.shape[:-1], weights.shape[-1])
+    return weights.reshape(shape), ids.reshape(shape)
+
+
+def _moe_dispatch(op: Op, a: Args, cache: Cache) -> tuple[torch.Tensor, ...]:
+    x, ids = _t(a[0]), _t(a[1])
+    return ref.moe_dispatch(x.reshape(-1, x.shape[-1]), ids.reshape(-1, ids.shape[-1]),
+                            op.attrs.int("num_experts"))
+
+
+def _grouped_gemm(op: Op, a: Args, cache: Cache) -> tuple[torch.Tensor, ...]:
+    return (ref.grouped_gemm(_t(a[0]), _t(a[1]), _t(a[2])),)
+
+
+def _moe_combine(op: Op, a: Args, cache: Cache) -> tuple[torch.Tensor, ...]:
+    y, order, weights = _t(a[0]), _t(a[1]), _t(a[2])
+    flat_weights = weights.reshape(-1, weights.shape[-1])
+    out = ref.moe_combine(y, order, flat_weights, flat_weights.shape[0])
+    return (out.reshape(*weights.shape[:-1], y.shape[-1]),)
+
+
+REFERENCE: dict[str, OpImpl] = {
+    "embedding": _embedding,
+    "rms_norm": _rms_norm,
+    "linear": _linear,
+    "add": _add,
+    "cast": _cast,
+    "activation": _activation,
+    "split": _split,
+    "gated_rms_norm": _gated_rms_norm,
+    "causal_conv1d": _causal_conv1d,
+    "ssd_chunk_scan": _ssd_chunk_scan,
+    "ssd_state_update": _ssd_state_update,
+    "attention_gqa": _attention_gqa,
+    "moe_router": _moe_router,
+    "moe_dispatch": _moe_dispatch,
+    "grouped_gemm": _grouped_gemm,
+    "moe_combine": _moe_combine,
+}
+
+
+def reference_impl(opname: str) -> OpImpl:
+    try:
+        return REFERENCE[opname]
+    except KeyError:
+        raise IRError(f"op '{opname}' has no reference implementation; run the decompose pass first") from None

@@ -1,0 +1,251 @@
+"""`Target`: what one GPU offers the compiler, as an immutable, self-checking value."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Any
+
+from nemocompile.errors import TargetError, join_problems
+
+# Dense peak rates a target quotes, in TFLOP/s (TOP/s for int8). fp32 is the CUDA-core rate;
+# the rest are tensor-core rates. fp4 exists only where the tensor cores take FP4.
+PEAK_DTYPES: tuple[str, ...] = ("fp32", "tf32", "bf16", "fp16", "fp8", "fp4", "int8")
+REQUIRED_PEAK_DTYPES: tuple[str, ...] = ("fp32", "tf32", "bf16", "fp16", "fp8", "int8")
+
+# Every number format a target may name as native. `supports()` rejects any other name, so a
+# misspelt format is an error rather than a silent "no".
+KNOWN_FORMATS: tuple[str, ...] = (
+    "fp64",
+    "fp32",
+    "tf32",
+    "bf16",
+    "fp16",
+    "fp8_e4m3",
+    "fp8_e5m2",
+    "fp6_e2m3",
+    "fp6_e3m2",
+    "fp4_e2m1",
+    "int8",
+    "int4",
+    "mxfp8",
+    "mxfp6",
+    "mxfp4",
+    "nvfp4",
+)
+
+# The components of DESIGN.md's precision table, each of which a policy must assign.
+POLICY_COMPONENTS: tuple[str, ...] = (
+    "routed_experts",
+    "shared_experts",
+    "mamba_linears",
+    "attention",
+    "latent_projections",
+    "embeddings",
+    "lm_head",
+    "conv1d",
+    "router",
+    "kv_cache",
+    "ssm_state",
+)
+
+# Precision a policy may assign -> the native format the GPU must have to compute in it.
+# W4A16 dequantizes NVFP4 weights to BF16 before the GEMM, so it needs only BF16.
+POLICY_PRECISIONS: Mapping[str, str] = MappingProxyType(
+    {
+        "nvfp4_w4a4": "nvfp4",
+        "nvfp4_w4a16": "bf16",
+        "fp8_e4m3_w8a8": "fp8_e4m3",
+        "fp8_e4m3": "fp8_e4m3",
+        "bf16": "bf16",
+        "fp16": "fp16",
+        "fp32": "fp32",
+    }
+)
+
+# Fields whose value is a measured or quoted fact and so must carry a source.
+SOURCED_FIELDS: tuple[str, ...] = (
+    "compute_capability",
+    "sm_count",
+    "memory_bytes",
+    "hbm_bandwidth_bytes_per_s",
+    "nvlink_bandwidth_bytes_per_s",
+    "native_formats",
+    "precision_policy",
+)
+
+_NAME_PATTERN = re.compile(r"[a-z0-9][a-z0-9_]*")
+_ARCH_PATTERN = re.compile(r"sm_[0-9]+")
+
+
+@dataclass(frozen=True)
+class Target:
+    """One GPU: identity, resources, dense peak rates, native formats and preferred precisions.
+
+    Mappings are stored as read-only copies, so a `Target` never changes after it is built.
+    `sources` maps each fact (`"sm_count"`, `"peak_tflops.bf16"`, ...) to where it comes from.
+    """
+
+    name: str
+    marketing_name: str
+    arch: str
+    compute_capability: tuple[int, int]
+    sm_count: int
+    memory_bytes: int
+    hbm_bandwidth_bytes_per_s: int
+    peak_tflops: Mapping[str, float]
+    nvlink_bandwidth_bytes_per_s: int
+    native_formats: tuple[str, ...]
+    precision_policy: Mapping[str, str]
+    sources: Mapping[str, str]
+
+    def __post_init__(self) -> None:
+        # Copy into immutable containers so callers' dicts and lists cannot change the target.
+        object.__setattr__(self, "compute_capability", tuple(self.compute_capability))
+        object.__setattr__(self, "native_formats", tuple(self.native_formats))
+        object.__setattr__(self, "peak_tflops", MappingProxyType(dict(self.peak_tflops)))
+        object.__setattr__(self, "precision_policy", MappingProxyType(dict(self.precision_policy)))
+        object.__setattr__(self, "sources", MappingProxyType(dict(self.sources)))
+        problems = _target_problems(self)
+        if problems:
+            raise TargetError(join_problems(f"target '{self.name}' is invalid", problems))
+
+    def supports(self, format_name: str) -> bool:
+        """Whether the GPU computes natively in `format_name` (one of `KNOWN_FORMATS`)."""
+        key = format_name.strip().lower()
+        if key not in KNOWN_FORMATS:
+            raise TargetError(
+                f"unknown number format '{format_name}'; known formats: {', '.join(KNOWN_FORMATS)}."
+            )
+        return key in self.native_formats
+
+    def __hash__(self) -> int:
+        return hash(
+            (
+                self.name,
+                self.marketing_name,
+                self.arch,
+                self.compute_capability,
+                self.sm_count,
+                self.memory_bytes,
+                self.hbm_bandwidth_bytes_per_s,
+                tuple(sorted(self.peak_tflops.items())),
+                self.nvlink_bandwidth_bytes_per_s,
+                self.native_formats,
+                tuple(sorted(self.precision_policy.items())),
+                tuple(sorted(self.sources.items())),
+            )
+        )
+
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+        # mappingproxy does not pickle; rebuild from plain dicts (and re-validate).
+        return (
+            Target,
+            (
+                self.name,
+                self.marketing_name,
+                self.arch,
+                self.compute_capability,
+                self.sm_count,
+                self.memory_bytes,
+                self.hbm_bandwidth_bytes_per_s,
+                dict(self.peak_tflops),
+                self.nvlink_bandwidth_bytes_per_s,
+                self.native_formats,
+                dict(self.precision_policy),
+                dict(self.sources),
+            ),
+        )
+
+
+def required_source_keys(peak_dtypes: Iterable[str]) -> tuple[str, ...]:
+    """The `sources` keys a target with these peak dtypes must have."""
+    return SOURCED_FIELDS + tuple(f"peak_tflops.{dtype}" for dtype in peak_dtypes)
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _target_problems(target: Target) -> list[str]:
+    """Every way `target` is inconsistent, each naming the field at fault."""
+    problems: list[str] = []
+
+    if not isinstance(target.name, str) or not _NAME_PATTERN.fullmatch(target.name):
+        problems.append(f"field 'name' must be lower-case letters, digits or '_', got {target.name!r}")
+    if not isinstance(target.marketing_name, str) or not target.marketing_name.strip():
+        problems.append("field 'marketing_name' must be a non-empty string")
+
+    capability = target.compute_capability
+    capability_ok = len(capability) == 2 and all(_is_int(part) and part >= 0 for part in capability)
+    if not capability_ok:
+        problems.append(f"field 'compute_capability' must be two non-negative integers, got {capability!r}")
+    if not isinstance(target.arch, str) or not _ARCH_PATTERN.fullmatch(target.arch):
+        problems.append(f"field 'arch' must look like 'sm_90', got {target.arch!r}")
+    elif capability_ok:
+        expected_arch = f"sm_{capability[0]}{capability[1]}"
+        if target.arch != expected_arch:
+            problems.append(
+                f"field 'arch' is '{target.arch}' but compute capability "
+                f"{capability[0]}.{capability[1]} means '{expected_arch}'"
+            )
+
+    for field in ("sm_count", "memory_bytes", "hbm_bandwidth_bytes_per_s", "nvlink_bandwidth_bytes_per_s"):
+        value = getattr(target, field)
+        if not _is_int(value) or value <= 0:
+            problems.append(f"field '{field}' must be a positive integer, got {value!r}")
+
+    for dtype, rate in target.peak_tflops.items():
+        if dtype not in PEAK_DTYPES:
+            problems.append(
+                f"field 'peak_tflops.{dtype}' is not a known dtype (known: {', '.join(PEAK_DTYPES)})"
+            )
+        elif not _is_number(rate) or rate <= 0:
+            problems.append(f"field 'peak_tflops.{dtype}' must be a positive number, got {rate!r}")
+    for dtype in REQUIRED_PEAK_DTYPES:
+        if dtype not in target.peak_tflops:
+            problems.append(f"field 'peak_tflops.{dtype}' is missing")
+
+    formats = target.native_formats
+    for format_name in formats:
+        if format_name not in KNOWN_FORMATS:
+            problems.append(f"field 'native_formats' names unknown format {format_name!r}")
+    if len(set(formats)) != len(formats):
+        problems.append("field 'native_formats' lists a format twice")
+    has_fp4 = "fp4_e2m1" in formats
+    if has_fp4 != ("fp4" in target.peak_tflops):
+        problems.append("field 'peak_tflops.fp4' must be given exactly when 'native_formats' has 'fp4_e2m1'")
+
+    policy = target.precision_policy
+    for component in POLICY_COMPONENTS:
+        if component not in policy:
+            problems.append(f"field 'precision_policy.{component}' is missing")
+    for component, precision in policy.items():
+        if component not in POLICY_COMPONENTS:
+            problems.append(f"field 'precision_policy.{component}' is not a known component")
+        elif precision not in POLICY_PRECISIONS:
+            problems.append(
+                f"field 'precision_policy.{component}' is {precision!r}, "
+                f"not one of {', '.join(POLICY_PRECISIONS)}"
+            )
+        elif POLICY_PRECISIONS[precision] not in formats:
+            problems.append(
+                f"field 'precision_policy.{component}' is '{precision}', which needs native "
+                f"'{POLICY_PRECISIONS[precision]}' that this target lacks"
+            )
+
+    required = required_source_keys(target.peak_tflops)
+    for key in required:
+        source = target.sources.get(key)
+        if not isinstance(source, str) or not source.strip():
+            problems.append(f"field '{key}' has no source")
+    for key in target.sources:
+        if key not in required:
+            problems.append(f"source '{key}' names no field of the target")
+    return problems

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import builtins
 import json
 import math
 from dataclasses import dataclass
@@ -117,7 +118,7 @@ class _Fields:
                 self.raw[name] = self.raw[legacy]
         self.source = source
 
-    def int(self, name: str, default: int | None = None, minimum: int = 1) -> int:
+    def int(self, name: builtins.str, default: builtins.int | None = None, minimum: builtins.int = 1) -> builtins.int:
         value = self.raw.get(name, default)
         if value is None:
             raise ConfigError(f"{self.source}: required field '{name}' is missing")
@@ -125,22 +126,22 @@ class _Fields:
             raise ConfigError(f"{self.source}: '{name}' must be an integer >= {minimum}, got {value!r}")
         return value
 
-    def optional_int(self, name: str) -> int | None:
+    def optional_int(self, name: builtins.str) -> builtins.int | None:
         return None if self.raw.get(name) is None else self.int(name)
 
-    def float(self, name: str, default: float) -> float:
+    def float(self, name: builtins.str, default: builtins.float) -> builtins.float:
         value = self.raw.get(name, default)
         if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
             raise ConfigError(f"{self.source}: '{name}' must be a finite number, got {value!r}")
         return float(value)
 
-    def bool(self, name: str, default: bool) -> bool:
+    def bool(self, name: builtins.str, default: builtins.bool) -> builtins.bool:
         value = self.raw.get(name, default)
         if not isinstance(value, bool):
             raise ConfigError(f"{self.source}: '{name}' must be true or false, got {value!r}")
         return value
 
-    def str(self, name: str, default: str, allowed: tuple[str, ...] | None = None) -> str:
+    def str(self, name: builtins.str, default: str, allowed: tuple[str, ...] | None = None) -> str:
         value = self.raw.get(name, default)
         if not isinstance(value, str) or (allowed and value not in allowed):
             expected = f"one of {', '.join(allowed)}" if allowed else "a string"

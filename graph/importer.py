@@ -67,7 +67,10 @@ def import_checkpoint(directory: Path) -> ImportedModel:
     config, raw = load_config(directory)
     ckpt = Checkpoint.open(directory)
     prefix = _prefix(ckpt)
-    specs = model_weights(config, prefix)
+    # transformers' Nemotron-H never ties lm_head to the embeddings: a checkpoint that carries
+    # lm_head.weight uses it whatever tie_word_embeddings says.
+    lm_head = not config.tie_word_embeddings or ckpt.ref("lm_head.weight") is not None
+    specs = model_weights(config, prefix, lm_head)
     problems = check_tensors(ckpt, _expected(specs))
     if problems:
         raise CheckpointError(join_problems(f"{directory} does not match its config.json", problems))
@@ -75,5 +78,5 @@ def import_checkpoint(directory: Path) -> ImportedModel:
     for spec in specs:
         sources[spec.name] = tuple(TensorSource(ckpt.refs[t].file, t) for t in spec.tensors)
     graph = build_block_graph(config, TORCH_DTYPE_TO_IR[config.torch_dtype], sources, _mtp_weights(ckpt),
-                              {"source_fingerprint": ckpt.fingerprint()}, prefix)
+                              {"source_fingerprint": ckpt.fingerprint()}, prefix, lm_head)
     return ImportedModel(graph, config, raw, ckpt)

@@ -3,6 +3,7 @@ Everything is immutable; passes build new graphs with `GraphBuilder`."""
 
 from __future__ import annotations
 
+import builtins
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Union
@@ -11,7 +12,7 @@ from nemocompile.errors import IRError
 
 from .types import TensorType
 
-AttrValue = Union[int, float, str, bool, None, tuple["AttrValue", ...]]
+AttrValue = Union[int, float, str, bool, None, tuple["AttrValue", ...]]  # noqa: UP007 (recursive alias)
 
 
 @dataclass(frozen=True)
@@ -42,27 +43,27 @@ class Attrs:
     def keys(self) -> list[str]:
         return [name for name, _ in self.items]
 
-    def int(self, key: str) -> int:
+    def int(self, key: builtins.str) -> int:
         value = self[key]
         assert isinstance(value, int) and not isinstance(value, bool), f"attr {key}={value!r} is not an int"
         return value
 
-    def float(self, key: str) -> float:
+    def float(self, key: builtins.str) -> builtins.float:
         value = self[key]
         assert isinstance(value, int | float) and not isinstance(value, bool), f"attr {key} is not a number"
         return float(value)
 
-    def str(self, key: str) -> str:
+    def str(self, key: builtins.str) -> builtins.str:
         value = self[key]
         assert isinstance(value, str), f"attr {key}={value!r} is not a string"
         return value
 
-    def bool(self, key: str) -> bool:
+    def bool(self, key: builtins.str) -> builtins.bool:
         value = self[key]
         assert isinstance(value, bool), f"attr {key}={value!r} is not a bool"
         return value
 
-    def ints(self, key: str) -> tuple[int, ...]:
+    def ints(self, key: builtins.str) -> tuple[builtins.int, ...]:
         value = self[key]
         assert isinstance(value, tuple), f"attr {key}={value!r} is not a list"
         return tuple(int(v) for v in value)  # type: ignore[arg-type]

@@ -108,13 +108,14 @@ def layer_weights(c: ModelConfig, index: int, prefix: str) -> list[WeightSpec]:
     return specs + BLOCK_WEIGHTS[c.layer_kinds[index]](c, f"{p}.mixer", f"{t}.mixer")
 
 
-def model_weights(c: ModelConfig, prefix: str = "backbone.") -> list[WeightSpec]:
-    """Every weight the forward pass uses, in execution order (MTP excluded)."""
+def model_weights(c: ModelConfig, prefix: str = "backbone.", lm_head: bool | None = None) -> list[WeightSpec]:
+    """Every weight the forward pass uses, in execution order (MTP excluded). `lm_head` says
+    whether a separate lm_head tensor exists; by default it does unless embeddings are tied."""
     specs = [WeightSpec("embeddings", (c.vocab_size, c.hidden_size), "embeddings", (f"{prefix}embeddings.weight",))]
     for index in range(c.num_layers):
         specs += layer_weights(c, index, prefix)
     specs.append(WeightSpec("norm_f", (c.hidden_size,), "norms", (f"{prefix}norm_f.weight",)))
-    if not c.tie_word_embeddings:
+    if (not c.tie_word_embeddings) if lm_head is None else lm_head:
         specs.append(WeightSpec("lm_head", (c.vocab_size, c.hidden_size), "lm_head", ("lm_head.weight",)))
     return specs
 
@@ -165,12 +166,14 @@ def _block_op(b: GraphBuilder, c: ModelConfig, kind: str, index: int, x: str, dt
 
 def build_block_graph(c: ModelConfig, dtype: DType, sources: dict[str, tuple[TensorSource, ...]] | None = None,
                       extra_weights: list[Weight] | None = None,
-                      metadata: dict[str, str] | None = None, prefix: str = "backbone.") -> Graph:
+                      metadata: dict[str, str] | None = None, prefix: str = "backbone.",
+                      lm_head: bool | None = None) -> Graph:
     """The block-level graph. Weight values get `dtype` (routers stay fp32); `sources` maps each
     weight name to its checkpoint tensors (omitted in plan mode); `extra_weights` are carried,
     unused weights (MTP)."""
     b = GraphBuilder("nemotron_h", {"model_type": "nemotron_h", "pattern": c.pattern, **(metadata or {})})
-    for spec in model_weights(c, prefix):
+    specs = model_weights(c, prefix, lm_head)
+    for spec in specs:
         weight_dtype = F32 if spec.keep_fp32 else dtype
         b.weight(spec.name, TensorType(weight_dtype, spec.shape), spec.category,
                  sources.get(spec.name, ()) if sources else ())
@@ -184,7 +187,7 @@ def build_block_graph(c: ModelConfig, dtype: DType, sources: dict[str, tuple[Ten
         mixed = _block_op(b, c, kind, index, normed, dtype)
         hidden = b.op1("add", [hidden, mixed], scope=f"layers.{index}")
     final = b.op1("rms_norm", [hidden, "norm_f"], {"eps": c.layer_norm_epsilon}, "norm_f")
-    head = "embeddings" if c.tie_word_embeddings else "lm_head"
+    head = "lm_head" if specs[-1].name == "lm_head" else "embeddings"
     logits = b.op1("linear", [final, head], scope="lm_head")
     b.op("cast", [logits], {"dtype": "f32"}, "lm_head", result_names=["logits"])
     b.output("logits")

@@ -21,7 +21,7 @@ class ParamStats:
     categories: dict[str, CategoryStats] = field(default_factory=dict)
 
     def _sum(self, attr: str, include_mtp: bool) -> float:
-        return sum(getattr(s, attr) for name, s in self.categories.items() if include_mtp or name != "mtp")
+        return float(sum(getattr(s, attr) for name, s in self.categories.items() if include_mtp or name != "mtp"))
 
     @property
     def params_total(self) -> int:

@@ -21,10 +21,10 @@ def _mamba2_mixer(b: GraphBuilder, op: Op) -> None:
     inner = heads * head_dim
     conv_dim = inner + 2 * groups * state
     projected = b.op1("linear", [x, in_proj], scope=s)
-    gate, xbc, dt = b.op("split", [projected], {"sizes": [inner, conv_dim, heads]}, s)
+    gate, xbc, dt = b.op("split", [projected], {"sizes": (inner, conv_dim, heads)}, s)
     xbc = b.op1("causal_conv1d", [xbc, conv_w, conv_b],
                 {"activation": a.str("activation"), "conv_state": a.str("conv_state")}, s)
-    xs, big_b, big_c = b.op("split", [xbc], {"sizes": [inner, groups * state, groups * state]}, s)
+    xs, big_b, big_c = b.op("split", [xbc], {"sizes": (inner, groups * state, groups * state)}, s)
     y = b.op1("ssd_chunk_scan", [xs, dt, a_log, big_b, big_c, d, dt_bias],
               {"num_heads": heads, "head_dim": head_dim, "n_groups": groups, "state_size": state,
                "chunk_size": a.int("chunk_size"), "dt_min": a.float("dt_min"), "dt_max": a.float("dt_max"),

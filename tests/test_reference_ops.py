@@ -9,6 +9,7 @@ an intermediate float32 value to round to a neighbouring bfloat16.
 from __future__ import annotations
 
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 import torch
@@ -62,8 +63,8 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, rel: float) -> No
     assert err <= rel * scale, f"max|diff| = {err:.3g} > {rel:g} * max|expected| = {rel * scale:.3g}"
 
 
-def tiny_config(**overrides: object) -> transformers.NemotronHConfig:
-    settings: dict[str, object] = {
+def tiny_config(**overrides: Any) -> transformers.NemotronHConfig:
+    settings: dict[str, Any] = {
         "hidden_size": 32,
         "mamba_num_heads": HEADS,
         "mamba_head_dim": HEAD_DIM,
@@ -171,7 +172,9 @@ def test_causal_conv1d_decode_matches_causal_conv1d_update(dtype: torch.dtype) -
     state = torch.randn(3, CONV_CHANNELS, CONV_K - 1).to(dtype)
     x = torch.randn(3, 1, CONV_CHANNELS).to(dtype)
     hf_state = state.clone()
-    expected = hf.causal_conv1d_update(x.transpose(1, 2), hf_state, weight.squeeze(1), bias, activation="silu")
+    expected = hf.causal_conv1d_update(
+        x.transpose(1, 2), hf_state, weight.squeeze(1), bias, activation="silu"
+    )
     y, new_state = causal_conv1d(x, weight, bias, "silu", state)
     assert_close(y, expected.transpose(1, 2), rel=0)
     assert torch.equal(new_state, hf_state)
@@ -218,7 +221,11 @@ def _slice(inputs: dict[str, torch.Tensor], begin: int, end: int) -> dict[str, t
 
 
 def _hf_chunk_scan(
-    inputs: dict[str, torch.Tensor], n_groups: int, dt_min: float, initial_state: torch.Tensor | None
+    inputs: dict[str, torch.Tensor],
+    n_groups: int,
+    dt_min: float,
+    initial_state: torch.Tensor | None,
+    chunk_size: int = CHUNK,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     batch, length, _ = inputs["x"].shape
     y, state = hf.mamba2_chunk_scan(
@@ -227,7 +234,7 @@ def _hf_chunk_scan(
         -torch.exp(inputs["A_log"].float()),
         inputs["B"].view(batch, length, n_groups, STATE),
         inputs["C"].view(batch, length, n_groups, STATE),
-        chunk_size=CHUNK,
+        chunk_size=chunk_size,
         D=inputs["D"],
         dt_bias=inputs["dt_bias"],
         initial_states=initial_state,
@@ -239,16 +246,25 @@ def _hf_chunk_scan(
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize(("batch", "length", "n_groups"), [(3, 1, GROUPS), (3, 13, GROUPS), (2, 16, 1), (1, 21, 4)])
+@pytest.mark.parametrize(
+    ("batch", "length", "n_groups", "chunk_size"),
+    [
+        (3, 1, GROUPS, CHUNK),
+        (3, 13, GROUPS, CHUNK),
+        (2, 16, 1, CHUNK),
+        (1, 21, 4, CHUNK),
+        (2, 300, GROUPS, 128),
+    ],
+)
 @pytest.mark.parametrize("with_initial_state", [False, True])
 def test_ssd_chunk_scan_matches_mamba2_chunk_scan(
-    dtype: torch.dtype, batch: int, length: int, n_groups: int, with_initial_state: bool
+    dtype: torch.dtype, batch: int, length: int, n_groups: int, chunk_size: int, with_initial_state: bool
 ) -> None:
     inputs = _ssd_inputs(batch, length, dtype, n_groups)
     initial = torch.randn(batch, HEADS, HEAD_DIM, STATE) if with_initial_state else None
-    expected_y, expected_state = _hf_chunk_scan(inputs, n_groups, 0.001, initial)
+    expected_y, expected_state = _hf_chunk_scan(inputs, n_groups, 0.001, initial, chunk_size)
     y, state = ssd_chunk_scan(
-        **inputs, **_sizes(n_groups), chunk_size=CHUNK, dt_min=0.001, dt_max=INF, initial_state=initial
+        **inputs, **_sizes(n_groups), chunk_size=chunk_size, dt_min=0.001, dt_max=INF, initial_state=initial
     )
     # Both sides compute in float32 after the step size, so bfloat16 inputs keep the float32 tolerance.
     assert y.dtype == torch.float32 and state.dtype == torch.float32
@@ -312,7 +328,9 @@ def test_ssd_state_update_token_by_token_equals_chunk_scan(dt_min: float) -> Non
     )
     state, ys = initial, []
     for t in range(length):
-        y, state = ssd_state_update(**_slice(inputs, t, t + 1), **_sizes(), dt_min=dt_min, dt_max=INF, state=state)
+        y, state = ssd_state_update(
+            **_slice(inputs, t, t + 1), **_sizes(), dt_min=dt_min, dt_max=INF, state=state
+        )
         ys.append(y)
     assert_close(torch.cat(ys, dim=1), full_y, rel=RTOL_FP32)
     assert_close(state, full_state, rel=RTOL_FP32)
@@ -325,8 +343,8 @@ def test_ssd_state_update_applies_a_given_clamp() -> None:
     unclamped, _ = ssd_state_update(**inputs, **_sizes(), dt_min=0.0, dt_max=INF, state=state)
     clamped, _ = ssd_state_update(**inputs, **_sizes(), dt_min=0.01, dt_max=INF, state=state)
     # Choose a raw dt whose softplus is exactly 0.01: the unclamped update must then agree.
-    at_floor = dict(inputs)
-    at_floor["dt"] = torch.full_like(inputs["dt"], 0.0) + (torch.log(torch.expm1(torch.tensor(0.01))) - inputs["dt_bias"])
+    inverse_softplus = torch.log(torch.expm1(torch.tensor(0.01)))
+    at_floor = {**inputs, "dt": (inverse_softplus - inputs["dt_bias"]).expand_as(inputs["dt"])}
     reference, _ = ssd_state_update(**at_floor, **_sizes(), dt_min=0.0, dt_max=INF, state=state)
     assert not torch.allclose(clamped, unclamped)
     assert_close(clamped, reference, rel=RTOL_FP32)
@@ -365,7 +383,15 @@ def _our_mixer(
         )
     else:
         y, ssm_state = ssd_chunk_scan(
-            x, dt, B=B, C=C, **params, **_sizes(), chunk_size=CHUNK, dt_min=dt_min, dt_max=INF,
+            x,
+            dt,
+            B=B,
+            C=C,
+            **params,
+            **_sizes(),
+            chunk_size=CHUNK,
+            dt_min=dt_min,
+            dt_max=INF,
             initial_state=ssm_state,
         )
     y = gated_rms_norm(y, gate, mixer.norm.weight, inner // GROUPS, mixer.norm.variance_epsilon)
@@ -387,8 +413,11 @@ def test_mixer_prefill_then_decode_matches_nemotron_h_mamba2_mixer(dtype: torch.
         # transformers' decode path does not clamp dt (see the ssd module docstring).
         ours, conv_state, ssm_state = _our_mixer(mixer, token, conv_state, ssm_state, 0.0)
         assert_close(ours, expected, rel=_rtol(dtype))
-    assert_close(ssm_state, cache.get_recurrent_state(0).float(), rel=RTOL_FP32)
-    assert torch.equal(conv_state, cache.get_conv_state(0)[:, :, 1:])
+    hf_ssm_state, hf_conv_state = cache.get_recurrent_state(0), cache.get_conv_state(0)
+    assert hf_ssm_state is not None and hf_conv_state is not None
+    assert_close(ssm_state, hf_ssm_state.float(), rel=RTOL_FP32)
+    # transformers keeps K conv inputs; the oldest is never read, ours keeps the last K-1.
+    assert torch.equal(conv_state, hf_conv_state[:, :, 1:])
 
 
 # ---------------------------------------------------------------- attention

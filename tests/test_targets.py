@@ -12,10 +12,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from nemocompile.targets import Target, known_targets, load_target, load_target_file
-from nemocompile.targets.model import POLICY_COMPONENTS, required_source_keys
 
 from nemocompile.errors import TargetError
+from nemocompile.targets import Target, known_targets, load_target, load_target_file
+from nemocompile.targets.model import POLICY_COMPONENTS, required_source_keys
 
 HOPPER = ("h100", "h200")
 BLACKWELL = ("b200", "gb200")

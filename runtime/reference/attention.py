@@ -33,9 +33,9 @@ def attention_gqa(
     if (past_k is None) != (past_v is None):
         raise ValueError("attention_gqa: past_k and past_v must be given together.")
     batch, length, _ = q.shape
-    q_heads = q.view(batch, length, num_heads, head_dim).transpose(1, 2)  # [B, Hq, T, Dh]
-    k_all = k.view(batch, length, num_kv_heads, head_dim).transpose(1, 2)
-    v_all = v.view(batch, length, num_kv_heads, head_dim).transpose(1, 2)
+    q_heads = q.reshape(batch, length, num_heads, head_dim).transpose(1, 2)  # [B, Hq, T, Dh]
+    k_all = k.reshape(batch, length, num_kv_heads, head_dim).transpose(1, 2)
+    v_all = v.reshape(batch, length, num_kv_heads, head_dim).transpose(1, 2)
     if past_k is not None and past_v is not None:
         k_all = torch.cat([past_k, k_all], dim=2)
         v_all = torch.cat([past_v, v_all], dim=2)

@@ -59,7 +59,7 @@ def _split_into_chunks(t: torch.Tensor, chunk_size: int) -> torch.Tensor:
     pad = (-t.shape[1]) % chunk_size
     if pad:
         t = torch.cat([t, t.new_zeros(t.shape[0], pad, *t.shape[2:])], dim=1)
-    return t.view(t.shape[0], -1, chunk_size, *t.shape[2:])
+    return t.reshape(t.shape[0], -1, chunk_size, *t.shape[2:])
 
 
 def ssd_chunk_scan(
@@ -94,9 +94,9 @@ def ssd_chunk_scan(
 
     step = _step_size(dt, dt_bias, dt_min, dt_max).float()  # [Bt, T, H]
     A = -torch.exp(A_log.float())
-    xs = x.float().view(batch, length, num_heads, head_dim)
-    Bh = B.float().view(batch, length, n_groups, state_size).repeat_interleave(heads_per_group, dim=2)
-    Ch = C.float().view(batch, length, n_groups, state_size).repeat_interleave(heads_per_group, dim=2)
+    xs = x.float().reshape(batch, length, num_heads, head_dim)
+    Bh = B.float().reshape(batch, length, n_groups, state_size).repeat_interleave(heads_per_group, dim=2)
+    Ch = C.float().reshape(batch, length, n_groups, state_size).repeat_interleave(heads_per_group, dim=2)
     skip = D[:, None] * xs
 
     x_chunks = _split_into_chunks(xs * step[..., None], chunk_size)  # [b, c, l, h, p]
@@ -168,15 +168,15 @@ def ssd_state_update(
         raise ValueError(f"ssd_state_update: x must hold one token, got T = {x.shape[1]}.")
     heads_per_group = num_heads // n_groups
 
-    xs = x.view(batch, num_heads, head_dim)
+    xs = x.reshape(batch, num_heads, head_dim)
     # dt is per head; broadcast it over head_dim first, as the mixer does, so the dtype path matches.
-    dt_hp = dt.view(batch, num_heads, 1).expand(batch, num_heads, head_dim)
+    dt_hp = dt.reshape(batch, num_heads, 1).expand(batch, num_heads, head_dim)
     step = _step_size(dt_hp, dt_bias[:, None], dt_min, dt_max)  # [Bt, H, P]
     A = -torch.exp(A_log.float())
     decay = torch.exp(step.float()[..., None] * A[:, None, None])  # [Bt, H, P, N]
 
-    Bh = B.view(batch, n_groups, state_size).repeat_interleave(heads_per_group, dim=1)  # [Bt, H, N]
-    Ch = C.view(batch, n_groups, state_size).repeat_interleave(heads_per_group, dim=1)
+    Bh = B.reshape(batch, n_groups, state_size).repeat_interleave(heads_per_group, dim=1)  # [Bt, H, N]
+    Ch = C.reshape(batch, n_groups, state_size).repeat_interleave(heads_per_group, dim=1)
     update = step[..., None] * Bh[:, :, None, :] * xs[..., None]  # [Bt, H, P, N]
     new_state = (state * decay + update).to(torch.float32)
 

@@ -1,0 +1,239 @@
+"""The `nemocompile` command: plan, build, run, inspect. Errors are one sentence on stderr with a
+non-zero exit; `--debug` shows the traceback."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TextColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
+from rich.table import Table
+
+from .errors import NemocompileError, UsageError
+from .settings import set_settings, settings
+
+stdout = Console(soft_wrap=True)
+stderr = Console(stderr=True, soft_wrap=True)
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _fail(message: str, code: int) -> None:
+    stderr.print(f"[bold red]error:[/] {message}", highlight=False, markup=True)
+    sys.exit(code)
+
+
+def _print_json(data: Any) -> None:
+    click.echo(json.dumps(data, indent=2))
+
+
+def _human_bytes(count: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(count) < 1000 or unit == "TB":
+            return f"{count:.1f} {unit}" if unit != "B" else f"{int(count)} B"
+        count /= 1000
+    return f"{count:.1f} TB"
+
+
+def _params(count: float) -> str:
+    return f"{count / 1e9:.3f} B" if count >= 1e8 else f"{int(count):,}"
+
+
+class _Group(click.Group):
+    """Turns NemocompileError into one sentence and an exit code, unless --debug."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except NemocompileError as error:
+            if settings().debug:
+                raise
+            _fail(str(error), error.exit_code)
+        except (OSError, ValueError, RuntimeError) as error:
+            if settings().debug:
+                raise
+            _fail(f"{type(error).__name__}: {error} (rerun with --debug for the traceback)", 1)
+
+
+@click.group(cls=_Group)
+@click.version_option(package_name="nemocompile")
+@click.option("--debug", is_flag=True, help="Show tracebacks instead of one-sentence errors.")
+def main(debug: bool) -> None:
+    """Compile Nemotron-H checkpoints into engines for a named NVIDIA GPU, and run them."""
+    if debug:
+        set_settings(debug=True)
+
+
+def _stats_table(title: str, stats: Any) -> Table:
+    table = Table(title=title)
+    for column in ("category", "parameters", "active / token", "bytes"):
+        table.add_column(column, justify="left" if column == "category" else "right")
+    for name, entry in stats.categories.items():
+        table.add_row(name, _params(entry.params), _params(entry.active), _human_bytes(entry.bytes))
+    table.add_section()
+    table.add_row("total (without MTP)", _params(stats.params_total), _params(stats.params_active), "")
+    table.add_row("all stored", "", "", _human_bytes(stats.bytes_total))
+    return table
+
+
+@main.command()
+@click.argument("config", type=click.Path(path_type=Path))
+@click.option("--target", default="h100", show_default=True, help="GPU to plan for.")
+@click.option("--precision", type=click.Choice(["bf16", "fp32"]), default="bf16", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON object.")
+def plan(config: Path, target: str, precision: str, as_json: bool) -> None:
+    """Plan a model from config.json alone: parameters and bytes, no weights read."""
+    from .planner import plan_model
+
+    result = plan_model(config, target, precision)
+    if as_json:
+        _print_json(result.as_json())
+        return
+    stdout.print(_stats_table(f"{result.name}: {len(result.config.layer_kinds)} layers "
+                              f"({result.config.pattern}) on {result.target.name}, {precision}", result.stats))
+    stdout.print(f"active per token without embeddings: {_params(result.stats.params_active_without_embeddings)}; "
+                 f"MTP: {_params(result.stats.params_mtp)}; "
+                 f"{result.stats.bits_per_element:.2f} bits per element; planned in {result.seconds:.2f} s")
+
+
+@contextmanager
+def _build_progress(enabled: bool) -> Iterator[Callable[[str, int, int], None] | None]:
+    if not enabled:
+        yield None
+        return
+    columns = (TextColumn("{task.description:<24}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+               TimeRemainingColumn())
+    with Progress(*columns, console=stderr, transient=False) as progress:
+        task = progress.add_task("weights", total=None)
+
+        def hook(description: str, advance: int, total: int) -> None:
+            progress.update(task, description=description, advance=advance, total=total)
+
+        yield hook
+
+
+@main.command()
+@click.argument("model", required=False, type=click.Path(path_type=Path))
+@click.option("--target", required=True, help="GPU to build for (h100, h200, b200, gb200).")
+@click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path), help="Engine directory.")
+@click.option("--precision", type=click.Choice(["bf16", "fp32"]), default="bf16", show_default=True)
+@click.option("--force", is_flag=True, help="Replace an existing engine directory.")
+@click.option("--print-after", multiple=True, help="Print the IR after this pass ('all' for every pass).")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON summary.")
+def build(model: Path | None, target: str, out: Path, precision: str, force: bool, print_after: tuple[str, ...],
+          as_json: bool) -> None:
+    """Compile MODEL (a Hugging Face Nemotron-H directory; default: the embedded demo) into an engine."""
+    from .driver import build as run_build
+
+    def printer(pass_name: str, text: str) -> None:
+        stderr.print(f"// ----- IR after {pass_name} -----", highlight=False)
+        click.echo(text, err=True)
+
+    with _build_progress(settings().progress and not as_json and stderr.is_terminal) as hook:
+        result = run_build(model, out, target, precision, force, frozenset(print_after), printer, hook)
+    summary = {"engine": str(result.out), "target": result.manifest["target"]["name"], "precision": precision,
+               "params_total": result.stats.params_total, "bytes_written": result.bytes_written,
+               "seconds": round(result.seconds, 3),
+               "passes": [{"name": r.name, "seconds": round(r.seconds, 4), "counts": r.counts}
+                          for r in result.passes]}
+    if as_json:
+        _print_json(summary)
+        return
+    rate = result.bytes_written / max(result.seconds, 1e-9)
+    stdout.print(f"built {result.out} for {summary['target']} ({precision}): "
+                 f"{_params(result.stats.params_total)} parameters, {_human_bytes(result.bytes_written)} "
+                 f"in {result.seconds:.2f} s ({_human_bytes(rate)}/s)")
+
+
+def _parse_ids(text: str) -> list[int]:
+    try:
+        return [int(part) for part in text.replace(" ", "").split(",") if part]
+    except ValueError:
+        raise UsageError(f"--input-ids must be comma-separated integers, got '{text}'") from None
+
+
+@main.command()
+@click.argument("engine", type=click.Path(path_type=Path))
+@click.option("--input-ids", multiple=True, help="Prompt token ids, e.g. 1,2,3 (repeat for a batch).")
+@click.option("--prompt", multiple=True, help="Prompt text (engines with a tokenizer; repeat for a batch).")
+@click.option("--max-new-tokens", default=16, show_default=True, type=int)
+@click.option("--temperature", default=0.0, show_default=True, type=float, help="0 is greedy.")
+@click.option("--top-p", default=1.0, show_default=True, type=float)
+@click.option("--seed", default=None, type=int, help="Seed for sampling.")
+@click.option("--json", "as_json", is_flag=True, help='Print {"generated_ids": [[...]]}.')
+def run(engine: Path, input_ids: tuple[str, ...], prompt: tuple[str, ...], max_new_tokens: int,
+        temperature: float, top_p: float, seed: int | None, as_json: bool) -> None:
+    """Generate tokens with ENGINE."""
+    from .api import load
+
+    if bool(input_ids) == bool(prompt):
+        raise UsageError("give exactly one of --input-ids or --prompt")
+    loaded = load(engine)
+    if prompt:
+        if loaded.tokenizer is None:
+            raise UsageError(f"engine {engine} has no tokenizer; use --input-ids")
+        batch = [loaded.tokenizer.encode(text) for text in prompt]
+    else:
+        batch = [_parse_ids(text) for text in input_ids]
+    if len({len(ids) for ids in batch}) != 1:
+        raise UsageError("all prompts of a batch must have the same number of tokens")
+    eos = loaded.config.get("eos_token_id")
+    start = time.perf_counter()
+    out = loaded.generate(batch, max_new_tokens, temperature, top_p, seed,
+                          eos if isinstance(eos, int) else None)
+    seconds = time.perf_counter() - start
+    generated = out[:, len(batch[0]):].tolist()
+    if as_json:
+        _print_json({"generated_ids": generated})
+        return
+    for row in generated:
+        text = loaded.tokenizer.decode(row) if loaded.tokenizer else ",".join(map(str, row))
+        stdout.print(text, highlight=False, markup=False)
+    stderr.print(f"{sum(map(len, generated))} tokens in {seconds:.2f} s", highlight=False)
+
+
+@main.command()
+@click.argument("engine", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON object.")
+def inspect(engine: Path, as_json: bool) -> None:
+    """Describe an engine: layers, parameters by category, precision, bytes, files."""
+    from .inspection import inspect_engine
+
+    info = inspect_engine(engine)
+    if as_json:
+        _print_json(info.as_json())
+        return
+    m = info.manifest
+    stdout.print(f"engine {engine}: {m['source']['name']} for {m['target']['name']} ({m['target']['arch']}), "
+                 f"{m['precision']}, world size {m['world_size']}, format {m['format_version']}", highlight=False)
+    layers = Table(title="layers")
+    layers.add_column("layer", justify="right")
+    layers.add_column("block")
+    for index, kind in enumerate(info.layers):
+        layers.add_row(str(index), kind)
+    stdout.print(layers)
+    stdout.print(_stats_table("parameters", info.stats))
+    files = Table(title="files")
+    files.add_column("file")
+    files.add_column("bytes", justify="right")
+    files.add_column("sha256")
+    for name, entry in m["files"].items():
+        files.add_row(name, _human_bytes(entry["size"]), entry["sha256"][:16])
+    stdout.print(files)
+
+
+if __name__ == "__main__":
+    main()

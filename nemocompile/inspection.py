@@ -1,0 +1,48 @@
+"""`nemocompile inspect`: what an engine holds, read from its verified manifest and graph."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from nemocompile.graph.config import PATTERN_LETTERS
+from nemocompile.graph.ir import Graph
+from nemocompile.graph.text import parse_graph
+
+from .engine_files import verify_engine_files
+from .errors import EngineError
+from .stats import ParamStats, param_stats
+
+
+@dataclass(frozen=True)
+class EngineInfo:
+    manifest: dict[str, Any]
+    graph: Graph
+    stats: ParamStats
+
+    @property
+    def layers(self) -> list[str]:
+        return [PATTERN_LETTERS[letter] for letter in self.graph.meta("pattern") or ""]
+
+    def as_json(self) -> dict[str, Any]:
+        m = self.manifest
+        return {
+            "source": m["source"],
+            "target": m["target"],
+            "precision": m["precision"],
+            "world_size": m["world_size"],
+            "format_version": m["format_version"],
+            "layers": self.layers,
+            **self.stats.as_json(),
+            "ops": self.graph.op_counts(),
+            "files": m["files"],
+        }
+
+
+def inspect_engine(directory: Path) -> EngineInfo:
+    if not directory.is_dir():
+        raise EngineError(f"{directory} is not an engine directory")
+    manifest = verify_engine_files(directory)
+    graph = parse_graph((directory / manifest["graphs"]["prefill"]).read_text())
+    return EngineInfo(manifest, graph, param_stats(graph))

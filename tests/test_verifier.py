@@ -1,0 +1,294 @@
+"""The verifier: each way a graph can be malformed is rejected with an IRError that names the graph
+and quotes the op at fault (marked `>>`) between its neighbours."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from nemocompile.errors import IRError
+from nemocompile.graph.builder import GraphBuilder
+from nemocompile.graph.config import config_from_dict, load_config
+from nemocompile.graph.ir import Attrs, AttrValue, Graph, Op, StateSlot, Value, Weight
+from nemocompile.graph.nemotron_h import build_block_graph
+from nemocompile.graph.text import format_op
+from nemocompile.graph.types import BF16, F32, I64, TensorType
+from nemocompile.graph.verifier import verify
+from nemocompile.passes.decompose import Decompose
+from nemocompile.passes.specialize_decode import SpecializeDecode
+
+TINY = {
+    "model_type": "nemotron_h", "hybrid_override_pattern": "M*E-", "vocab_size": 64, "hidden_size": 16,
+    "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 4, "intermediate_size": 24,
+    "mamba_num_heads": 4, "mamba_head_dim": 4, "n_groups": 2, "ssm_state_size": 8, "conv_kernel": 4,
+    "chunk_size": 8, "n_routed_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 8,
+    "moe_shared_expert_intermediate_size": 12,
+}
+
+
+@pytest.fixture(scope="module")
+def core() -> Graph:
+    """A well-formed core-op graph with every kind of op and state slot."""
+    return Decompose().apply(build_block_graph(config_from_dict(TINY), BF16)).graph
+
+
+def _index(graph: Graph, opname: str) -> int:
+    return next(i for i, op in enumerate(graph.ops) if op.opname == opname)
+
+
+def _with_attrs(op: Op, **changes: AttrValue) -> Op:
+    values = {k: v for k, v in op.attrs.items if k not in changes}
+    values.update({k: v for k, v in changes.items() if v is not None})
+    return dataclasses.replace(op, attrs=Attrs.of(values))
+
+
+def _replace_op(graph: Graph, index: int, op: Op) -> Graph:
+    return dataclasses.replace(graph, ops=(*graph.ops[:index], op, *graph.ops[index + 1 :]))
+
+
+def assert_rejected(graph: Graph, index: int, op: Op, message: str, after: str | None = None) -> str:
+    """Replace op `index` with `op`; the verifier must reject it, quoting it and its neighbours."""
+    broken = _replace_op(graph, index, op)
+    with pytest.raises(IRError) as info:
+        verify(broken, after=after)
+    text = str(info.value)
+    assert f"graph {graph.name}" in text
+    assert message in text, text
+    lines = text.splitlines()
+    assert f">> {format_op(op)}" in lines, text
+    for neighbour in (index - 2, index - 1, index + 1, index + 2):
+        if 0 <= neighbour < len(broken.ops):
+            assert f"   {format_op(broken.ops[neighbour])}" in lines, text
+    assert sum(line.startswith(">>") for line in lines) == 1
+    return text
+
+
+# ---------------------------------------------------------------- rejections of one op
+
+
+def test_use_before_def(core: Graph) -> None:
+    i = _index(core, "ssd_chunk_scan")
+    later = core.ops[i + 1].result.name
+    op = core.ops[i]
+    assert_rejected(core, i, dataclasses.replace(op, operands=(later, *op.operands[1:])),
+                    f"%{later} is used before it is defined")
+
+
+def test_use_of_a_name_defined_nowhere(core: Graph) -> None:
+    i = _index(core, "add")
+    op = core.ops[i]
+    assert_rejected(core, i, dataclasses.replace(op, operands=("nowhere", op.operands[1])),
+                    "%nowhere is used before it is defined")
+
+
+def test_unknown_op(core: Graph) -> None:
+    i = _index(core, "gated_rms_norm")
+    assert_rejected(core, i, dataclasses.replace(core.ops[i], opname="frobnicate"), "unknown op 'frobnicate'")
+
+
+def test_wrong_operand_count(core: Graph) -> None:
+    i = _index(core, "linear")
+    op = core.ops[i]
+    assert op.operands[2] is None
+    assert_rejected(core, i, dataclasses.replace(op, operands=op.operands[:2]), "linear takes 3 operands")
+    assert_rejected(core, i, dataclasses.replace(op, operands=(*op.operands, op.operands[0])),
+                    "got 4")
+
+
+def test_missing_required_operand(core: Graph) -> None:
+    i = _index(core, "ssd_chunk_scan")
+    op = core.ops[i]
+    operands = list(op.operands)
+    operands[2] = None
+    assert_rejected(core, i, dataclasses.replace(op, operands=tuple(operands)),
+                    "operand 'A_log' of ssd_chunk_scan is required")
+
+
+def test_missing_attribute(core: Graph) -> None:
+    i = _index(core, "rms_norm")
+    op = core.ops[i]
+    assert_rejected(core, i, dataclasses.replace(op, attrs=Attrs()), "missing attribute 'eps'")
+
+
+def test_unknown_attribute(core: Graph) -> None:
+    i = _index(core, "rms_norm")
+    assert_rejected(core, i, _with_attrs(core.ops[i], epsilon=1e-5), "unknown attribute 'epsilon'")
+
+
+@pytest.mark.parametrize(
+    ("opname", "attr", "value"),
+    [
+        ("rms_norm", "eps", "small"),
+        ("rms_norm", "eps", True),
+        ("ssd_chunk_scan", "num_heads", 4.0),
+        ("moe_router", "top_k", True),
+        ("moe_router", "norm_topk_prob", 1),
+        ("split", "sizes", 16),
+        ("causal_conv1d", "conv_state", 0),
+        ("cast", "dtype", None),
+    ],
+)
+def test_wrong_typed_or_absent_attribute(core: Graph, opname: str, attr: str, value: AttrValue) -> None:
+    i = _index(core, opname)
+    expected = f"missing attribute '{attr}'" if value is None else f"attribute '{attr}' must be"
+    assert_rejected(core, i, _with_attrs(core.ops[i], **{attr: value}), expected)
+
+
+@pytest.mark.parametrize(
+    ("opname", "new_type"),
+    [
+        ("linear", TensorType(F32, ("batch", "seq", 68))),  # wrong dtype
+        ("linear", TensorType(BF16, ("batch", "seq", 69))),  # wrong width
+        ("ssd_chunk_scan", TensorType(BF16, ("batch", "seq", 16))),  # the scan returns f32
+        ("embedding", TensorType(BF16, ("batch", "seq", 16), "col")),  # wrong layout
+    ],
+)
+def test_declared_result_type_disagrees_with_inference(core: Graph, opname: str, new_type: TensorType) -> None:
+    i = _index(core, opname)
+    op = core.ops[i]
+    bad = dataclasses.replace(op, results=(Value(op.result.name, new_type),))
+    assert_rejected(core, i, bad, f"{opname} declares result types {new_type}")
+
+
+def test_wrong_number_of_results(core: Graph) -> None:
+    i = _index(core, "split")
+    op = core.ops[i]
+    assert_rejected(core, i, dataclasses.replace(op, results=op.results[:2]), "split declares result types")
+
+
+def test_undeclared_state_slot(core: Graph) -> None:
+    i = _index(core, "causal_conv1d")
+    assert_rejected(core, i, _with_attrs(core.ops[i], conv_state="layers.9.conv"),
+                    "state slot 'layers.9.conv' (attribute conv_state) is not declared")
+
+
+@pytest.mark.parametrize(("opname", "attr", "slot"), [("causal_conv1d", "conv_state", "layers.0.ssm"),
+                                                      ("ssd_chunk_scan", "ssm_state", "layers.1.kv"),
+                                                      ("attention_gqa", "kv_state", "layers.0.conv")])
+def test_state_slot_of_the_wrong_kind(core: Graph, opname: str, attr: str, slot: str) -> None:
+    i = _index(core, opname)
+    assert_rejected(core, i, _with_attrs(core.ops[i], **{attr: slot}), f"state slot '{slot}' is a")
+
+
+def test_duplicate_definition_of_an_op_result(core: Graph) -> None:
+    i = _index(core, "add")
+    op = core.ops[i]
+    earlier = core.ops[i - 1].result.name
+    assert_rejected(core, i, dataclasses.replace(op, results=(Value(earlier, op.result.type),)),
+                    f"%{earlier} is defined twice")
+
+
+def test_op_result_that_shadows_a_weight(core: Graph) -> None:
+    i = _index(core, "rms_norm")
+    op = core.ops[i]
+    assert_rejected(core, i, dataclasses.replace(op, results=(Value("norm_f", op.result.type),)),
+                    "%norm_f is defined twice")
+
+
+def test_verify_hook_rejections(core: Graph) -> None:
+    i = _index(core, "activation")
+    assert_rejected(core, i, _with_attrs(core.ops[i], kind="gelu"), "activation kind 'gelu'")
+    i = _index(core, "ssd_chunk_scan")
+    assert_rejected(core, i, _with_attrs(core.ops[i], num_heads=3), "expected num_heads * head_dim = 12")
+    i = _index(core, "moe_router")
+    assert_rejected(core, i, _with_attrs(core.ops[i], top_k=5), "top_k 5 exceeds the 4 experts")
+
+
+def test_shape_inference_errors_are_quoted(core: Graph) -> None:
+    i = _index(core, "split")
+    assert_rejected(core, i, _with_attrs(core.ops[i], sizes=(16, 48, 5)), "do not sum to the last dim")
+    i = _index(core, "cast")
+    assert_rejected(core, i, _with_attrs(core.ops[i], dtype="f8"), "unknown dtype 'f8'")
+
+
+def test_split_sizes_that_are_not_ints_are_an_irerror(core: Graph) -> None:
+    i = _index(core, "split")
+    assert_rejected(core, i, _with_attrs(core.ops[i], sizes=("a", "b", "c")), "sizes")
+
+
+def test_operand_of_the_wrong_rank_is_an_irerror(core: Graph) -> None:
+    # A 1-D embedding table: shape inference must report it, not crash with an IndexError.
+    table = Weight("flat_table", TensorType(BF16, (64,)), "embeddings")
+    graph = dataclasses.replace(core, weights=(*core.weights, table))
+    op = core.ops[0]
+    assert op.opname == "embedding"
+    assert_rejected(graph, 0, dataclasses.replace(op, operands=(op.operands[0], "flat_table")), "")
+
+
+def test_verify_after_a_pass_names_the_pass(core: Graph) -> None:
+    i = _index(core, "rms_norm")
+    text = assert_rejected(core, i, dataclasses.replace(core.ops[i], attrs=Attrs()), "missing attribute",
+                           after="fuse_router")
+    assert text.startswith(f"graph {core.name} after pass 'fuse_router': ")
+
+
+# ---------------------------------------------------------------- graph-level rejections
+
+
+def test_undefined_output(core: Graph) -> None:
+    with pytest.raises(IRError, match=r"graph nemotron_h: output %missing is not defined"):
+        verify(dataclasses.replace(core, outputs=(*core.outputs, "missing")))
+
+
+def test_graph_without_outputs(core: Graph) -> None:
+    with pytest.raises(IRError, match="has no outputs"):
+        verify(dataclasses.replace(core, outputs=()))
+
+
+def test_weight_defined_twice(core: Graph) -> None:
+    with pytest.raises(IRError, match=r"%norm_f is defined twice"):
+        verify(dataclasses.replace(core, weights=(*core.weights, core.weight_map()["norm_f"])))
+
+
+def test_input_and_weight_with_the_same_name(core: Graph) -> None:
+    clash = Weight("input_ids", TensorType(I64, (4,)), "embeddings")
+    with pytest.raises(IRError, match=r"%input_ids is defined twice"):
+        verify(dataclasses.replace(core, weights=(*core.weights, clash)))
+
+
+def test_state_declared_twice(core: Graph) -> None:
+    with pytest.raises(IRError, match=r"state layers\.0\.ssm is declared twice"):
+        verify(dataclasses.replace(core, states=(*core.states, core.state_map()["layers.0.ssm"])))
+
+
+def test_weight_with_a_symbolic_shape(core: Graph) -> None:
+    bad = Weight("dynamic", TensorType(BF16, ("batch", 4)), "mlp")
+    with pytest.raises(IRError, match=r"weight has a symbolic shape: weight %dynamic"):
+        verify(dataclasses.replace(core, weights=(*core.weights, bad)))
+
+
+# ---------------------------------------------------------------- acceptance
+
+
+def test_accepts_block_core_and_decode_graphs(core: Graph) -> None:
+    block = build_block_graph(config_from_dict(TINY), BF16)
+    decode = SpecializeDecode().apply(core).graph
+    for graph in (block, core, decode):
+        assert verify(graph) is graph
+        assert verify(graph, after="anything") is graph
+
+
+@pytest.mark.parametrize("name", ["nano", "super", "ultra"])
+def test_accepts_published_models(name: str) -> None:
+    config, _ = load_config(Path(f"/work/shared/models/{name}.json"))
+    block = build_block_graph(config, BF16)
+    assert verify(block) is block
+    core = Decompose().apply(block).graph
+    assert verify(core) is core
+
+
+def test_accepts_a_hand_built_graph_with_optional_operands_left_out() -> None:
+    b = GraphBuilder("hand")
+    x = b.input("x", TensorType(F32, ("batch", 8)))
+    w = b.weight("w", TensorType(F32, (4, 8)), "mlp")
+    bias = b.weight("b", TensorType(F32, (4,)), "mlp")
+    b.state("s", "kv", TensorType(F32, ("batch", 1, "ctx", 4)))
+    y = b.op1("linear", [x, w])
+    z = b.op1("linear", [x, w, bias])
+    b.output(b.op1("add", [y, z]))
+    graph = b.build()
+    assert verify(graph) is graph
+    assert graph.ops[0].operands == ("x", "w", None)
+    assert isinstance(graph.states[0], StateSlot)

@@ -194,7 +194,7 @@ def test_pass_manager_verifies_after_each_pass_and_names_the_broken_one() -> Non
     assert "missing attribute 'eps'" in str(info.value)
     assert ">> " in str(info.value)
     with override(verify_each_pass=False):
-        graph, records = manager.run(block)
+        _, records = manager.run(block)
     assert [r.name for r in records] == ["decompose", "drop_norm_eps", "specialize_decode"]
 
 
@@ -236,7 +236,7 @@ def test_pass_manager_prints_after_chosen_passes(print_after: frozenset[str], pr
     if "decompose" in printed:
         text = dict(calls)["decompose"]
         assert "ssd_chunk_scan(" in text and "mamba2_mixer(" not in text
-    if calls:
+    if printed[-1:] == ["specialize_decode"]:
         assert parse_graph(calls[-1][1]) == graph
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import struct
-import time
 import tracemalloc
 from collections.abc import Mapping
 from pathlib import Path
@@ -251,16 +250,13 @@ def test_open_reads_no_tensor_data(tmp_path: Path) -> None:
     big_bytes = 1 << 30
     small = _sparse_checkpoint(tmp_path, big_bytes)
     tracemalloc.start()
-    started = time.perf_counter()
     ckpt = Checkpoint.open(tmp_path)
     fingerprint = ckpt.fingerprint()
-    elapsed = time.perf_counter() - started
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
     assert ckpt.ref("big") == TensorRef("model.safetensors", "big", "BF16", (big_bytes // 2,))
     assert len(fingerprint) == 64
     assert peak < 1 << 20, f"opening allocated {peak} bytes; a 1 GiB tensor must stay on disk"
-    assert elapsed < 2.0
     # Reading the small tensor maps only its bytes, not the 1 GiB neighbour.
     tracemalloc.start()
     assert torch.equal(ckpt.read("small"), small)

@@ -121,7 +121,10 @@ def test_specialize_decode_replaces_every_chunk_scan_and_reinfers_types() -> Non
     assert [s.result.name for s in steps] == [s.result.name for s in scans]
     assert [s.result.type.dtype for s in steps] == [BF16, BF16]
     assert all("chunk_size" not in s.attrs for s in steps)
-    assert all(s.attrs.float("dt_min") == scan.attrs.float("dt_min") for s, scan in zip(steps, scans, strict=True))
+    for step, scan in zip(steps, scans, strict=True):
+        assert step.operands == scan.operands
+        for key in ("num_heads", "head_dim", "n_groups", "state_size", "ssm_state"):
+            assert step.attrs[key] == scan.attrs[key]
     # The gated norm that reads the step now produces bf16 too.
     norms = list(decode.ops_named("gated_rms_norm"))
     assert [n.result.type.dtype for n in norms] == [BF16, BF16]
@@ -326,3 +329,20 @@ def test_ultra_builds_from_config_alone_without_reading_weight_bytes(monkeypatch
     assert len({op.scope for op in core.ops if op.scope.endswith(".mixer")}) == 108
     parameters = sum(math.prod(int(d) for d in w.type.shape) for w in block.weights)
     assert 4.0e11 < parameters < 6.0e11  # the ~550B model (MTP excluded)
+
+
+# ---------------------------------------------------------------- provenance
+
+
+def test_specialize_decode_keeps_the_provenance_of_ops_it_leaves_alone() -> None:
+    # Each result is stamped with the pass that made it: an op whose name, operands, attributes and
+    # types specialize_decode leaves as they were was not made by specialize_decode.
+    prefill = decomposed(tiny_config(), BF16)
+    decode = SpecializeDecode().apply(prefill).graph
+    untouched = [(before, after) for before, after in zip(prefill.ops, decode.ops, strict=True)
+                 if dataclasses.replace(after, origin=before.origin) == before]
+    assert len(untouched) > len(prefill.ops) // 2
+    assert [after.origin for _, after in untouched] == [before.origin for before, _ in untouched]
+    changed = {after.opname for before, after in zip(prefill.ops, decode.ops, strict=True)
+               if dataclasses.replace(after, origin=before.origin) != before}
+    assert changed == {"ssd_state_update", "gated_rms_norm"}

@@ -125,3 +125,6 @@ def reemit(builder: GraphBuilder, op: Op, opname: str | None = None,
     types from the operands as they are now; result names are kept."""
     new_attrs = dict(op.attrs.items) if attrs is None else dict(attrs)
     builder.op(opname or op.opname, op.operands, new_attrs, op.scope, [r.name for r in op.results])
+    emitted = builder._ops[-1]
+    if (emitted.opname, emitted.attrs, emitted.results) == (op.opname, op.attrs, op.results):
+        builder._ops[-1] = op  # unchanged: keep the provenance of the pass that made it

@@ -24,6 +24,7 @@ ATTR_KINDS: dict[str, tuple[type, ...]] = {
     "str": (str,),
     "bool": (bool,),
     "list": (tuple,),
+    "ints": (tuple,),  # a tuple of ints
     "dtype": (str,),
 }
 
@@ -67,12 +68,16 @@ class OpDef:
                 continue
             if isinstance(value, bool) and bool not in allowed:
                 problems.append(f"attribute '{name}' must be {kind.rstrip('?')}, got {value!r}")
-            elif not isinstance(value, allowed):
+            elif not isinstance(value, allowed) or (kind.rstrip("?") == "ints" and not _all_ints(value)):
                 problems.append(f"attribute '{name}' must be {kind.rstrip('?')}, got {value!r}")
         for name in attrs.keys():
             if name not in declared:
                 problems.append(f"unknown attribute '{name}'")
         return problems
+
+
+def _all_ints(value: object) -> bool:
+    return isinstance(value, tuple) and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
 
 
 REGISTRY: dict[str, OpDef] = {}

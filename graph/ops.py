@@ -35,6 +35,8 @@ def _infer_embedding(types: Types, attrs: Attrs) -> tuple[TensorType, ...]:
     ids, table = require(types, 0), require(types, 1)
     if ids.dtype.is_float:
         raise IRError(f"embedding ids must be integers, got {ids.dtype}")
+    if table.rank != 2:
+        raise IRError(f"embedding table must be [vocab, hidden], got {table}")
     return (TensorType(table.dtype, (*ids.shape, table.shape[1])),)
 
 
@@ -56,6 +58,8 @@ def _infer_linear(types: Types, attrs: Attrs) -> tuple[TensorType, ...]:
     x, weight = require(types, 0), require(types, 1)
     if weight.rank != 2:
         raise IRError(f"linear weight must be 2-D, got {weight}")
+    if x.dtype != weight.dtype:
+        raise IRError(f"linear input is {x.dtype} but its weight is {weight.dtype}")
     _last_dim(x, "linear input", weight.shape[1])
     bias = types[2]
     if bias is not None and not dims_agree(bias.shape[0], weight.shape[0]):
@@ -103,7 +107,7 @@ def _infer_split(types: Types, attrs: Attrs) -> tuple[TensorType, ...]:
     return tuple(_with_last(x, size) for size in sizes)
 
 
-define("split", "core", ["x"], ["*"], [("sizes", "list")], infer=_infer_split,
+define("split", "core", ["x"], ["*"], [("sizes", "ints")], infer=_infer_split,
        doc="split the last dim into pieces of the given sizes")
 
 # ---------------------------------------------------------------- Mamba2 core ops
@@ -227,6 +231,8 @@ def _infer_grouped_gemm(types: Types, attrs: Attrs) -> tuple[TensorType, ...]:
     x, weight = require(types, 0), require(types, 2)
     if weight.rank != 3:
         raise IRError(f"grouped_gemm weight must be [experts, out, in], got {weight}")
+    if x.dtype != weight.dtype:
+        raise IRError(f"grouped_gemm input is {x.dtype} but its weight is {weight.dtype}")
     _last_dim(x, "grouped_gemm input", weight.shape[2])
     return (_with_last(x, weight.shape[1]),)
 

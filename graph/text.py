@@ -87,7 +87,7 @@ _TOKEN = re.compile(
       | (?P<val>%[A-Za-z0-9_.]+)
       | (?P<num>-?(?:inf|nan)(?![A-Za-z0-9_])|-?\d+(?:\.\d*)?(?:[eE][-+]?\d+)?)
       | (?P<id>[A-Za-z_][A-Za-z0-9_]*)
-      | (?P<punct>[{}()\[\]<>,:=])
+      | (?P<punct>[{}()\[\]<>,:=/])
     )""",
     re.VERBOSE,
 )
@@ -190,6 +190,8 @@ class _Parser:
         layout = "row"
         if self.accept(","):
             layout = self.kind("id")
+            if self.accept("/"):
+                layout += "/" + self.kind("num")
         self.expect(">")
         return TensorType(dtype, tuple(dims), layout)
 
@@ -281,34 +283,42 @@ class _Parser:
             token = self.peek()
             if token is None:
                 raise self.error("missing '}' at the end of the graph")
-            if token.kind == "val":
-                ops.append(self.op())
-                continue
-            keyword = self.kind("id")
-            if keyword == "meta":
-                key = self.string()
-                self.expect("=")
-                metadata.append((key, self.string()))
-            elif keyword == "input":
-                value_name = self.value_name()
-                self.expect(":")
-                inputs.append(Value(value_name, self.type()))
-            elif keyword == "weight":
-                weights.append(self.weight())
-            elif keyword == "state":
-                slot_name = self.value_name()
-                self.expect(":")
-                kind = self.kind("id")
-                states.append(StateSlot(slot_name, kind, self.type()))
-            elif keyword == "output":
-                outputs.append(self.value_name())
-            else:
-                self.pos -= 1
-                raise self.error(f"unexpected '{keyword}'")
+            try:
+                self.statement(token, metadata, inputs, weights, states, ops, outputs)
+            except IRError as error:
+                message = str(error)
+                raise IRError(message if message.startswith("line ") else f"line {token.line}: {message}") from None
         if self.peek() is not None:
             raise self.error("text after the end of the graph")
         return Graph(name, tuple(inputs), tuple(weights), tuple(states), tuple(ops), tuple(outputs),
                      tuple(metadata))
+
+    def statement(self, token: _Token, metadata: list[tuple[str, str]], inputs: list[Value],
+                  weights: list[Weight], states: list[StateSlot], ops: list[Op], outputs: list[str]) -> None:
+        if token.kind == "val":
+            ops.append(self.op())
+            return
+        keyword = self.kind("id")
+        if keyword == "meta":
+            key = self.string()
+            self.expect("=")
+            metadata.append((key, self.string()))
+        elif keyword == "input":
+            value_name = self.value_name()
+            self.expect(":")
+            inputs.append(Value(value_name, self.type()))
+        elif keyword == "weight":
+            weights.append(self.weight())
+        elif keyword == "state":
+            slot_name = self.value_name()
+            self.expect(":")
+            kind = self.kind("id")
+            states.append(StateSlot(slot_name, kind, self.type()))
+        elif keyword == "output":
+            outputs.append(self.value_name())
+        else:
+            self.pos -= 1
+            raise self.error(f"unexpected '{keyword}'")
 
 
 def parse_graph(text: str) -> Graph:

@@ -10,6 +10,9 @@ from typing import Any
 from nemocompile.errors import IRError
 
 _SYMBOL = re.compile(r"[a-z_][a-z0-9_]*")
+_RESERVED_SYMBOLS = frozenset({"inf", "nan"})  # these read back as numbers
+# row (unsharded), or a sharding tag such as col/8 (split along columns over 8 ranks)
+_LAYOUT = re.compile(r"[a-z_][a-z0-9_]*(/[0-9]+)?")
 
 
 @dataclass(frozen=True)
@@ -65,7 +68,7 @@ def _check_dim(dim: Any) -> None:
         raise IRError(f"a dimension must be an int or a symbol, not {dim!r}")
     if isinstance(dim, int) and dim < 0:
         raise IRError(f"a dimension must be non-negative, not {dim}")
-    if isinstance(dim, str) and not _SYMBOL.fullmatch(dim):
+    if isinstance(dim, str) and (not _SYMBOL.fullmatch(dim) or dim in _RESERVED_SYMBOLS):
         raise IRError(f"'{dim}' is not a valid symbolic dimension name")
 
 
@@ -82,6 +85,8 @@ class TensorType:
             object.__setattr__(self, "shape", tuple(self.shape))
         for dim in self.shape:
             _check_dim(dim)
+        if not isinstance(self.layout, str) or not _LAYOUT.fullmatch(self.layout):
+            raise IRError(f"'{self.layout}' is not a valid layout tag (e.g. row, col/8)")
 
     @property
     def rank(self) -> int:

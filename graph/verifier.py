@@ -6,8 +6,9 @@ from __future__ import annotations
 
 from nemocompile.errors import IRError
 
+from . import ops  # noqa: F401  (the declarations register themselves)
 from .ir import Graph, Op, unique
-from .opdef import REGISTRY, opdef
+from .opdef import REGISTRY
 from .text import format_op, format_weight
 from .types import TensorType
 
@@ -21,8 +22,6 @@ def _context(graph: Graph, index: int, radius: int = 2) -> str:
 
 
 def _check_op(op: Op, types: dict[str, TensorType], graph: Graph) -> str | None:
-    if op.opname not in REGISTRY:
-        opdef(op.opname)  # imports the declarations on first use
     if op.opname not in REGISTRY:
         return f"unknown op '{op.opname}'"
     definition = REGISTRY[op.opname]
@@ -54,8 +53,13 @@ def _check_op(op: Op, types: dict[str, TensorType], graph: Graph) -> str | None:
         message = definition.verify(operand_types, op.attrs) if definition.verify else None
     except IRError as error:
         return str(error)
+    except (IndexError, ValueError, TypeError, AssertionError) as error:
+        # malformed operands (e.g. a table of the wrong rank) must still be reported at the op
+        return f"{op.opname} cannot infer its result types: {error}"
     if message:
         return message
+    if len(op.results) != len(inferred):
+        return f"{op.opname} declares {len(op.results)} results, its operands give {len(inferred)}"
     declared = tuple(r.type for r in op.results)
     if declared != inferred:
         return (f"{op.opname} declares result types {', '.join(map(str, declared))} "

@@ -18,7 +18,8 @@ from nemocompile.graph.types import BF16, DTYPES, F32, FP8_E4M3, I64, U8, Tensor
 def test_bad_dims_are_refused_with_irerror(bad_dim: Any) -> None:
     with pytest.raises(IRError) as info:
         TensorType(F32, (4, bad_dim))
-    assert repr(bad_dim) in str(info.value) or str(bad_dim) in str(info.value)
+    message = str(info.value)
+    assert repr(bad_dim) in message or (isinstance(bad_dim, int) and str(bad_dim) in message), message
 
 
 @pytest.mark.parametrize("good_dim", [0, 1, 7, 1 << 40, "batch", "seq", "ctx", "routed", "_x1"])

@@ -155,7 +155,7 @@ def test_declared_result_type_disagrees_with_inference(core: Graph, opname: str,
 def test_wrong_number_of_results(core: Graph) -> None:
     i = _index(core, "split")
     op = core.ops[i]
-    assert_rejected(core, i, dataclasses.replace(op, results=op.results[:2]), "split declares result types")
+    assert_rejected(core, i, dataclasses.replace(op, results=op.results[:2]), "split declares 2 results, its operands give 3")
 
 
 def test_undeclared_state_slot(core: Graph) -> None:

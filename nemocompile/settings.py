@@ -19,8 +19,6 @@ class Settings:
     debug: bool = False
     # Bytes read or written per step when hashing and copying engine files.
     io_chunk_bytes: int = 16 << 20
-    # Weights are written to the engine in groups of at most this many bytes (bounds host memory).
-    write_group_bytes: int = 512 << 20
     # Device the reference runtime runs on: "auto" picks CUDA when present, else CPU.
     device: str = "auto"
     # Show rich progress bars on the terminal.

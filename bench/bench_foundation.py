@@ -1,23 +1,25 @@
 """Foundation benchmark: how long planning takes and how fast the reference runtime runs.
 
 1. Plan: `plan_model` on each published config (nano, super, ultra) in a fresh Python process,
-   so the memory it reports is the plan's own: wall time of the first call, peak RSS after the
-   plan, the baseline RSS after the imports, and the tracemalloc peak of the Python heap
-   (taken on a second, traced call, because tracing slows the call it watches).
+   so the memory it reports is the plan's own: wall time of the first call, ru_maxrss after the
+   imports and after the plan, the VmRSS growth over the plan, and the tracemalloc peak of the
+   Python heap (taken on a second, traced call, because tracing slows the call it watches).
 2. Runtime: the same tiny random Nemotron-H (all four block kinds, a latent MoE with grouped
    routing, fp32) run by nemocompile's reference runtime and by transformers'
    NemotronHForCausalLM: prefill and token-by-token decode throughput, and max|diff| of the
    logits between the two. Decode feeds the same fixed random tokens to both (teacher
    forcing), so a tiny numeric difference cannot send them down different paths. The two
    runtimes alternate within each repeat, so a load change on a shared machine hits both.
+3. (--profile) cProfile of nemocompile's decode loop, top entries by own time.
 
-Run: python bench/bench_foundation.py [--quick] [--models-dir DIR] [--profile]
+Run: python bench/bench_foundation.py [--quick] [--models-dir DIR] [--threads N] [--profile]
 """
 
 from __future__ import annotations
 
 import argparse
 import cProfile
+import importlib
 import io
 import json
 import os
@@ -32,8 +34,11 @@ import time
 import tracemalloc
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Protocol
+
+import torch
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 FALLBACK_MODELS_DIR = Path("/work/shared/models")
@@ -70,15 +75,20 @@ FULL = RunSizes(prompt_tokens=128, decode_steps=32, batches=(1, 4), warmups=1, r
 QUICK = RunSizes(prompt_tokens=32, decode_steps=8, batches=(1, 4), warmups=1, repeats=1)
 
 
+def transformers_module() -> Any:
+    """transformers, imported late (the plan children must not pay for it) and untyped on purpose."""
+    return importlib.import_module("transformers")
+
+
 # ---------------------------------------------------------------- output
 
 
 def print_table(title: str, headers: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
     """Plain aligned text: the first column left-aligned, the others right-aligned."""
-    widths = [max(len(str(cell)) for cell in column) for column in zip(headers, *rows, strict=True)]
+    widths = [max(len(cell) for cell in column) for column in zip(headers, *rows, strict=True)]
 
     def line(cells: Sequence[str]) -> str:
-        first, *rest = (str(c) for c in cells)
+        first, *rest = cells
         return "  ".join([first.ljust(widths[0]), *(c.rjust(w) for c, w in zip(rest, widths[1:], strict=True))])
 
     print(f"\n{title}")
@@ -96,23 +106,30 @@ def gigabytes(count: int) -> str:
     return f"{count / 1e9:,.1f} GB"
 
 
-def print_machine_facts() -> None:
-    import torch
-    import transformers
+def load_average() -> str:
+    return " ".join(f"{v:.2f}" for v in os.getloadavg())
 
+
+def print_machine_facts() -> None:
+    usable_cpus = len(os.sched_getaffinity(0))
     facts = {
         "python": platform.python_version(),
         "torch": torch.__version__,
-        "transformers": transformers.__version__,
+        "transformers": transformers_module().__version__,
         "cpu count (os)": str(os.cpu_count()),
-        "cpus usable (affinity)": str(len(os.sched_getaffinity(0))),
+        "cpus usable (affinity)": str(usable_cpus),
         "torch threads": str(torch.get_num_threads()),
-        "load average 1/5/15 min": " ".join(f"{v:.2f}" for v in os.getloadavg()),
+        "load average 1/5/15 min": load_average(),
         "processor": platform.processor() or platform.machine(),
     }
     print("Machine")
     for key, value in facts.items():
         print(f"  {key:<26}{value}")
+    if os.getloadavg()[0] > usable_cpus / 2 and torch.get_num_threads() > 1:
+        # Measured here: with 2 threads on a busy 2-core box one small op can wait a whole
+        # scheduler slice for its second thread, so per-token times grow 10x and swing wildly.
+        print("  warning: other jobs are using the CPUs; multi-threaded timings of small ops are "
+              "unreliable, compare with --threads 1")
 
 
 # ---------------------------------------------------------------- 1. plan
@@ -126,26 +143,26 @@ def current_rss_mib() -> float:
     return float("nan")  # not Linux: the column shows nan
 
 
-def plan_child(config_path: Path) -> None:
-    """Runs in a fresh process: one plan timed without tracing, then one traced; prints JSON."""
-    import torch  # noqa: F401  (part of the baseline, as in any nemocompile process)
+def max_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / MIB  # KiB on Linux
 
+
+def plan_child(config_path: Path) -> None:
+    """Runs in a fresh process (torch is already imported): one plan timed without tracing, then
+    one traced; prints the figures as one JSON line."""
     from nemocompile.planner import plan_model
 
-    baseline_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    baseline_rss = current_rss_mib()
+    baseline_peak, baseline_rss = max_rss_mib(), current_rss_mib()
     start = time.perf_counter()
     result = plan_model(config_path, "h100", "bf16")
     seconds = time.perf_counter() - start
-    peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    rss_after = current_rss_mib()  # with the plan result still alive
+    peak, rss_after = max_rss_mib(), current_rss_mib()  # the plan result is still alive
     tracemalloc.start()
     plan_model(config_path, "h100", "bf16")
     heap_peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
     stats = result.stats
     print(json.dumps({
-        "model": result.name,
         "layers": len(result.config.layer_kinds),
         "params_total": stats.params_total,
         "params_active": stats.params_active,
@@ -153,10 +170,9 @@ def plan_child(config_path: Path) -> None:
         "params_mtp": stats.params_mtp,
         "bytes_total": stats.bytes_total,
         "seconds": seconds,
-        "baseline_peak_rss_mib": baseline_kib * 1024 / MIB,  # ru_maxrss is in KiB on Linux
-        "peak_rss_mib": peak_kib * 1024 / MIB,
-        "baseline_rss_mib": baseline_rss,
-        "rss_after_mib": rss_after,
+        "baseline_peak_rss_mib": baseline_peak,
+        "peak_rss_mib": peak,
+        "rss_growth_mib": rss_after - baseline_rss,
         "heap_peak_mib": heap_peak / MIB,
     }))
 
@@ -165,7 +181,7 @@ def run_plan_in_child(config_path: Path) -> dict[str, Any]:
     command = [sys.executable, str(Path(__file__).resolve()), "--plan-child", str(config_path)]
     done = subprocess.run(command, capture_output=True, text=True, cwd=REPO_ROOT, check=False)
     if done.returncode != 0:
-        raise RuntimeError(f"planning {config_path} failed (exit {done.returncode}):\n{done.stderr[-2000:]}")
+        raise SystemExit(f"error: planning {config_path} failed (exit {done.returncode}):\n{done.stderr[-2000:]}")
     return dict(json.loads(done.stdout.strip().splitlines()[-1]))
 
 
@@ -177,10 +193,9 @@ def find_models_dir(given: Path | None) -> Path:
 
 
 def bench_plan(models_dir: Path) -> None:
-    missing = [name for name in MODEL_NAMES if not (models_dir / f"{name}.json").is_file()]
+    missing = [f"{name}.json" for name in MODEL_NAMES if not (models_dir / f"{name}.json").is_file()]
     if missing:
-        raise SystemExit(f"error: {models_dir} lacks {', '.join(f'{m}.json' for m in missing)}; "
-                         f"pass --models-dir")
+        raise SystemExit(f"error: {models_dir} lacks {', '.join(missing)}; pass --models-dir")
     rows = []
     for name in MODEL_NAMES:
         r = run_plan_in_child(models_dir / f"{name}.json")
@@ -190,7 +205,7 @@ def bench_plan(models_dir: Path) -> None:
             gigabytes(r["bytes_total"]), f"{r['seconds']:.3f}",
             "yes" if r["seconds"] < PLAN_TARGET_SECONDS else "NO",
             f"{r['baseline_peak_rss_mib']:.0f}", f"{r['peak_rss_mib']:.0f}",
-            f"{r['rss_after_mib'] - r['baseline_rss_mib']:.1f}", f"{r['heap_peak_mib']:.1f}",
+            f"{r['rss_growth_mib']:.1f}", f"{r['heap_peak_mib']:.1f}",
         ])
     print_table(
         f"1. Plan (plan_model, target h100, bf16; one fresh process per config; {models_dir})",
@@ -198,9 +213,9 @@ def bench_plan(models_dir: Path) -> None:
          f"<{PLAN_TARGET_SECONDS:g}s", "base RSS MiB", "peak RSS MiB", "RSS +MiB", "py-heap peak MiB"],
         rows,
     )
-    print("  active-emb: active parameters without the input embedding table. base/peak RSS: ru_maxrss "
-          "after the imports / after the plan.\n  RSS +MiB: VmRSS after the plan (result alive) minus VmRSS "
-          "before it. py-heap peak: tracemalloc peak of a second plan_model call.")
+    print("  active-emb: active parameters without the input embedding table. base / peak RSS: ru_maxrss\n"
+          "  after the imports / after the plan. RSS +MiB: VmRSS after the plan (result alive) minus VmRSS\n"
+          "  before it. py-heap peak: tracemalloc peak of a second plan_model call. bytes: MTP included.")
 
 
 # ---------------------------------------------------------------- 2. runtime vs transformers
@@ -209,9 +224,11 @@ def bench_plan(models_dir: Path) -> None:
 class Runner(Protocol):
     name: str
 
-    def prefill(self, ids: Any) -> tuple[Any, Any]: ...  # (logits [B, T, V], state)
+    def prefill(self, ids: torch.Tensor) -> tuple[torch.Tensor, Any]:
+        """Logits [B, T, V] of a fresh batch, and the state to continue it."""
 
-    def step(self, ids: Any, state: Any) -> tuple[Any, Any]: ...  # one token [B, 1] -> (logits, state)
+    def step(self, ids: torch.Tensor, state: Any) -> tuple[torch.Tensor, Any]:
+        """Logits [B, 1, V] of one more token per sequence, and the updated state."""
 
 
 class NemocompileRunner:
@@ -220,11 +237,11 @@ class NemocompileRunner:
     def __init__(self, engine: Any) -> None:
         self.engine = engine
 
-    def prefill(self, ids: Any) -> tuple[Any, Any]:
+    def prefill(self, ids: torch.Tensor) -> tuple[torch.Tensor, Any]:
         cache = self.engine.new_cache(ids.shape[0])
         return self.engine.forward(ids, cache), cache
 
-    def step(self, ids: Any, state: Any) -> tuple[Any, Any]:
+    def step(self, ids: torch.Tensor, state: Any) -> tuple[torch.Tensor, Any]:
         return self.engine.forward(ids, state), state
 
 
@@ -234,36 +251,17 @@ class TransformersRunner:
     def __init__(self, model: Any) -> None:
         self.model = model
 
-    def prefill(self, ids: Any) -> tuple[Any, Any]:
+    def prefill(self, ids: torch.Tensor) -> tuple[torch.Tensor, Any]:
         out = self.model(ids, use_cache=True)
         return out.logits, out.cache
 
-    def step(self, ids: Any, state: Any) -> tuple[Any, Any]:
+    def step(self, ids: torch.Tensor, state: Any) -> tuple[torch.Tensor, Any]:
         out = self.model(ids, cache=state, use_cache=True)
         return out.logits, out.cache
 
 
-def make_tiny_pair(workdir: Path) -> tuple[Any, Any]:
-    """A seeded random transformers model and the fp32 nemocompile engine built from its checkpoint."""
-    import torch
-    import transformers
-
-    import nemocompile
-
-    transformers.logging.set_verbosity_error()  # the "falling back to PyTorch" kernel notices
-    transformers.utils.logging.disable_progress_bar()
-    torch.manual_seed(SEED)
-    model = transformers.NemotronHForCausalLM(transformers.NemotronHConfig(**TINY_CONFIG)).eval()
-    randomize_routing(model, torch.Generator().manual_seed(SEED + 1))
-    model.save_pretrained(workdir / "checkpoint")
-    nemocompile.build(workdir / "checkpoint", workdir / "engine", target="h100", precision="fp32")
-    return model, nemocompile.load(workdir / "engine", device="cpu")
-
-
-def randomize_routing(model: Any, generator: Any) -> None:
+def randomize_routing(model: Any, generator: torch.Generator) -> None:
     """Spread tokens over the experts and make the Mamba skip non-trivial (the defaults are zeros and ones)."""
-    import torch
-
     with torch.no_grad():
         for layer in model.model.layers:
             mixer = layer.mixer
@@ -274,23 +272,31 @@ def randomize_routing(model: Any, generator: Any) -> None:
                 mixer.D.uniform_(0.5, 1.5, generator=generator)
 
 
-def timed(call: Callable[[], Any]) -> tuple[float, Any]:
+def make_tiny_pair(workdir: Path) -> tuple[Any, Any]:
+    """A seeded random transformers model and the fp32 nemocompile engine built from its checkpoint."""
+    import nemocompile
+
+    transformers = transformers_module()
+    transformers.logging.set_verbosity_error()  # the "falling back to its reference PyTorch" notices
+    transformers.utils.logging.disable_progress_bar()
+    torch.manual_seed(SEED)
+    model = transformers.NemotronHForCausalLM(transformers.NemotronHConfig(**TINY_CONFIG)).eval()
+    randomize_routing(model, torch.Generator().manual_seed(SEED + 1))
+    model.save_pretrained(workdir / "checkpoint")
+    nemocompile.build(workdir / "checkpoint", workdir / "engine", target="h100", precision="fp32")
+    return model, nemocompile.load(workdir / "engine", device="cpu")
+
+
+def measure_prefill(runner: Runner, ids: torch.Tensor) -> tuple[float, torch.Tensor]:
     start = time.perf_counter()
-    value = call()
-    return time.perf_counter() - start, value
+    logits, _ = runner.prefill(ids)
+    return time.perf_counter() - start, logits
 
 
-def measure_prefill(runner: Runner, ids: Any) -> tuple[float, Any]:
-    seconds, (logits, _) = timed(lambda: runner.prefill(ids))
-    return seconds, logits
-
-
-def measure_decode(runner: Runner, ids: Any, tokens: Any) -> tuple[float, Any]:
+def measure_decode(runner: Runner, ids: torch.Tensor, tokens: torch.Tensor) -> tuple[float, torch.Tensor]:
     """Prefill (not timed), then feed tokens[:, i] one at a time; returns the decode seconds and logits."""
-    import torch
-
     _, state = runner.prefill(ids)
-    steps: list[Any] = []
+    steps: list[torch.Tensor] = []
     start = time.perf_counter()
     for index in range(tokens.shape[1]):
         logits, state = runner.step(tokens[:, index:index + 1], state)
@@ -309,10 +315,10 @@ class PhaseResult:
     max_abs_logit: float
 
 
-def bench_phase(phase: str, runners: Sequence[Runner], measure: Callable[[Runner], tuple[float, Any]],
+def bench_phase(phase: str, runners: Sequence[Runner], measure: Callable[[Runner], tuple[float, torch.Tensor]],
                 batch: int, tokens: int, sizes: RunSizes) -> PhaseResult:
     times: dict[str, list[float]] = {r.name: [] for r in runners}
-    first_logits: dict[str, Any] = {}
+    first_logits: dict[str, torch.Tensor] = {}
     for run in range(sizes.warmups + sizes.repeats):
         for runner in runners:
             seconds, logits = measure(runner)
@@ -325,14 +331,7 @@ def bench_phase(phase: str, runners: Sequence[Runner], measure: Callable[[Runner
                        float((ours - theirs).abs().max()), float(theirs.abs().max()))
 
 
-def bench_runtime(sizes: RunSizes) -> list[PhaseResult]:
-    import torch
-
-    with tempfile.TemporaryDirectory(prefix="bench-foundation-") as tmp:
-        model, engine = make_tiny_pair(Path(tmp))
-    print(f"\n  tiny model: pattern {TINY_CONFIG['hybrid_override_pattern']}, hidden {TINY_CONFIG['hidden_size']}, "
-          f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f} M params, fp32; transformers runs "
-          f"attn={model.config._attn_implementation}, experts={model.config._experts_implementation}")
+def bench_runtime(model: Any, engine: Any, sizes: RunSizes) -> list[PhaseResult]:
     runners: list[Runner] = [NemocompileRunner(engine), TransformersRunner(model)]
     generator = torch.Generator().manual_seed(SEED + 2)
     vocab = int(TINY_CONFIG["vocab_size"])
@@ -340,53 +339,54 @@ def bench_runtime(sizes: RunSizes) -> list[PhaseResult]:
     with torch.inference_mode():
         for batch in sizes.batches:
             prompt = torch.randint(0, vocab, (batch, sizes.prompt_tokens), generator=generator)
-            results.append(bench_phase("prefill", runners, lambda r, p=prompt: measure_prefill(r, p),
+            results.append(bench_phase("prefill", runners, partial(measure_prefill, ids=prompt),
                                        batch, batch * sizes.prompt_tokens, sizes))
         for batch in sizes.batches:
             prompt = torch.randint(0, vocab, (batch, sizes.prompt_tokens), generator=generator)
             fed = torch.randint(0, vocab, (batch, sizes.decode_steps), generator=generator)
-            results.append(bench_phase("decode", runners, lambda r, p=prompt, f=fed: measure_decode(r, p, f),
+            results.append(bench_phase("decode", runners, partial(measure_decode, ids=prompt, tokens=fed),
                                        batch, batch * sizes.decode_steps, sizes))
     return results
 
 
-def print_runtime(results: Sequence[PhaseResult], sizes: RunSizes) -> None:
+def print_runtime(model: Any, results: Sequence[PhaseResult], sizes: RunSizes) -> None:
     rows = []
     for r in results:
         ours, theirs = r.tokens / r.seconds["nemocompile"], r.tokens / r.seconds["transformers"]
         rows.append([r.phase, str(r.batch), str(r.tokens), f"{ours:,.0f}", f"{theirs:,.0f}",
                      f"{ours / theirs:.2f}", f"{r.max_abs_diff:.2e}", f"{r.max_abs_diff / r.max_abs_logit:.1e}"])
+    params = sum(p.numel() for p in model.parameters())
     print_table(
-        f"2. Reference runtime vs transformers (prompt {sizes.prompt_tokens} tokens, {sizes.decode_steps} decode "
-        f"steps; median of {sizes.repeats} after {sizes.warmups} warm-up)",
+        f"2. Reference runtime vs transformers (tiny {TINY_CONFIG['hybrid_override_pattern']}, hidden "
+        f"{TINY_CONFIG['hidden_size']}, {params / 1e6:.1f} M params, fp32; prompt {sizes.prompt_tokens}, "
+        f"{sizes.decode_steps} decode steps; median of {sizes.repeats} after {sizes.warmups} warm-up; "
+        f"torch threads: {torch.get_num_threads()})",
         ["phase", "batch", "tokens", "nemocompile tok/s", "transformers tok/s", "ratio", "max|diff|", "rel"],
         rows,
     )
-    print("  ratio: nemocompile / transformers (above 1: nemocompile faster). rel: max|diff| / max|logit|; "
-          "decode diffs cover every step.")
+    print(f"  ratio: nemocompile / transformers (above 1: nemocompile faster). rel: max|diff| / max|logit|;\n"
+          f"  decode diffs cover every step. transformers runs attn={model.config._attn_implementation}, "
+          f"experts={model.config._experts_implementation}, Mamba kernels in their PyTorch fallback.")
 
 
-def profile_decode(sizes: RunSizes, top: int = 15) -> None:
+def profile_decode(engine: Any, sizes: RunSizes, top: int = 15) -> None:
     """cProfile of nemocompile's decode loop at batch 1, top entries by own time."""
-    import torch
-
-    with tempfile.TemporaryDirectory(prefix="bench-foundation-") as tmp:
-        _, engine = make_tiny_pair(Path(tmp))
     runner = NemocompileRunner(engine)
     generator = torch.Generator().manual_seed(SEED + 3)
     vocab = int(TINY_CONFIG["vocab_size"])
     prompt = torch.randint(0, vocab, (1, sizes.prompt_tokens), generator=generator)
     fed = torch.randint(0, vocab, (1, sizes.decode_steps), generator=generator)
     with torch.inference_mode():
-        measure_decode(runner, prompt, fed)  # warm-up
+        _, state = runner.prefill(prompt)
         profiler = cProfile.Profile()
         profiler.enable()
-        measure_decode(runner, prompt, fed)
+        for index in range(fed.shape[1]):
+            runner.step(fed[:, index:index + 1], state)
         profiler.disable()
     text = io.StringIO()
     pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(top)
-    print(f"\n3. cProfile of nemocompile decode (batch 1, prompt {sizes.prompt_tokens}, {sizes.decode_steps} steps; "
-          f"prefill included once)")
+    print(f"\n3. cProfile of nemocompile decode (batch 1, after a {sizes.prompt_tokens}-token prefill, "
+          f"{sizes.decode_steps} steps)")
     print(text.getvalue().strip())
 
 
@@ -394,15 +394,15 @@ def profile_decode(sizes: RunSizes, top: int = 15) -> None:
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smaller sizes: a smoke test of the benchmark")
     parser.add_argument("--models-dir", type=Path, default=None,
                         help="folder holding nano.json, super.json, ultra.json "
                              "(default: ../shared/models beside the repo, else /work/shared/models)")
-    parser.add_argument("--profile", action="store_true", help="also print a cProfile of nemocompile's decode")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch.set_num_threads for the runtime section (default: torch's own choice; "
                              "1 gives steadier numbers on a machine shared with other jobs)")
+    parser.add_argument("--profile", action="store_true", help="also print a cProfile of nemocompile's decode")
     parser.add_argument("--plan-child", type=Path, default=None, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
@@ -412,23 +412,24 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.plan_child is not None:
         plan_child(args.plan_child)
         return
-    sizes = QUICK if args.quick else FULL
     if args.threads is not None:
-        import torch
-
+        if args.threads < 1:
+            raise SystemExit(f"error: --threads must be at least 1, got {args.threads}")
         torch.set_num_threads(args.threads)
+    sizes = QUICK if args.quick else FULL
     start = time.perf_counter()
     print_machine_facts()
     bench_plan(find_models_dir(args.models_dir))
-    print(f"  (section: {time.perf_counter() - start:.1f} s)")
+    print(f"  (section {time.perf_counter() - start:.1f} s)")
     section_start = time.perf_counter()
-    print_runtime(bench_runtime(sizes), sizes)
-    print(f"  (section: {time.perf_counter() - section_start:.1f} s)")
+    with tempfile.TemporaryDirectory(prefix="bench-foundation-") as tmp:
+        model, engine = make_tiny_pair(Path(tmp))
+    print_runtime(model, bench_runtime(model, engine, sizes), sizes)
+    print(f"  (section {time.perf_counter() - section_start:.1f} s, engine build included)")
     if args.profile:
-        profile_decode(sizes)
-    load = " ".join(f"{v:.2f}" for v in os.getloadavg())
+        profile_decode(engine, sizes)
     print(f"\ntotal {time.perf_counter() - start:.1f} s ({'quick' if args.quick else 'full'} run); "
-          f"load average now {load}")
+          f"load average now {load_average()}")
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ from typing import Any, TypeVar
 
 import click
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     DownloadColumn,
@@ -24,7 +25,7 @@ from rich.progress import (
 from rich.table import Table
 
 from .errors import NemocompileError, UsageError
-from .settings import set_settings, settings
+from .settings import override, settings
 
 stdout = Console(soft_wrap=True)
 stderr = Console(stderr=True, soft_wrap=True)
@@ -32,7 +33,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 def _fail(message: str, code: int) -> None:
-    stderr.print(f"[bold red]error:[/] {message}", highlight=False, markup=True)
+    stderr.print(f"[bold red]error:[/] {escape(message)}", highlight=False, markup=True)
     sys.exit(code)
 
 
@@ -71,10 +72,11 @@ class _Group(click.Group):
 @click.group(cls=_Group)
 @click.version_option(package_name="nemocompile")
 @click.option("--debug", is_flag=True, help="Show tracebacks instead of one-sentence errors.")
-def main(debug: bool) -> None:
+@click.pass_context
+def main(ctx: click.Context, debug: bool) -> None:
     """Compile Nemotron-H checkpoints into engines for a named NVIDIA GPU, and run them."""
     if debug:
-        set_settings(debug=True)
+        ctx.with_resource(override(debug=True))  # undone when the command ends
 
 
 def _stats_table(title: str, stats: Any) -> Table:
@@ -153,7 +155,7 @@ def build(model: Path | None, target: str, out: Path, precision: str, force: boo
         _print_json(summary)
         return
     rate = result.bytes_written / max(result.seconds, 1e-9)
-    stdout.print(f"built {result.out} for {summary['target']} ({precision}): "
+    stdout.print(f"built {escape(str(result.out))} for {summary['target']} ({precision}): "
                  f"{_params(result.stats.params_total)} parameters, {_human_bytes(result.bytes_written)} "
                  f"in {result.seconds:.2f} s ({_human_bytes(rate)}/s)")
 
@@ -217,7 +219,7 @@ def inspect(engine: Path, as_json: bool) -> None:
         _print_json(info.as_json())
         return
     m = info.manifest
-    stdout.print(f"engine {engine}: {m['source']['name']} for {m['target']['name']} ({m['target']['arch']}), "
+    stdout.print(f"engine {escape(str(engine))}: {escape(m['source']['name'])} for {m['target']['name']} ({m['target']['arch']}), "
                  f"{m['precision']}, world size {m['world_size']}, format {m['format_version']}", highlight=False)
     layers = Table(title="layers")
     layers.add_column("layer", justify="right")

@@ -31,6 +31,7 @@ from nemocompile.targets import Target, load_target
 from . import __version__
 from .demo import DEMO_NAME, write_demo_checkpoint
 from .engine_files import staged_directory, write_manifest
+from .errors import UsageError
 from .report import write_report
 from .safetensors_writer import SafetensorsWriter
 from .stats import ParamStats, param_stats
@@ -100,6 +101,10 @@ def build(model: Path | None, out: Path, target: str = "h100", precision: str = 
     start = time.perf_counter()
     target_info = load_target(target)
     passes = pipeline(target_info, precision)
+    known = {p.name for p in passes} | {SpecializeDecode.name, "all"}
+    unknown = sorted(set(print_after) - known)
+    if unknown:
+        raise UsageError(f"--print-after names unknown pass '{unknown[0]}'; passes: {', '.join(sorted(known))}")
     with _model_directory(model) as (model_dir, source_name), staged_directory(out, force) as stage:
         imported: ImportedModel = import_checkpoint(model_dir)
         manager = PassManager(passes, print_after, printer)

@@ -223,8 +223,31 @@ def _resolve_inside(directory: Path, relative: str) -> Path:
     return resolved
 
 
+# Manifest fields that name engine files; each must be one of the hashed `files`.
+_REFERENCE_FIELDS = ("graphs", "weights", "tokenizer")
+
+
+def _referenced_paths(manifest: dict[str, Any]) -> list[str]:
+    paths: list[Any] = []
+    for field in _REFERENCE_FIELDS:
+        value = manifest.get(field)
+        if isinstance(value, dict):
+            paths += list(value.values())
+        elif isinstance(value, list):
+            paths += value
+        elif value is not None:
+            paths.append(value)
+    for path in paths:
+        if not isinstance(path, str):
+            raise EngineError(f"{MANIFEST_NAME} names a file with a non-string path: {path!r}")
+    return paths
+
+
 def verify_engine_files(directory: Path) -> dict[str, Any]:
     """Check every file the manifest lists is inside the engine, present, and unchanged; return the manifest.
+
+    Every file that another manifest field names (graphs, weights, tokenizer) must be among
+    the hashed files, so nothing unverified is ever read.
 
     Sizes are checked for every file before any hash is computed, so a missing or truncated
     file is reported without first hashing gigabytes of weights. Files not listed are ignored.
@@ -233,6 +256,10 @@ def verify_engine_files(directory: Path) -> dict[str, Any]:
     manifest = _load_manifest(directory)
     entries: dict[str, dict[str, Any]] = manifest["files"]
     paths = {relative: _resolve_inside(directory, relative) for relative in entries}
+    for relative in _referenced_paths(manifest):
+        _resolve_inside(directory, relative)
+        if relative not in entries:
+            raise EngineError(f"{MANIFEST_NAME} names {relative}, which is not among its hashed files")
     for relative, path in paths.items():
         if not path.is_file():
             raise EngineError(f"engine file {relative} is missing.")

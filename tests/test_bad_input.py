@@ -49,7 +49,7 @@ def build(model: Path | None, out: Path, *extra: str) -> Result:
 
 def assert_one_line_error(result: Result, *names: str) -> str:
     """A non-zero exit, nothing on stdout, and one `error:` line on stderr naming every one of `names`."""
-    assert result.exit_code != 0, f"expected a refusal, got exit 0\nstdout: {result.stdout}"
+    assert result.exit_code != 0, f"expected a refusal, got exit 0; stdout begins: {result.stdout[:200]}"
     assert "Traceback" not in result.output
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, f"expected one line on stderr, got {len(lines)}:\n{result.stderr}"
@@ -84,7 +84,7 @@ def edit_config(checkpoint: Path, edit: Callable[[dict[str, Any]], None]) -> Non
     path.write_text(json.dumps(config, indent=2))
 
 
-def edit_tensors(path: Path, edit: Callable[[dict[str, torch.Tensor]], None]) -> None:
+def edit_tensors(path: Path, edit: Callable[[dict[str, torch.Tensor]], object]) -> None:
     tensors = load_file(str(path))
     edit(tensors)
     save_file(tensors, str(path), metadata={"format": "pt"})
@@ -122,13 +122,15 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny Nemotron-H saved by transformers: Mamba2, attention, MoE and MLP blocks ("M*E-")."""
     from transformers import NemotronHConfig, NemotronHForCausalLM
 
-    config = NemotronHConfig(
+    fields: dict[str, Any] = dict(
         vocab_size=64, hidden_size=32, hybrid_override_pattern="M*E-",
         num_attention_heads=4, num_key_value_heads=2, head_dim=8, intermediate_size=48,
         mamba_num_heads=4, mamba_head_dim=8, n_groups=2, ssm_state_size=8, chunk_size=4, conv_kernel=4,
         n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
         moe_shared_expert_intermediate_size=24, n_group=1, topk_group=1,
     )
+    config = NemotronHConfig(**fields)  # the legacy pattern field is accepted and expanded
+    assert config.layers_block_type == ["linear_attention", "full_attention", "moe", "mlp"]
     torch.manual_seed(0)
     model = NemotronHForCausalLM(config)
     directory = tmp_path_factory.mktemp("ckpt") / "tiny"
@@ -196,8 +198,7 @@ def test_unknown_block_letter_in_pattern(tiny_checkpoint: Path, good_engine: Pat
 def test_missing_tensor_is_named(tiny_checkpoint: Path, good_engine: Path, tmp_path: Path) -> None:
     model = copy_checkpoint(tiny_checkpoint, tmp_path / "model")
     edit_tensors(model / "model.safetensors", lambda tensors: tensors.pop(TENSOR))
-    line_names = (str(model), TENSOR, "missing")
-    assert_build_refused(model, tmp_path, good_engine, *line_names)
+    assert_build_refused(model, tmp_path, good_engine, str(model), TENSOR, "missing")
 
 
 def test_tensor_of_the_wrong_shape(tiny_checkpoint: Path, good_engine: Path, tmp_path: Path) -> None:
@@ -265,6 +266,14 @@ def test_out_is_an_existing_file(name: str, tiny_checkpoint: Path, tmp_path: Pat
     assert_one_line_error(build(tiny_checkpoint, out, "--force"), str(out))
     assert out.read_bytes() == b"not an engine"
     assert leftovers(out) == []
+
+
+@pytest.mark.parametrize("command", ["inspect", "run"])
+def test_missing_engine_with_brackets_in_its_path_is_named(command: str, tmp_path: Path) -> None:
+    """Brackets in a user's path are text, not console markup: `[/y]` must neither vanish nor crash."""
+    engine = tmp_path / "x[/y]"
+    args = ["--input-ids", "1"] if command == "run" else []
+    assert_one_line_error(invoke(command, engine, *args), str(engine))
 
 
 def test_existing_engine_is_refused_without_force(good_engine: Path, tmp_path: Path) -> None:
@@ -341,7 +350,7 @@ def _point_outside(manifest: dict[str, Any], field: str) -> str:
         return "../x"
     if field == "weights":
         manifest["weights"] = [f"../outside/{WEIGHTS_FILE}"]
-        return manifest["weights"][0]
+        return f"../outside/{WEIGHTS_FILE}"
     if field == "graphs":
         manifest["graphs"]["prefill"] = "../outside/graph.txt"
         return "../outside/graph.txt"
@@ -382,7 +391,7 @@ _CHILD = textwrap.dedent(
             nonlocal done
             done += advance
             print(f"weight {done} {total}", flush=True)
-            time.sleep(0.05)
+            time.sleep(0.01)
         yield hook
 
     write_manifest = driver.write_manifest

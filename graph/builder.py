@@ -9,7 +9,7 @@ from nemocompile.errors import IRError
 
 from .ir import Attrs, AttrValue, Graph, Op, StateSlot, TensorSource, Value, Weight
 from .opdef import opdef
-from .types import TensorType
+from .types import DType, TensorType
 
 
 class GraphBuilder:
@@ -36,9 +36,9 @@ class GraphBuilder:
         return name
 
     def weight(self, name: str, type_: TensorType, category: str,
-               sources: Sequence[TensorSource] = ()) -> str:
+               sources: Sequence[TensorSource] = (), source_dtype: DType | None = None) -> str:
         self._declare(name, type_)
-        self._weights[name] = Weight(name, type_, category, tuple(sources))
+        self._weights[name] = Weight(name, type_, category, tuple(sources), source_dtype)
         return name
 
     def add_weight(self, weight: Weight) -> str:

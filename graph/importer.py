@@ -14,7 +14,14 @@ from nemocompile.errors import CheckpointError, ConfigError, join_problems
 from .checkpoint import Checkpoint, check_tensors
 from .config import ModelConfig, load_config
 from .ir import Graph, TensorSource, Weight
-from .nemotron_h import FLOAT_DTYPES, TORCH_DTYPE_TO_IR, WeightSpec, build_block_graph, model_weights
+from .nemotron_h import (
+    FLOAT_DTYPES,
+    TORCH_DTYPE_TO_IR,
+    WeightSource,
+    WeightSpec,
+    build_block_graph,
+    model_weights,
+)
 from .types import SAFETENSORS_DTYPES, TensorType
 
 PREFIXES = ("backbone.", "model.")
@@ -76,7 +83,8 @@ def import_checkpoint(directory: Path) -> ImportedModel:
         raise CheckpointError(join_problems(f"{directory} does not match its config.json", problems))
     sources = {}
     for spec in specs:
-        sources[spec.name] = tuple(TensorSource(ckpt.refs[t].file, t) for t in spec.tensors)
+        tensors = tuple(TensorSource(ckpt.refs[t].file, t) for t in spec.tensors)
+        sources[spec.name] = WeightSource(tensors, SAFETENSORS_DTYPES[ckpt.refs[spec.tensors[0]].dtype])
     graph = build_block_graph(config, TORCH_DTYPE_TO_IR[config.torch_dtype], sources, _mtp_weights(ckpt),
                               {"source_fingerprint": ckpt.fingerprint()}, prefix, lm_head)
     return ImportedModel(graph, config, raw, ckpt)

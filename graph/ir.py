@@ -10,7 +10,7 @@ from typing import Union
 
 from nemocompile.errors import IRError
 
-from .types import TensorType
+from .types import DType, TensorType
 
 AttrValue = Union[int, float, str, bool, None, tuple["AttrValue", ...]]  # noqa: UP007 (recursive alias)
 
@@ -103,6 +103,15 @@ class Weight:
     type: TensorType
     category: str
     sources: tuple[TensorSource, ...] = ()
+    # The format the sources hold (bf16 in a plain checkpoint, nvfp4 in a ModelOpt one); the
+    # build converts it to `type.dtype`, taking it bit for bit when the two agree.
+    source_dtype: DType | None = None
+
+    def __post_init__(self) -> None:
+        if not self.sources and self.source_dtype is not None:
+            raise IRError(f"weight {self.name} has a source dtype but no sources")
+        if self.sources and self.source_dtype is None:
+            object.__setattr__(self, "source_dtype", self.type.dtype)  # sources hold the weight as typed
 
     @property
     def stacked(self) -> bool:

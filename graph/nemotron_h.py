@@ -4,7 +4,7 @@ and by plan mode (config.json alone, no weight bytes)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from .builder import GraphBuilder
@@ -164,19 +164,30 @@ def _block_op(b: GraphBuilder, c: ModelConfig, kind: str, index: int, x: str, dt
                   "activation": c.mlp_hidden_act}, scope)
 
 
-def build_block_graph(c: ModelConfig, dtype: DType, sources: dict[str, tuple[TensorSource, ...]] | None = None,
+@dataclass(frozen=True)
+class WeightSource:
+    """A weight's checkpoint tensors (several: stacked experts) and the format they hold."""
+
+    tensors: tuple[TensorSource, ...]
+    dtype: DType
+
+
+def build_block_graph(c: ModelConfig, dtype: DType, sources: Mapping[str, WeightSource] | None = None,
                       extra_weights: list[Weight] | None = None,
                       metadata: dict[str, str] | None = None, prefix: str = "backbone.",
                       lm_head: bool | None = None) -> Graph:
-    """The block-level graph. Weight values get `dtype` (routers stay fp32); `sources` maps each
-    weight name to its checkpoint tensors (omitted in plan mode); `extra_weights` are carried,
-    unused weights (MTP)."""
+    """The block-level graph. Float weights get `dtype` (routers stay fp32), already-quantized
+    ones keep their format; `sources` maps each weight name to its checkpoint tensors (omitted
+    in plan mode); `extra_weights` are carried, unused weights (MTP)."""
     b = GraphBuilder("nemotron_h", {"model_type": "nemotron_h", "pattern": c.pattern, **(metadata or {})})
     specs = model_weights(c, prefix, lm_head)
     for spec in specs:
+        origin = sources.get(spec.name) if sources else None
         weight_dtype = F32 if spec.keep_fp32 else dtype
+        if origin is not None and origin.dtype.quantized:
+            weight_dtype = origin.dtype
         b.weight(spec.name, TensorType(weight_dtype, spec.shape), spec.category,
-                 sources.get(spec.name, ()) if sources else ())
+                 origin.tensors if origin else (), origin.dtype if origin else None)
     for weight in extra_weights or []:
         b.add_weight(weight)
     ids = b.input("input_ids", TensorType(I64, ("batch", "seq")))

@@ -3,7 +3,7 @@
     graph nemotron_h {
       meta "model_type" = "nemotron_h"
       input %input_ids : tensor<i64, [batch, seq]>
-      weight %embeddings : tensor<bf16, [64, 32]> category "embeddings" from "model.safetensors" : "backbone.embeddings.weight"
+      weight %embeddings : tensor<bf16, [64, 32]> category "embeddings" from bf16 "model.safetensors" : "backbone.embeddings.weight"
       state %layers.1.kv : kv tensor<bf16, [batch, 2, ctx, 8]>
       %0 = embedding(%input_ids, %embeddings) : tensor<bf16, [batch, seq, 32]> scope "embeddings" by "import"
       %1, %2 = split(%0) {sizes = [8, 24]} : tensor<...>, tensor<...> scope "layers.0.mixer" by "decompose"
@@ -63,7 +63,8 @@ def format_op(op: Op) -> str:
 def format_weight(weight: Weight) -> str:
     line = f"weight %{weight.name} : {weight.type} category {json.dumps(weight.category)}"
     if weight.sources:
-        line += " from " + ", ".join(f"{json.dumps(s.file)} : {json.dumps(s.tensor)}" for s in weight.sources)
+        assert weight.source_dtype is not None
+        line += f" from {weight.source_dtype} " + ", ".join(f"{json.dumps(s.file)} : {json.dumps(s.tensor)}" for s in weight.sources)
     return line
 
 
@@ -260,14 +261,16 @@ class _Parser:
         self.expect("category")
         category = self.string()
         sources: list[TensorSource] = []
+        source_dtype = None
         if self.accept("from"):
+            source_dtype = dtype_named(self.kind("id"))
             while True:
                 file = self.string()
                 self.expect(":")
                 sources.append(TensorSource(file, self.string()))
                 if not self.accept(","):
                     break
-        return Weight(name, type_, category, tuple(sources))
+        return Weight(name, type_, category, tuple(sources), source_dtype)
 
     def graph(self) -> Graph:
         self.expect("graph")

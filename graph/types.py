@@ -24,6 +24,8 @@ class DType:
     is_float: bool = True
     block_size: int | None = None
     scale_dtype: str | None = None
+    # A quantized weight format: stored as codes plus scales (see graph/storage.py).
+    quantized: bool = False
 
     def __str__(self) -> str:
         return self.name
@@ -37,8 +39,12 @@ I64 = DType("i64", 64, is_float=False)
 I32 = DType("i32", 32, is_float=False)
 U8 = DType("u8", 8, is_float=False)
 BOOL = DType("bool", 8, is_float=False)
+# NVFP4: E2M1 codes, an E4M3 scale per 16 inputs, an FP32 global scale (NVIDIA ModelOpt's layout).
+NVFP4 = DType("nvfp4", 4, block_size=16, scale_dtype="fp8e4m3", quantized=True)
+# FP8 E4M3 weight with an FP32 per-tensor scale.
+FP8_SCALED = DType("fp8", 8, scale_dtype="f32", quantized=True)
 
-DTYPES: dict[str, DType] = {d.name: d for d in (F32, BF16, F16, FP8_E4M3, I64, I32, U8, BOOL)}
+DTYPES: dict[str, DType] = {d.name: d for d in (F32, BF16, F16, FP8_E4M3, I64, I32, U8, BOOL, NVFP4, FP8_SCALED)}
 
 # safetensors header dtype strings <-> IR dtypes.
 SAFETENSORS_DTYPES: dict[str, DType] = {

@@ -90,7 +90,7 @@ def _write_weights(ckpt: Checkpoint, graph: Graph, path: Path, progress: Progres
 
 def _engine_graph(graph: Graph) -> Graph:
     """The same graph with every weight sourced from the engine's own weight file."""
-    weights = tuple(Weight(w.name, w.type, w.category, (TensorSource(WEIGHTS_FILE, w.name),))
+    weights = tuple(Weight(w.name, w.type, w.category, (TensorSource(WEIGHTS_FILE, w.name),), w.type.dtype)
                     for w in graph.weights)
     return Graph(graph.name, graph.inputs, weights, graph.states, graph.ops, graph.outputs, graph.metadata)
 

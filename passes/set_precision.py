@@ -6,7 +6,7 @@ emits already name the final activation dtype."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import ClassVar
 
 from nemocompile.errors import UsageError
@@ -21,7 +21,7 @@ KEEP_FP32_CATEGORIES = frozenset({"router"})
 
 
 def _weight_dtype(weight: Weight, dtype: DType) -> DType:
-    if not weight.type.dtype.is_float or weight.category in KEEP_FP32_CATEGORIES:
+    if not weight.type.dtype.is_float or weight.type.dtype.quantized or weight.category in KEEP_FP32_CATEGORIES:
         return weight.type.dtype
     return dtype
 
@@ -48,7 +48,7 @@ class SetPrecision(Pass):
         for weight in graph.weights:
             new_type = weight.type.with_(dtype=_weight_dtype(weight, dtype))
             changed += new_type is not weight.type
-            builder.add_weight(Weight(weight.name, new_type, weight.category, weight.sources))
+            builder.add_weight(replace(weight, type=new_type))
         for slot in graph.states:
             builder.state(slot.name, slot.kind, slot.type.with_(dtype=_state_dtype(slot, dtype)))
         for op in graph.ops:

@@ -52,6 +52,9 @@ class GraphBuilder:
         self._states[name] = StateSlot(name, kind, type_)
         return name
 
+    def has(self, name: str) -> bool:
+        return name in self._types
+
     def type_of(self, name: str) -> TensorType:
         return self._types[name]
 
@@ -104,13 +107,14 @@ class GraphBuilder:
         )
 
 
-def rebuild_header(graph: Graph, origin: str) -> GraphBuilder:
-    """A builder holding `graph`'s inputs, weights and states, ready for a pass to emit ops.
-    Result numbering continues after the largest numeric name so new names never collide."""
+def rebuild_header(graph: Graph, origin: str, weights: Sequence[Weight] | None = None) -> GraphBuilder:
+    """A builder holding `graph`'s inputs, weights (or the given replacements) and states, ready
+    for a pass to emit ops. Result numbering continues after the largest numeric name so new
+    names never collide."""
     builder = GraphBuilder(graph.name, dict(graph.metadata), origin)
     for value in graph.inputs:
         builder.input(value.name, value.type)
-    for weight in graph.weights:
+    for weight in graph.weights if weights is None else weights:
         builder.add_weight(weight)
     for slot in graph.states:
         builder.state(slot.name, slot.kind, slot.type)

@@ -1,7 +1,8 @@
 """Import a Hugging Face Nemotron-H checkpoint directory as released: config.json, one
 safetensors file or a sharded index, `backbone.` prefix, routed experts stored per expert,
-BF16/FP16/FP32 weights. Every expected tensor is checked (presence, shape, dtype) before
-anything is built, and all problems are reported together. No weight bytes are read."""
+BF16/FP16/FP32 weights, or NVIDIA ModelOpt NVFP4/FP8/mixed-precision weights (graph/modelopt.py).
+Every expected tensor is checked (presence, shape, dtype) before anything is built, and all
+problems are reported together. No weight bytes are read."""
 
 from __future__ import annotations
 
@@ -14,15 +15,18 @@ from nemocompile.errors import CheckpointError, ConfigError, join_problems
 from .checkpoint import Checkpoint, check_tensors
 from .config import ModelConfig, load_config
 from .ir import Graph, TensorSource, Weight
+from .modelopt import SCALAR_SHAPES, QuantConfig, read_quant_config, stored_layout
 from .nemotron_h import (
     FLOAT_DTYPES,
+    INPUT_SCALE_CATEGORY,
     TORCH_DTYPE_TO_IR,
     WeightSource,
     WeightSpec,
     build_block_graph,
     model_weights,
 )
-from .types import SAFETENSORS_DTYPES, TensorType
+from .storage import component_name
+from .types import F32, SAFETENSORS_DTYPES, DType, TensorType
 
 PREFIXES = ("backbone.", "model.")
 MTP_PREFIX = "mtp."
@@ -43,13 +47,70 @@ def _prefix(ckpt: Checkpoint) -> str:
     return PREFIXES[0]
 
 
-def _expected(specs: list[WeightSpec]) -> dict[str, tuple[tuple[int, ...], frozenset[str]]]:
-    expected: dict[str, tuple[tuple[int, ...], frozenset[str]]] = {}
+GEMM_CATEGORIES = frozenset({"attention", "mamba_in_proj", "mamba_out_proj", "mlp", "shared_experts",
+                             "routed_experts", "latent_projections", "lm_head"})
+Expected = dict[str, tuple[tuple[int, ...], frozenset[str]]]
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """What the checkpoint must hold, and the stored format of each weight."""
+
+    expected: Expected
+    dtypes: dict[str, DType | None]  # weight name -> quantized stored format (None: float)
+    problems: list[str]
+
+
+def _module(tensor: str) -> str:
+    return tensor[: -len(".weight")] if tensor.endswith(".weight") else tensor
+
+
+def _plan(specs: list[WeightSpec], quant: QuantConfig | None, ckpt: Checkpoint) -> _Plan:
+    expected: Expected = {}
+    dtypes: dict[str, DType | None] = {}
+    problems: list[str] = []
     for spec in specs:
         shape = spec.shape[1:] if len(spec.tensors) > 1 else spec.shape
+        formats = {quant.dtype_of(_module(t)) if quant and spec.category in GEMM_CATEGORIES else None
+                   for t in spec.tensors}
+        if len(formats) > 1:
+            problems.append(f"the experts of {_module(spec.tensors[0]).rsplit('.experts.', 1)[0]} mix formats "
+                            f"({', '.join(sorted(str(f or 'unquantized') for f in formats))})")
+            continue
+        (dtype,) = formats
+        dtypes[spec.name] = dtype
         for tensor in spec.tensors:
-            expected[tensor] = (shape, FLOAT_DTYPES)
-    return expected
+            if dtype is None:
+                expected[tensor] = (shape, FLOAT_DTYPES)
+                continue
+            for component, (component_shape, stored) in stored_layout(dtype, shape).items():
+                name = component_name(tensor, component)
+                ref = ckpt.ref(name)
+                if not component_shape and ref is not None and ref.shape in SCALAR_SHAPES:
+                    component_shape = ref.shape
+                expected[name] = (component_shape, frozenset({stored}))
+    return _Plan(expected, dtypes, problems)
+
+
+def _input_scales(specs: list[WeightSpec], plan: _Plan, ckpt: Checkpoint) -> tuple[list[Weight], list[str]]:
+    """ModelOpt's static activation scales, carried as graph weights `<weight>.input_scale`."""
+    weights, problems = [], []
+    for spec in specs:
+        if plan.dtypes.get(spec.name) is None:
+            continue
+        names = [component_name(t, "input_scale") for t in spec.tensors]
+        refs = [ckpt.ref(n) for n in names]
+        if all(r is None for r in refs):
+            continue
+        bad = [n for n, r in zip(names, refs, strict=True)
+               if r is None or r.shape not in SCALAR_SHAPES or r.dtype != "F32"]
+        if bad:
+            problems.append(f"{bad[0]} must be an F32 scalar like the other input scales of {spec.name}")
+            continue
+        shape = (len(names),) if len(names) > 1 else ()
+        sources = tuple(TensorSource(r.file, r.name) for r in refs if r is not None)
+        weights.append(Weight(f"{spec.name}.input_scale", TensorType(F32, shape), INPUT_SCALE_CATEGORY, sources))
+    return weights, problems
 
 
 def _mtp_weights(ckpt: Checkpoint) -> list[Weight]:
@@ -78,13 +139,20 @@ def import_checkpoint(directory: Path) -> ImportedModel:
     # lm_head.weight uses it whatever tie_word_embeddings says.
     lm_head = not config.tie_word_embeddings or ckpt.ref("lm_head.weight") is not None
     specs = model_weights(config, prefix, lm_head)
-    problems = check_tensors(ckpt, _expected(specs))
+    quant = read_quant_config(directory, raw)
+    plan = _plan(specs, quant, ckpt)
+    scales, scale_problems = _input_scales(specs, plan, ckpt)
+    problems = plan.problems + check_tensors(ckpt, plan.expected) + scale_problems
     if problems:
         raise CheckpointError(join_problems(f"{directory} does not match its config.json", problems))
     sources = {}
     for spec in specs:
         tensors = tuple(TensorSource(ckpt.refs[t].file, t) for t in spec.tensors)
-        sources[spec.name] = WeightSource(tensors, SAFETENSORS_DTYPES[ckpt.refs[spec.tensors[0]].dtype])
-    graph = build_block_graph(config, TORCH_DTYPE_TO_IR[config.torch_dtype], sources, _mtp_weights(ckpt),
-                              {"source_fingerprint": ckpt.fingerprint()}, prefix, lm_head)
+        stored = plan.dtypes[spec.name] or SAFETENSORS_DTYPES[ckpt.refs[spec.tensors[0]].dtype]
+        sources[spec.name] = WeightSource(tensors, stored)
+    metadata = {"source_fingerprint": ckpt.fingerprint()}
+    if quant is not None:
+        metadata["source_quantization"] = quant.algo
+    graph = build_block_graph(config, TORCH_DTYPE_TO_IR[config.torch_dtype], sources, scales + _mtp_weights(ckpt),
+                              metadata, prefix, lm_head)
     return ImportedModel(graph, config, raw, ckpt)

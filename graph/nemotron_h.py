@@ -15,8 +15,11 @@ from .types import BF16, F16, F32, I64, DType, TensorType
 FLOAT_DTYPES = frozenset({"BF16", "F16", "F32"})
 TORCH_DTYPE_TO_IR = {"bfloat16": BF16, "float16": F16, "float32": F32}
 
+# Static activation scales of quantized GEMMs (W4A4, W8A8): stored bytes, not model parameters.
+INPUT_SCALE_CATEGORY = "activation_scales"
 CATEGORIES = ("embeddings", "lm_head", "attention", "mamba_in_proj", "mamba_out_proj", "conv1d", "mamba_ssm",
-              "mlp", "shared_experts", "routed_experts", "router", "latent_projections", "norms", "mtp")
+              "mlp", "shared_experts", "routed_experts", "router", "latent_projections", "norms", "mtp",
+              INPUT_SCALE_CATEGORY)
 
 
 @dataclass(frozen=True)

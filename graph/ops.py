@@ -54,12 +54,22 @@ define("rms_norm", "core", ["x", "weight"], ["out"], [("eps", "float")], infer=_
        doc="x / rms(x) * weight over the last dim, computed in fp32, result in x's dtype")
 
 
+def _check_matmul_dtypes(x: TensorType, weight: TensorType, scale: TensorType | None, attrs: Attrs,
+                         what: str) -> None:
+    act = attrs.get("act_format")
+    if not weight.dtype.quantized and x.dtype != weight.dtype:
+        raise IRError(f"{what} input is {x.dtype} but its weight is {weight.dtype}")
+    if act is not None and act != weight.dtype.name:
+        raise IRError(f"{what} quantizes activations to {act} but its weight is {weight.dtype}")
+    if (act is None) != (scale is None):
+        raise IRError(f"{what} needs an input_scale exactly when it quantizes activations")
+
+
 def _infer_linear(types: Types, attrs: Attrs) -> tuple[TensorType, ...]:
     x, weight = require(types, 0), require(types, 1)
     if weight.rank != 2:
         raise IRError(f"linear weight must be 2-D, got {weight}")
-    if x.dtype != weight.dtype:
-        raise IRError(f"linear input is {x.dtype} but its weight is {weight.dtype}")
+    _check_matmul_dtypes(x, weight, types[3], attrs, "linear")
     _last_dim(x, "linear input", weight.shape[1])
     bias = types[2]
     if bias is not None and not dims_agree(bias.shape[0], weight.shape[0]):
@@ -67,8 +77,10 @@ def _infer_linear(types: Types, attrs: Attrs) -> tuple[TensorType, ...]:
     return (_with_last(x, weight.shape[0]),)
 
 
-define("linear", "core", ["x", "weight", "bias?"], ["out"], infer=_infer_linear,
-       doc="x @ weight^T + bias; weight [out, in]")
+define("linear", "core", ["x", "weight", "bias?", "input_scale?"], ["out"], [("act_format", "str?")],
+       infer=_infer_linear,
+       doc="x @ weight^T + bias; weight [out, in]. A quantized weight is dequantized and multiplied in fp32; "
+           "with act_format, x is first quantized to that format (static scale input_scale)")
 
 
 def _infer_add(types: Types, attrs: Attrs) -> tuple[TensorType, ...]:
@@ -231,14 +243,15 @@ def _infer_grouped_gemm(types: Types, attrs: Attrs) -> tuple[TensorType, ...]:
     x, weight = require(types, 0), require(types, 2)
     if weight.rank != 3:
         raise IRError(f"grouped_gemm weight must be [experts, out, in], got {weight}")
-    if x.dtype != weight.dtype:
-        raise IRError(f"grouped_gemm input is {x.dtype} but its weight is {weight.dtype}")
+    _check_matmul_dtypes(x, weight, types[3], attrs, "grouped_gemm")
     _last_dim(x, "grouped_gemm input", weight.shape[2])
     return (_with_last(x, weight.shape[1]),)
 
 
-define("grouped_gemm", "core", ["x", "offsets", "weight"], ["out"], infer=_infer_grouped_gemm,
-       doc="rows of expert e times weight[e]^T")
+define("grouped_gemm", "core", ["x", "offsets", "weight", "input_scale?"], ["out"], [("act_format", "str?")],
+       infer=_infer_grouped_gemm,
+       doc="rows of expert e times weight[e]^T; quantized weights and activations as for linear, "
+           "with one input_scale per expert")
 
 
 def _infer_combine(types: Types, attrs: Attrs) -> tuple[TensorType, ...]:

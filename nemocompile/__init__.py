@@ -13,9 +13,22 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:
+    from nemocompile.runtime.formats import (
+        FP8Tensor,
+        NVFP4Tensor,
+        dequantize_fp8,
+        dequantize_nvfp4,
+        quantize_fp8,
+        quantize_nvfp4,
+    )
+
     from .api import build, load
 
-__all__ = ["__version__", "build", "load"]
+_FORMATS = ("FP8Tensor", "NVFP4Tensor", "dequantize_fp8", "dequantize_nvfp4", "quantize_fp8", "quantize_nvfp4")
+__all__ = [  # noqa: RUF022 (grouped: API, then formats)
+    "__version__", "build", "load",
+    "FP8Tensor", "NVFP4Tensor", "dequantize_fp8", "dequantize_nvfp4", "quantize_fp8", "quantize_nvfp4",
+]
 
 
 def __getattr__(name: str) -> Any:
@@ -24,4 +37,8 @@ def __getattr__(name: str) -> Any:
         from . import api
 
         return getattr(api, name)
+    if name in _FORMATS:
+        from nemocompile.runtime import formats
+
+        return getattr(formats, name)
     raise AttributeError(f"module 'nemocompile' has no attribute {name!r}")

@@ -79,36 +79,62 @@ def main(ctx: click.Context, debug: bool) -> None:
         ctx.with_resource(override(debug=True))  # undone when the command ends
 
 
+def _precision_options(command: F) -> F:
+    """--precision, --override, --policy, --exclude and --world-size, shared by plan and build."""
+    decorators = [
+        click.option("--precision", type=click.Choice(["auto", "bf16", "fp32"]), default="auto", show_default=True,
+                     help="auto: the target's policy (NVFP4 experts, FP8 shared experts and Mamba linears, "
+                          "BF16 attention); bf16/fp32: one float format throughout."),
+        click.option("--override", "overrides", multiple=True, metavar="COMPONENT=PRECISION",
+                     help="e.g. routed_experts=fp8, routed_experts=nvfp4_w4a16, attention=bf16 (repeatable)."),
+        click.option("--policy", "policy_file", type=click.Path(path_type=Path), help="TOML precision policy."),
+        click.option("--exclude", multiple=True, metavar="PATTERN",
+                     help="Weight names kept in the float base, e.g. 'layers.0.*' (repeatable)."),
+        click.option("--world-size", default=1, show_default=True, type=int, help="GPUs, for bytes per GPU."),
+    ]
+    for decorator in reversed(decorators):
+        command = decorator(command)
+    return command
+
+
 def _stats_table(title: str, stats: Any) -> Table:
     table = Table(title=title)
-    for column in ("category", "parameters", "active / token", "bytes"):
+    for column in ("category", "parameters", "active / token", "bytes", "bits/elem"):
         table.add_column(column, justify="left" if column == "category" else "right")
     for name, entry in stats.categories.items():
-        table.add_row(name, _params(entry.params), _params(entry.active), _human_bytes(entry.bytes))
+        table.add_row(name, _params(entry.params), _params(entry.active), _human_bytes(entry.bytes),
+                      f"{stats.bits_of(name):.2f}" if entry.params else "")
     table.add_section()
-    table.add_row("total (without MTP)", _params(stats.params_total), _params(stats.params_active), "")
-    table.add_row("all stored", "", "", _human_bytes(stats.bytes_total))
+    table.add_row("total (without MTP)", _params(stats.params_total), _params(stats.params_active), "", "")
+    table.add_row("all stored", "", "", _human_bytes(stats.bytes_total), f"{stats.bits_per_element:.2f}")
     return table
 
 
 @main.command()
 @click.argument("config", type=click.Path(path_type=Path))
 @click.option("--target", default="h100", show_default=True, help="GPU to plan for.")
-@click.option("--precision", type=click.Choice(["bf16", "fp32"]), default="bf16", show_default=True)
+@_precision_options
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON object.")
-def plan(config: Path, target: str, precision: str, as_json: bool) -> None:
-    """Plan a model from config.json alone: parameters and bytes, no weights read."""
+def plan(config: Path, target: str, precision: str, overrides: tuple[str, ...], policy_file: Path | None,
+         exclude: tuple[str, ...], world_size: int, as_json: bool) -> None:
+    """Plan a model from config.json alone: parameters and bytes per precision, no weights read."""
+    from .driver import BuildOptions
     from .planner import plan_model
 
-    result = plan_model(config, target, precision)
+    options = BuildOptions(target=target, precision=precision, overrides=overrides, policy_file=policy_file,
+                           exclude=exclude, world_size=world_size)
+    result = plan_model(config, options)
     if as_json:
         _print_json(result.as_json())
         return
-    stdout.print(_stats_table(f"{result.name}: {len(result.config.layer_kinds)} layers "
+    stdout.print(_stats_table(f"{escape(result.name)}: {len(result.config.layer_kinds)} layers "
                               f"({result.config.pattern}) on {result.target.name}, {precision}", result.stats))
-    stdout.print(f"active per token without embeddings: {_params(result.stats.params_active_without_embeddings)}; "
-                 f"MTP: {_params(result.stats.params_mtp)}; "
-                 f"{result.stats.bits_per_element:.2f} bits per element; planned in {result.seconds:.2f} s")
+    stats = result.stats
+    stdout.print(f"active per token without embeddings: {_params(stats.params_active_without_embeddings)}; "
+                 f"MTP: {_params(stats.params_mtp)}; {stats.bits_per_element:.2f} bits per element; "
+                 f"{_human_bytes(result.bytes_per_gpu)} per GPU at world size {world_size} of "
+                 f"{_human_bytes(result.target.memory_bytes)}: {'fits' if result.fits else 'does NOT fit'}; "
+                 f"planned in {result.seconds:.2f} s", highlight=False)
 
 
 @contextmanager
@@ -131,33 +157,49 @@ def _build_progress(enabled: bool) -> Iterator[Callable[[str, int, int], None] |
 @click.argument("model", required=False, type=click.Path(path_type=Path))
 @click.option("--target", required=True, help="GPU to build for (h100, h200, b200, gb200).")
 @click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path), help="Engine directory.")
-@click.option("--precision", type=click.Choice(["bf16", "fp32"]), default="bf16", show_default=True)
+@_precision_options
+@click.option("--calibrate", default=8, show_default=True, type=int,
+              help="Token batches run through the unquantized model to set activation scales (W4A4, W8A8).")
+@click.option("--calibration-data", type=click.Path(path_type=Path),
+              help="Token ids for calibration, one sequence per line (default: random tokens).")
 @click.option("--force", is_flag=True, help="Replace an existing engine directory.")
 @click.option("--print-after", multiple=True, help="Print the IR after this pass ('all' for every pass).")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary.")
-def build(model: Path | None, target: str, out: Path, precision: str, force: bool, print_after: tuple[str, ...],
-          as_json: bool) -> None:
+def build(model: Path | None, target: str, out: Path, precision: str, overrides: tuple[str, ...],
+          policy_file: Path | None, exclude: tuple[str, ...], world_size: int, calibrate: int,
+          calibration_data: Path | None, force: bool, print_after: tuple[str, ...], as_json: bool) -> None:
     """Compile MODEL (a Hugging Face Nemotron-H directory; default: the embedded demo) into an engine."""
+    from .driver import BuildOptions
     from .driver import build as run_build
 
     def printer(pass_name: str, text: str) -> None:
         stderr.print(f"// ----- IR after {pass_name} -----", highlight=False)
         click.echo(text, err=True)
 
+    options = BuildOptions(target=target, precision=precision, overrides=overrides, policy_file=policy_file,
+                           exclude=exclude, calibrate=calibrate, calibration_data=calibration_data,
+                           world_size=world_size, force=force, print_after=frozenset(print_after))
     with _build_progress(settings().progress and not as_json and stderr.is_terminal) as hook:
-        result = run_build(model, out, target, precision, force, frozenset(print_after), printer, hook)
+        result = run_build(model, out, options, printer, hook)
     summary = {"engine": str(result.out), "target": result.manifest["target"]["name"], "precision": precision,
-               "params_total": result.stats.params_total, "bytes_written": result.bytes_written,
+               "policy": result.manifest["policy"], "params_total": result.stats.params_total,
+               "bytes_written": result.bytes_written, "bits_per_element": round(result.stats.bits_per_element, 4),
                "seconds": round(result.seconds, 3),
                "passes": [{"name": r.name, "seconds": round(r.seconds, 4), "counts": r.counts}
-                          for r in result.passes]}
+                          for r in result.passes],
+               "quantization_errors": [{"weight": e.weight, "format": e.format, "rel_rms": e.rel_rms,
+                                        "sqnr_db": e.sqnr_db} for e in result.errors],
+               "agreement": result.agreement.as_json() if result.agreement else None}
     if as_json:
         _print_json(summary)
         return
     rate = result.bytes_written / max(result.seconds, 1e-9)
+    agreement = (f"; top-1 agreement with {result.manifest['policy']['base']} {result.agreement.top1:.3f}, "
+                 f"mean KL {result.agreement.mean_kl:.2e}" if result.agreement else "")
     stdout.print(f"built {escape(str(result.out))} for {summary['target']} ({precision}): "
                  f"{_params(result.stats.params_total)} parameters, {_human_bytes(result.bytes_written)} "
-                 f"in {result.seconds:.2f} s ({_human_bytes(rate)}/s)")
+                 f"({result.stats.bits_per_element:.2f} bits per element) in {result.seconds:.2f} s "
+                 f"({_human_bytes(rate)}/s){agreement}", highlight=False)
 
 
 def _parse_ids(text: str) -> list[int]:

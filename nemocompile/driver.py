@@ -9,44 +9,58 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from nemocompile.graph.checkpoint import Checkpoint
 from nemocompile.graph.importer import ImportedModel, import_checkpoint
 from nemocompile.graph.ir import Graph, TensorSource, Weight
 from nemocompile.graph.text import print_graph
-from nemocompile.graph.types import SAFETENSORS_DTYPES
+from nemocompile.passes.assign_precision import AssignPrecision
 from nemocompile.passes.base import Pass
 from nemocompile.passes.decompose import Decompose
 from nemocompile.passes.manager import PassManager, PassRecord
+from nemocompile.passes.precision_policy import PrecisionPolicy, resolve_policy
 from nemocompile.passes.set_precision import SetPrecision
 from nemocompile.passes.specialize_decode import SpecializeDecode
-from nemocompile.runtime.dtypes import torch_dtype
+from nemocompile.runtime.weights import load_weights
 from nemocompile.targets import Target, load_target
 
 from . import __version__
+from .agreement import Agreement, measure_agreement
+from .calibration import calibrate, calibration_batches, read_token_file, scales_needed
 from .demo import DEMO_NAME, write_demo_checkpoint
 from .engine_files import staged_directory, write_manifest
 from .errors import UsageError
 from .report import write_report
-from .safetensors_writer import SafetensorsWriter
+from .settings import settings
 from .stats import ParamStats, param_stats
+from .weight_stream import QuantizationError, WeightStream, read_weights
 
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "weights/rank0.safetensors"
-IR_DTYPE_TO_SAFETENSORS = {dtype.name: name for name, dtype in SAFETENSORS_DTYPES.items()}
-
-# (description, bytes just written, bytes in all)
-ProgressHook = Callable[[str, int, int], None]
+ProgressHook = Callable[[str, int, int], None]  # (description, bytes just written, bytes in all)
 
 
-def pipeline(target: Target, precision: str) -> list[Pass]:
-    """The passes for a target, in order. Precision per target policy and fusions come next."""
-    return [SetPrecision(precision), Decompose()]
+@dataclass(frozen=True)
+class BuildOptions:
+    target: str = "h100"
+    precision: str = "auto"  # auto: the target's policy; bf16 / fp32: one float format throughout
+    overrides: tuple[str, ...] = ()  # component=precision
+    policy_file: Path | None = None
+    exclude: tuple[str, ...] = ()  # weight-name patterns kept in the float base
+    calibrate: int = 8  # token batches for activation scales (W4A4, W8A8)
+    calibration_data: Path | None = None  # a file of token ids, one sequence per line
+    world_size: int = 1  # for the bytes-per-GPU report
+    force: bool = False
+    print_after: frozenset[str] = field(default_factory=frozenset)
+
+
+def pipeline(target: Target, policy: PrecisionPolicy) -> list[Pass]:
+    """The passes for a target, in order; decode specialisation follows on a copy."""
+    return [SetPrecision(policy.base), Decompose(), AssignPrecision(policy)]
 
 
 @dataclass(frozen=True)
@@ -57,6 +71,8 @@ class BuildResult:
     passes: list[PassRecord]
     bytes_written: int
     seconds: float
+    errors: list[QuantizationError]
+    agreement: Agreement | None
 
 
 @contextmanager
@@ -69,25 +85,6 @@ def _model_directory(model: Path | None) -> Iterator[tuple[Path, str]]:
         yield write_demo_checkpoint(Path(tmp)), DEMO_NAME
 
 
-def _read_weight(ckpt: Checkpoint, weight: Weight) -> torch.Tensor:
-    parts = [ckpt.read(source.tensor) for source in weight.sources]
-    tensor = parts[0] if len(parts) == 1 else torch.stack(parts)
-    return tensor.to(torch_dtype(weight.type.dtype))
-
-
-def _write_weights(ckpt: Checkpoint, graph: Graph, path: Path, progress: ProgressHook | None) -> int:
-    total = sum(w.type.nbytes() for w in graph.weights)
-    entries = [(w.name, IR_DTYPE_TO_SAFETENSORS[w.type.dtype.name], tuple(int(d) for d in w.type.shape))
-               for w in graph.weights]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with SafetensorsWriter(path, entries, {"format": "pt"}) as writer:
-        for weight in graph.weights:
-            writer.write(weight.name, _read_weight(ckpt, weight))
-            if progress:
-                progress(weight.name.rsplit(".", 1)[0], weight.type.nbytes(), total)
-    return total
-
-
 def _engine_graph(graph: Graph) -> Graph:
     """The same graph with every weight sourced from the engine's own weight file."""
     weights = tuple(Weight(w.name, w.type, w.category, (TensorSource(WEIGHTS_FILE, w.name),), w.type.dtype)
@@ -95,23 +92,83 @@ def _engine_graph(graph: Graph) -> Graph:
     return Graph(graph.name, graph.inputs, weights, graph.states, graph.ops, graph.outputs, graph.metadata)
 
 
-def build(model: Path | None, out: Path, target: str = "h100", precision: str = "bf16", force: bool = False,
-          print_after: frozenset[str] = frozenset(), printer: Callable[[str, str], None] | None = None,
-          progress: ProgressHook | None = None) -> BuildResult:
-    start = time.perf_counter()
-    target_info = load_target(target)
-    passes = pipeline(target_info, precision)
+def _check_print_after(passes: list[Pass], print_after: frozenset[str]) -> None:
     known = {p.name for p in passes} | {SpecializeDecode.name, "all"}
     unknown = sorted(set(print_after) - known)
     if unknown:
         raise UsageError(f"--print-after names unknown pass '{unknown[0]}'; passes: {', '.join(sorted(known))}")
-    with _model_directory(model) as (model_dir, source_name), staged_directory(out, force) as stage:
-        imported: ImportedModel = import_checkpoint(model_dir)
-        manager = PassManager(passes, print_after, printer)
-        graph, records = manager.run(imported.graph)
-        decode, decode_records = PassManager([SpecializeDecode()], print_after, printer).run(graph)
-        records += decode_records
-        bytes_written = _write_weights(imported.checkpoint, graph, stage / WEIGHTS_FILE, progress)
+
+
+def _quantized(graph: Graph) -> bool:
+    return any(w.type.dtype.quantized for w in graph.weights)
+
+
+class _Build:
+    """One build, step by step; the steps share the imported model and graphs."""
+
+    def __init__(self, options: BuildOptions, imported: ImportedModel, stage: Path,
+                 printer: Callable[[str, str], None] | None, progress: ProgressHook | None) -> None:
+        self.options = options
+        self.imported = imported
+        self.stage = stage
+        self.printer = printer
+        self.progress = progress
+        self.target = load_target(options.target)
+        self.policy = resolve_policy(self.target, options.precision, options.overrides, options.policy_file,
+                                     options.exclude)
+        self.passes = pipeline(self.target, self.policy)
+        _check_print_after(self.passes, options.print_after)
+        self.vocab_size = imported.config.vocab_size
+
+    def compile(self) -> tuple[Graph, Graph, Graph, list[PassRecord]]:
+        """(float graph before precision assignment, engine graph, decode graph, pass records)"""
+        opts = self.options
+        float_graph, records = PassManager(self.passes[:-1], opts.print_after, self.printer).run(self.imported.graph)
+        graph, more = PassManager(self.passes[-1:], opts.print_after, self.printer).run(float_graph)
+        decode, last = PassManager([SpecializeDecode()], opts.print_after, self.printer).run(graph)
+        return float_graph, graph, decode, records + more + last
+
+    def _small_enough(self, graph: Graph) -> bool:
+        params = sum(w.type.numel() for w in graph.weights)
+        return params <= settings().reference_check_max_params
+
+    def scales(self, float_graph: Graph, graph: Graph) -> dict[str, Any]:
+        needed = scales_needed(graph)
+        if not needed:
+            return {}
+        if not self._small_enough(float_graph):
+            raise UsageError(f"this policy quantizes activations, which needs calibration, and the model is too big "
+                             f"to calibrate on the reference runtime (over {settings().reference_check_max_params:,} "
+                             "parameters); use a ModelOpt checkpoint with input_scale, or weight-only precisions")
+        data = None
+        if self.options.calibration_data is not None:
+            data = read_token_file(self.options.calibration_data, self.vocab_size)
+        batches = calibration_batches(self.options.calibrate, self.vocab_size, data=data)
+        weights = read_weights(self.imported.checkpoint, float_graph)
+        return calibrate(float_graph, weights, needed, batches)
+
+    def agreement(self, float_graph: Graph, graph: Graph) -> Agreement | None:
+        if not _quantized(graph) or not self._small_enough(float_graph):
+            return None
+        float_weights = read_weights(self.imported.checkpoint, float_graph)
+        engine_weights = load_weights(self.stage, [WEIGHTS_FILE], _engine_graph(graph), torch.device("cpu"))
+        return measure_agreement(float_graph, float_weights, _engine_graph(graph), engine_weights, self.vocab_size,
+                                 f"the {self.policy.base} engine of the same checkpoint")
+
+
+def build(model: Path | None, out: Path, options: BuildOptions | None = None,
+          printer: Callable[[str, str], None] | None = None, progress: ProgressHook | None = None) -> BuildResult:
+    start = time.perf_counter()
+    options = options or BuildOptions()
+    load_target(options.target)  # an unknown target is refused before anything is read
+    if options.world_size < 1:
+        raise UsageError(f"--world-size must be at least 1, got {options.world_size}")
+    with _model_directory(model) as (model_dir, source_name), staged_directory(out, options.force) as stage:
+        imported = import_checkpoint(model_dir)
+        job = _Build(options, imported, stage, printer, progress)
+        float_graph, graph, decode, records = job.compile()
+        stream = WeightStream(imported.checkpoint, graph, job.scales(float_graph, graph), progress)
+        bytes_written = stream.write(stage / WEIGHTS_FILE)
         (stage / "graph.txt").write_text(print_graph(_engine_graph(graph)))
         (stage / "graph.decode.txt").write_text(print_graph(_engine_graph(decode)))
         (stage / "config.json").write_text(json.dumps(imported.raw_config, indent=2, sort_keys=True) + "\n")
@@ -119,21 +176,24 @@ def build(model: Path | None, out: Path, target: str = "h100", precision: str = 
         has_byte_tokenizer = tokenizer.exists() and '"type": "bytes"' in tokenizer.read_text()
         if has_byte_tokenizer:
             shutil.copyfile(tokenizer, stage / "tokenizer.json")
+        agreement = job.agreement(float_graph, graph)
         stats = param_stats(graph)
         manifest: dict[str, Any] = {
             "format_version": FORMAT_VERSION,
             "nemocompile_version": __version__,
-            "target": {"name": target_info.name, "arch": target_info.arch,
-                       "compute_capability": list(target_info.compute_capability)},
+            "target": {"name": job.target.name, "arch": job.target.arch,
+                       "compute_capability": list(job.target.compute_capability)},
             "world_size": 1,
-            "precision": precision,
-            "source": {"name": source_name,
-                       "fingerprint": imported.checkpoint.fingerprint()},
+            "precision": options.precision,
+            "policy": job.policy.describe(),
+            "source": {"name": source_name, "fingerprint": imported.checkpoint.fingerprint()},
             "graphs": {"prefill": "graph.txt", "decode": "graph.decode.txt"},
             "weights": [WEIGHTS_FILE],
             "tokenizer": "tokenizer.json" if has_byte_tokenizer else None,
         }
-        write_report(stage / "report.md", manifest, graph, stats, records)
+        write_report(stage / "report.md", manifest, graph, stats, records, stream.errors, agreement,
+                     options.world_size, job.target)
         write_manifest(stage, manifest)
         imported.checkpoint.close()
-    return BuildResult(out, manifest, stats, records, bytes_written, time.perf_counter() - start)
+    return BuildResult(out, manifest, stats, records, bytes_written, time.perf_counter() - start, stream.errors,
+                       agreement)

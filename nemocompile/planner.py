@@ -1,5 +1,5 @@
-"""Plan mode: build the graph from config.json alone (no weight bytes read or allocated) and
-account parameters and bytes at the chosen precision."""
+"""Plan mode: build the graph from config.json alone (no weight bytes read or allocated), assign
+precision by the target's policy, and account parameters and bytes, per GPU for a world size."""
 
 from __future__ import annotations
 
@@ -11,13 +11,15 @@ from typing import Any
 from nemocompile.graph.config import ModelConfig, load_config
 from nemocompile.graph.ir import Graph
 from nemocompile.graph.nemotron_h import TORCH_DTYPE_TO_IR, build_block_graph, mtp_weight_estimate
-from nemocompile.passes.manager import PassManager
+from nemocompile.passes.manager import PassManager, PassRecord
+from nemocompile.passes.precision_policy import PrecisionPolicy, resolve_policy
 from nemocompile.targets import Target, load_target
 
-from .driver import pipeline
+from .driver import BuildOptions, pipeline
+from .errors import UsageError
 from .stats import ParamStats, param_stats
 
-PRECISION_BITS = {"bf16": 16, "fp32": 32}
+BASE_BITS = {"bf16": 16, "fp32": 32}
 
 
 @dataclass(frozen=True)
@@ -25,30 +27,54 @@ class PlanResult:
     name: str
     config: ModelConfig
     target: Target
+    policy: PrecisionPolicy
     precision: str
-    graph: Graph  # core-op graph, weights without sources
+    world_size: int
+    graph: Graph  # core-op graph after precision assignment, weights without sources
     stats: ParamStats
+    records: list[PassRecord]
     seconds: float
+
+    @property
+    def bytes_per_gpu(self) -> int:
+        """Weights split evenly over the ranks (tensor and expert parallel); KV/SSM state not included."""
+        return -(-self.stats.bytes_total // self.world_size)
+
+    @property
+    def fits(self) -> bool:
+        return self.bytes_per_gpu <= self.target.memory_bytes
 
     def as_json(self) -> dict[str, Any]:
         return {
             "model": self.name,
             "target": self.target.name,
             "precision": self.precision,
+            "policy": self.policy.describe(),
             "layers": len(self.config.layer_kinds),
             "pattern": self.config.pattern,
             **self.stats.as_json(),
+            "world_size": self.world_size,
+            "bytes_per_gpu": self.bytes_per_gpu,
+            "gpu_memory_bytes": self.target.memory_bytes,
+            "fits": self.fits,
             "ops": self.graph.op_counts(),
+            "notes": [note for record in self.records for note in record.notes],
             "seconds": round(self.seconds, 3),
         }
 
 
-def plan_model(config_path: Path, target: str = "h100", precision: str = "bf16") -> PlanResult:
+def plan_model(config_path: Path, options: BuildOptions | None = None) -> PlanResult:
     start = time.perf_counter()
-    target_info = load_target(target)
+    options = options or BuildOptions()
+    if options.world_size < 1:
+        raise UsageError(f"--world-size must be at least 1, got {options.world_size}")
+    target = load_target(options.target)
+    policy = resolve_policy(target, options.precision, options.overrides, options.policy_file, options.exclude)
     config, _ = load_config(config_path)
     block_graph = build_block_graph(config, TORCH_DTYPE_TO_IR[config.torch_dtype])
-    graph, _ = PassManager(pipeline(target_info, precision)).run(block_graph)
-    stats = param_stats(graph, mtp_weight_estimate(config), PRECISION_BITS[precision])
+    graph, records = PassManager(pipeline(target, policy)).run(block_graph)
+    # MTP blocks are carried in the float base (as in NVIDIA's released mixed-precision checkpoints)
+    stats = param_stats(graph, mtp_weight_estimate(config), BASE_BITS[policy.base])
     name = config_path.parent.name if config_path.name == "config.json" else config_path.stem
-    return PlanResult(name, config, target_info, precision, graph, stats, time.perf_counter() - start)
+    return PlanResult(name, config, target, policy, options.precision, options.world_size, graph, stats, records,
+                      time.perf_counter() - start)

@@ -1,14 +1,21 @@
-"""The human report written into every engine (report.md)."""
+"""The human report written into every engine (report.md): what was built, the format of every
+weight and activation, bits per element, bytes per GPU, per-layer quantization error, and the
+quantized engine's agreement with the float one."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
 from nemocompile.graph.ir import Graph
+from nemocompile.passes.assign_precision import GEMM_OPS
 from nemocompile.passes.manager import PassRecord
+from nemocompile.targets import Target
 
+from .agreement import Agreement
 from .stats import ParamStats
+from .weight_stream import QuantizationError
 
 
 def _layer_rows(graph: Graph) -> list[str]:
@@ -17,29 +24,74 @@ def _layer_rows(graph: Graph) -> list[str]:
     return [f"| {i} | {names[letter]} |" for i, letter in enumerate(pattern)]
 
 
-def write_report(path: Path, manifest: dict[str, Any], graph: Graph, stats: ParamStats,
-                 records: list[PassRecord]) -> None:
+def gemm_formats(graph: Graph) -> list[tuple[str, str, str]]:
+    """(weight, weight format, activation format) of every GEMM, in graph order."""
+    weights = graph.weight_map()
+    types = graph.value_types()
+    rows = []
+    for op in graph.ops:
+        index = GEMM_OPS.get(op.opname)
+        if index is None:
+            continue
+        name, x = op.operands[index], op.operands[0]
+        assert name is not None and x is not None
+        act = op.attrs.get("act_format")
+        rows.append((name, weights[name].type.dtype.name, str(act) if act else types[x].dtype.name))
+    return rows
+
+
+def _sqnr(value: float) -> str:
+    return "inf" if math.isinf(value) else f"{value:.2f}"
+
+
+def write_report(path: Path, manifest: dict[str, Any], graph: Graph, stats: ParamStats, records: list[PassRecord],
+                 errors: list[QuantizationError], agreement: Agreement | None, world_size: int,
+                 target: Target) -> None:
+    per_gpu = stats.bytes_total / world_size
     lines = [
         f"# Engine: {manifest['source']['name']}",
         "",
         f"- target: {manifest['target']['name']} ({manifest['target']['arch']})",
-        f"- precision: {manifest['precision']}",
+        f"- precision: {manifest['precision']} (base {manifest['policy']['base']})",
         f"- world size: {manifest['world_size']}",
         f"- nemocompile {manifest['nemocompile_version']}, engine format {manifest['format_version']}",
         f"- source fingerprint: {manifest['source']['fingerprint']}",
         "",
-        "## Parameters",
+        "## Parameters and bytes",
         "",
         f"- total (without MTP): {stats.params_total:,}",
         f"- active per token: {stats.params_active:,}",
         f"- MTP (carried, not executed): {stats.params_mtp:,}",
-        f"- stored bytes: {stats.bytes_total:,} ({stats.bits_per_element:.2f} bits per element)",
+        f"- stored bytes: {stats.bytes_total:,} ({stats.bits_per_element:.3f} bits per element)",
+        f"- bytes per GPU at world size {world_size}: {per_gpu:,.0f} of {target.memory_bytes:,} "
+        f"({'fits' if per_gpu <= target.memory_bytes else 'does not fit'})",
         "",
-        "| category | parameters | active | bytes |",
-        "|---|---:|---:|---:|",
+        "| category | parameters | active | bytes | bits/element |",
+        "|---|---:|---:|---:|---:|",
     ]
     for name, entry in stats.categories.items():
-        lines.append(f"| {name} | {entry.params:,} | {round(entry.active):,} | {entry.bytes:,} |")
+        lines.append(f"| {name} | {entry.params:,} | {round(entry.active):,} | {entry.bytes:,} | "
+                     f"{stats.bits_of(name):.3f} |")
+    lines += ["", "## Precision policy", ""]
+    lines += [f"- {component}: {chosen}" for component, chosen in manifest["policy"]["components"].items()]
+    if manifest["policy"]["exclude"]:
+        lines.append(f"- excluded (kept {manifest['policy']['base']}): {', '.join(manifest['policy']['exclude'])}")
+    lines += ["", "## GEMM formats", "", "| weight | weight format | activations |", "|---|---|---|"]
+    lines += [f"| {w} | {fmt} | {act} |" for w, fmt, act in gemm_formats(graph)]
+    if errors:
+        lines += ["", "## Quantization error per weight", "",
+                  "| weight | format | relative RMS | SQNR dB |", "|---|---|---:|---:|"]
+        lines += [f"| {e.weight} | {e.format} | {e.rel_rms:.5f} | {_sqnr(e.sqnr_db)} |" for e in errors]
+    lines += ["", "## Agreement with the float engine", ""]
+    if agreement is None:
+        lines.append("- not measured (nothing quantized, or the model is too big for the CPU reference check)")
+    else:
+        lines += [f"- against {agreement.reference}, {agreement.prompts} random prompts, {agreement.tokens} positions",
+                  f"- top-1 agreement: {agreement.top1:.4f}",
+                  f"- mean KL(float || quantized): {agreement.mean_kl:.6f} nats"]
+    notes = [note for record in records for note in record.notes]
+    if notes:
+        lines += ["", "## Notes", ""] + [f"- {note}" for note in notes]
     lines += ["", "## Layers", "", "| layer | block |", "|---:|---|", *_layer_rows(graph)]
     lines += ["", "## Passes", "", "| pass | ops before | ops after | counts |", "|---|---:|---:|---|"]
     for record in records:

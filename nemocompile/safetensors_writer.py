@@ -9,7 +9,7 @@ inputs (sorted JSON keys, fixed separators, space padding) and loads with
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import BinaryIO
@@ -87,6 +87,11 @@ class SafetensorsWriter:
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         """Stream the next declared tensor; its name, dtype and shape must match the declaration."""
+        self.write_parts(name, [tensor])
+
+    def write_parts(self, name: str, parts: Iterable[torch.Tensor]) -> None:
+        """Stream the next declared tensor as consecutive slices along its first dim (e.g. one
+        expert at a time), so the whole tensor is never in memory at once."""
         if self._file is None:
             raise ValueError(f"{self._path} is already closed")
         if self._next >= len(self._specs):
@@ -96,11 +101,17 @@ class SafetensorsWriter:
         expected_name, dtype, shape = self._specs[self._next]
         if name != expected_name:
             raise ValueError(f"expected tensor {expected_name} next in {self._path}, got {name}")
-        if tensor.dtype != TORCH_DTYPES[dtype]:
-            raise ValueError(f"tensor {name} has torch dtype {tensor.dtype}, declared {dtype}")
-        if tuple(tensor.shape) != shape:
-            raise ValueError(f"tensor {name} has shape {list(tensor.shape)}, declared {list(shape)}")
-        self._file.write(_raw_bytes(tensor))
+        rows = 0
+        for part in parts:
+            if part.dtype != TORCH_DTYPES[dtype]:
+                raise ValueError(f"tensor {name} has torch dtype {part.dtype}, declared {dtype}")
+            whole = tuple(part.shape) == shape and rows == 0
+            if not whole and (not shape or tuple(part.shape[1:]) != shape[1:]):
+                raise ValueError(f"tensor {name} has shape {list(part.shape)}, declared {list(shape)}")
+            rows = shape[0] if whole and shape else rows + (part.shape[0] if part.dim() else 1)
+            self._file.write(_raw_bytes(part))
+        if (shape[0] if shape else 1) != rows:
+            raise ValueError(f"tensor {name} was written with {rows} rows, declared {list(shape)}")
         self._next += 1
 
     def close(self) -> None:

@@ -23,6 +23,9 @@ class Settings:
     device: str = "auto"
     # Show rich progress bars on the terminal.
     progress: bool = True
+    # Largest model (parameters) the build runs on the CPU reference runtime for calibration
+    # and the quantized-vs-float agreement report.
+    reference_check_max_params: int = 300_000_000
 
 
 def _parse(kind: type[Any] | str, text: str) -> Any:

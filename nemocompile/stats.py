@@ -6,7 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from nemocompile.graph.ir import Graph
-from nemocompile.graph.nemotron_h import CATEGORIES
+from nemocompile.graph.nemotron_h import CATEGORIES, INPUT_SCALE_CATEGORY
+from nemocompile.graph.storage import stored_nbytes
 
 
 @dataclass
@@ -51,6 +52,10 @@ class ParamStats:
         params = self._sum("params", include_mtp=True)
         return 8 * self.bytes_total / params if params else 0.0
 
+    def bits_of(self, category: str) -> float:
+        entry = self.categories.get(category)
+        return 8 * entry.bytes / entry.params if entry and entry.params else 0.0
+
     def as_json(self) -> dict[str, object]:
         return {
             "params_total": self.params_total,
@@ -59,7 +64,8 @@ class ParamStats:
             "params_mtp": self.params_mtp,
             "bytes_total": self.bytes_total,
             "bits_per_element": round(self.bits_per_element, 4),
-            "categories": {name: {"params": s.params, "active": round(s.active), "bytes": s.bytes}
+            "categories": {name: {"params": s.params, "active": round(s.active), "bytes": s.bytes,
+                                  "bits_per_element": round(self.bits_of(name), 4)}
                            for name, s in self.categories.items()},
         }
 
@@ -74,9 +80,11 @@ def param_stats(graph: Graph, extra_mtp_params: int = 0, mtp_bits: int = 16) -> 
     stats = ParamStats({name: CategoryStats() for name in CATEGORIES})
     for weight in graph.weights:
         entry = stats.categories.setdefault(weight.category, CategoryStats())
+        entry.bytes += stored_nbytes(weight.type)
+        if weight.category == INPUT_SCALE_CATEGORY:
+            continue  # calibration constants, not model parameters: bytes only
         count = weight.type.numel()
         entry.params += count
-        entry.bytes += weight.type.nbytes()
         if weight.category == "routed_experts":
             scope = weight.name.rsplit(".", 1)[0]
             experts = weight.type.shape[0]
@@ -87,5 +95,5 @@ def param_stats(graph: Graph, extra_mtp_params: int = 0, mtp_bits: int = 16) -> 
     if extra_mtp_params:
         stats.categories["mtp"].params += extra_mtp_params
         stats.categories["mtp"].bytes += extra_mtp_params * mtp_bits // 8
-    stats.categories = {name: s for name, s in stats.categories.items() if s.params}
+    stats.categories = {name: s for name, s in stats.categories.items() if s.params or s.bytes}
     return stats

@@ -13,6 +13,7 @@ from nemocompile.graph.ir import Graph
 class PassOutput:
     graph: Graph
     counts: dict[str, int] = field(default_factory=dict)
+    notes: tuple[str, ...] = ()  # decisions worth telling the user (shown in the report)
 
 
 @dataclass(frozen=True)

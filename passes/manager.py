@@ -22,6 +22,7 @@ class PassRecord:
     counts: dict[str, int]
     ops_before: int
     ops_after: int
+    notes: tuple[str, ...] = ()
 
 
 @dataclass
@@ -41,7 +42,7 @@ class PassManager:
                 verify(output.graph, after=pipeline_pass.name)
             seconds = time.perf_counter() - start
             records.append(PassRecord(pipeline_pass.name, seconds, dict(output.counts),
-                                      len(graph.ops), len(output.graph.ops)))
+                                      len(graph.ops), len(output.graph.ops), output.notes))
             graph = output.graph
             if self.printer and ({"all", pipeline_pass.name} & self.print_after):
                 self.printer(pipeline_pass.name, print_graph(graph))

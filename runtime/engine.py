@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
 
 from nemocompile.engine_files import verify_engine_files
 from nemocompile.errors import EngineError, NemocompileError, UsageError
@@ -20,9 +19,9 @@ from nemocompile.settings import settings
 from nemocompile.tokenizer import ByteTokenizer
 
 from .cache import Cache
-from .dtypes import torch_dtype
 from .executor import Executor
 from .sampling import check_sampling, next_tokens
+from .weights import WeightValue, load_weights
 
 SUPPORTED_FORMAT_VERSIONS = (1,)
 
@@ -51,28 +50,12 @@ def _load_graph(directory: Path, relative: str) -> Graph:
         raise EngineError(f"{directory / relative}: {error}") from None
 
 
-def _load_weights(directory: Path, manifest: dict[str, Any], graph: Graph, device: torch.device
-                  ) -> dict[str, torch.Tensor]:
-    weights: dict[str, torch.Tensor] = {}
-    for relative in manifest["weights"]:
-        weights.update(load_file(str(directory / relative), device=str(device)))
-    for weight in graph.weights:
-        tensor = weights.get(weight.name)
-        if tensor is None:
-            raise EngineError(f"{directory}: weight {weight.name} is missing from the engine's weight files")
-        shape = tuple(int(d) for d in weight.type.shape)
-        if tuple(tensor.shape) != shape or tensor.dtype != torch_dtype(weight.type.dtype):
-            raise EngineError(f"{directory}: weight {weight.name} is {tensor.dtype} {list(tensor.shape)}, "
-                              f"the graph says {weight.type}")
-    return weights
-
-
 class Engine:
     """A loaded engine: `forward` for logits, `new_cache` + `forward` for token-by-token decode,
     `generate` for text."""
 
     def __init__(self, directory: Path, manifest: dict[str, Any], prefill: Graph, decode: Graph,
-                 weights: dict[str, torch.Tensor], device: torch.device, tokenizer: ByteTokenizer | None) -> None:
+                 weights: dict[str, WeightValue], device: torch.device, tokenizer: ByteTokenizer | None) -> None:
         self.directory = directory
         self.manifest = manifest
         self.graph = prefill
@@ -146,6 +129,6 @@ def load(path: str | Path, device: str | torch.device | None = None) -> Engine:
     _check_arch(manifest, target_device)
     prefill = _load_graph(directory, manifest["graphs"]["prefill"])
     decode = _load_graph(directory, manifest["graphs"]["decode"])
-    weights = _load_weights(directory, manifest, prefill, target_device)
+    weights = load_weights(directory, manifest["weights"], prefill, target_device)
     tokenizer = ByteTokenizer.load(directory / manifest["tokenizer"]) if manifest.get("tokenizer") else None
     return Engine(directory, manifest, prefill, decode, weights, target_device, tokenizer)

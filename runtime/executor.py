@@ -3,25 +3,30 @@ kernels slot in here by op name), values kept by name, state in a Cache."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
 from nemocompile.errors import IRError, UsageError
-from nemocompile.graph.ir import Graph
+from nemocompile.graph.ir import Graph, Op
 
 from .cache import Cache
 from .dtypes import torch_dtype
 from .reference_dispatch import OpImpl, reference_impl
+from .weights import WeightValue
+
+# Called with each op and its operand values before it runs (calibration collects amax here).
+Observer = Callable[[Op, Sequence["WeightValue | None"]], None]
 
 
 class Executor:
-    def __init__(self, graph: Graph, weights: Mapping[str, torch.Tensor]) -> None:
+    def __init__(self, graph: Graph, weights: Mapping[str, WeightValue], observer: Observer | None = None) -> None:
         missing = [w.name for w in graph.weights if w.name not in weights]
         if missing:
             raise IRError(f"graph {graph.name} needs weights that were not loaded: {', '.join(missing[:5])}")
         self.graph = graph
         self.weights = weights
+        self.observer = observer
         self.plan: list[tuple[OpImpl, tuple[str | None, ...]]] = [
             (reference_impl(op.opname), op.operands) for op in graph.ops
         ]
@@ -42,10 +47,13 @@ class Executor:
             raise UsageError(f"input_ids must be [batch, seq], got shape {list(input_ids.shape)}")
         if input_ids.shape[0] != cache.batch_size:
             raise UsageError(f"input_ids has batch {input_ids.shape[0]} but the cache holds {cache.batch_size}")
-        values: dict[str, torch.Tensor | None] = dict(self.weights)
+        values: dict[str, WeightValue | None] = dict(self.weights)
         values[self.graph.inputs[0].name] = input_ids
         for index, (op, (impl, operands)) in enumerate(zip(self.graph.ops, self.plan, strict=True)):
-            results = impl(op, [None if name is None else values[name] for name in operands], cache)
+            args = [None if name is None else values[name] for name in operands]
+            if self.observer is not None:
+                self.observer(op, args)
+            results = impl(op, args, cache)
             for value, tensor in zip(op.results, results, strict=True):
                 if tensor.dtype != torch_dtype(value.type.dtype):
                     raise IRError(f"{op.opname} at {op.scope} produced {tensor.dtype} for %{value.name}, "

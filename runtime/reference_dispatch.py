@@ -14,12 +14,25 @@ from nemocompile.graph.ir import Op
 from . import reference as ref
 from .cache import Cache
 from .dtypes import torch_dtype
+from .quantized_ops import quant_grouped_gemm, quant_linear
+from .weights import WeightValue
 
-Args = Sequence[torch.Tensor | None]
+Args = Sequence[WeightValue | None]
 OpImpl = Callable[[Op, Args, Cache], tuple[torch.Tensor, ...]]
 
 
-def _t(value: torch.Tensor | None) -> torch.Tensor:
+def _t(value: WeightValue | None) -> torch.Tensor:
+    assert isinstance(value, torch.Tensor)
+    return value
+
+
+def _opt(value: WeightValue | None) -> torch.Tensor | None:
+    """An optional plain-tensor operand (bias, input_scale)."""
+    assert value is None or isinstance(value, torch.Tensor)
+    return value
+
+
+def _w(value: WeightValue | None) -> WeightValue:
     assert value is not None
     return value
 
@@ -32,8 +45,16 @@ def _rms_norm(op: Op, a: Args, cache: Cache) -> tuple[torch.Tensor, ...]:
     return (ref.rms_norm(_t(a[0]), _t(a[1]), op.attrs.float("eps")),)
 
 
+def _act_format(op: Op) -> str | None:
+    value = op.attrs.get("act_format")
+    return value if isinstance(value, str) else None
+
+
 def _linear(op: Op, a: Args, cache: Cache) -> tuple[torch.Tensor, ...]:
-    return (ref.linear(_t(a[0]), _t(a[1]), a[2]),)
+    weight = _w(a[1])
+    if isinstance(weight, torch.Tensor):
+        return (ref.linear(_t(a[0]), weight, _opt(a[2])),)
+    return (quant_linear(_t(a[0]), weight, _opt(a[2]), _opt(a[3]), _act_format(op)),)
 
 
 def _add(op: Op, a: Args, cache: Cache) -> tuple[torch.Tensor, ...]:
@@ -60,7 +81,7 @@ def _gated_rms_norm(op: Op, a: Args, cache: Cache) -> tuple[torch.Tensor, ...]:
 def _causal_conv1d(op: Op, a: Args, cache: Cache) -> tuple[torch.Tensor, ...]:
     slot = op.attrs.str("conv_state")
     activation = op.attrs.get("activation")
-    y, state = ref.causal_conv1d(_t(a[0]), _t(a[1]), a[2], activation if isinstance(activation, str) else None,
+    y, state = ref.causal_conv1d(_t(a[0]), _t(a[1]), _opt(a[2]), activation if isinstance(activation, str) else None,
                                  cache.tensors[slot])
     cache.tensors[slot] = state.to(cache.tensors[slot].dtype)
     return (y,)
@@ -119,7 +140,10 @@ def _moe_dispatch(op: Op, a: Args, cache: Cache) -> tuple[torch.Tensor, ...]:
 
 
 def _grouped_gemm(op: Op, a: Args, cache: Cache) -> tuple[torch.Tensor, ...]:
-    return (ref.grouped_gemm(_t(a[0]), _t(a[1]), _t(a[2])),)
+    weight = _w(a[2])
+    if isinstance(weight, torch.Tensor):
+        return (ref.grouped_gemm(_t(a[0]), _t(a[1]), weight),)
+    return (quant_grouped_gemm(_t(a[0]), _t(a[1]), weight, _opt(a[3]), _act_format(op)),)
 
 
 def _moe_combine(op: Op, a: Args, cache: Cache) -> tuple[torch.Tensor, ...]:

@@ -26,7 +26,7 @@ from nemocompile.tokenizer import ByteTokenizer
 MODELS = Path("/work/shared/models")
 KNOWN_TARGETS = ("b200", "gb200", "h100", "h200")
 DEMO_PATTERN_LAYERS = ["mamba", "attention", "moe", "mamba", "mlp", "moe"]
-PIPELINE = ["set_precision", "decompose", "specialize_decode"]
+PIPELINE = ["set_precision", "decompose", "assign_precision", "specialize_decode"]
 IR_HEADER = re.compile(r"^// ----- IR after (\S+) -----$", re.MULTILINE)
 
 
@@ -90,10 +90,14 @@ def demo_engine(demo_build: tuple[Path, dict[str, Any]]) -> Path:
 
 def test_build_json_summary(demo_build: tuple[Path, dict[str, Any]]) -> None:
     out, summary = demo_build
-    assert set(summary) == {"engine", "target", "precision", "params_total", "bytes_written", "seconds", "passes"}
+    assert set(summary) == {"engine", "target", "precision", "policy", "params_total", "bytes_written",
+                            "bits_per_element", "seconds", "passes", "quantization_errors", "agreement"}
     assert summary["engine"] == str(out)
     assert summary["target"] == "h100"
-    assert summary["precision"] == "bf16"
+    assert summary["precision"] == "auto"  # the target's policy: NVFP4 W4A16 experts, FP8 W8A8 on h100
+    assert summary["policy"]["components"]["routed_experts"] == "nvfp4_w4a16"
+    assert {e["format"] for e in summary["quantization_errors"]} == {"nvfp4", "fp8"}
+    assert 0 < summary["agreement"]["mean_kl"] < 0.1
     assert summary["seconds"] >= 0
     assert summary["params_total"] == invoke_json("inspect", out)["params_total"] > 0
     assert summary["bytes_written"] == safetensors_data_bytes(out / "weights" / "rank0.safetensors")
@@ -235,7 +239,7 @@ def test_run_needs_exactly_one_of_ids_or_prompt(demo_engine: Path) -> None:
 def test_inspect_json_layers_categories_and_file_hashes(demo_engine: Path) -> None:
     info = invoke_json("inspect", demo_engine)
     assert info["layers"] == DEMO_PATTERN_LAYERS
-    assert info["target"]["name"] == "h100" and info["precision"] == "bf16"
+    assert info["target"]["name"] == "h100" and info["precision"] == "auto"
     categories = info["categories"]
     assert {"embeddings", "lm_head", "attention", "mamba_in_proj", "mlp", "shared_experts",
             "routed_experts", "router", "norms"} <= set(categories)
@@ -263,7 +267,7 @@ def test_inspect_table_names_every_layer(demo_engine: Path) -> None:
 
 
 def test_plan_nano_matches_published_sizes() -> None:
-    plan = invoke_json("plan", MODELS / "nano.json")
+    plan = invoke_json("plan", MODELS / "nano.json", "--precision", "bf16")
     assert plan["params_total"] == pytest.approx(31.6e9, rel=0.01)
     assert plan["params_active_without_embeddings"] == pytest.approx(3.2e9, rel=0.03)
     assert plan["params_mtp"] == 0

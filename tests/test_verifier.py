@@ -92,9 +92,9 @@ def test_wrong_operand_count(core: Graph) -> None:
     i = _index(core, "linear")
     op = core.ops[i]
     assert op.operands[2] is None
-    assert_rejected(core, i, dataclasses.replace(op, operands=op.operands[:2]), "linear takes 3 operands")
+    assert_rejected(core, i, dataclasses.replace(op, operands=op.operands[:2]), "linear takes 4 operands")
     assert_rejected(core, i, dataclasses.replace(op, operands=(*op.operands, op.operands[0])),
-                    "got 4")
+                    "got 5")
 
 
 def test_missing_required_operand(core: Graph) -> None:
@@ -290,5 +290,5 @@ def test_accepts_a_hand_built_graph_with_optional_operands_left_out() -> None:
     b.output(b.op1("add", [y, z]))
     graph = b.build()
     assert verify(graph) is graph
-    assert graph.ops[0].operands == ("x", "w", None)
+    assert graph.ops[0].operands == ("x", "w", None, None)
     assert isinstance(graph.states[0], StateSlot)

@@ -1,0 +1,107 @@
+"""Calibration: run token batches through the unquantized model on the reference runtime and
+set each quantized GEMM's static activation scale from the largest activation it saw
+(`input_scale = amax / (6 * 448)` for NVFP4, `amax / 448` for FP8, as ModelOpt sets them).
+Stacked experts get one scale each; an expert that saw no token takes the largest of the others."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import torch
+
+from nemocompile.errors import UsageError
+from nemocompile.graph.ir import Graph, Op
+from nemocompile.graph.nemotron_h import INPUT_SCALE_CATEGORY
+from nemocompile.passes.assign_precision import GEMM_OPS
+from nemocompile.runtime.cache import Cache
+from nemocompile.runtime.executor import Executor
+from nemocompile.runtime.weights import WeightValue
+
+FORMAT_MAX = {"nvfp4": 6.0 * 448.0, "fp8": 448.0}
+
+
+def scales_needed(quantized: Graph) -> dict[str, tuple[str, str]]:
+    """input_scale weight -> (the GEMM weight it scales, activation format), for scales without a source."""
+    needed: dict[str, tuple[str, str]] = {}
+    weights = quantized.weight_map()
+    for op in quantized.ops:
+        index = GEMM_OPS.get(op.opname)
+        if index is None or op.operands[-1] is None:
+            continue
+        scale = op.operands[-1]
+        weight = op.operands[index]
+        assert scale is not None and weight is not None
+        if weights[scale].category == INPUT_SCALE_CATEGORY and not weights[scale].sources:
+            needed[scale] = (weight, op.attrs.str("act_format"))
+    return needed
+
+
+def read_token_file(path: Path, vocab_size: int) -> list[list[int]]:
+    """One sequence per line, token ids separated by commas or spaces."""
+    try:
+        lines = path.read_text().splitlines()
+    except OSError as error:
+        raise UsageError(f"calibration data {path} cannot be read ({error.strerror or error})") from None
+    sequences = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            ids = [int(t) for t in line.replace(",", " ").split()]
+        except ValueError:
+            raise UsageError(f"calibration data {path}, line {number}: not a list of token ids") from None
+        if any(not 0 <= i < vocab_size for i in ids):
+            raise UsageError(f"calibration data {path}, line {number}: token ids must lie in [0, {vocab_size})")
+        sequences.append(ids)
+    if not sequences:
+        raise UsageError(f"calibration data {path} holds no token ids")
+    return sequences
+
+
+def calibration_batches(count: int, vocab_size: int, length: int = 64, seed: int = 0,
+                        data: Sequence[Sequence[int]] | None = None) -> list[torch.Tensor]:
+    if count < 1:
+        raise UsageError(f"--calibrate must be at least 1, got {count}")
+    if data is not None:
+        return [torch.tensor([list(seq)], dtype=torch.int64) for seq in data[:count]]
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, vocab_size, (1, length), generator=generator) for _ in range(count)]
+
+
+def calibrate(float_graph: Graph, float_weights: Mapping[str, WeightValue], needed: Mapping[str, tuple[str, str]],
+              batches: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Run `float_graph` (the same GEMMs, unquantized) over the batches; return each needed scale."""
+    by_weight = {weight: scale for scale, (weight, _) in needed.items()}
+    amax: dict[str, torch.Tensor] = {}
+
+    def observe(op: Op, args: Sequence[WeightValue | None]) -> None:
+        index = GEMM_OPS.get(op.opname)
+        weight = op.operands[index] if index is not None else None
+        if weight not in by_weight:
+            return
+        x = args[0]
+        assert isinstance(x, torch.Tensor)
+        if op.opname == "grouped_gemm":
+            offsets = args[1]
+            assert isinstance(offsets, torch.Tensor)
+            bounds = offsets.tolist()
+            seen = torch.stack([x[bounds[e]:bounds[e + 1]].float().abs().amax() if bounds[e + 1] > bounds[e]
+                                else torch.tensor(0.0) for e in range(len(bounds) - 1)])
+        else:
+            seen = x.float().abs().amax()
+        scale = by_weight[weight]
+        amax[scale] = seen if scale not in amax else torch.maximum(amax[scale], seen)
+
+    executor = Executor(float_graph, float_weights, observer=observe)
+    for batch in batches:
+        executor.run(batch, Cache.for_slots(float_graph.states, batch.shape[0], torch.device("cpu")))
+    scales: dict[str, torch.Tensor] = {}
+    for scale, (weight, act_format) in needed.items():
+        if scale not in amax:
+            raise UsageError(f"calibration never reached {weight}; give more or longer calibration batches")
+        value = amax[scale]
+        if value.dim():  # experts that saw no token borrow the largest amax of their layer
+            value = torch.where(value > 0, value, value.max())
+        scales[scale] = (value / FORMAT_MAX[act_format]).to(torch.float32)
+    return scales

@@ -1,0 +1,172 @@
+"""The streaming quantize stage of a build: read each weight from the mmap'd checkpoint (one
+expert at a time when stacked), convert it to the format the IR gives it (NVFP4, FP8 or a float),
+write it into the engine's safetensors file, and let it go. Peak host memory is a few times the
+largest single checkpoint tensor, not the model. Weights stored quantized in the checkpoint are
+copied bit for bit. Each quantized weight's error is measured against its source."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from nemocompile.errors import CheckpointError
+from nemocompile.graph.checkpoint import Checkpoint
+from nemocompile.graph.ir import Graph, Weight
+from nemocompile.graph.storage import component_name, stored_nbytes, stored_tensors
+from nemocompile.graph.types import SAFETENSORS_DTYPES
+from nemocompile.runtime.dtypes import torch_dtype
+from nemocompile.runtime.formats import dequantize_fp8, dequantize_nvfp4, quantize_fp8, quantize_nvfp4
+from nemocompile.runtime.weights import WeightValue, assemble
+
+from .safetensors_writer import SafetensorsWriter
+
+IR_TO_SAFETENSORS = {dtype.name: name for name, dtype in SAFETENSORS_DTYPES.items()}
+ProgressHook = Callable[[str, int, int], None]  # (what, bytes just processed, bytes in all)
+
+
+@dataclass(frozen=True)
+class QuantizationError:
+    weight: str
+    format: str
+    rel_rms: float  # ||W - Q(W)|| / ||W||
+    sqnr_db: float  # 10 log10(sum W^2 / sum (W - Q(W))^2)
+
+
+class _ErrorSum:
+    def __init__(self) -> None:
+        self.signal = 0.0
+        self.noise = 0.0
+        self.count = 0
+
+    def add(self, reference: torch.Tensor, approximation: torch.Tensor) -> None:
+        reference = reference.float()
+        self.signal += float(reference.square().sum())
+        self.noise += float((reference - approximation.float()).square().sum())
+        self.count += reference.numel()
+
+    def result(self, weight: str, fmt: str) -> QuantizationError:
+        rel = math.sqrt(self.noise / self.signal) if self.signal else 0.0
+        sqnr = 10 * math.log10(self.signal / self.noise) if self.noise else math.inf
+        return QuantizationError(weight, fmt, rel, sqnr)
+
+
+def engine_tensor_specs(graph: Graph) -> list[tuple[str, str, tuple[int, ...]]]:
+    """(name, safetensors dtype, shape) of every tensor the engine stores, in write order."""
+    specs = []
+    for weight in graph.weights:
+        for stored in stored_tensors(weight.type):
+            specs.append((component_name(weight.name, stored.component), IR_TO_SAFETENSORS[stored.dtype.name],
+                          stored.shape))
+    return specs
+
+
+def _slices(ckpt: Checkpoint, weight: Weight, component: str = "") -> Iterator[torch.Tensor]:
+    """The weight's source tensors one at a time (one per expert when stacked). Scalar scales
+    exported as [1] are read as 0-d."""
+    (shape,) = [t.shape for t in stored_tensors(weight.type) if t.component == component]
+    scalar = shape[1:] == () if weight.stacked else shape == ()
+    for source in weight.sources:
+        tensor = ckpt.read(component_name(source.tensor, component))
+        if scalar and tensor.numel() == 1:
+            tensor = tensor.reshape(())
+        yield tensor.unsqueeze(0) if weight.stacked else tensor
+
+
+def _finite(weight: Weight, tensor: torch.Tensor) -> torch.Tensor:
+    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        raise CheckpointError(f"weight {weight.name} ({weight.sources[0].tensor}) holds NaN or Inf values")
+    return tensor
+
+
+def read_weights(ckpt: Checkpoint, graph: Graph) -> dict[str, WeightValue]:
+    """Every weight of `graph` in memory as the graph types it (reference checks on small models)."""
+    weights: dict[str, WeightValue] = {}
+    for weight in graph.weights:
+        if not weight.sources:
+            continue
+        parts = {}
+        for stored in stored_tensors(weight.type):
+            pieces = list(_slices(ckpt, weight, stored.component))
+            value = torch.cat(pieces) if weight.stacked else pieces[0]
+            parts[stored.component] = value if weight.type.dtype.quantized else value.to(
+                torch_dtype(weight.type.dtype))
+        weights[weight.name] = assemble(weight, parts)
+    return weights
+
+
+class WeightStream:
+    """Writes a graph's weights into one safetensors file, converting each on the way."""
+
+    def __init__(self, ckpt: Checkpoint, graph: Graph, scales: Mapping[str, torch.Tensor],
+                 progress: ProgressHook | None = None) -> None:
+        self.ckpt = ckpt
+        self.graph = graph
+        self.scales = scales
+        self.progress = progress
+        self.errors: list[QuantizationError] = []
+        self.total = sum(stored_nbytes(w.type) for w in graph.weights)
+
+    def write(self, path: Path) -> int:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with SafetensorsWriter(path, engine_tensor_specs(self.graph), {"format": "pt"}) as writer:
+            for weight in self.graph.weights:
+                self._write_weight(writer, weight)
+                if self.progress:
+                    self.progress(weight.name.rsplit(".", 1)[0], stored_nbytes(weight.type), self.total)
+        return self.total
+
+    def _write_weight(self, writer: SafetensorsWriter, weight: Weight) -> None:
+        target = weight.type.dtype
+        if not weight.sources:
+            if weight.name not in self.scales:
+                raise CheckpointError(f"weight {weight.name} has no source and no calibrated value")
+            writer.write(weight.name, self.scales[weight.name].to(torch_dtype(target)).reshape(
+                tuple(int(d) for d in weight.type.shape)))
+            return
+        if weight.source_dtype == target or not target.quantized:
+            # a copy (bit for bit when the format agrees) or a float conversion, component by component
+            for stored in stored_tensors(weight.type):
+                name = component_name(weight.name, stored.component)
+                dtype = torch_dtype(stored.dtype)
+                writer.write_parts(name, (_finite(weight, t).to(dtype) if not target.quantized else t
+                                          for t in _slices(self.ckpt, weight, stored.component)))
+            return
+        self._quantize(writer, weight)
+
+    def _quantize(self, writer: SafetensorsWriter, weight: Weight) -> None:
+        """Quantize one source tensor (expert) at a time: the codes stream out, the small scale
+        tensors are collected and written after them."""
+        fmt = weight.type.dtype.name
+        errors = _ErrorSum()
+        components: dict[str, list[torch.Tensor]] = {"weight_scale": [], "weight_scale_2": []}
+
+        def codes() -> Iterator[torch.Tensor]:
+            for part in _slices(self.ckpt, weight):
+                source = _finite(weight, part)
+                flat = source[0] if weight.stacked else source
+                try:
+                    if fmt == "nvfp4":
+                        nvfp4 = quantize_nvfp4(flat)
+                        errors.add(flat, dequantize_nvfp4(nvfp4))
+                        components["weight_scale"].append(nvfp4.block_scale)
+                        components["weight_scale_2"].append(nvfp4.global_scale)
+                        out = nvfp4.packed
+                    else:
+                        fp8 = quantize_fp8(flat)
+                        errors.add(flat, dequantize_fp8(fp8))
+                        components["weight_scale"].append(fp8.scale)
+                        out = fp8.data
+                except ValueError as error:
+                    raise CheckpointError(f"cannot quantize weight {weight.name} to {fmt}: {error}") from None
+                yield out.unsqueeze(0) if weight.stacked else out
+
+        writer.write_parts(weight.name, codes())
+        for stored in stored_tensors(weight.type)[1:]:
+            parts = components[stored.component]
+            value = torch.stack(parts) if weight.stacked else parts[0]
+            writer.write(component_name(weight.name, stored.component), value.reshape(stored.shape))
+        self.errors.append(errors.result(weight.name, fmt))

@@ -1,0 +1,179 @@
+"""FP8 E4M3 with FP32 scales, as NVIDIA ModelOpt exports it.
+
+A weight ``w`` is stored as ``data = e4m3(clamp(float32(w) / scale, ±448))`` (round to nearest
+even) and read back as ``data * scale``. The scale is ``amax / 448`` in float32 for the whole
+tensor (per-tensor), for each output row (per-channel) or for each slice of a stack of experts.
+The bytes match ModelOpt 0.47's export path bit for bit
+(``modelopt.torch.export.quant_utils.get_scaling_factor`` for the scale, ``to_quantized_weight``
+for the data, which divides in float32 because the scale it gets has shape [1] or [out, 1]).
+``FP8QTensor.quantize(w, scale)`` agrees when given such a scale; given a 0-dim scale it would
+round a bf16 quotient to bf16 before E4M3, which we do not copy.
+
+A zero amax (an all-zero tensor or row) gets the scale 1.0: ModelOpt's export replaces a zero
+amax by the format's maximum (448) before dividing, so nothing is ever divided by zero.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+E4M3_MAX = 448.0  # largest finite float8_e4m3fn value
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+@dataclass(frozen=True, eq=False)
+class FP8Tensor:
+    """An FP8 E4M3 weight and its FP32 scale.
+
+    data: float8_e4m3fn, the weight's shape [..., out, in].
+    scale: float32, one of [] (per-tensor), [...] = data.shape[:-2] (one per stacked slice)
+    or [..., out] = data.shape[:-1] (per-channel: one per output row).
+    """
+
+    data: torch.Tensor
+    scale: torch.Tensor
+
+    def __post_init__(self) -> None:
+        if self.data.dtype != torch.float8_e4m3fn:
+            raise ValueError(f"FP8Tensor data must be float8_e4m3fn, not {self.data.dtype}.")
+        if self.scale.dtype != torch.float32:
+            raise ValueError(f"FP8Tensor scale must be float32, not {self.scale.dtype}.")
+        if self.data.ndim == 0:
+            raise ValueError("FP8Tensor data must have at least one dim.")
+        allowed = {(), tuple(self.data.shape[:-1]), tuple(self.data.shape[:-2])}
+        if tuple(self.scale.shape) not in allowed:
+            raise ValueError(
+                f"FP8Tensor scale of shape {tuple(self.scale.shape)} fits neither per-tensor [], per-slice "
+                f"{list(self.data.shape[:-2])} nor per-channel {list(self.data.shape[:-1])} scaling of data "
+                f"{list(self.data.shape)}."
+            )
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The logical (and stored) shape [..., out, in]."""
+        return tuple(self.data.shape)
+
+
+def fp8_scale(amax: torch.Tensor) -> torch.Tensor:
+    """``amax / 448`` in float32, any shape; a zero amax gives 1.0 (ModelOpt's export rule).
+
+    Raises ValueError for a negative, NaN or infinite amax.
+    """
+    amax = amax.to(torch.float32)
+    if not bool(torch.isfinite(amax).all()) or bool((amax < 0).any()):
+        raise ValueError(f"an FP8 scale needs a finite, non-negative amax; got {describe_values(amax)}.")
+    return torch.where(amax == 0, 1.0, amax / E4M3_MAX)
+
+
+def quantize_fp8(
+    weight: torch.Tensor, *, per_channel: bool = False, scale: torch.Tensor | None = None
+) -> FP8Tensor:
+    """Quantize weight [..., out, in] (float32/bfloat16/float16) to FP8 E4M3.
+
+    The scale is ``amax / 448`` over the whole tensor (scale []), or over each output row when
+    per_channel (scale [..., out]); a given scale is used as it is, and must be positive, finite
+    and of that shape. Values are clamped to ±448 before the cast, so a given scale smaller than
+    amax/448 saturates instead of overflowing. Raises ValueError for
+    NaN/Inf in the weight, a non-float weight, or a scale of the wrong shape or sign.
+    """
+    check_float_dtype(weight, "FP8")
+    amax = _amax(weight, per_channel=per_channel)
+    if scale is None:
+        scale = fp8_scale(amax)
+    else:
+        scale = _checked_scale(scale, weight, per_channel)
+    return FP8Tensor(_cast(weight.to(torch.float32) / _broadcastable(scale, weight)), scale)
+
+
+def quantize_fp8_stacked(weight: torch.Tensor) -> FP8Tensor:
+    """Quantize a stack of experts weight [E, out, in], each slice with its own scale -> scale [E].
+
+    Equal, slice for slice, to ``quantize_fp8(weight[e])``.
+    """
+    check_float_dtype(weight, "FP8")
+    if weight.ndim != 3:
+        raise ValueError(f"quantize_fp8_stacked takes a weight [E, out, in], not shape {list(weight.shape)}.")
+    scale = fp8_scale(_finite_amax(weight, dim=(1, 2)))
+    return FP8Tensor(_cast(weight.to(torch.float32) / scale.view(-1, 1, 1)), scale)
+
+
+def dequantize_fp8(t: FP8Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``data * scale`` computed in float32, then cast to dtype; shape t.shape.
+
+    ModelOpt's ``FP8QTensor.dequantize`` multiplies in the target dtype (the scale rounded to
+    bf16 first); this keeps the fp32 product, which is what an FP8 GEMM's epilogue computes.
+    The two agree exactly for dtype float32.
+    """
+    return (t.data.to(torch.float32) * _broadcastable(t.scale, t.data)).to(dtype)
+
+
+def fake_quantize_fp8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Round activations x [..., in] through FP8 with a static scale (from calibration), in x.dtype.
+
+    scale: [] or any shape that broadcasts against x. Equals
+    ``dequantize_fp8(quantize_fp8(x, scale=scale), x.dtype)`` for a per-tensor scale; NaN stays
+    NaN and nothing is validated, as this runs on every forward.
+    """
+    scale = scale.to(torch.float32)
+    data = _cast(x.to(torch.float32) / scale)
+    return (data.to(torch.float32) * scale).to(x.dtype)
+
+
+def _cast(values: torch.Tensor) -> torch.Tensor:
+    return values.clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
+
+
+def _amax(weight: torch.Tensor, *, per_channel: bool) -> torch.Tensor:
+    if not per_channel:
+        return _finite_amax(weight, dim=None)
+    if weight.ndim < 2:
+        raise ValueError(f"per-channel FP8 needs a weight [..., out, in], not shape {list(weight.shape)}.")
+    return _finite_amax(weight, dim=(-1,))
+
+
+def _finite_amax(weight: torch.Tensor, dim: tuple[int, ...] | None) -> torch.Tensor:
+    """max |weight| over dim (all dims if None) as float32; ValueError if the weight holds NaN or Inf."""
+    if weight.numel() == 0:  # amax cannot reduce nothing; zeros of the reduced shape
+        return torch.zeros_like(weight, dtype=torch.float32).sum(dim=dim)
+    amax = weight.abs().amax() if dim is None else weight.abs().amax(dim=dim)
+    if not bool(torch.isfinite(amax).all()):
+        shape = list(weight.shape)
+        raise ValueError(f"cannot quantize a weight of shape {shape} that holds NaN or Inf values.")
+    return amax.to(torch.float32)
+
+
+def _checked_scale(scale: torch.Tensor, weight: torch.Tensor, per_channel: bool) -> torch.Tensor:
+    scale = scale.to(torch.float32)
+    expected = tuple(weight.shape[:-1]) if per_channel else ()
+    if tuple(scale.shape) != expected:
+        kind = "per-channel" if per_channel else "per-tensor"
+        raise ValueError(
+            f"a {kind} FP8 scale for a weight {list(weight.shape)} must have shape {list(expected)}, "
+            f"not {list(scale.shape)}."
+        )
+    if not bool(torch.isfinite(scale).all()) or bool((scale <= 0).any()):
+        raise ValueError(f"an FP8 scale must be positive and finite; got {describe_values(scale)}.")
+    return scale
+
+
+def _broadcastable(scale: torch.Tensor, data: torch.Tensor) -> torch.Tensor:
+    """scale reshaped to broadcast against data: [] stays, [...] (per slice) and [..., out] gain dims."""
+    if scale.ndim == 0:
+        return scale
+    return scale.reshape(*scale.shape, *([1] * (data.ndim - scale.ndim)))
+
+
+def check_float_dtype(weight: torch.Tensor, fmt: str) -> None:
+    """ValueError unless weight is float32, bfloat16 or float16, the dtypes checkpoints hold."""
+    if weight.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"{fmt} quantizes float32, bfloat16 or float16 tensors, not {weight.dtype}.")
+
+
+def describe_values(values: torch.Tensor) -> str:
+    """The first few values and the shape, for error messages."""
+    flat = values.detach().flatten()
+    shown = ", ".join(f"{v:g}" for v in flat[:4].tolist())
+    more = ", ..." if flat.numel() > 4 else ""
+    return f"[{shown}{more}] (shape {list(values.shape)})"

@@ -1,0 +1,387 @@
+"""NVFP4 as NVIDIA ModelOpt defines it: E2M1 codes, an E4M3 scale per 16 inputs, an FP32 global scale.
+
+A weight [..., out, in] is cut into blocks of 16 along ``in``. With ``global_scale = amax / (6*448)``
+(ModelOpt's ``weight_scale_2``) each block gets ``block_scale = e4m3(block_amax / (6 * global_scale))``
+(round to nearest even, clamped to [2**-9, 448]) and each value ``x`` the E2M1 code nearest to
+``x / (float(block_scale) * global_scale)`` (ties to even, saturating at 6). Codes are
+``sign << 3 | magnitude index``; two share a byte, the even element in the low nibble.
+
+Bit for bit with ModelOpt 0.47 ``NVFP4QTensor.quantize`` / ``dequantize``
+(``modelopt.torch.quantization.qtensor.nvfp4_tensor``), including its edge cases:
+
+- the per-block scale is computed in fp32 as ``block_amax / (6.0 * global_scale)`` (the product
+  first), the values as ``x / (float(block_scale) * global_scale)`` (a true division by the fp32
+  product, not a multiply by a reciprocal);
+- an all-zero block gets block scale 1.0 and codes 0;
+- a block whose scale would underflow E4M3 is clamped to its smallest subnormal 2**-9, never 0;
+- a negative value that rounds to zero keeps its sign bit (code 8), while -0.0 gets code 0;
+- an all-zero tensor (amax 0), where ModelOpt divides 0 by 0 and writes NaN scales, instead
+  gets the amax it substitutes on export for a zero amax, the format maximum 6: global scale
+  6 / 2688, block scales 1.0, codes 0, so it dequantizes to exact zeros.
+
+``four_over_six=True`` is ModelOpt's "Four Over Six" weight recipe (``NVFP4_FOUR_OVER_SIX_CFG``):
+the FP8 normalisation maximum is 256 (``global_scale = amax / (6*256)``), and each block keeps
+either its amax (largest value scaled to 6) or 1.5x its amax (largest value scaled to 4),
+whichever gives the smaller squared error, ties going to 6. The choice reproduces ModelOpt's
+MSE calibration (candidates 1.0 and 1.5, its calibration fake-quant with the E4M3 scale rounded
+through ``448 / (1.75 * amax / 6)``), the bytes its static-quantizer export
+(``block_scale = e4m3(amax_sel / 6 * 256 / (amax / 6))``; zero blocks get 448).
+
+Every function is vectorized torch, processing the blocks in cache-sized chunks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+from nemocompile.runtime.formats.fp8 import E4M3_MAX, check_float_dtype, describe_values
+
+BLOCK_SIZE = 16
+E2M1_MAX = 6.0
+E4M3_MIN_SUBNORMAL = 2.0**-9
+FOUR_OVER_SIX_FP8_MAX = 256.0
+FOUR_OVER_SIX_AMAX_MULTIPLIER = 1.5  # amax * 1.5 / 6 == amax / 4: the block's largest value maps to 4
+
+E2M1_VALUES = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
+_E2M1_SIGNED_VALUES = torch.cat([E2M1_VALUES, -E2M1_VALUES])
+_E2M1_SIGNED_VALUES[8] = 0.0  # code 8 (sign bit, magnitude 0) reads back +0.0, as in ModelOpt
+
+# Blocks per chunk: 128K values keep a chunk's temporaries (512 KiB each) in cache, and are
+# enough that the per-op overhead of ~16 small torch ops per chunk stays a few percent.
+_CHUNK_BLOCKS = 8192
+
+
+@dataclass(frozen=True, eq=False)
+class NVFP4Tensor:
+    """An NVFP4 weight in ModelOpt's exported layout.
+
+    packed: uint8 [..., out, in/2] (``weight``), two E2M1 codes per byte, even element low.
+    block_scale: float8_e4m3fn [..., out, in/16] (``weight_scale``).
+    global_scale: float32 [] (``weight_scale_2``), or one per leading slice [...] for stacked experts.
+    """
+
+    packed: torch.Tensor
+    block_scale: torch.Tensor
+    global_scale: torch.Tensor
+
+    def __post_init__(self) -> None:
+        if self.packed.dtype != torch.uint8 or self.packed.ndim == 0:
+            kind = f"{self.packed.dtype} [{', '.join(map(str, self.packed.shape))}]"
+            raise ValueError(f"NVFP4Tensor packed must be uint8 with at least one dim, not {kind}.")
+        if self.block_scale.dtype != torch.float8_e4m3fn:
+            raise ValueError(f"NVFP4Tensor block_scale must be float8_e4m3fn, not {self.block_scale.dtype}.")
+        if self.global_scale.dtype != torch.float32:
+            raise ValueError(f"NVFP4Tensor global_scale must be float32, not {self.global_scale.dtype}.")
+        packed, scales = list(self.packed.shape), list(self.block_scale.shape)
+        if packed[:-1] != scales[:-1] or packed[-1] * 2 != scales[-1] * BLOCK_SIZE:
+            raise ValueError(
+                f"NVFP4Tensor block_scale {scales} does not match packed {packed}: expected "
+                f"{[*packed[:-1], packed[-1] * 2 // BLOCK_SIZE]}."
+            )
+        if list(self.global_scale.shape) not in ([], packed[:-2]):
+            raise ValueError(
+                f"NVFP4Tensor global_scale must have shape [] or {packed[:-2]}, not {list(self.global_scale.shape)}."
+            )
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The logical shape [..., out, in]."""
+        return (*self.packed.shape[:-1], self.packed.shape[-1] * 2)
+
+
+def nvfp4_global_scale(amax: torch.Tensor, *, four_over_six: bool = False) -> torch.Tensor:
+    """``amax / (6 * 448)`` in float32 (``/ (6 * 256)`` with four_over_six), any shape.
+
+    A zero amax becomes 6, as ModelOpt's export does for a zero amax, so the scale is never zero.
+    Raises ValueError for a negative, NaN or infinite amax, or one so small the scale underflows.
+    """
+    amax = _sanitized_amax(amax)
+    scale = amax / (E2M1_MAX * (FOUR_OVER_SIX_FP8_MAX if four_over_six else E4M3_MAX))
+    if bool((scale == 0).any()):
+        raise ValueError(f"an NVFP4 global scale underflows float32 for amax {describe_values(amax)}.")
+    return scale
+
+
+def quantize_nvfp4(
+    weight: torch.Tensor, global_scale: torch.Tensor | None = None, *, four_over_six: bool = False
+) -> NVFP4Tensor:
+    """Quantize weight [..., in] (float32/bfloat16/float16, in % 16 == 0) to NVFP4.
+
+    The global scale comes from the whole tensor's amax unless given: [] or one per leading
+    slice, shape weight.shape[:-2]; it must be positive and finite. four_over_six picks each
+    block's scale by squared error (see the module doc) and derives its own global scale.
+    Raises ValueError for NaN/Inf values, an input dim not divisible by 16, or a bad global scale.
+    """
+    blocks = _blocks_of(weight)
+    block_amax = _block_amax(blocks)
+    _check_finite(block_amax, weight)
+    leading = list(weight.shape[:-2])
+    if global_scale is None:
+        amax = block_amax.amax() if block_amax.numel() else block_amax.new_zeros(())
+        return _quantize(weight, blocks, block_amax, amax, None, four_over_six=four_over_six)
+    if four_over_six:
+        raise ValueError("quantize_nvfp4 with four_over_six derives its own global scale; do not pass one.")
+    global_scale = global_scale.to(torch.float32)
+    if list(global_scale.shape) not in ([], leading):
+        raise ValueError(
+            f"an NVFP4 global scale for a weight {list(weight.shape)} must have shape [] or {leading}, "
+            f"not {list(global_scale.shape)}."
+        )
+    if not bool(torch.isfinite(global_scale).all()) or bool((global_scale <= 0).any()):
+        raise ValueError(
+            f"an NVFP4 global scale must be positive and finite; got {describe_values(global_scale)}."
+        )
+    return _quantize(weight, blocks, block_amax, None, global_scale, four_over_six=False)
+
+
+def quantize_nvfp4_stacked(weight: torch.Tensor, *, four_over_six: bool = False) -> NVFP4Tensor:
+    """Quantize a stack of experts weight [E, out, in], each slice with its own global scale.
+
+    Returns global_scale [E]; equal, slice for slice, to ``quantize_nvfp4(weight[e])``.
+    """
+    if weight.ndim != 3:
+        shape = list(weight.shape)
+        raise ValueError(f"quantize_nvfp4_stacked takes a weight [E, out, in], not shape {shape}.")
+    blocks = _blocks_of(weight)
+    block_amax = _block_amax(blocks)
+    _check_finite(block_amax, weight)
+    per_slice = block_amax.view(weight.shape[0], -1)
+    amax = per_slice.amax(dim=1) if per_slice.shape[1] else per_slice.new_zeros(weight.shape[0])
+    return _quantize(weight, blocks, block_amax, amax, None, four_over_six=four_over_six)
+
+
+def dequantize_nvfp4(t: NVFP4Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``E2M1 value * (float(block_scale) * global_scale)`` in float32, cast to dtype; shape t.shape."""
+    packed = t.packed.reshape(-1, BLOCK_SIZE // 2)
+    denominators = _block_denominators(t.block_scale, t.global_scale)
+    signed_values = _E2M1_SIGNED_VALUES.to(packed.device)
+    out = torch.empty(packed.shape[0], BLOCK_SIZE, dtype=dtype, device=packed.device)
+    for chunk in _chunks(packed.shape[0]):
+        codes = _unpack(packed[chunk])
+        values = signed_values.index_select(0, codes.view(-1).to(torch.int32)).view(codes.shape)
+        out[chunk] = values.mul_(denominators[chunk, None])
+    return out.view(t.shape)
+
+
+def fake_quantize_nvfp4(x: torch.Tensor, global_scale: torch.Tensor) -> torch.Tensor:
+    """Round activations x [..., in] through NVFP4 and back, in x.dtype.
+
+    Block scales are dynamic (from each block of 16 along the last dim); the global scale is
+    static (the calibrated ``input_scale``): [] or any shape broadcasting to x.shape[:-1] + (1,),
+    e.g. [rows, 1] for per-expert scales gathered per row. Equals
+    ``dequantize_nvfp4(quantize_nvfp4(x, global_scale), x.dtype)`` row for row; nothing is
+    validated (this runs on every forward), NaN stays NaN.
+    """
+    blocks = _blocks_of(x, validate_dtype=False)
+    n_blocks = x.shape[-1] // BLOCK_SIZE
+    per_row = global_scale.to(torch.float32)
+    global_per_block = torch.broadcast_to(per_row, (*x.shape[:-1], n_blocks)).reshape(-1)
+    block_scale = _dynamic_block_scale(_block_amax(blocks), global_per_block)
+    denominators = block_scale.to(torch.float32) * global_per_block
+    out = torch.empty(blocks.shape, dtype=x.dtype, device=x.device)
+    for chunk in _chunks(blocks.shape[0]):
+        out[chunk] = _round_to_e2m1(blocks[chunk] / denominators[chunk, None]).mul_(denominators[chunk, None])
+    return out.view(x.shape)
+
+
+# ------------------------------------------------------------------------------------ internals
+
+
+def _quantize(
+    weight: torch.Tensor,
+    blocks: torch.Tensor,
+    block_amax: torch.Tensor,
+    amax: torch.Tensor | None,
+    global_scale: torch.Tensor | None,
+    *,
+    four_over_six: bool,
+) -> NVFP4Tensor:
+    """Encode blocks [B, 16] of weight, given the global amax (one per group) or the global scale.
+
+    The B blocks split evenly into as many groups as amax/global_scale has elements (1, or one
+    per leading slice), each group sharing one global scale.
+    """
+    if global_scale is None:
+        assert amax is not None
+        amax = _sanitized_amax(amax)
+        global_scale = nvfp4_global_scale(amax, four_over_six=four_over_six)
+    n_groups = max(global_scale.numel(), 1)
+    global_per_block = _per_block(global_scale, n_groups, blocks.shape[0])
+    if four_over_six:
+        assert amax is not None
+        amax_per_block = _per_block(amax, n_groups, blocks.shape[0])
+        block_scale = _four_over_six_block_scale(blocks, block_amax, amax_per_block)
+    else:
+        block_scale = _dynamic_block_scale(block_amax, global_per_block)
+    packed = _encode(blocks, block_scale.to(torch.float32) * global_per_block)
+    return NVFP4Tensor(
+        packed.view(*weight.shape[:-1], weight.shape[-1] // 2),
+        block_scale.view(*weight.shape[:-1], weight.shape[-1] // BLOCK_SIZE),
+        global_scale,
+    )
+
+
+def _dynamic_block_scale(block_amax: torch.Tensor, global_scale: torch.Tensor) -> torch.Tensor:
+    """ModelOpt's ``get_weights_scaling_factor``: block_amax [B] fp32, global_scale [B] -> e4m3 [B]."""
+    scale = block_amax / (E2M1_MAX * global_scale)
+    scale = torch.where(scale == 0, 1.0, scale)
+    return scale.clamp_(E4M3_MIN_SUBNORMAL, E4M3_MAX).to(torch.float8_e4m3fn)
+
+
+def _four_over_six_block_scale(
+    blocks: torch.Tensor, block_amax: torch.Tensor, amax: torch.Tensor
+) -> torch.Tensor:
+    """Each block's e4m3 scale under Four Over Six; blocks [B, 16], block_amax and amax [B] fp32.
+
+    First ModelOpt's MSE calibration: the squared error of each candidate amax (the block's,
+    and 1.5x it) under its calibration fake-quant, argmin with ties to the first. Then its
+    static-quantizer export of the chosen amax.
+    """
+    scaled_amax = block_amax * FOUR_OVER_SIX_AMAX_MULTIPLIER
+    # ModelOpt's compute_fp4_scales: the e4m3 rounding is normalised to amax * (448/256) / 6.
+    calibration_amax = amax * (E4M3_MAX / FOUR_OVER_SIX_FP8_MAX) / E2M1_MAX
+    to_four = torch.empty(blocks.shape[0], dtype=torch.bool, device=blocks.device)
+    for chunk in _chunks(blocks.shape[0]):
+        x = blocks[chunk].to(torch.float32)
+        errors = [
+            _squared_error(x, _calibration_scale(candidate[chunk] / E2M1_MAX, calibration_amax[chunk]))
+            for candidate in (block_amax, scaled_amax)
+        ]
+        to_four[chunk] = errors[1] < errors[0]
+    chosen = torch.where(to_four, scaled_amax, block_amax) / E2M1_MAX
+    chosen = torch.where(chosen == 0, 1.0, chosen)
+    scale = chosen * FOUR_OVER_SIX_FP8_MAX / (amax / E2M1_MAX)
+    return scale.clamp_(E4M3_MIN_SUBNORMAL, E4M3_MAX).to(torch.float8_e4m3fn)
+
+
+def _calibration_scale(scale: torch.Tensor, scale_amax: torch.Tensor) -> torch.Tensor:
+    """ModelOpt's ``fp8_eager``: scale [b] rounded through e4m3 normalised to scale_amax [b], fp32."""
+    safe_amax = torch.where(scale_amax <= 2.0**-24, 1.0, scale_amax)
+    to_fp8 = E4M3_MAX / safe_amax
+    from_fp8 = 1.0 / to_fp8
+    return (scale * to_fp8).clamp_(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn).to(torch.float32) * from_fp8
+
+
+def _squared_error(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Sum over each block of x [b, 16] (fp32) of (x - fake_quant(x))², as ModelOpt's calibration
+    kernel fake-quantizes: values divided by the scale [b], a zero scale quantizing to zero."""
+    zero = scale == 0
+    safe = torch.where(zero, 1.0, scale)[:, None]
+    magnitude = _e2m1_magnitude(_e2m1_magnitude_code(torch.div(x.abs(), safe).clamp_(max=E2M1_MAX)))
+    quantized = torch.where(x >= 0, magnitude, -magnitude).mul_(safe)
+    quantized = torch.where(zero[:, None], 0.0, quantized)
+    return (x - quantized).pow_(2).sum(dim=-1)
+
+
+def _encode(blocks: torch.Tensor, denominators: torch.Tensor) -> torch.Tensor:
+    """Codes of blocks [B, 16] divided by denominators [B] fp32, packed two per byte -> uint8 [B, 8]."""
+    out = torch.empty(blocks.shape[0], BLOCK_SIZE // 2, dtype=torch.uint8, device=blocks.device)
+    for chunk in _chunks(blocks.shape[0]):
+        codes = _e2m1_codes(blocks[chunk] / denominators[chunk, None])
+        out[chunk] = torch.add(codes[:, 0::2], codes[:, 1::2], alpha=16)
+    return out
+
+
+def _e2m1_codes(scaled: torch.Tensor) -> torch.Tensor:
+    """E2M1 codes (sign << 3 | magnitude index) of scaled fp32 values, as fp32 0..15; overwrites scaled.
+
+    The sign bit is set for every value below zero, also those that round to magnitude 0 (ModelOpt
+    tests ``x < 0``), but not for -0.0.
+    """
+    negative = scaled < 0
+    return _e2m1_magnitude_code(scaled.abs_().clamp_(max=E2M1_MAX)).add_(negative, alpha=8)
+
+
+def _round_to_e2m1(scaled: torch.Tensor) -> torch.Tensor:
+    """scaled fp32 rounded to the signed E2M1 grid, saturating at ±6; overwrites scaled.
+
+    Matches a round trip through codes: a negative value that rounds to zero gives +0.0 (code 8).
+    """
+    negative = scaled < 0
+    magnitude = _e2m1_magnitude(_e2m1_magnitude_code(scaled.abs_().clamp_(max=E2M1_MAX)))
+    return torch.where(negative, torch.rsub(magnitude, 0.0), magnitude)
+
+
+def _e2m1_magnitude_code(magnitude: torch.Tensor) -> torch.Tensor:
+    """Index 0..7 (fp32) of the E2M1 value nearest to magnitude in [0, 6], ties to even; overwrites it.
+
+    The grid has step 1/2 on [0, 2], 1 on [2, 4] and 2 on [4, 6], and index = 2m, m + 2 and
+    m/2 + 4 on those pieces. That piecewise-linear map is concave, so it is the minimum of its
+    three lines, and round-half-even (monotone) commutes with the minimum. Scaling by 2 or 1/2
+    is exact in binary floating point, and an even index is an even mantissa, so this is exact
+    round-to-nearest-even with no comparison table.
+    """
+    low = torch.mul(magnitude, 2.0).round_()
+    middle = torch.round(magnitude).add_(2.0)
+    high = magnitude.mul_(0.5).round_().add_(4.0)
+    torch.minimum(low, middle, out=low)
+    return torch.minimum(low, high, out=low)
+
+
+def _e2m1_magnitude(code: torch.Tensor) -> torch.Tensor:
+    """The E2M1 magnitude of index code (fp32 0..7): max(c/2, c - 2, 2c - 8), the convex inverse."""
+    value = torch.maximum(code * 0.5, code - 2.0)
+    return torch.maximum(value, code.mul_(2.0).sub_(8.0), out=value)
+
+
+def _unpack(packed: torch.Tensor) -> torch.Tensor:
+    """uint8 [b, 8] -> codes uint8 [b, 16], the low nibble first."""
+    return torch.stack((packed & 0x0F, packed >> 4), dim=-1).view(packed.shape[0], -1)
+
+
+def _blocks_of(x: torch.Tensor, *, validate_dtype: bool = True) -> torch.Tensor:
+    """x [..., in] viewed (or copied) as blocks [B, 16]; checks dtype and that 16 divides in."""
+    if validate_dtype:
+        check_float_dtype(x, "NVFP4")
+    if x.ndim == 0 or x.shape[-1] % BLOCK_SIZE != 0:
+        size = x.shape[-1] if x.ndim else "no"
+        raise ValueError(
+            f"NVFP4 quantizes blocks of {BLOCK_SIZE} along the last (input) dim, but a tensor of shape "
+            f"{list(x.shape)} has {size} elements there, not a multiple of {BLOCK_SIZE}."
+        )
+    return x.reshape(-1, BLOCK_SIZE)
+
+
+def _block_amax(blocks: torch.Tensor) -> torch.Tensor:
+    """max |x| of each block [B, 16] -> float32 [B] (exact; NaN and Inf propagate)."""
+    out = torch.empty(blocks.shape[0], dtype=torch.float32, device=blocks.device)
+    for chunk in _chunks(blocks.shape[0]):
+        out[chunk] = blocks[chunk].abs().amax(dim=-1)
+    return out
+
+
+def _block_denominators(block_scale: torch.Tensor, global_scale: torch.Tensor) -> torch.Tensor:
+    """float(block_scale) * global_scale for each block -> fp32 [B]; global_scale [] or leading dims."""
+    global_per_block = _per_block(global_scale, max(global_scale.numel(), 1), block_scale.numel())
+    return block_scale.reshape(-1).to(torch.float32) * global_per_block
+
+
+def _per_block(per_group: torch.Tensor, n_groups: int, n_blocks: int) -> torch.Tensor:
+    """A value per group ([] or [G]) repeated for each of the group's consecutive blocks -> [B]."""
+    per_group = per_group.to(torch.float32).reshape(n_groups, 1)
+    return per_group.expand(n_groups, n_blocks // n_groups).reshape(-1)
+
+
+def _sanitized_amax(amax: torch.Tensor) -> torch.Tensor:
+    amax = amax.to(torch.float32)
+    if not bool(torch.isfinite(amax).all()) or bool((amax < 0).any()):
+        raise ValueError(
+            f"an NVFP4 global scale needs a finite, non-negative amax; got {describe_values(amax)}."
+        )
+    return torch.where(amax == 0, E2M1_MAX, amax)
+
+
+def _check_finite(block_amax: torch.Tensor, weight: torch.Tensor) -> None:
+    if block_amax.numel() and not bool(torch.isfinite(block_amax.amax())):
+        bad = int((~torch.isfinite(weight)).sum())
+        raise ValueError(
+            f"cannot quantize a weight of shape {list(weight.shape)} that holds {bad} NaN or Inf values."
+        )
+
+
+def _chunks(n_blocks: int) -> Iterator[slice]:
+    for start in range(0, n_blocks, _CHUNK_BLOCKS):
+        yield slice(start, min(start + _CHUNK_BLOCKS, n_blocks))

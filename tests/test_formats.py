@@ -240,6 +240,20 @@ def test_leading_dims_share_one_global_scale_and_keep_their_shape() -> None:
     )
 
 
+def test_quantizers_leave_their_input_untouched() -> None:
+    weight = torch.randn(2, 8, 64)
+    original = weight.clone()
+    quantize_nvfp4(weight)
+    quantize_nvfp4(weight, four_over_six=True)
+    quantize_nvfp4_stacked(weight)
+    fake_quantize_nvfp4(weight, torch.tensor(0.01))
+    quantize_fp8(weight)
+    quantize_fp8(weight, per_channel=True)
+    quantize_fp8_stacked(weight)
+    fake_quantize_fp8(weight, torch.tensor(0.01))
+    assert torch.equal(weight, original)
+
+
 # --------------------------------------------------------------------------- stacked, fake quant
 
 

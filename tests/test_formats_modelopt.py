@@ -107,15 +107,21 @@ def test_nvfp4_quantize_and_dequantize_match_modelopt(
 
 @pytest.mark.parametrize("seed", range(8))
 def test_nvfp4_matches_modelopt_on_values_at_rounding_midpoints(seed: int) -> None:
-    # Values placed exactly on E2M1 midpoints (and one float32 ulp either side) of their block's
-    # divisor, with amax 6 * divisor pinning the block scale, so every tie rule is exercised.
+    # Values exactly on E2M1 midpoints (and one float32 ulp either side) times 2**k: with the
+    # global scale 2**(k-3) and block amax 6 * 2**k every block scale is 8 and every divisor 2**k,
+    # exactly, so each tie rule is exercised.
     g = torch.Generator().manual_seed(seed)
     midpoints = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0])
     picks = midpoints[torch.randint(0, 7, (40, 15), generator=g)]
     picks = picks * torch.where(torch.rand(40, 15, generator=g) < 0.5, -1.0, 1.0)
     nudge = torch.randint(-1, 2, (40, 15), generator=g)
     picks = torch.where(nudge == 0, picks, torch.nextafter(picks, picks + nudge.float()))
-    x = torch.cat([picks, torch.full((40, 1), 6.0)], dim=1).view(5, 128) * 2.0 ** float(seed - 4)
+    k = float(seed - 4)
+    x = torch.cat([picks, torch.full((40, 1), 6.0)], dim=1).view(5, 128) * 2.0**k
+    global_scale = torch.tensor(2.0 ** (k - 3))
+    ours = quantize_nvfp4(x, global_scale)
+    assert (ours.block_scale.float() == 8.0).all()
+    _assert_same_nvfp4(ours, _modelopt_nvfp4(x, global_scale))
     _assert_same_nvfp4(quantize_nvfp4(x), _modelopt_nvfp4(x))
 
 

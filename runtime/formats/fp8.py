@@ -15,12 +15,17 @@ amax by the format's maximum (448) before dividing, so nothing is ever divided b
 
 from __future__ import annotations
 
+import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 
 E4M3_MAX = 448.0  # largest finite float8_e4m3fn value
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# Values per chunk when converting: 128K keep a chunk's float32 temporaries (512 KiB) in cache,
+# and make the per-op overhead of the few torch ops per chunk negligible.
+CHUNK_VALUES = 1 << 17
 
 
 @dataclass(frozen=True, eq=False)
@@ -84,7 +89,7 @@ def quantize_fp8(
         scale = fp8_scale(amax)
     else:
         scale = _checked_scale(scale, weight, per_channel)
-    return FP8Tensor(_cast(weight.to(torch.float32) / _broadcastable(scale, weight)), scale)
+    return FP8Tensor(_quantize_rows(weight, scale), scale)
 
 
 def quantize_fp8_stacked(weight: torch.Tensor) -> FP8Tensor:
@@ -95,8 +100,8 @@ def quantize_fp8_stacked(weight: torch.Tensor) -> FP8Tensor:
     check_float_dtype(weight, "FP8")
     if weight.ndim != 3:
         raise ValueError(f"quantize_fp8_stacked takes a weight [E, out, in], not shape {list(weight.shape)}.")
-    scale = fp8_scale(_finite_amax(weight, dim=(1, 2)))
-    return FP8Tensor(_cast(weight.to(torch.float32) / scale.view(-1, 1, 1)), scale)
+    scale = fp8_scale(_finite_amax(weight.flatten(1), dim=1))
+    return FP8Tensor(_quantize_rows(weight, scale), scale)
 
 
 def dequantize_fp8(t: FP8Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -106,7 +111,12 @@ def dequantize_fp8(t: FP8Tensor, dtype: torch.dtype = torch.float32) -> torch.Te
     bf16 first); this keeps the fp32 product, which is what an FP8 GEMM's epilogue computes.
     The two agree exactly for dtype float32.
     """
-    return (t.data.to(torch.float32) * _broadcastable(t.scale, t.data)).to(dtype)
+    rows = t.data.reshape(math.prod(t.data.shape[:-1]), t.data.shape[-1])
+    scale = _per_row(t.scale, t.data)
+    out = torch.empty(rows.shape, dtype=dtype, device=rows.device)
+    for chunk in _row_chunks(rows):
+        out[chunk] = rows[chunk].to(torch.float32).mul_(scale[chunk, None])
+    return out.view(t.shape)
 
 
 def fake_quantize_fp8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -125,19 +135,43 @@ def _cast(values: torch.Tensor) -> torch.Tensor:
     return values.clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
 
 
+def _quantize_rows(weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """e4m3(clamp(float32(weight) / scale)) with scale [], [...] or [..., out], a chunk of rows at a time."""
+    rows = weight.reshape(math.prod(weight.shape[:-1]), weight.shape[-1])
+    per_row = _per_row(scale, weight)
+    out = torch.empty(rows.shape, dtype=torch.float8_e4m3fn, device=rows.device)
+    for chunk in _row_chunks(rows):
+        # bf16/fp16 / fp32 promotes to an fp32 quotient; out-of-place, as rows may be the caller's
+        out[chunk] = torch.div(rows[chunk], per_row[chunk, None]).clamp_(-E4M3_MAX, E4M3_MAX)
+    return out.view(weight.shape)
+
+
+def _per_row(scale: torch.Tensor, data: torch.Tensor) -> torch.Tensor:
+    """The scale of each row of data viewed as [rows, in] -> float32 [rows]."""
+    return torch.broadcast_to(_broadcastable(scale, data), (*data.shape[:-1], 1)).reshape(-1)
+
+
+def _row_chunks(rows: torch.Tensor) -> Iterator[slice]:
+    step = max(1, CHUNK_VALUES // max(rows.shape[1], 1))
+    for start in range(0, rows.shape[0], step):
+        yield slice(start, start + step)
+
+
 def _amax(weight: torch.Tensor, *, per_channel: bool) -> torch.Tensor:
     if not per_channel:
         return _finite_amax(weight, dim=None)
     if weight.ndim < 2:
         raise ValueError(f"per-channel FP8 needs a weight [..., out, in], not shape {list(weight.shape)}.")
-    return _finite_amax(weight, dim=(-1,))
+    return _finite_amax(weight, dim=-1)
 
 
-def _finite_amax(weight: torch.Tensor, dim: tuple[int, ...] | None) -> torch.Tensor:
+def _finite_amax(weight: torch.Tensor, dim: int | None) -> torch.Tensor:
     """max |weight| over dim (all dims if None) as float32; ValueError if the weight holds NaN or Inf."""
     if weight.numel() == 0:  # amax cannot reduce nothing; zeros of the reduced shape
         return torch.zeros_like(weight, dtype=torch.float32).sum(dim=dim)
-    amax = weight.abs().amax() if dim is None else weight.abs().amax(dim=dim)
+    # aminmax reads the weight once and allocates no |weight| copy; NaN propagates through it.
+    low, high = torch.aminmax(weight) if dim is None else torch.aminmax(weight, dim=dim)
+    amax = torch.maximum(high, -low)
     if not bool(torch.isfinite(amax).all()):
         shape = list(weight.shape)
         raise ValueError(f"cannot quantize a weight of shape {shape} that holds NaN or Inf values.")

@@ -83,7 +83,12 @@ def _plan(specs: list[WeightSpec], quant: QuantConfig | None, ckpt: Checkpoint) 
             if dtype is None:
                 expected[tensor] = (shape, FLOAT_DTYPES)
                 continue
-            for component, (component_shape, stored) in stored_layout(dtype, shape).items():
+            try:
+                layout = stored_layout(dtype, shape)
+            except CheckpointError as error:
+                problems.append(f"{_module(tensor)} {error}")
+                break
+            for component, (component_shape, stored) in layout.items():
                 name = component_name(tensor, component)
                 ref = ckpt.ref(name)
                 if not component_shape and ref is not None and ref.shape in SCALAR_SHAPES:

@@ -98,7 +98,7 @@ def stored_layout(dtype: DType, shape: tuple[int, ...]) -> dict[str, tuple[tuple
     rows, cols = shape
     if dtype is NVFP4:
         if cols % 16:
-            raise CheckpointError(f"an NVFP4 module needs an input dim divisible by 16, got {list(shape)}")
+            raise CheckpointError(f"is NVFP4 but its input dim {cols} is not divisible by 16")
         return {"": ((rows, cols // 2), "U8"), "weight_scale": ((rows, cols // 16), "F8_E4M3"),
                 "weight_scale_2": ((), "F32")}
     return {"": (shape, "F8_E4M3"), "weight_scale": ((), "F32")}

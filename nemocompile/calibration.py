@@ -19,6 +19,9 @@ from nemocompile.runtime.executor import Executor
 from nemocompile.runtime.weights import WeightValue
 
 FORMAT_MAX = {"nvfp4": 6.0 * 448.0, "fp8": 448.0}
+# An activation that was always zero gets the format's element maximum as amax (as ModelOpt's
+# export does), so its scale is finite and non-zero.
+ELEMENT_MAX = {"nvfp4": 6.0, "fp8": 448.0}
 
 
 def scales_needed(quantized: Graph) -> dict[str, tuple[str, str]]:
@@ -103,5 +106,6 @@ def calibrate(float_graph: Graph, float_weights: Mapping[str, WeightValue], need
         value = amax[scale]
         if value.dim():  # experts that saw no token borrow the largest amax of their layer
             value = torch.where(value > 0, value, value.max())
+        value = torch.where(value > 0, value, torch.tensor(ELEMENT_MAX[act_format]))
         scales[scale] = (value / FORMAT_MAX[act_format]).to(torch.float32)
     return scales

@@ -148,7 +148,8 @@ class _Build:
         return calibrate(float_graph, weights, needed, batches)
 
     def agreement(self, float_graph: Graph, graph: Graph) -> Agreement | None:
-        if not _quantized(graph) or not self._small_enough(float_graph):
+        # A checkpoint stored quantized has no float weights to compare with.
+        if not _quantized(graph) or _quantized(float_graph) or not self._small_enough(float_graph):
             return None
         float_weights = read_weights(self.imported.checkpoint, float_graph)
         engine_weights = load_weights(self.stage, [WEIGHTS_FILE], _engine_graph(graph), torch.device("cpu"))
@@ -163,6 +164,8 @@ def build(model: Path | None, out: Path, options: BuildOptions | None = None,
     load_target(options.target)  # an unknown target is refused before anything is read
     if options.world_size < 1:
         raise UsageError(f"--world-size must be at least 1, got {options.world_size}")
+    if options.calibrate < 1:
+        raise UsageError(f"--calibrate must be at least 1, got {options.calibrate}")
     with _model_directory(model) as (model_dir, source_name), staged_directory(out, options.force) as stage:
         imported = import_checkpoint(model_dir)
         job = _Build(options, imported, stage, printer, progress)

@@ -84,7 +84,8 @@ def write_report(path: Path, manifest: dict[str, Any], graph: Graph, stats: Para
         lines += [f"| {e.weight} | {e.format} | {e.rel_rms:.5f} | {_sqnr(e.sqnr_db)} |" for e in errors]
     lines += ["", "## Agreement with the float engine", ""]
     if agreement is None:
-        lines.append("- not measured (nothing quantized, or the model is too big for the CPU reference check)")
+        lines.append("- not measured: nothing was quantized, the checkpoint is stored quantized (no float weights "
+                     "to compare with), or the model is too big for the CPU reference check")
     else:
         lines += [f"- against {agreement.reference}, {agreement.prompts} random prompts, {agreement.tokens} positions",
                   f"- top-1 agreement: {agreement.top1:.4f}",

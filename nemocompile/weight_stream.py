@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -19,11 +20,19 @@ from nemocompile.graph.ir import Graph, Weight
 from nemocompile.graph.storage import component_name, stored_nbytes, stored_tensors
 from nemocompile.graph.types import SAFETENSORS_DTYPES
 from nemocompile.runtime.dtypes import torch_dtype
-from nemocompile.runtime.formats import dequantize_fp8, dequantize_nvfp4, quantize_fp8, quantize_nvfp4
+from nemocompile.runtime.formats import (
+    FP8Tensor,
+    NVFP4Tensor,
+    dequantize_fp8,
+    dequantize_nvfp4,
+    quantize_fp8,
+    quantize_nvfp4,
+)
 from nemocompile.runtime.weights import WeightValue, assemble
 
 from .safetensors_writer import SafetensorsWriter
 
+ERROR_CHUNK_VALUES = 1 << 20
 IR_TO_SAFETENSORS = {dtype.name: name for name, dtype in SAFETENSORS_DTYPES.items()}
 ProgressHook = Callable[[str, int, int], None]  # (what, bytes just processed, bytes in all)
 
@@ -42,16 +51,29 @@ class _ErrorSum:
         self.noise = 0.0
         self.count = 0
 
-    def add(self, reference: torch.Tensor, approximation: torch.Tensor) -> None:
-        reference = reference.float()
-        self.signal += float(reference.square().sum())
-        self.noise += float((reference - approximation.float()).square().sum())
+    def add(self, reference: torch.Tensor, dequantize_rows: Callable[[slice], torch.Tensor]) -> None:
+        """Accumulate over row chunks, so the fp32 copies stay small whatever the tensor."""
+        step = max(1, ERROR_CHUNK_VALUES // max(reference.shape[-1], 1))
+        for start in range(0, reference.shape[0], step):
+            rows = slice(start, start + step)
+            exact = reference[rows].float()
+            self.signal += float(exact.square().sum())
+            self.noise += float((exact - dequantize_rows(rows)).square().sum())
         self.count += reference.numel()
 
     def result(self, weight: str, fmt: str) -> QuantizationError:
         rel = math.sqrt(self.noise / self.signal) if self.signal else 0.0
         sqnr = 10 * math.log10(self.signal / self.noise) if self.noise else math.inf
         return QuantizationError(weight, fmt, rel, sqnr)
+
+
+def _nvfp4_rows(q: NVFP4Tensor, rows: slice) -> torch.Tensor:
+    return dequantize_nvfp4(NVFP4Tensor(q.packed[rows], q.block_scale[rows], q.global_scale))
+
+
+def _fp8_rows(q: FP8Tensor, rows: slice) -> torch.Tensor:
+    scale = q.scale[rows] if q.scale.dim() else q.scale  # per-channel scales follow the rows
+    return dequantize_fp8(FP8Tensor(q.data[rows], scale))
 
 
 def engine_tensor_specs(graph: Graph) -> list[tuple[str, str, tuple[int, ...]]]:
@@ -64,21 +86,25 @@ def engine_tensor_specs(graph: Graph) -> list[tuple[str, str, tuple[int, ...]]]:
     return specs
 
 
-def _slices(ckpt: Checkpoint, weight: Weight, component: str = "") -> Iterator[torch.Tensor]:
+def _slices(ckpt: Checkpoint, weight: Weight, component: str = "") -> Iterator[tuple[str, torch.Tensor]]:
     """The weight's source tensors one at a time (one per expert when stacked). Scalar scales
     exported as [1] are read as 0-d."""
     (shape,) = [t.shape for t in stored_tensors(weight.type) if t.component == component]
     scalar = shape[1:] == () if weight.stacked else shape == ()
     for source in weight.sources:
-        tensor = ckpt.read(component_name(source.tensor, component))
+        name = component_name(source.tensor, component)
+        tensor = ckpt.read(name)
         if scalar and tensor.numel() == 1:
             tensor = tensor.reshape(())
-        yield tensor.unsqueeze(0) if weight.stacked else tensor
+        yield name, tensor.unsqueeze(0) if weight.stacked else tensor
 
 
-def _finite(weight: Weight, tensor: torch.Tensor) -> torch.Tensor:
-    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-        raise CheckpointError(f"weight {weight.name} ({weight.sources[0].tensor}) holds NaN or Inf values")
+def _finite(weight: Weight, name: str, tensor: torch.Tensor) -> torch.Tensor:
+    # NaN and Inf reach the extremes, so two values tell (much faster than isfinite over all)
+    if tensor.is_floating_point() and tensor.numel():
+        low, high = torch.aminmax(tensor.reshape(-1))
+        if not bool(torch.isfinite(low) & torch.isfinite(high)):
+            raise CheckpointError(f"tensor {name} (weight {weight.name}) holds NaN or Inf values")
     return tensor
 
 
@@ -90,7 +116,7 @@ def read_weights(ckpt: Checkpoint, graph: Graph) -> dict[str, WeightValue]:
             continue
         parts = {}
         for stored in stored_tensors(weight.type):
-            pieces = list(_slices(ckpt, weight, stored.component))
+            pieces = [tensor for _, tensor in _slices(ckpt, weight, stored.component)]
             value = torch.cat(pieces) if weight.stacked else pieces[0]
             parts[stored.component] = value if weight.type.dtype.quantized else value.to(
                 torch_dtype(weight.type.dtype))
@@ -115,6 +141,7 @@ class WeightStream:
         with SafetensorsWriter(path, engine_tensor_specs(self.graph), {"format": "pt"}) as writer:
             for weight in self.graph.weights:
                 self._write_weight(writer, weight)
+                self.ckpt.close()  # drop the memory maps: resident pages would grow to the model's size
                 if self.progress:
                     self.progress(weight.name.rsplit(".", 1)[0], stored_nbytes(weight.type), self.total)
         return self.total
@@ -132,8 +159,8 @@ class WeightStream:
             for stored in stored_tensors(weight.type):
                 name = component_name(weight.name, stored.component)
                 dtype = torch_dtype(stored.dtype)
-                writer.write_parts(name, (_finite(weight, t).to(dtype) if not target.quantized else t
-                                          for t in _slices(self.ckpt, weight, stored.component)))
+                writer.write_parts(name, (_finite(weight, source, t).to(dtype) if not target.quantized else t
+                                          for source, t in _slices(self.ckpt, weight, stored.component)))
             return
         self._quantize(writer, weight)
 
@@ -145,23 +172,23 @@ class WeightStream:
         components: dict[str, list[torch.Tensor]] = {"weight_scale": [], "weight_scale_2": []}
 
         def codes() -> Iterator[torch.Tensor]:
-            for part in _slices(self.ckpt, weight):
-                source = _finite(weight, part)
-                flat = source[0] if weight.stacked else source
+            for source_name, part in _slices(self.ckpt, weight):
+                flat = part[0] if weight.stacked else part  # the quantizers refuse NaN and Inf
                 try:
                     if fmt == "nvfp4":
                         nvfp4 = quantize_nvfp4(flat)
-                        errors.add(flat, dequantize_nvfp4(nvfp4))
+                        errors.add(flat, partial(_nvfp4_rows, nvfp4))
                         components["weight_scale"].append(nvfp4.block_scale)
                         components["weight_scale_2"].append(nvfp4.global_scale)
                         out = nvfp4.packed
                     else:
                         fp8 = quantize_fp8(flat)
-                        errors.add(flat, dequantize_fp8(fp8))
+                        errors.add(flat, partial(_fp8_rows, fp8))
                         components["weight_scale"].append(fp8.scale)
                         out = fp8.data
                 except ValueError as error:
-                    raise CheckpointError(f"cannot quantize weight {weight.name} to {fmt}: {error}") from None
+                    raise CheckpointError(f"cannot quantize tensor {source_name} (weight {weight.name}) to {fmt}: "
+                                          f"{error}") from None
                 yield out.unsqueeze(0) if weight.stacked else out
 
         writer.write_parts(weight.name, codes())

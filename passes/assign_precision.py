@@ -47,7 +47,7 @@ class AssignPrecision(Pass):
     def _choose(self, weight: Weight, notes: list[str]) -> Choice:
         chosen: Precision | None = self.policy.precision_of(weight.category)
         if weight.type.dtype.quantized:  # stored quantized: keep it, bit for bit
-            act = chosen.act_format if chosen and chosen.weight_dtype == weight.type.dtype.name else None
+            act = self.policy.act_format_for_stored(weight.type.dtype.name, chosen)
             if chosen is None or chosen.weight_dtype != weight.type.dtype.name:
                 notes.append(f"{weight.name}: kept as stored ({weight.type.dtype}); the policy asks for "
                              f"{chosen.label if chosen else self.policy.base}")

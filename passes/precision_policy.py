@@ -74,6 +74,16 @@ class PrecisionPolicy:
     components: Mapping[str, str] = field(default_factory=dict)
     exclude: tuple[str, ...] = ()  # fnmatch patterns of weight names kept in the base format
     on_indivisible: str = "keep"  # NVFP4 needs in % 16 == 0: "keep" in fp8/base, or "refuse"
+    native_formats: frozenset[str] = frozenset()  # the target's, for weights stored quantized
+
+    def act_format_for_stored(self, stored: str, chosen: Precision | None) -> str | None:
+        """Activations of a GEMM whose weight the checkpoint stores quantized: quantized to the
+        stored format when the policy quantizes this component's activations and the target
+        computes natively in that format (a ModelOpt NVFP4 layer runs W4A4 on Blackwell)."""
+        if chosen is None or chosen.act_format is None:
+            return None
+        native = {"nvfp4": "nvfp4", "fp8": "fp8_e4m3"}[stored]
+        return stored if native in self.native_formats else None
 
     def precision_of(self, category: str) -> Precision | None:
         """The quantized precision for weights of a category, or None to stay in the base format."""
@@ -170,4 +180,5 @@ def resolve_policy(target: Target, precision: str = "auto", overrides: Sequence[
         if components.get(component) not in allowed:
             components[component] = "fp32" if component in ("router", "ssm_state") else base
     _check_target(target, components)
-    return PrecisionPolicy(base, MappingProxyType(components), tuple(patterns), on_indivisible)
+    return PrecisionPolicy(base, MappingProxyType(components), tuple(patterns), on_indivisible,
+                           frozenset(target.native_formats))

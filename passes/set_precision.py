@@ -12,12 +12,14 @@ from typing import ClassVar
 from nemocompile.errors import UsageError
 from nemocompile.graph.builder import GraphBuilder, reemit
 from nemocompile.graph.ir import Graph, StateSlot, Weight
+from nemocompile.graph.nemotron_h import INPUT_SCALE_CATEGORY
 from nemocompile.graph.types import DTYPES, F32, DType
 
 from .base import Pass, PassOutput
 
 PRECISIONS = {"fp32": "f32", "bf16": "bf16"}
-KEEP_FP32_CATEGORIES = frozenset({"router"})
+# Routers decide expert choice; activation scales are exact calibration constants.
+KEEP_FP32_CATEGORIES = frozenset({"router", INPUT_SCALE_CATEGORY})
 
 
 def _weight_dtype(weight: Weight, dtype: DType) -> DType:

@@ -25,7 +25,7 @@ E4M3_MAX = 448.0  # largest finite float8_e4m3fn value
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # Values per chunk when converting: 128K keep a chunk's float32 temporaries (512 KiB) in cache,
 # and make the per-op overhead of the few torch ops per chunk negligible.
-CHUNK_VALUES = 1 << 17
+CHUNK_VALUES = 1 << 20  # values per step: few, large torch ops
 
 
 @dataclass(frozen=True, eq=False)

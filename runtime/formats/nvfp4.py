@@ -51,7 +51,7 @@ _E2M1_SIGNED_VALUES[8] = 0.0  # code 8 (sign bit, magnitude 0) reads back +0.0, 
 
 # Blocks per chunk: 128K values keep a chunk's temporaries (512 KiB each) in cache, and are
 # enough that the per-op overhead of ~16 small torch ops per chunk stays a few percent.
-_CHUNK_BLOCKS = 8192
+_CHUNK_BLOCKS = 65536  # 1M values per step: few, large torch ops (small ones stall on a busy machine)
 
 
 @dataclass(frozen=True, eq=False)

@@ -22,8 +22,6 @@ import cProfile
 import importlib
 import io
 import json
-import os
-import platform
 import pstats
 import resource
 import statistics
@@ -39,6 +37,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
+from report_tables import load_average, print_machine_facts, print_table
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 FALLBACK_MODELS_DIR = Path("/work/shared/models")
@@ -83,21 +82,6 @@ def transformers_module() -> Any:
 # ---------------------------------------------------------------- output
 
 
-def print_table(title: str, headers: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
-    """Plain aligned text: the first column left-aligned, the others right-aligned."""
-    widths = [max(len(cell) for cell in column) for column in zip(headers, *rows, strict=True)]
-
-    def line(cells: Sequence[str]) -> str:
-        first, *rest = cells
-        return "  ".join([first.ljust(widths[0]), *(c.rjust(w) for c, w in zip(rest, widths[1:], strict=True))])
-
-    print(f"\n{title}")
-    print(line(headers))
-    print("  ".join("-" * w for w in widths))
-    for row in rows:
-        print(line(row))
-
-
 def billions(count: int) -> str:
     return f"{count / 1e9:,.2f} B"
 
@@ -106,30 +90,10 @@ def gigabytes(count: int) -> str:
     return f"{count / 1e9:,.1f} GB"
 
 
-def load_average() -> str:
-    return " ".join(f"{v:.2f}" for v in os.getloadavg())
-
-
-def print_machine_facts() -> None:
-    usable_cpus = len(os.sched_getaffinity(0))
-    facts = {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers_module().__version__,
-        "cpu count (os)": str(os.cpu_count()),
-        "cpus usable (affinity)": str(usable_cpus),
-        "torch threads": str(torch.get_num_threads()),
-        "load average 1/5/15 min": load_average(),
-        "processor": platform.processor() or platform.machine(),
-    }
-    print("Machine")
-    for key, value in facts.items():
-        print(f"  {key:<26}{value}")
-    if os.getloadavg()[0] > usable_cpus / 2 and torch.get_num_threads() > 1:
-        # Measured here: with 2 threads on a busy 2-core box one small op can wait a whole
-        # scheduler slice for its second thread, so per-token times grow 10x and swing wildly.
-        print("  warning: other jobs are using the CPUs; multi-threaded timings of small ops are "
-              "unreliable, compare with --threads 1")
+# Measured here: with 2 threads on a busy 2-core box one small op can wait a whole
+# scheduler slice for its second thread, so per-token times grow 10x and swing wildly.
+LOAD_WARNING = ("  warning: other jobs are using the CPUs; multi-threaded timings of small ops are "
+                "unreliable, compare with --threads 1")
 
 
 # ---------------------------------------------------------------- 1. plan
@@ -150,15 +114,16 @@ def max_rss_mib() -> float:
 def plan_child(config_path: Path) -> None:
     """Runs in a fresh process (torch is already imported): one plan timed without tracing, then
     one traced; prints the figures as one JSON line."""
+    from nemocompile.driver import BuildOptions
     from nemocompile.planner import plan_model
 
     baseline_peak, baseline_rss = max_rss_mib(), current_rss_mib()
     start = time.perf_counter()
-    result = plan_model(config_path, "h100", "bf16")
+    result = plan_model(config_path, BuildOptions(target="h100", precision="bf16"))
     seconds = time.perf_counter() - start
     peak, rss_after = max_rss_mib(), current_rss_mib()  # the plan result is still alive
     tracemalloc.start()
-    plan_model(config_path, "h100", "bf16")
+    plan_model(config_path, BuildOptions(target="h100", precision="bf16"))
     heap_peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
     stats = result.stats
@@ -418,7 +383,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
     sizes = QUICK if args.quick else FULL
     start = time.perf_counter()
-    print_machine_facts()
+    print_machine_facts(LOAD_WARNING, versions={"transformers": transformers_module().__version__},
+                        warn_single_threaded=False)
     bench_plan(find_models_dir(args.models_dir))
     print(f"  (section {time.perf_counter() - start:.1f} s)")
     section_start = time.perf_counter()

@@ -25,7 +25,6 @@ import io
 import json
 import math
 import os
-import platform
 import pstats
 import resource
 import shutil
@@ -43,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from report_tables import load_average, print_machine_facts, print_table
 
 from nemocompile.graph.checkpoint import INDEX_FILE_NAME
 from nemocompile.graph.config import config_from_dict
@@ -225,48 +225,12 @@ def write_checkpoint(directory: Path, dims: ModelDims) -> list[CheckpointTensor]
 # ---------------------------------------------------------------- output
 
 
-def print_table(title: str, headers: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
-    """Plain aligned text: the first column left-aligned, the others right-aligned."""
-    widths = [max(len(cell) for cell in column) for column in zip(headers, *rows, strict=True)]
-
-    def line(cells: Sequence[str]) -> str:
-        first, *rest = cells
-        return "  ".join([first.ljust(widths[0]), *(c.rjust(w) for c, w in zip(rest, widths[1:], strict=True))])
-
-    print(f"\n{title}")
-    print(line(headers))
-    print("  ".join("-" * w for w in widths))
-    for row in rows:
-        print(line(row))
-
-
 def mib(count: float) -> str:
     return f"{count / MIB:,.0f} MiB"
 
 
-def load_average() -> str:
-    return " ".join(f"{v:.2f}" for v in os.getloadavg())
-
-
-def print_machine_facts() -> None:
-    usable_cpus = len(os.sched_getaffinity(0))
-    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    facts = {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "cpu count (os)": str(os.cpu_count()),
-        "cpus usable (affinity)": str(usable_cpus),
-        "torch threads": str(torch.get_num_threads()),
-        "memory": f"{memory / GB:.1f} GB",
-        "load average 1/5/15 min": load_average(),
-        "processor": platform.processor() or platform.machine(),
-    }
-    print("Machine")
-    for key, value in facts.items():
-        print(f"  {key:<26}{value}")
-    if os.getloadavg()[0] > usable_cpus / 2:
-        print("  warning: other jobs are using the CPUs; throughputs below are lower and noisier than on an idle\n"
-              "  machine, and with more than one torch thread far lower (see section 2); --threads 1 is steadier")
+LOAD_WARNING = ("  warning: other jobs are using the CPUs; throughputs below are lower and noisier than on an idle\n"
+                "  machine, and with more than one torch thread far lower (see section 2); --threads 1 is steadier")
 
 
 # ---------------------------------------------------------------- 1. streaming build
@@ -633,7 +597,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             raise SystemExit(f"error: --threads must be at least 1, got {args.threads}")
         torch.set_num_threads(args.threads)
     start = time.perf_counter()
-    print_machine_facts()
+    print_machine_facts(LOAD_WARNING, memory=True)
     if not args.skip_build:
         dims = dims_for_bytes(sizes.gigabytes * GB)
         parent = args.tmpdir or Path(tempfile.gettempdir())

@@ -97,7 +97,8 @@ def _infer_cast(types: Types, attrs: Attrs) -> tuple[TensorType, ...]:
     return (require(types, 0).with_(dtype=dtype_named(attrs.str("dtype"))),)
 
 
-define("cast", "core", ["x"], ["out"], [("dtype", "dtype")], infer=_infer_cast)
+define("cast", "core", ["x"], ["out"], [("dtype", "dtype")], infer=_infer_cast,
+       doc="x converted to dtype (round to nearest even)")
 
 ACTIVATIONS = ("relu2", "silu")
 

@@ -74,8 +74,10 @@ class Engine:
         ids = input_ids if isinstance(input_ids, torch.Tensor) else torch.tensor(input_ids, dtype=torch.int64)
         if ids.dim() != 2 or ids.shape[1] == 0:
             raise UsageError(f"input_ids must be a non-empty [batch, seq] array, got shape {list(ids.shape)}")
-        if ids.min() < 0 or ids.max() >= self.vocab_size:
-            raise UsageError(f"input_ids must lie in [0, {self.vocab_size}), got {int(ids.min())}..{int(ids.max())}")
+        if ids.device.type == "cpu":  # checked before moving to a GPU: no device sync per token
+            low, high = int(ids.min()), int(ids.max())
+            if low < 0 or high >= self.vocab_size:
+                raise UsageError(f"input_ids must lie in [0, {self.vocab_size}), got {low}..{high}")
         return ids.to(device=self.device, dtype=torch.int64)
 
     @torch.inference_mode()

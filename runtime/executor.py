@@ -27,8 +27,10 @@ class Executor:
         self.graph = graph
         self.weights = weights
         self.observer = observer
-        self.plan: list[tuple[OpImpl, tuple[str | None, ...]]] = [
-            (reference_impl(op.opname), op.operands) for op in graph.ops
+        # Everything per op that does not depend on the call is resolved once, here.
+        self.plan: list[tuple[OpImpl, tuple[str | None, ...], tuple[torch.dtype, ...]]] = [
+            (reference_impl(op.opname), op.operands, tuple(torch_dtype(r.type.dtype) for r in op.results))
+            for op in graph.ops
         ]
         # Values no later op reads are dropped as soon as possible (bounded activation memory).
         last_use: dict[str, int] = {}
@@ -47,19 +49,20 @@ class Executor:
             raise UsageError(f"input_ids must be [batch, seq], got shape {list(input_ids.shape)}")
         if input_ids.shape[0] != cache.batch_size:
             raise UsageError(f"input_ids has batch {input_ids.shape[0]} but the cache holds {cache.batch_size}")
-        values: dict[str, WeightValue | None] = dict(self.weights)
-        values[self.graph.inputs[0].name] = input_ids
-        for index, (op, (impl, operands)) in enumerate(zip(self.graph.ops, self.plan, strict=True)):
-            args = [None if name is None else values[name] for name in operands]
+        weights = self.weights
+        values: dict[str, torch.Tensor] = {self.graph.inputs[0].name: input_ids}
+        for index, (op, (impl, operands, dtypes)) in enumerate(zip(self.graph.ops, self.plan, strict=True)):
+            args = [None if name is None else values[name] if name in values else weights[name]
+                    for name in operands]
             if self.observer is not None:
                 self.observer(op, args)
             results = impl(op, args, cache)
-            for value, tensor in zip(op.results, results, strict=True):
-                if tensor.dtype != torch_dtype(value.type.dtype):
+            for value, tensor, dtype in zip(op.results, results, dtypes, strict=True):
+                if tensor.dtype != dtype:
                     raise IRError(f"{op.opname} at {op.scope} produced {tensor.dtype} for %{value.name}, "
                                   f"the IR says {value.type.dtype}")
                 values[value.name] = tensor
             for name in self.release_after[index]:
                 values.pop(name, None)
         cache.length += input_ids.shape[1]
-        return {name: values[name] for name in self.graph.outputs}  # type: ignore[misc]
+        return {name: values[name] for name in self.graph.outputs}

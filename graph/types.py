@@ -112,6 +112,8 @@ class TensorType:
         return count
 
     def nbytes(self) -> int:
+        """Bytes of the elements alone (for quantized formats, the codes without their scales;
+        graph/storage.py gives what a weight really stores)."""
         return self.numel() * self.dtype.bits // 8
 
     def with_(self, **changes: Any) -> TensorType:

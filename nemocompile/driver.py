@@ -60,7 +60,8 @@ class BuildOptions:
 
 def pipeline(target: Target, policy: PrecisionPolicy) -> list[Pass]:
     """The passes for a target, in order; decode specialisation follows on a copy."""
-    return [SetPrecision(policy.base), Decompose(), AssignPrecision(policy)]
+    return [SetPrecision(policy.base, policy.components.get("ssm_state", "fp32")), Decompose(),
+            AssignPrecision(policy)]
 
 
 @dataclass(frozen=True)
@@ -170,7 +171,8 @@ def build(model: Path | None, out: Path, options: BuildOptions | None = None,
         imported = import_checkpoint(model_dir)
         job = _Build(options, imported, stage, printer, progress)
         float_graph, graph, decode, records = job.compile()
-        stream = WeightStream(imported.checkpoint, graph, job.scales(float_graph, graph), progress)
+        stream = WeightStream(imported.checkpoint, graph, job.scales(float_graph, graph), progress,
+                              four_over_six=job.policy.nvfp4_four_over_six)
         bytes_written = stream.write(stage / WEIGHTS_FILE)
         (stage / "graph.txt").write_text(print_graph(_engine_graph(graph)))
         (stage / "graph.decode.txt").write_text(print_graph(_engine_graph(decode)))

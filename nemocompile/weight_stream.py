@@ -128,8 +128,9 @@ class WeightStream:
     """Writes a graph's weights into one safetensors file, converting each on the way."""
 
     def __init__(self, ckpt: Checkpoint, graph: Graph, scales: Mapping[str, torch.Tensor],
-                 progress: ProgressHook | None = None) -> None:
+                 progress: ProgressHook | None = None, four_over_six: bool = False) -> None:
         self.ckpt = ckpt
+        self.four_over_six = four_over_six
         self.graph = graph
         self.scales = scales
         self.progress = progress
@@ -176,7 +177,7 @@ class WeightStream:
                 flat = part[0] if weight.stacked else part  # the quantizers refuse NaN and Inf
                 try:
                     if fmt == "nvfp4":
-                        nvfp4 = quantize_nvfp4(flat)
+                        nvfp4 = quantize_nvfp4(flat, four_over_six=self.four_over_six)
                         errors.add(flat, partial(_nvfp4_rows, nvfp4))
                         components["weight_scale"].append(nvfp4.block_scale)
                         components["weight_scale_2"].append(nvfp4.global_scale)

@@ -39,6 +39,7 @@ PRECISIONS: Mapping[str, Precision] = MappingProxyType({
     "fp8_e4m3_w8a8": Precision("fp8_e4m3_w8a8", "fp8", "fp8", "FP8 W8A8"),
     "fp8_e4m3": Precision("fp8_e4m3", "fp8", None, "FP8 W8A16"),
     "bf16": Precision("bf16", "bf16", None, "BF16"),
+    "fp16": Precision("fp16", "f16", None, "FP16"),
     "fp32": Precision("fp32", "f32", None, "FP32"),
 })
 ALIASES = {"fp8": "fp8_e4m3_w8a8", "w8a8": "fp8_e4m3_w8a8", "fp8_w8a8": "fp8_e4m3_w8a8",
@@ -62,7 +63,7 @@ COMPONENT_CATEGORIES: Mapping[str, tuple[str, ...]] = MappingProxyType({
 # Components whose weights feed GEMMs, so they may be quantized; the others take only these.
 FLOAT_ONLY: Mapping[str, tuple[str, ...]] = MappingProxyType({
     "embeddings": ("bf16", "fp32"), "conv1d": ("bf16", "fp32"), "router": ("fp32",),
-    "kv_cache": ("bf16", "fp32"), "ssm_state": ("fp32",),
+    "kv_cache": ("bf16", "fp32"), "ssm_state": ("fp32", "fp16"),
 })
 # What to suggest when a target lacks the native format a precision needs.
 FALLBACK = {"nvfp4_w4a4": "nvfp4_w4a16", "fp8_e4m3_w8a8": "bf16", "fp8_e4m3": "bf16"}
@@ -75,6 +76,8 @@ class PrecisionPolicy:
     exclude: tuple[str, ...] = ()  # fnmatch patterns of weight names kept in the base format
     on_indivisible: str = "keep"  # NVFP4 needs in % 16 == 0: "keep" in fp8/base, or "refuse"
     native_formats: frozenset[str] = frozenset()  # the target's, for weights stored quantized
+    # ModelOpt's four-over-six NVFP4 variant: each block scaled to 6 or to 4, whichever errs less
+    nvfp4_four_over_six: bool = False
 
     def act_format_for_stored(self, stored: str, chosen: Precision | None) -> str | None:
         """Activations of a GEMM whose weight the checkpoint stores quantized: quantized to the
@@ -98,7 +101,8 @@ class PrecisionPolicy:
 
     def describe(self) -> dict[str, Any]:
         return {"base": self.base, "components": dict(sorted(self.components.items())),
-                "exclude": list(self.exclude), "on_indivisible": self.on_indivisible}
+                "exclude": list(self.exclude), "on_indivisible": self.on_indivisible,
+                "nvfp4_four_over_six": self.nvfp4_four_over_six}
 
 
 def canonical_precision(name: str, where: str) -> str:
@@ -110,7 +114,8 @@ def canonical_precision(name: str, where: str) -> str:
     return key
 
 
-def _set_component(components: dict[str, str], component: str, precision: str, where: str) -> None:
+def _set_component(components: dict[str, str], component: str, precision: str, where: str,
+                   explicit: set[str]) -> None:
     if component not in COMPONENT_CATEGORIES:
         raise UsageError(f"{where}: unknown component '{component}'; components: "
                          f"{', '.join(COMPONENT_CATEGORIES)}")
@@ -118,7 +123,13 @@ def _set_component(components: dict[str, str], component: str, precision: str, w
     allowed = FLOAT_ONLY.get(component)
     if allowed is not None and canonical not in allowed:
         raise UsageError(f"{where}: {component} can only be {' or '.join(allowed)}, not {canonical}")
+    if allowed is None and canonical == "fp16":
+        raise UsageError(f"{where}: fp16 is an ssm_state option; GEMM weights are bf16, fp32, NVFP4 or FP8")
     components[component] = canonical
+    explicit.add(component)
+
+
+POLICY_FILE_KEYS = ("base", "components", "exclude", "on_indivisible", "nvfp4_four_over_six")
 
 
 def _read_policy_file(path: Path) -> dict[str, Any]:
@@ -128,11 +139,30 @@ def _read_policy_file(path: Path) -> dict[str, Any]:
         raise UsageError(f"policy file {path} does not exist") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
         raise UsageError(f"policy file {path} is not valid TOML ({error})") from None
-    unknown = set(data) - {"base", "components", "exclude", "on_indivisible"}
+    unknown = set(data) - set(POLICY_FILE_KEYS)
     if unknown:
-        raise UsageError(f"policy file {path}: unknown key '{sorted(unknown)[0]}'; keys: base, components, "
-                         "exclude, on_indivisible")
+        raise UsageError(f"policy file {path}: unknown key '{sorted(unknown)[0]}'; keys: "
+                         f"{', '.join(POLICY_FILE_KEYS)}")
     return data
+
+
+def _follows_base(component: str) -> bool:
+    """GEMM components and the KV cache take the base float format when not quantized."""
+    return component not in FLOAT_ONLY or component == "kv_cache"
+
+
+def _quantized(precision: str) -> bool:
+    return PRECISIONS[precision].weight_dtype in ("nvfp4", "fp8")
+
+
+def _check_float_components(components: Mapping[str, str], base: str, explicit: set[str]) -> None:
+    """GEMM weights are quantized or in the base float format, and the KV cache is in the base
+    format: one float format per engine."""
+    for component in sorted(explicit):
+        chosen = components[component]
+        if _follows_base(component) and not _quantized(chosen) and chosen != base:
+            raise UsageError(f"{component}={chosen} differs from the float base {base}; float GEMM weights use "
+                             f"the base format (choose it with --precision or base in the policy file)")
 
 
 def _check_target(target: Target, components: Mapping[str, str]) -> None:
@@ -155,8 +185,10 @@ def resolve_policy(target: Target, precision: str = "auto", overrides: Sequence[
         for component, chosen in target.precision_policy.items():
             if component in COMPONENT_CATEGORIES:
                 components[component] = canonical_precision(chosen, f"target {target.name}")
+    explicit: set[str] = set()  # components the policy file or --override set
     patterns = list(exclude)
     on_indivisible = "keep"
+    four_over_six = False
     if policy_file is not None:
         data = _read_policy_file(policy_file)
         where = f"policy file {policy_file}"
@@ -165,20 +197,28 @@ def resolve_policy(target: Target, precision: str = "auto", overrides: Sequence[
             if base not in ("bf16", "fp32"):
                 raise UsageError(f"{where}: base must be bf16 or fp32, got '{base}'")
         for component, chosen in dict(data.get("components", {})).items():
-            _set_component(components, component, str(chosen), where)
+            _set_component(components, component, str(chosen), where, explicit)
         patterns += [str(p) for p in data.get("exclude", [])]
         on_indivisible = str(data.get("on_indivisible", on_indivisible))
         if on_indivisible not in ("keep", "refuse"):
             raise UsageError(f"{where}: on_indivisible must be keep or refuse, got '{on_indivisible}'")
+        four_over_six = data.get("nvfp4_four_over_six", False)
+        if not isinstance(four_over_six, bool):
+            raise UsageError(f"{where}: nvfp4_four_over_six must be true or false, got {four_over_six!r}")
     for override in overrides:
         component, sep, chosen = override.partition("=")
         if not sep:
             raise UsageError(f"--override must look like component=precision, got '{override}'")
-        _set_component(components, component.strip(), chosen, f"--override {override}")
+        _set_component(components, component.strip(), chosen, f"--override {override}", explicit)
+    # the target's float GEMM components and KV cache follow the base (auto with base fp32: fp32 attention)
+    for component, chosen in list(components.items()):
+        if component not in explicit and _follows_base(component) and not _quantized(chosen):
+            components[component] = base
     # Float-only components follow the base unless set explicitly.
     for component, allowed in FLOAT_ONLY.items():
         if components.get(component) not in allowed:
             components[component] = "fp32" if component in ("router", "ssm_state") else base
+    _check_float_components(components, base, explicit)
     _check_target(target, components)
     return PrecisionPolicy(base, MappingProxyType(components), tuple(patterns), on_indivisible,
-                           frozenset(target.native_formats))
+                           frozenset(target.native_formats), four_over_six)

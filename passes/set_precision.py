@@ -13,11 +13,12 @@ from nemocompile.errors import UsageError
 from nemocompile.graph.builder import GraphBuilder, reemit
 from nemocompile.graph.ir import Graph, StateSlot, Weight
 from nemocompile.graph.nemotron_h import INPUT_SCALE_CATEGORY
-from nemocompile.graph.types import DTYPES, F32, DType
+from nemocompile.graph.types import DTYPES, F16, F32, DType
 
 from .base import Pass, PassOutput
 
 PRECISIONS = {"fp32": "f32", "bf16": "bf16"}
+SSM_STATE_DTYPES = {"fp32": F32, "fp16": F16}
 # Routers decide expert choice; activation scales are exact calibration constants.
 KEEP_FP32_CATEGORIES = frozenset({"router", INPUT_SCALE_CATEGORY})
 
@@ -28,18 +29,21 @@ def _weight_dtype(weight: Weight, dtype: DType) -> DType:
     return dtype
 
 
-def _state_dtype(slot: StateSlot, dtype: DType) -> DType:
-    return F32 if slot.kind == "ssm" else dtype
+def _state_dtype(slot: StateSlot, dtype: DType, ssm: DType) -> DType:
+    return ssm if slot.kind == "ssm" else dtype
 
 
 @dataclass(frozen=True)
 class SetPrecision(Pass):
     name: ClassVar[str] = "set_precision"
     precision: str = "bf16"
+    ssm_state: str = "fp32"  # fp16 halves the Mamba state between calls (it still computes in fp32)
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
             raise UsageError(f"--precision must be one of {', '.join(PRECISIONS)}, got '{self.precision}'")
+        if self.ssm_state not in SSM_STATE_DTYPES:
+            raise UsageError(f"ssm_state must be one of {', '.join(SSM_STATE_DTYPES)}, got '{self.ssm_state}'")
 
     def apply(self, graph: Graph) -> PassOutput:
         dtype = DTYPES[PRECISIONS[self.precision]]
@@ -52,7 +56,8 @@ class SetPrecision(Pass):
             changed += new_type is not weight.type
             builder.add_weight(replace(weight, type=new_type))
         for slot in graph.states:
-            builder.state(slot.name, slot.kind, slot.type.with_(dtype=_state_dtype(slot, dtype)))
+            builder.state(slot.name, slot.kind,
+                          slot.type.with_(dtype=_state_dtype(slot, dtype, SSM_STATE_DTYPES[self.ssm_state])))
         for op in graph.ops:
             reemit(builder, op)
         for name in graph.outputs:

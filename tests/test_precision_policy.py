@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from nemocompile.driver import BuildOptions
+from nemocompile.driver import BuildOptions, pipeline
 from nemocompile.errors import TargetError, UsageError
 from nemocompile.graph.config import config_from_dict, load_config
 from nemocompile.graph.ir import Graph
@@ -139,3 +139,48 @@ def test_bf16_plan_is_sixteen_bits() -> None:
     result = plan_model(MODELS / "nano.json", BuildOptions(precision="bf16"))
     assert 16 <= result.stats.bits_per_element < 16.1
     assert config.num_layers == 52
+
+
+def test_float_components_follow_the_base_and_mixed_floats_are_refused(tmp_path: Path) -> None:
+    path = tmp_path / "fp32.toml"
+    path.write_text('base = "fp32"\n')
+    policy = resolve_policy(load_target("b200"), policy_file=path)
+    assert policy.components["attention"] == "fp32" and policy.components["kv_cache"] == "fp32"
+    assert policy.components["routed_experts"] == "nvfp4_w4a4"  # quantized choices stay
+    with pytest.raises(UsageError, match="attention=fp32 differs from the float base bf16"):
+        resolve_policy(load_target("b200"), overrides=["attention=fp32"])
+    with pytest.raises(UsageError, match="fp16 is an ssm_state option"):
+        resolve_policy(load_target("b200"), overrides=["attention=fp16"])
+
+
+def test_fp16_ssm_state_is_applied_to_the_state_slots() -> None:
+    policy = resolve_policy(load_target("h100"), overrides=["ssm_state=fp16"])
+    graph, _ = PassManager(pipeline(load_target("h100"), policy)).run(build_block_graph(config_from_dict(TINY), BF16))
+    kinds = {slot.kind: slot.type.dtype.name for slot in graph.states}
+    assert kinds == {"conv": "bf16", "ssm": "f16", "kv": "bf16"}
+
+
+def test_four_over_six_policy_key(tmp_path: Path) -> None:
+    path = tmp_path / "policy.toml"
+    path.write_text("nvfp4_four_over_six = true\n")
+    assert resolve_policy(load_target("b200"), policy_file=path).nvfp4_four_over_six
+    assert not resolve_policy(load_target("b200")).nvfp4_four_over_six
+    path.write_text('nvfp4_four_over_six = "yes"\n')
+    with pytest.raises(UsageError, match="nvfp4_four_over_six must be true or false"):
+        resolve_policy(load_target("b200"), policy_file=path)
+
+
+def test_four_over_six_build_lowers_nvfp4_error(tmp_path: Path) -> None:
+    import nemocompile
+
+    policy = tmp_path / "policy.toml"
+    policy.write_text("nvfp4_four_over_six = true\n")
+    plain = nemocompile.build(None, tmp_path / "plain", target="h100")
+    four_six = nemocompile.build(None, tmp_path / "four-six", target="h100", policy_file=policy)
+    assert four_six.manifest["policy"]["nvfp4_four_over_six"] is True
+    plain_err = {e.weight: e.sqnr_db for e in plain.errors if e.format == "nvfp4"}
+    four_six_err = {e.weight: e.sqnr_db for e in four_six.errors if e.format == "nvfp4"}
+    assert plain_err.keys() == four_six_err.keys() and plain_err
+    assert all(four_six_err[w] > plain_err[w] for w in plain_err)  # each block picks the better of 6 and 4
+    fp8 = {e.weight: e.sqnr_db for e in four_six.errors if e.format == "fp8"}
+    assert fp8 == {e.weight: e.sqnr_db for e in plain.errors if e.format == "fp8"}  # FP8 untouched

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-from nemocompile.errors import IRError
+from nemocompile.base.errors import IRError
 
 from .ir import Attrs, AttrValue, Graph, Op, StateSlot, TensorSource, Value, Weight
 from .opdef import opdef

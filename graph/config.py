@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from nemocompile.errors import ConfigError
+from nemocompile.base.errors import ConfigError
 
 PATTERN_LETTERS = {"M": "mamba", "*": "attention", "E": "moe", "-": "mlp"}
 LAYER_TYPE_NAMES = {"linear_attention": "mamba", "mamba": "mamba", "full_attention": "attention",

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from nemocompile.errors import CheckpointError, ConfigError, join_problems
+from nemocompile.base.errors import CheckpointError, ConfigError, join_problems
 
 from .checkpoint import Checkpoint, check_tensors
 from .config import ModelConfig, load_config

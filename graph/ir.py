@@ -6,9 +6,10 @@ from __future__ import annotations
 import builtins
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Union
 
-from nemocompile.errors import IRError
+from nemocompile.base.errors import IRError
 
 from .types import DType, TensorType
 
@@ -182,6 +183,28 @@ class Graph:
 
     def ops_named(self, opname: str) -> Iterator[Op]:
         return (op for op in self.ops if op.opname == opname)
+
+    @cached_property
+    def _def_use(self) -> tuple[dict[str, Op], dict[str, tuple[Op, ...]]]:
+        producers: dict[str, Op] = {}
+        users: dict[str, list[Op]] = {}
+        for op in self.ops:
+            for name in op.operands:
+                if name is not None:
+                    readers = users.setdefault(name, [])
+                    if not readers or readers[-1] is not op:  # an op reading a value twice is one user
+                        readers.append(op)
+            for result in op.results:
+                producers[result.name] = op
+        return producers, {name: tuple(ops) for name, ops in users.items()}
+
+    def producer(self, value: str) -> Op | None:
+        """The op whose result `value` is; None for graph inputs and weights."""
+        return self._def_use[0].get(value)
+
+    def users(self, value: str) -> tuple[Op, ...]:
+        """The ops that read `value`, in program order, each once."""
+        return self._def_use[1].get(value, ())
 
     def op_counts(self) -> dict[str, int]:
         counts: dict[str, int] = {}

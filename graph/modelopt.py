@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from nemocompile.errors import CheckpointError
+from nemocompile.base.errors import CheckpointError
 
 from .types import FP8_SCALED, NVFP4, DType
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from nemocompile.errors import IRError
+from nemocompile.base.errors import IRError
 
 from .ir import Attrs
 from .types import Dim, TensorType
@@ -16,6 +16,32 @@ InferFn = Callable[[Sequence[TensorType | None], Attrs], tuple[TensorType, ...]]
 VerifyFn = Callable[[Sequence[TensorType | None], Attrs], str | None]
 
 LEVELS = ("model", "block", "core", "fused")
+
+# What an operand is to its op. Passes, sharding and codegen find operands by role, never by
+# position: `act` flows between ops, `weight` is a parameter, `scale` a quantization scale,
+# `bias` an additive parameter, `state` persists between calls, `index` holds integer ids.
+ROLES = ("act", "weight", "scale", "bias", "state", "index")
+
+
+@dataclass(frozen=True)
+class Operand:
+    """One declared operand: written `name`, `name?` (optional) or `name:role` / `name?:role`."""
+
+    name: str
+    role: str = "act"
+    optional: bool = False
+
+    @staticmethod
+    def parse(spec: str) -> Operand:
+        name, _, role = spec.partition(":")
+        optional = name.endswith("?")
+        operand = Operand(name.rstrip("?"), role or "act", optional)
+        assert operand.role in ROLES, f"operand {spec!r}: role {operand.role!r} not in {ROLES}"
+        return operand
+
+    def __str__(self) -> str:
+        role = "" if self.role == "act" else f":{self.role}"
+        return f"{self.name}{'?' if self.optional else ''}{role}"
 
 # Python types an attribute may declare; "list" means a tuple of scalars.
 ATTR_KINDS: dict[str, tuple[type, ...]] = {
@@ -33,7 +59,7 @@ ATTR_KINDS: dict[str, tuple[type, ...]] = {
 class OpDef:
     name: str
     level: str
-    operands: tuple[str, ...]  # a trailing "?" marks an optional operand
+    operands: tuple[Operand, ...]
     results: tuple[str, ...]
     attrs: tuple[tuple[str, str], ...]  # (name, kind) with kind from ATTR_KINDS; "?" suffix = optional
     infer: InferFn
@@ -48,10 +74,21 @@ class OpDef:
 
     @property
     def operand_names(self) -> tuple[str, ...]:
-        return tuple(o.rstrip("?") for o in self.operands)
+        return tuple(o.name for o in self.operands)
 
     def is_optional(self, index: int) -> bool:
-        return self.operands[index].endswith("?")
+        return self.operands[index].optional
+
+    def index_of(self, name: str) -> int:
+        """Position of the operand called `name`."""
+        for index, operand in enumerate(self.operands):
+            if operand.name == name:
+                return index
+        raise KeyError(f"{self.name} has no operand '{name}'")
+
+    def indices_with_role(self, role: str) -> tuple[int, ...]:
+        assert role in ROLES, f"unknown role {role!r}"
+        return tuple(i for i, o in enumerate(self.operands) if o.role == role)
 
     def check_attrs(self, attrs: Attrs) -> list[str]:
         problems: list[str] = []
@@ -97,7 +134,7 @@ def define(
 ) -> OpDef:
     """Declare an op; one short call per op."""
     assert name not in REGISTRY, f"op {name} declared twice"
-    opdef = OpDef(name, level, tuple(operands), tuple(results), tuple(attrs), infer, verify, tuple(states), doc)
+    opdef = OpDef(name, level, tuple(Operand.parse(o) for o in operands), tuple(results), tuple(attrs), infer, verify, tuple(states), doc)
     REGISTRY[name] = opdef
     return opdef
 

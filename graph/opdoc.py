@@ -11,7 +11,7 @@ def _row(definition: OpDef) -> str:
     attrs = ", ".join(f"{name}: {kind}" for name, kind in definition.attrs) or "-"
     states = ", ".join(f"{attr} ({kind})" for attr, kind in definition.states) or "-"
     results = "variadic" if definition.results == ("*",) else ", ".join(definition.results)
-    return (f"| `{definition.name}` | {', '.join(definition.operands)} | {results} | {attrs} | {states} | "
+    return (f"| `{definition.name}` | {', '.join(str(o) for o in definition.operands)} | {results} | {attrs} | {states} | "
             f"{definition.doc} |")
 
 

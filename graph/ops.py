@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from nemocompile.errors import IRError
+from nemocompile.base.errors import IRError
 
 from .ir import Attrs
 from .opdef import define, dims_agree, require
@@ -40,7 +40,7 @@ def _infer_embedding(types: Types, attrs: Attrs) -> tuple[TensorType, ...]:
     return (TensorType(table.dtype, (*ids.shape, table.shape[1])),)
 
 
-define("embedding", "core", ["ids", "table"], ["out"], infer=_infer_embedding,
+define("embedding", "core", ["ids:index", "table:weight"], ["out"], infer=_infer_embedding,
        doc="out[b, s] = table[ids[b, s]]")
 
 
@@ -50,7 +50,7 @@ def _infer_rms_norm(types: Types, attrs: Attrs) -> tuple[TensorType, ...]:
     return (x,)
 
 
-define("rms_norm", "core", ["x", "weight"], ["out"], [("eps", "float")], infer=_infer_rms_norm,
+define("rms_norm", "core", ["x", "weight:weight"], ["out"], [("eps", "float")], infer=_infer_rms_norm,
        doc="x / rms(x) * weight over the last dim, computed in fp32, result in x's dtype")
 
 
@@ -77,7 +77,7 @@ def _infer_linear(types: Types, attrs: Attrs) -> tuple[TensorType, ...]:
     return (_with_last(x, weight.shape[0]),)
 
 
-define("linear", "core", ["x", "weight", "bias?", "input_scale?"], ["out"], [("act_format", "str?")],
+define("linear", "core", ["x", "weight:weight", "bias?:bias", "input_scale?:scale"], ["out"], [("act_format", "str?")],
        infer=_infer_linear,
        doc="x @ weight^T + bias; weight [out, in]. A quantized weight is dequantized and multiplied in fp32; "
            "with act_format, x is first quantized to that format (static scale input_scale)")
@@ -133,7 +133,7 @@ def _infer_gated_rms_norm(types: Types, attrs: Attrs) -> tuple[TensorType, ...]:
     return (x,)
 
 
-define("gated_rms_norm", "core", ["x", "gate", "weight"], ["out"], [("group_size", "int"), ("eps", "float")],
+define("gated_rms_norm", "core", ["x", "gate", "weight:weight"], ["out"], [("group_size", "int"), ("eps", "float")],
        infer=_infer_gated_rms_norm, doc="rms-normalise x * silu(gate) per group, times weight")
 
 
@@ -143,11 +143,11 @@ def _infer_conv(types: Types, attrs: Attrs) -> tuple[TensorType, ...]:
     return (x,)
 
 
-define("causal_conv1d", "core", ["x", "weight", "bias?"], ["out"],
+define("causal_conv1d", "core", ["x", "weight:weight", "bias?:bias"], ["out"],
        [("activation", "str?"), ("conv_state", "str")], infer=_infer_conv, states=[("conv_state", "conv")],
        doc="depthwise causal conv over seq, channels last; continues from and updates the conv window")
 
-_SSD_OPERANDS = ["x", "dt", "A_log", "B", "C", "D", "dt_bias"]
+_SSD_OPERANDS = ["x", "dt", "A_log:weight", "B", "C", "D:weight", "dt_bias:bias"]
 _SSD_ATTRS = [("num_heads", "int"), ("head_dim", "int"), ("n_groups", "int"), ("state_size", "int"),
               ("dt_min", "float"), ("dt_max", "float"), ("ssm_state", "str")]
 
@@ -222,7 +222,7 @@ def _verify_router(types: Types, attrs: Attrs) -> str | None:
     return None
 
 
-define("moe_router", "core", ["x", "weight", "bias"], ["weights", "ids"],
+define("moe_router", "core", ["x", "weight:weight", "bias:bias"], ["weights", "ids"],
        [("top_k", "int"), ("n_group", "int"), ("topk_group", "int"), ("norm_topk_prob", "bool"),
         ("routed_scaling_factor", "float")],
        infer=_infer_router, verify=_verify_router,
@@ -236,7 +236,7 @@ def _infer_dispatch(types: Types, attrs: Attrs) -> tuple[TensorType, ...]:
             TensorType(I64, ("routed",)))
 
 
-define("moe_dispatch", "core", ["x", "ids"], ["x_sorted", "offsets", "order"], [("num_experts", "int")],
+define("moe_dispatch", "core", ["x", "ids:index"], ["x_sorted", "offsets", "order"], [("num_experts", "int")],
        infer=_infer_dispatch, doc="token copies sorted by expert; expert e owns rows offsets[e]:offsets[e+1]")
 
 
@@ -249,7 +249,7 @@ def _infer_grouped_gemm(types: Types, attrs: Attrs) -> tuple[TensorType, ...]:
     return (_with_last(x, weight.shape[1]),)
 
 
-define("grouped_gemm", "core", ["x", "offsets", "weight", "input_scale?"], ["out"], [("act_format", "str?")],
+define("grouped_gemm", "core", ["x", "offsets:index", "weight:weight", "input_scale?:scale"], ["out"], [("act_format", "str?")],
        infer=_infer_grouped_gemm,
        doc="rows of expert e times weight[e]^T; quantized weights and activations as for linear, "
            "with one input_scale per expert")
@@ -260,7 +260,7 @@ def _infer_combine(types: Types, attrs: Attrs) -> tuple[TensorType, ...]:
     return (TensorType(y.dtype, (*weights.shape[:-1], y.shape[-1])),)
 
 
-define("moe_combine", "core", ["y", "order", "weights"], ["out"], infer=_infer_combine,
+define("moe_combine", "core", ["y", "order:index", "weights"], ["out"], infer=_infer_combine,
        doc="out[token] = sum over its k experts of weight * expert output (fp32 accumulation)")
 
 # ---------------------------------------------------------------- blocks, as imported
@@ -272,22 +272,23 @@ def _infer_block(types: Types, attrs: Attrs) -> tuple[TensorType, ...]:
 
 
 define("mamba2_mixer", "block",
-       ["x", "in_proj", "conv_weight", "conv_bias?", "dt_bias", "A_log", "D", "norm_weight", "out_proj"],
+       ["x", "in_proj:weight", "conv_weight:weight", "conv_bias?:bias", "dt_bias:bias", "A_log:weight", "D:weight",
+        "norm_weight:weight", "out_proj:weight"],
        ["out"],
        [("num_heads", "int"), ("head_dim", "int"), ("n_groups", "int"), ("state_size", "int"),
         ("conv_kernel", "int"), ("chunk_size", "int"), ("eps", "float"), ("dt_min", "float"),
         ("dt_max", "float"), ("activation", "str"), ("conv_state", "str"), ("ssm_state", "str")],
        infer=_infer_block, states=[("conv_state", "conv"), ("ssm_state", "ssm")],
        doc="Mamba2 mixer: in_proj -> conv1d -> SSD -> gated RMS norm -> out_proj")
-define("attention", "block", ["x", "q_proj", "k_proj", "v_proj", "o_proj"], ["out"],
+define("attention", "block", ["x", "q_proj:weight", "k_proj:weight", "v_proj:weight", "o_proj:weight"], ["out"],
        [("num_heads", "int"), ("num_kv_heads", "int"), ("head_dim", "int"), ("scale", "float"),
         ("kv_state", "str")],
        infer=_infer_block, states=[("kv_state", "kv")], doc="GQA self-attention without positional encoding")
-define("mlp", "block", ["x", "up_proj", "down_proj"], ["out"], [("activation", "str")],
+define("mlp", "block", ["x", "up_proj:weight", "down_proj:weight"], ["out"], [("activation", "str")],
        infer=_infer_block, doc="down(act(up(x)))")
 define("moe", "block",
-       ["x", "router_weight", "router_bias", "experts_up", "experts_down", "shared_up", "shared_down",
-        "fc1_latent?", "fc2_latent?"],
+       ["x", "router_weight:weight", "router_bias:bias", "experts_up:weight", "experts_down:weight",
+        "shared_up:weight", "shared_down:weight", "fc1_latent?:weight", "fc2_latent?:weight"],
        ["out"],
        [("top_k", "int"), ("n_group", "int"), ("topk_group", "int"), ("norm_topk_prob", "bool"),
         ("routed_scaling_factor", "float"), ("activation", "str")],

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from nemocompile.errors import IRError
+from nemocompile.base.errors import IRError
 
 from .types import F32, FP8_E4M3, U8, DType, TensorType
 

@@ -20,7 +20,7 @@ import math
 import re
 from dataclasses import dataclass
 
-from nemocompile.errors import IRError
+from nemocompile.base.errors import IRError
 
 from .ir import Attrs, AttrValue, Graph, Op, StateSlot, TensorSource, Value, Weight
 from .types import Dim, TensorType, dtype_named

@@ -7,7 +7,7 @@ import re
 from dataclasses import dataclass, replace
 from typing import Any
 
-from nemocompile.errors import IRError
+from nemocompile.base.errors import IRError
 
 _SYMBOL = re.compile(r"[a-z_][a-z0-9_]*")
 _RESERVED_SYMBOLS = frozenset({"inf", "nan"})  # these read back as numbers

@@ -4,7 +4,7 @@ A rejection quotes the IR around the op at fault."""
 
 from __future__ import annotations
 
-from nemocompile.errors import IRError
+from nemocompile.base.errors import IRError
 
 from . import ops  # noqa: F401  (the declarations register themselves)
 from .ir import Graph, Op, unique
@@ -27,7 +27,7 @@ def _check_op(op: Op, types: dict[str, TensorType], graph: Graph) -> str | None:
     definition = REGISTRY[op.opname]
     if len(op.operands) != len(definition.operands):
         return (f"{op.opname} takes {len(definition.operands)} operands "
-                f"({', '.join(definition.operands)}), got {len(op.operands)}")
+                f"({', '.join(str(o) for o in definition.operands)}), got {len(op.operands)}")
     operand_types: list[TensorType | None] = []
     for index, name in enumerate(op.operands):
         if name is None:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from nemocompile.errors import UsageError
+from nemocompile.base.errors import UsageError
 from nemocompile.graph.ir import Graph, Op
 from nemocompile.graph.nemotron_h import INPUT_SCALE_CATEGORY
 from nemocompile.passes.assign_precision import GEMM_OPS

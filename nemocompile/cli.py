@@ -24,8 +24,8 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from .errors import NemocompileError, UsageError
-from .settings import override, settings
+from nemocompile.base.errors import NemocompileError, UsageError
+from nemocompile.base.settings import override, settings
 
 stdout = Console(soft_wrap=True)
 stderr = Console(stderr=True, soft_wrap=True)

@@ -15,6 +15,8 @@ from typing import Any
 
 import torch
 
+from nemocompile.base.errors import UsageError
+from nemocompile.base.settings import settings
 from nemocompile.graph.importer import ImportedModel, import_checkpoint
 from nemocompile.graph.ir import Graph, TensorSource, Weight
 from nemocompile.graph.text import print_graph
@@ -33,9 +35,7 @@ from .agreement import Agreement, measure_agreement
 from .calibration import calibrate, calibration_batches, read_token_file, scales_needed
 from .demo import DEMO_NAME, write_demo_checkpoint
 from .engine_files import staged_directory, write_manifest
-from .errors import UsageError
 from .report import write_report
-from .settings import settings
 from .stats import ParamStats, param_stats
 from .weight_stream import QuantizationError, WeightStream, read_weights
 

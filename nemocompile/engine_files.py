@@ -20,8 +20,8 @@ from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from nemocompile.errors import EngineError, UsageError
-from nemocompile.settings import settings
+from nemocompile.base.errors import EngineError, UsageError
+from nemocompile.base.settings import settings
 
 MANIFEST_NAME = "manifest.json"
 _SHA256_HEX = re.compile(r"[0-9a-f]{64}")

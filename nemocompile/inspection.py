@@ -6,12 +6,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from nemocompile.base.errors import EngineError
 from nemocompile.graph.config import PATTERN_LETTERS
 from nemocompile.graph.ir import Graph
 from nemocompile.graph.text import parse_graph
 
 from .engine_files import verify_engine_files
-from .errors import EngineError
 from .stats import ParamStats, param_stats
 
 

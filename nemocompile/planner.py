@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from nemocompile.base.errors import UsageError
 from nemocompile.graph.config import ModelConfig, load_config
 from nemocompile.graph.ir import Graph
 from nemocompile.graph.nemotron_h import TORCH_DTYPE_TO_IR, build_block_graph, mtp_weight_estimate
@@ -16,7 +17,6 @@ from nemocompile.passes.precision_policy import PrecisionPolicy, resolve_policy
 from nemocompile.targets import Target, load_target
 
 from .driver import BuildOptions, pipeline
-from .errors import UsageError
 from .stats import ParamStats, param_stats
 
 BASE_BITS = {"bf16": 16, "fp32": 32}

@@ -7,7 +7,7 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from nemocompile.errors import EngineError
+from nemocompile.base.errors import EngineError
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from nemocompile.errors import CheckpointError
+from nemocompile.base.errors import CheckpointError
 from nemocompile.graph.checkpoint import Checkpoint
 from nemocompile.graph.ir import Graph, Weight
 from nemocompile.graph.storage import component_name, stored_nbytes, stored_tensors

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import ClassVar
 
-from nemocompile.errors import UsageError
+from nemocompile.base.errors import UsageError
 from nemocompile.graph.builder import GraphBuilder, rebuild_header, reemit
 from nemocompile.graph.ir import Graph, Op, Weight
 from nemocompile.graph.nemotron_h import INPUT_SCALE_CATEGORY

@@ -7,10 +7,10 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from nemocompile.base.settings import settings
 from nemocompile.graph.ir import Graph
 from nemocompile.graph.text import print_graph
 from nemocompile.graph.verifier import verify
-from nemocompile.settings import settings
 
 from .base import Pass
 

@@ -13,7 +13,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-from nemocompile.errors import TargetError, UsageError
+from nemocompile.base.errors import TargetError, UsageError
 from nemocompile.targets import Target
 from nemocompile.targets.model import POLICY_PRECISIONS
 

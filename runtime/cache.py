@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from nemocompile.errors import UsageError
+from nemocompile.base.errors import UsageError
 from nemocompile.graph.ir import StateSlot
 
 from .dtypes import torch_dtype

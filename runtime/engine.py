@@ -10,12 +10,12 @@ from typing import Any
 
 import torch
 
+from nemocompile.base.errors import EngineError, NemocompileError, UsageError
+from nemocompile.base.settings import settings
 from nemocompile.engine_files import verify_engine_files
-from nemocompile.errors import EngineError, NemocompileError, UsageError
 from nemocompile.graph.ir import Graph
 from nemocompile.graph.text import parse_graph
 from nemocompile.graph.verifier import verify
-from nemocompile.settings import settings
 from nemocompile.tokenizer import ByteTokenizer
 
 from .cache import Cache

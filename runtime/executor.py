@@ -7,7 +7,7 @@ from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
-from nemocompile.errors import IRError, UsageError
+from nemocompile.base.errors import IRError, UsageError
 from nemocompile.graph.ir import Graph, Op
 
 from .cache import Cache

@@ -8,7 +8,7 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from nemocompile.errors import IRError
+from nemocompile.base.errors import IRError
 from nemocompile.graph.ir import Op
 
 from . import reference as ref

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from nemocompile.errors import UsageError
+from nemocompile.base.errors import UsageError
 
 
 def check_sampling(temperature: float, top_p: float) -> None:

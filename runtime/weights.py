@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from nemocompile.errors import EngineError
+from nemocompile.base.errors import EngineError
 from nemocompile.graph.ir import Graph, Weight
 from nemocompile.graph.storage import component_name, stored_tensors
 

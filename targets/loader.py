@@ -14,7 +14,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Protocol
 
-from nemocompile.errors import TargetError, join_problems
+from nemocompile.base.errors import TargetError, join_problems
 
 from .model import Target
 

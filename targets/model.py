@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
 
-from nemocompile.errors import TargetError, join_problems
+from nemocompile.base.errors import TargetError, join_problems
 
 # Dense peak rates a target quotes, in TFLOP/s (TOP/s for int8). fp32 is the CUDA-core rate;
 # the rest are tensor-core rates. fp4 exists only where the tensor cores take FP4.

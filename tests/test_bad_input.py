@@ -24,9 +24,9 @@ from click.testing import CliRunner, Result
 from safetensors.torch import load_file, save_file
 
 from nemocompile.api import load
+from nemocompile.base.errors import EngineError
+from nemocompile.base.settings import override
 from nemocompile.cli import main
-from nemocompile.errors import EngineError
-from nemocompile.settings import override
 
 TENSOR = "backbone.layers.1.mixer.k_proj.weight"  # [16, 32]: 2 kv heads x head_dim 8, hidden 32
 WEIGHTS_FILE = "weights/rank0.safetensors"

@@ -22,8 +22,9 @@ from click.testing import CliRunner, Result
 from safetensors.torch import load_file, save_file
 
 import nemocompile
+from nemocompile.base.errors import CheckpointError, NemocompileError, UsageError
+from nemocompile.base.settings import override
 from nemocompile.cli import main
-from nemocompile.errors import CheckpointError, NemocompileError, UsageError
 from nemocompile.runtime.formats import (
     FP8Tensor,
     NVFP4Tensor,
@@ -31,7 +32,6 @@ from nemocompile.runtime.formats import (
     dequantize_nvfp4,
     quantize_nvfp4,
 )
-from nemocompile.settings import override
 
 WEIGHTS_FILE = "weights/rank0.safetensors"
 EXPERTS = 4

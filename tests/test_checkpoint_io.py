@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from nemocompile.errors import CheckpointError
+from nemocompile.base.errors import CheckpointError
 from nemocompile.graph.checkpoint import Checkpoint, TensorRef, check_tensors
 
 

@@ -18,9 +18,9 @@ import pytest
 from click.testing import CliRunner, Result
 
 from nemocompile.api import load
+from nemocompile.base.settings import override
 from nemocompile.cli import main
 from nemocompile.graph.text import parse_graph
-from nemocompile.settings import override
 from nemocompile.tokenizer import ByteTokenizer
 
 MODELS = Path("/work/shared/models")

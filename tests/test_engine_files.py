@@ -15,10 +15,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from nemocompile.base.errors import EngineError, UsageError
+from nemocompile.base.settings import override
 from nemocompile.engine_files import sha256_file, staged_directory, verify_engine_files, write_manifest
-from nemocompile.errors import EngineError, UsageError
 from nemocompile.safetensors_writer import SafetensorsWriter
-from nemocompile.settings import override
 
 # ---------------------------------------------------------------------------------------------
 # SafetensorsWriter

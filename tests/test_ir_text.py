@@ -13,7 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from nemocompile.errors import IRError
+from nemocompile.base.errors import IRError
 from nemocompile.graph.builder import GraphBuilder
 from nemocompile.graph.config import ModelConfig, config_from_dict, load_config
 from nemocompile.graph.ir import (

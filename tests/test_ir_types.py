@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from nemocompile.errors import IRError
+from nemocompile.base.errors import IRError
 from nemocompile.graph.ir import STATE_KINDS, Attrs, StateSlot, TensorSource, Weight
 from nemocompile.graph.types import BF16, DTYPES, F32, FP8_E4M3, I64, U8, TensorType, dtype_named, tensor
 

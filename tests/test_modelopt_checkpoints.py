@@ -25,8 +25,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import nemocompile
+from nemocompile.base.errors import CheckpointError
 from nemocompile.driver import BuildResult
-from nemocompile.errors import CheckpointError
 from nemocompile.runtime.formats import NVFP4Tensor, dequantize_nvfp4, quantize_fp8, quantize_nvfp4
 
 transformers = pytest.importorskip("transformers", reason="checkpoints are made by NemotronHForCausalLM")

@@ -15,7 +15,8 @@ from typing import Any, ClassVar
 import pytest
 import torch
 
-from nemocompile.errors import IRError, UsageError
+from nemocompile.base.errors import IRError, UsageError
+from nemocompile.base.settings import override
 from nemocompile.graph.config import ModelConfig, config_from_dict, load_config
 from nemocompile.graph.ir import Attrs, Graph
 from nemocompile.graph.nemotron_h import build_block_graph
@@ -30,7 +31,6 @@ from nemocompile.passes.specialize_decode import SpecializeDecode
 from nemocompile.runtime.cache import Cache
 from nemocompile.runtime.dtypes import torch_dtype
 from nemocompile.runtime.executor import Executor
-from nemocompile.settings import override
 
 BLOCKS = ("mamba2_mixer", "attention", "moe", "mlp")
 

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from nemocompile.base.errors import TargetError, UsageError
 from nemocompile.driver import BuildOptions, pipeline
-from nemocompile.errors import TargetError, UsageError
 from nemocompile.graph.config import config_from_dict, load_config
 from nemocompile.graph.ir import Graph
 from nemocompile.graph.nemotron_h import build_block_graph

@@ -23,6 +23,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 import nemocompile
+from nemocompile.base.settings import override
 from nemocompile.calibration import FORMAT_MAX, calibrate, scales_needed
 from nemocompile.cli import main
 from nemocompile.driver import BuildResult
@@ -36,7 +37,6 @@ from nemocompile.runtime.executor import Executor
 from nemocompile.runtime.formats import FP8Tensor, NVFP4Tensor, fake_quantize_nvfp4
 from nemocompile.runtime.quantized_ops import quant_grouped_gemm, quant_linear
 from nemocompile.runtime.weights import WeightValue, load_weights
-from nemocompile.settings import override
 
 MODELS = Path(__file__).resolve().parents[2] / "shared" / "models"
 if not MODELS.exists():

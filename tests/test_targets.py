@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from nemocompile.errors import TargetError
+from nemocompile.base.errors import TargetError
 from nemocompile.targets import Target, known_targets, load_target, load_target_file
 from nemocompile.targets.model import POLICY_COMPONENTS, required_source_keys
 

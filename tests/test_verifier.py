@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from nemocompile.errors import IRError
+from nemocompile.base.errors import IRError
 from nemocompile.graph.builder import GraphBuilder
 from nemocompile.graph.config import config_from_dict, load_config
 from nemocompile.graph.ir import Attrs, AttrValue, Graph, Op, StateSlot, Value, Weight

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from nemocompile.base.errors import IRError
 
-from .ir import Attrs
+from .ir import Attrs, Op
 from .types import Dim, TensorType
 
 InferFn = Callable[[Sequence[TensorType | None], Attrs], tuple[TensorType, ...]]
@@ -146,6 +146,12 @@ def opdef(name: str) -> OpDef:
         return REGISTRY[name]
     except KeyError:
         raise IRError(f"unknown op '{name}'") from None
+
+
+def operand(op: Op, name: str) -> str | None:
+    """The value bound to the operand called `name` of `op` (None when an optional one is absent)."""
+    index = opdef(op.opname).index_of(name)
+    return op.operands[index] if index < len(op.operands) else None
 
 
 def dims_agree(a: Dim, b: Dim) -> bool:

@@ -273,7 +273,7 @@ def _infer_block(types: Types, attrs: Attrs) -> tuple[TensorType, ...]:
 
 define("mamba2_mixer", "block",
        ["x", "in_proj:weight", "conv_weight:weight", "conv_bias?:bias", "dt_bias:bias", "A_log:weight", "D:weight",
-        "norm_weight:weight", "out_proj:weight"],
+        "norm_weight:weight", "out_proj:weight", "in_proj_bias?:bias", "out_proj_bias?:bias"],
        ["out"],
        [("num_heads", "int"), ("head_dim", "int"), ("n_groups", "int"), ("state_size", "int"),
         ("conv_kernel", "int"), ("chunk_size", "int"), ("eps", "float"), ("dt_min", "float"),
@@ -284,11 +284,12 @@ define("attention", "block", ["x", "q_proj:weight", "k_proj:weight", "v_proj:wei
        [("num_heads", "int"), ("num_kv_heads", "int"), ("head_dim", "int"), ("scale", "float"),
         ("kv_state", "str")],
        infer=_infer_block, states=[("kv_state", "kv")], doc="GQA self-attention without positional encoding")
-define("mlp", "block", ["x", "up_proj:weight", "down_proj:weight"], ["out"], [("activation", "str")],
+define("mlp", "block", ["x", "up_proj:weight", "down_proj:weight", "up_bias?:bias", "down_bias?:bias"], ["out"], [("activation", "str")],
        infer=_infer_block, doc="down(act(up(x)))")
 define("moe", "block",
        ["x", "router_weight:weight", "router_bias:bias", "experts_up:weight", "experts_down:weight",
-        "shared_up:weight", "shared_down:weight", "fc1_latent?:weight", "fc2_latent?:weight"],
+        "shared_up:weight", "shared_down:weight", "fc1_latent?:weight", "fc2_latent?:weight",
+        "shared_up_bias?:bias", "shared_down_bias?:bias", "fc1_latent_bias?:bias", "fc2_latent_bias?:bias"],
        ["out"],
        [("top_k", "int"), ("n_group", "int"), ("topk_group", "int"), ("norm_topk_prob", "bool"),
         ("routed_scaling_factor", "float"), ("activation", "str")],

@@ -9,12 +9,15 @@ from typing import ClassVar
 
 from nemocompile.graph.builder import GraphBuilder, rebuild_header
 from nemocompile.graph.ir import Graph, Op
+from nemocompile.graph.opdef import operand
 
 from .base import Pass, PassOutput
 
 
 def _mamba2_mixer(b: GraphBuilder, op: Op) -> None:
-    x, in_proj, conv_w, conv_b, dt_bias, a_log, d, norm_w, out_proj = op.operands
+    x, in_proj, conv_w, conv_b, dt_bias, a_log, d, norm_w, out_proj = (
+        operand(op, n) for n in ("x", "in_proj", "conv_weight", "conv_bias", "dt_bias", "A_log", "D", "norm_weight",
+                                 "out_proj"))
     assert x and in_proj and conv_w and dt_bias and a_log and d and norm_w and out_proj
     a, s = op.attrs, op.scope
     heads, head_dim, groups, state = a.int("num_heads"), a.int("head_dim"), a.int("n_groups"), a.int("state_size")
@@ -36,7 +39,7 @@ def _mamba2_mixer(b: GraphBuilder, op: Op) -> None:
 
 
 def _attention(b: GraphBuilder, op: Op) -> None:
-    x, q_proj, k_proj, v_proj, o_proj = op.operands
+    x, q_proj, k_proj, v_proj, o_proj = (operand(op, n) for n in ("x", "q_proj", "k_proj", "v_proj", "o_proj"))
     a, s = op.attrs, op.scope
     q = b.op1("linear", [x, q_proj], scope=s)
     k = b.op1("linear", [x, k_proj], scope=s)
@@ -46,14 +49,16 @@ def _attention(b: GraphBuilder, op: Op) -> None:
 
 
 def _mlp(b: GraphBuilder, op: Op) -> None:
-    x, up, down = op.operands
+    x, up, down = (operand(op, n) for n in ("x", "up_proj", "down_proj"))
     hidden = b.op1("linear", [x, up], scope=op.scope)
     hidden = b.op1("activation", [hidden], {"kind": op.attrs.str("activation")}, op.scope)
     b.op("linear", [hidden, down], scope=op.scope, result_names=[op.result.name])
 
 
 def _moe(b: GraphBuilder, op: Op) -> None:
-    x, router, router_bias, experts_up, experts_down, shared_up, shared_down, fc1, fc2 = op.operands
+    x, router, router_bias, experts_up, experts_down, shared_up, shared_down, fc1, fc2 = (
+        operand(op, n) for n in ("x", "router_weight", "router_bias", "experts_up", "experts_down", "shared_up",
+                                 "shared_down", "fc1_latent", "fc2_latent"))
     assert x and experts_up
     a, s = op.attrs, op.scope
     activation = a.str("activation")

@@ -1,92 +1,19 @@
-"""decompose: lower the imported model blocks (mamba2_mixer, attention, mlp, moe) to core ops.
+"""decompose: lower the imported model blocks (mamba2_mixer, attention, mlp, moe) to core ops by
+the decompositions in graph/decompositions.py.
 Each block's last core op keeps the block's result name, so the rest of the graph is untouched."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
 
-from nemocompile.graph.builder import GraphBuilder, rebuild_header
-from nemocompile.graph.ir import Graph, Op
-from nemocompile.graph.opdef import operand
+from nemocompile.graph.builder import rebuild_header
+from nemocompile.graph.decompositions import DECOMPOSITIONS
+from nemocompile.graph.ir import Graph
 
 from .base import Pass, PassOutput
 
-
-def _mamba2_mixer(b: GraphBuilder, op: Op) -> None:
-    x, in_proj, conv_w, conv_b, dt_bias, a_log, d, norm_w, out_proj = (
-        operand(op, n) for n in ("x", "in_proj", "conv_weight", "conv_bias", "dt_bias", "A_log", "D", "norm_weight",
-                                 "out_proj"))
-    assert x and in_proj and conv_w and dt_bias and a_log and d and norm_w and out_proj
-    a, s = op.attrs, op.scope
-    heads, head_dim, groups, state = a.int("num_heads"), a.int("head_dim"), a.int("n_groups"), a.int("state_size")
-    inner = heads * head_dim
-    conv_dim = inner + 2 * groups * state
-    projected = b.op1("linear", [x, in_proj], scope=s)
-    gate, xbc, dt = b.op("split", [projected], {"sizes": (inner, conv_dim, heads)}, s)
-    xbc = b.op1("causal_conv1d", [xbc, conv_w, conv_b],
-                {"activation": a.str("activation"), "conv_state": a.str("conv_state")}, s)
-    xs, big_b, big_c = b.op("split", [xbc], {"sizes": (inner, groups * state, groups * state)}, s)
-    y = b.op1("ssd_chunk_scan", [xs, dt, a_log, big_b, big_c, d, dt_bias],
-              {"num_heads": heads, "head_dim": head_dim, "n_groups": groups, "state_size": state,
-               "chunk_size": a.int("chunk_size"), "dt_min": a.float("dt_min"), "dt_max": a.float("dt_max"),
-               "ssm_state": a.str("ssm_state")}, s)
-    y = b.op1("gated_rms_norm", [y, gate, norm_w], {"group_size": inner // groups, "eps": a.float("eps")}, s)
-    # The scan accumulates in fp32; the output projection runs in the activation dtype.
-    y = b.op1("cast", [y], {"dtype": b.type_of(x).dtype.name}, s)
-    b.op("linear", [y, out_proj], scope=s, result_names=[op.result.name])
-
-
-def _attention(b: GraphBuilder, op: Op) -> None:
-    x, q_proj, k_proj, v_proj, o_proj = (operand(op, n) for n in ("x", "q_proj", "k_proj", "v_proj", "o_proj"))
-    a, s = op.attrs, op.scope
-    q = b.op1("linear", [x, q_proj], scope=s)
-    k = b.op1("linear", [x, k_proj], scope=s)
-    v = b.op1("linear", [x, v_proj], scope=s)
-    attended = b.op1("attention_gqa", [q, k, v], {key: a[key] for key in a.keys()}, s)
-    b.op("linear", [attended, o_proj], scope=s, result_names=[op.result.name])
-
-
-def _mlp(b: GraphBuilder, op: Op) -> None:
-    x, up, down = (operand(op, n) for n in ("x", "up_proj", "down_proj"))
-    hidden = b.op1("linear", [x, up], scope=op.scope)
-    hidden = b.op1("activation", [hidden], {"kind": op.attrs.str("activation")}, op.scope)
-    b.op("linear", [hidden, down], scope=op.scope, result_names=[op.result.name])
-
-
-def _moe(b: GraphBuilder, op: Op) -> None:
-    x, router, router_bias, experts_up, experts_down, shared_up, shared_down, fc1, fc2 = (
-        operand(op, n) for n in ("x", "router_weight", "router_bias", "experts_up", "experts_down", "shared_up",
-                                 "shared_down", "fc1_latent", "fc2_latent"))
-    assert x and experts_up
-    a, s = op.attrs, op.scope
-    activation = a.str("activation")
-    weights, ids = b.op("moe_router", [x, router, router_bias],
-                        {key: a[key] for key in ("top_k", "n_group", "topk_group", "norm_topk_prob",
-                                                 "routed_scaling_factor")}, s)
-    routed_in = b.op1("linear", [x, fc1], scope=s) if fc1 else x
-    experts = b.type_of(experts_up).shape[0]
-    assert isinstance(experts, int)
-    x_sorted, offsets, order = b.op("moe_dispatch", [routed_in, ids], {"num_experts": experts}, s)
-    hidden = b.op1("grouped_gemm", [x_sorted, offsets, experts_up], scope=s)
-    hidden = b.op1("activation", [hidden], {"kind": activation}, s)
-    hidden = b.op1("grouped_gemm", [hidden, offsets, experts_down], scope=s)
-    routed = b.op1("moe_combine", [hidden, order, weights], scope=s)
-    if fc2:
-        routed = b.op1("linear", [routed, fc2], scope=s)
-    shared = b.op1("linear", [x, shared_up], scope=s)
-    shared = b.op1("activation", [shared], {"kind": activation}, s)
-    shared = b.op1("linear", [shared, shared_down], scope=s)
-    b.op("add", [routed, shared], scope=s, result_names=[op.result.name])
-
-
-RULES: dict[str, Callable[[GraphBuilder, Op], None]] = {
-    "mamba2_mixer": _mamba2_mixer,
-    "attention": _attention,
-    "mlp": _mlp,
-    "moe": _moe,
-}
+RULES = DECOMPOSITIONS  # the block bodies live in the IR, where the runtime's composite runner finds them
 
 
 @dataclass(frozen=True)

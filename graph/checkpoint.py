@@ -21,58 +21,20 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from nemocompile.base.errors import CheckpointError
+from nemocompile.base.formats import FORMATS
 
 SINGLE_FILE_NAME = "model.safetensors"
 INDEX_FILE_NAME = "model.safetensors.index.json"
 
-# Bits per element of every safetensors dtype string (sub-byte formats are packed).
+# Bits per element of every safetensors dtype string (sub-byte formats are packed), from the
+# format registry.
 SAFETENSORS_DTYPE_BITS: Mapping[str, int] = MappingProxyType(
-    {
-        "BOOL": 8,
-        "U8": 8,
-        "I8": 8,
-        "F8_E4M3": 8,
-        "F8_E5M2": 8,
-        "F8_E8M0": 8,
-        "I16": 16,
-        "U16": 16,
-        "F16": 16,
-        "BF16": 16,
-        "I32": 32,
-        "U32": 32,
-        "F32": 32,
-        "I64": 64,
-        "U64": 64,
-        "F64": 64,
-        "C64": 64,
-        "F4": 4,
-        "F6_E2M3": 6,
-        "F6_E3M2": 6,
-    }
-)
+    {fmt.safetensors: fmt.bits for fmt in FORMATS.values() if fmt.safetensors})
 
 
 def _torch_dtypes() -> Mapping[str, torch.dtype]:
     """The safetensors dtype strings that torch can hold directly (packed sub-byte ones cannot)."""
-    names = {
-        "BOOL": "bool",
-        "U8": "uint8",
-        "I8": "int8",
-        "F8_E4M3": "float8_e4m3fn",
-        "F8_E5M2": "float8_e5m2",
-        "F8_E8M0": "float8_e8m0fnu",
-        "I16": "int16",
-        "U16": "uint16",
-        "F16": "float16",
-        "BF16": "bfloat16",
-        "I32": "int32",
-        "U32": "uint32",
-        "F32": "float32",
-        "I64": "int64",
-        "U64": "uint64",
-        "F64": "float64",
-        "C64": "complex64",
-    }
+    names = {fmt.safetensors: fmt.torch_name for fmt in FORMATS.values() if fmt.safetensors and fmt.torch_name}
     found = {key: getattr(torch, name) for key, name in names.items() if hasattr(torch, name)}
     return MappingProxyType(found)
 

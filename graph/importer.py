@@ -108,7 +108,7 @@ def _input_scales(specs: list[WeightSpec], plan: _Plan, ckpt: Checkpoint) -> tup
         if all(r is None for r in refs):
             continue
         bad = [n for n, r in zip(names, refs, strict=True)
-               if r is None or r.shape not in SCALAR_SHAPES or r.dtype != "F32"]
+               if r is None or r.shape not in SCALAR_SHAPES or r.dtype != F32.safetensors]
         if bad:
             problems.append(f"{bad[0]} must be an F32 scalar like the other input scales of {spec.name}")
             continue

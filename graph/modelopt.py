@@ -11,14 +11,19 @@ import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 from nemocompile.base.errors import CheckpointError
+from nemocompile.base.formats import indivisible_input
 
-from .types import FP8_SCALED, NVFP4, DType
+from .storage import stored_tensors
+from .types import DTYPES, DType, TensorType
 
-SUPPORTED_ALGOS = ("NVFP4", "FP8", "MIXED_PRECISION")
-ALGO_DTYPES: Mapping[str, DType] = {"NVFP4": NVFP4, "FP8": FP8_SCALED}
+# quant_algo -> the IR dtype of weights in it, from the format registry
+ALGO_DTYPES: Mapping[str, DType] = MappingProxyType(
+    {dtype.format.modelopt_algo: dtype for dtype in DTYPES.values() if dtype.format.modelopt_algo})
+SUPPORTED_ALGOS = (*ALGO_DTYPES, "MIXED_PRECISION")
 QUANT_CONFIG_FILE = "hf_quant_config.json"
 # scalar scales are exported as 0-d tensors by recent ModelOpt, as [1] by some older exports
 SCALAR_SHAPES = ((), (1,))
@@ -95,10 +100,8 @@ def read_quant_config(directory: Path, raw_config: Mapping[str, Any]) -> QuantCo
 def stored_layout(dtype: DType, shape: tuple[int, ...]) -> dict[str, tuple[tuple[int, ...], str]]:
     """component -> (shape, safetensors dtype) of one module's tensors in a ModelOpt export.
     Scalars are listed with shape () and accepted as [1] too."""
-    rows, cols = shape
-    if dtype is NVFP4:
-        if cols % 16:
-            raise CheckpointError(f"is NVFP4 but its input dim {cols} is not divisible by 16")
-        return {"": ((rows, cols // 2), "U8"), "weight_scale": ((rows, cols // 16), "F8_E4M3"),
-                "weight_scale_2": ((), "F32")}
-    return {"": (shape, "F8_E4M3"), "weight_scale": ((), "F32")}
+    reason = indivisible_input(dtype.name, shape[-1])
+    if reason:
+        raise CheckpointError(f"is {dtype.format.modelopt_algo} but {reason}")
+    return {stored.component: (stored.shape, stored.dtype.safetensors)
+            for stored in stored_tensors(TensorType(dtype, shape))}

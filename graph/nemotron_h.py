@@ -7,13 +7,21 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
+from nemocompile.base.formats import FLOAT_FORMATS
+
 from .builder import GraphBuilder
 from .config import ModelConfig
 from .ir import Graph, TensorSource, Weight
-from .types import BF16, F16, F32, I64, DType, TensorType
+from .types import DTYPES, F32, I64, DType, TensorType
 
-FLOAT_DTYPES = frozenset({"BF16", "F16", "F32"})
-TORCH_DTYPE_TO_IR = {"bfloat16": BF16, "float16": F16, "float32": F32}
+# The float formats a checkpoint's unquantized weights may hold (safetensors strings), and
+# config.json's torch_dtype -> IR dtype; both from the format registry.
+FLOAT_DTYPES = frozenset(DTYPES[name].format.safetensors or "" for name in FLOAT_FORMATS)
+TORCH_DTYPE_TO_IR = {DTYPES[name].format.torch_name or "": DTYPES[name] for name in FLOAT_FORMATS}
+# The one statement of the router rule: its logits decide which experts run, so router weights
+# stay fp32 whatever the precision (transformers keeps them fp32 too). The precision policy and
+# set_precision derive from it.
+FP32_CATEGORIES = frozenset({"router"})
 
 # Static activation scales of quantized GEMMs (W4A4, W8A8): stored bytes, not model parameters.
 INPUT_SCALE_CATEGORY = "activation_scales"
@@ -30,7 +38,10 @@ class WeightSpec:
     shape: tuple[int, ...]
     category: str
     tensors: tuple[str, ...]
-    keep_fp32: bool = False  # the router stays fp32 whatever the model precision
+
+    @property
+    def keep_fp32(self) -> bool:
+        return self.category in FP32_CATEGORIES
 
     @property
     def numel(self) -> int:
@@ -79,8 +90,8 @@ def _moe(c: ModelConfig, p: str, t: str) -> list[WeightSpec]:
     e, inter, width = c.n_routed_experts, c.moe_intermediate_size, c.expert_input_size
     shared = c.moe_shared_expert_intermediate_size
     specs = [
-        WeightSpec(f"{p}.router", (e, c.hidden_size), "router", (f"{t}.gate.weight",), keep_fp32=True),
-        WeightSpec(f"{p}.router_bias", (e,), "router", (f"{t}.gate.e_score_correction_bias",), keep_fp32=True),
+        WeightSpec(f"{p}.router", (e, c.hidden_size), "router", (f"{t}.gate.weight",)),
+        WeightSpec(f"{p}.router_bias", (e,), "router", (f"{t}.gate.e_score_correction_bias",)),
         WeightSpec(f"{p}.experts_up", (e, inter, width), "routed_experts",
                    tuple(f"{t}.experts.{i}.up_proj.weight" for i in range(e))),
         WeightSpec(f"{p}.experts_down", (e, width, inter), "routed_experts",

@@ -9,8 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from nemocompile.base.errors import IRError
+from nemocompile.base.formats import indivisible_input
 
-from .types import F32, FP8_E4M3, U8, DType, TensorType
+from .types import DTYPES, DType, TensorType
 
 
 @dataclass(frozen=True)
@@ -33,21 +34,32 @@ def _static(type_: TensorType) -> tuple[int, ...]:
     return tuple(int(d) for d in type_.shape)
 
 
+def _scale_shape(layout: str, lead: list[int], rows: int, cols: int, block: int | None) -> tuple[int, ...]:
+    if layout == "per_block":
+        assert block is not None
+        return (*lead, rows, cols // block)
+    if layout == "per_channel":
+        return (*lead, rows)
+    return tuple(lead)  # per tensor: one per expert when experts are stacked
+
+
 def stored_tensors(type_: TensorType) -> list[StoredTensor]:
+    """The main tensor (codes, packed when narrower than their storage dtype) and the weight
+    scales, as the format registry lays them out."""
     shape = _static(type_)
-    name = type_.dtype.name
-    if name == "nvfp4":
-        *lead, rows, cols = shape
-        block = type_.dtype.block_size or 16
-        if cols % block:
-            raise IRError(f"an nvfp4 weight needs an input dim divisible by {block}, got {type_}")
-        return [StoredTensor("", U8, (*lead, rows, cols // 2)),
-                StoredTensor("weight_scale", FP8_E4M3, (*lead, rows, cols // block)),
-                StoredTensor("weight_scale_2", F32, tuple(lead))]
-    if name == "fp8":
-        *lead, _, _ = shape
-        return [StoredTensor("", FP8_E4M3, shape), StoredTensor("weight_scale", F32, tuple(lead))]
-    return [StoredTensor("", type_.dtype, shape)]
+    fmt = type_.dtype.format
+    if not fmt.quantized:
+        return [StoredTensor("", type_.dtype, shape)]
+    *lead, rows, cols = shape
+    reason = indivisible_input(fmt.name, cols)
+    if reason:
+        raise IRError(f"a weight of type {type_} cannot be stored: {reason}")
+    storage = DTYPES[fmt.storage or ""]
+    per_byte = storage.bits // fmt.bits
+    tensors = [StoredTensor("", storage, (*lead, rows, cols // per_byte))]
+    return tensors + [StoredTensor(scale.tensor, DTYPES[scale.dtype],
+                                   _scale_shape(scale.layout, lead, rows, cols, fmt.block_size))
+                      for scale in fmt.weight_scales()]
 
 
 def stored_nbytes(type_: TensorType) -> int:

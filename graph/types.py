@@ -4,10 +4,13 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
+from types import MappingProxyType
 from typing import Any
 
 from nemocompile.base.errors import IRError
+from nemocompile.base.formats import FORMATS, NumberFormat, ir_formats
 
 _SYMBOL = re.compile(r"[a-z_][a-z0-9_]*")
 _RESERVED_SYMBOLS = frozenset({"inf", "nan"})  # these read back as numbers
@@ -17,7 +20,8 @@ _LAYOUT = re.compile(r"[a-z_][a-z0-9_]*(/[0-9]+)?")
 
 @dataclass(frozen=True)
 class DType:
-    """A storage/compute format. Quantized formats (later) add a block size and a scale dtype."""
+    """A storage/compute format of the IR: one entry of the format registry (base/formats.py),
+    which holds everything else about it (scales, maxima, ModelOpt names, native archs)."""
 
     name: str
     bits: int
@@ -27,36 +31,44 @@ class DType:
     # A quantized weight format: stored as codes plus scales (see graph/storage.py).
     quantized: bool = False
 
+    @property
+    def format(self) -> NumberFormat:
+        return FORMATS[self.name]
+
+    @property
+    def safetensors(self) -> str:
+        """The safetensors dtype string of a plain dtype (a quantized weight is several tensors:
+        graph/storage.py)."""
+        name = self.format.safetensors
+        if name is None:
+            raise IRError(f"dtype {self.name} has no safetensors dtype; it is stored as codes and scales")
+        return name
+
     def __str__(self) -> str:
         return self.name
 
 
-F32 = DType("f32", 32)
-BF16 = DType("bf16", 16)
-F16 = DType("f16", 16)
-FP8_E4M3 = DType("fp8e4m3", 8)
-I64 = DType("i64", 64, is_float=False)
-I32 = DType("i32", 32, is_float=False)
-U8 = DType("u8", 8, is_float=False)
-BOOL = DType("bool", 8, is_float=False)
-# NVFP4: E2M1 codes, an E4M3 scale per 16 inputs, an FP32 global scale (NVIDIA ModelOpt's layout).
-NVFP4 = DType("nvfp4", 4, block_size=16, scale_dtype="fp8e4m3", quantized=True)
-# FP8 E4M3 weight with an FP32 per-tensor scale.
-FP8_SCALED = DType("fp8", 8, scale_dtype="f32", quantized=True)
+def _dtype(fmt: NumberFormat) -> DType:
+    scales = fmt.weight_scales()
+    return DType(fmt.name, fmt.bits, fmt.is_float, fmt.block_size, scales[0].dtype if scales else None,
+                 fmt.quantized)
 
-DTYPES: dict[str, DType] = {d.name: d for d in (F32, BF16, F16, FP8_E4M3, I64, I32, U8, BOOL, NVFP4, FP8_SCALED)}
 
-# safetensors header dtype strings <-> IR dtypes.
-SAFETENSORS_DTYPES: dict[str, DType] = {
-    "F32": F32,
-    "BF16": BF16,
-    "F16": F16,
-    "F8_E4M3": FP8_E4M3,
-    "I64": I64,
-    "I32": I32,
-    "U8": U8,
-    "BOOL": BOOL,
-}
+DTYPES: Mapping[str, DType] = MappingProxyType({fmt.name: _dtype(fmt) for fmt in ir_formats()})
+F32 = DTYPES["f32"]
+BF16 = DTYPES["bf16"]
+F16 = DTYPES["f16"]
+FP8_E4M3 = DTYPES["fp8e4m3"]
+I64 = DTYPES["i64"]
+I32 = DTYPES["i32"]
+U8 = DTYPES["u8"]
+BOOL = DTYPES["bool"]
+NVFP4 = DTYPES["nvfp4"]
+FP8_SCALED = DTYPES["fp8"]
+
+# safetensors header dtype strings -> IR dtypes.
+SAFETENSORS_DTYPES: Mapping[str, DType] = MappingProxyType(
+    {dtype.safetensors: dtype for dtype in DTYPES.values() if not dtype.quantized})
 
 
 def dtype_named(name: str) -> DType:

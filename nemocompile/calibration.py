@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from nemocompile.base.errors import UsageError
+from nemocompile.base.formats import ACT_FORMATS, FORMATS
 from nemocompile.graph.ir import Graph, Op
 from nemocompile.graph.nemotron_h import INPUT_SCALE_CATEGORY
 from nemocompile.passes.assign_precision import GEMM_OPS
@@ -18,10 +19,11 @@ from nemocompile.runtime.cache import Cache
 from nemocompile.runtime.executor import Executor
 from nemocompile.runtime.weights import WeightValue
 
-FORMAT_MAX = {"nvfp4": 6.0 * 448.0, "fp8": 448.0}
+# input_scale = amax / FORMAT_MAX[act_format], from the format registry (6 * 448, 448).
+FORMAT_MAX = {name: FORMATS[name].scaled_max for name in ACT_FORMATS}
 # An activation that was always zero gets the format's element maximum as amax (as ModelOpt's
 # export does), so its scale is finite and non-zero.
-ELEMENT_MAX = {"nvfp4": 6.0, "fp8": 448.0}
+ELEMENT_MAX = {name: FORMATS[name].max_value for name in ACT_FORMATS}
 
 
 def scales_needed(quantized: Graph) -> dict[str, tuple[str, str]]:

@@ -25,6 +25,7 @@ from rich.progress import (
 from rich.table import Table
 
 from nemocompile.base.errors import NemocompileError, UsageError
+from nemocompile.base.formats import BASE_PRECISIONS
 from nemocompile.base.settings import override, settings
 
 stdout = Console(soft_wrap=True)
@@ -82,7 +83,7 @@ def main(ctx: click.Context, debug: bool) -> None:
 def _precision_options(command: F) -> F:
     """--precision, --override, --policy, --exclude and --world-size, shared by plan and build."""
     decorators = [
-        click.option("--precision", type=click.Choice(["auto", "bf16", "fp32"]), default="auto", show_default=True,
+        click.option("--precision", type=click.Choice(["auto", *BASE_PRECISIONS]), default="auto", show_default=True,
                      help="auto: the target's policy (NVFP4 experts, FP8 shared experts and Mamba linears, "
                           "BF16 attention); bf16/fp32: one float format throughout."),
         click.option("--override", "overrides", multiple=True, metavar="COMPONENT=PRECISION",

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from nemocompile.base.errors import UsageError
+from nemocompile.base.formats import BASE_PRECISIONS, FORMATS, PRECISIONS
 from nemocompile.graph.config import ModelConfig, load_config
 from nemocompile.graph.ir import Graph
 from nemocompile.graph.nemotron_h import TORCH_DTYPE_TO_IR, build_block_graph, mtp_weight_estimate
@@ -19,7 +20,7 @@ from nemocompile.targets import Target, load_target
 from .driver import BuildOptions, pipeline
 from .stats import ParamStats, param_stats
 
-BASE_BITS = {"bf16": 16, "fp32": 32}
+BASE_BITS = {name: FORMATS[PRECISIONS[name].weight_dtype].bits for name in BASE_PRECISIONS}
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,7 @@ class PlanResult:
             "policy": self.policy.describe(),
             "layers": len(self.config.layer_kinds),
             "pattern": self.config.pattern,
+            "unknown_config_keys": list(self.config.unknown_keys),
             **self.stats.as_json(),
             "world_size": self.world_size,
             "bytes_per_gpu": self.bytes_per_gpu,

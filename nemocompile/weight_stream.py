@@ -18,7 +18,6 @@ from nemocompile.base.errors import CheckpointError
 from nemocompile.graph.checkpoint import Checkpoint
 from nemocompile.graph.ir import Graph, Weight
 from nemocompile.graph.storage import component_name, stored_nbytes, stored_tensors
-from nemocompile.graph.types import SAFETENSORS_DTYPES
 from nemocompile.runtime.dtypes import torch_dtype
 from nemocompile.runtime.formats import (
     FP8Tensor,
@@ -33,7 +32,6 @@ from nemocompile.runtime.weights import WeightValue, assemble
 from .safetensors_writer import SafetensorsWriter
 
 ERROR_CHUNK_VALUES = 1 << 20
-IR_TO_SAFETENSORS = {dtype.name: name for name, dtype in SAFETENSORS_DTYPES.items()}
 ProgressHook = Callable[[str, int, int], None]  # (what, bytes just processed, bytes in all)
 
 
@@ -81,7 +79,7 @@ def engine_tensor_specs(graph: Graph) -> list[tuple[str, str, tuple[int, ...]]]:
     specs = []
     for weight in graph.weights:
         for stored in stored_tensors(weight.type):
-            specs.append((component_name(weight.name, stored.component), IR_TO_SAFETENSORS[stored.dtype.name],
+            specs.append((component_name(weight.name, stored.component), stored.dtype.safetensors,
                           stored.shape))
     return specs
 

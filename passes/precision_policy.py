@@ -14,8 +14,10 @@ from types import MappingProxyType
 from typing import Any
 
 from nemocompile.base.errors import TargetError, UsageError
+from nemocompile.base.formats import BASE_PRECISIONS, PRECISIONS, Precision, precision_named
+from nemocompile.graph.nemotron_h import FP32_CATEGORIES
 from nemocompile.targets import Target
-from nemocompile.targets.model import POLICY_PRECISIONS
+from nemocompile.targets.model import POLICY_COMPONENTS
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -23,50 +25,21 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 
-@dataclass(frozen=True)
-class Precision:
-    """A weight format and the format activations are quantized to before the GEMM (None: not)."""
-
-    name: str
-    weight_dtype: str  # IR dtype name: nvfp4, fp8, bf16, f32
-    act_format: str | None
-    label: str  # W4A4, W4A16, W8A8, ...
-
-
-PRECISIONS: Mapping[str, Precision] = MappingProxyType({
-    "nvfp4_w4a4": Precision("nvfp4_w4a4", "nvfp4", "nvfp4", "NVFP4 W4A4"),
-    "nvfp4_w4a16": Precision("nvfp4_w4a16", "nvfp4", None, "NVFP4 W4A16"),
-    "fp8_e4m3_w8a8": Precision("fp8_e4m3_w8a8", "fp8", "fp8", "FP8 W8A8"),
-    "fp8_e4m3": Precision("fp8_e4m3", "fp8", None, "FP8 W8A16"),
-    "bf16": Precision("bf16", "bf16", None, "BF16"),
-    "fp16": Precision("fp16", "f16", None, "FP16"),
-    "fp32": Precision("fp32", "f32", None, "FP32"),
-})
-ALIASES = {"fp8": "fp8_e4m3_w8a8", "w8a8": "fp8_e4m3_w8a8", "fp8_w8a8": "fp8_e4m3_w8a8",
-           "nvfp4": "nvfp4_w4a4", "w4a4": "nvfp4_w4a4", "w4a16": "nvfp4_w4a16", "nvfp4_w4a16": "nvfp4_w4a16"}
-
-# Policy component -> weight categories it covers (graph/nemotron_h.py CATEGORIES).
-COMPONENT_CATEGORIES: Mapping[str, tuple[str, ...]] = MappingProxyType({
-    "routed_experts": ("routed_experts",),
-    "shared_experts": ("shared_experts",),
-    "mamba_linears": ("mamba_in_proj", "mamba_out_proj"),
-    "attention": ("attention",),
-    "latent_projections": ("latent_projections",),
-    "mlp": ("mlp",),
-    "lm_head": ("lm_head",),
-    "embeddings": ("embeddings",),
-    "conv1d": ("conv1d",),
-    "router": ("router",),
-    "kv_cache": (),
-    "ssm_state": (),
-})
-# Components whose weights feed GEMMs, so they may be quantized; the others take only these.
+# Policy component (the one list: targets/model.py POLICY_COMPONENTS) -> the weight categories
+# it covers (graph/nemotron_h.py CATEGORIES); a component not listed here covers its namesake.
+_COVERS: Mapping[str, tuple[str, ...]] = {"mamba_linears": ("mamba_in_proj", "mamba_out_proj"),
+                                          "kv_cache": (), "ssm_state": ()}
+COMPONENT_CATEGORIES: Mapping[str, tuple[str, ...]] = MappingProxyType(
+    {component: _COVERS.get(component, (component,)) for component in POLICY_COMPONENTS})
+# Components whose weights do not feed GEMMs (or are state) take only these float precisions,
+# the first being the default where the base is not allowed. The router's weights stay fp32
+# (graph/nemotron_h.py FP32_CATEGORIES).
 FLOAT_ONLY: Mapping[str, tuple[str, ...]] = MappingProxyType({
-    "embeddings": ("bf16", "fp32"), "conv1d": ("bf16", "fp32"), "router": ("fp32",),
-    "kv_cache": ("bf16", "fp32"), "ssm_state": ("fp32", "fp16"),
+    "embeddings": BASE_PRECISIONS, "conv1d": BASE_PRECISIONS, "kv_cache": BASE_PRECISIONS,
+    "ssm_state": ("fp32", "fp16"),
+    **{component: ("fp32",) for component, categories in COMPONENT_CATEGORIES.items()
+       if categories and set(categories) <= FP32_CATEGORIES},
 })
-# What to suggest when a target lacks the native format a precision needs.
-FALLBACK = {"nvfp4_w4a4": "nvfp4_w4a16", "fp8_e4m3_w8a8": "bf16", "fp8_e4m3": "bf16"}
 
 
 @dataclass(frozen=True)
@@ -74,7 +47,7 @@ class PrecisionPolicy:
     base: str  # bf16 or fp32: every float weight and activation not quantized
     components: Mapping[str, str] = field(default_factory=dict)
     exclude: tuple[str, ...] = ()  # fnmatch patterns of weight names kept in the base format
-    on_indivisible: str = "keep"  # NVFP4 needs in % 16 == 0: "keep" in fp8/base, or "refuse"
+    on_indivisible: str = "keep"  # input dim not a multiple of the block: "keep" in the base, or "refuse"
     native_formats: frozenset[str] = frozenset()  # the target's, for weights stored quantized
     # ModelOpt's four-over-six NVFP4 variant: each block scaled to 6 or to 4, whichever errs less
     nvfp4_four_over_six: bool = False
@@ -85,15 +58,14 @@ class PrecisionPolicy:
         computes natively in that format (a ModelOpt NVFP4 layer runs W4A4 on Blackwell)."""
         if chosen is None or chosen.act_format is None:
             return None
-        native = {"nvfp4": "nvfp4", "fp8": "fp8_e4m3"}[stored]
-        return stored if native in self.native_formats else None
+        return stored if stored in self.native_formats else None
 
     def precision_of(self, category: str) -> Precision | None:
         """The quantized precision for weights of a category, or None to stay in the base format."""
         for component, categories in COMPONENT_CATEGORIES.items():
             if category in categories:
                 chosen = PRECISIONS[self.components.get(component, self.base)]
-                return chosen if chosen.weight_dtype in ("nvfp4", "fp8") else None
+                return chosen if chosen.quantized else None
         return None
 
     def excluded(self, weight_name: str) -> bool:
@@ -106,12 +78,7 @@ class PrecisionPolicy:
 
 
 def canonical_precision(name: str, where: str) -> str:
-    key = name.strip().lower()
-    key = ALIASES.get(key, key)
-    if key not in PRECISIONS:
-        known = ", ".join(sorted(set(PRECISIONS) | set(ALIASES)))
-        raise UsageError(f"{where}: unknown precision '{name}'; known precisions: {known}")
-    return key
+    return precision_named(name, where).name
 
 
 def _set_component(components: dict[str, str], component: str, precision: str, where: str,
@@ -152,7 +119,7 @@ def _follows_base(component: str) -> bool:
 
 
 def _quantized(precision: str) -> bool:
-    return PRECISIONS[precision].weight_dtype in ("nvfp4", "fp8")
+    return PRECISIONS[precision].quantized
 
 
 def _check_float_components(components: Mapping[str, str], base: str, explicit: set[str]) -> None:
@@ -167,19 +134,19 @@ def _check_float_components(components: Mapping[str, str], base: str, explicit: 
 
 def _check_target(target: Target, components: Mapping[str, str]) -> None:
     for component, precision in sorted(components.items()):
-        native = POLICY_PRECISIONS.get(precision)
-        if native is not None and not target.supports(native):
-            fallback = FALLBACK.get(precision, "bf16")
-            raise TargetError(f"{target.name} ({target.arch}) cannot run {PRECISIONS[precision].label} for "
-                              f"{component}: it has no {native} tensor cores; use "
-                              f"--override {component}={fallback} ({PRECISIONS[fallback].label})")
+        chosen = PRECISIONS[precision]
+        if not target.supports(chosen.computes_in):
+            fallback = PRECISIONS[chosen.fallback or BASE_PRECISIONS[0]]
+            raise TargetError(f"{target.name} ({target.arch}) cannot run {chosen.label} for {component}: it has "
+                              f"no {chosen.computes_in} tensor cores; use --override {component}={fallback.name} "
+                              f"({fallback.label})")
 
 
 def resolve_policy(target: Target, precision: str = "auto", overrides: Sequence[str] = (),
                    policy_file: Path | None = None, exclude: Sequence[str] = ()) -> PrecisionPolicy:
-    if precision not in ("auto", "bf16", "fp32"):
-        raise UsageError(f"--precision must be auto, bf16 or fp32, got '{precision}'")
-    base = "bf16" if precision == "auto" else precision
+    if precision != "auto" and precision not in BASE_PRECISIONS:
+        raise UsageError(f"--precision must be auto, {' or '.join(BASE_PRECISIONS)}, got '{precision}'")
+    base = BASE_PRECISIONS[0] if precision == "auto" else precision
     components: dict[str, str] = {}
     if precision == "auto":
         for component, chosen in target.precision_policy.items():
@@ -194,8 +161,8 @@ def resolve_policy(target: Target, precision: str = "auto", overrides: Sequence[
         where = f"policy file {policy_file}"
         if "base" in data:
             base = str(data["base"])
-            if base not in ("bf16", "fp32"):
-                raise UsageError(f"{where}: base must be bf16 or fp32, got '{base}'")
+            if base not in BASE_PRECISIONS:
+                raise UsageError(f"{where}: base must be {' or '.join(BASE_PRECISIONS)}, got '{base}'")
         for component, chosen in dict(data.get("components", {})).items():
             _set_component(components, component, str(chosen), where, explicit)
         patterns += [str(p) for p in data.get("exclude", [])]
@@ -217,7 +184,7 @@ def resolve_policy(target: Target, precision: str = "auto", overrides: Sequence[
     # Float-only components follow the base unless set explicitly.
     for component, allowed in FLOAT_ONLY.items():
         if components.get(component) not in allowed:
-            components[component] = "fp32" if component in ("router", "ssm_state") else base
+            components[component] = base if base in allowed else allowed[0]
     _check_float_components(components, base, explicit)
     _check_target(target, components)
     return PrecisionPolicy(base, MappingProxyType(components), tuple(patterns), on_indivisible,

@@ -10,17 +10,18 @@ from dataclasses import dataclass, replace
 from typing import ClassVar
 
 from nemocompile.base.errors import UsageError
+from nemocompile.base.formats import BASE_PRECISIONS, PRECISIONS
 from nemocompile.graph.builder import GraphBuilder, reemit
 from nemocompile.graph.ir import Graph, StateSlot, Weight
-from nemocompile.graph.nemotron_h import INPUT_SCALE_CATEGORY
-from nemocompile.graph.types import DTYPES, F16, F32, DType
+from nemocompile.graph.nemotron_h import FP32_CATEGORIES, INPUT_SCALE_CATEGORY
+from nemocompile.graph.types import DTYPES, DType
 
 from .base import Pass, PassOutput
+from .precision_policy import FLOAT_ONLY
 
-PRECISIONS = {"fp32": "f32", "bf16": "bf16"}
-SSM_STATE_DTYPES = {"fp32": F32, "fp16": F16}
-# Routers decide expert choice; activation scales are exact calibration constants.
-KEEP_FP32_CATEGORIES = frozenset({"router", INPUT_SCALE_CATEGORY})
+SSM_STATE_DTYPES = {name: DTYPES[PRECISIONS[name].weight_dtype] for name in FLOAT_ONLY["ssm_state"]}
+# Routers decide expert choice (graph/nemotron_h.py); activation scales are exact calibration constants.
+KEEP_FP32_CATEGORIES = FP32_CATEGORIES | {INPUT_SCALE_CATEGORY}
 
 
 def _weight_dtype(weight: Weight, dtype: DType) -> DType:
@@ -40,13 +41,13 @@ class SetPrecision(Pass):
     ssm_state: str = "fp32"  # fp16 halves the Mamba state between calls (it still computes in fp32)
 
     def __post_init__(self) -> None:
-        if self.precision not in PRECISIONS:
-            raise UsageError(f"--precision must be one of {', '.join(PRECISIONS)}, got '{self.precision}'")
+        if self.precision not in BASE_PRECISIONS:
+            raise UsageError(f"--precision must be one of {', '.join(BASE_PRECISIONS)}, got '{self.precision}'")
         if self.ssm_state not in SSM_STATE_DTYPES:
             raise UsageError(f"ssm_state must be one of {', '.join(SSM_STATE_DTYPES)}, got '{self.ssm_state}'")
 
     def apply(self, graph: Graph) -> PassOutput:
-        dtype = DTYPES[PRECISIONS[self.precision]]
+        dtype = DTYPES[PRECISIONS[self.precision].weight_dtype]
         builder = GraphBuilder(graph.name, {**dict(graph.metadata), "precision": self.precision}, self.name)
         changed = 0
         for value in graph.inputs:
@@ -57,7 +58,10 @@ class SetPrecision(Pass):
             builder.add_weight(replace(weight, type=new_type))
         for slot in graph.states:
             builder.state(slot.name, slot.kind,
-                          slot.type.with_(dtype=_state_dtype(slot, dtype, SSM_STATE_DTYPES[self.ssm_state])))
+                          slot.type.with_(dtype=_state_dtype(slot, dtype, SSM_STATE_DTYPES[self.ssm_state])),
+                          slot.update)
+        for bound in graph.dims:
+            builder.bound(bound.name, bound.low, bound.high)
         for op in graph.ops:
             reemit(builder, op)
         for name in graph.outputs:

@@ -4,18 +4,12 @@ from __future__ import annotations
 
 import torch
 
+from nemocompile.base.formats import ir_formats
 from nemocompile.graph.types import DType
 
-TORCH_DTYPES: dict[str, torch.dtype] = {
-    "f32": torch.float32,
-    "bf16": torch.bfloat16,
-    "f16": torch.float16,
-    "fp8e4m3": torch.float8_e4m3fn,
-    "i64": torch.int64,
-    "i32": torch.int32,
-    "u8": torch.uint8,
-    "bool": torch.bool,
-}
+# IR dtype name -> torch dtype, by the torch dtype names the format registry holds.
+TORCH_DTYPES: dict[str, torch.dtype] = {fmt.name: getattr(torch, fmt.torch_name) for fmt in ir_formats()
+                                        if fmt.torch_name}
 
 
 def torch_dtype(dtype: DType | str) -> torch.dtype:

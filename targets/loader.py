@@ -33,7 +33,6 @@ _FILE_FIELDS: tuple[str, ...] = (
     "compute_capability",
     *_INTEGER_FIELDS,
     "peak_tflops",
-    "native_formats",
     "precision_policy",
 )
 
@@ -113,7 +112,6 @@ def parse_target(data: object, origin: str) -> Target:
         for field in _INTEGER_FIELDS
     }
     peak_tflops = _peak_tflops(data, sources, problems)
-    formats = _string_list(_sourced(data, "native_formats", sources, problems), "native_formats", problems)
     policy = _string_map(_sourced(data, "precision_policy", sources, problems), "precision_policy", problems)
     if problems:
         raise TargetError(join_problems(f"target file {origin} is invalid", problems))
@@ -129,7 +127,6 @@ def parse_target(data: object, origin: str) -> Target:
             hbm_bandwidth_bytes_per_s=integers["hbm_bandwidth_bytes_per_s"],
             peak_tflops=peak_tflops,
             nvlink_bandwidth_bytes_per_s=integers["nvlink_bandwidth_bytes_per_s"],
-            native_formats=tuple(formats),
             precision_policy=policy,
             sources=sources,
         )
@@ -243,15 +240,6 @@ def _peak_tflops(data: dict[str, object], sources: dict[str, str], problems: lis
             continue
         rates[dtype] = float(value)
     return rates
-
-
-def _string_list(value: object, field: str, problems: list[str]) -> list[str]:
-    if value is _MISSING:
-        return []
-    if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
-        problems.append(f"field '{field}' value must be a list of strings")
-        return []
-    return [str(item) for item in value]
 
 
 def _string_map(value: object, field: str, problems: list[str]) -> dict[str, str]:

@@ -9,60 +9,28 @@ from types import MappingProxyType
 from typing import Any
 
 from nemocompile.base.errors import TargetError, join_problems
+from nemocompile.base.formats import ARCH_SOURCES, FORMATS, PRECISIONS, native_formats
 
 # Dense peak rates a target quotes, in TFLOP/s (TOP/s for int8). fp32 is the CUDA-core rate;
 # the rest are tensor-core rates. fp4 exists only where the tensor cores take FP4.
 PEAK_DTYPES: tuple[str, ...] = ("fp32", "tf32", "bf16", "fp16", "fp8", "fp4", "int8")
 REQUIRED_PEAK_DTYPES: tuple[str, ...] = ("fp32", "tf32", "bf16", "fp16", "fp8", "int8")
 
-# Every number format a target may name as native. `supports()` rejects any other name, so a
-# misspelt format is an error rather than a silent "no".
-KNOWN_FORMATS: tuple[str, ...] = (
-    "fp64",
-    "fp32",
-    "tf32",
-    "bf16",
-    "fp16",
-    "fp8_e4m3",
-    "fp8_e5m2",
-    "fp6_e2m3",
-    "fp6_e3m2",
-    "fp4_e2m1",
-    "int8",
-    "int4",
-    "mxfp8",
-    "mxfp6",
-    "mxfp4",
-    "nvfp4",
-)
-
-# The components of DESIGN.md's precision table, each of which a policy must assign.
+# The components of DESIGN.md's precision table, each of which a policy must assign: the one
+# list (passes/precision_policy.py maps each to the weight categories it covers).
 POLICY_COMPONENTS: tuple[str, ...] = (
     "routed_experts",
     "shared_experts",
     "mamba_linears",
     "attention",
     "latent_projections",
+    "mlp",
     "embeddings",
     "lm_head",
     "conv1d",
     "router",
     "kv_cache",
     "ssm_state",
-)
-
-# Precision a policy may assign -> the native format the GPU must have to compute in it.
-# W4A16 dequantizes NVFP4 weights to BF16 before the GEMM, so it needs only BF16.
-POLICY_PRECISIONS: Mapping[str, str] = MappingProxyType(
-    {
-        "nvfp4_w4a4": "nvfp4",
-        "nvfp4_w4a16": "bf16",
-        "fp8_e4m3_w8a8": "fp8_e4m3",
-        "fp8_e4m3": "fp8_e4m3",
-        "bf16": "bf16",
-        "fp16": "fp16",
-        "fp32": "fp32",
-    }
 )
 
 # Fields whose value is a measured or quoted fact and so must carry a source.
@@ -72,7 +40,6 @@ SOURCED_FIELDS: tuple[str, ...] = (
     "memory_bytes",
     "hbm_bandwidth_bytes_per_s",
     "nvlink_bandwidth_bytes_per_s",
-    "native_formats",
     "precision_policy",
 )
 
@@ -82,7 +49,8 @@ _ARCH_PATTERN = re.compile(r"sm_[0-9]+")
 
 @dataclass(frozen=True)
 class Target:
-    """One GPU: identity, resources, dense peak rates, native formats and preferred precisions.
+    """One GPU: identity, resources, dense peak rates and preferred precisions; the formats it
+    computes in natively follow from its arch (the format registry, base/formats.py).
 
     Mappings are stored as read-only copies, so a `Target` never changes after it is built.
     `sources` maps each fact (`"sm_count"`, `"peak_tflops.bf16"`, ...) to where it comes from.
@@ -97,14 +65,12 @@ class Target:
     hbm_bandwidth_bytes_per_s: int
     peak_tflops: Mapping[str, float]
     nvlink_bandwidth_bytes_per_s: int
-    native_formats: tuple[str, ...]
     precision_policy: Mapping[str, str]
     sources: Mapping[str, str]
 
     def __post_init__(self) -> None:
         # Copy into immutable containers so callers' dicts and lists cannot change the target.
         object.__setattr__(self, "compute_capability", tuple(self.compute_capability))
-        object.__setattr__(self, "native_formats", tuple(self.native_formats))
         object.__setattr__(self, "peak_tflops", MappingProxyType(dict(self.peak_tflops)))
         object.__setattr__(self, "precision_policy", MappingProxyType(dict(self.precision_policy)))
         object.__setattr__(self, "sources", MappingProxyType(dict(self.sources)))
@@ -112,13 +78,16 @@ class Target:
         if problems:
             raise TargetError(join_problems(f"target '{self.name}' is invalid", problems))
 
+    @property
+    def native_formats(self) -> tuple[str, ...]:
+        """The registry formats this GPU computes in natively."""
+        return native_formats(self.arch)
+
     def supports(self, format_name: str) -> bool:
-        """Whether the GPU computes natively in `format_name` (one of `KNOWN_FORMATS`)."""
+        """Whether the GPU computes natively in `format_name` (a name of the format registry)."""
         key = format_name.strip().lower()
-        if key not in KNOWN_FORMATS:
-            raise TargetError(
-                f"unknown number format '{format_name}'; known formats: {', '.join(KNOWN_FORMATS)}."
-            )
+        if key not in FORMATS:
+            raise TargetError(f"unknown number format '{format_name}'; known formats: {', '.join(FORMATS)}.")
         return key in self.native_formats
 
     def __hash__(self) -> int:
@@ -133,7 +102,6 @@ class Target:
                 self.hbm_bandwidth_bytes_per_s,
                 tuple(sorted(self.peak_tflops.items())),
                 self.nvlink_bandwidth_bytes_per_s,
-                self.native_formats,
                 tuple(sorted(self.precision_policy.items())),
                 tuple(sorted(self.sources.items())),
             )
@@ -153,7 +121,6 @@ class Target:
                 self.hbm_bandwidth_bytes_per_s,
                 dict(self.peak_tflops),
                 self.nvlink_bandwidth_bytes_per_s,
-                self.native_formats,
                 dict(self.precision_policy),
                 dict(self.sources),
             ),
@@ -195,6 +162,11 @@ def _target_problems(target: Target) -> list[str]:
                 f"field 'arch' is '{target.arch}' but compute capability "
                 f"{capability[0]}.{capability[1]} means '{expected_arch}'"
             )
+    if isinstance(target.arch, str) and target.arch not in ARCH_SOURCES:
+        problems.append(
+            f"field 'arch' is '{target.arch}', whose native formats the format registry "
+            f"(base/formats.py) does not state; known: {', '.join(ARCH_SOURCES)}"
+        )
 
     for field in ("sm_count", "memory_bytes", "hbm_bandwidth_bytes_per_s", "nvlink_bandwidth_bytes_per_s"):
         value = getattr(target, field)
@@ -212,15 +184,11 @@ def _target_problems(target: Target) -> list[str]:
         if dtype not in target.peak_tflops:
             problems.append(f"field 'peak_tflops.{dtype}' is missing")
 
-    formats = target.native_formats
-    for format_name in formats:
-        if format_name not in KNOWN_FORMATS:
-            problems.append(f"field 'native_formats' names unknown format {format_name!r}")
-    if len(set(formats)) != len(formats):
-        problems.append("field 'native_formats' lists a format twice")
-    has_fp4 = "fp4_e2m1" in formats
+    formats = native_formats(target.arch) if isinstance(target.arch, str) else ()
+    has_fp4 = "fp4e2m1" in formats
     if has_fp4 != ("fp4" in target.peak_tflops):
-        problems.append("field 'peak_tflops.fp4' must be given exactly when 'native_formats' has 'fp4_e2m1'")
+        problems.append(f"field 'peak_tflops.fp4' must be given exactly when the arch computes fp4e2m1 natively "
+                        f"({', '.join(a for a in ARCH_SOURCES if 'fp4e2m1' in native_formats(a))})")
 
     policy = target.precision_policy
     for component in POLICY_COMPONENTS:
@@ -229,15 +197,14 @@ def _target_problems(target: Target) -> list[str]:
     for component, precision in policy.items():
         if component not in POLICY_COMPONENTS:
             problems.append(f"field 'precision_policy.{component}' is not a known component")
-        elif precision not in POLICY_PRECISIONS:
+        elif precision not in PRECISIONS:
             problems.append(
-                f"field 'precision_policy.{component}' is {precision!r}, "
-                f"not one of {', '.join(POLICY_PRECISIONS)}"
+                f"field 'precision_policy.{component}' is {precision!r}, not one of {', '.join(PRECISIONS)}"
             )
-        elif POLICY_PRECISIONS[precision] not in formats:
+        elif PRECISIONS[precision].computes_in not in formats:
             problems.append(
                 f"field 'precision_policy.{component}' is '{precision}', which needs native "
-                f"'{POLICY_PRECISIONS[precision]}' that this target lacks"
+                f"'{PRECISIONS[precision].computes_in}' that this target lacks"
             )
 
     required = required_source_keys(target.peak_tflops)

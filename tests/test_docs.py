@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from nemocompile.base.formatdoc import format_reference_markdown
 from nemocompile.driver import pipeline
 from nemocompile.graph.opdef import REGISTRY
 from nemocompile.graph.opdoc import op_reference_markdown
@@ -18,6 +19,11 @@ DOCS = Path(__file__).resolve().parents[1] / "docs"
 def test_op_reference_is_current() -> None:
     assert (DOCS / "ops.md").read_text() == op_reference_markdown(), \
         "docs/ops.md is stale: run python -m nemocompile.graph.opdoc > docs/ops.md"
+
+
+def test_format_reference_is_current() -> None:
+    assert (DOCS / "formats.md").read_text() == format_reference_markdown(), \
+        "docs/formats.md is stale: run python -m nemocompile.base.formatdoc > docs/formats.md"
 
 
 def test_every_op_is_documented_with_a_meaning() -> None:

@@ -88,7 +88,7 @@ def test_a_target_whose_arch_contradicts_its_compute_capability_is_rejected() ->
 def test_blackwell_computes_in_nvfp4(name: str) -> None:
     target = load_target(name)
     assert target.supports("nvfp4")
-    assert target.supports("FP4_E2M1")
+    assert target.supports("FP4E2M1")  # registry names, any case
     assert "fp4" in target.peak_tflops
     assert target.precision_policy["routed_experts"] == "nvfp4_w4a4"
 
@@ -97,16 +97,17 @@ def test_blackwell_computes_in_nvfp4(name: str) -> None:
 def test_hopper_has_no_fp4_tensor_cores(name: str) -> None:
     target = load_target(name)
     assert not target.supports("nvfp4")
-    assert not target.supports("fp4_e2m1")
-    assert target.supports("fp8_e4m3")
+    assert not target.supports("fp4e2m1")
+    assert target.supports("fp8e4m3")
+    assert target.supports("fp8")
     assert "fp4" not in target.peak_tflops
     # NVFP4 weights still save memory on Hopper; they are dequantized to BF16 for the GEMM.
     assert target.precision_policy["routed_experts"] == "nvfp4_w4a16"
 
 
 def test_supports_rejects_a_format_name_it_does_not_know() -> None:
-    with pytest.raises(TargetError, match=r"unknown number format 'fp8'; known formats: .*fp8_e4m3"):
-        load_target("h100").supports("fp8")
+    with pytest.raises(TargetError, match=r"unknown number format 'fp8_e4m3'; known formats: .*fp8e4m3"):
+        load_target("h100").supports("fp8_e4m3")
 
 
 def test_hopper_cannot_be_given_a_w4a4_policy() -> None:

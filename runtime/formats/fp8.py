@@ -21,7 +21,9 @@ from dataclasses import dataclass
 
 import torch
 
-E4M3_MAX = 448.0  # largest finite float8_e4m3fn value
+from nemocompile.base.formats import FORMATS
+
+E4M3_MAX = FORMATS["fp8e4m3"].max_value  # largest finite float8_e4m3fn value (448)
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # Values per chunk when converting: 128K keep a chunk's float32 temporaries (512 KiB) in cache,
 # and make the per-op overhead of the few torch ops per chunk negligible.

@@ -37,10 +37,11 @@ from dataclasses import dataclass
 
 import torch
 
+from nemocompile.base.formats import FORMATS
 from nemocompile.runtime.formats.fp8 import E4M3_MAX, check_float_dtype, describe_values
 
-BLOCK_SIZE = 16
-E2M1_MAX = 6.0
+BLOCK_SIZE = FORMATS["nvfp4"].block  # 16
+E2M1_MAX = FORMATS["fp4e2m1"].max_value  # 6
 E4M3_MIN_SUBNORMAL = 2.0**-9
 FOUR_OVER_SIX_FP8_MAX = 256.0
 FOUR_OVER_SIX_AMAX_MULTIPLIER = 1.5  # amax * 1.5 / 6 == amax / 4: the block's largest value maps to 4

@@ -7,7 +7,7 @@ from collections.abc import Mapping, Sequence
 
 from nemocompile.base.errors import IRError
 
-from .ir import Attrs, AttrValue, Graph, Op, StateSlot, TensorSource, Value, Weight
+from .ir import Attrs, AttrValue, DimBound, Graph, Op, StateSlot, TensorSource, Value, Weight
 from .opdef import opdef
 from .types import DType, TensorType
 
@@ -22,7 +22,9 @@ class GraphBuilder:
         self._states: dict[str, StateSlot] = {}
         self._ops: list[Op] = []
         self._outputs: list[str] = []
+        self._dims: dict[str, DimBound] = {}
         self._types: dict[str, TensorType] = {}
+        self._producers: dict[str, Op] = {}
         self._counter = 0
 
     def _declare(self, name: str, type_: TensorType) -> None:
@@ -46,11 +48,22 @@ class GraphBuilder:
         self._weights[weight.name] = weight
         return weight.name
 
-    def state(self, name: str, kind: str, type_: TensorType) -> str:
+    def state(self, name: str, kind: str, type_: TensorType, update: str = "") -> str:
+        """Declare a state slot: a graph input that ops read as a `state` operand."""
         if name in self._states:
             raise IRError(f"state {name} is declared twice")
-        self._states[name] = StateSlot(name, kind, type_)
+        self._declare(name, type_)
+        self._states[name] = StateSlot(name, kind, type_, update)
         return name
+
+    def update_state(self, name: str, value: str) -> None:
+        """Bind `value` as the content of state slot `name` after the call (a graph output)."""
+        slot = self._states[name]
+        self._states[name] = StateSlot(slot.name, slot.kind, slot.type, value)
+
+    def bound(self, dim: str, low: int, high: int) -> None:
+        """The run-time range of a symbolic dimension."""
+        self._dims[dim] = DimBound(dim, low, high)
 
     def has(self, name: str) -> bool:
         return name in self._types
@@ -78,8 +91,47 @@ class GraphBuilder:
         for name, type_ in zip(names, result_types, strict=True):
             self._declare(name, type_)
             results.append(Value(name, type_))
-        self._ops.append(Op(opname, tuple(operands), tuple(results), frozen, scope, self.origin))
+        self._emit(Op(opname, tuple(operands), tuple(results), frozen, scope, self.origin))
         return tuple(names)
+
+    def _emit(self, op: Op) -> None:
+        self._ops.append(op)
+        for result in op.results:
+            self._producers[result.name] = op
+
+    def producer(self, name: str) -> Op | None:
+        """The op emitted so far whose result `name` is (None for inputs, weights, states)."""
+        return self._producers.get(name)
+
+    def number_after(self, names: Sequence[str]) -> None:
+        """Continue fresh numbering after the largest numeric name given, so new names never collide."""
+        numbers = [int(name) for name in names if name.isdigit()]
+        self._counter = max(self._counter, max(numbers, default=-1) + 1)
+
+    def reemit(self, op: Op, opname: str | None = None, attrs: Mapping[str, AttrValue] | None = None,
+               operands: Sequence[str | None] | None = None) -> None:
+        """Emit `op` again (optionally as another op, with other attrs or operands), re-inferring its
+        result types from the operands as they are now; result names are kept. An op that comes out
+        unchanged is kept as it was, with the provenance of the pass that made it."""
+        new_attrs = dict(op.attrs.items) if attrs is None else dict(attrs)
+        self.op(opname or op.opname, op.operands if operands is None else operands, new_attrs, op.scope,
+                [r.name for r in op.results])
+        emitted = self._ops[-1]
+        same_operands = operands is None or emitted.operands == op.operands
+        if same_operands and (emitted.opname, emitted.attrs, emitted.results) == (op.opname, op.attrs, op.results):
+            self._ops[-1] = op
+            for result in op.results:
+                self._producers[result.name] = op
+
+    def op_named(self, opname: str, operands: Mapping[str, str | None],
+                 attrs: Mapping[str, AttrValue] | None = None, scope: str = "",
+                 result_names: Sequence[str] | None = None) -> tuple[str, ...]:
+        """`op` with operands given by their declared names; absent optional ones may be left out."""
+        definition = opdef(opname)
+        unknown = sorted(set(operands) - set(definition.operand_names))
+        if unknown:
+            raise IRError(f"{opname} has no operand '{unknown[0]}'; it takes {', '.join(definition.operand_names)}")
+        return self.op(opname, [operands.get(name) for name in definition.operand_names], attrs, scope, result_names)
 
     def op1(self, opname: str, operands: Sequence[str | None], attrs: Mapping[str, AttrValue] | None = None,
             scope: str = "") -> str:
@@ -90,7 +142,7 @@ class GraphBuilder:
         """Re-emit an op unchanged (passes copy the ops they don't rewrite)."""
         for result in op.results:
             self._declare(result.name, result.type)
-        self._ops.append(op)
+        self._emit(op)
 
     def output(self, name: str) -> None:
         self._outputs.append(name)
@@ -104,6 +156,7 @@ class GraphBuilder:
             ops=tuple(self._ops),
             outputs=tuple(self._outputs),
             metadata=tuple(sorted(self.metadata.items())),
+            dims=tuple(self._dims.values()),
         )
 
 
@@ -117,18 +170,14 @@ def rebuild_header(graph: Graph, origin: str, weights: Sequence[Weight] | None =
     for weight in graph.weights if weights is None else weights:
         builder.add_weight(weight)
     for slot in graph.states:
-        builder.state(slot.name, slot.kind, slot.type)
-    numbers = [int(r.name) for op in graph.ops for r in op.results if r.name.isdigit()]
-    builder._counter = max(numbers, default=-1) + 1
+        builder.state(slot.name, slot.kind, slot.type, slot.update)
+    for bound in graph.dims:
+        builder.bound(bound.name, bound.low, bound.high)
+    builder.number_after([r.name for op in graph.ops for r in op.results])
     return builder
 
 
 def reemit(builder: GraphBuilder, op: Op, opname: str | None = None,
            attrs: Mapping[str, AttrValue] | None = None) -> None:
-    """Emit `op` again (optionally as another op or with other attrs), re-inferring its result
-    types from the operands as they are now; result names are kept."""
-    new_attrs = dict(op.attrs.items) if attrs is None else dict(attrs)
-    builder.op(opname or op.opname, op.operands, new_attrs, op.scope, [r.name for r in op.results])
-    emitted = builder._ops[-1]
-    if (emitted.opname, emitted.attrs, emitted.results) == (op.opname, op.attrs, op.results):
-        builder._ops[-1] = op  # unchanged: keep the provenance of the pass that made it
+    """`builder.reemit(op, opname, attrs)`, for passes written before the method."""
+    builder.reemit(op, opname, attrs)

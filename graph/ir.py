@@ -124,16 +124,33 @@ STATE_KINDS = ("kv", "conv", "ssm")
 
 @dataclass(frozen=True)
 class StateSlot:
-    """Per-sequence state that persists between calls: the KV cache of an attention layer, the
-    conv window and SSM state of a Mamba layer. Stateful ops name their slot in an attribute."""
+    """Per-sequence state that persists between calls (the keys or values of an attention layer,
+    the conv window or SSM state of a Mamba layer). The slot is a graph input, read by ops as an
+    operand of role `state`; `update` names the value that holds its content after the call, a
+    graph output that the runtime's cache binds back to the slot."""
 
     name: str
     kind: str
     type: TensorType
+    update: str = ""
 
     def __post_init__(self) -> None:
         if self.kind not in STATE_KINDS:
             raise IRError(f"state {self.name} has kind '{self.kind}', not one of {', '.join(STATE_KINDS)}")
+
+
+@dataclass(frozen=True)
+class DimBound:
+    """The range a symbolic dimension may take at run time (kernels, memory plans and caches size
+    themselves from these)."""
+
+    name: str
+    low: int
+    high: int
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.low <= self.high:
+            raise IRError(f"dim {self.name} has bounds [{self.low}, {self.high}]; need 0 <= low <= high")
 
 
 @dataclass(frozen=True)
@@ -160,6 +177,13 @@ class Graph:
     ops: tuple[Op, ...]
     outputs: tuple[str, ...]
     metadata: tuple[tuple[str, str], ...] = ()
+    dims: tuple[DimBound, ...] = ()
+
+    def dim_bound(self, name: str) -> DimBound | None:
+        for bound in self.dims:
+            if bound.name == name:
+                return bound
+        return None
 
     def meta(self, key: str, default: str | None = None) -> str | None:
         for name, value in self.metadata:
@@ -174,8 +198,9 @@ class Graph:
         return {s.name: s for s in self.states}
 
     def value_types(self) -> dict[str, TensorType]:
-        """Every named value's type: inputs, weights and op results."""
+        """Every named value's type: inputs, weights, state slots and op results."""
         types = {v.name: v.type for v in self.inputs}
+        types.update({s.name: s.type for s in self.states})
         types.update({w.name: w.type for w in self.weights})
         for op in self.ops:
             types.update({r.name: r.type for r in op.results})

@@ -30,6 +30,12 @@ CATEGORIES = ("embeddings", "lm_head", "attention", "mamba_in_proj", "mamba_out_
               INPUT_SCALE_CATEGORY)
 
 
+# Graph input: tokens each sequence already holds in its caches (attention writes at that position).
+CACHE_LENS = "cache_lens"
+# (largest batch, longest context in tokens): the default run-time bounds of a built graph.
+DEFAULT_BOUNDS = (256, 131072)
+
+
 @dataclass(frozen=True)
 class WeightSpec:
     """One graph weight and the checkpoint tensor(s) it comes from (several = stacked experts)."""
@@ -38,6 +44,7 @@ class WeightSpec:
     shape: tuple[int, ...]
     category: str
     tensors: tuple[str, ...]
+    bias: bool = False  # a projection's bias: stays in the float base, never quantized
 
     @property
     def keep_fp32(self) -> bool:
@@ -51,9 +58,25 @@ class WeightSpec:
         return count
 
 
+def _bias(spec: WeightSpec) -> WeightSpec:
+    """The bias of projection `spec` ([out]), counted in the same category."""
+    (tensor,) = spec.tensors
+    return WeightSpec(f"{spec.name}_bias", spec.shape[:1], spec.category,
+                      (tensor.removesuffix(".weight") + ".bias",), bias=True)
+
+
+def _projections(specs: list[WeightSpec], with_bias: bool) -> list[WeightSpec]:
+    """Each projection, followed by its bias when the config asks for biases."""
+    return [s for spec in specs for s in ([spec, _bias(spec)] if with_bias else [spec])]
+
+
 def _mamba(c: ModelConfig, p: str, t: str) -> list[WeightSpec]:
+    # transformers' NemotronH: use_bias adds biases to in_proj and out_proj
+    in_proj = WeightSpec(f"{p}.in_proj", (c.in_proj_size, c.hidden_size), "mamba_in_proj", (f"{t}.in_proj.weight",))
+    out_proj = WeightSpec(f"{p}.out_proj", (c.hidden_size, c.mamba_intermediate), "mamba_out_proj",
+                          (f"{t}.out_proj.weight",))
     specs = [
-        WeightSpec(f"{p}.in_proj", (c.in_proj_size, c.hidden_size), "mamba_in_proj", (f"{t}.in_proj.weight",)),
+        *_projections([in_proj], c.use_bias),
         WeightSpec(f"{p}.conv1d", (c.conv_dim, 1, c.conv_kernel), "conv1d", (f"{t}.conv1d.weight",)),
     ]
     if c.use_conv_bias:
@@ -63,8 +86,7 @@ def _mamba(c: ModelConfig, p: str, t: str) -> list[WeightSpec]:
         WeightSpec(f"{p}.A_log", (c.mamba_num_heads,), "mamba_ssm", (f"{t}.A_log",)),
         WeightSpec(f"{p}.D", (c.mamba_num_heads,), "mamba_ssm", (f"{t}.D",)),
         WeightSpec(f"{p}.norm", (c.mamba_intermediate,), "norms", (f"{t}.norm.weight",)),
-        WeightSpec(f"{p}.out_proj", (c.hidden_size, c.mamba_intermediate), "mamba_out_proj",
-                   (f"{t}.out_proj.weight",)),
+        *_projections([out_proj], c.use_bias),
     ]
     return specs
 
@@ -80,10 +102,12 @@ def _attention(c: ModelConfig, p: str, t: str) -> list[WeightSpec]:
 
 
 def _mlp(c: ModelConfig, p: str, t: str) -> list[WeightSpec]:
-    return [
+    # transformers' NemotronH: mlp_bias adds biases to the dense MLP, the shared expert and the
+    # latent projections; the routed experts never have one
+    return _projections([
         WeightSpec(f"{p}.up_proj", (c.intermediate_size, c.hidden_size), "mlp", (f"{t}.up_proj.weight",)),
         WeightSpec(f"{p}.down_proj", (c.hidden_size, c.intermediate_size), "mlp", (f"{t}.down_proj.weight",)),
-    ]
+    ], c.mlp_bias)
 
 
 def _moe(c: ModelConfig, p: str, t: str) -> list[WeightSpec]:
@@ -96,18 +120,20 @@ def _moe(c: ModelConfig, p: str, t: str) -> list[WeightSpec]:
                    tuple(f"{t}.experts.{i}.up_proj.weight" for i in range(e))),
         WeightSpec(f"{p}.experts_down", (e, width, inter), "routed_experts",
                    tuple(f"{t}.experts.{i}.down_proj.weight" for i in range(e))),
-        WeightSpec(f"{p}.shared_up", (shared, c.hidden_size), "shared_experts",
-                   (f"{t}.shared_experts.up_proj.weight",)),
-        WeightSpec(f"{p}.shared_down", (c.hidden_size, shared), "shared_experts",
-                   (f"{t}.shared_experts.down_proj.weight",)),
+        *_projections([
+            WeightSpec(f"{p}.shared_up", (shared, c.hidden_size), "shared_experts",
+                       (f"{t}.shared_experts.up_proj.weight",)),
+            WeightSpec(f"{p}.shared_down", (c.hidden_size, shared), "shared_experts",
+                       (f"{t}.shared_experts.down_proj.weight",)),
+        ], c.mlp_bias),
     ]
     if c.moe_latent_size is not None:
-        specs += [
+        specs += _projections([
             WeightSpec(f"{p}.fc1_latent", (c.moe_latent_size, c.hidden_size), "latent_projections",
                        (f"{t}.fc1_latent_proj.weight",)),
             WeightSpec(f"{p}.fc2_latent", (c.hidden_size, c.moe_latent_size), "latent_projections",
                        (f"{t}.fc2_latent_proj.weight",)),
-        ]
+        ], c.mlp_bias)
     return specs
 
 
@@ -146,36 +172,65 @@ def mtp_weight_estimate(c: ModelConfig) -> int:
 
 
 def _block_op(b: GraphBuilder, c: ModelConfig, kind: str, index: int, x: str, dtype: DType) -> str:
+    """Emit layer `index`'s block; a stateful block reads its state slots and binds their updates."""
     p, scope = f"layers.{index}.mixer", f"layers.{index}.mixer"
     if kind == "mamba":
         conv_state = b.state(f"layers.{index}.conv", "conv",
                              TensorType(dtype, ("batch", c.conv_dim, c.conv_kernel - 1)))
         ssm_state = b.state(f"layers.{index}.ssm", "ssm",
                             TensorType(F32, ("batch", c.mamba_num_heads, c.mamba_head_dim, c.ssm_state_size)))
-        return b.op1("mamba2_mixer",
-                     [x, f"{p}.in_proj", f"{p}.conv1d", f"{p}.conv1d_bias" if c.use_conv_bias else None,
-                      f"{p}.dt_bias", f"{p}.A_log", f"{p}.D", f"{p}.norm", f"{p}.out_proj"],
-                     {"num_heads": c.mamba_num_heads, "head_dim": c.mamba_head_dim, "n_groups": c.n_groups,
-                      "state_size": c.ssm_state_size, "conv_kernel": c.conv_kernel, "chunk_size": c.chunk_size,
-                      "eps": c.layer_norm_epsilon, "dt_min": c.time_step_min, "dt_max": float("inf"),
-                      "activation": c.mamba_hidden_act, "conv_state": conv_state, "ssm_state": ssm_state},
-                     scope)
+        out, conv_next, ssm_next = b.op_named(
+            "mamba2_mixer",
+            {"x": x, "in_proj": f"{p}.in_proj", "conv_weight": f"{p}.conv1d",
+             "conv_bias": f"{p}.conv1d_bias" if c.use_conv_bias else None, "dt_bias": f"{p}.dt_bias",
+             "A_log": f"{p}.A_log", "D": f"{p}.D", "norm_weight": f"{p}.norm", "out_proj": f"{p}.out_proj",
+             "in_proj_bias": f"{p}.in_proj_bias" if c.use_bias else None,
+             "out_proj_bias": f"{p}.out_proj_bias" if c.use_bias else None,
+             "conv_state": conv_state, "ssm_state": ssm_state},
+            {"num_heads": c.mamba_num_heads, "head_dim": c.mamba_head_dim, "n_groups": c.n_groups,
+             "state_size": c.ssm_state_size, "conv_kernel": c.conv_kernel, "chunk_size": c.chunk_size,
+             "eps": c.layer_norm_epsilon, "dt_min": c.time_step_min, "dt_max": float("inf"),
+             "activation": c.mamba_hidden_act},
+            scope, [b.fresh(), f"{conv_state}.next", f"{ssm_state}.next"])
+        b.update_state(conv_state, conv_next)
+        b.update_state(ssm_state, ssm_next)
+        return out
     if kind == "attention":
-        kv_state = b.state(f"layers.{index}.kv", "kv",
-                           TensorType(dtype, ("batch", c.num_key_value_heads, "ctx", c.head_dim)))
-        return b.op1("attention", [x, f"{p}.q_proj", f"{p}.k_proj", f"{p}.v_proj", f"{p}.o_proj"],
-                     {"num_heads": c.num_attention_heads, "num_kv_heads": c.num_key_value_heads,
-                      "head_dim": c.head_dim, "scale": c.head_dim ** -0.5, "kv_state": kv_state}, scope)
+        cache_type = TensorType(dtype, ("batch", c.num_key_value_heads, "ctx", c.head_dim))
+        k_cache = b.state(f"layers.{index}.k", "kv", cache_type)
+        v_cache = b.state(f"layers.{index}.v", "kv", cache_type)
+        out, k_next, v_next = b.op_named(
+            "attention",
+            {"x": x, "q_proj": f"{p}.q_proj", "k_proj": f"{p}.k_proj", "v_proj": f"{p}.v_proj",
+             "o_proj": f"{p}.o_proj", "k_cache": k_cache, "v_cache": v_cache, "cache_lens": CACHE_LENS},
+            {"num_heads": c.num_attention_heads, "num_kv_heads": c.num_key_value_heads,
+             "head_dim": c.head_dim, "scale": c.head_dim ** -0.5},
+            scope, [b.fresh(), f"{k_cache}.next", f"{v_cache}.next"])
+        b.update_state(k_cache, k_next)
+        b.update_state(v_cache, v_next)
+        return out
+    bias = c.mlp_bias
     if kind == "mlp":
-        return b.op1("mlp", [x, f"{p}.up_proj", f"{p}.down_proj"], {"activation": c.mlp_hidden_act}, scope)
+        (out,) = b.op_named("mlp", {"x": x, "up_proj": f"{p}.up_proj", "down_proj": f"{p}.down_proj",
+                                    "up_bias": f"{p}.up_proj_bias" if bias else None,
+                                    "down_bias": f"{p}.down_proj_bias" if bias else None},
+                            {"activation": c.mlp_hidden_act}, scope)
+        return out
     latent = c.moe_latent_size is not None
-    return b.op1("moe",
-                 [x, f"{p}.router", f"{p}.router_bias", f"{p}.experts_up", f"{p}.experts_down",
-                  f"{p}.shared_up", f"{p}.shared_down", f"{p}.fc1_latent" if latent else None,
-                  f"{p}.fc2_latent" if latent else None],
-                 {"top_k": c.num_experts_per_tok, "n_group": c.n_group, "topk_group": c.topk_group,
-                  "norm_topk_prob": c.norm_topk_prob, "routed_scaling_factor": c.routed_scaling_factor,
-                  "activation": c.mlp_hidden_act}, scope)
+    (out,) = b.op_named(
+        "moe",
+        {"x": x, "router_weight": f"{p}.router", "router_bias": f"{p}.router_bias",
+         "experts_up": f"{p}.experts_up", "experts_down": f"{p}.experts_down",
+         "shared_up": f"{p}.shared_up", "shared_down": f"{p}.shared_down",
+         "fc1_latent": f"{p}.fc1_latent" if latent else None, "fc2_latent": f"{p}.fc2_latent" if latent else None,
+         "shared_up_bias": f"{p}.shared_up_bias" if bias else None,
+         "shared_down_bias": f"{p}.shared_down_bias" if bias else None,
+         "fc1_latent_bias": f"{p}.fc1_latent_bias" if bias and latent else None,
+         "fc2_latent_bias": f"{p}.fc2_latent_bias" if bias and latent else None},
+        {"top_k": c.num_experts_per_tok, "n_group": c.n_group, "topk_group": c.topk_group,
+         "norm_topk_prob": c.norm_topk_prob, "routed_scaling_factor": c.routed_scaling_factor,
+         "activation": c.mlp_hidden_act}, scope)
+    return out
 
 
 @dataclass(frozen=True)
@@ -189,10 +244,11 @@ class WeightSource:
 def build_block_graph(c: ModelConfig, dtype: DType, sources: Mapping[str, WeightSource] | None = None,
                       extra_weights: list[Weight] | None = None,
                       metadata: dict[str, str] | None = None, prefix: str = "backbone.",
-                      lm_head: bool | None = None) -> Graph:
+                      lm_head: bool | None = None, bounds: tuple[int, int] = DEFAULT_BOUNDS) -> Graph:
     """The block-level graph. Float weights get `dtype` (routers stay fp32), already-quantized
     ones keep their format; `sources` maps each weight name to its checkpoint tensors (omitted
-    in plan mode); `extra_weights` are carried, unused weights (MTP)."""
+    in plan mode); `extra_weights` are carried, unused weights (MTP); `bounds` = (largest batch,
+    longest context in tokens) the engine accepts."""
     b = GraphBuilder("nemotron_h", {"model_type": "nemotron_h", "pattern": c.pattern, **(metadata or {})})
     specs = model_weights(c, prefix, lm_head)
     for spec in specs:
@@ -205,6 +261,12 @@ def build_block_graph(c: ModelConfig, dtype: DType, sources: Mapping[str, Weight
     for weight in extra_weights or []:
         b.add_weight(weight)
     ids = b.input("input_ids", TensorType(I64, ("batch", "seq")))
+    b.input(CACHE_LENS, TensorType(I64, ("batch",)))
+    max_batch, max_context = bounds
+    b.bound("batch", 1, max_batch)
+    b.bound("seq", 1, max_context)
+    b.bound("ctx", 0, max_context)
+    b.bound("routed", 0, max_batch * max_context * c.num_experts_per_tok)
     hidden = b.op1("embedding", [ids, "embeddings"], scope="embeddings")
     for index, kind in enumerate(c.layer_kinds):
         normed = b.op1("rms_norm", [hidden, f"layers.{index}.norm"], {"eps": c.layer_norm_epsilon},

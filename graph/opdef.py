@@ -1,5 +1,6 @@
 """Ops are declared as data: name, level, typed operands and results, attributes, shape inference,
-an optional verify hook, and the state slots they use. The executable meaning of each core op
+an optional verify hook. State (KV cache, conv window, SSM state) is an operand of role `state`
+and its new content a result. The executable meaning of each core op
 is its reference implementation in `nemocompile.runtime.reference_dispatch`."""
 
 from __future__ import annotations
@@ -43,6 +44,9 @@ class Operand:
         role = "" if self.role == "act" else f":{self.role}"
         return f"{self.name}{'?' if self.optional else ''}{role}"
 
+# Every op accepts this attribute: the kernel select_kernels chose for it (graph/kernels.py).
+KERNEL_ATTR = "kernel"
+
 # Python types an attribute may declare; "list" means a tuple of scalars.
 ATTR_KINDS: dict[str, tuple[type, ...]] = {
     "int": (int,),
@@ -64,7 +68,6 @@ class OpDef:
     attrs: tuple[tuple[str, str], ...]  # (name, kind) with kind from ATTR_KINDS; "?" suffix = optional
     infer: InferFn
     verify: VerifyFn | None = None
-    states: tuple[tuple[str, str], ...] = ()  # (attr naming the slot, state kind)
     doc: str = ""
 
     def __post_init__(self) -> None:
@@ -108,7 +111,10 @@ class OpDef:
             elif not isinstance(value, allowed) or (kind.rstrip("?") == "ints" and not _all_ints(value)):
                 problems.append(f"attribute '{name}' must be {kind.rstrip('?')}, got {value!r}")
         for name in attrs.keys():
-            if name not in declared:
+            if name == KERNEL_ATTR:
+                if not isinstance(attrs[name], str) or not attrs[name]:
+                    problems.append(f"attribute '{KERNEL_ATTR}' must name a kernel, got {attrs[name]!r}")
+            elif name not in declared:
                 problems.append(f"unknown attribute '{name}'")
         return problems
 
@@ -129,12 +135,11 @@ def define(
     *,
     infer: InferFn,
     verify: VerifyFn | None = None,
-    states: Sequence[tuple[str, str]] = (),
     doc: str = "",
 ) -> OpDef:
     """Declare an op; one short call per op."""
     assert name not in REGISTRY, f"op {name} declared twice"
-    opdef = OpDef(name, level, tuple(Operand.parse(o) for o in operands), tuple(results), tuple(attrs), infer, verify, tuple(states), doc)
+    opdef = OpDef(name, level, tuple(Operand.parse(o) for o in operands), tuple(results), tuple(attrs), infer, verify, doc)
     REGISTRY[name] = opdef
     return opdef
 

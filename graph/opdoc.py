@@ -9,9 +9,8 @@ from .ops import ACTIVATIONS
 
 def _row(definition: OpDef) -> str:
     attrs = ", ".join(f"{name}: {kind}" for name, kind in definition.attrs) or "-"
-    states = ", ".join(f"{attr} ({kind})" for attr, kind in definition.states) or "-"
     results = "variadic" if definition.results == ("*",) else ", ".join(definition.results)
-    return (f"| `{definition.name}` | {', '.join(str(o) for o in definition.operands)} | {results} | {attrs} | {states} | "
+    return (f"| `{definition.name}` | {', '.join(str(o) for o in definition.operands)} | {results} | {attrs} | "
             f"{definition.doc} |")
 
 
@@ -20,7 +19,9 @@ def op_reference_markdown() -> str:
         "# Op reference",
         "",
         "Generated from `graph/ops.py` by `python -m nemocompile.graph.opdoc > docs/ops.md`; do not edit.",
-        "An operand ending in `?` is optional (printed `_` when absent); an attribute kind ending in `?`",
+        "An operand ending in `?` is optional (printed `_` when absent); `:role` names what the operand is",
+        "(weight, scale, bias, state, index; unmarked operands are activations). A `state` operand is a state",
+        "slot of the graph and the op returns its new content as a result. An attribute kind ending in `?`",
         "may be left out. The meaning of each core op is its reference implementation in",
         "`runtime/reference/` (quantized GEMMs: `runtime/quantized_ops.py`).",
         f"Activation kinds: {', '.join(ACTIVATIONS)}.",
@@ -29,8 +30,8 @@ def op_reference_markdown() -> str:
         definitions = [d for d in REGISTRY.values() if d.level == level]
         if not definitions:
             continue
-        lines += ["", f"## {level} ops", "", "| op | operands | results | attributes | state slots | meaning |",
-                  "|---|---|---|---|---|---|"]
+        lines += ["", f"## {level} ops", "", "| op | operands | results | attributes | meaning |",
+                  "|---|---|---|---|---|"]
         lines += [_row(d) for d in definitions]
     return "\n".join(lines) + "\n"
 

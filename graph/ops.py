@@ -4,13 +4,13 @@ Shapes use symbolic dims: `batch`, `seq` (tokens in this call), `ctx` (cached to
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from nemocompile.base.errors import IRError
 
 from .ir import Attrs
 from .opdef import define, dims_agree, require
-from .types import F32, I64, TensorType, dtype_named
+from .types import F32, I64, Dim, TensorType, dtype_named
 
 Types = Sequence[TensorType | None]
 
@@ -54,33 +54,67 @@ define("rms_norm", "core", ["x", "weight:weight"], ["out"], [("eps", "float")], 
        doc="x / rms(x) * weight over the last dim, computed in fp32, result in x's dtype")
 
 
-def _check_matmul_dtypes(x: TensorType, weight: TensorType, scale: TensorType | None, attrs: Attrs,
-                         what: str) -> None:
-    act = attrs.get("act_format")
+def _matmul_result(x: TensorType, weight: TensorType, attrs: Attrs, what: str) -> TensorType:
+    """The GEMM's result type before its last dim is set: x's dtype, or `out_dtype` when x is an
+    activation that a `quantize` op quantized (its format then is the weight's)."""
+    out_dtype = attrs.get("out_dtype")
+    if x.dtype.quantized:
+        if x.dtype != weight.dtype:
+            raise IRError(f"{what} input is quantized to {x.dtype} but its weight is {weight.dtype}")
+        if not isinstance(out_dtype, str):
+            raise IRError(f"{what} of a quantized input needs out_dtype, the float dtype of its result")
+        result = dtype_named(out_dtype)
+        if not result.is_float or result.quantized:
+            raise IRError(f"{what} out_dtype must be a float dtype, got {out_dtype}")
+        return x.with_(dtype=result)
+    if out_dtype is not None:
+        raise IRError(f"{what} takes out_dtype only for a quantized input; its input is {x.dtype}")
     if not weight.dtype.quantized and x.dtype != weight.dtype:
         raise IRError(f"{what} input is {x.dtype} but its weight is {weight.dtype}")
-    if act is not None and act != weight.dtype.name:
-        raise IRError(f"{what} quantizes activations to {act} but its weight is {weight.dtype}")
-    if (act is None) != (scale is None):
-        raise IRError(f"{what} needs an input_scale exactly when it quantizes activations")
+    return x
 
 
 def _infer_linear(types: Types, attrs: Attrs) -> tuple[TensorType, ...]:
     x, weight = require(types, 0), require(types, 1)
     if weight.rank != 2:
         raise IRError(f"linear weight must be 2-D, got {weight}")
-    _check_matmul_dtypes(x, weight, types[3], attrs, "linear")
+    result = _matmul_result(x, weight, attrs, "linear")
     _last_dim(x, "linear input", weight.shape[1])
     bias = types[2]
     if bias is not None and not dims_agree(bias.shape[0], weight.shape[0]):
         raise IRError(f"linear bias {bias} does not match weight {weight}")
-    return (_with_last(x, weight.shape[0]),)
+    return (_with_last(result, weight.shape[0]),)
 
 
-define("linear", "core", ["x", "weight:weight", "bias?:bias", "input_scale?:scale"], ["out"], [("act_format", "str?")],
+define("linear", "core", ["x", "weight:weight", "bias?:bias"], ["out"], [("out_dtype", "dtype?")],
        infer=_infer_linear,
        doc="x @ weight^T + bias; weight [out, in]. A quantized weight is dequantized and multiplied in fp32; "
-           "with act_format, x is first quantized to that format (static scale input_scale)")
+           "an input quantized by `quantize` (same format as the weight) gives a result in out_dtype")
+
+QUANTIZE_FORMATS = ("nvfp4", "fp8")
+
+
+def _infer_quantize(types: Types, attrs: Attrs) -> tuple[TensorType, ...]:
+    x, scale, offsets = require(types, 0), require(types, 1), types[2]
+    fmt = attrs.str("format")
+    if fmt not in QUANTIZE_FORMATS:
+        raise IRError(f"quantize format {fmt!r} is not one of {', '.join(QUANTIZE_FORMATS)}")
+    if not x.dtype.is_float or x.dtype.quantized:
+        raise IRError(f"quantize input must be a float activation, got {x}")
+    if scale.dtype != F32 or scale.rank != (0 if offsets is None else 1):
+        raise IRError(f"quantize input_scale must be an f32 {'scalar' if offsets is None else '[experts] vector'}, "
+                      f"got {scale}")
+    block = dtype_named(fmt).block_size
+    if block and isinstance(x.shape[-1], int) and x.shape[-1] % block:
+        raise IRError(f"quantize to {fmt} needs a last dim divisible by {block}, got {x}")
+    return (x.with_(dtype=dtype_named(fmt)),)
+
+
+define("quantize", "core", ["x", "input_scale:scale", "offsets?:index"], ["out"], [("format", "str")],
+       infer=_infer_quantize,
+       doc="x quantized to format with the static scale input_scale (NVFP4: dynamic E4M3 scale per block of 16, "
+           "global scale input_scale; FP8: per-tensor scale). With offsets (rows grouped by expert, as "
+           "moe_dispatch sorts them), rows of expert e use input_scale[e]")
 
 
 def _infer_add(types: Types, attrs: Attrs) -> tuple[TensorType, ...]:
@@ -138,18 +172,21 @@ define("gated_rms_norm", "core", ["x", "gate", "weight:weight"], ["out"], [("gro
 
 
 def _infer_conv(types: Types, attrs: Attrs) -> tuple[TensorType, ...]:
-    x, weight = require(types, 0), require(types, 1)
+    x, weight, state = require(types, 0), require(types, 1), require(types, 3)
     _last_dim(x, "causal_conv1d input", weight.shape[0])
-    return (x,)
+    if state.rank != 3 or not dims_agree(state.shape[1], weight.shape[0]) or \
+            not dims_agree(state.shape[2], weight.shape[-1] - 1 if isinstance(weight.shape[-1], int) else "k"):
+        raise IRError(f"causal_conv1d state {state} must be [batch, channels, kernel - 1] for weight {weight}")
+    return (x, state)
 
 
-define("causal_conv1d", "core", ["x", "weight:weight", "bias?:bias"], ["out"],
-       [("activation", "str?"), ("conv_state", "str")], infer=_infer_conv, states=[("conv_state", "conv")],
-       doc="depthwise causal conv over seq, channels last; continues from and updates the conv window")
+define("causal_conv1d", "core", ["x", "weight:weight", "bias?:bias", "conv_state:state"], ["out", "conv_state_out"],
+       [("activation", "str?")], infer=_infer_conv,
+       doc="depthwise causal conv over seq, channels last; continues from the conv window and returns the new one")
 
-_SSD_OPERANDS = ["x", "dt", "A_log:weight", "B", "C", "D:weight", "dt_bias:bias"]
+_SSD_OPERANDS = ["x", "dt", "A_log:weight", "B", "C", "D:weight", "dt_bias:bias", "ssm_state:state"]
 _SSD_ATTRS = [("num_heads", "int"), ("head_dim", "int"), ("n_groups", "int"), ("state_size", "int"),
-              ("dt_min", "float"), ("dt_max", "float"), ("ssm_state", "str")]
+              ("dt_min", "float"), ("dt_max", "float")]
 
 
 def _verify_ssd(types: Types, attrs: Attrs) -> str | None:
@@ -164,19 +201,27 @@ def _verify_ssd(types: Types, attrs: Attrs) -> str | None:
         return f"B has {b.shape[-1]} channels, expected n_groups * state_size = {groups * state}"
     if heads % groups:
         return f"num_heads {heads} is not a multiple of n_groups {groups}"
+    state_type = require(types, 7)
+    expected: tuple[Dim, ...] = ("batch", heads, head_dim, state)
+    if state_type.rank != 4 or not all(dims_agree(a, e) for a, e in zip(state_type.shape, expected, strict=True)):
+        return f"ssm_state {state_type} must be [batch, {heads}, {head_dim}, {state}]"
     return None
 
 
 def _infer_ssd_chunk(types: Types, attrs: Attrs) -> tuple[TensorType, ...]:
     # The chunked scan accumulates in fp32 and returns fp32 (as transformers' torch path does).
-    return (require(types, 0).with_(dtype=F32),)
+    return (require(types, 0).with_(dtype=F32), require(types, 7))
 
 
-define("ssd_chunk_scan", "core", _SSD_OPERANDS, ["y"], [*_SSD_ATTRS, ("chunk_size", "int")],
-       infer=_infer_ssd_chunk, verify=_verify_ssd, states=[("ssm_state", "ssm")],
-       doc="Mamba2 SSD over a whole sequence in chunks; continues from and updates the SSM state")
-define("ssd_state_update", "core", _SSD_OPERANDS, ["y"], _SSD_ATTRS, infer=_same_as_first,
-       verify=_verify_ssd, states=[("ssm_state", "ssm")],
+def _infer_ssd_step(types: Types, attrs: Attrs) -> tuple[TensorType, ...]:
+    return (require(types, 0), require(types, 7))
+
+
+define("ssd_chunk_scan", "core", _SSD_OPERANDS, ["y", "ssm_state_out"], [*_SSD_ATTRS, ("chunk_size", "int")],
+       infer=_infer_ssd_chunk, verify=_verify_ssd,
+       doc="Mamba2 SSD over a whole sequence in chunks; continues from the SSM state and returns the new one")
+define("ssd_state_update", "core", _SSD_OPERANDS, ["y", "ssm_state_out"], _SSD_ATTRS, infer=_infer_ssd_step,
+       verify=_verify_ssd,
        doc="one Mamba2 recurrence step (seq == 1): state = exp(dt*A) state + dt B x; y = C state + D x")
 
 # ---------------------------------------------------------------- attention
@@ -184,6 +229,14 @@ define("ssd_state_update", "core", _SSD_OPERANDS, ["y"], _SSD_ATTRS, infer=_same
 
 def _verify_gqa(types: Types, attrs: Attrs) -> str | None:
     q, k = require(types, 0), require(types, 1)
+    k_cache, lens = require(types, 3), require(types, 5)
+    if k_cache.rank != 4 or not dims_agree(k_cache.shape[1], attrs.int("num_kv_heads")) or \
+            not dims_agree(k_cache.shape[3], attrs.int("head_dim")):
+        return f"k_cache {k_cache} must be [batch, num_kv_heads, ctx, head_dim]"
+    if require(types, 4) != k_cache:
+        return f"v_cache {require(types, 4)} differs from k_cache {k_cache}"
+    if lens.dtype.is_float or lens.rank != 1:
+        return f"cache_lens {lens} must be integer [batch]"
     heads, kv_heads, head_dim = attrs.int("num_heads"), attrs.int("num_kv_heads"), attrs.int("head_dim")
     if heads % kv_heads:
         return f"num_heads {heads} is not a multiple of num_kv_heads {kv_heads}"
@@ -194,11 +247,16 @@ def _verify_gqa(types: Types, attrs: Attrs) -> str | None:
     return None
 
 
-define("attention_gqa", "core", ["q", "k", "v"], ["out"],
-       [("num_heads", "int"), ("num_kv_heads", "int"), ("head_dim", "int"), ("scale", "float"),
-        ("kv_state", "str")],
-       infer=_same_as_first, verify=_verify_gqa, states=[("kv_state", "kv")],
-       doc="causal grouped-query attention over the cached keys/values and these; appends to the cache")
+def _infer_gqa(types: Types, attrs: Attrs) -> tuple[TensorType, ...]:
+    return (require(types, 0), require(types, 3), require(types, 4))
+
+
+define("attention_gqa", "core", ["q", "k", "v", "k_cache:state", "v_cache:state", "cache_lens:index"],
+       ["out", "k_cache_out", "v_cache_out"],
+       [("num_heads", "int"), ("num_kv_heads", "int"), ("head_dim", "int"), ("scale", "float")],
+       infer=_infer_gqa, verify=_verify_gqa,
+       doc="causal grouped-query attention: sequence b writes its keys/values at positions cache_lens[b].. of "
+           "the preallocated caches and attends to positions 0..cache_lens[b]+t")
 
 # ---------------------------------------------------------------- mixture of experts
 
@@ -244,15 +302,14 @@ def _infer_grouped_gemm(types: Types, attrs: Attrs) -> tuple[TensorType, ...]:
     x, weight = require(types, 0), require(types, 2)
     if weight.rank != 3:
         raise IRError(f"grouped_gemm weight must be [experts, out, in], got {weight}")
-    _check_matmul_dtypes(x, weight, types[3], attrs, "grouped_gemm")
+    result = _matmul_result(x, weight, attrs, "grouped_gemm")
     _last_dim(x, "grouped_gemm input", weight.shape[2])
-    return (_with_last(x, weight.shape[1]),)
+    return (_with_last(result, weight.shape[1]),)
 
 
-define("grouped_gemm", "core", ["x", "offsets:index", "weight:weight", "input_scale?:scale"], ["out"], [("act_format", "str?")],
+define("grouped_gemm", "core", ["x", "offsets:index", "weight:weight"], ["out"], [("out_dtype", "dtype?")],
        infer=_infer_grouped_gemm,
-       doc="rows of expert e times weight[e]^T; quantized weights and activations as for linear, "
-           "with one input_scale per expert")
+       doc="rows of expert e times weight[e]^T; quantized weights and inputs as for linear")
 
 
 def _infer_combine(types: Types, attrs: Attrs) -> tuple[TensorType, ...]:
@@ -271,19 +328,29 @@ def _infer_block(types: Types, attrs: Attrs) -> tuple[TensorType, ...]:
     return (x,)
 
 
+def _block_with_state(*state_indices: int) -> Callable[[Types, Attrs], tuple[TensorType, ...]]:
+    """A block returns its output and the new content of each state it reads."""
+    def infer(types: Types, attrs: Attrs) -> tuple[TensorType, ...]:
+        return (require(types, 0), *(require(types, i) for i in state_indices))
+    return infer
+
+
 define("mamba2_mixer", "block",
        ["x", "in_proj:weight", "conv_weight:weight", "conv_bias?:bias", "dt_bias:bias", "A_log:weight", "D:weight",
-        "norm_weight:weight", "out_proj:weight", "in_proj_bias?:bias", "out_proj_bias?:bias"],
-       ["out"],
+        "norm_weight:weight", "out_proj:weight", "in_proj_bias?:bias", "out_proj_bias?:bias",
+        "conv_state:state", "ssm_state:state"],
+       ["out", "conv_state_out", "ssm_state_out"],
        [("num_heads", "int"), ("head_dim", "int"), ("n_groups", "int"), ("state_size", "int"),
         ("conv_kernel", "int"), ("chunk_size", "int"), ("eps", "float"), ("dt_min", "float"),
-        ("dt_max", "float"), ("activation", "str"), ("conv_state", "str"), ("ssm_state", "str")],
-       infer=_infer_block, states=[("conv_state", "conv"), ("ssm_state", "ssm")],
+        ("dt_max", "float"), ("activation", "str")],
+       infer=_block_with_state(11, 12),
        doc="Mamba2 mixer: in_proj -> conv1d -> SSD -> gated RMS norm -> out_proj")
-define("attention", "block", ["x", "q_proj:weight", "k_proj:weight", "v_proj:weight", "o_proj:weight"], ["out"],
-       [("num_heads", "int"), ("num_kv_heads", "int"), ("head_dim", "int"), ("scale", "float"),
-        ("kv_state", "str")],
-       infer=_infer_block, states=[("kv_state", "kv")], doc="GQA self-attention without positional encoding")
+define("attention", "block",
+       ["x", "q_proj:weight", "k_proj:weight", "v_proj:weight", "o_proj:weight", "k_cache:state", "v_cache:state",
+        "cache_lens:index"],
+       ["out", "k_cache_out", "v_cache_out"],
+       [("num_heads", "int"), ("num_kv_heads", "int"), ("head_dim", "int"), ("scale", "float")],
+       infer=_block_with_state(5, 6), doc="GQA self-attention without positional encoding")
 define("mlp", "block", ["x", "up_proj:weight", "down_proj:weight", "up_bias?:bias", "down_bias?:bias"], ["out"], [("activation", "str")],
        infer=_infer_block, doc="down(act(up(x)))")
 define("moe", "block",

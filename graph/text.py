@@ -4,7 +4,8 @@
       meta "model_type" = "nemotron_h"
       input %input_ids : tensor<i64, [batch, seq]>
       weight %embeddings : tensor<bf16, [64, 32]> category "embeddings" from bf16 "model.safetensors" : "backbone.embeddings.weight"
-      state %layers.1.kv : kv tensor<bf16, [batch, 2, ctx, 8]>
+      dim ctx : [0, 131072]
+      state %layers.1.k : kv tensor<bf16, [batch, 2, ctx, 8]> -> %layers.1.k.next
       %0 = embedding(%input_ids, %embeddings) : tensor<bf16, [batch, seq, 32]> scope "embeddings" by "import"
       %1, %2 = split(%0) {sizes = [8, 24]} : tensor<...>, tensor<...> scope "layers.0.mixer" by "decompose"
       output %logits
@@ -22,8 +23,8 @@ from dataclasses import dataclass
 
 from nemocompile.base.errors import IRError
 
-from .ir import Attrs, AttrValue, Graph, Op, StateSlot, TensorSource, Value, Weight
-from .types import Dim, TensorType, dtype_named
+from .ir import Attrs, AttrValue, DimBound, Graph, Op, StateSlot, TensorSource, Value, Weight
+from .types import Dim, Sharding, TensorType, dtype_named
 
 # ---------------------------------------------------------------- printing
 
@@ -73,7 +74,9 @@ def print_graph(graph: Graph) -> str:
     lines += [f"  meta {json.dumps(k)} = {json.dumps(v)}" for k, v in graph.metadata]
     lines += [f"  input %{v.name} : {v.type}" for v in graph.inputs]
     lines += [f"  {format_weight(w)}" for w in graph.weights]
-    lines += [f"  state %{s.name} : {s.kind} {s.type}" for s in graph.states]
+    lines += [f"  dim {d.name} : [{d.low}, {d.high}]" for d in graph.dims]
+    lines += [f"  state %{s.name} : {s.kind} {s.type}" + (f" -> %{s.update}" if s.update else "")
+              for s in graph.states]
     lines += [f"  {format_op(op)}" for op in graph.ops]
     lines += [f"  output %{name}" for name in graph.outputs]
     lines.append("}")
@@ -88,7 +91,7 @@ _TOKEN = re.compile(
       | (?P<val>%[A-Za-z0-9_.]+)
       | (?P<num>-?(?:inf|nan)(?![A-Za-z0-9_])|-?\d+(?:\.\d*)?(?:[eE][-+]?\d+)?)
       | (?P<id>[A-Za-z_][A-Za-z0-9_]*)
-      | (?P<punct>[{}()\[\]<>,:=/])
+      | (?P<punct>->|[{}()\[\]<>,:=/])
     )""",
     re.VERBOSE,
 )
@@ -188,13 +191,36 @@ class _Parser:
             if dims:
                 self.expect(",")
             dims.append(self.dim())
-        layout = "row"
-        if self.accept(","):
-            layout = self.kind("id")
-            if self.accept("/"):
-                layout += "/" + self.kind("num")
+        sharding = self.sharding() if self.accept(",") else None
         self.expect(">")
-        return TensorType(dtype, tuple(dims), layout)
+        return TensorType(dtype, tuple(dims), sharding)
+
+    def sharding(self) -> Sharding:
+        if self.kind("id") != "shard":
+            self.pos -= 1
+            raise self.error("expected 'shard<...>'")
+        self.expect("<")
+        axis = self.kind("id")
+        self.expect("=")
+        parts = self.integer()
+        dim: int | None = None
+        partial = False
+        if self.accept(","):
+            if self.accept("partial"):
+                partial = True
+            else:
+                self.expect("dim")
+                self.expect("=")
+                dim = self.integer()
+        self.expect(">")
+        return Sharding(axis, parts, dim, partial)
+
+    def integer(self) -> int:
+        text = self.kind("num")
+        if not text.isdigit():
+            self.pos -= 1
+            raise self.error(f"expected a non-negative integer, found '{text}'")
+        return int(text)
 
     def attr_value(self) -> AttrValue:
         token = self.next()
@@ -282,22 +308,24 @@ class _Parser:
         states: list[StateSlot] = []
         ops: list[Op] = []
         outputs: list[str] = []
+        dims: list[DimBound] = []
         while not self.accept("}"):
             token = self.peek()
             if token is None:
                 raise self.error("missing '}' at the end of the graph")
             try:
-                self.statement(token, metadata, inputs, weights, states, ops, outputs)
+                self.statement(token, metadata, inputs, weights, states, ops, outputs, dims)
             except IRError as error:
                 message = str(error)
                 raise IRError(message if message.startswith("line ") else f"line {token.line}: {message}") from None
         if self.peek() is not None:
             raise self.error("text after the end of the graph")
         return Graph(name, tuple(inputs), tuple(weights), tuple(states), tuple(ops), tuple(outputs),
-                     tuple(metadata))
+                     tuple(metadata), tuple(dims))
 
     def statement(self, token: _Token, metadata: list[tuple[str, str]], inputs: list[Value],
-                  weights: list[Weight], states: list[StateSlot], ops: list[Op], outputs: list[str]) -> None:
+                  weights: list[Weight], states: list[StateSlot], ops: list[Op], outputs: list[str],
+                  dims: list[DimBound]) -> None:
         if token.kind == "val":
             ops.append(self.op())
             return
@@ -316,7 +344,18 @@ class _Parser:
             slot_name = self.value_name()
             self.expect(":")
             kind = self.kind("id")
-            states.append(StateSlot(slot_name, kind, self.type()))
+            type_ = self.type()
+            update = self.value_name() if self.accept("->") else ""
+            states.append(StateSlot(slot_name, kind, type_, update))
+        elif keyword == "dim":
+            dim_name = self.kind("id")
+            self.expect(":")
+            self.expect("[")
+            low = self.integer()
+            self.expect(",")
+            high = self.integer()
+            self.expect("]")
+            dims.append(DimBound(dim_name, low, high))
         elif keyword == "output":
             outputs.append(self.value_name())
         else:

@@ -1,5 +1,5 @@
 """IR types: immutable, self-checking. A dtype, a shape whose dims are ints or symbols
-(`batch`, `seq`, `ctx`, ...), and a layout/sharding tag."""
+(`batch`, `seq`, `ctx`, ...), and how the tensor is sharded over ranks."""
 
 from __future__ import annotations
 
@@ -14,8 +14,6 @@ from nemocompile.base.formats import FORMATS, NumberFormat, ir_formats
 
 _SYMBOL = re.compile(r"[a-z_][a-z0-9_]*")
 _RESERVED_SYMBOLS = frozenset({"inf", "nan"})  # these read back as numbers
-# row (unsharded), or a sharding tag such as col/8 (split along columns over 8 ranks)
-_LAYOUT = re.compile(r"[a-z_][a-z0-9_]*(/[0-9]+)?")
 
 
 @dataclass(frozen=True)
@@ -90,21 +88,68 @@ def _check_dim(dim: Any) -> None:
         raise IRError(f"'{dim}' is not a valid symbolic dimension name")
 
 
+# Mesh axes a tensor can be distributed over: tensor parallel and expert parallel ranks.
+MESH_AXES = ("tp", "ep")
+
+
+@dataclass(frozen=True)
+class Sharding:
+    """How a tensor is distributed over the `parts` ranks of mesh axis `axis`: split into equal
+    pieces along `dim`, or (dim None) replicated; `partial` marks a value each rank holds a partial
+    sum of (a row-parallel GEMM's output before its all-reduce). Text: `shard<tp=8, dim=0>`,
+    `shard<tp=8>`, `shard<tp=8, partial>`."""
+
+    axis: str
+    parts: int
+    dim: int | None = None
+    partial: bool = False
+
+    def __post_init__(self) -> None:
+        if self.axis not in MESH_AXES:
+            raise IRError(f"sharding axis '{self.axis}' is not one of {', '.join(MESH_AXES)}")
+        if isinstance(self.parts, bool) or not isinstance(self.parts, int) or self.parts < 1:
+            raise IRError(f"sharding over {self.axis} needs a positive rank count, not {self.parts!r}")
+        if self.dim is not None and (isinstance(self.dim, bool) or not isinstance(self.dim, int) or self.dim < 0):
+            raise IRError(f"sharding dim must be a non-negative int, not {self.dim!r}")
+        if self.partial and self.dim is not None:
+            raise IRError("a partial-sum value is not also split along a dim")
+
+    def __str__(self) -> str:
+        extra = f", dim={self.dim}" if self.dim is not None else ", partial" if self.partial else ""
+        return f"shard<{self.axis}={self.parts}{extra}>"
+
+
 @dataclass(frozen=True)
 class TensorType:
-    """dtype + shape (+ layout tag: `row` by default; sharding passes set e.g. `col/8`)."""
+    """dtype + shape (+ how it is sharded over ranks; None: whole on every rank)."""
 
     dtype: DType
     shape: tuple[Dim, ...]
-    layout: str = "row"
+    sharding: Sharding | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.shape, tuple):
             object.__setattr__(self, "shape", tuple(self.shape))
         for dim in self.shape:
             _check_dim(dim)
-        if not isinstance(self.layout, str) or not _LAYOUT.fullmatch(self.layout):
-            raise IRError(f"'{self.layout}' is not a valid layout tag (e.g. row, col/8)")
+        if self.sharding is not None:
+            if not isinstance(self.sharding, Sharding):
+                raise IRError(f"sharding must be a Sharding, not {self.sharding!r}")
+            split = self.sharding.dim
+            if split is not None and split >= len(self.shape):
+                raise IRError(f"{self.sharding} splits dim {split} of a rank-{len(self.shape)} tensor")
+            if split is not None and isinstance(self.shape[split], int) and self.shape[split] % self.sharding.parts:
+                raise IRError(f"dim {split} of size {self.shape[split]} does not split into "
+                              f"{self.sharding.parts} equal parts")
+
+    def local_shape(self) -> tuple[Dim, ...]:
+        """The shape each rank holds."""
+        if self.sharding is None or self.sharding.dim is None:
+            return self.shape
+        split = self.sharding.dim
+        size = self.shape[split]
+        local = size // self.sharding.parts if isinstance(size, int) else size
+        return (*self.shape[:split], local, *self.shape[split + 1 :])
 
     @property
     def rank(self) -> int:
@@ -136,7 +181,7 @@ class TensorType:
 
     def __str__(self) -> str:
         dims = ", ".join(str(d) for d in self.shape)
-        suffix = "" if self.layout == "row" else f", {self.layout}"
+        suffix = "" if self.sharding is None else f", {self.sharding}"
         return f"tensor<{self.dtype}, [{dims}]{suffix}>"
 
 

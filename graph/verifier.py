@@ -42,12 +42,11 @@ def _check_op(op: Op, types: dict[str, TensorType], graph: Graph) -> str | None:
     if problems:
         return "; ".join(problems)
     slots = graph.state_map()
-    for attr, kind in definition.states:
-        slot_name = op.attrs.str(attr)
-        if slot_name not in slots:
-            return f"state slot {slot_name!r} (attribute {attr}) is not declared"
-        if slots[slot_name].kind != kind:
-            return f"state slot {slot_name!r} is a {slots[slot_name].kind} slot, {op.opname} needs {kind}"
+    for index in definition.indices_with_role("state"):
+        name = op.operands[index]
+        if name is not None and name not in slots:
+            return (f"operand '{definition.operand_names[index]}' of {op.opname} must be a state slot of the graph, "
+                    f"not %{name}")
     try:
         inferred = definition.infer(operand_types, op.attrs)
         message = definition.verify(operand_types, op.attrs) if definition.verify else None
@@ -81,6 +80,10 @@ def verify(graph: Graph, after: str | None = None) -> Graph:
         raise IRError(f"graph {graph.name}{where}: state {repeated_states[0]} is declared twice")
     types: dict[str, TensorType] = {v.name: v.type for v in graph.inputs}
     types.update({w.name: w.type for w in graph.weights})
+    for slot in graph.states:
+        if slot.name in types:
+            raise IRError(f"graph {graph.name}{where}: state %{slot.name} has the name of another value")
+        types[slot.name] = slot.type
     for index, op in enumerate(graph.ops):
         problem = _check_op(op, types, graph)
         if problem is None:
@@ -96,4 +99,31 @@ def verify(graph: Graph, after: str | None = None) -> Graph:
             raise IRError(f"graph {graph.name}{where}: output %{name} is not defined")
     if not graph.outputs:
         raise IRError(f"graph {graph.name}{where}: has no outputs")
+    _check_states(graph, types, where)
+    _check_dims(graph, types, where)
     return graph
+
+
+def _check_states(graph: Graph, types: dict[str, TensorType], where: str) -> None:
+    """Every state slot is bound to the value holding its new content, of the slot's own type."""
+    for slot in graph.states:
+        if not slot.update:
+            raise IRError(f"graph {graph.name}{where}: state %{slot.name} has no update (-> %value)")
+        if slot.update not in types:
+            raise IRError(f"graph {graph.name}{where}: state %{slot.name} is updated by %{slot.update}, "
+                          "which is not defined")
+        if types[slot.update] != slot.type:
+            raise IRError(f"graph {graph.name}{where}: state %{slot.name} is {slot.type} but its update "
+                          f"%{slot.update} is {types[slot.update]}")
+
+
+def _check_dims(graph: Graph, types: dict[str, TensorType], where: str) -> None:
+    """A graph that bounds its symbolic dims bounds every one it uses."""
+    if not graph.dims:
+        return
+    bounded = {d.name for d in graph.dims}
+    for name, type_ in types.items():
+        for dim in type_.shape:
+            if isinstance(dim, str) and dim not in bounded:
+                raise IRError(f"graph {graph.name}{where}: %{name} has symbolic dim '{dim}', which has no bound "
+                              f"(bounded: {', '.join(sorted(bounded))})")

@@ -28,7 +28,7 @@ class Agreement:
 
 
 def _logits(graph: Graph, weights: Mapping[str, WeightValue], ids: torch.Tensor) -> torch.Tensor:
-    cache = Cache.for_slots(graph.states, ids.shape[0], torch.device("cpu"))
+    cache = Cache.for_graph(graph, ids.shape[0], torch.device("cpu"))
     return Executor(graph, weights).run(ids, cache)["logits"]
 
 

@@ -1,5 +1,5 @@
 """Calibration: run token batches through the unquantized model on the reference runtime and
-set each quantized GEMM's static activation scale from the largest activation it saw
+set the static scale of each `quantize` op from the largest activation its GEMM saw
 (`input_scale = amax / (6 * 448)` for NVFP4, `amax / 448` for FP8, as ModelOpt sets them).
 Stacked experts get one scale each; an expert that saw no token takes the largest of the others."""
 
@@ -14,7 +14,8 @@ from nemocompile.base.errors import UsageError
 from nemocompile.base.formats import ACT_FORMATS, FORMATS
 from nemocompile.graph.ir import Graph, Op
 from nemocompile.graph.nemotron_h import INPUT_SCALE_CATEGORY
-from nemocompile.passes.assign_precision import GEMM_OPS
+from nemocompile.graph.opdef import operand
+from nemocompile.passes.assign_precision import gemm_weight
 from nemocompile.runtime.cache import Cache
 from nemocompile.runtime.executor import Executor
 from nemocompile.runtime.weights import WeightValue
@@ -27,18 +28,21 @@ ELEMENT_MAX = {name: FORMATS[name].max_value for name in ACT_FORMATS}
 
 
 def scales_needed(quantized: Graph) -> dict[str, tuple[str, str]]:
-    """input_scale weight -> (the GEMM weight it scales, activation format), for scales without a source."""
+    """input_scale weight -> (the GEMM weight whose input it scales, activation format), for the
+    scales of `quantize` ops that have no source (a ModelOpt checkpoint brings its own)."""
     needed: dict[str, tuple[str, str]] = {}
     weights = quantized.weight_map()
-    for op in quantized.ops:
-        index = GEMM_OPS.get(op.opname)
-        if index is None or op.operands[-1] is None:
+    for quantize in quantized.ops_named("quantize"):
+        scale = operand(quantize, "input_scale")
+        assert scale is not None
+        if scale not in weights or weights[scale].category != INPUT_SCALE_CATEGORY or weights[scale].sources:
             continue
-        scale = op.operands[-1]
-        weight = op.operands[index]
-        assert scale is not None and weight is not None
-        if weights[scale].category == INPUT_SCALE_CATEGORY and not weights[scale].sources:
-            needed[scale] = (weight, op.attrs.str("act_format"))
+        gemms = [user for user in quantized.users(quantize.results[0].name) if gemm_weight(user)]
+        if not gemms:
+            raise UsageError(f"quantize at {quantize.scope} feeds no GEMM, so calibration cannot set {scale}")
+        weight = gemm_weight(gemms[0])
+        assert weight is not None
+        needed[scale] = (weight, quantize.attrs.str("format"))
     return needed
 
 
@@ -81,8 +85,7 @@ def calibrate(float_graph: Graph, float_weights: Mapping[str, WeightValue], need
     amax: dict[str, torch.Tensor] = {}
 
     def observe(op: Op, args: Sequence[WeightValue | None]) -> None:
-        index = GEMM_OPS.get(op.opname)
-        weight = op.operands[index] if index is not None else None
+        weight = gemm_weight(op)
         if weight not in by_weight:
             return
         x = args[0]
@@ -100,7 +103,7 @@ def calibrate(float_graph: Graph, float_weights: Mapping[str, WeightValue], need
 
     executor = Executor(float_graph, float_weights, observer=observe)
     for batch in batches:
-        executor.run(batch, Cache.for_slots(float_graph.states, batch.shape[0], torch.device("cpu")))
+        executor.run(batch, Cache.for_graph(float_graph, batch.shape[0], torch.device("cpu")))
     scales: dict[str, torch.Tensor] = {}
     for scale, (weight, act_format) in needed.items():
         if scale not in amax:

@@ -9,10 +9,12 @@ import torch
 
 from nemocompile.base.errors import IRError, UsageError
 from nemocompile.graph.ir import Graph, Op
+from nemocompile.graph.nemotron_h import CACHE_LENS
 
 from .cache import Cache
-from .dtypes import torch_dtype
-from .reference_dispatch import OpImpl, reference_impl
+from .dtypes import value_dtype
+from .kernels import device_of, resolve
+from .reference_dispatch import OpImpl
 from .weights import WeightValue
 
 # Called with each op and its operand values before it runs (calibration collects amax here).
@@ -24,12 +26,15 @@ class Executor:
         missing = [w.name for w in graph.weights if w.name not in weights]
         if missing:
             raise IRError(f"graph {graph.name} needs weights that were not loaded: {', '.join(missing[:5])}")
+        unknown = [v.name for v in graph.inputs[1:] if v.name != CACHE_LENS]
+        if unknown:
+            raise IRError(f"graph {graph.name} has input %{unknown[0]}, which the runtime does not bind")
         self.graph = graph
         self.weights = weights
         self.observer = observer
         # Everything per op that does not depend on the call is resolved once, here.
         self.plan: list[tuple[OpImpl, tuple[str | None, ...], tuple[torch.dtype, ...]]] = [
-            (reference_impl(op.opname), op.operands, tuple(torch_dtype(r.type.dtype) for r in op.results))
+            (resolve(op, device_of(weights)), op.operands, tuple(value_dtype(r.type.dtype) for r in op.results))
             for op in graph.ops
         ]
         # Values no later op reads are dropped as soon as possible (bounded activation memory).
@@ -39,7 +44,7 @@ class Executor:
                 if name is not None:
                     last_use[name] = index
         self.release_after: list[list[str]] = [[] for _ in graph.ops]
-        keep = set(graph.outputs) | set(weights)
+        keep = set(graph.outputs) | set(weights) | {slot.update for slot in graph.states}
         for name, index in last_use.items():
             if name not in keep:
                 self.release_after[index].append(name)
@@ -50,13 +55,17 @@ class Executor:
         if input_ids.shape[0] != cache.batch_size:
             raise UsageError(f"input_ids has batch {input_ids.shape[0]} but the cache holds {cache.batch_size}")
         weights = self.weights
+        cache.reserve(input_ids.shape[1])
+        # The first input takes the token ids (or a test graph's activations); the rest are by name.
         values: dict[str, torch.Tensor] = {self.graph.inputs[0].name: input_ids}
+        values.update({v.name: cache.lengths for v in self.graph.inputs[1:]})
+        values.update(cache.tensors)
         for index, (op, (impl, operands, dtypes)) in enumerate(zip(self.graph.ops, self.plan, strict=True)):
             args = [None if name is None else values[name] if name in values else weights[name]
                     for name in operands]
             if self.observer is not None:
                 self.observer(op, args)
-            results = impl(op, args, cache)
+            results = impl(op, args)
             for value, tensor, dtype in zip(op.results, results, dtypes, strict=True):
                 if tensor.dtype != dtype:
                     raise IRError(f"{op.opname} at {op.scope} produced {tensor.dtype} for %{value.name}, "
@@ -64,5 +73,7 @@ class Executor:
                 values[value.name] = tensor
             for name in self.release_after[index]:
                 values.pop(name, None)
-        cache.length += input_ids.shape[1]
+        for slot in self.graph.states:
+            cache.tensors[slot.name] = values[slot.update]
+        cache.advance(input_ids.shape[1])
         return {name: values[name] for name in self.graph.outputs}

@@ -12,13 +12,14 @@ from nemocompile.base.errors import IRError
 from nemocompile.graph.ir import Op
 
 from . import reference as ref
-from .cache import Cache
 from .dtypes import torch_dtype
-from .quantized_ops import quant_grouped_gemm, quant_linear
+from .quantized_ops import quant_grouped_gemm, quant_linear, quantize
 from .weights import WeightValue
 
 Args = Sequence[WeightValue | None]
-OpImpl = Callable[[Op, Args, Cache], tuple[torch.Tensor, ...]]
+# An implementation takes the op and its operand values and returns its results; an op with state
+# operands returns their new content among its results (the executor binds it back to the cache).
+OpImpl = Callable[[Op, Args], tuple[torch.Tensor, ...]]
 
 
 def _t(value: WeightValue | None) -> torch.Tensor:
@@ -37,54 +38,56 @@ def _w(value: WeightValue | None) -> WeightValue:
     return value
 
 
-def _embedding(op: Op, a: Args, cache: Cache) -> tuple[torch.Tensor, ...]:
+def _embedding(op: Op, a: Args) -> tuple[torch.Tensor, ...]:
     return (F.embedding(_t(a[0]), _t(a[1])),)
 
 
-def _rms_norm(op: Op, a: Args, cache: Cache) -> tuple[torch.Tensor, ...]:
+def _rms_norm(op: Op, a: Args) -> tuple[torch.Tensor, ...]:
     return (ref.rms_norm(_t(a[0]), _t(a[1]), op.attrs.float("eps")),)
 
 
-def _act_format(op: Op) -> str | None:
-    value = op.attrs.get("act_format")
-    return value if isinstance(value, str) else None
+def _result_dtype(op: Op) -> torch.dtype:
+    return torch_dtype(op.results[0].type.dtype)
 
 
-def _linear(op: Op, a: Args, cache: Cache) -> tuple[torch.Tensor, ...]:
+def _linear(op: Op, a: Args) -> tuple[torch.Tensor, ...]:
     weight = _w(a[1])
     if isinstance(weight, torch.Tensor):
         return (ref.linear(_t(a[0]), weight, _opt(a[2])),)
-    return (quant_linear(_t(a[0]), weight, _opt(a[2]), _opt(a[3]), _act_format(op)),)
+    return (quant_linear(_t(a[0]), weight, _opt(a[2]), _result_dtype(op)),)
 
 
-def _add(op: Op, a: Args, cache: Cache) -> tuple[torch.Tensor, ...]:
+def _quantize(op: Op, a: Args) -> tuple[torch.Tensor, ...]:
+    return (quantize(_t(a[0]), op.attrs.str("format"), _t(a[1]), _opt(a[2])),)
+
+
+def _add(op: Op, a: Args) -> tuple[torch.Tensor, ...]:
     return (ref.add(_t(a[0]), _t(a[1])),)
 
 
-def _cast(op: Op, a: Args, cache: Cache) -> tuple[torch.Tensor, ...]:
+def _cast(op: Op, a: Args) -> tuple[torch.Tensor, ...]:
     return (_t(a[0]).to(torch_dtype(op.attrs.str("dtype"))),)
 
 
-def _activation(op: Op, a: Args, cache: Cache) -> tuple[torch.Tensor, ...]:
+def _activation(op: Op, a: Args) -> tuple[torch.Tensor, ...]:
     kind = op.attrs.str("kind")
     return (ref.relu2(_t(a[0])) if kind == "relu2" else ref.silu(_t(a[0])),)
 
 
-def _split(op: Op, a: Args, cache: Cache) -> tuple[torch.Tensor, ...]:
+def _split(op: Op, a: Args) -> tuple[torch.Tensor, ...]:
     return tuple(torch.split(_t(a[0]), list(op.attrs.ints("sizes")), dim=-1))
 
 
-def _gated_rms_norm(op: Op, a: Args, cache: Cache) -> tuple[torch.Tensor, ...]:
+def _gated_rms_norm(op: Op, a: Args) -> tuple[torch.Tensor, ...]:
     return (ref.gated_rms_norm(_t(a[0]), _t(a[1]), _t(a[2]), op.attrs.int("group_size"), op.attrs.float("eps")),)
 
 
-def _causal_conv1d(op: Op, a: Args, cache: Cache) -> tuple[torch.Tensor, ...]:
-    slot = op.attrs.str("conv_state")
+def _causal_conv1d(op: Op, a: Args) -> tuple[torch.Tensor, ...]:
     activation = op.attrs.get("activation")
-    y, state = ref.causal_conv1d(_t(a[0]), _t(a[1]), _opt(a[2]), activation if isinstance(activation, str) else None,
-                                 cache.tensors[slot])
-    cache.tensors[slot] = state.to(cache.tensors[slot].dtype)
-    return (y,)
+    state = _t(a[3])
+    y, new_state = ref.causal_conv1d(_t(a[0]), _t(a[1]), _opt(a[2]),
+                                     activation if isinstance(activation, str) else None, state)
+    return y, new_state.to(state.dtype)
 
 
 def _ssd_attrs(op: Op) -> dict[str, int | float]:
@@ -93,36 +96,28 @@ def _ssd_attrs(op: Op) -> dict[str, int | float]:
             "state_size": at.int("state_size"), "dt_min": at.float("dt_min"), "dt_max": at.float("dt_max")}
 
 
-def _ssd_chunk_scan(op: Op, a: Args, cache: Cache) -> tuple[torch.Tensor, ...]:
-    slot = op.attrs.str("ssm_state")
-    x, dt, a_log, b, c, d, dt_bias = (_t(v) for v in a)
-    y, state = ref.ssd_chunk_scan(x, dt, a_log, b, c, d, dt_bias, chunk_size=op.attrs.int("chunk_size"),
-                                  initial_state=cache.tensors[slot], **_ssd_attrs(op))  # type: ignore[arg-type]
-    cache.tensors[slot] = state.to(cache.tensors[slot].dtype)
-    return (y,)
+def _ssd_chunk_scan(op: Op, a: Args) -> tuple[torch.Tensor, ...]:
+    x, dt, a_log, b, c, d, dt_bias, state = (_t(v) for v in a)
+    y, new_state = ref.ssd_chunk_scan(x, dt, a_log, b, c, d, dt_bias, chunk_size=op.attrs.int("chunk_size"),
+                                      initial_state=state, **_ssd_attrs(op))  # type: ignore[arg-type]
+    return y, new_state.to(state.dtype)
 
 
-def _ssd_state_update(op: Op, a: Args, cache: Cache) -> tuple[torch.Tensor, ...]:
-    slot = op.attrs.str("ssm_state")
-    x, dt, a_log, b, c, d, dt_bias = (_t(v) for v in a)
-    y, state = ref.ssd_state_update(x, dt, a_log, b, c, d, dt_bias, state=cache.tensors[slot],
-                                    **_ssd_attrs(op))  # type: ignore[arg-type]
-    cache.tensors[slot] = state.to(cache.tensors[slot].dtype)
-    return (y,)
+def _ssd_state_update(op: Op, a: Args) -> tuple[torch.Tensor, ...]:
+    x, dt, a_log, b, c, d, dt_bias, state = (_t(v) for v in a)
+    y, new_state = ref.ssd_state_update(x, dt, a_log, b, c, d, dt_bias, state=state,
+                                        **_ssd_attrs(op))  # type: ignore[arg-type]
+    return y, new_state.to(state.dtype)
 
 
-def _attention_gqa(op: Op, a: Args, cache: Cache) -> tuple[torch.Tensor, ...]:
-    slot = op.attrs.str("kv_state")
-    past_k, past_v = cache.kv[slot]
-    out, k_all, v_all = ref.attention_gqa(
-        _t(a[0]), _t(a[1]), _t(a[2]), num_heads=op.attrs.int("num_heads"), num_kv_heads=op.attrs.int("num_kv_heads"),
-        head_dim=op.attrs.int("head_dim"), scale=op.attrs.float("scale"),
-        past_k=past_k if past_k.shape[2] else None, past_v=past_v if past_v.shape[2] else None)
-    cache.kv[slot] = (k_all.to(past_k.dtype), v_all.to(past_v.dtype))
-    return (out,)
+def _attention_gqa(op: Op, a: Args) -> tuple[torch.Tensor, ...]:
+    at = op.attrs
+    return ref.attention_gqa_cached(
+        _t(a[0]), _t(a[1]), _t(a[2]), _t(a[3]), _t(a[4]), _t(a[5]), num_heads=at.int("num_heads"),
+        num_kv_heads=at.int("num_kv_heads"), head_dim=at.int("head_dim"), scale=at.float("scale"))
 
 
-def _moe_router(op: Op, a: Args, cache: Cache) -> tuple[torch.Tensor, ...]:
+def _moe_router(op: Op, a: Args) -> tuple[torch.Tensor, ...]:
     x = _t(a[0])
     at = op.attrs
     weights, ids = ref.moe_router(x.reshape(-1, x.shape[-1]), _t(a[1]), _t(a[2]), top_k=at.int("top_k"),
@@ -133,20 +128,20 @@ def _moe_router(op: Op, a: Args, cache: Cache) -> tuple[torch.Tensor, ...]:
     return weights.reshape(shape), ids.reshape(shape)
 
 
-def _moe_dispatch(op: Op, a: Args, cache: Cache) -> tuple[torch.Tensor, ...]:
+def _moe_dispatch(op: Op, a: Args) -> tuple[torch.Tensor, ...]:
     x, ids = _t(a[0]), _t(a[1])
     return ref.moe_dispatch(x.reshape(-1, x.shape[-1]), ids.reshape(-1, ids.shape[-1]),
                             op.attrs.int("num_experts"))
 
 
-def _grouped_gemm(op: Op, a: Args, cache: Cache) -> tuple[torch.Tensor, ...]:
+def _grouped_gemm(op: Op, a: Args) -> tuple[torch.Tensor, ...]:
     weight = _w(a[2])
     if isinstance(weight, torch.Tensor):
         return (ref.grouped_gemm(_t(a[0]), _t(a[1]), weight),)
-    return (quant_grouped_gemm(_t(a[0]), _t(a[1]), weight, _opt(a[3]), _act_format(op)),)
+    return (quant_grouped_gemm(_t(a[0]), _t(a[1]), weight, _result_dtype(op)),)
 
 
-def _moe_combine(op: Op, a: Args, cache: Cache) -> tuple[torch.Tensor, ...]:
+def _moe_combine(op: Op, a: Args) -> tuple[torch.Tensor, ...]:
     y, order, weights = _t(a[0]), _t(a[1]), _t(a[2])
     flat_weights = weights.reshape(-1, weights.shape[-1])
     out = ref.moe_combine(y, order, flat_weights, flat_weights.shape[0])
@@ -157,6 +152,7 @@ REFERENCE: dict[str, OpImpl] = {
     "embedding": _embedding,
     "rms_norm": _rms_norm,
     "linear": _linear,
+    "quantize": _quantize,
     "add": _add,
     "cast": _cast,
     "activation": _activation,
@@ -174,7 +170,13 @@ REFERENCE: dict[str, OpImpl] = {
 
 
 def reference_impl(opname: str) -> OpImpl:
-    try:
+    """The reference implementation of an op: its own for a core op; for a composite op (a block,
+    a fused op), the composition of the core references its decomposition names."""
+    if opname in REFERENCE:
         return REFERENCE[opname]
-    except KeyError:
-        raise IRError(f"op '{opname}' has no reference implementation; run the decompose pass first") from None
+    from .composite import composite_impl  # composite runs ops through this module
+
+    found = composite_impl(opname)
+    if found is None:
+        raise IRError(f"op '{opname}' has no reference implementation and no decomposition")
+    return found

@@ -8,6 +8,7 @@ import math
 import re
 import string
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -29,7 +30,7 @@ from nemocompile.graph.ir import (
 )
 from nemocompile.graph.nemotron_h import build_block_graph
 from nemocompile.graph.text import parse_graph, print_graph
-from nemocompile.graph.types import BF16, DTYPES, F32, Dim, TensorType
+from nemocompile.graph.types import BF16, DTYPES, F32, Dim, Sharding, TensorType
 from nemocompile.passes.decompose import Decompose
 
 MODELS = Path("/work/shared/models")
@@ -100,7 +101,7 @@ _value_names = st.text(_WORD + ".", min_size=1, max_size=10)
 _symbols = _name(_LOWER, _LOWER + string.digits, 6).filter(_not_a_number_word)
 _dims: st.SearchStrategy[Dim] = st.integers(0, 4096) | _symbols
 _types = st.builds(TensorType, st.sampled_from(list(DTYPES.values())),
-                   st.lists(_dims, max_size=4).map(tuple), st.sampled_from(["row", "col", "col_8"]))
+                   st.lists(_dims, max_size=4).map(tuple), st.sampled_from([None, Sharding("tp", 8), Sharding("ep", 2, partial=True)]))
 _texts = st.text(max_size=12) | st.sampled_from(['say "hi"', "back\\slash", "tab\tnew\nline", "ünï©ødé ✓ 𝔘", ""])
 _scalars: st.SearchStrategy[AttrValue] = (
     st.none() | st.booleans() | st.integers(-(2**70), 2**70)
@@ -184,9 +185,30 @@ def test_symbolic_dims_that_spell_numbers_are_refused(symbol: str) -> None:
         TensorType(F32, (symbol, 8))
 
 
-def test_sharding_layout_tags_round_trip() -> None:
-    # TensorType documents `col/8` as the layout a sharding pass sets.
-    assert_round_trips(_with_input_type(TensorType(BF16, (4, 8), "col/8")))
+@pytest.mark.parametrize("sharding", [Sharding("tp", 8, 0), Sharding("ep", 4, 1), Sharding("tp", 2),
+                                      Sharding("tp", 8, partial=True)])
+def test_sharding_round_trips(sharding: Sharding) -> None:
+    graph = _with_input_type(TensorType(BF16, (8, 8), sharding))
+    assert str(sharding) in print_graph(graph)
+    assert_round_trips(graph)
+
+
+@pytest.mark.parametrize(("make", "message"), [
+    (lambda: Sharding("pp", 2, 0), "not one of tp, ep"),
+    (lambda: Sharding("tp", 0, 0), "positive rank count"),
+    (lambda: Sharding("tp", 2, 0, partial=True), "partial-sum"),
+    (lambda: TensorType(BF16, (6, 8), Sharding("tp", 4, 0)), "does not split into 4 equal parts"),
+    (lambda: TensorType(BF16, (6, 8), Sharding("tp", 2, 2)), "splits dim 2 of a rank-2 tensor"),
+])
+def test_bad_sharding_is_refused(make: Any, message: str) -> None:
+    with pytest.raises(IRError, match=message):
+        make()
+
+
+def test_local_shape_is_the_per_rank_piece() -> None:
+    assert TensorType(BF16, (64, 32), Sharding("tp", 8, 0)).local_shape() == (8, 32)
+    assert TensorType(BF16, (16, 64, 32), Sharding("ep", 4, 0)).local_shape() == (4, 64, 32)
+    assert TensorType(BF16, (64, 32), Sharding("tp", 8)).local_shape() == (64, 32)
 
 
 # ---------------------------------------------------------------- golden text after decompose
@@ -202,40 +224,45 @@ TINY = {
 GOLDEN_MAMBA_AND_MOE = """
 %0 = embedding(%input_ids, %embeddings) : tensor<bf16, [batch, seq, 16]> scope "embeddings" by "import"
 %1 = rms_norm(%0, %layers.0.norm) {eps = 1e-05} : tensor<bf16, [batch, seq, 16]> scope "layers.0.norm" by "import"
-%15 = linear(%1, %layers.0.mixer.in_proj, _, _) : tensor<bf16, [batch, seq, 68]> scope "layers.0.mixer" by "decompose"
+%15 = linear(%1, %layers.0.mixer.in_proj, _) : tensor<bf16, [batch, seq, 68]> scope "layers.0.mixer" by "decompose"
 %16, %17, %18 = split(%15) {sizes = [16, 48, 4]} : tensor<bf16, [batch, seq, 16]>, tensor<bf16, [batch, seq, 48]>, tensor<bf16, [batch, seq, 4]> scope "layers.0.mixer" by "decompose"
-%19 = causal_conv1d(%17, %layers.0.mixer.conv1d, %layers.0.mixer.conv1d_bias) {activation = "silu", conv_state = "layers.0.conv"} : tensor<bf16, [batch, seq, 48]> scope "layers.0.mixer" by "decompose"
+%19, %layers.0.conv.next = causal_conv1d(%17, %layers.0.mixer.conv1d, %layers.0.mixer.conv1d_bias, %layers.0.conv) {activation = "silu"} : tensor<bf16, [batch, seq, 48]>, tensor<bf16, [batch, 48, 3]> scope "layers.0.mixer" by "decompose"
 %20, %21, %22 = split(%19) {sizes = [16, 16, 16]} : tensor<bf16, [batch, seq, 16]>, tensor<bf16, [batch, seq, 16]>, tensor<bf16, [batch, seq, 16]> scope "layers.0.mixer" by "decompose"
-%23 = ssd_chunk_scan(%20, %18, %layers.0.mixer.A_log, %21, %22, %layers.0.mixer.D, %layers.0.mixer.dt_bias) {chunk_size = 8, dt_max = inf, dt_min = 0.001, head_dim = 4, n_groups = 2, num_heads = 4, ssm_state = "layers.0.ssm", state_size = 8} : tensor<f32, [batch, seq, 16]> scope "layers.0.mixer" by "decompose"
+%23, %layers.0.ssm.next = ssd_chunk_scan(%20, %18, %layers.0.mixer.A_log, %21, %22, %layers.0.mixer.D, %layers.0.mixer.dt_bias, %layers.0.ssm) {chunk_size = 8, dt_max = inf, dt_min = 0.001, head_dim = 4, n_groups = 2, num_heads = 4, state_size = 8} : tensor<f32, [batch, seq, 16]>, tensor<f32, [batch, 4, 4, 8]> scope "layers.0.mixer" by "decompose"
 %24 = gated_rms_norm(%23, %16, %layers.0.mixer.norm) {eps = 1e-05, group_size = 8} : tensor<f32, [batch, seq, 16]> scope "layers.0.mixer" by "decompose"
 %25 = cast(%24) {dtype = "bf16"} : tensor<bf16, [batch, seq, 16]> scope "layers.0.mixer" by "decompose"
-%2 = linear(%25, %layers.0.mixer.out_proj, _, _) : tensor<bf16, [batch, seq, 16]> scope "layers.0.mixer" by "decompose"
+%2 = linear(%25, %layers.0.mixer.out_proj, _) : tensor<bf16, [batch, seq, 16]> scope "layers.0.mixer" by "decompose"
 %3 = add(%0, %2) : tensor<bf16, [batch, seq, 16]> scope "layers.0" by "import"
 %4 = rms_norm(%3, %layers.1.norm) {eps = 1e-05} : tensor<bf16, [batch, seq, 16]> scope "layers.1.norm" by "import"
-%26 = linear(%4, %layers.1.mixer.q_proj, _, _) : tensor<bf16, [batch, seq, 16]> scope "layers.1.mixer" by "decompose"
-%27 = linear(%4, %layers.1.mixer.k_proj, _, _) : tensor<bf16, [batch, seq, 8]> scope "layers.1.mixer" by "decompose"
-%28 = linear(%4, %layers.1.mixer.v_proj, _, _) : tensor<bf16, [batch, seq, 8]> scope "layers.1.mixer" by "decompose"
-%29 = attention_gqa(%26, %27, %28) {head_dim = 4, kv_state = "layers.1.kv", num_heads = 4, num_kv_heads = 2, scale = 0.5} : tensor<bf16, [batch, seq, 16]> scope "layers.1.mixer" by "decompose"
-%5 = linear(%29, %layers.1.mixer.o_proj, _, _) : tensor<bf16, [batch, seq, 16]> scope "layers.1.mixer" by "decompose"
+%26 = linear(%4, %layers.1.mixer.q_proj, _) : tensor<bf16, [batch, seq, 16]> scope "layers.1.mixer" by "decompose"
+%27 = linear(%4, %layers.1.mixer.k_proj, _) : tensor<bf16, [batch, seq, 8]> scope "layers.1.mixer" by "decompose"
+%28 = linear(%4, %layers.1.mixer.v_proj, _) : tensor<bf16, [batch, seq, 8]> scope "layers.1.mixer" by "decompose"
+%29, %layers.1.k.next, %layers.1.v.next = attention_gqa(%26, %27, %28, %layers.1.k, %layers.1.v, %cache_lens) {head_dim = 4, num_heads = 4, num_kv_heads = 2, scale = 0.5} : tensor<bf16, [batch, seq, 16]>, tensor<bf16, [batch, 2, ctx, 4]>, tensor<bf16, [batch, 2, ctx, 4]> scope "layers.1.mixer" by "decompose"
+%5 = linear(%29, %layers.1.mixer.o_proj, _) : tensor<bf16, [batch, seq, 16]> scope "layers.1.mixer" by "decompose"
 %6 = add(%3, %5) : tensor<bf16, [batch, seq, 16]> scope "layers.1" by "import"
 %7 = rms_norm(%6, %layers.2.norm) {eps = 1e-05} : tensor<bf16, [batch, seq, 16]> scope "layers.2.norm" by "import"
 %30, %31 = moe_router(%7, %layers.2.mixer.router, %layers.2.mixer.router_bias) {n_group = 1, norm_topk_prob = true, routed_scaling_factor = 1.0, top_k = 2, topk_group = 1} : tensor<f32, [batch, seq, 2]>, tensor<i64, [batch, seq, 2]> scope "layers.2.mixer" by "decompose"
 %32, %33, %34 = moe_dispatch(%7, %31) {num_experts = 4} : tensor<bf16, [routed, 16]>, tensor<i64, [5]>, tensor<i64, [routed]> scope "layers.2.mixer" by "decompose"
-%35 = grouped_gemm(%32, %33, %layers.2.mixer.experts_up, _) : tensor<bf16, [routed, 8]> scope "layers.2.mixer" by "decompose"
+%35 = grouped_gemm(%32, %33, %layers.2.mixer.experts_up) : tensor<bf16, [routed, 8]> scope "layers.2.mixer" by "decompose"
 %36 = activation(%35) {kind = "relu2"} : tensor<bf16, [routed, 8]> scope "layers.2.mixer" by "decompose"
-%37 = grouped_gemm(%36, %33, %layers.2.mixer.experts_down, _) : tensor<bf16, [routed, 16]> scope "layers.2.mixer" by "decompose"
+%37 = grouped_gemm(%36, %33, %layers.2.mixer.experts_down) : tensor<bf16, [routed, 16]> scope "layers.2.mixer" by "decompose"
 %38 = moe_combine(%37, %34, %30) : tensor<bf16, [batch, seq, 16]> scope "layers.2.mixer" by "decompose"
-%39 = linear(%7, %layers.2.mixer.shared_up, _, _) : tensor<bf16, [batch, seq, 12]> scope "layers.2.mixer" by "decompose"
+%39 = linear(%7, %layers.2.mixer.shared_up, _) : tensor<bf16, [batch, seq, 12]> scope "layers.2.mixer" by "decompose"
 %40 = activation(%39) {kind = "relu2"} : tensor<bf16, [batch, seq, 12]> scope "layers.2.mixer" by "decompose"
-%41 = linear(%40, %layers.2.mixer.shared_down, _, _) : tensor<bf16, [batch, seq, 16]> scope "layers.2.mixer" by "decompose"
+%41 = linear(%40, %layers.2.mixer.shared_down, _) : tensor<bf16, [batch, seq, 16]> scope "layers.2.mixer" by "decompose"
 %8 = add(%38, %41) : tensor<bf16, [batch, seq, 16]> scope "layers.2.mixer" by "decompose"
 %9 = add(%6, %8) : tensor<bf16, [batch, seq, 16]> scope "layers.2" by "import"
 """
 
 GOLDEN_STATES = """
-state %layers.0.conv : conv tensor<bf16, [batch, 48, 3]>
-state %layers.0.ssm : ssm tensor<f32, [batch, 4, 4, 8]>
-state %layers.1.kv : kv tensor<bf16, [batch, 2, ctx, 4]>
+dim batch : [1, 256]
+dim seq : [1, 131072]
+dim ctx : [0, 131072]
+dim routed : [0, 67108864]
+state %layers.0.conv : conv tensor<bf16, [batch, 48, 3]> -> %layers.0.conv.next
+state %layers.0.ssm : ssm tensor<f32, [batch, 4, 4, 8]> -> %layers.0.ssm.next
+state %layers.1.k : kv tensor<bf16, [batch, 2, ctx, 4]> -> %layers.1.k.next
+state %layers.1.v : kv tensor<bf16, [batch, 2, ctx, 4]> -> %layers.1.v.next
 """
 
 
@@ -245,7 +272,7 @@ def test_golden_text_of_a_tiny_model_after_decompose() -> None:
     ops = [line for line in lines if line.startswith("%")]
     golden = GOLDEN_MAMBA_AND_MOE.strip().splitlines()
     assert ops[: len(golden)] == golden
-    assert [line for line in lines if line.startswith("state ")] == GOLDEN_STATES.strip().splitlines()
+    assert [line for line in lines if line.startswith(("state ", "dim "))] == GOLDEN_STATES.strip().splitlines()
 
 
 # ---------------------------------------------------------------- parse errors

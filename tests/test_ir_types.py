@@ -9,7 +9,18 @@ import pytest
 
 from nemocompile.base.errors import IRError
 from nemocompile.graph.ir import STATE_KINDS, Attrs, StateSlot, TensorSource, Weight
-from nemocompile.graph.types import BF16, DTYPES, F32, FP8_E4M3, I64, U8, TensorType, dtype_named, tensor
+from nemocompile.graph.types import (
+    BF16,
+    DTYPES,
+    F32,
+    FP8_E4M3,
+    I64,
+    U8,
+    Sharding,
+    TensorType,
+    dtype_named,
+    tensor,
+)
 
 # ---------------------------------------------------------------- TensorType validation
 
@@ -58,7 +69,7 @@ def test_with_returns_the_same_object_when_nothing_changes() -> None:
     assert t.with_() is t
     assert t.with_(dtype=BF16) is t
     assert t.with_(shape=("batch", 8)) is t
-    assert t.with_(dtype=BF16, shape=("batch", 8), layout="row") is t
+    assert t.with_(dtype=BF16, shape=("batch", 8), sharding=None) is t
 
 
 def test_with_returns_a_changed_copy_and_leaves_the_original() -> None:
@@ -67,7 +78,7 @@ def test_with_returns_a_changed_copy_and_leaves_the_original() -> None:
     assert changed is not t
     assert changed == tensor(F32, "batch", 8)
     assert t.dtype == BF16
-    assert t.with_(layout="col").layout == "col"
+    assert t.with_(sharding=Sharding("tp", 2, 1)).sharding == Sharding("tp", 2, 1)
     assert t.with_(shape=("batch", 16)).shape == ("batch", 16)
 
 
@@ -110,7 +121,7 @@ def test_numel_of_a_symbolic_shape_is_refused() -> None:
     [
         (tensor(BF16, "batch", "seq", 32), "tensor<bf16, [batch, seq, 32]>"),
         (tensor(F32), "tensor<f32, []>"),
-        (TensorType(F32, (4, 8), "col"), "tensor<f32, [4, 8], col>"),
+        (TensorType(F32, (4, 8), Sharding("tp", 2, 0)), "tensor<f32, [4, 8], shard<tp=2, dim=0>>"),
         (tensor(I64, 1), "tensor<i64, [1]>"),
     ],
 )

@@ -92,7 +92,7 @@ def test_decompose_keeps_the_ops_it_does_not_rewrite_and_the_block_result_names(
     core = Decompose().apply(block).graph
     kept = [op for op in block.ops if op.opname not in BLOCKS]
     assert [op for op in core.ops if op.origin == "import"] == kept
-    block_results = {op.result.name: op.result.type for op in block.ops if op.opname in BLOCKS}
+    block_results = {op.results[0].name: op.results[0].type for op in block.ops if op.opname in BLOCKS}
     core_types = core.value_types()
     assert all(core_types[name] == type_ for name, type_ in block_results.items())
     assert {op.scope for op in core.ops if op.origin == "decompose"} == {
@@ -112,18 +112,18 @@ def test_decompose_of_a_core_graph_changes_nothing() -> None:
 def test_specialize_decode_replaces_every_chunk_scan_and_reinfers_types() -> None:
     prefill = decomposed(tiny_config(), BF16)
     scans = list(prefill.ops_named("ssd_chunk_scan"))
-    assert [s.result.type.dtype for s in scans] == [F32, F32]
+    assert [s.results[0].type.dtype for s in scans] == [F32, F32]
     output = SpecializeDecode().apply(prefill)
     decode = output.graph
     assert output.counts == {"ssd_state_update": 2}
     assert not list(decode.ops_named("ssd_chunk_scan"))
     steps = list(decode.ops_named("ssd_state_update"))
-    assert [s.result.name for s in steps] == [s.result.name for s in scans]
-    assert [s.result.type.dtype for s in steps] == [BF16, BF16]
+    assert [s.results[0].name for s in steps] == [s.results[0].name for s in scans]
+    assert [s.results[0].type.dtype for s in steps] == [BF16, BF16]
     assert all("chunk_size" not in s.attrs for s in steps)
     for step, scan in zip(steps, scans, strict=True):
         assert step.operands == scan.operands
-        for key in ("num_heads", "head_dim", "n_groups", "state_size", "ssm_state"):
+        for key in ("num_heads", "head_dim", "n_groups", "state_size"):
             assert step.attrs[key] == scan.attrs[key]
     # The gated norm that reads the step now produces bf16 too.
     norms = list(decode.ops_named("gated_rms_norm"))
@@ -279,12 +279,12 @@ def test_prefill_then_decode_matches_one_prefill(latent: int | None) -> None:
     ids = torch.randint(0, 48, (batch, total), generator=torch.Generator().manual_seed(1))
     device = torch.device("cpu")
 
-    whole_cache = Cache.for_slots(prefill.states, batch, device)
+    whole_cache = Cache.for_graph(prefill, batch, device)
     expected = Executor(prefill, weights).run(ids, whole_cache)["logits"]
     assert expected.shape == (batch, total, 48)
     assert expected.dtype == torch.float32
 
-    cache = Cache.for_slots(prefill.states, batch, device)
+    cache = Cache.for_graph(prefill, batch, device)
     pieces = [Executor(prefill, weights).run(ids[:, :prompt], cache)["logits"]]
     stepper = Executor(decode, weights)
     for position in range(prompt, total):
@@ -295,12 +295,16 @@ def test_prefill_then_decode_matches_one_prefill(latent: int | None) -> None:
     scale = expected.abs().max().item()
     assert scale > 0
     assert (actual - expected).abs().max().item() <= 1e-5 * max(scale, 1.0)
+    assert cache.host_lengths == whole_cache.host_lengths == [total] * batch
+    assert cache.lengths.tolist() == [total] * batch
+    kv_slots = [slot.name for slot in prefill.states if slot.kind == "kv"]
+    assert kv_slots
     for name, state in whole_cache.tensors.items():
-        assert torch.allclose(cache.tensors[name], state, rtol=1e-5, atol=1e-6), name
-    for name, (keys, values) in whole_cache.kv.items():
-        assert cache.kv[name][0].shape == keys.shape == (batch, 2, total, 4)
-        assert torch.allclose(cache.kv[name][0], keys, atol=1e-6)
-        assert torch.allclose(cache.kv[name][1], values, atol=1e-6)
+        mine = cache.tensors[name]
+        if name in kv_slots:  # preallocated: compare the positions written
+            assert mine.shape[2] >= total and state.shape[2] >= total
+            mine, state = mine[:, :, :total], state[:, :, :total]
+        assert torch.allclose(mine, state, rtol=1e-5, atol=1e-6), name
 
 
 # ---------------------------------------------------------------- plan mode

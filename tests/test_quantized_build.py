@@ -35,7 +35,7 @@ from nemocompile.passes.precision_policy import PrecisionPolicy
 from nemocompile.runtime.cache import Cache
 from nemocompile.runtime.executor import Executor
 from nemocompile.runtime.formats import FP8Tensor, NVFP4Tensor, fake_quantize_nvfp4
-from nemocompile.runtime.quantized_ops import quant_grouped_gemm, quant_linear
+from nemocompile.runtime.quantized_ops import quant_grouped_gemm, quant_linear, quantize
 from nemocompile.runtime.weights import WeightValue, load_weights
 
 MODELS = Path(__file__).resolve().parents[2] / "shared" / "models"
@@ -122,7 +122,7 @@ class Built:
 
     def weights(self) -> dict[str, WeightValue]:
         loaded = nemocompile.load(self.engine)
-        files: list[str] = loaded.manifest["weights"]
+        files = list(loaded.manifest.weight_files(0))
         weights: dict[str, WeightValue] = load_weights(self.engine, files, loaded.graph, torch.device("cpu"))
         return weights
 
@@ -187,18 +187,24 @@ def test_h100_graph_shows_w4a16_experts_and_w8a8_linears(demo: dict[str, Built])
     assert "weight %layers.2.mixer.experts_up : tensor<nvfp4, [8, 48, 32]>" in text
     assert "weight %layers.0.mixer.in_proj : tensor<fp8, " in text
     assert "weight %layers.2.mixer.shared_up : tensor<fp8, " in text
-    assert "grouped_gemm(%" in text and "%layers.2.mixer.experts_up, _)" in text  # W4A16: no activation scale
-    assert 'act_format = "nvfp4"' not in text
-    assert text.count('act_format = "fp8"') == 8  # in/out_proj of 2 Mamba layers, shared up/down of 2 MoE
+    # W4A16: the experts' GEMM takes the bf16 activations as they are
+    assert re.search(r"= grouped_gemm\(%\d+, %\d+, %layers\.2\.mixer\.experts_up\) \{kernel = \"\w+\"\} "
+                     r": tensor<bf16", text)
+    assert 'format = "nvfp4"' not in text
+    assert text.count('{format = "fp8"') == 8  # in/out_proj of 2 Mamba layers, shared up/down of 2 MoE
     assert "weight %layers.1.mixer.q_proj : tensor<bf16, " in text
 
 
 def test_b200_graph_shows_w4a4_experts(demo: dict[str, Built]) -> None:
     text = demo["b200"].text
-    assert text.count('act_format = "nvfp4"') == 4  # up and down of 2 MoE layers
-    assert "%layers.2.mixer.experts_up, %layers.2.mixer.experts_up.input_scale) {act_format = \"nvfp4\"}" in text
+    assert text.count('{format = "nvfp4"') == 4  # up and down of 2 MoE layers
+    quantized = re.search(r"%(\d+) = quantize\(%\d+, %layers\.2\.mixer\.experts_up\.input_scale, %\d+\) "
+                          r'\{format = "nvfp4"[^}]*\} : tensor<nvfp4, \[routed, 32\]>', text)
+    assert quantized, "the experts' activations are quantized by an explicit quantize op"
+    assert re.search(rf"= grouped_gemm\(%{quantized.group(1)}, %\d+, %layers\.2\.mixer\.experts_up\) "
+                     r'\{[^}]*out_dtype = "bf16"[^}]*\} : tensor<bf16', text)
     assert "weight %layers.2.mixer.experts_up.input_scale : tensor<f32, [8]>" in text
-    assert text.count('act_format = "fp8"') == 8
+    assert text.count('{format = "fp8"') == 8
 
 
 @pytest.mark.parametrize("model", ["demo", "tiny"])  # bf16 and fp32 source weights
@@ -265,7 +271,8 @@ def test_quant_linear_is_the_definition(tiny: dict[str, Built], target: str, wei
         scale = scale[1] if scale is not None else None
     assert (scale is None) == (act_format is None)
     x = _rows(5, value.shape[-1], seed=4)
-    got = quant_linear(x, value, None, scale, act_format)
+    quantized = quantize(x, act_format, scale) if act_format and scale is not None else x
+    got = quant_linear(quantized, value, None, torch.bfloat16)
     expected = hand_linear(x, value, act_format, scale)
     assert got.dtype == torch.bfloat16 and torch.equal(got, expected)
     # the activation rounding is really applied (or really not)
@@ -282,7 +289,8 @@ def test_quant_grouped_gemm_is_the_definition_per_expert(tiny: dict[str, Built],
     assert isinstance(value, NVFP4Tensor) and (scale is None) == (act_format is None)
     offsets = torch.tensor([0, 3, 3, 7, 9])  # expert 1 gets no row
     x = _rows(9, 32, seed=5)
-    got = quant_grouped_gemm(x, offsets, value, scale, act_format)
+    quantized = quantize(x, act_format, scale, offsets) if act_format and scale is not None else x
+    got = quant_grouped_gemm(quantized, offsets, value, torch.bfloat16)
     for e in range(4):
         rows = x[int(offsets[e]):int(offsets[e + 1])]
         expected = hand_linear(rows, expert(value, e), act_format, scale[e] if scale is not None else None)
@@ -293,8 +301,11 @@ def _one_linear_graph(weight_type: TensorType, act_format: str | None, rows: int
     builder = GraphBuilder("one_linear", origin="test")
     builder.input("x", TensorType(BF16, (rows, int(weight_type.shape[-1]))))
     builder.weight("w", weight_type, "shared_experts")
-    scale = builder.weight("w.input_scale", TensorType(F32, ()), "activation_scales") if act_format else None
-    out = builder.op1("linear", ["x", "w", None, scale], {"act_format": act_format} if act_format else {})
+    x = "x"
+    if act_format:
+        scale = builder.weight("w.input_scale", TensorType(F32, ()), "activation_scales")
+        x = builder.op1("quantize", [x, scale], {"format": act_format})
+    out = builder.op1("linear", [x, "w"], {"out_dtype": "bf16"} if act_format else {})
     builder.output(out)
     return builder.build()
 
@@ -316,7 +327,7 @@ def test_reference_dispatch_of_a_one_op_graph_is_the_definition(tiny: dict[str, 
     if scale is not None:
         bound["w.input_scale"] = scale
     x = _rows(6, value.shape[-1], seed=6)
-    (out,) = Executor(graph, bound).run(x, Cache.for_slots((), 6, torch.device("cpu"))).values()
+    (out,) = Executor(graph, bound).run(x, Cache.for_graph(graph, 6, torch.device("cpu"))).values()
     assert torch.equal(out, hand_linear(x, value, act_format, scale))
 
 
@@ -337,11 +348,13 @@ def test_engine_executor_runs_the_definition_inside_the_model(tiny: dict[str, Bu
     weights = engine._prefill.weights
     executor = Executor(engine.graph, weights, observer=observe)
     ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(2))
-    executor.run(ids, Cache.for_slots(engine.graph.states, 2, torch.device("cpu")))
-    x, out = seen[op.operands[0]], seen[op.results[0].name]
+    executor.run(ids, Cache.for_graph(engine.graph, 2, torch.device("cpu")))
+    quantize_op = engine.graph.producer(str(op.operands[0]))
+    assert quantize_op is not None and quantize_op.opname == "quantize"  # these GEMMs run W8A8 / W4A4
+    x, out = seen[str(quantize_op.operands[0])], seen[op.results[0].name]
     scale = weights[f"{weight}.input_scale"]
-    assert isinstance(scale, torch.Tensor)
-    assert torch.equal(out, hand_linear(x, weights[weight], op.attrs.str("act_format"), scale))
+    assert isinstance(scale, torch.Tensor) and quantize_op.operands[1] == f"{weight}.input_scale"
+    assert torch.equal(out, hand_linear(x, weights[weight], quantize_op.attrs.str("format"), scale))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -426,7 +439,7 @@ def test_calibrate_zero_is_refused(tiny_checkpoint: Path, tmp_path: Path) -> Non
 def test_bf16_precision_has_no_quantized_weight(tiny_checkpoint: Path, tmp_path: Path) -> None:
     result = nemocompile.build(tiny_checkpoint, tmp_path / "bf16", target="b200", precision="bf16")
     text = (tmp_path / "bf16" / "graph.txt").read_text()
-    assert "tensor<nvfp4" not in text and "tensor<fp8" not in text and "act_format" not in text
+    assert "tensor<nvfp4" not in text and "tensor<fp8" not in text and "quantize(" not in text
     assert engine_dtypes(tmp_path / "bf16") <= {"BF16", "F32"}
     assert result.errors == [] and result.agreement is None
     assert "## Quantization error per weight" not in (tmp_path / "bf16" / "report.md").read_text()
@@ -436,8 +449,9 @@ def test_override_routed_experts_fp8_on_b200(tiny_checkpoint: Path, tmp_path: Pa
     result = nemocompile.build(tiny_checkpoint, tmp_path / "fp8", target="b200", overrides=["routed_experts=fp8"])
     text = (tmp_path / "fp8" / "graph.txt").read_text()
     assert "weight %layers.2.mixer.experts_up : tensor<fp8, [4, 16, 32]>" in text
-    assert "%layers.2.mixer.experts_up, %layers.2.mixer.experts_up.input_scale) {act_format = \"fp8\"}" in text
-    assert 'act_format = "nvfp4"' not in text
+    assert re.search(r"= quantize\(%\d+, %layers\.2\.mixer\.experts_up\.input_scale, %\d+\) "
+                     r'\{format = "fp8"', text)
+    assert 'format = "nvfp4"' not in text
     assert engine_tensor(tmp_path / "fp8", "layers.2.mixer.experts_up").dtype == torch.float8_e4m3fn
     assert engine_tensor(tmp_path / "fp8", "layers.2.mixer.experts_up.weight_scale").shape == (4,)
     (error,) = [e for e in result.errors if e.weight == "layers.2.mixer.experts_up"]

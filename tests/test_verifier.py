@@ -13,8 +13,9 @@ from nemocompile.graph.builder import GraphBuilder
 from nemocompile.graph.config import config_from_dict, load_config
 from nemocompile.graph.ir import Attrs, AttrValue, Graph, Op, StateSlot, Value, Weight
 from nemocompile.graph.nemotron_h import build_block_graph
+from nemocompile.graph.opdef import opdef
 from nemocompile.graph.text import format_op
-from nemocompile.graph.types import BF16, F32, I64, TensorType
+from nemocompile.graph.types import BF16, F32, I64, Sharding, TensorType
 from nemocompile.graph.verifier import verify
 from nemocompile.passes.decompose import Decompose
 from nemocompile.passes.specialize_decode import SpecializeDecode
@@ -92,9 +93,10 @@ def test_wrong_operand_count(core: Graph) -> None:
     i = _index(core, "linear")
     op = core.ops[i]
     assert op.operands[2] is None
-    assert_rejected(core, i, dataclasses.replace(op, operands=op.operands[:2]), "linear takes 4 operands")
+    declared = len(opdef("linear").operands)
+    assert_rejected(core, i, dataclasses.replace(op, operands=op.operands[:2]), f"linear takes {declared} operands")
     assert_rejected(core, i, dataclasses.replace(op, operands=(*op.operands, op.operands[0])),
-                    "got 5")
+                    f"got {declared + 1}")
 
 
 def test_missing_required_operand(core: Graph) -> None:
@@ -126,7 +128,7 @@ def test_unknown_attribute(core: Graph) -> None:
         ("moe_router", "top_k", True),
         ("moe_router", "norm_topk_prob", 1),
         ("split", "sizes", 16),
-        ("causal_conv1d", "conv_state", 0),
+        ("causal_conv1d", "activation", 3),
         ("cast", "dtype", None),
     ],
 )
@@ -142,13 +144,13 @@ def test_wrong_typed_or_absent_attribute(core: Graph, opname: str, attr: str, va
         ("linear", TensorType(F32, ("batch", "seq", 68))),  # wrong dtype
         ("linear", TensorType(BF16, ("batch", "seq", 69))),  # wrong width
         ("ssd_chunk_scan", TensorType(BF16, ("batch", "seq", 16))),  # the scan returns f32
-        ("embedding", TensorType(BF16, ("batch", "seq", 16), "col")),  # wrong layout
+        ("embedding", TensorType(BF16, ("batch", "seq", 16), Sharding("tp", 2, 2))),  # wrong sharding
     ],
 )
 def test_declared_result_type_disagrees_with_inference(core: Graph, opname: str, new_type: TensorType) -> None:
     i = _index(core, opname)
     op = core.ops[i]
-    bad = dataclasses.replace(op, results=(Value(op.result.name, new_type),))
+    bad = dataclasses.replace(op, results=(Value(op.results[0].name, new_type), *op.results[1:]))
     assert_rejected(core, i, bad, f"{opname} declares result types {new_type}")
 
 
@@ -158,18 +160,45 @@ def test_wrong_number_of_results(core: Graph) -> None:
     assert_rejected(core, i, dataclasses.replace(op, results=op.results[:2]), "split declares 2 results, its operands give 3")
 
 
-def test_undeclared_state_slot(core: Graph) -> None:
+def _with_operand(op: Op, name: str, value: str) -> Op:
+    operands = list(op.operands)
+    operands[opdef(op.opname).index_of(name)] = value
+    return dataclasses.replace(op, operands=tuple(operands))
+
+
+def test_state_operand_must_be_a_state_slot(core: Graph) -> None:
     i = _index(core, "causal_conv1d")
-    assert_rejected(core, i, _with_attrs(core.ops[i], conv_state="layers.9.conv"),
-                    "state slot 'layers.9.conv' (attribute conv_state) is not declared")
+    activation = core.ops[i].operands[0]
+    assert activation is not None
+    assert_rejected(core, i, _with_operand(core.ops[i], "conv_state", activation),
+                    f"operand 'conv_state' of causal_conv1d must be a state slot of the graph, not %{activation}")
 
 
-@pytest.mark.parametrize(("opname", "attr", "slot"), [("causal_conv1d", "conv_state", "layers.0.ssm"),
-                                                      ("ssd_chunk_scan", "ssm_state", "layers.1.kv"),
-                                                      ("attention_gqa", "kv_state", "layers.0.conv")])
-def test_state_slot_of_the_wrong_kind(core: Graph, opname: str, attr: str, slot: str) -> None:
+@pytest.mark.parametrize(("opname", "operand_name", "slot", "message"),
+                         [("causal_conv1d", "conv_state", "layers.0.ssm", "causal_conv1d state"),
+                          ("ssd_chunk_scan", "ssm_state", "layers.1.k", "ssm_state tensor<"),
+                          ("attention_gqa", "k_cache", "layers.0.conv", "k_cache tensor<")])
+def test_state_slot_of_the_wrong_shape(core: Graph, opname: str, operand_name: str, slot: str,
+                                       message: str) -> None:
     i = _index(core, opname)
-    assert_rejected(core, i, _with_attrs(core.ops[i], **{attr: slot}), f"state slot '{slot}' is a")
+    assert_rejected(core, i, _with_operand(core.ops[i], operand_name, slot), message)
+
+
+def test_state_without_update_or_with_a_mistyped_one(core: Graph) -> None:
+    slot = core.states[0]
+    no_update = dataclasses.replace(core, states=(dataclasses.replace(slot, update=""), *core.states[1:]))
+    with pytest.raises(IRError, match=rf"state %{slot.name} has no update"):
+        verify(no_update)
+    wrong = dataclasses.replace(core, states=(dataclasses.replace(slot, update="logits"), *core.states[1:]))
+    with pytest.raises(IRError, match=rf"state %{slot.name} is .* but its update %logits is"):
+        verify(wrong)
+
+
+def test_every_symbolic_dim_is_bounded(core: Graph) -> None:
+    assert {d.name for d in core.dims} == {"batch", "seq", "ctx", "routed"}
+    unbounded = dataclasses.replace(core, dims=tuple(d for d in core.dims if d.name != "ctx"))
+    with pytest.raises(IRError, match="symbolic dim 'ctx', which has no bound"):
+        verify(unbounded)
 
 
 def test_duplicate_definition_of_an_op_result(core: Graph) -> None:
@@ -284,11 +313,11 @@ def test_accepts_a_hand_built_graph_with_optional_operands_left_out() -> None:
     x = b.input("x", TensorType(F32, ("batch", 8)))
     w = b.weight("w", TensorType(F32, (4, 8)), "mlp")
     bias = b.weight("b", TensorType(F32, (4,)), "mlp")
-    b.state("s", "kv", TensorType(F32, ("batch", 1, "ctx", 4)))
+    b.state("s", "kv", TensorType(F32, ("batch", 1, "ctx", 4)), update="s")
     y = b.op1("linear", [x, w])
     z = b.op1("linear", [x, w, bias])
     b.output(b.op1("add", [y, z]))
     graph = b.build()
     assert verify(graph) is graph
-    assert graph.ops[0].operands == ("x", "w", None, None)
+    assert graph.ops[0].operands == ("x", "w", *(None,) * (len(opdef("linear").operands) - 2))
     assert isinstance(graph.states[0], StateSlot)

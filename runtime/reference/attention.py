@@ -52,3 +52,50 @@ def attention_gqa(
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
     out = torch.matmul(probs, v_heads).transpose(1, 2).reshape(batch, length, num_heads * head_dim)
     return out, k_all, v_all
+
+
+def attention_gqa_cached(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    cache_lens: torch.Tensor,
+    *,
+    num_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`attention_gqa` over a preallocated cache with a length per sequence.
+
+    k_cache and v_cache [B, Hkv, C, Dh] hold sequence b's first cache_lens[b] positions; its T new
+    keys/values are written at positions cache_lens[b]..cache_lens[b]+T-1 (in place: the returned
+    caches are the given tensors), and its query t attends to positions 0..cache_lens[b]+t. The
+    arithmetic is attention_gqa's: equal lengths give its result exactly.
+    """
+    if num_heads % num_kv_heads != 0:
+        raise ValueError(f"attention_gqa: num_heads {num_heads} is not a multiple of num_kv_heads {num_kv_heads}.")
+    batch, length, _ = q.shape
+    lens = cache_lens.to(device=q.device, dtype=torch.int64)
+    positions = lens[:, None] + torch.arange(length, device=q.device)[None, :]  # [B, T]
+    end = int(positions.max()) + 1
+    if end > k_cache.shape[2]:
+        raise ValueError(f"attention_gqa: {end} positions do not fit the cache of {k_cache.shape[2]}.")
+    new_k = k.reshape(batch, length, num_kv_heads, head_dim).to(k_cache.dtype)
+    new_v = v.reshape(batch, length, num_kv_heads, head_dim).to(v_cache.dtype)
+    rows = torch.arange(batch, device=q.device)[:, None].expand(batch, length)
+    # Advanced indexing on dims 0 and 2 puts the [B, T] index dims first: [B, T, Hkv, Dh].
+    k_cache[rows, :, positions] = new_k
+    v_cache[rows, :, positions] = new_v
+
+    q_heads = q.reshape(batch, length, num_heads, head_dim).transpose(1, 2)  # [B, Hq, T, Dh]
+    group = num_heads // num_kv_heads
+    k_heads = k_cache[:, :, :end].to(q.dtype).repeat_interleave(group, dim=1)  # [B, Hq, end, Dh]
+    v_heads = v_cache[:, :, :end].to(q.dtype).repeat_interleave(group, dim=1)
+    scores = torch.matmul(q_heads, k_heads.transpose(2, 3)) * scale  # [B, Hq, T, end]
+    key_pos = torch.arange(end, device=q.device)[None, None, :]
+    scores = scores.masked_fill((key_pos > positions[:, :, None])[:, None], float("-inf"))
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    out = torch.matmul(probs, v_heads).transpose(1, 2).reshape(batch, length, num_heads * head_dim)
+    return out, k_cache, v_cache

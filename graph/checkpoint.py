@@ -15,13 +15,15 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from types import MappingProxyType, TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 from safetensors import SafetensorError, safe_open
 
 from nemocompile.base.errors import CheckpointError
 from nemocompile.base.formats import FORMATS
+
+if TYPE_CHECKING:
+    import torch
 
 SINGLE_FILE_NAME = "model.safetensors"
 INDEX_FILE_NAME = "model.safetensors.index.json"
@@ -32,15 +34,12 @@ SAFETENSORS_DTYPE_BITS: Mapping[str, int] = MappingProxyType(
     {fmt.safetensors: fmt.bits for fmt in FORMATS.values() if fmt.safetensors})
 
 
-def _torch_dtypes() -> Mapping[str, torch.dtype]:
-    """The safetensors dtype strings that torch can hold directly (packed sub-byte ones cannot)."""
-    names = {fmt.safetensors: fmt.torch_name for fmt in FORMATS.values() if fmt.safetensors and fmt.torch_name}
-    found = {key: getattr(torch, name) for key, name in names.items() if hasattr(torch, name)}
-    return MappingProxyType(found)
+# safetensors dtype string -> the name of the torch dtype reading it yields (packed sub-byte
+# formats have none). Tensors are read through safetensors' torch framework; this module itself
+# never imports torch, so the IR and `plan` load without it.
+TORCH_DTYPE_NAMES: Mapping[str, str] = MappingProxyType(
+    {fmt.safetensors: fmt.torch_name for fmt in FORMATS.values() if fmt.safetensors and fmt.torch_name})
 
-
-# safetensors dtype string -> torch dtype, for every format this torch build supports.
-TORCH_DTYPES: Mapping[str, torch.dtype] = _torch_dtypes()
 
 # The Rust safetensors library refuses headers above 100 MB; a larger one is corruption.
 _MAX_HEADER_BYTES = 100_000_000
@@ -306,9 +305,9 @@ class Checkpoint:
             tensor: torch.Tensor = self._handle(ref.file).get_tensor(name)
         except (OSError, SafetensorError) as error:
             raise CheckpointError(f"cannot read tensor {name} from {path}: {error}.") from error
-        expected_dtype = TORCH_DTYPES.get(ref.dtype)
+        expected_dtype = TORCH_DTYPE_NAMES.get(ref.dtype)
         if tuple(tensor.shape) != ref.shape or (
-            expected_dtype is not None and tensor.dtype != expected_dtype
+            expected_dtype is not None and str(tensor.dtype) != f"torch.{expected_dtype}"
         ):
             raise CheckpointError(f"{path} changed after the checkpoint was opened (tensor {name}).")
         return tensor

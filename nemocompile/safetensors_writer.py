@@ -16,7 +16,8 @@ from typing import BinaryIO
 
 import torch
 
-from nemocompile.graph.checkpoint import SAFETENSORS_DTYPE_BITS, TORCH_DTYPES, tensor_nbytes
+from nemocompile.graph.checkpoint import SAFETENSORS_DTYPE_BITS, tensor_nbytes
+from nemocompile.runtime.dtypes import SAFETENSORS_TORCH_DTYPES as TORCH_DTYPES
 
 # The safetensors format requires the data region to start on an 8-byte boundary.
 _HEADER_ALIGNMENT = 8

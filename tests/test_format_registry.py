@@ -26,12 +26,13 @@ from nemocompile.base.formats import (
     precision_named,
 )
 from nemocompile.calibration import ELEMENT_MAX, FORMAT_MAX
-from nemocompile.graph.checkpoint import SAFETENSORS_DTYPE_BITS, TORCH_DTYPES
+from nemocompile.graph.checkpoint import SAFETENSORS_DTYPE_BITS
 from nemocompile.graph.modelopt import ALGO_DTYPES, SUPPORTED_ALGOS, stored_layout
 from nemocompile.graph.nemotron_h import FLOAT_DTYPES, TORCH_DTYPE_TO_IR
 from nemocompile.graph.storage import stored_tensors
 from nemocompile.graph.types import DTYPES, SAFETENSORS_DTYPES, TensorType
 from nemocompile.passes.precision_policy import COMPONENT_CATEGORIES, FLOAT_ONLY, canonical_precision
+from nemocompile.runtime.dtypes import SAFETENSORS_TORCH_DTYPES as TORCH_DTYPES
 from nemocompile.runtime.dtypes import TORCH_DTYPES as IR_TORCH_DTYPES
 from nemocompile.runtime.formats import fp8 as fp8_format
 from nemocompile.runtime.formats import nvfp4 as nvfp4_format

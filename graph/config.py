@@ -1,9 +1,14 @@
 """The Nemotron-H model configuration, read from a Hugging Face config.json as released
-(`layers_block_type` or `hybrid_override_pattern`, legacy `mamba_*` field names)."""
+(`layers_block_type` or `hybrid_override_pattern`, legacy `mamba_*` field names).
+Every key is classified in one table (CONFIG_FIELDS): implemented, without effect at inference,
+or changing the numerics in a way nemocompile does not implement (refused unless at its no-op
+value). An unknown key close to a known one is refused as a misspelling; other unknown keys are
+kept and listed in the engine's report."""
 
 from __future__ import annotations
 
 import builtins
+import difflib
 import json
 import math
 from dataclasses import dataclass
@@ -15,10 +20,126 @@ from nemocompile.base.errors import ConfigError
 PATTERN_LETTERS = {"M": "mamba", "*": "attention", "E": "moe", "-": "mlp"}
 LAYER_TYPE_NAMES = {"linear_attention": "mamba", "mamba": "mamba", "full_attention": "attention",
                     "attention": "attention", "moe": "moe", "mlp": "mlp"}
-# Older releases spelled some Mamba fields with a prefix.
-_LEGACY_NAMES = {"mamba_n_groups": "n_groups", "mamba_d_conv": "conv_kernel", "mamba_expand": "expand",
+# Older releases spelled some fields differently (transformers' NemotronHConfig accepts these
+# spellings, and its `attribute_map` aliases).
+LEGACY_NAMES = {"mamba_n_groups": "n_groups", "mamba_d_conv": "conv_kernel", "mamba_expand": "expand",
                  "mamba_dt_min": "time_step_min", "mamba_dt_max": "time_step_max",
-                 "mamba_conv_bias": "use_conv_bias", "mamba_chunk_size": "chunk_size"}
+                 "mamba_dt_limit": "time_step_limit", "mamba_dt_init_floor": "time_step_floor",
+                 "mamba_conv_bias": "use_conv_bias", "mamba_chunk_size": "chunk_size",
+                 "layer_types": "layers_block_type", "num_local_experts": "n_routed_experts"}
+
+IMPLEMENTED = "implemented"
+NO_EFFECT = "no effect at inference"
+REFUSED = "changes the numerics, not implemented"
+
+
+@dataclass(frozen=True)
+class FieldRule:
+    """How nemocompile treats one config.json key. A REFUSED field is accepted only at one of its
+    `no_op` values (lists compare as tuples); any other value is refused, giving `why`."""
+
+    status: str
+    why: str = ""
+    no_op: tuple[Any, ...] = ()
+
+
+_STANDARD = FieldRule(NO_EFFECT, "a generic transformers config key (bookkeeping, training or generation defaults)")
+# Generic PretrainedConfig keys, as transformers 4.x and 5.x write them into config.json.
+_STANDARD_KEYS = (
+    "_name_or_path", "_commit_hash", "_attn_implementation", "_attn_implementation_autoset", "architectures",
+    "auto_map", "transformers_version", "model_type", "return_dict", "output_hidden_states", "output_attentions",
+    "torchscript", "use_bfloat16", "tf_legacy_loss", "pruned_heads", "chunk_size_feed_forward",
+    "is_encoder_decoder", "is_decoder", "cross_attention_hidden_size", "add_cross_attention", "tie_encoder_decoder",
+    "finetuning_task", "id2label", "label2id", "tokenizer_class", "prefix", "sep_token_id",
+    "decoder_start_token_id", "task_specific_params", "problem_type", "max_length", "min_length", "do_sample",
+    "early_stopping", "num_beams", "num_beam_groups", "diversity_penalty", "temperature", "top_k", "top_p",
+    "typical_p", "repetition_penalty", "length_penalty", "no_repeat_ngram_size", "encoder_no_repeat_ngram_size",
+    "bad_words_ids", "num_return_sequences", "output_scores", "return_dict_in_generate", "forced_bos_token_id",
+    "forced_eos_token_id", "remove_invalid_values", "exponential_decay_length_penalty", "suppress_tokens",
+    "begin_suppress_tokens",
+)
+
+# Every key nemocompile knows: each field of transformers' NemotronHConfig, the generic keys, and
+# keys that released Nemotron-H configs carry beside them. The one table to extend.
+CONFIG_FIELDS: dict[str, FieldRule] = {
+    **{key: _STANDARD for key in _STANDARD_KEYS},
+    # transformers' NemotronHConfig
+    "vocab_size": FieldRule(IMPLEMENTED),
+    "hidden_size": FieldRule(IMPLEMENTED),
+    "layers_block_type": FieldRule(IMPLEMENTED),
+    "tie_word_embeddings": FieldRule(IMPLEMENTED),
+    "use_cache": FieldRule(NO_EFFECT, "the runtime always keeps its caches"),
+    "num_logits_to_keep": FieldRule(NO_EFFECT, "which logits generation computes, not their values"),
+    "pad_token_id": FieldRule(NO_EFFECT, "a token id for batching, not part of the graph"),
+    "bos_token_id": FieldRule(NO_EFFECT, "a token id for the tokenizer, not part of the graph"),
+    "eos_token_id": FieldRule(NO_EFFECT, "where generation stops, not part of the graph"),
+    "num_attention_heads": FieldRule(IMPLEMENTED),
+    "num_key_value_heads": FieldRule(IMPLEMENTED),
+    "head_dim": FieldRule(IMPLEMENTED),
+    "max_position_embeddings": FieldRule(NO_EFFECT, "attention has no positional encoding; not a numerics limit"),
+    "attention_bias": FieldRule(NO_EFFECT, "transformers' NemotronH builds q/k/v/o without bias whatever it says "
+                                           "(a checkpoint with attention biases is refused by its tensors)"),
+    "attention_dropout": FieldRule(NO_EFFECT, "training only"),
+    "sliding_window": FieldRule(REFUSED, "would limit attention to a window; nemocompile (like transformers' "
+                                         "NemotronH) attends to the whole context", (None,)),
+    "intermediate_size": FieldRule(IMPLEMENTED),
+    "mlp_hidden_act": FieldRule(IMPLEMENTED),
+    "mlp_bias": FieldRule(IMPLEMENTED),
+    "use_mamba_kernels": FieldRule(NO_EFFECT, "a kernel choice in transformers"),
+    "ssm_state_size": FieldRule(IMPLEMENTED),
+    "mamba_num_heads": FieldRule(IMPLEMENTED),
+    "mamba_head_dim": FieldRule(IMPLEMENTED),
+    "mamba_hidden_act": FieldRule(IMPLEMENTED),
+    "n_groups": FieldRule(IMPLEMENTED),
+    "conv_kernel": FieldRule(IMPLEMENTED),
+    "expand": FieldRule(NO_EFFECT, "the Mamba width is mamba_num_heads x mamba_head_dim, as in transformers"),
+    "time_step_min": FieldRule(IMPLEMENTED),
+    "time_step_max": FieldRule(NO_EFFECT, "initialization only"),
+    "time_step_limit": FieldRule(REFUSED, "would clamp the Mamba step size; nemocompile (like transformers' "
+                                          "NemotronH) clamps only below, at time_step_min",
+                                 ((0.0, math.inf),)),
+    "time_step_floor": FieldRule(NO_EFFECT, "initialization only"),
+    "use_conv_bias": FieldRule(IMPLEMENTED),
+    "chunk_size": FieldRule(IMPLEMENTED),
+    "mamba_proj_bias": FieldRule(NO_EFFECT, "unused by transformers; use_bias sets the Mamba projection biases"),
+    "mamba_ssm_cache_dtype": FieldRule(NO_EFFECT, "the SSM state format is the precision policy's ssm_state "
+                                                  "(fp32 by default)"),
+    "n_routed_experts": FieldRule(IMPLEMENTED),
+    "output_router_logits": FieldRule(NO_EFFECT, "training only (auxiliary loss)"),
+    "n_shared_experts": FieldRule(REFUSED, "asks for several shared experts; nemocompile (like transformers' "
+                                           "NemotronH) builds exactly one", (1,)),
+    "moe_intermediate_size": FieldRule(IMPLEMENTED),
+    "moe_shared_expert_intermediate_size": FieldRule(IMPLEMENTED),
+    "moe_latent_size": FieldRule(IMPLEMENTED),
+    "moe_shared_expert_overlap": FieldRule(NO_EFFECT, "a scheduling choice (overlapping shared and routed work)"),
+    "num_experts_per_tok": FieldRule(IMPLEMENTED),
+    "routed_scaling_factor": FieldRule(IMPLEMENTED),
+    "n_group": FieldRule(IMPLEMENTED),
+    "topk_group": FieldRule(IMPLEMENTED),
+    "norm_topk_prob": FieldRule(IMPLEMENTED),
+    "num_nextn_predict_layers": FieldRule(IMPLEMENTED, "MTP blocks are carried and counted, not executed"),
+    "mtp_layers_block_type": FieldRule(IMPLEMENTED),
+    "use_bias": FieldRule(IMPLEMENTED),
+    "initializer_range": FieldRule(NO_EFFECT, "initialization only"),
+    "layer_norm_epsilon": FieldRule(IMPLEMENTED),
+    "residual_in_fp32": FieldRule(REFUSED, "would keep the residual stream in fp32 (NVIDIA's reference code; "
+                                           "transformers ignores it)", (False,)),
+    "hidden_dropout": FieldRule(NO_EFFECT, "training only"),
+    "rescale_prenorm_residual": FieldRule(NO_EFFECT, "initialization only"),
+    # spellings transformers also accepts, and keys released configs carry
+    "hybrid_override_pattern": FieldRule(IMPLEMENTED),
+    "mtp_hybrid_override_pattern": FieldRule(IMPLEMENTED),
+    "num_hidden_layers": FieldRule(NO_EFFECT, "the layer count comes from the block pattern, as in transformers"),
+    "torch_dtype": FieldRule(IMPLEMENTED),
+    "dtype": FieldRule(IMPLEMENTED),
+    "quantization_config": FieldRule(IMPLEMENTED, "a ModelOpt checkpoint's quantization (graph/modelopt.py)"),
+    "rms_norm_eps": FieldRule(NO_EFFECT, "unused by transformers' NemotronH, which reads layer_norm_epsilon"),
+    "norm_eps": FieldRule(NO_EFFECT, "unused by transformers' NemotronH, which reads layer_norm_epsilon"),
+    "rope_theta": FieldRule(NO_EFFECT, "Nemotron-H attention has no rotary embedding"),
+    "partial_rotary_factor": FieldRule(NO_EFFECT, "Nemotron-H attention has no rotary embedding"),
+    "attention_head_dim": FieldRule(NO_EFFECT, "unused by transformers' NemotronH, which reads head_dim"),
+}  # an older spelling (LEGACY_NAMES) follows the rule of the field it names
+SUGGESTION_CUTOFF = 0.85  # difflib ratio above which an unknown key is taken for a misspelling
 
 
 @dataclass(frozen=True)
@@ -61,6 +182,8 @@ class ModelConfig:
     norm_topk_prob: bool
     routed_scaling_factor: float
     torch_dtype: str
+    # keys nemocompile does not know and that resemble no known key: kept, listed in report.md
+    unknown_keys: tuple[str, ...] = ()
 
     @property
     def num_layers(self) -> int:
@@ -113,9 +236,13 @@ class _Fields:
 
     def __init__(self, raw: dict[str, Any], source: str) -> None:
         self.raw = dict(raw)
-        for legacy, name in _LEGACY_NAMES.items():
-            if legacy in self.raw and name not in self.raw:
-                self.raw[name] = self.raw[legacy]
+        for legacy, name in LEGACY_NAMES.items():
+            if legacy not in self.raw:
+                continue
+            if name in self.raw and self.raw[name] != self.raw[legacy]:
+                raise ConfigError(f"{source}: '{legacy}' ({self.raw[legacy]!r}) and '{name}' ({self.raw[name]!r}) "
+                                  f"are two spellings of one field with different values")
+            self.raw[name] = self.raw[legacy]
         self.source = source
 
     def int(self, name: builtins.str, default: builtins.int | None = None, minimum: builtins.int = 1) -> builtins.int:
@@ -149,11 +276,44 @@ class _Fields:
         return value
 
 
+def _no_op_form(value: Any) -> Any:
+    """Lists as tuples, and the non-finite floats transformers 5 writes as {"__float__": "Infinity"}."""
+    if isinstance(value, list):
+        return tuple(_no_op_form(v) for v in value)
+    if isinstance(value, dict) and set(value) == {"__float__"} and isinstance(value["__float__"], str):
+        try:
+            return float(value["__float__"])
+        except ValueError:
+            return value
+    return value
+
+
+def check_keys(raw: dict[str, Any], source: str) -> tuple[str, ...]:
+    """Refuse a misspelled key (one close to a known key) and a field that changes the numerics
+    in a way nemocompile does not implement; return the other unknown keys, sorted."""
+    unknown = []
+    known = [*CONFIG_FIELDS, *LEGACY_NAMES]
+    for key in sorted(raw):
+        rule = CONFIG_FIELDS.get(LEGACY_NAMES.get(key, key))
+        if rule is None:
+            close = difflib.get_close_matches(key, known, n=1, cutoff=SUGGESTION_CUTOFF)
+            if close:
+                raise ConfigError(f"{source}: unknown key '{key}'; did you mean '{close[0]}'?")
+            unknown.append(key)
+        elif rule.status == REFUSED and _no_op_form(raw[key]) not in rule.no_op:
+            accepted = " or ".join(json.dumps(v) for v in rule.no_op)
+            raise ConfigError(f"{source}: '{key}' is {json.dumps(raw[key])}, which {rule.why}; nemocompile does not "
+                              f"implement that (accepted: {accepted})")
+    return tuple(unknown)
+
+
 def config_from_dict(raw: dict[str, Any], source: str = "config.json") -> ModelConfig:
     model_type = raw.get("model_type")
     if model_type != "nemotron_h":
         raise ConfigError(f"{source}: model_type is {model_type!r}, but nemocompile compiles only 'nemotron_h'")
+    unknown_keys = check_keys(raw, source)
     f = _Fields(raw, source)
+    raw = f.raw  # with older spellings under their current names
     if raw.get("layers_block_type") is not None:
         kinds = _kinds_from_list(raw["layers_block_type"], "layers_block_type", source)
     elif raw.get("hybrid_override_pattern") is not None:
@@ -170,6 +330,8 @@ def config_from_dict(raw: dict[str, Any], source: str = "config.json") -> ModelC
                                         "mtp_hybrid_override_pattern", source)
     hidden = f.int("hidden_size")
     heads = f.int("num_attention_heads", 32)
+    # transformers' defaults; a null num_key_value_heads means one per query head, as there
+    kv_heads = heads if "num_key_value_heads" in raw and raw["num_key_value_heads"] is None else None
     config = ModelConfig(
         vocab_size=f.int("vocab_size"),
         hidden_size=hidden,
@@ -179,8 +341,8 @@ def config_from_dict(raw: dict[str, Any], source: str = "config.json") -> ModelC
         tie_word_embeddings=f.bool("tie_word_embeddings", False),
         layer_norm_epsilon=f.float("layer_norm_epsilon", 1e-5),
         num_attention_heads=heads,
-        num_key_value_heads=f.int("num_key_value_heads", heads),
-        head_dim=f.int("head_dim", hidden // heads),
+        num_key_value_heads=kv_heads or f.int("num_key_value_heads", 8),
+        head_dim=f.int("head_dim", 128),
         attention_bias=f.bool("attention_bias", False),
         intermediate_size=f.int("intermediate_size", 21504),
         mlp_hidden_act=f.str("mlp_hidden_act", "relu2", ("relu2", "silu")),
@@ -205,6 +367,7 @@ def config_from_dict(raw: dict[str, Any], source: str = "config.json") -> ModelC
         norm_topk_prob=f.bool("norm_topk_prob", True),
         routed_scaling_factor=f.float("routed_scaling_factor", 1.0),
         torch_dtype=f.str("torch_dtype", str(raw.get("dtype", "bfloat16")), ("bfloat16", "float16", "float32")),
+        unknown_keys=unknown_keys,
     )
     _check_consistent(config, source)
     return config

@@ -2,10 +2,13 @@
 safetensors file or a sharded index, `backbone.` prefix, routed experts stored per expert,
 BF16/FP16/FP32 weights, or NVIDIA ModelOpt NVFP4/FP8/mixed-precision weights (graph/modelopt.py).
 Every expected tensor is checked (presence, shape, dtype) before anything is built, and all
-problems are reported together. No weight bytes are read."""
+problems are reported together. A tensor the model does not use is refused, unless it is one
+known to be unused at inference (UNUSED_AT_INFERENCE: skipped and named in the report) or a
+multi-token-prediction tensor (carried and counted). No weight bytes are read."""
 
 from __future__ import annotations
 
+import fnmatch
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,6 +33,12 @@ from .types import F32, SAFETENSORS_DTYPES, DType, TensorType
 
 PREFIXES = ("backbone.", "model.")
 MTP_PREFIX = "mtp."
+# Checkpoint tensors known to be unused at inference: skipped, and named in the engine's report.
+# Pattern (fnmatch, full tensor name) -> why it is not needed.
+UNUSED_AT_INFERENCE: dict[str, str] = {
+    "*.k_proj.k_scale": "ModelOpt's FP8 KV-cache scale; nemocompile keeps the KV cache in the float base",
+    "*.v_proj.v_scale": "ModelOpt's FP8 KV-cache scale; nemocompile keeps the KV cache in the float base",
+}
 
 
 @dataclass(frozen=True)
@@ -38,6 +47,7 @@ class ImportedModel:
     config: ModelConfig
     raw_config: dict[str, Any]
     checkpoint: Checkpoint
+    skipped_tensors: tuple[str, ...] = ()  # known to be unused at inference (UNUSED_AT_INFERENCE)
 
 
 def _prefix(ckpt: Checkpoint) -> str:
@@ -71,8 +81,8 @@ def _plan(specs: list[WeightSpec], quant: QuantConfig | None, ckpt: Checkpoint) 
     problems: list[str] = []
     for spec in specs:
         shape = spec.shape[1:] if len(spec.tensors) > 1 else spec.shape
-        formats = {quant.dtype_of(_module(t)) if quant and spec.category in GEMM_CATEGORIES else None
-                   for t in spec.tensors}
+        quantizable = quant is not None and spec.category in GEMM_CATEGORIES and not spec.bias
+        formats = {quant.dtype_of(_module(t)) if quant and quantizable else None for t in spec.tensors}
         if len(formats) > 1:
             problems.append(f"the experts of {_module(spec.tensors[0]).rsplit('.experts.', 1)[0]} mix formats "
                             f"({', '.join(sorted(str(f or 'unquantized') for f in formats))})")
@@ -132,6 +142,24 @@ def _mtp_weights(ckpt: Checkpoint) -> list[Weight]:
     return weights
 
 
+def why_unused(tensor: str) -> str | None:
+    """Why a checkpoint tensor is not needed at inference, or None when it is not known to be."""
+    for pattern, why in UNUSED_AT_INFERENCE.items():
+        if fnmatch.fnmatchcase(tensor, pattern):
+            return why
+    return None
+
+
+def _unused_tensors(ckpt: Checkpoint, used: set[str]) -> tuple[list[str], list[str]]:
+    """(tensors known to be unused at inference, tensors the model does not use at all)."""
+    skipped: list[str] = []
+    unexpected: list[str] = []
+    for name in sorted(set(ckpt.refs) - used):
+        if not name.startswith(MTP_PREFIX):
+            (skipped if why_unused(name) else unexpected).append(name)
+    return skipped, unexpected
+
+
 def import_checkpoint(directory: Path) -> ImportedModel:
     if not directory.exists():
         raise ConfigError(f"{directory} does not exist")
@@ -150,6 +178,11 @@ def import_checkpoint(directory: Path) -> ImportedModel:
     problems = plan.problems + check_tensors(ckpt, plan.expected) + scale_problems
     if problems:
         raise CheckpointError(join_problems(f"{directory} does not match its config.json", problems))
+    used = set(plan.expected) | {source.tensor for weight in scales for source in weight.sources}
+    skipped, unexpected = _unused_tensors(ckpt, used)
+    if unexpected:
+        raise CheckpointError(f"{directory} holds {len(unexpected)} tensor(s) that its config.json does not use, "
+                              f"which nemocompile refuses rather than ignore: {', '.join(unexpected)}")
     sources = {}
     for spec in specs:
         tensors = tuple(TensorSource(ckpt.refs[t].file, t) for t in spec.tensors)
@@ -160,4 +193,4 @@ def import_checkpoint(directory: Path) -> ImportedModel:
         metadata["source_quantization"] = quant.algo
     graph = build_block_graph(config, TORCH_DTYPE_TO_IR[config.torch_dtype], sources, scales + _mtp_weights(ckpt),
                               metadata, prefix, lm_head)
-    return ImportedModel(graph, config, raw, ckpt)
+    return ImportedModel(graph, config, raw, ckpt, tuple(skipped))

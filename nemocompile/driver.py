@@ -197,7 +197,7 @@ def build(model: Path | None, out: Path, options: BuildOptions | None = None,
             "tokenizer": "tokenizer.json" if has_byte_tokenizer else None,
         }
         write_report(stage / "report.md", manifest, graph, stats, records, stream.errors, agreement,
-                     options.world_size, job.target)
+                     options.world_size, job.target, imported.config.unknown_keys, imported.skipped_tensors)
         write_manifest(stage, manifest)
         imported.checkpoint.close()
     return BuildResult(out, manifest, stats, records, bytes_written, time.perf_counter() - start, stream.errors,

@@ -5,9 +5,11 @@ quantized engine's agreement with the float one."""
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from nemocompile.graph.importer import why_unused
 from nemocompile.graph.ir import Graph
 from nemocompile.passes.assign_precision import GEMM_OPS
 from nemocompile.passes.manager import PassRecord
@@ -40,13 +42,26 @@ def gemm_formats(graph: Graph) -> list[tuple[str, str, str]]:
     return rows
 
 
+def unused_input_lines(unknown_keys: Sequence[str], skipped_tensors: Sequence[str]) -> list[str]:
+    """The report section on input nemocompile read but did not use."""
+    lines = ["## Input not used", ""]
+    keys = ", ".join(f"`{key}`" for key in unknown_keys) or "none"
+    lines.append(f"- config.json keys nemocompile does not know (kept in config.json, not used): {keys}")
+    if not skipped_tensors:
+        lines.append("- checkpoint tensors skipped as unused at inference: none")
+    else:
+        lines.append("- checkpoint tensors skipped as unused at inference:")
+        lines += [f"  - `{name}`: {why_unused(name)}" for name in skipped_tensors]
+    return lines
+
+
 def _sqnr(value: float) -> str:
     return "inf" if math.isinf(value) else f"{value:.2f}"
 
 
 def write_report(path: Path, manifest: dict[str, Any], graph: Graph, stats: ParamStats, records: list[PassRecord],
                  errors: list[QuantizationError], agreement: Agreement | None, world_size: int,
-                 target: Target) -> None:
+                 target: Target, unknown_keys: Sequence[str] = (), skipped_tensors: Sequence[str] = ()) -> None:
     per_gpu = stats.bytes_total / world_size
     lines = [
         f"# Engine: {manifest['source']['name']}",
@@ -90,6 +105,7 @@ def write_report(path: Path, manifest: dict[str, Any], graph: Graph, stats: Para
         lines += [f"- against {agreement.reference}, {agreement.prompts} random prompts, {agreement.tokens} positions",
                   f"- top-1 agreement: {agreement.top1:.4f}",
                   f"- mean KL(float || quantized): {agreement.mean_kl:.6f} nats"]
+    lines += ["", *unused_input_lines(unknown_keys, skipped_tensors)]
     notes = [note for record in records for note in record.notes]
     if notes:
         lines += ["", "## Notes", ""] + [f"- {note}" for note in notes]

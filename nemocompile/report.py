@@ -11,7 +11,8 @@ from typing import Any
 
 from nemocompile.graph.importer import why_unused
 from nemocompile.graph.ir import Graph
-from nemocompile.passes.assign_precision import GEMM_OPS
+from nemocompile.graph.opdef import operand
+from nemocompile.passes.assign_precision import gemm_weight
 from nemocompile.passes.manager import PassRecord
 from nemocompile.targets import Target
 
@@ -27,18 +28,18 @@ def _layer_rows(graph: Graph) -> list[str]:
 
 
 def gemm_formats(graph: Graph) -> list[tuple[str, str, str]]:
-    """(weight, weight format, activation format) of every GEMM, in graph order."""
+    """(weight, weight format, activation format) of every GEMM, in graph order; activations that a
+    `quantize` op feeds it are in that op's format."""
     weights = graph.weight_map()
     types = graph.value_types()
     rows = []
     for op in graph.ops:
-        index = GEMM_OPS.get(op.opname)
-        if index is None:
+        name, x = gemm_weight(op), operand(op, "x") if gemm_weight(op) else None
+        if name is None or x is None:
             continue
-        name, x = op.operands[index], op.operands[0]
-        assert name is not None and x is not None
-        act = op.attrs.get("act_format")
-        rows.append((name, weights[name].type.dtype.name, str(act) if act else types[x].dtype.name))
+        producer = graph.producer(x)
+        act = producer.attrs.str("format") if producer is not None and producer.opname == "quantize" else None
+        rows.append((name, weights[name].type.dtype.name, act or types[x].dtype.name))
     return rows
 
 

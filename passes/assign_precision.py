@@ -1,24 +1,32 @@
 """assign_precision: give every GEMM weight the format its component's policy names (NVFP4, FP8,
-or the float base) and mark which GEMMs quantize their activations (W4A4, W8A8). A GEMM that
-quantizes activations gets an `input_scale` weight operand: taken from a ModelOpt checkpoint
-when it has one, otherwise set by calibration at build time. Weights already quantized in the
-checkpoint keep their format (never re-quantized). Runs after decompose, on core ops."""
+or the float base), and quantize the activations of the GEMMs the policy runs W4A4 / W8A8 with
+an explicit `quantize` op before the GEMM (so a later pass can fuse it into the op before).
+A `quantize` takes an `input_scale` weight: the ModelOpt checkpoint's when it has one, otherwise
+one without a source that calibration sets at build time. Weights already quantized in the
+checkpoint keep their format (never re-quantized). Runs after decompose, on core ops.
+
+The weights are retyped in the graph's header; the activation quantization is one rewrite rule
+per format (`act_nvfp4`, `act_fp8`), and the ops after each are re-typed by the rule engine."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import ClassVar
 
 from nemocompile.base.errors import UsageError
-from nemocompile.graph.builder import GraphBuilder, rebuild_header, reemit
+from nemocompile.base.formats import ACT_FORMATS, Precision, indivisible_input
+from nemocompile.graph.builder import GraphBuilder
 from nemocompile.graph.ir import Graph, Op, Weight
 from nemocompile.graph.nemotron_h import INPUT_SCALE_CATEGORY
+from nemocompile.graph.opdef import operand
 from nemocompile.graph.types import DTYPES, F32, TensorType
 
 from .base import Pass, PassOutput
-from .precision_policy import Precision, PrecisionPolicy
+from .precision_policy import PrecisionPolicy
+from .rewrite import Match, Rule, op, rewrite, value
 
-GEMM_OPS = {"linear": 1, "grouped_gemm": 2}  # op -> index of its weight operand
+GEMM_OPS = ("linear", "grouped_gemm")
 
 
 @dataclass(frozen=True)
@@ -27,16 +35,51 @@ class Choice:
     act_format: str | None
 
 
+def gemm_weight(gemm: Op) -> str | None:
+    """The weight operand of a GEMM op; None for other ops."""
+    return operand(gemm, "weight") if gemm.opname in GEMM_OPS else None
+
+
 def _gemm_weights(graph: Graph) -> set[str]:
-    """Weights read only by GEMMs (a tied embedding table also feeds `embedding`: not quantized)."""
+    """Weights read only as GEMM weights (a tied embedding table also feeds `embedding`: not quantized)."""
     gemm: set[str] = set()
     other: set[str] = set()
-    for op in graph.ops:
-        for index, name in enumerate(op.operands):
-            if name is None:
-                continue
-            (gemm if GEMM_OPS.get(op.opname) == index else other).add(name)
+    for candidate in graph.ops:
+        weight = gemm_weight(candidate)
+        for name in candidate.operands:
+            if name is not None:
+                (gemm if name == weight else other).add(name)
     return gemm - other
+
+
+def input_scale(builder: GraphBuilder, weight: str) -> str:
+    """The activation scale of a GEMM weight: [] for a linear, [experts] for stacked experts; the
+    checkpoint's when it has one, else a weight without source that calibration sets."""
+    name = f"{weight}.input_scale"
+    if builder.has(name):  # imported from the checkpoint (ModelOpt stores input_scale)
+        return name
+    return builder.weight(name, TensorType(F32, tuple(builder.type_of(weight).shape[:-2])), INPUT_SCALE_CATEGORY)
+
+
+def quantize_activations_rule(act_format: str, act_formats: Mapping[str, str]) -> Rule:
+    """GEMM(x, w) with float x, where w's activations run in `act_format` ->
+    GEMM(quantize(x, w.input_scale), w) {out_dtype = x's dtype}."""
+
+    def wanted(match: Match) -> bool:
+        return act_formats.get(match.value("weight")) == act_format
+
+    def quantize_input(match: Match, builder: GraphBuilder) -> None:
+        gemm, x = match.root, match.value("x")
+        scale = input_scale(builder, match.value("weight"))
+        offsets = operand(gemm, "offsets") if gemm.opname == "grouped_gemm" else None
+        quantized = builder.op_named("quantize", {"x": x, "input_scale": scale, "offsets": offsets},
+                                     {"format": act_format}, gemm.scope)[0]
+        operands = [quantized if name == x else name for name in gemm.operands]
+        builder.op(gemm.opname, operands, {**dict(gemm.attrs.items), "out_dtype": builder.type_of(x).dtype.name},
+                   gemm.scope, match.results)
+
+    float_input = value("x", where=lambda producer, type_: not type_.dtype.quantized)
+    return Rule(f"act_{act_format}", op(GEMM_OPS, x=float_input, weight=value("weight")), quantize_input, wanted)
 
 
 @dataclass(frozen=True)
@@ -55,51 +98,30 @@ class AssignPrecision(Pass):
         if chosen is None or self.policy.excluded(weight.name):
             return Choice(weight, None)
         columns = weight.type.shape[-1]
-        if chosen.weight_dtype == "nvfp4" and isinstance(columns, int) and columns % 16:
+        reason = indivisible_input(chosen.weight_dtype, columns) if isinstance(columns, int) else None
+        if reason:
             if self.policy.on_indivisible == "refuse":
-                raise UsageError(f"{weight.name} has input dim {columns}, not divisible by 16, so it cannot be "
-                                 "NVFP4; exclude it or set on_indivisible = \"keep\"")
-            notes.append(f"{weight.name}: kept in {weight.type.dtype} (input dim {columns} is not divisible by 16)")
+                raise UsageError(f"{weight.name} has input dim {columns}, so it cannot be {chosen.label} ({reason}); "
+                                 "exclude it or set on_indivisible = \"keep\"")
+            notes.append(f"{weight.name}: kept in {weight.type.dtype} ({reason})")
             return Choice(weight, None)
         return Choice(replace(weight, type=weight.type.with_(dtype=DTYPES[chosen.weight_dtype])), chosen.act_format)
+
+    def rules(self, act_formats: Mapping[str, str]) -> tuple[Rule, ...]:
+        return tuple(quantize_activations_rule(fmt, act_formats) for fmt in ACT_FORMATS)
 
     def apply(self, graph: Graph) -> PassOutput:
         notes: list[str] = []
         gemm_weights = _gemm_weights(graph)
         choices = {w.name: self._choose(w, notes) if w.name in gemm_weights else Choice(w, None)
                    for w in graph.weights}
-        builder = rebuild_header(graph, self.name, [choices[w.name].weight for w in graph.weights])
-        counts: dict[str, int] = {}
-        for op in graph.ops:
-            index = GEMM_OPS.get(op.opname)
-            weight_name = op.operands[index] if index is not None else None
-            choice = choices.get(weight_name) if weight_name else None
-            if choice is None or (not choice.weight.type.dtype.quantized):
-                reemit(builder, op)
-                continue
-            dtype = choice.weight.type.dtype.name
-            counts[f"{op.opname}_{dtype}"] = counts.get(f"{op.opname}_{dtype}", 0) + 1
-            scale = None
-            if choice.act_format is not None:
-                scale = self._input_scale(builder, choice.weight)
-                counts[f"act_{choice.act_format}"] = counts.get(f"act_{choice.act_format}", 0) + 1
-            self._emit_gemm(builder, op, scale, choice.act_format)
-        for name in graph.outputs:
-            builder.output(name)
-        return PassOutput(builder.build(), counts, tuple(notes))
-
-    @staticmethod
-    def _input_scale(builder: GraphBuilder, weight: Weight) -> str:
-        """The activation scale of a GEMM: [] for a linear, [experts] for stacked experts; the
-        checkpoint's when it has one, else a weight without source that calibration sets."""
-        name = f"{weight.name}.input_scale"
-        if builder.has(name):  # imported from the checkpoint (ModelOpt stores input_scale)
-            return name
-        return builder.weight(name, TensorType(F32, tuple(weight.type.shape[:-2])), INPUT_SCALE_CATEGORY)
-
-    @staticmethod
-    def _emit_gemm(builder: GraphBuilder, op: Op, scale: str | None, act_format: str | None) -> None:
-        operands = list(op.operands)
-        operands[-1] = scale
-        attrs = {"act_format": act_format} if act_format else {}
-        builder.op(op.opname, operands, attrs, op.scope, [r.name for r in op.results])
+        act_formats = {name: choice.act_format for name, choice in choices.items() if choice.act_format}
+        retyped = replace(graph, weights=tuple(choices[w.name].weight for w in graph.weights))
+        rewritten, counts = rewrite(retyped, self.rules(act_formats), self.name)
+        for gemm in rewritten.ops:  # what the header retyping did, per GEMM kind and format
+            weight = gemm_weight(gemm)
+            dtype = choices[weight].weight.type.dtype if weight in choices else None
+            if dtype is not None and dtype.quantized:
+                key = f"{gemm.opname}_{dtype.name}"
+                counts[key] = counts.get(key, 0) + 1
+        return PassOutput(rewritten, counts, tuple(notes))

@@ -1,9 +1,9 @@
-"""The deployed numerics of quantized GEMMs, as the reference meaning of `linear` and
-`grouped_gemm` with quantized weights:
+"""The deployed numerics of quantized GEMMs, as the reference meaning of `quantize` and of
+`linear` / `grouped_gemm` with quantized weights:
 - W4A16 / W8A16: the dequantized weight times the activations, fp32 accumulation;
-- W4A4: activations quantized to NVFP4 per 16-block on the fly (dynamic block scale, static
-  global scale `input_scale`), then as above;
-- W8A8: activations quantized to FP8 with the static per-tensor scale `input_scale`."""
+- W4A4: `quantize` rounds activations to NVFP4 per 16-block (dynamic block scale, static global
+  scale `input_scale`), then the GEMM as above;
+- W8A8: `quantize` rounds activations to FP8 with the static per-tensor scale `input_scale`."""
 
 from __future__ import annotations
 
@@ -39,17 +39,34 @@ def quantize_activations(x: torch.Tensor, act_format: str | None, scale: torch.T
     return fake_quantize_fp8(x, scale)
 
 
-def quant_linear(x: torch.Tensor, weight: WeightValue, bias: torch.Tensor | None, input_scale: torch.Tensor | None,
-                 act_format: str | None) -> torch.Tensor:
-    activations = quantize_activations(x.float(), act_format, input_scale)
-    out = activations @ dequantized(weight).T
+def quantize(x: torch.Tensor, act_format: str, input_scale: torch.Tensor,
+             offsets: torch.Tensor | None = None) -> torch.Tensor:
+    """The `quantize` op: x quantized to `act_format`, held as its exact values in fp32 (every
+    NVFP4 or FP8 value times its scales is an fp32 number, so nothing is lost). With `offsets`,
+    rows offsets[e]:offsets[e+1] use input_scale[e]."""
+    if offsets is None:
+        return quantize_activations(x.float(), act_format, input_scale)
+    out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+    bounds = offsets.tolist()
+    for expert in range(len(bounds) - 1):
+        start, end = bounds[expert], bounds[expert + 1]
+        if start < end:
+            out[start:end] = quantize_activations(x[start:end].float(), act_format, input_scale[expert])
+    return out
+
+
+def quant_linear(x: torch.Tensor, weight: WeightValue, bias: torch.Tensor | None,
+                 out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """x (float, or quantized by `quantize`) times the dequantized weight, accumulated in fp32;
+    the result in `out_dtype` (x's dtype when not given)."""
+    out = x.float() @ dequantized(weight).T
     if bias is not None:
         out = out + bias.float()
-    return out.to(x.dtype)
+    return out.to(out_dtype or x.dtype)
 
 
 def quant_grouped_gemm(x_sorted: torch.Tensor, offsets: torch.Tensor, weight: WeightValue,
-                       input_scale: torch.Tensor | None, act_format: str | None) -> torch.Tensor:
+                       out_dtype: torch.dtype | None = None) -> torch.Tensor:
     full = dequantized(weight)  # [E, out, in]
     out = torch.zeros(x_sorted.shape[0], full.shape[1], dtype=torch.float32, device=x_sorted.device)
     bounds = offsets.tolist()
@@ -57,7 +74,5 @@ def quant_grouped_gemm(x_sorted: torch.Tensor, offsets: torch.Tensor, weight: We
         start, end = bounds[expert], bounds[expert + 1]
         if start == end:
             continue
-        rows = x_sorted[start:end].float()
-        scale = input_scale[expert] if input_scale is not None else None
-        out[start:end] = quantize_activations(rows, act_format, scale) @ full[expert].T
-    return out.to(x_sorted.dtype)
+        out[start:end] = x_sorted[start:end].float() @ full[expert].T
+    return out.to(out_dtype or x_sorted.dtype)

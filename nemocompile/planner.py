@@ -17,7 +17,8 @@ from nemocompile.passes.manager import PassManager, PassRecord
 from nemocompile.passes.precision_policy import PrecisionPolicy, resolve_policy
 from nemocompile.targets import Target, load_target
 
-from .driver import BuildOptions, pipeline
+from .options import BuildOptions
+from .pipeline import build_steps, graph_passes
 from .stats import ParamStats, param_stats
 
 BASE_BITS = {name: FORMATS[PRECISIONS[name].weight_dtype].bits for name in BASE_PRECISIONS}
@@ -74,7 +75,7 @@ def plan_model(config_path: Path, options: BuildOptions | None = None) -> PlanRe
     policy = resolve_policy(target, options.precision, options.overrides, options.policy_file, options.exclude)
     config, _ = load_config(config_path)
     block_graph = build_block_graph(config, TORCH_DTYPE_TO_IR[config.torch_dtype])
-    graph, records = PassManager(pipeline(target, policy)).run(block_graph)
+    graph, records = PassManager(graph_passes(build_steps(target, policy))).run(block_graph)
     # MTP blocks are carried in the float base (as in NVIDIA's released mixed-precision checkpoints)
     stats = param_stats(graph, mtp_weight_estimate(config), BASE_BITS[policy.base])
     name = config_path.parent.name if config_path.name == "config.json" else config_path.stem

@@ -182,8 +182,10 @@ def build(model: Path | None, target: str, out: Path, precision: str, overrides:
                            world_size=world_size, force=force, print_after=frozenset(print_after))
     with _build_progress(settings().progress and not as_json and stderr.is_terminal) as hook:
         result = run_build(model, out, options, printer, hook)
-    summary = {"engine": str(result.out), "target": result.manifest["target"]["name"], "precision": precision,
-               "policy": result.manifest["policy"], "params_total": result.stats.params_total,
+    summary = {"engine": str(result.out), "target": result.manifest.target.name, "precision": precision,
+               "policy": result.manifest.policy.to_json(), "params_total": result.stats.params_total,
+               "world_size": result.manifest.world_size, "planned_world_size": world_size,
+               "kernels": result.manifest.kernel_counts(),
                "bytes_written": result.bytes_written, "bits_per_element": round(result.stats.bits_per_element, 4),
                "seconds": round(result.seconds, 3),
                "passes": [{"name": r.name, "seconds": round(r.seconds, 4), "counts": r.counts}
@@ -195,7 +197,7 @@ def build(model: Path | None, target: str, out: Path, precision: str, overrides:
         _print_json(summary)
         return
     rate = result.bytes_written / max(result.seconds, 1e-9)
-    agreement = (f"; top-1 agreement with {result.manifest['policy']['base']} {result.agreement.top1:.3f}, "
+    agreement = (f"; top-1 agreement with {result.manifest.policy.base} {result.agreement.top1:.3f}, "
                  f"mean KL {result.agreement.mean_kl:.2e}" if result.agreement else "")
     stdout.print(f"built {escape(str(result.out))} for {summary['target']} ({precision}): "
                  f"{_params(result.stats.params_total)} parameters, {_human_bytes(result.bytes_written)} "
@@ -254,7 +256,7 @@ def run(engine: Path, input_ids: tuple[str, ...], prompt: tuple[str, ...], max_n
 @click.argument("engine", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON object.")
 def inspect(engine: Path, as_json: bool) -> None:
-    """Describe an engine: layers, parameters by category, precision, bytes, files."""
+    """Describe an engine: layers, parameters by category, precision, kernels, bytes, files."""
     from .inspection import inspect_engine
 
     info = inspect_engine(engine)
@@ -262,8 +264,8 @@ def inspect(engine: Path, as_json: bool) -> None:
         _print_json(info.as_json())
         return
     m = info.manifest
-    stdout.print(f"engine {escape(str(engine))}: {escape(m['source']['name'])} for {m['target']['name']} ({m['target']['arch']}), "
-                 f"{m['precision']}, world size {m['world_size']}, format {m['format_version']}", highlight=False)
+    stdout.print(f"engine {escape(str(engine))}: {escape(m.source.name)} for {m.target.name} ({m.target.arch}), "
+                 f"{m.precision}, world size {m.world_size}, format {m.format_version}", highlight=False)
     layers = Table(title="layers")
     layers.add_column("layer", justify="right")
     layers.add_column("block")
@@ -271,12 +273,19 @@ def inspect(engine: Path, as_json: bool) -> None:
         layers.add_row(str(index), kind)
     stdout.print(layers)
     stdout.print(_stats_table("parameters", info.stats))
+    kernels = Table(title="kernels")
+    for column in ("graph", "op", "kernel", "backend"):
+        kernels.add_column(column)
+    kernels.add_column("ops", justify="right")
+    for use in m.kernels:
+        kernels.add_row(use.graph, use.op, use.kernel, use.backend, str(use.count))
+    stdout.print(kernels)
     files = Table(title="files")
     files.add_column("file")
     files.add_column("bytes", justify="right")
     files.add_column("sha256")
-    for name, entry in m["files"].items():
-        files.add_row(name, _human_bytes(entry["size"]), entry["sha256"][:16])
+    for name, entry in m.files.items():
+        files.add_row(name, _human_bytes(entry.size), entry.sha256[:16])
     stdout.print(files)
 
 

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from .tokenizer import ByteTokenizer
+from nemocompile.runtime.tokenizer import ByteTokenizer
 
 DEMO_NAME = "nemotron-h-demo"
 DEMO_SEED = 20261129

@@ -19,14 +19,27 @@ from nemocompile.base.errors import UsageError
 from nemocompile.base.settings import settings
 from nemocompile.graph.importer import ImportedModel, import_checkpoint
 from nemocompile.graph.ir import Graph, TensorSource, Weight
+from nemocompile.graph.kernels import kernel_uses
 from nemocompile.graph.text import print_graph
 from nemocompile.passes.assign_precision import AssignPrecision
 from nemocompile.passes.base import Pass
 from nemocompile.passes.decompose import Decompose
 from nemocompile.passes.manager import PassManager, PassRecord
 from nemocompile.passes.precision_policy import PrecisionPolicy, resolve_policy
+from nemocompile.passes.select_kernels import SelectKernels
 from nemocompile.passes.set_precision import SetPrecision
 from nemocompile.passes.specialize_decode import SpecializeDecode
+from nemocompile.runtime.engine_format import (
+    MANIFEST_NAME,
+    GraphFiles,
+    KernelUse,
+    Manifest,
+    PolicyInfo,
+    RankFiles,
+    SourceInfo,
+    TargetInfo,
+    weights_file,
+)
 from nemocompile.runtime.weights import load_weights
 from nemocompile.targets import Target, load_target
 
@@ -39,8 +52,6 @@ from .report import write_report
 from .stats import ParamStats, param_stats
 from .weight_stream import QuantizationError, WeightStream, read_weights
 
-FORMAT_VERSION = 1
-WEIGHTS_FILE = "weights/rank0.safetensors"
 ProgressHook = Callable[[str, int, int], None]  # (description, bytes just written, bytes in all)
 
 
@@ -53,21 +64,24 @@ class BuildOptions:
     exclude: tuple[str, ...] = ()  # weight-name patterns kept in the float base
     calibrate: int = 8  # token batches for activation scales (W4A4, W8A8)
     calibration_data: Path | None = None  # a file of token ids, one sequence per line
-    world_size: int = 1  # for the bytes-per-GPU report
+    # GPUs to plan for: sizes the report's "bytes per GPU at planned world size" line (and `plan`).
+    # The engine itself holds one rank until sharding lands; its manifest says so.
+    world_size: int = 1
     force: bool = False
     print_after: frozenset[str] = field(default_factory=frozenset)
 
 
 def pipeline(target: Target, policy: PrecisionPolicy) -> list[Pass]:
-    """The passes for a target, in order; decode specialisation follows on a copy."""
+    """The passes for a target, in order; decode specialisation follows on a copy, and kernel
+    selection (the last pass) runs again on the decode graph."""
     return [SetPrecision(policy.base, policy.components.get("ssm_state", "fp32")), Decompose(),
-            AssignPrecision(policy)]
+            AssignPrecision(policy), SelectKernels(target.arch)]
 
 
 @dataclass(frozen=True)
 class BuildResult:
     out: Path
-    manifest: dict[str, Any]
+    manifest: Manifest
     stats: ParamStats
     passes: list[PassRecord]
     bytes_written: int
@@ -88,9 +102,15 @@ def _model_directory(model: Path | None) -> Iterator[tuple[Path, str]]:
 
 def _engine_graph(graph: Graph) -> Graph:
     """The same graph with every weight sourced from the engine's own weight file."""
-    weights = tuple(Weight(w.name, w.type, w.category, (TensorSource(WEIGHTS_FILE, w.name),), w.type.dtype)
+    weights = tuple(Weight(w.name, w.type, w.category, (TensorSource(weights_file(0), w.name),), w.type.dtype)
                     for w in graph.weights)
     return Graph(graph.name, graph.inputs, weights, graph.states, graph.ops, graph.outputs, graph.metadata)
+
+
+def _kernel_uses(prefill: Graph, decode: Graph) -> tuple[KernelUse, ...]:
+    return tuple(KernelUse(name, op, kernel, backend, count)
+                 for name, graph in (("prefill", prefill), ("decode", decode))
+                 for op, kernel, backend, count in kernel_uses(graph))
 
 
 def _check_print_after(passes: list[Pass], print_after: frozenset[str]) -> None:
@@ -124,9 +144,10 @@ class _Build:
     def compile(self) -> tuple[Graph, Graph, Graph, list[PassRecord]]:
         """(float graph before precision assignment, engine graph, decode graph, pass records)"""
         opts = self.options
-        float_graph, records = PassManager(self.passes[:-1], opts.print_after, self.printer).run(self.imported.graph)
-        graph, more = PassManager(self.passes[-1:], opts.print_after, self.printer).run(float_graph)
-        decode, last = PassManager([SpecializeDecode()], opts.print_after, self.printer).run(graph)
+        float_graph, records = PassManager(self.passes[:-2], opts.print_after, self.printer).run(self.imported.graph)
+        graph, more = PassManager(self.passes[-2:], opts.print_after, self.printer).run(float_graph)
+        decode, last = PassManager([SpecializeDecode(), self.passes[-1]], opts.print_after,
+                                   self.printer).run(graph)
         return float_graph, graph, decode, records + more + last
 
     def _small_enough(self, graph: Graph) -> bool:
@@ -153,7 +174,7 @@ class _Build:
         if not _quantized(graph) or _quantized(float_graph) or not self._small_enough(float_graph):
             return None
         float_weights = read_weights(self.imported.checkpoint, float_graph)
-        engine_weights = load_weights(self.stage, [WEIGHTS_FILE], _engine_graph(graph), torch.device("cpu"))
+        engine_weights = load_weights(self.stage, [weights_file(0)], _engine_graph(graph), torch.device("cpu"))
         return measure_agreement(float_graph, float_weights, _engine_graph(graph), engine_weights, self.vocab_size,
                                  f"the {self.policy.base} engine of the same checkpoint")
 
@@ -173,7 +194,7 @@ def build(model: Path | None, out: Path, options: BuildOptions | None = None,
         float_graph, graph, decode, records = job.compile()
         stream = WeightStream(imported.checkpoint, graph, job.scales(float_graph, graph), progress,
                               four_over_six=job.policy.nvfp4_four_over_six)
-        bytes_written = stream.write(stage / WEIGHTS_FILE)
+        bytes_written = stream.write(stage / weights_file(0))
         (stage / "graph.txt").write_text(print_graph(_engine_graph(graph)))
         (stage / "graph.decode.txt").write_text(print_graph(_engine_graph(decode)))
         (stage / "config.json").write_text(json.dumps(imported.raw_config, indent=2, sort_keys=True) + "\n")
@@ -183,22 +204,21 @@ def build(model: Path | None, out: Path, options: BuildOptions | None = None,
             shutil.copyfile(tokenizer, stage / "tokenizer.json")
         agreement = job.agreement(float_graph, graph)
         stats = param_stats(graph)
-        manifest: dict[str, Any] = {
-            "format_version": FORMAT_VERSION,
-            "nemocompile_version": __version__,
-            "target": {"name": job.target.name, "arch": job.target.arch,
-                       "compute_capability": list(job.target.compute_capability)},
-            "world_size": 1,
-            "precision": options.precision,
-            "policy": job.policy.describe(),
-            "source": {"name": source_name, "fingerprint": imported.checkpoint.fingerprint()},
-            "graphs": {"prefill": "graph.txt", "decode": "graph.decode.txt"},
-            "weights": [WEIGHTS_FILE],
-            "tokenizer": "tokenizer.json" if has_byte_tokenizer else None,
-        }
+        manifest = Manifest(
+            nemocompile_version=__version__,
+            target=TargetInfo(job.target.name, job.target.arch, job.target.compute_capability),
+            ranks=(RankFiles(0, (weights_file(0),)),),  # one rank until sharding lands
+            graphs=GraphFiles("graph.txt", "graph.decode.txt"),
+            config="config.json",
+            kernels=_kernel_uses(graph, decode),
+            tokenizer="tokenizer.json" if has_byte_tokenizer else None,
+            precision=options.precision,
+            policy=PolicyInfo.from_description(job.policy.describe(), stage / MANIFEST_NAME),
+            source=SourceInfo(source_name, imported.checkpoint.fingerprint()),
+        )
         write_report(stage / "report.md", manifest, graph, stats, records, stream.errors, agreement,
                      options.world_size, job.target, imported.config.unknown_keys, imported.skipped_tensors)
-        write_manifest(stage, manifest)
+        manifest = write_manifest(stage, manifest)
         imported.checkpoint.close()
     return BuildResult(out, manifest, stats, records, bytes_written, time.perf_counter() - start, stream.errors,
                        agreement)

@@ -10,14 +10,15 @@ from nemocompile.base.errors import EngineError
 from nemocompile.graph.config import PATTERN_LETTERS
 from nemocompile.graph.ir import Graph
 from nemocompile.graph.text import parse_graph
+from nemocompile.runtime.engine_files import verify_engine_files
+from nemocompile.runtime.engine_format import Manifest
 
-from .engine_files import verify_engine_files
 from .stats import ParamStats, param_stats
 
 
 @dataclass(frozen=True)
 class EngineInfo:
-    manifest: dict[str, Any]
+    manifest: Manifest
     graph: Graph
     stats: ParamStats
 
@@ -28,15 +29,18 @@ class EngineInfo:
     def as_json(self) -> dict[str, Any]:
         m = self.manifest
         return {
-            "source": m["source"],
-            "target": m["target"],
-            "precision": m["precision"],
-            "world_size": m["world_size"],
-            "format_version": m["format_version"],
+            "source": m.source.to_json(),
+            "target": m.target.to_json(),
+            "precision": m.precision,
+            "world_size": m.world_size,
+            "format_version": m.format_version,
             "layers": self.layers,
             **self.stats.as_json(),
             "ops": self.graph.op_counts(),
-            "files": m["files"],
+            "kernels": [use.to_json() for use in m.kernels],
+            "kernel_counts": m.kernel_counts(),
+            "backends": list(m.backends),
+            "files": {name: entry.to_json() for name, entry in m.files.items()},
         }
 
 
@@ -44,5 +48,5 @@ def inspect_engine(directory: Path) -> EngineInfo:
     if not directory.is_dir():
         raise EngineError(f"{directory} is not an engine directory")
     manifest = verify_engine_files(directory)
-    graph = parse_graph((directory / manifest["graphs"]["prefill"]).read_text())
+    graph = parse_graph((directory / manifest.graphs.prefill).read_text())
     return EngineInfo(manifest, graph, param_stats(graph))

@@ -7,13 +7,13 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 from nemocompile.graph.importer import why_unused
 from nemocompile.graph.ir import Graph
 from nemocompile.graph.opdef import operand
 from nemocompile.passes.assign_precision import gemm_weight
 from nemocompile.passes.manager import PassRecord
+from nemocompile.runtime.engine_format import Manifest
 from nemocompile.targets import Target
 
 from .agreement import Agreement
@@ -60,18 +60,18 @@ def _sqnr(value: float) -> str:
     return "inf" if math.isinf(value) else f"{value:.2f}"
 
 
-def write_report(path: Path, manifest: dict[str, Any], graph: Graph, stats: ParamStats, records: list[PassRecord],
-                 errors: list[QuantizationError], agreement: Agreement | None, world_size: int,
+def write_report(path: Path, manifest: Manifest, graph: Graph, stats: ParamStats, records: list[PassRecord],
+                 errors: list[QuantizationError], agreement: Agreement | None, planned_world_size: int,
                  target: Target, unknown_keys: Sequence[str] = (), skipped_tensors: Sequence[str] = ()) -> None:
-    per_gpu = stats.bytes_total / world_size
+    per_gpu = stats.bytes_total / planned_world_size
     lines = [
-        f"# Engine: {manifest['source']['name']}",
+        f"# Engine: {manifest.source.name}",
         "",
-        f"- target: {manifest['target']['name']} ({manifest['target']['arch']})",
-        f"- precision: {manifest['precision']} (base {manifest['policy']['base']})",
-        f"- world size: {manifest['world_size']}",
-        f"- nemocompile {manifest['nemocompile_version']}, engine format {manifest['format_version']}",
-        f"- source fingerprint: {manifest['source']['fingerprint']}",
+        f"- target: {manifest.target.name} ({manifest.target.arch})",
+        f"- precision: {manifest.precision} (base {manifest.policy.base})",
+        f"- world size: {manifest.world_size} (ranks this engine holds)",
+        f"- nemocompile {manifest.nemocompile_version}, engine format {manifest.format_version}",
+        f"- source fingerprint: {manifest.source.fingerprint}",
         "",
         "## Parameters and bytes",
         "",
@@ -79,7 +79,8 @@ def write_report(path: Path, manifest: dict[str, Any], graph: Graph, stats: Para
         f"- active per token: {stats.params_active:,}",
         f"- MTP (carried, not executed): {stats.params_mtp:,}",
         f"- stored bytes: {stats.bytes_total:,} ({stats.bits_per_element:.3f} bits per element)",
-        f"- bytes per GPU at world size {world_size}: {per_gpu:,.0f} of {target.memory_bytes:,} "
+        f"- bytes per GPU at planned world size {planned_world_size} (a plan; the engine is not sharded): "
+        f"{per_gpu:,.0f} of {target.memory_bytes:,} "
         f"({'fits' if per_gpu <= target.memory_bytes else 'does not fit'})",
         "",
         "| category | parameters | active | bytes | bits/element |",
@@ -89,9 +90,9 @@ def write_report(path: Path, manifest: dict[str, Any], graph: Graph, stats: Para
         lines.append(f"| {name} | {entry.params:,} | {round(entry.active):,} | {entry.bytes:,} | "
                      f"{stats.bits_of(name):.3f} |")
     lines += ["", "## Precision policy", ""]
-    lines += [f"- {component}: {chosen}" for component, chosen in manifest["policy"]["components"].items()]
-    if manifest["policy"]["exclude"]:
-        lines.append(f"- excluded (kept {manifest['policy']['base']}): {', '.join(manifest['policy']['exclude'])}")
+    lines += [f"- {component}: {chosen}" for component, chosen in manifest.policy.components.items()]
+    if manifest.policy.exclude:
+        lines.append(f"- excluded (kept {manifest.policy.base}): {', '.join(manifest.policy.exclude)}")
     lines += ["", "## GEMM formats", "", "| weight | weight format | activations |", "|---|---|---|"]
     lines += [f"| {w} | {fmt} | {act} |" for w, fmt, act in gemm_formats(graph)]
     if errors:
@@ -115,6 +116,8 @@ def write_report(path: Path, manifest: dict[str, Any], graph: Graph, stats: Para
     for record in records:
         counts = ", ".join(f"{k}={v}" for k, v in sorted(record.counts.items())) or "-"
         lines.append(f"| {record.name} | {record.ops_before} | {record.ops_after} | {counts} |")
+    lines += ["", "## Kernels", "", "| graph | op | kernel | backend | ops |", "|---|---|---|---|---:|"]
+    lines += [f"| {k.graph} | {k.op} | {k.kernel} | {k.backend} | {k.count} |" for k in manifest.kernels]
     lines += ["", "## Core ops", "", "| op | count |", "|---|---:|"]
     lines += [f"| {name} | {count} |" for name, count in graph.op_counts().items()]
     path.write_text("\n".join(lines) + "\n")

@@ -12,18 +12,18 @@ import torch
 
 from nemocompile.base.errors import EngineError, NemocompileError, UsageError
 from nemocompile.base.settings import settings
-from nemocompile.engine_files import verify_engine_files
 from nemocompile.graph.ir import Graph
 from nemocompile.graph.text import parse_graph
 from nemocompile.graph.verifier import verify
-from nemocompile.tokenizer import ByteTokenizer
 
 from .cache import Cache
+from .engine_files import check_arch, verify_engine_files
+from .engine_format import Manifest
 from .executor import Executor
+from .kernels import Resolution
 from .sampling import check_sampling, next_tokens
+from .tokenizer import ByteTokenizer
 from .weights import WeightValue, load_weights
-
-SUPPORTED_FORMAT_VERSIONS = (1,)
 
 
 def _pick_device(device: str | torch.device | None) -> torch.device:
@@ -31,16 +31,6 @@ def _pick_device(device: str | torch.device | None) -> torch.device:
     if choice == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(choice)
-
-
-def _check_arch(manifest: dict[str, Any], device: torch.device) -> None:
-    if device.type != "cuda":
-        return  # the reference runtime runs any engine on the CPU
-    wanted = tuple(manifest["target"]["compute_capability"])
-    found = torch.cuda.get_device_capability(device)
-    if found[0] != wanted[0]:
-        raise EngineError(f"engine was built for {manifest['target']['name']} ({manifest['target']['arch']}) "
-                          f"but this GPU is sm_{found[0]}{found[1]}; rebuild with the matching --target")
 
 
 def _load_graph(directory: Path, relative: str) -> Graph:
@@ -54,7 +44,7 @@ class Engine:
     """A loaded engine: `forward` for logits, `new_cache` + `forward` for token-by-token decode,
     `generate` for text."""
 
-    def __init__(self, directory: Path, manifest: dict[str, Any], prefill: Graph, decode: Graph,
+    def __init__(self, directory: Path, manifest: Manifest, prefill: Graph, decode: Graph,
                  weights: dict[str, WeightValue], device: torch.device, tokenizer: ByteTokenizer | None) -> None:
         self.directory = directory
         self.manifest = manifest
@@ -62,13 +52,19 @@ class Engine:
         self.decode_graph = decode
         self.device = device
         self.tokenizer = tokenizer
-        self.config: dict[str, Any] = json.loads((directory / "config.json").read_text())
+        self.config: dict[str, Any] = json.loads((directory / manifest.config).read_text())
         self._prefill = Executor(prefill, weights)
         self._decode = Executor(decode, weights)
         self.vocab_size = int(self.config["vocab_size"])
 
     def new_cache(self, batch_size: int) -> Cache:
-        return Cache.for_slots(self.graph.states, batch_size, self.device)
+        return Cache.for_graph(self.graph, batch_size, self.device)
+
+    def kernels(self) -> list[Resolution]:
+        """How each op of the prefill graph and then the decode graph runs: the kernel its IR asks
+        for, the one used, and why they differ when they do (a kernel that cannot run here)."""
+        return [entry[0] for executor in (self._prefill, self._decode) for entry in executor.plan
+                if isinstance(entry[0], Resolution)]
 
     def _ids(self, input_ids: torch.Tensor | Sequence[Sequence[int]]) -> torch.Tensor:
         ids = input_ids if isinstance(input_ids, torch.Tensor) else torch.tensor(input_ids, dtype=torch.int64)
@@ -124,13 +120,12 @@ def load(path: str | Path, device: str | torch.device | None = None) -> Engine:
     if not directory.is_dir():
         raise EngineError(f"{directory} is not an engine directory")
     manifest = verify_engine_files(directory)
-    if manifest.get("format_version") not in SUPPORTED_FORMAT_VERSIONS:
-        raise EngineError(f"{directory / 'manifest.json'}: engine format {manifest.get('format_version')!r} "
-                          f"is not one this nemocompile reads ({SUPPORTED_FORMAT_VERSIONS})")
     target_device = _pick_device(device)
-    _check_arch(manifest, target_device)
-    prefill = _load_graph(directory, manifest["graphs"]["prefill"])
-    decode = _load_graph(directory, manifest["graphs"]["decode"])
-    weights = load_weights(directory, manifest["weights"], prefill, target_device)
-    tokenizer = ByteTokenizer.load(directory / manifest["tokenizer"]) if manifest.get("tokenizer") else None
+    check_arch(manifest, target_device)
+    if manifest.world_size != 1:
+        raise EngineError(f"{directory} holds {manifest.world_size} ranks; this runtime runs one-rank engines")
+    prefill = _load_graph(directory, manifest.graphs.prefill)
+    decode = _load_graph(directory, manifest.graphs.decode)
+    weights = load_weights(directory, list(manifest.weight_files(0)), prefill, target_device)
+    tokenizer = ByteTokenizer.load(directory / manifest.tokenizer) if manifest.tokenizer else None
     return Engine(directory, manifest, prefill, decode, weights, target_device, tokenizer)

@@ -349,7 +349,7 @@ def _point_outside(manifest: dict[str, Any], field: str) -> str:
         manifest["files"]["../x"] = manifest["files"]["config.json"]
         return "../x"
     if field == "weights":
-        manifest["weights"] = [f"../outside/{WEIGHTS_FILE}"]
+        manifest["ranks"][0]["weights"] = [f"../outside/{WEIGHTS_FILE}"]
         return f"../outside/{WEIGHTS_FILE}"
     if field == "graphs":
         manifest["graphs"]["prefill"] = "../outside/graph.txt"

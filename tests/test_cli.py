@@ -21,12 +21,13 @@ from nemocompile.api import load
 from nemocompile.base.settings import override
 from nemocompile.cli import main
 from nemocompile.graph.text import parse_graph
-from nemocompile.tokenizer import ByteTokenizer
+from nemocompile.runtime.tokenizer import ByteTokenizer
 
 MODELS = Path("/work/shared/models")
 KNOWN_TARGETS = ("b200", "gb200", "h100", "h200")
 DEMO_PATTERN_LAYERS = ["mamba", "attention", "moe", "mamba", "mlp", "moe"]
-PIPELINE = ["set_precision", "decompose", "assign_precision", "specialize_decode"]
+# select_kernels runs on the prefill graph, then again on the decode graph specialize_decode made.
+PIPELINE = ["set_precision", "decompose", "assign_precision", "select_kernels", "specialize_decode", "select_kernels"]
 IR_HEADER = re.compile(r"^// ----- IR after (\S+) -----$", re.MULTILINE)
 
 
@@ -91,7 +92,10 @@ def demo_engine(demo_build: tuple[Path, dict[str, Any]]) -> Path:
 def test_build_json_summary(demo_build: tuple[Path, dict[str, Any]]) -> None:
     out, summary = demo_build
     assert set(summary) == {"engine", "target", "precision", "policy", "params_total", "bytes_written",
-                            "bits_per_element", "seconds", "passes", "quantization_errors", "agreement"}
+                            "bits_per_element", "seconds", "passes", "quantization_errors", "agreement",
+                            "world_size", "planned_world_size", "kernels"}
+    assert summary["world_size"] == summary["planned_world_size"] == 1
+    assert set(summary["kernels"]) == {"reference"}
     assert summary["engine"] == str(out)
     assert summary["target"] == "h100"
     assert summary["precision"] == "auto"  # the target's policy: NVFP4 W4A16 experts, FP8 W8A8 on h100

@@ -17,7 +17,18 @@ from safetensors.torch import load_file
 
 from nemocompile.base.errors import EngineError, UsageError
 from nemocompile.base.settings import override
-from nemocompile.engine_files import sha256_file, staged_directory, verify_engine_files, write_manifest
+from nemocompile.engine_files import staged_directory, write_manifest
+from nemocompile.runtime.engine_files import sha256_file, verify_engine_files
+from nemocompile.runtime.engine_format import (
+    GraphFiles,
+    KernelUse,
+    Manifest,
+    PolicyInfo,
+    RankFiles,
+    SourceInfo,
+    TargetInfo,
+    weights_file,
+)
 from nemocompile.safetensors_writer import SafetensorsWriter
 
 # ---------------------------------------------------------------------------------------------
@@ -228,12 +239,31 @@ def test_killed_build_leaves_no_engine_and_rerun_succeeds(tmp_path: Path, had_ol
 # ---------------------------------------------------------------------------------------------
 # manifest
 
+_ENGINE_FILES = ("config.json", "graph.decode.txt", "graph.txt", "weights/rank0.safetensors")
+
+
+def _manifest() -> Manifest:
+    return Manifest(
+        nemocompile_version="0.1.0",
+        target=TargetInfo("h100", "sm_90", (9, 0)),
+        ranks=(RankFiles(0, (weights_file(0),)),),
+        graphs=GraphFiles("graph.txt", "graph.decode.txt"),
+        config="config.json",
+        kernels=(KernelUse("prefill", "linear", "reference", "reference", 3),),
+        tokenizer=None,
+        precision="auto",
+        policy=PolicyInfo("bf16", {"router": "fp32"}, (), "error", False),
+        source=SourceInfo("tiny", "f" * 64),
+    )
+
 
 def _engine(directory: Path) -> Path:
     (directory / "weights").mkdir(parents=True)
-    (directory / "weights" / "rank0.safetensors").write_bytes(b"w" * 1000)
+    (directory / weights_file(0)).write_bytes(b"w" * 1000)
     (directory / "graph.txt").write_text("graph text\n")
-    write_manifest(directory, {"format_version": 1, "target": "h100"})
+    (directory / "graph.decode.txt").write_text("decode graph text\n")
+    (directory / "config.json").write_text("{}\n")
+    write_manifest(directory, _manifest())
     return directory
 
 
@@ -251,13 +281,26 @@ def test_write_manifest_lists_files_deterministically(tmp_path: Path) -> None:
     text = (directory / "manifest.json").read_text()
     assert text.endswith("}\n")
     manifest = json.loads(text)
-    assert list(manifest["files"]) == ["graph.txt", "weights/rank0.safetensors"]
+    assert list(manifest["files"]) == list(_ENGINE_FILES)
     assert manifest["files"]["weights/rank0.safetensors"]["size"] == 1000
     assert manifest["files"]["graph.txt"]["sha256"] == sha256_file(directory / "graph.txt")
-    assert manifest["target"] == "h100"
-    write_manifest(directory, {"target": "h100", "format_version": 1})
+    assert manifest["target"]["name"] == "h100"
+    assert manifest["format_version"] == 2
+    assert manifest["ranks"] == [{"rank": 0, "weights": ["weights/rank0.safetensors"]}]
+    written = write_manifest(directory, _manifest())
     assert (directory / "manifest.json").read_text() == text
-    assert verify_engine_files(directory) == manifest
+    verified = verify_engine_files(directory)
+    assert verified == written
+    assert verified.files["graph.txt"].size == len("graph text\n")
+
+
+def test_write_manifest_refuses_a_named_file_it_does_not_hold(tmp_path: Path) -> None:
+    directory = tmp_path / "e"
+    directory.mkdir()
+    (directory / "graph.txt").write_text("graph text\n")
+    with pytest.raises(EngineError, match=r"field `graphs\.decode` names graph\.decode\.txt, which is not among"):
+        write_manifest(directory, _manifest())
+    assert not (directory / "manifest.json").exists()
 
 
 def test_tampered_file_is_named(tmp_path: Path) -> None:
@@ -286,7 +329,7 @@ def test_missing_file_is_named(tmp_path: Path) -> None:
 def test_unlisted_extra_file_is_ignored(tmp_path: Path) -> None:
     directory = _engine(tmp_path / "e")
     (directory / "notes.txt").write_text("user notes")
-    assert "notes.txt" not in verify_engine_files(directory)["files"]
+    assert "notes.txt" not in verify_engine_files(directory).files
 
 
 def _add_entry(directory: Path, relative: str) -> None:
@@ -314,8 +357,8 @@ def test_paths_outside_engine_are_refused(tmp_path: Path, relative: str) -> None
     [
         (None, "manifest.json is missing"),
         ("{not json", "manifest.json is not valid JSON"),
-        ("[1, 2]", "has no `files` object"),
-        ('{"files": {"a": {"sha256": "zz", "size": 1}}}', "malformed entry for a"),
+        ("[1, 2]", "is not an engine manifest: it holds list, not an object"),
+        ('{"format_version": 2, "files": {}}', "field `ranks` is missing"),
     ],
 )
 def test_bad_manifest_is_named(tmp_path: Path, content: str | None, phrase: str) -> None:
@@ -328,9 +371,19 @@ def test_bad_manifest_is_named(tmp_path: Path, content: str | None, phrase: str)
     assert phrase in str(caught.value)
 
 
+def test_malformed_file_entry_is_named(tmp_path: Path) -> None:
+    directory = _engine(tmp_path / "e")
+    manifest_path = directory / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["files"]["graph.txt"]["sha256"] = "zz"
+    manifest_path.write_text(json.dumps(manifest))
+    with pytest.raises(EngineError, match=r"field `files\.graph\.txt\.sha256` must be 64 lowercase hex digits"):
+        verify_engine_files(directory)
+
+
 def test_write_manifest_refuses_symlinks(tmp_path: Path) -> None:
     directory = tmp_path / "e"
     directory.mkdir()
     (directory / "link").symlink_to(tmp_path)
     with pytest.raises(EngineError, match="symbolic link link"):
-        write_manifest(directory, {})
+        write_manifest(directory, _manifest())

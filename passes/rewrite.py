@@ -155,10 +155,10 @@ def match(rule: Rule, candidate: Op, builder: GraphBuilder) -> Match | None:
 
 
 def live_ops(graph: Graph) -> tuple[Op, ...]:
-    """The ops whose results something uses: a graph output, a state update, a later live op;
-    an op with state operands or declared state slots is always kept."""
+    """The ops whose results something uses: a graph output, a state slot's update, a later live
+    op; an op that reads state is always kept."""
     needed = set(graph.outputs)
-    needed.update(str(getattr(slot, "update", "")) for slot in graph.states)
+    needed.update(slot.update for slot in graph.states)
     kept: list[Op] = []
     for candidate in reversed(graph.ops):
         definition = opdef(candidate.opname)

@@ -8,6 +8,7 @@ import builtins
 import dataclasses
 import math
 import os
+import re
 from collections import Counter
 from pathlib import Path
 from typing import Any, ClassVar
@@ -17,15 +18,18 @@ import torch
 
 from nemocompile.base.errors import IRError, UsageError
 from nemocompile.base.settings import override
+from nemocompile.graph.builder import GraphBuilder
 from nemocompile.graph.config import ModelConfig, config_from_dict, load_config
 from nemocompile.graph.ir import Attrs, Graph
 from nemocompile.graph.nemotron_h import build_block_graph
 from nemocompile.graph.text import parse_graph
-from nemocompile.graph.types import BF16, F32, I64
+from nemocompile.graph.types import BF16, DTYPES, F32, I64, TensorType
 from nemocompile.graph.verifier import verify
+from nemocompile.passes.assign_precision import AssignPrecision
 from nemocompile.passes.base import Pass, PassOutput
 from nemocompile.passes.decompose import Decompose
 from nemocompile.passes.manager import PassManager
+from nemocompile.passes.precision_policy import PrecisionPolicy
 from nemocompile.passes.set_precision import SetPrecision
 from nemocompile.passes.specialize_decode import SpecializeDecode
 from nemocompile.runtime.cache import Cache
@@ -350,3 +354,85 @@ def test_specialize_decode_keeps_the_provenance_of_ops_it_leaves_alone() -> None
     changed = {after.opname for before, after in zip(prefill.ops, decode.ops, strict=True)
                if dataclasses.replace(after, origin=before.origin) != before}
     assert changed == {"ssd_state_update", "gated_rms_norm"}
+
+
+# ---------------------------------------------------------------- rule-based passes reach a fixed point
+
+
+def test_specialize_decode_twice_rewrites_nothing_the_second_time() -> None:
+    once = SpecializeDecode().apply(decomposed(tiny_config(), BF16))
+    twice = SpecializeDecode().apply(once.graph)
+    assert once.counts == {"ssd_state_update": 2}
+    assert twice.counts == {"ssd_state_update": 0}
+    assert twice.graph == once.graph
+
+
+def test_assign_precision_twice_adds_no_second_quantize() -> None:
+    policy = PrecisionPolicy("bf16", {"routed_experts": "nvfp4_w4a4", "mamba_linears": "fp8_e4m3_w8a8"})
+    once = AssignPrecision(policy).apply(decomposed(tiny_config(), BF16))
+    twice = AssignPrecision(policy).apply(once.graph)
+    # experts_up of 2 MoE layers (experts_down has input dim 8, not NVFP4: kept and said); Mamba in/out
+    assert once.counts["act_nvfp4"] == 2 and once.counts["act_fp8"] == 4
+    assert any("experts_down" in note and "divisible by 16" in note for note in once.notes)
+    assert twice.counts["act_nvfp4"] == twice.counts["act_fp8"] == 0
+    assert twice.graph.op_counts() == once.graph.op_counts()
+    weights = once.graph.weight_map()
+    for gemm in once.graph.ops_named("grouped_gemm"):  # W4A4 experts read their input through quantize
+        if weights[str(gemm.operands[2])].type.dtype.name != "nvfp4":
+            continue
+        producer = once.graph.producer(str(gemm.operands[0]))
+        assert producer is not None and producer.opname == "quantize"
+        assert producer.operands[2] == gemm.operands[1]  # per-expert scales need the expert offsets
+        assert gemm.attrs["out_dtype"] == "bf16" and gemm.result.type.dtype == BF16
+
+
+# ---------------------------------------------------------------- the quantize op and GEMMs of quantized inputs
+
+
+def _quantize_graph(x: TensorType, scale: TensorType, fmt: str, offsets: bool = False) -> Graph:
+    b = GraphBuilder("q", origin="test")
+    b.input("x", x)
+    b.weight("s", scale, "activation_scales")
+    operands = ["x", "s"]
+    if offsets:
+        operands.append(b.input("offsets", TensorType(I64, (5,))))
+    b.output(b.op1("quantize", operands, {"format": fmt}))
+    return b.build()
+
+
+def test_quantize_types_its_result_in_the_format() -> None:
+    graph = _quantize_graph(TensorType(BF16, ("batch", "seq", 32)), TensorType(F32, ()), "nvfp4")
+    assert graph.value_types()[graph.outputs[0]] == TensorType(DTYPES["nvfp4"], ("batch", "seq", 32))
+    grouped = _quantize_graph(TensorType(BF16, ("routed", 32)), TensorType(F32, (4,)), "fp8", offsets=True)
+    assert grouped.value_types()[grouped.outputs[0]].dtype == DTYPES["fp8"]
+
+
+@pytest.mark.parametrize(("x", "scale", "fmt", "offsets", "message"), [
+    (TensorType(BF16, (4, 32)), TensorType(F32, ()), "int4", False, "format 'int4' is not one of nvfp4, fp8"),
+    (TensorType(BF16, (4, 24)), TensorType(F32, ()), "nvfp4", False, "last dim divisible by 16"),
+    (TensorType(BF16, (4, 32)), TensorType(F32, (4,)), "fp8", False, "input_scale must be an f32 scalar"),
+    (TensorType(BF16, (4, 32)), TensorType(F32, ()), "fp8", True, "must be an f32 [experts] vector"),
+    (TensorType(I64, (4, 32)), TensorType(F32, ()), "fp8", False, "input must be a float activation"),
+])
+def test_quantize_refuses_what_it_cannot_mean(x: TensorType, scale: TensorType, fmt: str, offsets: bool,
+                                              message: str) -> None:
+    with pytest.raises(IRError, match=re.escape(message)):
+        _quantize_graph(x, scale, fmt, offsets)
+
+
+def test_a_gemm_of_a_quantized_input_needs_the_same_format_and_an_out_dtype() -> None:
+    b = GraphBuilder("g", origin="test")
+    b.input("x", TensorType(BF16, (4, 32)))
+    b.weight("s", TensorType(F32, ()), "activation_scales")
+    b.weight("w8", TensorType(DTYPES["fp8"], (16, 32)), "mlp")
+    b.weight("w4", TensorType(DTYPES["nvfp4"], (16, 32)), "mlp")
+    q = b.op1("quantize", ["x", "s"], {"format": "fp8"})
+    assert b.type_of(b.op1("linear", [q, "w8"], {"out_dtype": "bf16"})) == TensorType(BF16, (4, 16))
+    with pytest.raises(IRError, match="needs out_dtype"):
+        b.op1("linear", [q, "w8"])
+    with pytest.raises(IRError, match="input is quantized to fp8 but its weight is nvfp4"):
+        b.op1("linear", [q, "w4"], {"out_dtype": "bf16"})
+    with pytest.raises(IRError, match="out_dtype only for a quantized input"):
+        b.op1("linear", ["x", "w8"], {"out_dtype": "bf16"})
+    with pytest.raises(IRError, match="out_dtype must be a float dtype"):
+        b.op1("linear", [q, "w8"], {"out_dtype": "fp8"})

@@ -119,7 +119,7 @@ def _stats_table(title: str, stats: Any) -> Table:
 def plan(config: Path, target: str, precision: str, overrides: tuple[str, ...], policy_file: Path | None,
          exclude: tuple[str, ...], world_size: int, as_json: bool) -> None:
     """Plan a model from config.json alone: parameters and bytes per precision, no weights read."""
-    from .driver import BuildOptions
+    from .options import BuildOptions
     from .planner import plan_model
 
     options = BuildOptions(target=target, precision=precision, overrides=overrides, policy_file=policy_file,
@@ -164,17 +164,21 @@ def _build_progress(enabled: bool) -> Iterator[Callable[[str, int, int], None] |
 @click.option("--calibration-data", type=click.Path(path_type=Path),
               help="Token ids for calibration, one sequence per line (default: random tokens).")
 @click.option("--force", is_flag=True, help="Replace an existing engine directory.")
-@click.option("--print-after", multiple=True, help="Print the IR after this pass ('all' for every pass).")
+@click.option("--print-after", multiple=True,
+              help="Print the IR after this pipeline step ('all' for every step); repeatable.")
+@click.option("--time-passes", is_flag=True, help="Print each pipeline step's time and counts to stderr.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary.")
 def build(model: Path | None, target: str, out: Path, precision: str, overrides: tuple[str, ...],
           policy_file: Path | None, exclude: tuple[str, ...], world_size: int, calibrate: int,
-          calibration_data: Path | None, force: bool, print_after: tuple[str, ...], as_json: bool) -> None:
+          calibration_data: Path | None, force: bool, print_after: tuple[str, ...], time_passes: bool,
+          as_json: bool) -> None:
     """Compile MODEL (a Hugging Face Nemotron-H directory; default: the embedded demo) into an engine."""
-    from .driver import BuildOptions
     from .driver import build as run_build
+    from .options import BuildOptions
+    from .pipeline import record_json, timing_table
 
-    def printer(pass_name: str, text: str) -> None:
-        stderr.print(f"// ----- IR after {pass_name} -----", highlight=False)
+    def printer(step_name: str, text: str) -> None:
+        stderr.print(f"// ----- IR after {step_name} -----", highlight=False)
         click.echo(text, err=True)
 
     options = BuildOptions(target=target, precision=precision, overrides=overrides, policy_file=policy_file,
@@ -182,14 +186,15 @@ def build(model: Path | None, target: str, out: Path, precision: str, overrides:
                            world_size=world_size, force=force, print_after=frozenset(print_after))
     with _build_progress(settings().progress and not as_json and stderr.is_terminal) as hook:
         result = run_build(model, out, options, printer, hook)
+    if time_passes:
+        click.echo(timing_table(result.passes), err=True)
     summary = {"engine": str(result.out), "target": result.manifest.target.name, "precision": precision,
                "policy": result.manifest.policy.to_json(), "params_total": result.stats.params_total,
                "world_size": result.manifest.world_size, "planned_world_size": world_size,
                "kernels": result.manifest.kernel_counts(),
                "bytes_written": result.bytes_written, "bits_per_element": round(result.stats.bits_per_element, 4),
                "seconds": round(result.seconds, 3),
-               "passes": [{"name": r.name, "seconds": round(r.seconds, 4), "counts": r.counts}
-                          for r in result.passes],
+               "passes": [record_json(r) for r in result.passes],
                "quantization_errors": [{"weight": e.weight, "format": e.format, "rel_rms": e.rel_rms,
                                         "sqnr_db": e.sqnr_db} for e in result.errors],
                "agreement": result.agreement.as_json() if result.agreement else None}

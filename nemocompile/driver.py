@@ -9,9 +9,8 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -21,14 +20,9 @@ from nemocompile.graph.importer import ImportedModel, import_checkpoint
 from nemocompile.graph.ir import Graph, TensorSource, Weight
 from nemocompile.graph.kernels import kernel_uses
 from nemocompile.graph.text import print_graph
-from nemocompile.passes.assign_precision import AssignPrecision
 from nemocompile.passes.base import Pass
-from nemocompile.passes.decompose import Decompose
-from nemocompile.passes.manager import PassManager, PassRecord
+from nemocompile.passes.manager import PassRecord
 from nemocompile.passes.precision_policy import PrecisionPolicy, resolve_policy
-from nemocompile.passes.select_kernels import SelectKernels
-from nemocompile.passes.set_precision import SetPrecision
-from nemocompile.passes.specialize_decode import SpecializeDecode
 from nemocompile.runtime.engine_format import (
     MANIFEST_NAME,
     GraphFiles,
@@ -48,6 +42,8 @@ from .agreement import Agreement, measure_agreement
 from .calibration import calibrate, calibration_batches, read_token_file, scales_needed
 from .demo import DEMO_NAME, write_demo_checkpoint
 from .engine_files import staged_directory, write_manifest
+from .options import BuildOptions
+from .pipeline import DECODE, FLOAT, PREFILL, build_steps, check_print_after, graph_passes, run_steps
 from .report import write_report
 from .stats import ParamStats, param_stats
 from .weight_stream import QuantizationError, WeightStream, read_weights
@@ -55,27 +51,11 @@ from .weight_stream import QuantizationError, WeightStream, read_weights
 ProgressHook = Callable[[str, int, int], None]  # (description, bytes just written, bytes in all)
 
 
-@dataclass(frozen=True)
-class BuildOptions:
-    target: str = "h100"
-    precision: str = "auto"  # auto: the target's policy; bf16 / fp32: one float format throughout
-    overrides: tuple[str, ...] = ()  # component=precision
-    policy_file: Path | None = None
-    exclude: tuple[str, ...] = ()  # weight-name patterns kept in the float base
-    calibrate: int = 8  # token batches for activation scales (W4A4, W8A8)
-    calibration_data: Path | None = None  # a file of token ids, one sequence per line
-    # GPUs to plan for: sizes the report's "bytes per GPU at planned world size" line (and `plan`).
-    # The engine itself holds one rank until sharding lands; its manifest says so.
-    world_size: int = 1
-    force: bool = False
-    print_after: frozenset[str] = field(default_factory=frozenset)
-
 
 def pipeline(target: Target, policy: PrecisionPolicy) -> list[Pass]:
-    """The passes for a target, in order; decode specialisation follows on a copy, and kernel
-    selection (the last pass) runs again on the decode graph."""
-    return [SetPrecision(policy.base, policy.components.get("ssm_state", "fp32")), Decompose(),
-            AssignPrecision(policy), SelectKernels(target.arch)]
+    """The graph passes of the target's pipeline that make the engine graph (what `plan` runs);
+    the whole pipeline, driver steps included, is `nemocompile.pipeline.build_steps`."""
+    return graph_passes(build_steps(target, policy))
 
 
 @dataclass(frozen=True)
@@ -113,19 +93,13 @@ def _kernel_uses(prefill: Graph, decode: Graph) -> tuple[KernelUse, ...]:
                  for op, kernel, backend, count in kernel_uses(graph))
 
 
-def _check_print_after(passes: list[Pass], print_after: frozenset[str]) -> None:
-    known = {p.name for p in passes} | {SpecializeDecode.name, "all"}
-    unknown = sorted(set(print_after) - known)
-    if unknown:
-        raise UsageError(f"--print-after names unknown pass '{unknown[0]}'; passes: {', '.join(sorted(known))}")
-
-
 def _quantized(graph: Graph) -> bool:
     return any(w.type.dtype.quantized for w in graph.weights)
 
 
-class _Build:
-    """One build, step by step; the steps share the imported model and graphs."""
+class BuildContext:
+    """One build: the imported model, the build's named graphs (prefill, float, decode) and what
+    the driver steps made (activation scales, the weight stream). The pipeline's steps run on it."""
 
     def __init__(self, options: BuildOptions, imported: ImportedModel, stage: Path,
                  printer: Callable[[str, str], None] | None, progress: ProgressHook | None) -> None:
@@ -137,25 +111,25 @@ class _Build:
         self.target = load_target(options.target)
         self.policy = resolve_policy(self.target, options.precision, options.overrides, options.policy_file,
                                      options.exclude)
-        self.passes = pipeline(self.target, self.policy)
-        _check_print_after(self.passes, options.print_after)
+        self.steps = build_steps(self.target, self.policy, options.calibrate, options.calibration_data)
+        check_print_after(self.steps, options.print_after)
         self.vocab_size = imported.config.vocab_size
+        self.graphs: dict[str, Graph] = {PREFILL: imported.graph}
+        self.scales: dict[str, torch.Tensor] = {}
+        self.stream: WeightStream | None = None
+        self.bytes_written = 0
 
-    def compile(self) -> tuple[Graph, Graph, Graph, list[PassRecord]]:
-        """(float graph before precision assignment, engine graph, decode graph, pass records)"""
-        opts = self.options
-        float_graph, records = PassManager(self.passes[:-2], opts.print_after, self.printer).run(self.imported.graph)
-        graph, more = PassManager(self.passes[-2:], opts.print_after, self.printer).run(float_graph)
-        decode, last = PassManager([SpecializeDecode(), self.passes[-1]], opts.print_after,
-                                   self.printer).run(graph)
-        return float_graph, graph, decode, records + more + last
+    def run(self) -> list[PassRecord]:
+        return run_steps(self.steps, self, self.options.print_after, self.printer)
 
     def _small_enough(self, graph: Graph) -> bool:
         params = sum(w.type.numel() for w in graph.weights)
         return params <= settings().reference_check_max_params
 
-    def scales(self, float_graph: Graph, graph: Graph) -> dict[str, Any]:
-        needed = scales_needed(graph)
+    def calibrate(self, batch_count: int, data_file: Path | None) -> dict[str, torch.Tensor]:
+        """The calibrate step: scales for the quantize ops of prefill, on the float graph."""
+        float_graph = self.graphs.get(FLOAT, self.graphs[PREFILL])
+        needed = scales_needed(self.graphs[PREFILL])
         if not needed:
             return {}
         if not self._small_enough(float_graph):
@@ -163,11 +137,23 @@ class _Build:
                              f"to calibrate on the reference runtime (over {settings().reference_check_max_params:,} "
                              "parameters); use a ModelOpt checkpoint with input_scale, or weight-only precisions")
         data = None
-        if self.options.calibration_data is not None:
-            data = read_token_file(self.options.calibration_data, self.vocab_size)
-        batches = calibration_batches(self.options.calibrate, self.vocab_size, data=data)
+        if data_file is not None:
+            data = read_token_file(data_file, self.vocab_size)
+        batches = calibration_batches(batch_count, self.vocab_size, data=data)
         weights = read_weights(self.imported.checkpoint, float_graph)
-        return calibrate(float_graph, weights, needed, batches)
+        self.scales = calibrate(float_graph, weights, needed, batches)
+        return self.scales
+
+    def quantize_weights(self, four_over_six: bool) -> dict[str, int]:
+        """The quantize_weights step: every weight of prefill into the engine's weight file."""
+        graph = self.graphs[PREFILL]
+        self.stream = WeightStream(self.imported.checkpoint, graph, self.scales, self.progress,
+                                   four_over_six=four_over_six)
+        self.bytes_written = self.stream.write(self.stage / weights_file(0))
+        counts: dict[str, int] = {}
+        for weight in graph.weights:
+            counts[weight.type.dtype.name] = counts.get(weight.type.dtype.name, 0) + 1
+        return counts
 
     def agreement(self, float_graph: Graph, graph: Graph) -> Agreement | None:
         # A checkpoint stored quantized has no float weights to compare with.
@@ -190,11 +176,12 @@ def build(model: Path | None, out: Path, options: BuildOptions | None = None,
         raise UsageError(f"--calibrate must be at least 1, got {options.calibrate}")
     with _model_directory(model) as (model_dir, source_name), staged_directory(out, options.force) as stage:
         imported = import_checkpoint(model_dir)
-        job = _Build(options, imported, stage, printer, progress)
-        float_graph, graph, decode, records = job.compile()
-        stream = WeightStream(imported.checkpoint, graph, job.scales(float_graph, graph), progress,
-                              four_over_six=job.policy.nvfp4_four_over_six)
-        bytes_written = stream.write(stage / weights_file(0))
+        job = BuildContext(options, imported, stage, printer, progress)
+        records = job.run()
+        graph, decode = job.graphs[PREFILL], job.graphs[DECODE]
+        float_graph = job.graphs.get(FLOAT, graph)
+        stream, bytes_written = job.stream, job.bytes_written
+        assert stream is not None, "the pipeline has no quantize_weights step"
         (stage / "graph.txt").write_text(print_graph(_engine_graph(graph)))
         (stage / "graph.decode.txt").write_text(print_graph(_engine_graph(decode)))
         (stage / "config.json").write_text(json.dumps(imported.raw_config, indent=2, sort_keys=True) + "\n")

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from nemocompile.calibration import calibrate, calibration_batches, scales_needed
+from nemocompile.calibration import FORMAT_MAX, calibrate, calibration_batches, scales_needed
 from nemocompile.graph.ir import Graph, Weight
 from nemocompile.graph.verifier import verify
 from nemocompile.passes.base import Pass, PassOutput
@@ -156,8 +156,14 @@ def check_pass(pipeline_pass: Pass, graph: Graph, *, decode_pass: Pass | None = 
     for name in quantized:  # the graph before sees the values the graph after deploys
         before_weights[name] = _dequantized(after_weights[name]).to(torch_dtype(graph.weight_map()[name].type.dtype))
     vocab = _vocab(graph)
-    needed = scales_needed(after)
-    if needed:
+    # A graph that already quantizes activations gets fixed scales (amax 1), the same on both sides.
+    for scale, (_, fmt) in scales_needed(graph).items():
+        shape = [int(d) for d in graph.weight_map()[scale].type.shape]
+        before_weights[scale] = torch.full(shape, 1.0 / FORMAT_MAX[fmt])
+    after_weights.update({name: value for name, value in before_weights.items() if name in after.weight_map()
+                          and after.weight_map()[name].category == "activation_scales"})
+    needed = {k: v for k, v in scales_needed(after).items() if k not in after_weights}
+    if needed:  # scales the pass introduced: calibrated on the graph before, as the build does
         after_weights.update(calibrate(graph, before_weights, needed, calibration_batches(2, vocab, length=8)))
     ids = token_ids(vocab, total=total, seed=seed + 1)
     before_decode = decode_pass.apply(graph).graph if decode_pass else graph

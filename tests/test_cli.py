@@ -28,6 +28,9 @@ KNOWN_TARGETS = ("b200", "gb200", "h100", "h200")
 DEMO_PATTERN_LAYERS = ["mamba", "attention", "moe", "mamba", "mlp", "moe"]
 # select_kernels runs on the prefill graph, then again on the decode graph specialize_decode made.
 PIPELINE = ["set_precision", "decompose", "assign_precision", "select_kernels", "specialize_decode", "select_kernels"]
+# every step of the build, the driver steps (calibrate, quantize_weights) included
+STEPS = ["set_precision", "decompose", "assign_precision", "calibrate", "quantize_weights", "select_kernels",
+         "specialize_decode", "select_kernels"]
 IR_HEADER = re.compile(r"^// ----- IR after (\S+) -----$", re.MULTILINE)
 
 
@@ -105,7 +108,7 @@ def test_build_json_summary(demo_build: tuple[Path, dict[str, Any]]) -> None:
     assert summary["seconds"] >= 0
     assert summary["params_total"] == invoke_json("inspect", out)["params_total"] > 0
     assert summary["bytes_written"] == safetensors_data_bytes(out / "weights" / "rank0.safetensors")
-    assert [entry["name"] for entry in summary["passes"]] == PIPELINE
+    assert [entry["name"] for entry in summary["passes"]] == STEPS
     counts = {entry["name"]: entry["counts"] for entry in summary["passes"]}
     # The demo pattern M*EM-E: two Mamba2 mixers, one attention, two MoE and one MLP block.
     assert counts["decompose"] == {"mamba2_mixer": 2, "attention": 1, "moe": 2, "mlp": 1}
@@ -140,7 +143,8 @@ def test_print_after_all_prints_ir_after_each_pass(tmp_path: Path) -> None:
     graphs = {name: parse_graph(text) for name, text in chunks.items()}
     assert graphs["set_precision"].op_counts().get("mamba2_mixer") == 2
     assert "mamba2_mixer" not in graphs["decompose"].op_counts()
-    assert graphs["decompose"].op_counts() == parse_graph((out / "graph.txt").read_text()).op_counts()
+    assert graphs["assign_precision"].op_counts() == parse_graph((out / "graph.txt").read_text()).op_counts()
+    assert graphs["assign_precision"].op_counts()["quantize"] == 8  # W8A8 on h100: Mamba in/out, shared up/down
     assert (graphs["specialize_decode"].op_counts()
             == parse_graph((out / "graph.decode.txt").read_text()).op_counts())
 

@@ -16,6 +16,7 @@ from nemocompile.graph.types import F32
 from nemocompile.passes.assign_precision import AssignPrecision
 from nemocompile.passes.decompose import Decompose
 from nemocompile.passes.precision_policy import PrecisionPolicy
+from nemocompile.passes.select_kernels import SelectKernels
 from nemocompile.passes.set_precision import SetPrecision
 from nemocompile.passes.specialize_decode import SpecializeDecode
 
@@ -112,3 +113,20 @@ def test_assign_precision_with_activation_quantization_stays_within_its_bound(na
                              "linear_fp8": linears}
     assert output.graph.op_counts()["quantize"] == experts + linears
     assert result.rel_rms > 0  # activations were really quantized
+
+
+def test_select_kernels_changes_no_number(name: str) -> None:
+    graph = AssignPrecision(WITH_ACTIVATIONS).apply(core_graph(name)).graph
+    output, result = check_pass(SelectKernels("sm_100"), graph, rel_rms=0.0)
+    assert sum(output.counts.values()) == len(graph.ops)
+    assert all(op.attrs.get("kernel") for op in output.graph.ops)
+    assert result.max_abs_diff == 0.0
+
+
+def test_a_block_op_runs_as_the_composition_of_its_core_references() -> None:
+    # The graph before decompose executes each block op by its composite reference; the same
+    # graph decomposed runs the core ops directly: identical logits (exactly).
+    graph = block_graph("hybrid")
+    assert {op.opname for op in graph.ops} >= {"mamba2_mixer", "attention", "moe", "mlp"}
+    _, result = check_pass(Decompose(), graph, total=7, prompt=7)
+    assert result.max_abs_diff == 0.0 and result.scale > 0

@@ -114,7 +114,7 @@ def max_rss_mib() -> float:
 def plan_child(config_path: Path) -> None:
     """Runs in a fresh process (torch is already imported): one plan timed without tracing, then
     one traced; prints the figures as one JSON line."""
-    from nemocompile.driver import BuildOptions
+    from nemocompile.options import BuildOptions
     from nemocompile.planner import plan_model
 
     baseline_peak, baseline_rss = max_rss_mib(), current_rss_mib()

@@ -529,7 +529,8 @@ def bench_quantizer(shapes: Sequence[tuple[int, int]], count: int, repeats: int)
 def profile_build(checkpoint: Path, engine: Path, top: int = 20) -> None:
     """cProfile of nemocompile.build on the generated checkpoint, in this process."""
     from nemocompile.base.settings import override
-    from nemocompile.driver import BuildOptions, build
+    from nemocompile.driver import build
+    from nemocompile.options import BuildOptions
 
     options = BuildOptions(target="h100", overrides=BUILD_OVERRIDES)
     profiler = cProfile.Profile()

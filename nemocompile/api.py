@@ -8,8 +8,9 @@ from pathlib import Path
 from nemocompile.runtime.engine import Engine
 from nemocompile.runtime.engine import load as _load
 
-from .driver import BuildOptions, BuildResult
+from .driver import BuildResult
 from .driver import build as _build
+from .options import BuildOptions
 
 
 def build(model: str | Path | None, out: str | Path, target: str = "h100", precision: str = "auto",

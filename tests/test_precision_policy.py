@@ -8,12 +8,13 @@ from pathlib import Path
 import pytest
 
 from nemocompile.base.errors import TargetError, UsageError
-from nemocompile.driver import BuildOptions, pipeline
+from nemocompile.driver import pipeline
 from nemocompile.graph.config import config_from_dict, load_config
 from nemocompile.graph.ir import Graph
 from nemocompile.graph.nemotron_h import build_block_graph
 from nemocompile.graph.text import parse_graph, print_graph
 from nemocompile.graph.types import BF16
+from nemocompile.options import BuildOptions
 from nemocompile.passes.assign_precision import AssignPrecision
 from nemocompile.passes.decompose import Decompose
 from nemocompile.passes.manager import PassManager, PassRecord

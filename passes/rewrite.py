@@ -75,6 +75,7 @@ class Match:
     values: dict[str, str] = field(default_factory=dict)
     ops: dict[str, Op] = field(default_factory=dict)
     builder: GraphBuilder | None = None
+    graph: Graph | None = None  # the graph being rewritten, for its def-use lookups
 
     @property
     def results(self) -> list[str]:
@@ -87,6 +88,12 @@ class Match:
     def type(self, capture: str) -> TensorType:
         assert self.builder is not None
         return self.builder.type_of(self.values[capture])
+
+    def users(self, capture: str) -> tuple[Op, ...]:
+        """The ops that read the captured value in the graph being rewritten (a fusion that
+        absorbs a producer checks it has no other user)."""
+        assert self.graph is not None
+        return self.graph.users(self.values[capture])
 
 
 RewriteFn = Callable[[Match, GraphBuilder], None]
@@ -136,12 +143,13 @@ def _match_op(pattern: Pattern, candidate: Op, builder: GraphBuilder, found: Mat
     return True
 
 
-def match(rule: Rule, candidate: Op, builder: GraphBuilder) -> Match | None:
-    """The match of `rule` rooted at `candidate`, whose operands are already in `builder`."""
+def match(rule: Rule, candidate: Op, builder: GraphBuilder, graph: Graph | None = None) -> Match | None:
+    """The match of `rule` rooted at `candidate`, whose operands are already in `builder`
+    (patterns see the graph as rewritten so far); `graph` is the one being rewritten."""
     pattern = rule.pattern
     if pattern.ops is not None and candidate.opname not in pattern.ops:
         return None
-    found = Match(candidate, builder=builder)
+    found = Match(candidate, builder=builder, graph=graph)
     if pattern.where is not None and not pattern.where(candidate, candidate.results[0].type):
         return None
     if not _match_op(pattern, candidate, builder, found):
@@ -174,7 +182,7 @@ def _sweep(graph: Graph, rules: Sequence[Rule], origin: str, counts: dict[str, i
     fired = 0
     for candidate in graph.ops:
         for rule in rules:
-            found = match(rule, candidate, builder)
+            found = match(rule, candidate, builder, graph)
             if found is None:
                 continue
             rule.rewrite(found, builder)

@@ -22,7 +22,9 @@ from .weights import WeightValue
 
 
 def value_type(value: WeightValue) -> TensorType:
-    """The IR type of a runtime value (a quantized weight by its logical shape)."""
+    """The IR type of a runtime value (a quantized weight by its logical shape). A quantized
+    activation (the fp32 values the reference runtime holds for a `quantize` result) reads as
+    f32: a fused op that takes one will need its operand types from the graph instead."""
     if isinstance(value, NVFP4Tensor):
         packed = value.packed.shape
         return TensorType(NVFP4, (*packed[:-1], packed[-1] * 2))

@@ -89,6 +89,20 @@ def test_the_match_exposes_captured_ops_values_and_types() -> None:
     assert match(SKIP_ACTIVATION, graph.ops[0], builder) is None  # x of the first linear is an input
 
 
+def test_a_check_can_ask_the_graph_who_else_reads_a_captured_value() -> None:
+    # linear(x=activation(h)) where the activation has one user: the skip may absorb it.
+    only_user = Rule("only_user", SKIP_ACTIVATION.pattern, _skip_activation,
+                     check=lambda m: m.users("act") == (m.root,))
+    assert rewrite(mlp_graph(), [only_user], "test")[1] == {"only_user": 1}
+    b = GraphBuilder("shared", origin="test")
+    b.input("x", X)
+    b.weight("w", TensorType(F32, (16, 16)), "mlp")
+    a = b.op1("activation", ["x"], {"kind": "silu"})
+    b.output(b.op1("add", [b.op1("linear", [a, "w"]), a]))  # the activation has a second user
+    graph, counts = rewrite(b.build(), [only_user], "test")
+    assert counts == {"only_user": 0} and graph.op_counts()["activation"] == 1
+
+
 def test_a_type_predicate_and_a_whole_match_check_restrict_the_rule() -> None:
     wide_only = Rule("wide", op("linear", weight=value("w", where=lambda _, t: t.shape[0] > 16)), _skip_activation)
     assert rewrite(mlp_graph(), [wide_only], "test")[1] == {"wide": 0}

@@ -20,6 +20,7 @@ from .config import ModelConfig, load_config
 from .ir import Graph, TensorSource, Weight
 from .modelopt import SCALAR_SHAPES, QuantConfig, read_quant_config, stored_layout
 from .nemotron_h import (
+    DEFAULT_BOUNDS,
     FLOAT_DTYPES,
     INPUT_SCALE_CATEGORY,
     TORCH_DTYPE_TO_IR,
@@ -160,7 +161,8 @@ def _unused_tensors(ckpt: Checkpoint, used: set[str]) -> tuple[list[str], list[s
     return skipped, unexpected
 
 
-def import_checkpoint(directory: Path) -> ImportedModel:
+def import_checkpoint(directory: Path, bounds: tuple[int, int] = DEFAULT_BOUNDS) -> ImportedModel:
+    """The block graph of the checkpoint at `directory`; `bounds` = (largest batch, longest context)."""
     if not directory.exists():
         raise ConfigError(f"{directory} does not exist")
     if not directory.is_dir():
@@ -192,5 +194,5 @@ def import_checkpoint(directory: Path) -> ImportedModel:
     if quant is not None:
         metadata["source_quantization"] = quant.algo
     graph = build_block_graph(config, TORCH_DTYPE_TO_IR[config.torch_dtype], sources, scales + _mtp_weights(ckpt),
-                              metadata, prefix, lm_head)
+                              metadata, prefix, lm_head, bounds)
     return ImportedModel(graph, config, raw, ckpt, tuple(skipped))

@@ -81,7 +81,8 @@ def main(ctx: click.Context, debug: bool) -> None:
 
 
 def _precision_options(command: F) -> F:
-    """--precision, --override, --policy, --exclude and --world-size, shared by plan and build."""
+    """--precision, --override, --policy, --exclude, --world-size and the run-time bounds, shared by plan
+    and build."""
     decorators = [
         click.option("--precision", type=click.Choice(["auto", *BASE_PRECISIONS]), default="auto", show_default=True,
                      help="auto: the target's policy (NVFP4 experts, FP8 shared experts and Mamba linears, "
@@ -92,6 +93,10 @@ def _precision_options(command: F) -> F:
         click.option("--exclude", multiple=True, metavar="PATTERN",
                      help="Weight names kept in the float base, e.g. 'layers.0.*' (repeatable)."),
         click.option("--world-size", default=1, show_default=True, type=int, help="GPUs, for bytes per GPU."),
+        click.option("--max-batch-size", default=256, show_default=True, type=int,
+                     help="Largest batch the engine accepts (bounds the graph's batch dim)."),
+        click.option("--max-context", default=131072, show_default=True, type=int,
+                     help="Longest sequence, prompt plus generated tokens, the engine accepts (bounds ctx)."),
     ]
     for decorator in reversed(decorators):
         command = decorator(command)
@@ -117,13 +122,14 @@ def _stats_table(title: str, stats: Any) -> Table:
 @_precision_options
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON object.")
 def plan(config: Path, target: str, precision: str, overrides: tuple[str, ...], policy_file: Path | None,
-         exclude: tuple[str, ...], world_size: int, as_json: bool) -> None:
+         exclude: tuple[str, ...], world_size: int, max_batch_size: int, max_context: int, as_json: bool) -> None:
     """Plan a model from config.json alone: parameters and bytes per precision, no weights read."""
     from .options import BuildOptions
     from .planner import plan_model
 
     options = BuildOptions(target=target, precision=precision, overrides=overrides, policy_file=policy_file,
-                           exclude=exclude, world_size=world_size)
+                           exclude=exclude, world_size=world_size, max_batch_size=max_batch_size,
+                           max_context=max_context)
     result = plan_model(config, options)
     if as_json:
         _print_json(result.as_json())
@@ -169,7 +175,8 @@ def _build_progress(enabled: bool) -> Iterator[Callable[[str, int, int], None] |
 @click.option("--time-passes", is_flag=True, help="Print each pipeline step's time and counts to stderr.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary.")
 def build(model: Path | None, target: str, out: Path, precision: str, overrides: tuple[str, ...],
-          policy_file: Path | None, exclude: tuple[str, ...], world_size: int, calibrate: int,
+          policy_file: Path | None, exclude: tuple[str, ...], world_size: int, max_batch_size: int,
+          max_context: int, calibrate: int,
           calibration_data: Path | None, force: bool, print_after: tuple[str, ...], time_passes: bool,
           as_json: bool) -> None:
     """Compile MODEL (a Hugging Face Nemotron-H directory; default: the embedded demo) into an engine."""
@@ -183,7 +190,8 @@ def build(model: Path | None, target: str, out: Path, precision: str, overrides:
 
     options = BuildOptions(target=target, precision=precision, overrides=overrides, policy_file=policy_file,
                            exclude=exclude, calibrate=calibrate, calibration_data=calibration_data,
-                           world_size=world_size, force=force, print_after=frozenset(print_after))
+                           world_size=world_size, max_batch_size=max_batch_size, max_context=max_context,
+                           force=force, print_after=frozenset(print_after))
     with _build_progress(settings().progress and not as_json and stderr.is_terminal) as hook:
         result = run_build(model, out, options, printer, hook)
     if time_passes:

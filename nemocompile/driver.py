@@ -3,6 +3,7 @@ staging directory and renamed into place, so a failed or killed build leaves not
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import tempfile
@@ -84,7 +85,7 @@ def _engine_graph(graph: Graph) -> Graph:
     """The same graph with every weight sourced from the engine's own weight file."""
     weights = tuple(Weight(w.name, w.type, w.category, (TensorSource(weights_file(0), w.name),), w.type.dtype)
                     for w in graph.weights)
-    return Graph(graph.name, graph.inputs, weights, graph.states, graph.ops, graph.outputs, graph.metadata)
+    return dataclasses.replace(graph, weights=weights)
 
 
 def _kernel_uses(prefill: Graph, decode: Graph) -> tuple[KernelUse, ...]:
@@ -139,7 +140,8 @@ class BuildContext:
         data = None
         if data_file is not None:
             data = read_token_file(data_file, self.vocab_size)
-        batches = calibration_batches(batch_count, self.vocab_size, data=data)
+        # within the engine's bounds: calibration runs the float graph, which shares them
+        batches = calibration_batches(batch_count, self.vocab_size, min(64, self.options.max_context), data=data)
         weights = read_weights(self.imported.checkpoint, float_graph)
         self.scales = calibrate(float_graph, weights, needed, batches)
         return self.scales
@@ -162,7 +164,8 @@ class BuildContext:
         float_weights = read_weights(self.imported.checkpoint, float_graph)
         engine_weights = load_weights(self.stage, [weights_file(0)], _engine_graph(graph), torch.device("cpu"))
         return measure_agreement(float_graph, float_weights, _engine_graph(graph), engine_weights, self.vocab_size,
-                                 f"the {self.policy.base} engine of the same checkpoint")
+                                 f"the {self.policy.base} engine of the same checkpoint",
+                                 prompts=min(4, self.options.max_batch_size), length=min(32, self.options.max_context))
 
 
 def build(model: Path | None, out: Path, options: BuildOptions | None = None,
@@ -170,12 +173,8 @@ def build(model: Path | None, out: Path, options: BuildOptions | None = None,
     start = time.perf_counter()
     options = options or BuildOptions()
     load_target(options.target)  # an unknown target is refused before anything is read
-    if options.world_size < 1:
-        raise UsageError(f"--world-size must be at least 1, got {options.world_size}")
-    if options.calibrate < 1:
-        raise UsageError(f"--calibrate must be at least 1, got {options.calibrate}")
     with _model_directory(model) as (model_dir, source_name), staged_directory(out, options.force) as stage:
-        imported = import_checkpoint(model_dir)
+        imported = import_checkpoint(model_dir, options.bounds)
         job = BuildContext(options, imported, stage, printer, progress)
         records = job.run()
         graph, decode = job.graphs[PREFILL], job.graphs[DECODE]

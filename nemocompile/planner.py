@@ -8,7 +8,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from nemocompile.base.errors import UsageError
 from nemocompile.base.formats import BASE_PRECISIONS, FORMATS, PRECISIONS
 from nemocompile.graph.config import ModelConfig, load_config
 from nemocompile.graph.ir import Graph
@@ -69,12 +68,10 @@ class PlanResult:
 def plan_model(config_path: Path, options: BuildOptions | None = None) -> PlanResult:
     start = time.perf_counter()
     options = options or BuildOptions()
-    if options.world_size < 1:
-        raise UsageError(f"--world-size must be at least 1, got {options.world_size}")
     target = load_target(options.target)
     policy = resolve_policy(target, options.precision, options.overrides, options.policy_file, options.exclude)
     config, _ = load_config(config_path)
-    block_graph = build_block_graph(config, TORCH_DTYPE_TO_IR[config.torch_dtype])
+    block_graph = build_block_graph(config, TORCH_DTYPE_TO_IR[config.torch_dtype], bounds=options.bounds)
     graph, records = PassManager(graph_passes(build_steps(target, policy))).run(block_graph)
     # MTP blocks are carried in the float base (as in NVIDIA's released mixed-precision checkpoints)
     stats = param_stats(graph, mtp_weight_estimate(config), BASE_BITS[policy.base])

@@ -5,11 +5,15 @@ per sequence, so sequences of different lengths decode together exactly as they 
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import pytest
 import torch
+from click.testing import CliRunner
 
+from nemocompile.api import load
 from nemocompile.base.errors import UsageError
+from nemocompile.cli import main
 from nemocompile.graph.ir import DimBound, Graph
 from nemocompile.graph.opdef import opdef
 from nemocompile.graph.text import parse_graph, print_graph
@@ -144,3 +148,47 @@ def test_sequences_of_different_lengths_decode_together_as_alone() -> None:
             expected = alone[b][t][0]
             assert torch.allclose(logits[b], expected, atol=1e-5 * expected.abs().max().item()), (t, b)
     assert together.host_lengths == [3 + steps, 9 + steps]
+
+
+# ---------------------------------------------------------------- run-time bounds as build options
+
+
+@pytest.fixture(scope="module")
+def bounded_engine(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("bounded") / "engine"
+    result = CliRunner().invoke(main, ["build", "--target", "h100", "--precision", "fp32", "-o", str(out),
+                                       "--max-context", "24", "--max-batch-size", "2"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def test_bounds_are_written_into_both_graphs(bounded_engine: Path) -> None:
+    for name in ("graph.txt", "graph.decode.txt"):
+        graph = parse_graph((bounded_engine / name).read_text())
+        assert graph.dim_bound("batch") == DimBound("batch", 1, 2)
+        assert graph.dim_bound("ctx") == DimBound("ctx", 0, 24)
+        assert graph.dim_bound("seq") == DimBound("seq", 1, 24)
+
+
+def test_engine_runs_up_to_its_bounds_and_refuses_past_them(bounded_engine: Path) -> None:
+    engine = load(bounded_engine)
+    ids = engine.generate([[1] * 20, [2] * 20], max_new_tokens=4)
+    assert ids.shape == (2, 24)
+    with pytest.raises(UsageError, match="25 tokens exceed the engine's context bound of 24"):
+        engine.generate([[1] * 20], max_new_tokens=6)  # the sixth token needs a 25th cached
+    with pytest.raises(UsageError, match="at most 2, got 3"):
+        engine.forward([[1], [2], [3]])
+    result = CliRunner().invoke(main, ["run", str(bounded_engine), "--input-ids", ",".join(["1"] * 30)])
+    assert result.exit_code != 0
+    assert "30 tokens exceed the engine's context bound of 24" in result.output
+
+
+@pytest.mark.parametrize("option", ["--max-context", "--max-batch-size"])
+def test_bound_options_must_be_positive(option: str, tmp_path: Path) -> None:
+    out = tmp_path / "engine"
+    result = CliRunner().invoke(main, ["build", "--target", "h100", "-o", str(out), option, "0"])
+    assert result.exit_code == 2
+    assert f"{option} must be an integer of at least 1, got 0" in result.output
+    assert not out.exists()
+    plan = CliRunner().invoke(main, ["plan", "/work/shared/models/nano.json", option, "-3"])
+    assert plan.exit_code == 2 and option in plan.output

@@ -85,7 +85,7 @@ def run_pass_step(step: PassStep, graphs: dict[str, Graph]) -> PassRecord:
     source = graphs[step.reads]
     if step.keep:
         graphs[step.keep] = source
-    manager = PassManager([step.pipeline_pass], verify_input=False)
+    manager = PassManager([step.pipeline_pass], verify_input=False, verify_each=settings().verify_each_pass)
     graphs[step.writes], (record,) = manager.run(source)
     return record
 

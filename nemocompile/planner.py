@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from nemocompile.base.formats import BASE_PRECISIONS, FORMATS, PRECISIONS
+from nemocompile.base.settings import settings
 from nemocompile.graph.config import ModelConfig, load_config
 from nemocompile.graph.ir import Graph
 from nemocompile.graph.nemotron_h import TORCH_DTYPE_TO_IR, build_block_graph, mtp_weight_estimate
@@ -72,7 +73,8 @@ def plan_model(config_path: Path, options: BuildOptions | None = None) -> PlanRe
     policy = resolve_policy(target, options.precision, options.overrides, options.policy_file, options.exclude)
     config, _ = load_config(config_path)
     block_graph = build_block_graph(config, TORCH_DTYPE_TO_IR[config.torch_dtype], bounds=options.bounds)
-    graph, records = PassManager(graph_passes(build_steps(target, policy))).run(block_graph)
+    graph, records = PassManager(graph_passes(build_steps(target, policy)),
+                                   verify_each=settings().verify_each_pass).run(block_graph)
     # MTP blocks are carried in the float base (as in NVIDIA's released mixed-precision checkpoints)
     stats = param_stats(graph, mtp_weight_estimate(config), BASE_BITS[policy.base])
     name = config_path.parent.name if config_path.name == "config.json" else config_path.stem

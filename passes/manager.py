@@ -1,5 +1,6 @@
-"""Runs a pipeline of passes: verifies after each (settings().verify_each_pass), times each,
-keeps what each counted, and hands the IR after chosen passes to a printer (--print-after)."""
+"""Runs a pipeline of passes: verifies after each (unless told not to: the driver passes its
+`verify_each_pass` setting in), times each, keeps what each counted, and hands the IR after
+chosen passes to a printer (--print-after)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,6 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from nemocompile.base.settings import settings
 from nemocompile.graph.ir import Graph
 from nemocompile.graph.text import print_graph
 from nemocompile.graph.verifier import verify
@@ -32,15 +32,16 @@ class PassManager:
     print_after: frozenset[str] = frozenset()  # pass names, or {"all"}
     printer: Callable[[str, str], None] | None = None  # (pass name, IR text)
     verify_input: bool = True  # off when the input is the verified output of an earlier run
+    verify_each: bool = True  # verify the graph after every pass
 
     def run(self, graph: Graph) -> tuple[Graph, list[PassRecord]]:
         records: list[PassRecord] = []
-        if self.verify_input and settings().verify_each_pass:
+        if self.verify_input and self.verify_each:
             verify(graph, after="import")
         for pipeline_pass in self.passes:
             start = time.perf_counter()
             output = pipeline_pass.apply(graph)
-            if settings().verify_each_pass:
+            if self.verify_each:
                 verify(output.graph, after=pipeline_pass.name)
             seconds = time.perf_counter() - start
             records.append(PassRecord(pipeline_pass.name, seconds, dict(output.counts),

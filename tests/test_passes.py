@@ -17,7 +17,6 @@ import pytest
 import torch
 
 from nemocompile.base.errors import IRError, UsageError
-from nemocompile.base.settings import override
 from nemocompile.graph.builder import GraphBuilder
 from nemocompile.graph.config import ModelConfig, config_from_dict, load_config
 from nemocompile.graph.ir import Attrs, Graph
@@ -195,27 +194,25 @@ class DropNormEps(Pass):  # type: ignore[misc]  # mypy resolves the mapped packa
 def test_pass_manager_verifies_after_each_pass_and_names_the_broken_one() -> None:
     block = build_block_graph(tiny_config(), BF16)
     manager = PassManager([Decompose(), DropNormEps(), SpecializeDecode()])
-    with override(verify_each_pass=True), pytest.raises(IRError) as info:
+    with pytest.raises(IRError) as info:
         manager.run(block)
     assert "after pass 'drop_norm_eps'" in str(info.value)
     assert "missing attribute 'eps'" in str(info.value)
     assert ">> " in str(info.value)
-    with override(verify_each_pass=False):
-        _, records = manager.run(block)
+    _, records = dataclasses.replace(manager, verify_each=False).run(block)
     assert [r.name for r in records] == ["decompose", "drop_norm_eps", "specialize_decode"]
 
 
 def test_pass_manager_verifies_its_input() -> None:
     block = build_block_graph(tiny_config(), BF16)
     broken = DropNormEps().apply(block).graph
-    with override(verify_each_pass=True), pytest.raises(IRError, match="after pass 'import'"):
+    with pytest.raises(IRError, match="after pass 'import'"):
         PassManager([Decompose()]).run(broken)
 
 
 def test_pass_manager_records_counts_and_op_numbers() -> None:
     block = build_block_graph(tiny_config(), BF16)
-    with override(verify_each_pass=True):
-        graph, records = PassManager([SetPrecision("fp32"), Decompose(), SpecializeDecode()]).run(block)
+    graph, records = PassManager([SetPrecision("fp32"), Decompose(), SpecializeDecode()]).run(block)
     assert [r.name for r in records] == ["set_precision", "decompose", "specialize_decode"]
     assert records[0].counts["weights_retyped"] > 0
     assert records[1].counts == {"mamba2_mixer": 2, "attention": 1, "moe": 2, "mlp": 1}

@@ -105,12 +105,13 @@ def test_sharded_checkpoint_was_sharded(pair: Pair) -> None:
         assert len(list(pair.checkpoint.glob("*.safetensors"))) > 1
 
 
-def test_prefill_logits_match(pair: Pair) -> None:
+def test_prefill_logits_match(pair: Pair, request: pytest.FixtureRequest) -> None:
     ids = _prompt()
     with torch.no_grad():
         expected = pair.model(ids).logits
     got = pair.engine.forward(ids)
     assert got.dtype == torch.float32 and got.shape == expected.shape
+    print(f"\n{request.node.callspec.id}: fp32 prefill relative max|diff| {_relative(got, expected):.2e}")
     assert _relative(got, expected) <= FP32_TOLERANCE
 
 
@@ -140,8 +141,9 @@ def _decode_logits(pair: Pair, ids: torch.Tensor, split: int) -> tuple[torch.Ten
     return torch.cat(ours, 1), torch.cat(theirs, 1)
 
 
-def test_token_by_token_decode_matches_transformers_decode(pair: Pair) -> None:
+def test_token_by_token_decode_matches_transformers_decode(pair: Pair, request: pytest.FixtureRequest) -> None:
     ours, theirs = _decode_logits(pair, _prompt(), split=5)
+    print(f"\n{request.node.callspec.id}: fp32 decode relative max|diff| {_relative(ours, theirs):.2e}")
     assert _relative(ours, theirs) <= FP32_TOLERANCE
 
 

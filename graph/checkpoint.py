@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -21,6 +22,7 @@ from safetensors import SafetensorError, safe_open
 
 from nemocompile.base.errors import CheckpointError
 from nemocompile.base.formats import FORMATS
+from nemocompile.base.inputs import MIB, open_regular_file, read_regular_bytes
 
 if TYPE_CHECKING:
     import torch
@@ -43,6 +45,8 @@ TORCH_DTYPE_NAMES: Mapping[str, str] = MappingProxyType(
 
 # The Rust safetensors library refuses headers above 100 MB; a larger one is corruption.
 _MAX_HEADER_BYTES = 100_000_000
+# The index maps each tensor name to its shard: a few megabytes for the largest models.
+INDEX_MAX_BYTES = 256 * MIB
 
 
 @dataclass(frozen=True)
@@ -128,9 +132,9 @@ def _check_no_overlap(path: Path, spans: list[tuple[int, int, str]]) -> None:
 
 def _read_header_bytes(path: Path) -> tuple[int, bytes]:
     """The file's size and raw JSON header, after checking the length field is sane."""
-    try:
-        size = path.stat().st_size
-        with path.open("rb") as handle:
+    with open_regular_file(path, "checkpoint file", CheckpointError) as handle:
+        try:
+            size = os.fstat(handle.fileno()).st_size
             length_field = handle.read(8)
             if len(length_field) < 8:
                 raise CheckpointError(f"{path} is truncated: it is shorter than the 8-byte header length.")
@@ -142,8 +146,8 @@ def _read_header_bytes(path: Path) -> tuple[int, bytes]:
                     f"{path} is truncated: its header claims {length} bytes but only {size - 8} follow."
                 )
             return size, handle.read(length)
-    except OSError as error:
-        raise CheckpointError(f"cannot read checkpoint file {path}: {error.strerror or error}.") from error
+        except OSError as error:
+            raise CheckpointError(f"cannot read checkpoint file {path}: {error.strerror or error}.") from error
 
 
 def _read_header(directory: Path, file: str) -> _FileHeader:
@@ -181,9 +185,7 @@ def _check_relative(index_path: Path, shard: str) -> None:
 def _load_weight_map(index_path: Path) -> dict[str, str]:
     """The index's tensor name -> shard file map, validated."""
     try:
-        index = json.loads(index_path.read_text(encoding="utf-8"))
-    except OSError as error:
-        raise CheckpointError(f"cannot read {index_path}: {error.strerror or error}.") from error
+        index = json.loads(read_regular_bytes(index_path, "shard index", CheckpointError, INDEX_MAX_BYTES))
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise CheckpointError(f"{index_path} is not valid JSON.") from error
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
@@ -199,7 +201,7 @@ def _open_sharded(directory: Path, index_path: Path) -> tuple[dict[str, _FileHea
     headers: dict[str, _FileHeader] = {}
     for shard in sorted(set(weight_map.values())):
         _check_relative(index_path, shard)
-        if not (directory / shard).is_file():
+        if not (directory / shard).exists():
             raise CheckpointError(f"{index_path} names shard {shard}, which is missing.")
         headers[shard] = _read_header(directory, shard)
     refs: dict[str, TensorRef] = {}
@@ -252,12 +254,13 @@ class Checkpoint:
         if not directory.is_dir():
             raise CheckpointError(f"checkpoint directory {directory} does not exist or is not a directory.")
         index_path = directory / INDEX_FILE_NAME
-        if (directory / SINGLE_FILE_NAME).is_file():
+        # exists(), not is_file(): a FIFO or device under these names is refused, not skipped
+        if (directory / SINGLE_FILE_NAME).exists():
             return cls(directory, *_open_files(directory, [SINGLE_FILE_NAME]))
-        if index_path.is_file():
+        if index_path.exists():
             headers, refs = _open_sharded(directory, index_path)
             return cls(directory, headers, refs, index_bytes=index_path.read_bytes())
-        files = sorted(path.name for path in directory.glob("*.safetensors") if path.is_file())
+        files = sorted(path.name for path in directory.glob("*.safetensors") if not path.is_dir())
         if not files:
             raise CheckpointError(
                 f"{directory} holds no {SINGLE_FILE_NAME}, {INDEX_FILE_NAME} or other *.safetensors file."

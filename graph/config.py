@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from nemocompile.base.errors import ConfigError
+from nemocompile.base.inputs import MIB, read_regular_text
 
 PATTERN_LETTERS = {"M": "mamba", "*": "attention", "E": "moe", "-": "mlp"}
 LAYER_TYPE_NAMES = {"linear_attention": "mamba", "mamba": "mamba", "full_attention": "attention",
@@ -392,13 +393,17 @@ def _check_consistent(c: ModelConfig, source: str) -> None:
         raise ConfigError(f"{source}: " + "; ".join(problems))
 
 
+# A released config.json is a few kilobytes; past this it is not a config (or /dev/zero).
+CONFIG_MAX_BYTES = 16 * MIB
+
+
 def load_config(path: Path) -> tuple[ModelConfig, dict[str, Any]]:
     """Read config.json from a file or a checkpoint directory; returns the typed config and the raw JSON."""
     config_path = path / "config.json" if path.is_dir() else path
     if not config_path.exists():
         raise ConfigError(f"{config_path} does not exist; a Nemotron-H checkpoint directory needs config.json")
     try:
-        raw = json.loads(config_path.read_text())
+        raw = json.loads(read_regular_text(config_path, "config", ConfigError, CONFIG_MAX_BYTES))
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise ConfigError(f"{config_path} is not valid JSON ({error})") from None
     if not isinstance(raw, dict):

@@ -16,6 +16,7 @@ from typing import Any
 
 from nemocompile.base.errors import CheckpointError
 from nemocompile.base.formats import indivisible_input
+from nemocompile.base.inputs import MIB, read_regular_text
 
 from .storage import stored_tensors
 from .types import DTYPES, DType, TensorType
@@ -74,12 +75,17 @@ def _parse(section: Mapping[str, Any], where: str) -> QuantConfig:
     return QuantConfig(where, algo, tuple(exclude), layers)
 
 
+# It lists at most every quantized layer of the model: tens of kilobytes for the largest.
+QUANT_CONFIG_MAX_BYTES = 64 * MIB
+
+
 def read_quant_config(directory: Path, raw_config: Mapping[str, Any]) -> QuantConfig | None:
     """The checkpoint's quantization, from hf_quant_config.json or config.json; None when unquantized."""
     path = directory / QUANT_CONFIG_FILE
     if path.exists():
+        text = read_regular_text(path, "quantization config", CheckpointError, QUANT_CONFIG_MAX_BYTES)
         try:
-            data = json.loads(path.read_text())
+            data = json.loads(text)
         except (json.JSONDecodeError, UnicodeDecodeError) as error:
             raise CheckpointError(f"{path} is not valid JSON ({error})") from None
         section = data.get("quantization", data) if isinstance(data, dict) else None

@@ -10,6 +10,7 @@ from nemocompile.runtime.engine import load as _load
 
 from .driver import BuildResult
 from .driver import build as _build
+from .engine_files import remove_set_aside, restore_set_aside
 from .options import BuildOptions
 
 
@@ -27,5 +28,10 @@ def build(model: str | Path | None, out: str | Path, target: str = "h100", preci
 
 
 def load(path: str | Path, device: str | None = None) -> Engine:
-    """Load an engine directory; verifies every file's hash and the GPU arch first."""
-    return _load(path, device)
+    """Load an engine directory; verifies every file's sha256 and the GPU arch first. When `path`
+    is missing because a build died mid-swap, the engine it set aside is put back first; engines set
+    aside by interrupted builds are deleted once `path` verified (a warning says which)."""
+    restore_set_aside(Path(path))
+    engine = _load(path, device)
+    remove_set_aside(Path(path))
+    return engine

@@ -12,6 +12,7 @@ import torch
 
 from nemocompile.base.errors import UsageError
 from nemocompile.base.formats import ACT_FORMATS, FORMATS
+from nemocompile.base.inputs import MIB, read_regular_text
 from nemocompile.graph.ir import Graph, Op
 from nemocompile.graph.nemotron_h import INPUT_SCALE_CATEGORY
 from nemocompile.graph.opdef import operand
@@ -46,12 +47,13 @@ def scales_needed(quantized: Graph) -> dict[str, tuple[str, str]]:
     return needed
 
 
+# Millions of token ids, far more than calibration runs; past this a file is not calibration data.
+CALIBRATION_DATA_MAX_BYTES = 64 * MIB
+
+
 def read_token_file(path: Path, vocab_size: int) -> list[list[int]]:
     """One sequence per line, token ids separated by commas or spaces."""
-    try:
-        lines = path.read_text().splitlines()
-    except OSError as error:
-        raise UsageError(f"calibration data {path} cannot be read ({error.strerror or error})") from None
+    lines = read_regular_text(path, "calibration data", UsageError, CALIBRATION_DATA_MAX_BYTES).splitlines()
     sequences = []
     for number, line in enumerate(lines, start=1):
         if not line.strip():

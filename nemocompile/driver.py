@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from nemocompile.base.errors import UsageError
+from nemocompile.base.inputs import open_regular_file
 from nemocompile.base.settings import settings
 from nemocompile.graph.importer import ImportedModel, import_checkpoint
 from nemocompile.graph.ir import Graph, TensorSource, Weight
@@ -69,6 +70,19 @@ class BuildResult:
     seconds: float
     errors: list[QuantizationError]
     agreement: Agreement | None
+
+
+def _build_inputs(model: Path | None, options: BuildOptions) -> list[tuple[str, Path]]:
+    """The build's inputs as (what, path). The files among them are checked to be regular files
+    before anything is read or written (a FIFO or /dev/zero is refused, even when unused), and the
+    output may never be any of them or hold one (engine_files.check_output_path)."""
+    inputs = [("input checkpoint", model)] if model is not None else []
+    for what, path in (("policy file", options.policy_file), ("calibration data", options.calibration_data)):
+        if path is not None:
+            with open_regular_file(path, what, UsageError):
+                pass
+            inputs.append((what, path))
+    return inputs
 
 
 @contextmanager
@@ -173,7 +187,8 @@ def build(model: Path | None, out: Path, options: BuildOptions | None = None,
     start = time.perf_counter()
     options = options or BuildOptions()
     load_target(options.target)  # an unknown target is refused before anything is read
-    with _model_directory(model) as (model_dir, source_name), staged_directory(out, options.force) as stage:
+    inputs = _build_inputs(model, options)
+    with _model_directory(model) as (model_dir, source_name), staged_directory(out, options.force, inputs) as stage:
         imported = import_checkpoint(model_dir, options.bounds)
         job = BuildContext(options, imported, stage, printer, progress)
         records = job.run()

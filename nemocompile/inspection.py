@@ -13,6 +13,7 @@ from nemocompile.graph.text import parse_graph
 from nemocompile.runtime.engine_files import verify_engine_files
 from nemocompile.runtime.engine_format import Manifest
 
+from .engine_files import remove_set_aside, restore_set_aside
 from .stats import ParamStats, param_stats
 
 
@@ -45,8 +46,10 @@ class EngineInfo:
 
 
 def inspect_engine(directory: Path) -> EngineInfo:
+    restore_set_aside(directory)  # the engine an interrupted build set aside, when OUT is missing
     if not directory.is_dir():
         raise EngineError(f"{directory} is not an engine directory")
     manifest = verify_engine_files(directory)
+    remove_set_aside(directory)  # older engines set aside, now that this one verified
     graph = parse_graph((directory / manifest.graphs.prefill).read_text())
     return EngineInfo(manifest, graph, param_stats(graph))

@@ -15,6 +15,7 @@ from typing import Any
 
 from nemocompile.base.errors import TargetError, UsageError
 from nemocompile.base.formats import BASE_PRECISIONS, PRECISIONS, Precision, precision_named
+from nemocompile.base.inputs import MIB, read_regular_text
 from nemocompile.graph.nemotron_h import FP32_CATEGORIES
 from nemocompile.targets import Target
 from nemocompile.targets.model import POLICY_COMPONENTS
@@ -97,14 +98,15 @@ def _set_component(components: dict[str, str], component: str, precision: str, w
 
 
 POLICY_FILE_KEYS = ("base", "components", "exclude", "on_indivisible", "nvfp4_four_over_six")
+# A policy names a few components and patterns; a megabyte is far more than any needs.
+POLICY_FILE_MAX_BYTES = MIB
 
 
 def _read_policy_file(path: Path) -> dict[str, Any]:
+    text = read_regular_text(path, "policy file", UsageError, POLICY_FILE_MAX_BYTES)
     try:
-        data = tomllib.loads(path.read_text())
-    except FileNotFoundError:
-        raise UsageError(f"policy file {path} does not exist") from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as error:
         raise UsageError(f"policy file {path} is not valid TOML ({error})") from None
     unknown = set(data) - set(POLICY_FILE_KEYS)
     if unknown:

@@ -163,18 +163,16 @@ def test_staged_directory_refuses_existing_file(tmp_path: Path) -> None:
 
 
 def test_staged_directory_existing_dir_needs_force(tmp_path: Path) -> None:
-    out = tmp_path / "engine"
-    out.mkdir()
-    (out / "old.txt").write_text("old")
+    out = _engine(tmp_path / "engine")
     with (
         pytest.raises(UsageError, match=r"engine already exists; pass --force"),
         staged_directory(out, force=False),
     ):
         pass
-    assert (out / "old.txt").read_text() == "old"
+    assert (out / "graph.txt").read_text() == "graph text\n"
     with staged_directory(out, force=True) as staging:
         (staging / "new.txt").write_text("new")
-        assert (out / "old.txt").exists()  # the old engine stays until the new one is complete
+        assert (out / "graph.txt").exists()  # the old engine stays until the new one is complete
     assert sorted(path.name for path in out.iterdir()) == ["new.txt"]
     assert _hidden_siblings(out) == []
 
@@ -211,8 +209,7 @@ _CHILD_BUILD = textwrap.dedent(
 def test_killed_build_leaves_no_engine_and_rerun_succeeds(tmp_path: Path, had_old_engine: bool) -> None:
     out = tmp_path / "engine"
     if had_old_engine:
-        out.mkdir()
-        (out / "old.txt").write_text("old")
+        _engine(out)
     child = subprocess.Popen(
         [sys.executable, "-c", _CHILD_BUILD, str(out)], stdout=subprocess.PIPE, text=True
     )
@@ -227,7 +224,7 @@ def test_killed_build_leaves_no_engine_and_rerun_succeeds(tmp_path: Path, had_ol
     assert child.returncode == -signal.SIGKILL
     assert len([name for name in _hidden_siblings(out) if ".partial-" in name]) == 1
     if had_old_engine:
-        assert sorted(path.name for path in out.iterdir()) == ["old.txt"]
+        assert verify_engine_files(out).source.name == "tiny"
     else:
         assert not out.exists()
     with staged_directory(out, force=True) as staging:

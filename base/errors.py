@@ -4,7 +4,9 @@ from __future__ import annotations
 
 
 class NemocompileError(Exception):
-    """Base of every error that the CLI reports as one sentence with a non-zero exit."""
+    """Base of every error that the CLI reports as one sentence with a non-zero exit. The exit code
+    follows one rule (README, "Exit codes"): 1 a failed operation (an input that is missing,
+    malformed or refused), 2 a usage error (the command line asks for something invalid)."""
 
     exit_code = 1
 
@@ -26,7 +28,10 @@ class EngineError(NemocompileError):
 
 
 class TargetError(NemocompileError):
-    """An unknown target name or a target that cannot run what was asked."""
+    """An unknown target name or a target that cannot run what was asked: the command line's
+    --target or precision choice is at fault, so a usage error."""
+
+    exit_code = 2
 
 
 class UsageError(NemocompileError):

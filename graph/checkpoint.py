@@ -373,3 +373,9 @@ def check_tensors(
         if dtype_problem is not None:
             problems.append(dtype_problem)
     return problems
+
+
+def read_tensor_table(directory: Path, file: str) -> Mapping[str, TensorRef]:
+    """The validated header of the safetensors file `directory / file`: each tensor's dtype and
+    shape, checked against the file's size; no tensor data is read."""
+    return _read_header(directory, file).tensors

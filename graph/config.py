@@ -404,7 +404,12 @@ def load_config(path: Path) -> tuple[ModelConfig, dict[str, Any]]:
         raise ConfigError(f"{config_path} does not exist; a Nemotron-H checkpoint directory needs config.json")
     try:
         raw = json.loads(read_regular_text(config_path, "config", ConfigError, CONFIG_MAX_BYTES))
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+    except (json.JSONDecodeError, UnicodeDecodeError, ConfigError) as error:
+        if config_path.suffix != ".json" and config_path.is_file():  # e.g. model.safetensors: say what to pass
+            raise ConfigError(f"{config_path} is not a config.json; pass a checkpoint directory or its "
+                              f"config.json") from None
+        if isinstance(error, ConfigError):
+            raise
         raise ConfigError(f"{config_path} is not valid JSON ({error})") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{config_path} must hold a JSON object")

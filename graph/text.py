@@ -164,7 +164,14 @@ class _Parser:
         return token.text
 
     def string(self) -> str:
-        return str(json.loads(self.kind("str")))
+        return self.string_literal(self.kind("str"))
+
+    def string_literal(self, text: str) -> str:
+        try:
+            return str(json.loads(text))
+        except ValueError:  # a control character or a bad escape inside the quotes
+            self.pos -= 1
+            raise self.error(f"invalid string literal {text[:40]!r}") from None
 
     def value_name(self) -> str:
         return self.kind("val")[1:]
@@ -225,7 +232,7 @@ class _Parser:
     def attr_value(self) -> AttrValue:
         token = self.next()
         if token.kind == "str":
-            return str(json.loads(token.text))
+            return self.string_literal(token.text)
         if token.kind == "num":
             text = token.text
             if any(c in text for c in ".eEn"):  # 'n' covers inf and nan

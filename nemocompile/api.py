@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
+from nemocompile.base.errors import NemocompileError
 from nemocompile.runtime.engine import Engine
 from nemocompile.runtime.engine import load as _load
 
@@ -13,18 +15,42 @@ from .driver import build as _build
 from .engine_files import remove_set_aside, restore_set_aside
 from .options import BuildOptions
 
+# The driver's messages name the CLI's options; through the API they name `build`'s arguments.
+API_ARGUMENTS = {
+    "--force": "force=True", "--target": "target", "--precision": "precision", "--override": "overrides",
+    "--policy": "policy_file", "--exclude": "exclude", "--calibrate": "calibrate",
+    "--calibration-data": "calibration_data", "--max-batch-size": "max_batch_size",
+    "--max-context": "max_context", "-o": "out",
+}
+_OPTION = re.compile(r"(?<![\w-])(" + "|".join(re.escape(o) for o in sorted(API_ARGUMENTS, key=len, reverse=True))
+                     + r")(?![\w-])")
+
+
+def api_message(message: str) -> str:
+    """`message` with every CLI option it names replaced by the matching `build` argument."""
+    return _OPTION.sub(lambda match: API_ARGUMENTS[match.group(1)], message)
+
 
 def build(model: str | Path | None, out: str | Path, target: str = "h100", precision: str = "auto",
           force: bool = False, overrides: Sequence[str] = (), policy_file: str | Path | None = None,
-          exclude: Sequence[str] = (), calibrate: int = 8, calibration_data: str | Path | None = None) -> BuildResult:
+          exclude: Sequence[str] = (), calibrate: int = 8, calibration_data: str | Path | None = None,
+          max_batch_size: int = 256, max_context: int = 131072) -> BuildResult:
     """Compile the checkpoint directory `model` (None: the embedded demo model) into the engine
     directory `out` for `target`. precision: auto (the target's policy), bf16 or fp32;
-    overrides: "component=precision" strings, e.g. "routed_experts=fp8"."""
-    options = BuildOptions(target=target, precision=precision, overrides=tuple(overrides),
-                           policy_file=Path(policy_file) if policy_file else None, exclude=tuple(exclude),
-                           calibrate=calibrate, calibration_data=Path(calibration_data) if calibration_data else None,
-                           force=force)
-    return _build(Path(model) if model is not None else None, Path(out), options)
+    overrides: "component=precision" strings, e.g. "routed_experts=fp8". Errors name these
+    arguments (force=True), not the CLI's options."""
+    try:
+        options = BuildOptions(target=target, precision=precision, overrides=tuple(overrides),
+                               policy_file=Path(policy_file) if policy_file else None, exclude=tuple(exclude),
+                               calibrate=calibrate,
+                               calibration_data=Path(calibration_data) if calibration_data else None,
+                               max_batch_size=max_batch_size, max_context=max_context, force=force)
+        return _build(Path(model) if model is not None else None, Path(out), options)
+    except NemocompileError as error:
+        renamed = api_message(str(error))
+        if renamed == str(error):
+            raise
+        raise type(error)(renamed) from error
 
 
 def load(path: str | Path, device: str | None = None) -> Engine:

@@ -54,20 +54,47 @@ def _params(count: float) -> str:
     return f"{count / 1e9:.3f} B" if count >= 1e8 else f"{int(count):,}"
 
 
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
 class _Group(click.Group):
-    """Turns NemocompileError into one sentence and an exit code, unless --debug."""
+    """Every error is one line on stderr and an exit code (README, "Exit codes"): 0 success, 1 a
+    failed operation, 2 a usage error. NemocompileError carries its code; click's own errors (a
+    missing or unknown option, a bad value) keep click's; anything else is a failed operation.
+    `--debug` shows the traceback instead."""
+
+    def main(self, args: Any = None, prog_name: str | None = None, complete_var: str | None = None,
+             standalone_mode: bool = True, **extra: Any) -> Any:
+        try:
+            result = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.ClickException as error:
+            context = getattr(error, "ctx", None)
+            message = _one_line(error.format_message())
+            if isinstance(error, click.exceptions.NoArgsIsHelpError):
+                message = "no command given"
+            if isinstance(error, click.UsageError) and context is not None:
+                message = f"{message.rstrip('.')}; see '{context.command_path} --help'."
+            _fail(message, error.exit_code)
+        except click.Abort:
+            _fail("interrupted", 1)
+        if not standalone_mode:
+            return result
+        sys.exit(result if isinstance(result, int) else 0)  # --help and --version return 0
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
+        except (click.exceptions.Exit, click.ClickException, click.Abort):
+            raise  # click's own: --help, --version, usage errors (handled in `main`)
         except NemocompileError as error:
             if settings().debug:
                 raise
-            _fail(str(error), error.exit_code)
-        except (OSError, ValueError, RuntimeError) as error:
+            _fail(_one_line(str(error)), error.exit_code)
+        except Exception as error:  # a bug or an unforeseen failure: still one line, exit 1
             if settings().debug:
                 raise
-            _fail(f"{type(error).__name__}: {error} (rerun with --debug for the traceback)", 1)
+            _fail(f"{type(error).__name__}: {_one_line(str(error))} (rerun with --debug for the traceback)", 1)
 
 
 @click.group(cls=_Group)
@@ -268,17 +295,21 @@ def run(engine: Path, input_ids: tuple[str, ...], prompt: tuple[str, ...], max_n
 @main.command()
 @click.argument("engine", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON object.")
-def inspect(engine: Path, as_json: bool) -> None:
+@click.option("--no-verify", is_flag=True,
+              help="Forensics: describe the manifest and graph as they are, without checking hashes, "
+                   "config or weights (by default inspect checks everything run checks).")
+def inspect(engine: Path, as_json: bool, no_verify: bool) -> None:
     """Describe an engine: layers, parameters by category, precision, kernels, bytes, files."""
     from .inspection import inspect_engine
 
-    info = inspect_engine(engine)
+    info = inspect_engine(engine, verify=not no_verify)
     if as_json:
         _print_json(info.as_json())
         return
     m = info.manifest
     stdout.print(f"engine {escape(str(engine))}: {escape(m.source.name)} for {m.target.name} ({m.target.arch}), "
-                 f"{m.precision}, world size {m.world_size}, format {m.format_version}", highlight=False)
+                 f"{m.precision}, world size {m.world_size}, format {m.format_version}"
+                 f"{'' if info.verified else ' (NOT verified: --no-verify)'}", highlight=False)
     layers = Table(title="layers")
     layers.add_column("layer", justify="right")
     layers.add_column("block")

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -15,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from nemocompile.base.errors import UsageError
+from nemocompile.base.errors import CheckpointError, ConfigError, UsageError
 from nemocompile.base.inputs import open_regular_file
 from nemocompile.base.settings import settings
 from nemocompile.graph.importer import ImportedModel, import_checkpoint
@@ -36,6 +35,7 @@ from nemocompile.runtime.engine_format import (
     TargetInfo,
     weights_file,
 )
+from nemocompile.runtime.tokenizer import ByteTokenizer
 from nemocompile.runtime.weights import load_weights
 from nemocompile.targets import Target, load_target
 
@@ -83,6 +83,20 @@ def _build_inputs(model: Path | None, options: BuildOptions) -> list[tuple[str, 
                 pass
             inputs.append((what, path))
     return inputs
+
+
+def _carry_tokenizer(model_dir: Path, stage: Path, vocab_size: int) -> bool:
+    """Copy the checkpoint's tokenizer.json into the engine when it is a nemocompile byte tokenizer,
+    checked exactly as the runtime will read it (another kind, e.g. Hugging Face's, is not carried)."""
+    source = model_dir / "tokenizer.json"
+    if not source.is_file():
+        return False
+    text = source.read_text(encoding="utf-8", errors="replace")
+    if not ByteTokenizer.claims(text):
+        return False
+    ByteTokenizer.parse(text, str(source), vocab_size, error=CheckpointError)
+    (stage / "tokenizer.json").write_text(text, encoding="utf-8")
+    return True
 
 
 @contextmanager
@@ -187,6 +201,9 @@ def build(model: Path | None, out: Path, options: BuildOptions | None = None,
     start = time.perf_counter()
     options = options or BuildOptions()
     load_target(options.target)  # an unknown target is refused before anything is read
+    if model is not None and not model.is_dir():  # the input is refused before the output is looked at
+        raise ConfigError(f"{model} does not exist" if not model.exists() else
+                          f"{model} is not a checkpoint directory (expected config.json and *.safetensors)")
     inputs = _build_inputs(model, options)
     with _model_directory(model) as (model_dir, source_name), staged_directory(out, options.force, inputs) as stage:
         imported = import_checkpoint(model_dir, options.bounds)
@@ -199,10 +216,7 @@ def build(model: Path | None, out: Path, options: BuildOptions | None = None,
         (stage / "graph.txt").write_text(print_graph(_engine_graph(graph)))
         (stage / "graph.decode.txt").write_text(print_graph(_engine_graph(decode)))
         (stage / "config.json").write_text(json.dumps(imported.raw_config, indent=2, sort_keys=True) + "\n")
-        tokenizer = model_dir / "tokenizer.json"
-        has_byte_tokenizer = tokenizer.exists() and '"type": "bytes"' in tokenizer.read_text()
-        if has_byte_tokenizer:
-            shutil.copyfile(tokenizer, stage / "tokenizer.json")
+        has_byte_tokenizer = _carry_tokenizer(model_dir, stage, imported.config.vocab_size)
         agreement = job.agreement(float_graph, graph)
         stats = param_stats(graph)
         manifest = Manifest(

@@ -1,4 +1,7 @@
-"""`nemocompile inspect`: what an engine holds, read from its verified manifest and graph."""
+"""`nemocompile inspect`: what an engine holds. By default the engine is read with every check
+`load` makes (hashes, graphs against config.json, weight headers, tokenizer), so inspect succeeds
+exactly on the engines `run` accepts; `verify=False` (`--no-verify`) reads the manifest and graph
+as they are, for forensics on an engine that is refused."""
 
 from __future__ import annotations
 
@@ -6,11 +9,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from nemocompile.base.errors import EngineError
 from nemocompile.graph.config import PATTERN_LETTERS
 from nemocompile.graph.ir import Graph
-from nemocompile.graph.text import parse_graph
-from nemocompile.runtime.engine_files import verify_engine_files
+from nemocompile.runtime.engine import read_engine, read_engine_unverified
 from nemocompile.runtime.engine_format import Manifest
 
 from .engine_files import remove_set_aside, restore_set_aside
@@ -22,14 +23,16 @@ class EngineInfo:
     manifest: Manifest
     graph: Graph
     stats: ParamStats
+    verified: bool = True
 
     @property
     def layers(self) -> list[str]:
-        return [PATTERN_LETTERS[letter] for letter in self.graph.meta("pattern") or ""]
+        return [PATTERN_LETTERS.get(letter, f"unknown '{letter}'") for letter in self.graph.meta("pattern") or ""]
 
     def as_json(self) -> dict[str, Any]:
         m = self.manifest
         return {
+            "verified": self.verified,
             "source": m.source.to_json(),
             "target": m.target.to_json(),
             "precision": m.precision,
@@ -45,11 +48,11 @@ class EngineInfo:
         }
 
 
-def inspect_engine(directory: Path) -> EngineInfo:
+def inspect_engine(directory: Path, verify: bool = True) -> EngineInfo:
     restore_set_aside(directory)  # the engine an interrupted build set aside, when OUT is missing
-    if not directory.is_dir():
-        raise EngineError(f"{directory} is not an engine directory")
-    manifest = verify_engine_files(directory)
-    remove_set_aside(directory)  # older engines set aside, now that this one verified
-    graph = parse_graph((directory / manifest.graphs.prefill).read_text())
-    return EngineInfo(manifest, graph, param_stats(graph))
+    if verify:
+        contents = read_engine(directory)
+        remove_set_aside(directory)  # older engines set aside, now that this one verified
+        return EngineInfo(contents.manifest, contents.prefill, param_stats(contents.prefill))
+    manifest, graph = read_engine_unverified(directory)
+    return EngineInfo(manifest, graph, param_stats(graph), verified=False)

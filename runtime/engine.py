@@ -1,10 +1,13 @@
 """Load and run an engine directory. Loading verifies every file's sha256 and the GPU arch
-before anything runs; weights come from safetensors (nothing is unpickled)."""
+before anything runs, reads only files the manifest hashes (never through a symbolic link), and
+checks the graphs against the engine's config.json and the weight files' headers before anything
+is allocated; weights come from safetensors (nothing is unpickled)."""
 
 from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -12,18 +15,23 @@ import torch
 
 from nemocompile.base.errors import EngineError, NemocompileError, UsageError
 from nemocompile.base.settings import settings
+from nemocompile.graph.config import ModelConfig, config_from_dict
 from nemocompile.graph.ir import Graph
+from nemocompile.graph.nemotron_h import INPUT_SCALE_CATEGORY, build_block_graph
 from nemocompile.graph.text import parse_graph
+from nemocompile.graph.types import F32
 from nemocompile.graph.verifier import verify
 
 from .cache import Cache
-from .engine_files import check_arch, verify_engine_files
+from .engine_files import check_arch, read_engine_text, read_manifest, verify_engine_files
 from .engine_format import Manifest
 from .executor import Executor
 from .kernels import Resolution
 from .sampling import check_sampling, next_tokens
 from .tokenizer import ByteTokenizer
-from .weights import WeightValue, load_weights
+from .weights import WeightValue, check_weight_files, load_weights
+
+MTP_CATEGORY = "mtp"  # multi-token-prediction weights: carried and counted, not executed
 
 
 def _pick_device(device: str | torch.device | None) -> torch.device:
@@ -33,29 +41,159 @@ def _pick_device(device: str | torch.device | None) -> torch.device:
     return torch.device(choice)
 
 
-def _load_graph(directory: Path, relative: str) -> Graph:
+def _read_graph(directory: Path, manifest: Manifest, relative: str, check: bool) -> Graph:
+    text = read_engine_text(directory, manifest, relative, verify=check)
     try:
-        return verify(parse_graph((directory / relative).read_text()))
+        graph = parse_graph(text)
+        return verify(graph) if check else graph
     except NemocompileError as error:
         raise EngineError(f"{directory / relative}: {error}") from None
+    except RecursionError:
+        raise EngineError(f"{directory / relative}: the graph is nested too deeply to read") from None
+
+
+def _read_config(directory: Path, manifest: Manifest) -> tuple[dict[str, Any], ModelConfig]:
+    path = directory / manifest.config
+    try:
+        raw = json.loads(read_engine_text(directory, manifest, manifest.config))
+    except (ValueError, RecursionError):
+        raise EngineError(f"{path} is not valid JSON") from None
+    if not isinstance(raw, dict):
+        raise EngineError(f"{path} must hold a JSON object")
+    try:
+        return raw, config_from_dict(raw, str(path))
+    except NemocompileError as error:
+        raise EngineError(str(error)) from None
+
+
+def _shapes(graph: Graph) -> list[tuple[str, tuple[int | str, ...]]]:
+    return [(slot.name, slot.type.shape) for slot in graph.states]
+
+
+def check_against_config(directory: Path, config: ModelConfig, prefill: Graph, decode: Graph) -> None:
+    """Refuse graphs that are not the model config.json describes: the layer pattern, every state
+    slot (name and shape) and every weight's shape must be those the config implies, so no size in
+    a graph can exceed what the config and weights hold. Run before anything is allocated."""
+    where = f"{directory}: the graph does not match the engine's config.json"
+    for graph, name in ((prefill, "prefill"), (decode, "decode")):
+        if graph.meta("pattern") != config.pattern:
+            raise EngineError(f"{where}: the {name} graph's layer pattern is {graph.meta('pattern')!r}, the "
+                              f"config's {config.pattern!r}")
+    engine_weights = {w.name: w for w in prefill.weights}
+    if {w.name: w.type for w in decode.weights} != {w.name: w.type for w in prefill.weights}:
+        raise EngineError(f"{where}: the prefill and decode graphs hold different weights")
+    try:
+        expected = build_block_graph(config, F32, lm_head="lm_head" in engine_weights)
+    except NemocompileError:
+        raise EngineError(f"{where}: its graph cannot be built from it") from None
+    for graph, name in ((prefill, "prefill"), (decode, "decode")):
+        if _shapes(graph) != _shapes(expected):
+            got = {n: s for n, s in _shapes(graph)}
+            for slot, shape in _shapes(expected):
+                if got.get(slot) != shape:
+                    raise EngineError(f"{where}: state {slot} of the {name} graph is "
+                                      f"{list(got[slot]) if slot in got else 'missing'}, the config implies "
+                                      f"{list(shape)}")
+            raise EngineError(f"{where}: the {name} graph has state slots the config does not imply")
+    _check_attributes(where, expected, prefill, decode)
+    wanted = {w.name: w.type.shape for w in expected.weights}
+    for name, shape in wanted.items():
+        weight = engine_weights.get(name)
+        if weight is None:
+            raise EngineError(f"{where}: weight {name} is missing from the graph")
+        if weight.type.shape != shape:
+            raise EngineError(f"{where}: weight {name} is {list(weight.type.shape)}, the config implies {list(shape)}")
+    for name, weight in engine_weights.items():
+        if name in wanted or weight.category == MTP_CATEGORY:
+            continue
+        scaled = name.removesuffix(".input_scale")
+        experts = wanted.get(scaled, ())
+        if (weight.category == INPUT_SCALE_CATEGORY and scaled in wanted
+                and weight.type.shape in ((), tuple(experts[:1]) if len(experts) == 3 else ())):
+            continue
+        raise EngineError(f"{where}: weight {name} is not a weight of the model it describes")
+
+
+def _check_attributes(where: str, expected: Graph, prefill: Graph, decode: Graph) -> None:
+    """Every attribute an engine op shares with the block op of its scope (chunk_size, num_heads,
+    state_size, eps, ...) must hold the config's value: passes carry them down unchanged, and the
+    reference ops size their work by them (a chunk_size of 4,000,000 would allocate gigabytes)."""
+    by_scope: dict[str, dict[str, object]] = {}
+    for op in expected.ops:
+        by_scope.setdefault(op.scope, {}).update(op.attrs.items)
+    for graph, name in ((prefill, "prefill"), (decode, "decode")):
+        for op in graph.ops:
+            wanted = by_scope.get(op.scope, {})
+            for key, value in op.attrs.items:
+                if key != "kernel" and key in wanted and wanted[key] != value:
+                    raise EngineError(f"{where}: {op.opname} in {op.scope} of the {name} graph has {key} = "
+                                      f"{value!r}, the config implies {wanted[key]!r}")
+
+
+@dataclass(frozen=True)
+class EngineContents:
+    """What an engine directory holds, read and checked: the manifest, both graphs, config.json
+    (raw and typed) and the tokenizer. The weights are checked (headers) but not loaded."""
+
+    directory: Path
+    manifest: Manifest
+    prefill: Graph
+    decode: Graph
+    config: dict[str, Any]
+    model_config: ModelConfig
+    tokenizer: ByteTokenizer | None
+
+
+def _engine_directory(path: str | Path) -> Path:
+    directory = Path(path)
+    if not directory.is_dir():
+        raise EngineError(f"{directory} is not an engine directory")
+    return directory
+
+
+def read_engine_unverified(path: str | Path) -> tuple[Manifest, Graph]:
+    """The manifest (typed) and the prefill graph (parsed) of the engine at `path`, no hash or
+    consistency checked: for forensics (`inspect --no-verify`) on an engine `load` refuses. Still no
+    symbolic link is followed and no path outside the engine is read."""
+    directory = _engine_directory(path)
+    manifest = read_manifest(directory)
+    return manifest, _read_graph(directory, manifest, manifest.graphs.prefill, check=False)
+
+
+def read_engine(path: str | Path) -> EngineContents:
+    """Read the engine at `path` with every check `load` makes, short of loading the weights (and of
+    the GPU arch, which depends on where it runs): hashes, graphs, config.json, the graphs against
+    the config, the weight files' headers against the graphs, and the tokenizer."""
+    directory = _engine_directory(path)
+    manifest = verify_engine_files(directory)
+    prefill = _read_graph(directory, manifest, manifest.graphs.prefill, check=True)
+    decode = _read_graph(directory, manifest, manifest.graphs.decode, check=True)
+    raw, config = _read_config(directory, manifest)
+    check_against_config(directory, config, prefill, decode)
+    for rank in range(manifest.world_size):
+        check_weight_files(directory, list(manifest.weight_files(rank)), prefill)
+    tokenizer = None
+    if manifest.tokenizer is not None:
+        tokenizer = ByteTokenizer.parse(read_engine_text(directory, manifest, manifest.tokenizer),
+                                        str(directory / manifest.tokenizer), config.vocab_size)
+    return EngineContents(directory, manifest, prefill, decode, raw, config, tokenizer)
 
 
 class Engine:
     """A loaded engine: `forward` for logits, `new_cache` + `forward` for token-by-token decode,
     `generate` for text."""
 
-    def __init__(self, directory: Path, manifest: Manifest, prefill: Graph, decode: Graph,
-                 weights: dict[str, WeightValue], device: torch.device, tokenizer: ByteTokenizer | None) -> None:
-        self.directory = directory
-        self.manifest = manifest
-        self.graph = prefill
-        self.decode_graph = decode
+    def __init__(self, contents: EngineContents, weights: dict[str, WeightValue], device: torch.device) -> None:
+        self.directory = contents.directory
+        self.manifest = contents.manifest
+        self.graph = contents.prefill
+        self.decode_graph = contents.decode
         self.device = device
-        self.tokenizer = tokenizer
-        self.config: dict[str, Any] = json.loads((directory / manifest.config).read_text())
-        self._prefill = Executor(prefill, weights)
-        self._decode = Executor(decode, weights)
-        self.vocab_size = int(self.config["vocab_size"])
+        self.tokenizer = contents.tokenizer
+        self.config = contents.config
+        self._prefill = Executor(contents.prefill, weights)
+        self._decode = Executor(contents.decode, weights)
+        self.vocab_size = contents.model_config.vocab_size
 
     def new_cache(self, batch_size: int) -> Cache:
         return Cache.for_graph(self.graph, batch_size, self.device)
@@ -115,17 +253,14 @@ class Engine:
 
 
 def load(path: str | Path, device: str | torch.device | None = None) -> Engine:
-    """Load an engine directory written by `nemocompile build`."""
-    directory = Path(path)
-    if not directory.is_dir():
-        raise EngineError(f"{directory} is not an engine directory")
-    manifest = verify_engine_files(directory)
+    """Load an engine directory written by `nemocompile build`: every check of `read_engine`, then
+    the GPU arch, then the weights."""
+    contents = read_engine(path)
+    manifest = contents.manifest
     target_device = _pick_device(device)
     check_arch(manifest, target_device)
     if manifest.world_size != 1:
-        raise EngineError(f"{directory} holds {manifest.world_size} ranks; this runtime runs one-rank engines")
-    prefill = _load_graph(directory, manifest.graphs.prefill)
-    decode = _load_graph(directory, manifest.graphs.decode)
-    weights = load_weights(directory, list(manifest.weight_files(0)), prefill, target_device)
-    tokenizer = ByteTokenizer.load(directory / manifest.tokenizer) if manifest.tokenizer else None
-    return Engine(directory, manifest, prefill, decode, weights, target_device, tokenizer)
+        raise EngineError(f"{contents.directory} holds {manifest.world_size} ranks; this runtime runs one-rank "
+                          f"engines")
+    weights = load_weights(contents.directory, list(manifest.weight_files(0)), contents.prefill, target_device)
+    return Engine(contents, weights, target_device)

@@ -340,6 +340,8 @@ class Manifest:
         names the field and `path` otherwise."""
         f = _Fields(data, "", path)
         version = f.data.get("format_version")
+        if type(version) is not int:  # true == 1 and 2.0 == 2 in Python; neither is a format number
+            raise f.error(f"field `format_version` must be {FORMAT_VERSION}, got {_kind(version)}")
         if version == 1:
             raise EngineError(f"{path}: this engine has format 1, which this nemocompile no longer reads "
                               f"(it reads format {FORMAT_VERSION}); rebuild it with `nemocompile build`.")

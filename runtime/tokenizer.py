@@ -1,13 +1,16 @@
 """The byte-level tokenizer of the embedded demo model: token = byte + offset, with pad/bos/eos
-below the offset. Saved in the engine as tokenizer.json so `--prompt` works."""
+below the offset. Saved in the engine as tokenizer.json so `--prompt` works. The build and the
+runtime read it through the same strict `parse`, so an engine never carries one it cannot read."""
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import asdict, dataclass, fields
 
-from nemocompile.base.errors import EngineError
+from nemocompile.base.errors import EngineError, NemocompileError
+
+TOKENIZER_TYPE = "bytes"
+MAX_OFFSET = 1 << 20  # special ids below the byte range; far above any real use
 
 
 @dataclass(frozen=True)
@@ -30,14 +33,47 @@ class ByteTokenizer:
         return data.decode("utf-8", errors="replace")
 
     def to_json(self) -> str:
-        return json.dumps({"type": "bytes", **asdict(self)}, indent=2, sort_keys=True) + "\n"
+        return json.dumps({"type": TOKENIZER_TYPE, **asdict(self)}, indent=2, sort_keys=True) + "\n"
 
     @staticmethod
-    def load(path: Path) -> ByteTokenizer:
+    def claims(text: str) -> bool:
+        """Whether `text` is a JSON object that says it is a nemocompile byte tokenizer (its top-level
+        `type` is "bytes"); another tokenizer.json (a Hugging Face one) is not ours to carry."""
         try:
-            data = json.loads(path.read_text())
-            if data.pop("type") != "bytes":
-                raise ValueError("not a byte tokenizer")
-            return ByteTokenizer(**{k: int(v) for k, v in data.items()})
-        except (ValueError, KeyError, TypeError) as error:
-            raise EngineError(f"{path} is not a tokenizer nemocompile can read ({error})") from None
+            data = json.loads(text)
+        except ValueError:
+            return False
+        return isinstance(data, dict) and data.get("type") == TOKENIZER_TYPE
+
+    @staticmethod
+    def parse(text: str, source: str, vocab_size: int | None = None,
+              error: type[NemocompileError] = EngineError) -> ByteTokenizer:
+        """The tokenizer `text` (read from `source`), every field checked: exactly the fields
+        `to_json` writes, integers, distinct special ids below the offset, and (given the model's
+        `vocab_size`) every id it can produce inside the vocabulary. `error` is raised otherwise."""
+        def refuse(why: str) -> NemocompileError:
+            return error(f"{source} is not a tokenizer nemocompile can read: {why}")
+
+        try:
+            data = json.loads(text)
+        except ValueError as problem:
+            raise refuse(f"not valid JSON ({problem})") from None
+        if not isinstance(data, dict) or data.get("type") != TOKENIZER_TYPE:
+            raise refuse(f'it is not an object with "type": "{TOKENIZER_TYPE}"')
+        names = [field.name for field in fields(ByteTokenizer)]
+        unknown = sorted(set(data) - {"type", *names})
+        if unknown:
+            raise refuse(f"unknown field '{unknown[0]}'")
+        values: dict[str, int] = {}
+        for name in names:
+            value = data.get(name)
+            if type(value) is not int or not 0 <= value <= MAX_OFFSET:
+                raise refuse(f"'{name}' must be an integer in [0, {MAX_OFFSET}], got {json.dumps(value)}")
+            values[name] = value
+        tokenizer = ByteTokenizer(**values)
+        special = [tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id]
+        if len(set(special)) != 3 or max(special) >= tokenizer.offset:
+            raise refuse(f"the special ids {special} must be distinct and below 'offset' ({tokenizer.offset})")
+        if vocab_size is not None and tokenizer.vocab_size > vocab_size:
+            raise refuse(f"its ids reach {tokenizer.vocab_size - 1}, past the model's vocab_size of {vocab_size}")
+        return tokenizer

@@ -1,9 +1,11 @@
 """Model-level agreement of a quantized engine with its float reference on random prompts:
-top-1 agreement of the next-token choice and mean KL(P_float || P_quantized) per position."""
+top-1 agreement of the next-token choice and mean KL(P_float || P_quantized) per position.
+What the two numbers say (and what they cannot say on random weights) is in report.md's
+explanation, `nemocompile.report.AGREEMENT_EXPLAINED`."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -34,14 +36,22 @@ def _logits(graph: Graph, weights: Mapping[str, WeightValue], ids: torch.Tensor)
 
 def measure_agreement(float_graph: Graph, float_weights: Mapping[str, WeightValue], quant_graph: Graph,
                       quant_weights: Mapping[str, WeightValue], vocab_size: int, reference: str,
-                      prompts: int = 4, length: int = 32, seed: int = 1234) -> Agreement:
+                      prompts: int = 4, length: int = 32, seed: int = 1234,
+                      progress: Callable[[int], None] | None = None) -> Agreement:
+    """Both engines on the same random prompts, one prompt at a time (`progress` hears each one)."""
     generator = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, vocab_size, (prompts, length), generator=generator)
-    with torch.inference_mode():
-        expected = _logits(float_graph, float_weights, ids).float()
-        got = _logits(quant_graph, quant_weights, ids).float()
-    log_p = torch.log_softmax(expected, dim=-1)
-    log_q = torch.log_softmax(got, dim=-1)
-    kl = (log_p.exp() * (log_p - log_q)).sum(-1)
-    top1 = (expected.argmax(-1) == got.argmax(-1)).float().mean()
-    return Agreement(prompts, prompts * length, float(top1), float(kl.mean()), reference)
+    agree, kl_sum = 0.0, 0.0
+    for index in range(prompts):
+        prompt = ids[index:index + 1]
+        with torch.inference_mode():
+            expected = _logits(float_graph, float_weights, prompt).float()
+            got = _logits(quant_graph, quant_weights, prompt).float()
+        log_p = torch.log_softmax(expected, dim=-1)
+        log_q = torch.log_softmax(got, dim=-1)
+        kl_sum += float((log_p.exp() * (log_p - log_q)).sum(-1).sum())
+        agree += float((expected.argmax(-1) == got.argmax(-1)).sum())
+        if progress:
+            progress(index + 1)
+    tokens = prompts * length
+    return Agreement(prompts, tokens, agree / tokens, kl_sum / tokens, reference)

@@ -14,19 +14,13 @@ from typing import Any, TypeVar
 import click
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import (
-    BarColumn,
-    DownloadColumn,
-    Progress,
-    TextColumn,
-    TimeRemainingColumn,
-    TransferSpeedColumn,
-)
+from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from nemocompile.base.errors import NemocompileError, UsageError
 from nemocompile.base.formats import BASE_PRECISIONS
 from nemocompile.base.settings import override, settings
+from nemocompile.pipeline import PhaseListener, PhaseRecord
 
 stdout = Console(soft_wrap=True)
 stderr = Console(stderr=True, soft_wrap=True)
@@ -171,20 +165,86 @@ def plan(config: Path, target: str, precision: str, overrides: tuple[str, ...], 
                  f"planned in {result.seconds:.2f} s", highlight=False)
 
 
+def _phase_progress(done: int, total: int | None, unit: str, seconds: float) -> str:
+    """How far a phase got: bytes with their rate (and, running, the time left), or a count."""
+    if unit == "bytes":
+        rate = done / max(seconds, 1e-9)
+        text = f"{_human_bytes(done)}" + (f" of {_human_bytes(total)}" if total is not None else "")
+        text += f", {_human_bytes(rate)}/s"
+        if total is not None and 0 < done < total:
+            text += f", ETA {(total - done) / max(rate, 1e-9):.0f} s"
+        return text
+    if not unit:
+        return ""
+    return f"{done}" + (f" of {total}" if total is not None else "") + f" {unit}"
+
+
+class _PhaseLog:
+    """Not on a terminal: one line per phase with its time, printed to stderr once the build has
+    succeeded (a failed build prints only its one-line error)."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def phase_started(self, name: str, total: int | None, unit: str) -> None:
+        pass
+
+    def phase_advanced(self, done: int, total: int | None, unit: str, detail: str) -> None:
+        pass
+
+    def phase_ended(self, record: PhaseRecord) -> None:
+        counted = _phase_progress(record.done, record.total, record.unit, record.seconds)
+        parts = [f"{record.seconds:.2f} s", *([counted] if counted else []), *([record.summary] if record.summary else [])]
+        self.lines.append(f"[{record.name}] " + "; ".join(parts))
+
+
+class _PhaseDisplay:
+    """On a terminal: a Rich progress display, one row per phase, each with its own progress."""
+
+    def __init__(self, progress: Progress) -> None:
+        self.progress = progress
+        self.task: TaskID | None = None
+        self.started = 0.0
+
+    def phase_started(self, name: str, total: int | None, unit: str) -> None:
+        self.task = self.progress.add_task(name, total=total, detail="")
+        self.started = time.perf_counter()
+
+    def phase_advanced(self, done: int, total: int | None, unit: str, detail: str) -> None:
+        if self.task is None:
+            return
+        counted = _phase_progress(done, total, unit, time.perf_counter() - self.started)
+        text = ", ".join(part for part in (counted, escape(detail)) if part)
+        self.progress.update(self.task, completed=done, total=total, detail=text)
+
+    def phase_ended(self, record: PhaseRecord) -> None:
+        if self.task is None:
+            return
+        counted = _phase_progress(record.done, record.total, record.unit, record.seconds)
+        text = "; ".join(escape(part) for part in (counted, record.summary) if part)
+        total = record.total if record.total is not None else max(record.done, 1)
+        self.progress.update(self.task, completed=total, total=total, detail=text)
+        self.progress.stop_task(self.task)
+        self.task = None
+
+
 @contextmanager
-def _build_progress(enabled: bool) -> Iterator[Callable[[str, int, int], None] | None]:
-    if not enabled:
+def _build_progress(mode: str) -> Iterator[PhaseListener | None]:
+    """What follows the build's phases: a Rich display ("display"), one log line per phase ("log"),
+    or nothing ("quiet": --json, or --print-after, whose IR text owns stderr)."""
+    if mode == "quiet":
         yield None
         return
-    columns = (TextColumn("{task.description:<24}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-               TimeRemainingColumn())
+    if mode == "log":
+        log = _PhaseLog()
+        yield log
+        for line in log.lines:  # not reached when the build failed
+            click.echo(line, err=True)
+        return
+    columns = (TextColumn("{task.description:<18}"), BarColumn(bar_width=30), TimeElapsedColumn(),
+               TextColumn("{task.fields[detail]}"))
     with Progress(*columns, console=stderr, transient=False) as progress:
-        task = progress.add_task("weights", total=None)
-
-        def hook(description: str, advance: int, total: int) -> None:
-            progress.update(task, description=description, advance=advance, total=total)
-
-        yield hook
+        yield _PhaseDisplay(progress)
 
 
 @main.command()
@@ -219,8 +279,10 @@ def build(model: Path | None, target: str, out: Path, precision: str, overrides:
                            exclude=exclude, calibrate=calibrate, calibration_data=calibration_data,
                            world_size=world_size, max_batch_size=max_batch_size, max_context=max_context,
                            force=force, print_after=frozenset(print_after))
-    with _build_progress(settings().progress and not as_json and stderr.is_terminal) as hook:
-        result = run_build(model, out, options, printer, hook)
+    mode = ("quiet" if as_json or print_after else "display" if settings().progress and stderr.is_terminal
+            else "log")
+    with _build_progress(mode) as listener:
+        result = run_build(model, out, options, printer, listener)
     if time_passes:
         click.echo(timing_table(result.passes), err=True)
     summary = {"engine": str(result.out), "target": result.manifest.target.name, "precision": precision,
@@ -230,6 +292,8 @@ def build(model: Path | None, target: str, out: Path, precision: str, overrides:
                "bytes_written": result.bytes_written, "bits_per_element": round(result.stats.bits_per_element, 4),
                "seconds": round(result.seconds, 3),
                "passes": [record_json(r) for r in result.passes],
+               "phases": [phase.as_json() for phase in result.phases],
+               "calibration": result.calibration.as_json() if result.calibration else None,
                "quantization_errors": [{"weight": e.weight, "format": e.format, "rel_rms": e.rel_rms,
                                         "sqnr_db": e.sqnr_db} for e in result.errors],
                "agreement": result.agreement.as_json() if result.agreement else None}

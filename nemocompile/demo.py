@@ -1,21 +1,23 @@
 """The embedded demo model: a small Nemotron-H with all four block kinds (Mamba2, attention, a
-latent MoE with grouped routing, a dense MLP), seeded weights made here, and a byte tokenizer.
-It is written as an ordinary Hugging Face checkpoint so it takes the same import path as any."""
+latent MoE with grouped routing, a dense MLP) and a byte tokenizer, trained to continue a few
+paragraphs of the project's own prose (demo_data/demo_text.txt) by tools/train_demo.py, which
+wrote its weights to demo_data/model.safetensors. A build writes it as an ordinary Hugging Face
+checkpoint, so it takes the same import path as any."""
 
 from __future__ import annotations
 
 import json
-import math
+import shutil
 from pathlib import Path
 from typing import Any
-
-import torch
-from safetensors.torch import save_file
 
 from nemocompile.runtime.tokenizer import ByteTokenizer
 
 DEMO_NAME = "nemotron-h-demo"
-DEMO_SEED = 20261129
+DEMO_SEED = 20261129  # seeds the training (tools/train_demo.py)
+DEMO_DATA = Path(__file__).resolve().parent / "demo_data"
+DEMO_TEXT = DEMO_DATA / "demo_text.txt"  # the project-written text the demo was trained on
+DEMO_WEIGHTS = DEMO_DATA / "model.safetensors"  # written by tools/train_demo.py
 
 
 def demo_config() -> dict[str, Any]:
@@ -56,38 +58,11 @@ def demo_config() -> dict[str, Any]:
     }
 
 
-def _demo_tensor(name: str, shape: tuple[int, ...], generator: torch.Generator, heads: int) -> torch.Tensor:
-    leaf = name.rsplit(".", 2)[-2] if name.endswith(".weight") else name.rsplit(".", 1)[-1]
-    if name.endswith("norm.weight") or name.endswith("norm_f.weight"):
-        return torch.ones(shape)
-    if leaf == "A_log":
-        return torch.log(torch.arange(1, heads + 1, dtype=torch.float32))
-    if leaf == "D":
-        return torch.ones(shape)
-    if leaf == "dt_bias":
-        dt = torch.exp(torch.rand(shape, generator=generator) * (math.log(0.1) - math.log(0.001)) + math.log(0.001))
-        return dt + torch.log(-torch.expm1(-dt))  # inverse softplus
-    if leaf in ("e_score_correction_bias", "bias"):
-        return torch.zeros(shape)
-    return torch.randn(shape, generator=generator) * 0.05
-
-
 def write_demo_checkpoint(directory: Path) -> Path:
-    """Write the demo checkpoint (config.json, model.safetensors, tokenizer.json); deterministic."""
-    from nemocompile.graph.config import config_from_dict
-    from nemocompile.graph.nemotron_h import model_weights
-
-    raw = demo_config()
-    config = config_from_dict(raw, "demo config")
-    generator = torch.Generator().manual_seed(DEMO_SEED)
-    tensors: dict[str, torch.Tensor] = {}
-    for spec in model_weights(config):
-        shape = spec.shape[1:] if len(spec.tensors) > 1 else spec.shape
-        for name in spec.tensors:
-            value = _demo_tensor(name, shape, generator, config.mamba_num_heads)
-            tensors[name] = value.float() if spec.keep_fp32 else value.to(torch.bfloat16)
+    """Write the demo checkpoint (config.json, model.safetensors, tokenizer.json): the trained weights
+    shipped with the package, as tools/train_demo.py wrote them."""
     directory.mkdir(parents=True, exist_ok=True)
-    (directory / "config.json").write_text(json.dumps(raw, indent=2, sort_keys=True) + "\n")
-    save_file(tensors, str(directory / "model.safetensors"))
+    (directory / "config.json").write_text(json.dumps(demo_config(), indent=2, sort_keys=True) + "\n")
+    shutil.copyfile(DEMO_WEIGHTS, directory / "model.safetensors")
     (directory / "tokenizer.json").write_text(ByteTokenizer().to_json())
     return directory

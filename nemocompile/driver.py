@@ -4,10 +4,11 @@ staging directory and renamed into place, so a failed or killed build leaves not
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,12 +46,72 @@ from .calibration import calibrate, calibration_batches, read_token_file, scales
 from .demo import DEMO_NAME, write_demo_checkpoint
 from .engine_files import staged_directory, write_manifest
 from .options import BuildOptions
-from .pipeline import DECODE, FLOAT, PREFILL, build_steps, check_print_after, graph_passes, run_steps
-from .report import write_report
+from .pipeline import (
+    AGREEMENT,
+    DECODE,
+    FLOAT,
+    IMPORT,
+    PREFILL,
+    QUANTIZE,
+    WRITE,
+    PhaseListener,
+    PhaseRecord,
+    Phases,
+    build_steps,
+    check_print_after,
+    graph_passes,
+    run_steps,
+)
+from .report import CalibrationInfo, write_report
 from .stats import ParamStats, param_stats
 from .weight_stream import QuantizationError, WeightStream, read_weights
 
 ProgressHook = Callable[[str, int, int], None]  # (description, bytes just written, bytes in all)
+
+
+class _WeightBytes:
+    """A plain ProgressHook seen as a phase listener: it hears only the bytes of quantize-and-write."""
+
+    def __init__(self, hook: ProgressHook) -> None:
+        self.hook = hook
+        self.phase = ""
+        self.done = 0
+
+    def phase_started(self, name: str, total: int | None, unit: str) -> None:
+        self.phase, self.done = name, 0
+
+    def phase_advanced(self, done: int, total: int | None, unit: str, detail: str) -> None:
+        if self.phase == QUANTIZE and done > self.done:
+            self.hook(detail, done - self.done, total or 0)
+            self.done = done
+
+    def phase_ended(self, record: PhaseRecord) -> None:
+        self.phase = ""
+
+
+def _listener(progress: ProgressHook | PhaseListener | None) -> PhaseListener | None:
+    if progress is None or isinstance(progress, PhaseListener):
+        return progress
+    return _WeightBytes(progress)
+
+
+class _CountedBatches(Sequence[torch.Tensor]):
+    """Calibration batches that tell the build's phases when each one is taken."""
+
+    def __init__(self, batches: Sequence[torch.Tensor], phases: Phases) -> None:
+        self.batches = batches
+        self.phases = phases
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, index: int) -> torch.Tensor:  # type: ignore[override]
+        return self.batches[index]
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        for number, batch in enumerate(self.batches, start=1):
+            yield batch
+            self.phases.advance(1, f"batch {number} of {len(self.batches)}")
 
 
 
@@ -70,6 +131,8 @@ class BuildResult:
     seconds: float
     errors: list[QuantizationError]
     agreement: Agreement | None
+    phases: list[PhaseRecord] = dataclasses.field(default_factory=list)
+    calibration: CalibrationInfo | None = None
 
 
 def _build_inputs(model: Path | None, options: BuildOptions) -> list[tuple[str, Path]]:
@@ -131,12 +194,13 @@ class BuildContext:
     the driver steps made (activation scales, the weight stream). The pipeline's steps run on it."""
 
     def __init__(self, options: BuildOptions, imported: ImportedModel, stage: Path,
-                 printer: Callable[[str, str], None] | None, progress: ProgressHook | None) -> None:
+                 printer: Callable[[str, str], None] | None, phases: Phases) -> None:
         self.options = options
         self.imported = imported
         self.stage = stage
         self.printer = printer
-        self.progress = progress
+        self.phases = phases
+        self.calibration: CalibrationInfo | None = None
         self.target = load_target(options.target)
         self.policy = resolve_policy(self.target, options.precision, options.overrides, options.policy_file,
                                      options.exclude)
@@ -149,7 +213,7 @@ class BuildContext:
         self.bytes_written = 0
 
     def run(self) -> list[PassRecord]:
-        return run_steps(self.steps, self, self.options.print_after, self.printer)
+        return run_steps(self.steps, self, self.options.print_after, self.printer, self.phases)
 
     def _small_enough(self, graph: Graph) -> bool:
         params = sum(w.type.numel() for w in graph.weights)
@@ -160,6 +224,7 @@ class BuildContext:
         float_graph = self.graphs.get(FLOAT, self.graphs[PREFILL])
         needed = scales_needed(self.graphs[PREFILL])
         if not needed:
+            self.phases.summarize("not needed: no GEMM quantizes its activations")
             return {}
         if not self._small_enough(float_graph):
             raise UsageError(f"this policy quantizes activations, which needs calibration, and the model is too big "
@@ -169,17 +234,32 @@ class BuildContext:
         if data_file is not None:
             data = read_token_file(data_file, self.vocab_size)
         # within the engine's bounds: calibration runs the float graph, which shares them
-        batches = calibration_batches(batch_count, self.vocab_size, min(64, self.options.max_context), data=data)
+        length = min(64, self.options.max_context)
+        batches = calibration_batches(batch_count, self.vocab_size, length, data=data)
+        self.calibration = CalibrationInfo(
+            batches=len(batches), tokens=sum(int(b.numel()) for b in batches),
+            source="random" if data_file is None else "file", seed=0 if data_file is None else None,
+            path=None if data_file is None else str(data_file),
+            sha256=None if data_file is None else hashlib.sha256(data_file.read_bytes()).hexdigest(),
+            scales=len(needed))
+        self.phases.set_total(len(batches), "batches")
         weights = read_weights(self.imported.checkpoint, float_graph)
-        self.scales = calibrate(float_graph, weights, needed, batches)
+        self.scales = calibrate(float_graph, weights, needed, _CountedBatches(batches, self.phases))
+        self.phases.summarize(self.calibration.describe())
         return self.scales
 
     def quantize_weights(self, four_over_six: bool) -> dict[str, int]:
         """The quantize_weights step: every weight of prefill into the engine's weight file."""
         graph = self.graphs[PREFILL]
-        self.stream = WeightStream(self.imported.checkpoint, graph, self.scales, self.progress,
-                                   four_over_six=four_over_six)
+        phases = self.phases
+
+        def wrote(description: str, advance: int, total: int) -> None:
+            phases.advance(advance, description)
+
+        self.stream = WeightStream(self.imported.checkpoint, graph, self.scales, wrote, four_over_six=four_over_six)
+        phases.set_total(self.stream.total, "bytes")
         self.bytes_written = self.stream.write(self.stage / weights_file(0))
+        phases.summarize(f"{len(graph.weights)} weights, {self.bytes_written:,} bytes")
         counts: dict[str, int] = {}
         for weight in graph.weights:
             counts[weight.type.dtype.name] = counts.get(weight.type.dtype.name, 0) + 1
@@ -187,53 +267,85 @@ class BuildContext:
 
     def agreement(self, float_graph: Graph, graph: Graph) -> Agreement | None:
         # A checkpoint stored quantized has no float weights to compare with.
-        if not _quantized(graph) or _quantized(float_graph) or not self._small_enough(float_graph):
+        if not _quantized(graph):
+            self.phases.summarize("skipped: nothing was quantized")
             return None
+        if _quantized(float_graph):
+            self.phases.summarize("skipped: the checkpoint is stored quantized (no float weights to compare with)")
+            return None
+        if not self._small_enough(float_graph):
+            self.phases.summarize("skipped: the model is too big for the CPU reference check")
+            return None
+        prompts = min(4, self.options.max_batch_size)
+        self.phases.set_total(prompts, "prompts")
         float_weights = read_weights(self.imported.checkpoint, float_graph)
         engine_weights = load_weights(self.stage, [weights_file(0)], _engine_graph(graph), torch.device("cpu"))
-        return measure_agreement(float_graph, float_weights, _engine_graph(graph), engine_weights, self.vocab_size,
-                                 f"the {self.policy.base} engine of the same checkpoint",
-                                 prompts=min(4, self.options.max_batch_size), length=min(32, self.options.max_context))
+        phases = self.phases
+
+        def measured(done: int) -> None:
+            phases.advance(1, f"prompt {done} of {prompts}")
+
+        agreement = measure_agreement(float_graph, float_weights, _engine_graph(graph), engine_weights,
+                                      self.vocab_size, f"the {self.policy.base} engine of the same checkpoint",
+                                      prompts=prompts, length=min(32, self.options.max_context), progress=measured)
+        phases.summarize(f"{agreement.prompts} random prompts, {agreement.tokens} positions: top-1 "
+                         f"{agreement.top1:.4f}, mean KL {agreement.mean_kl:.3g} nats")
+        return agreement
 
 
 def build(model: Path | None, out: Path, options: BuildOptions | None = None,
-          printer: Callable[[str, str], None] | None = None, progress: ProgressHook | None = None) -> BuildResult:
+          printer: Callable[[str, str], None] | None = None,
+          progress: ProgressHook | PhaseListener | None = None) -> BuildResult:
+    """Build an engine; `progress` follows the build's phases (a PhaseListener), or only the bytes
+    of quantize-and-write (a ProgressHook)."""
     start = time.perf_counter()
     options = options or BuildOptions()
-    load_target(options.target)  # an unknown target is refused before anything is read
+    target = load_target(options.target)  # an unknown target is refused before anything is read
     if model is not None and not model.is_dir():  # the input is refused before the output is looked at
         raise ConfigError(f"{model} does not exist" if not model.exists() else
                           f"{model} is not a checkpoint directory (expected config.json and *.safetensors)")
     inputs = _build_inputs(model, options)
+    # the precision policy and --print-after are refused before the first phase starts
+    policy = resolve_policy(target, options.precision, options.overrides, options.policy_file, options.exclude)
+    check_print_after(build_steps(target, policy), options.print_after)
+    phases = Phases(_listener(progress))
     with _model_directory(model) as (model_dir, source_name), staged_directory(out, options.force, inputs) as stage:
-        imported = import_checkpoint(model_dir, options.bounds)
-        job = BuildContext(options, imported, stage, printer, progress)
+        with phases.phase(IMPORT):
+            imported = import_checkpoint(model_dir, options.bounds)
+            phases.summarize(f"{source_name}: {len(imported.config.layer_kinds)} layers "
+                             f"({imported.config.pattern}), {len(imported.graph.weights)} weights")
+        job = BuildContext(options, imported, stage, printer, phases)
         records = job.run()
         graph, decode = job.graphs[PREFILL], job.graphs[DECODE]
         float_graph = job.graphs.get(FLOAT, graph)
         stream, bytes_written = job.stream, job.bytes_written
         assert stream is not None, "the pipeline has no quantize_weights step"
-        (stage / "graph.txt").write_text(print_graph(_engine_graph(graph)))
-        (stage / "graph.decode.txt").write_text(print_graph(_engine_graph(decode)))
-        (stage / "config.json").write_text(json.dumps(imported.raw_config, indent=2, sort_keys=True) + "\n")
-        has_byte_tokenizer = _carry_tokenizer(model_dir, stage, imported.config.vocab_size)
-        agreement = job.agreement(float_graph, graph)
-        stats = param_stats(graph)
-        manifest = Manifest(
-            nemocompile_version=__version__,
-            target=TargetInfo(job.target.name, job.target.arch, job.target.compute_capability),
-            ranks=(RankFiles(0, (weights_file(0),)),),  # one rank until sharding lands
-            graphs=GraphFiles("graph.txt", "graph.decode.txt"),
-            config="config.json",
-            kernels=_kernel_uses(graph, decode),
-            tokenizer="tokenizer.json" if has_byte_tokenizer else None,
-            precision=options.precision,
-            policy=PolicyInfo.from_description(job.policy.describe(), stage / MANIFEST_NAME),
-            source=SourceInfo(source_name, imported.checkpoint.fingerprint()),
-        )
-        write_report(stage / "report.md", manifest, graph, stats, records, stream.errors, agreement,
-                     options.world_size, job.target, imported.config.unknown_keys, imported.skipped_tensors)
-        manifest = write_manifest(stage, manifest)
+        with phases.phase(AGREEMENT):
+            agreement = job.agreement(float_graph, graph)
+        with phases.phase(WRITE):
+            (stage / "graph.txt").write_text(print_graph(_engine_graph(graph)))
+            (stage / "graph.decode.txt").write_text(print_graph(_engine_graph(decode)))
+            (stage / "config.json").write_text(json.dumps(imported.raw_config, indent=2, sort_keys=True) + "\n")
+            has_byte_tokenizer = _carry_tokenizer(model_dir, stage, imported.config.vocab_size)
+            stats = param_stats(graph)
+            manifest = Manifest(
+                nemocompile_version=__version__,
+                target=TargetInfo(job.target.name, job.target.arch, job.target.compute_capability),
+                ranks=(RankFiles(0, (weights_file(0),)),),  # one rank until sharding lands
+                graphs=GraphFiles("graph.txt", "graph.decode.txt"),
+                config="config.json",
+                kernels=_kernel_uses(graph, decode),
+                tokenizer="tokenizer.json" if has_byte_tokenizer else None,
+                precision=options.precision,
+                policy=PolicyInfo.from_description(job.policy.describe(), stage / MANIFEST_NAME),
+                source=SourceInfo(source_name, imported.checkpoint.fingerprint()),
+            )
+            # the report holds every phase before this one (it is hashed by the manifest written last)
+            write_report(stage / "report.md", manifest, graph, stats, records, stream.errors, agreement,
+                         options.world_size, job.target, imported.config.unknown_keys, imported.skipped_tensors,
+                         phases=phases.records, calibration=job.calibration)
+            manifest = write_manifest(stage, manifest)
+            phases.summarize(f"{len(manifest.files)} files, each with its sha256 in {MANIFEST_NAME}")
         imported.checkpoint.close()
     return BuildResult(out, manifest, stats, records, bytes_written, time.perf_counter() - start, stream.errors,
-                       agreement)
+                       agreement, phases.records, job.calibration)

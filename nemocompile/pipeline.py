@@ -8,15 +8,21 @@ recorded the same way (`PassRecord`: seconds, counts, ops before/after, notes).
 The build holds named graphs: `prefill` (the engine graph), `float` (prefill as it was before
 precision assignment: calibration and the agreement check run it) and `decode` (the one-token
 graph that specialize_decode forks from prefill). This module imports no torch: `plan` takes the
-graph passes from the same list."""
+graph passes from the same list.
+
+A build also moves through named phases a user can follow (`PHASES`: import, passes, calibration,
+quantize-and-write, kernel selection, agreement check, write engine). Each step belongs to one
+phase; `Phases` times each phase, counts its progress (steps, batches, bytes, prompts) and tells a
+`PhaseListener` (the CLI's display or its log lines)."""
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
 
 from nemocompile.base.errors import UsageError
 from nemocompile.base.settings import settings
@@ -39,6 +45,87 @@ if TYPE_CHECKING:
 PREFILL, FLOAT, DECODE = "prefill", "float", "decode"
 Printer = Callable[[str, str], None]  # (step name, IR text)
 
+IMPORT, PASSES, CALIBRATION, QUANTIZE, KERNELS, AGREEMENT, WRITE = (
+    "import", "passes", "calibration", "quantize-and-write", "kernel selection", "agreement check", "write engine")
+PHASES = (IMPORT, PASSES, CALIBRATION, QUANTIZE, KERNELS, AGREEMENT, WRITE)  # in the order a build runs them
+
+
+@dataclass(frozen=True)
+class PhaseRecord:
+    """One finished phase: its time, how far it counted (`done` of `total` `unit`s) and a summary."""
+
+    name: str
+    seconds: float
+    done: int
+    total: int | None
+    unit: str  # "steps", "batches", "bytes", "prompts", "files" or "" (nothing to count)
+    summary: str
+
+    def as_json(self) -> dict[str, Any]:
+        return {"name": self.name, "seconds": round(self.seconds, 4), "done": self.done, "total": self.total,
+                "unit": self.unit, "summary": self.summary}
+
+
+@runtime_checkable
+class PhaseListener(Protocol):
+    """What follows a build's phases (the CLI's Rich display or its one log line per phase)."""
+
+    def phase_started(self, name: str, total: int | None, unit: str) -> None: ...
+
+    def phase_advanced(self, done: int, total: int | None, unit: str, detail: str) -> None: ...
+
+    def phase_ended(self, record: PhaseRecord) -> None: ...
+
+
+class Phases:
+    """Times the phases of one build, in order, and tells the listener (if any) what happens."""
+
+    def __init__(self, listener: PhaseListener | None = None) -> None:
+        self.listener = listener
+        self.records: list[PhaseRecord] = []
+        self._current: str | None = None
+        self._start = 0.0
+        self._done = 0
+        self._total: int | None = None
+        self._unit = ""
+        self._summary = ""
+
+    @contextmanager
+    def phase(self, name: str, total: int | None = None, unit: str = "") -> Iterator[Phases]:
+        if name not in PHASES:
+            raise ValueError(f"unknown build phase {name!r}")
+        assert self._current is None, f"phase {name} started inside phase {self._current}"
+        self._current, self._start, self._done, self._total, self._unit, self._summary = (
+            name, time.perf_counter(), 0, total, unit, "")
+        if self.listener:
+            self.listener.phase_started(name, total, unit)
+        try:
+            yield self
+        finally:
+            self._current = None
+        # a phase that failed ends nothing: the error says what happened
+        record = PhaseRecord(name, time.perf_counter() - self._start, self._done, self._total, self._unit,
+                             self._summary)
+        self.records.append(record)
+        if self.listener:
+            self.listener.phase_ended(record)
+
+    def set_total(self, total: int | None, unit: str | None = None) -> None:
+        self._total = total
+        if unit is not None:
+            self._unit = unit
+        if self.listener:
+            self.listener.phase_advanced(self._done, self._total, self._unit, "")
+
+    def advance(self, amount: int = 1, detail: str = "") -> None:
+        self._done += amount
+        if self.listener:
+            self.listener.phase_advanced(self._done, self._total, self._unit, detail)
+
+    def summarize(self, summary: str) -> None:
+        """The phase's one-line summary (what it did), shown when it ends and kept in its record."""
+        self._summary = summary
+
 
 @dataclass(frozen=True)
 class Step:
@@ -47,6 +134,7 @@ class Step:
     name: ClassVar[str] = "step"
     graph: ClassVar[str] = PREFILL  # the graph the step reads (and, for --print-after, shows)
     changes_graph: ClassVar[bool] = False  # --print-after covers the steps that do
+    phase: ClassVar[str] = PASSES  # the build phase it belongs to (consecutive steps of one phase share it)
 
     def describe(self) -> str:
         return self.name
@@ -64,7 +152,12 @@ class PassStep(Step):
     reads: str = PREFILL
     writes: str = PREFILL
     keep: str | None = None
+    in_phase: str = PASSES
     changes_graph: ClassVar[bool] = True
+
+    @property
+    def phase(self) -> str:  # type: ignore[override]
+        return self.in_phase
 
     @property
     def name(self) -> str:  # type: ignore[override]
@@ -96,6 +189,7 @@ class Calibrate(Step):
     batches run through the float graph on the reference runtime."""
 
     name: ClassVar[str] = "calibrate"
+    phase: ClassVar[str] = CALIBRATION
     batches: int = 8
     data: Path | None = None  # a file of token ids, one sequence per line
 
@@ -111,6 +205,7 @@ class QuantizeWeights(Step):
     float), one tensor at a time."""
 
     name: ClassVar[str] = "quantize_weights"
+    phase: ClassVar[str] = QUANTIZE
     four_over_six: bool = False
 
     def run(self, context: BuildContext) -> PassRecord:
@@ -128,9 +223,10 @@ def build_steps(target: Target, policy: PrecisionPolicy, calibrate: int = 8,
         PassStep(AssignPrecision(policy), keep=FLOAT),
         Calibrate(calibrate, calibration_data),
         QuantizeWeights(policy.nvfp4_four_over_six),
-        PassStep(SelectKernels(target.arch)),
-        PassStep(SpecializeDecode(), writes=DECODE),
-        PassStep(SelectKernels(target.arch), reads=DECODE, writes=DECODE),
+        # kernel selection: for the engine graph, then for the decode graph forked from it
+        PassStep(SelectKernels(target.arch), in_phase=KERNELS),
+        PassStep(SpecializeDecode(), writes=DECODE, in_phase=KERNELS),
+        PassStep(SelectKernels(target.arch), reads=DECODE, writes=DECODE, in_phase=KERNELS),
     ]
 
 
@@ -157,20 +253,40 @@ def check_print_after(steps: Sequence[Step], print_after: frozenset[str]) -> Non
                          f"{', '.join(sorted(known))}")
 
 
+def phase_groups(steps: Sequence[Step]) -> list[tuple[str, list[Step]]]:
+    """The steps grouped into their build phases: each run of consecutive steps of one phase."""
+    groups: list[tuple[str, list[Step]]] = []
+    for step in steps:
+        if groups and groups[-1][0] == step.phase:
+            groups[-1][1].append(step)
+        else:
+            groups.append((step.phase, [step]))
+    return groups
+
+
 def run_steps(steps: Sequence[Step], context: BuildContext, print_after: frozenset[str] = frozenset(),
-              printer: Printer | None = None) -> list[PassRecord]:
-    """Run the steps in order, each timed; print the graph a step wrote when asked."""
+              printer: Printer | None = None, phases: Phases | None = None) -> list[PassRecord]:
+    """Run the steps in order, each timed and each within its build phase; print the graph a step
+    wrote when asked."""
     if settings().verify_each_pass:
         verify(context.graphs[PREFILL], after="import")
+    phases = phases or Phases()
     records: list[PassRecord] = []
-    for step in steps:
-        start = time.perf_counter()
-        record = step.run(context)
-        seconds = time.perf_counter() - start
-        records.append(PassRecord(record.name, seconds, record.counts, record.ops_before, record.ops_after,
-                                  record.notes, step.graph))
-        if printer and step.changes_graph and ({"all", step.name} & print_after):
-            printer(step.name, print_graph(context.graphs[step.graph]))
+    for name, group in phase_groups(steps):
+        # graph-pass phases count steps; the driver steps count their own units (batches, bytes)
+        counted = all(isinstance(step, PassStep) for step in group)
+        with phases.phase(name, len(group) if counted else None, "steps" if counted else ""):
+            for step in group:
+                start = time.perf_counter()
+                record = step.run(context)
+                seconds = time.perf_counter() - start
+                records.append(PassRecord(record.name, seconds, record.counts, record.ops_before, record.ops_after,
+                                          record.notes, step.graph))
+                if counted:
+                    phases.advance(1, step.describe())
+                    phases.summarize(", ".join(s.describe() for s in group))
+                if printer and step.changes_graph and ({"all", step.name} & print_after):
+                    printer(step.name, print_graph(context.graphs[step.graph]))
     return records
 
 

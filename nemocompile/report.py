@@ -4,8 +4,11 @@ quantized engine's agreement with the float one."""
 
 from __future__ import annotations
 
+import json
 import math
+import re
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from nemocompile.graph.importer import why_unused
@@ -17,8 +20,101 @@ from nemocompile.runtime.engine_format import Manifest
 from nemocompile.targets import Target
 
 from .agreement import Agreement
+from .pipeline import WRITE, PhaseRecord
 from .stats import ParamStats
 from .weight_stream import QuantizationError
+
+AGREEMENT_EXPLAINED = (
+    "What these numbers measure: both engines read the same prompts, and at every position each gives a "
+    "probability distribution over the next token. **Top-1 agreement** is the fraction of positions where "
+    "both pick the same most likely token (1.0: the quantized engine would choose exactly what the float one "
+    "chooses, greedily). **Mean KL** is KL(P_float || P_quantized) in nats averaged over the positions: how "
+    "much probability the quantization moved, including where the top choice stayed (0: identical "
+    "distributions). On a trained model the float engine is usually confident, so top-1 agreement near 1 and "
+    "a KL of a few thousandths mean the quantization changed little. On random weights the next-token "
+    "distribution is nearly flat, so tiny rounding errors reorder its top candidates: a top-1 agreement of "
+    "0.4-0.5 with a small KL is what a correct quantization of a random model looks like, and says little "
+    "about a trained one. The prompts are random token ids, not text, so they test the numerics rather than "
+    "the model's knowledge.")
+
+
+@dataclass(frozen=True)
+class CalibrationInfo:
+    """How the static activation scales were set: token batches through the float graph."""
+
+    batches: int
+    tokens: int
+    source: str  # "random" or "file"
+    seed: int | None  # random tokens: the generator's seed
+    path: str | None  # file: where the token ids came from
+    sha256: str | None  # file: the hash of its bytes
+    scales: int  # activation scales set
+
+    def describe(self) -> str:
+        if self.source == "file":
+            origin = f"token ids from {self.path} (sha256 {self.sha256})"
+        else:
+            origin = f"random token ids (seed {self.seed})"
+        return f"{self.tokens:,} tokens of {origin}, {self.scales} activation scales set"
+
+    def as_json(self) -> dict[str, object]:
+        return {"batches": self.batches, "tokens": self.tokens, "source": self.source, "seed": self.seed,
+                "path": self.path, "sha256": self.sha256, "scales": self.scales}
+
+
+def calibration_lines(calibration: CalibrationInfo | None) -> list[str]:
+    lines = ["## Calibration", ""]
+    if calibration is None:
+        return [*lines, "- not run: no GEMM quantizes its activations with a scale the checkpoint lacks"]
+    return [*lines,
+            f"- samples: {calibration.batches} token sequences (one per batch), {calibration.tokens:,} tokens",
+            "- source: " + ("random token ids, seed " + str(calibration.seed) if calibration.source == "random"
+                            else f"file {calibration.path}, sha256 {calibration.sha256}"),
+            "- method: the float engine (before quantization) runs every sample; each quantized activation's "
+            "static scale is its largest magnitude seen divided by the format's largest value (amax / (6 x 448) "
+            "for NVFP4, amax / 448 for FP8), one scale per expert for routed experts",
+            f"- activation scales set: {calibration.scales}"]
+
+
+# The seconds column of the build-phases table: the only bytes of an engine that differ between two
+# builds of the same input (and so report.md's entry in the manifest).
+_PHASE_SECONDS = re.compile(r"^(\| [^|\n]+ \| )\d+\.\d{3}( \|)", re.MULTILINE)
+_PHASES_HEADING = "## Build phases"
+
+
+def without_build_times(report: str) -> str:
+    """report.md with the build-phase times blanked: what two builds of one input agree on exactly."""
+    head, found, tail = report.partition(_PHASES_HEADING)
+    if not found:
+        return report
+    table, rest_found, rest = tail.partition("\n## ")
+    return head + found + _PHASE_SECONDS.sub(r"\1-\2", table) + rest_found + rest
+
+
+def comparable_engine_bytes(directory: Path) -> dict[str, bytes]:
+    """Every file of an engine by relative path, as two builds of the same input must agree on it:
+    report.md with its build-phase times blanked, manifest.json without report.md's hash and size."""
+    files = {path.relative_to(directory).as_posix(): path.read_bytes()
+             for path in sorted(directory.rglob("*")) if path.is_file()}
+    if "report.md" in files:
+        files["report.md"] = without_build_times(files["report.md"].decode()).encode()
+    if "manifest.json" in files:
+        manifest = json.loads(files["manifest.json"])
+        manifest.get("files", {}).pop("report.md", None)
+        files["manifest.json"] = json.dumps(manifest, indent=2, sort_keys=True).encode()
+    return files
+
+
+def phase_lines(phases: Sequence[PhaseRecord]) -> list[str]:
+    lines = [_PHASES_HEADING, "", "| phase | seconds | progress | what it did |", "|---|---:|---:|---|"]
+    for phase in phases:
+        progress = f"{phase.done:,} {phase.unit}" if phase.unit else "-"
+        lines.append(f"| {phase.name} | {phase.seconds:.3f} | {progress} | {phase.summary or '-'} |")
+    total = sum(phase.seconds for phase in phases)
+    lines += [f"| total before writing | {total:.3f} | - | - |", "",
+              f"The {WRITE} phase (graph text, this report, the manifest with every file's sha256) follows; "
+              "its time is in `build --json`."]
+    return lines
 
 
 def _layer_rows(graph: Graph) -> list[str]:
@@ -62,7 +158,8 @@ def _sqnr(value: float) -> str:
 
 def write_report(path: Path, manifest: Manifest, graph: Graph, stats: ParamStats, records: list[PassRecord],
                  errors: list[QuantizationError], agreement: Agreement | None, planned_world_size: int,
-                 target: Target, unknown_keys: Sequence[str] = (), skipped_tensors: Sequence[str] = ()) -> None:
+                 target: Target, unknown_keys: Sequence[str] = (), skipped_tensors: Sequence[str] = (),
+                 phases: Sequence[PhaseRecord] = (), calibration: CalibrationInfo | None = None) -> None:
     per_gpu = stats.bytes_total / planned_world_size
     lines = [
         f"# Engine: {manifest.source.name}",
@@ -106,11 +203,15 @@ def write_report(path: Path, manifest: Manifest, graph: Graph, stats: ParamStats
     else:
         lines += [f"- against {agreement.reference}, {agreement.prompts} random prompts, {agreement.tokens} positions",
                   f"- top-1 agreement: {agreement.top1:.4f}",
-                  f"- mean KL(float || quantized): {agreement.mean_kl:.6f} nats"]
+                  f"- mean KL(float || quantized): {agreement.mean_kl:.6f} nats",
+                  "", AGREEMENT_EXPLAINED]
+    lines += ["", *calibration_lines(calibration)]
     lines += ["", *unused_input_lines(unknown_keys, skipped_tensors)]
     notes = [note for record in records for note in record.notes]
     if notes:
         lines += ["", "## Notes", ""] + [f"- {note}" for note in notes]
+    if phases:
+        lines += ["", *phase_lines(phases)]
     lines += ["", "## Layers", "", "| layer | block |", "|---:|---|", *_layer_rows(graph)]
     lines += ["", "## Passes", "", "| pass | ops before | ops after | counts |", "|---|---:|---:|---|"]
     for record in records:

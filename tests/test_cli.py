@@ -21,6 +21,7 @@ from nemocompile.api import load
 from nemocompile.base.settings import override
 from nemocompile.cli import main
 from nemocompile.graph.text import parse_graph
+from nemocompile.report import comparable_engine_bytes
 from nemocompile.runtime.tokenizer import ByteTokenizer
 
 MODELS = Path("/work/shared/models")
@@ -96,7 +97,7 @@ def test_build_json_summary(demo_build: tuple[Path, dict[str, Any]]) -> None:
     out, summary = demo_build
     assert set(summary) == {"engine", "target", "precision", "policy", "params_total", "bytes_written",
                             "bits_per_element", "seconds", "passes", "quantization_errors", "agreement",
-                            "world_size", "planned_world_size", "kernels"}
+                            "world_size", "planned_world_size", "kernels", "phases", "calibration"}
     assert summary["world_size"] == summary["planned_world_size"] == 1
     assert set(summary["kernels"]) == {"reference"}
     assert summary["engine"] == str(out)
@@ -155,14 +156,15 @@ def test_print_after_one_pass_prints_only_that_pass(tmp_path: Path) -> None:
 
 
 def test_two_builds_are_byte_identical(demo_engine: Path, tmp_path: Path) -> None:
+    # every byte but the phase times in report.md (and report.md's hash in the manifest)
     invoke_ok("build", "--target", "h100", "-o", tmp_path / "a")
     invoke_ok("build", "--target", "h100", "-o", tmp_path / "b")
-    first, second = file_bytes(tmp_path / "a"), file_bytes(tmp_path / "b")
+    first, second = comparable_engine_bytes(tmp_path / "a"), comparable_engine_bytes(tmp_path / "b")
     assert "weights/rank0.safetensors" in first and "manifest.json" in first
     assert sorted(first) == sorted(second)
     for name in first:
         assert first[name] == second[name], f"{name} differs between two builds of the same input"
-    assert file_bytes(demo_engine) == first
+    assert comparable_engine_bytes(demo_engine) == first
 
 
 def test_console_script_builds_the_same_bytes(demo_engine: Path, tmp_path: Path) -> None:
@@ -173,7 +175,7 @@ def test_console_script_builds_the_same_bytes(demo_engine: Path, tmp_path: Path)
                                capture_output=True, text=True, timeout=120, check=False)
     assert completed.returncode == 0, completed.stderr
     assert json.loads(completed.stdout)["engine"] == str(out)
-    assert file_bytes(out) == file_bytes(demo_engine)
+    assert comparable_engine_bytes(out) == comparable_engine_bytes(demo_engine)
 
 
 def test_fp32_precision_writes_f32_weights(demo_engine: Path, tmp_path: Path) -> None:

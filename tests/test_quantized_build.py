@@ -32,6 +32,7 @@ from nemocompile.graph.ir import Graph, Op
 from nemocompile.graph.types import BF16, F32, FP8_SCALED, I64, NVFP4, DType, TensorType
 from nemocompile.passes.assign_precision import AssignPrecision
 from nemocompile.passes.precision_policy import PrecisionPolicy
+from nemocompile.report import comparable_engine_bytes
 from nemocompile.runtime.cache import Cache
 from nemocompile.runtime.executor import Executor
 from nemocompile.runtime.formats import FP8Tensor, NVFP4Tensor, fake_quantize_nvfp4
@@ -229,7 +230,9 @@ def test_report_and_result_carry_the_agreement(demo: dict[str, Built], target: s
     built = demo[target]
     agreement = built.result.agreement
     assert agreement is not None
-    assert 0.6 <= agreement.top1 <= 1.0 and 0.0 < agreement.mean_kl < 0.05
+    # the trained demo is confident, so rounding moves more probability on random prompts than it did
+    # on the earlier random weights (mean KL 0.06, top-1 0.90 on h100)
+    assert 0.8 <= agreement.top1 <= 1.0 and 0.0 < agreement.mean_kl < 0.15
     assert f"- top-1 agreement: {agreement.top1:.4f}" in built.report
     assert f"- mean KL(float || quantized): {agreement.mean_kl:.6f} nats" in built.report
 
@@ -471,9 +474,8 @@ def test_w4a4_on_h100_is_refused_naming_w4a16(tmp_path: Path) -> None:
 def test_builds_with_calibration_are_byte_identical(demo: dict[str, Built], root: Path) -> None:
     again = root / "demo-b200-again"
     nemocompile.build(None, again, target="b200")
-    first = {p.relative_to(demo["b200"].engine).as_posix(): p.read_bytes()
-             for p in sorted(demo["b200"].engine.rglob("*")) if p.is_file()}
-    second = {p.relative_to(again).as_posix(): p.read_bytes() for p in sorted(again.rglob("*")) if p.is_file()}
+    # identical but for the phase times in report.md (and report.md's hash in the manifest)
+    first, second = comparable_engine_bytes(demo["b200"].engine), comparable_engine_bytes(again)
     assert first.keys() == second.keys() and WEIGHTS_FILE in first
     assert [name for name in first if first[name] != second[name]] == []
 

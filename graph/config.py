@@ -142,6 +142,16 @@ CONFIG_FIELDS: dict[str, FieldRule] = {
 }  # an older spelling (LEGACY_NAMES) follows the rule of the field it names
 SUGGESTION_CUTOFF = 0.85  # difflib ratio above which an unknown key is taken for a misspelling
 
+# Size limits, far above any released Nemotron-H (Ultra: 88 layers, 512 experts), so that a
+# config cannot make plan or build run out of memory or time before a weight is read.
+MAX_LAYERS = 10_000  # decoder layers (the block pattern's length), and MTP blocks per predict layer
+MAX_MTP_LAYERS = 1_000  # num_nextn_predict_layers
+MAX_EXPERTS = 1_000_000  # n_routed_experts
+MAX_DIM = 2**31 - 1  # any other size (widths, heads, vocabulary): kernels index tensors with int32
+# Nonsense numerics are refused rather than built into an engine that produces NaN.
+POSITIVE = "positive"
+NON_NEGATIVE = "non-negative"
+
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -246,21 +256,29 @@ class _Fields:
             self.raw[name] = self.raw[legacy]
         self.source = source
 
-    def int(self, name: builtins.str, default: builtins.int | None = None, minimum: builtins.int = 1) -> builtins.int:
+    def int(self, name: builtins.str, default: builtins.int | None = None, minimum: builtins.int = 1,
+            maximum: builtins.int = MAX_DIM) -> builtins.int:
         value = self.raw.get(name, default)
         if value is None:
             raise ConfigError(f"{self.source}: required field '{name}' is missing")
-        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-            raise ConfigError(f"{self.source}: '{name}' must be an integer >= {minimum}, got {value!r}")
+        if isinstance(value, bool) or not isinstance(value, int) or not minimum <= value <= maximum:
+            raise ConfigError(f"{self.source}: '{name}' must be an integer from {minimum} to {maximum:,} "
+                              f"(nemocompile's limit), got {_short(value)}")
         return value
 
     def optional_int(self, name: builtins.str) -> builtins.int | None:
         return None if self.raw.get(name) is None else self.int(name)
 
-    def float(self, name: builtins.str, default: builtins.float) -> builtins.float:
+    def float(self, name: builtins.str, default: builtins.float, sign: builtins.str = "",
+              below: builtins.float = math.inf) -> builtins.float:
+        """A finite number; `sign` POSITIVE or NON_NEGATIVE bounds it below, `below` above."""
         value = self.raw.get(name, default)
         if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-            raise ConfigError(f"{self.source}: '{name}' must be a finite number, got {value!r}")
+            raise ConfigError(f"{self.source}: '{name}' must be a finite number, got {_short(value)}")
+        low_ok = value > 0 if sign == POSITIVE else value >= 0 if sign == NON_NEGATIVE else True
+        if not low_ok or value >= below:
+            bound = f" below {below:g}" if below != math.inf else ""
+            raise ConfigError(f"{self.source}: '{name}' must be a {sign or 'finite'} number{bound}, got {value!r}")
         return float(value)
 
     def bool(self, name: builtins.str, default: builtins.bool) -> builtins.bool:
@@ -275,6 +293,18 @@ class _Fields:
             expected = f"one of {', '.join(allowed)}" if allowed else "a string"
             raise ConfigError(f"{self.source}: '{name}' must be {expected}, got {value!r}")
         return value
+
+
+def _short(value: Any) -> str:
+    """repr of a config value, cut short: a hostile config may hold a huge one."""
+    text = repr(value) if not isinstance(value, builtins.int) or abs(value) < 10**30 else "a huge integer"
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _check_length(value: Any, field: str, source: str, limit: int = MAX_LAYERS) -> None:
+    """Refuse a layer list or pattern longer than `limit` before looking at its items."""
+    if isinstance(value, str | list) and len(value) > limit:
+        raise ConfigError(f"{source}: '{field}' has {len(value):,} layers; nemocompile's limit is {limit:,}")
 
 
 def _no_op_form(value: Any) -> Any:
@@ -315,6 +345,9 @@ def config_from_dict(raw: dict[str, Any], source: str = "config.json") -> ModelC
     unknown_keys = check_keys(raw, source)
     f = _Fields(raw, source)
     raw = f.raw  # with older spellings under their current names
+    for field in ("layers_block_type", "hybrid_override_pattern", "mtp_layers_block_type",
+                  "mtp_hybrid_override_pattern"):
+        _check_length(raw.get(field), field, source)
     if raw.get("layers_block_type") is not None:
         kinds = _kinds_from_list(raw["layers_block_type"], "layers_block_type", source)
     elif raw.get("hybrid_override_pattern") is not None:
@@ -323,7 +356,7 @@ def config_from_dict(raw: dict[str, Any], source: str = "config.json") -> ModelC
         raise ConfigError(f"{source}: neither 'layers_block_type' nor 'hybrid_override_pattern' is given")
     if not kinds:
         raise ConfigError(f"{source}: the model has no layers")
-    mtp_layers = f.int("num_nextn_predict_layers", 0, minimum=0)
+    mtp_layers = f.int("num_nextn_predict_layers", 0, minimum=0, maximum=MAX_MTP_LAYERS)
     if raw.get("mtp_layers_block_type") is not None:
         mtp_kinds = _kinds_from_list(raw["mtp_layers_block_type"], "mtp_layers_block_type", source)
     else:
@@ -340,7 +373,7 @@ def config_from_dict(raw: dict[str, Any], source: str = "config.json") -> ModelC
         mtp_layer_kinds=mtp_kinds if mtp_layers else (),
         num_nextn_predict_layers=mtp_layers,
         tie_word_embeddings=f.bool("tie_word_embeddings", False),
-        layer_norm_epsilon=f.float("layer_norm_epsilon", 1e-5),
+        layer_norm_epsilon=f.float("layer_norm_epsilon", 1e-5, POSITIVE, below=1.0),
         num_attention_heads=heads,
         num_key_value_heads=kv_heads or f.int("num_key_value_heads", 8),
         head_dim=f.int("head_dim", 128),
@@ -357,8 +390,8 @@ def config_from_dict(raw: dict[str, Any], source: str = "config.json") -> ModelC
         use_conv_bias=f.bool("use_conv_bias", True),
         use_bias=f.bool("use_bias", False),
         mamba_hidden_act=f.str("mamba_hidden_act", "silu", ("silu",)),
-        time_step_min=f.float("time_step_min", 0.001),
-        n_routed_experts=f.int("n_routed_experts", 8),
+        time_step_min=f.float("time_step_min", 0.001, NON_NEGATIVE),
+        n_routed_experts=f.int("n_routed_experts", 8, maximum=MAX_EXPERTS),
         num_experts_per_tok=f.int("num_experts_per_tok", 2),
         moe_intermediate_size=f.int("moe_intermediate_size", 7688),
         moe_shared_expert_intermediate_size=f.int("moe_shared_expert_intermediate_size", 7688),
@@ -366,7 +399,7 @@ def config_from_dict(raw: dict[str, Any], source: str = "config.json") -> ModelC
         n_group=f.int("n_group", 1),
         topk_group=f.int("topk_group", 1),
         norm_topk_prob=f.bool("norm_topk_prob", True),
-        routed_scaling_factor=f.float("routed_scaling_factor", 1.0),
+        routed_scaling_factor=f.float("routed_scaling_factor", 1.0, POSITIVE),
         torch_dtype=f.str("torch_dtype", str(raw.get("dtype", "bfloat16")), ("bfloat16", "float16", "float32")),
         unknown_keys=unknown_keys,
     )
@@ -404,13 +437,13 @@ def load_config(path: Path) -> tuple[ModelConfig, dict[str, Any]]:
         raise ConfigError(f"{config_path} does not exist; a Nemotron-H checkpoint directory needs config.json")
     try:
         raw = json.loads(read_regular_text(config_path, "config", ConfigError, CONFIG_MAX_BYTES))
-    except (json.JSONDecodeError, UnicodeDecodeError, ConfigError) as error:
+    except (ValueError, UnicodeDecodeError, ConfigError) as error:  # JSONDecodeError, and integers past Python's digit limit
         if config_path.suffix != ".json" and config_path.is_file():  # e.g. model.safetensors: say what to pass
             raise ConfigError(f"{config_path} is not a config.json; pass a checkpoint directory or its "
                               f"config.json") from None
         if isinstance(error, ConfigError):
             raise
-        raise ConfigError(f"{config_path} is not valid JSON ({error})") from None
+        raise ConfigError(f"{config_path} is not valid JSON ({str(error)[:200]})") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{config_path} must hold a JSON object")
     return config_from_dict(raw, str(config_path)), raw

@@ -4,8 +4,9 @@ and by plan mode (config.json alone, no weight bytes)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from typing import overload
 
 from nemocompile.base.formats import FLOAT_FORMATS
 
@@ -37,13 +38,40 @@ DEFAULT_BOUNDS = (256, 131072)
 
 
 @dataclass(frozen=True)
+class ExpertTensorNames(Sequence[str]):
+    """The checkpoint names `{prefix}.{i}.{suffix}` of `experts` experts, made on demand: a config
+    may declare up to a million experts, and plan mode never needs their names."""
+
+    prefix: str
+    suffix: str
+    experts: int
+
+    def __len__(self) -> int:
+        return self.experts
+
+    @overload
+    def __getitem__(self, index: int) -> str: ...
+    @overload
+    def __getitem__(self, index: slice) -> Sequence[str]: ...
+    def __getitem__(self, index: int | slice) -> str | Sequence[str]:
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(self.experts))]
+        if not -self.experts <= index < self.experts:
+            raise IndexError(f"expert {index} of {self.experts}")
+        return f"{self.prefix}.{index % self.experts}.{self.suffix}"
+
+    def __iter__(self) -> Iterator[str]:
+        return (f"{self.prefix}.{i}.{self.suffix}" for i in range(self.experts))
+
+
+@dataclass(frozen=True)
 class WeightSpec:
     """One graph weight and the checkpoint tensor(s) it comes from (several = stacked experts)."""
 
     name: str
     shape: tuple[int, ...]
     category: str
-    tensors: tuple[str, ...]
+    tensors: Sequence[str]  # a tuple, or ExpertTensorNames for stacked experts
     bias: bool = False  # a projection's bias: stays in the float base, never quantized
 
     @property
@@ -117,9 +145,9 @@ def _moe(c: ModelConfig, p: str, t: str) -> list[WeightSpec]:
         WeightSpec(f"{p}.router", (e, c.hidden_size), "router", (f"{t}.gate.weight",)),
         WeightSpec(f"{p}.router_bias", (e,), "router", (f"{t}.gate.e_score_correction_bias",)),
         WeightSpec(f"{p}.experts_up", (e, inter, width), "routed_experts",
-                   tuple(f"{t}.experts.{i}.up_proj.weight" for i in range(e))),
+                   ExpertTensorNames(f"{t}.experts", "up_proj.weight", e)),
         WeightSpec(f"{p}.experts_down", (e, width, inter), "routed_experts",
-                   tuple(f"{t}.experts.{i}.down_proj.weight" for i in range(e))),
+                   ExpertTensorNames(f"{t}.experts", "down_proj.weight", e)),
         *_projections([
             WeightSpec(f"{p}.shared_up", (shared, c.hidden_size), "shared_experts",
                        (f"{t}.shared_experts.up_proj.weight",)),
@@ -163,12 +191,11 @@ def model_weights(c: ModelConfig, prefix: str = "backbone.", lm_head: bool | Non
 def mtp_weight_estimate(c: ModelConfig) -> int:
     """Parameters of the multi-token-prediction blocks from config alone: per predict layer, the
     enorm/hnorm/final norms and eh_proj [H, 2H], then its blocks (embeddings and lm_head shared)."""
-    total = 0
-    for _ in range(c.num_nextn_predict_layers):
-        total += 3 * c.hidden_size + 2 * c.hidden_size * c.hidden_size
-        for kind in c.mtp_layer_kinds:
-            total += c.hidden_size + sum(s.numel for s in BLOCK_WEIGHTS[kind](c, "mtp", "mtp"))
-    return total
+    per_layer = 3 * c.hidden_size + 2 * c.hidden_size * c.hidden_size
+    per_kind = {kind: c.hidden_size + sum(s.numel for s in BLOCK_WEIGHTS[kind](c, "mtp", "mtp"))
+                for kind in set(c.mtp_layer_kinds)}  # each kind once: the count may be large
+    per_layer += sum(per_kind[kind] for kind in c.mtp_layer_kinds)
+    return c.num_nextn_predict_layers * per_layer
 
 
 def _block_op(b: GraphBuilder, c: ModelConfig, kind: str, index: int, x: str, dtype: DType) -> str:

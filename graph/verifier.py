@@ -4,10 +4,12 @@ A rejection quotes the IR around the op at fault."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from nemocompile.base.errors import IRError
 
 from . import ops  # noqa: F401  (the declarations register themselves)
-from .ir import Graph, Op, unique
+from .ir import Graph, Op, StateSlot, unique
 from .opdef import REGISTRY
 from .text import format_op, format_weight
 from .types import TensorType
@@ -21,7 +23,7 @@ def _context(graph: Graph, index: int, radius: int = 2) -> str:
     return "\n".join(lines)
 
 
-def _check_op(op: Op, types: dict[str, TensorType], graph: Graph) -> str | None:
+def _check_op(op: Op, types: dict[str, TensorType], slots: Mapping[str, StateSlot]) -> str | None:
     if op.opname not in REGISTRY:
         return f"unknown op '{op.opname}'"
     definition = REGISTRY[op.opname]
@@ -41,7 +43,6 @@ def _check_op(op: Op, types: dict[str, TensorType], graph: Graph) -> str | None:
     problems = definition.check_attrs(op.attrs)
     if problems:
         return "; ".join(problems)
-    slots = graph.state_map()
     for index in definition.indices_with_role("state"):
         name = op.operands[index]
         if name is not None and name not in slots:
@@ -84,8 +85,9 @@ def verify(graph: Graph, after: str | None = None) -> Graph:
         if slot.name in types:
             raise IRError(f"graph {graph.name}{where}: state %{slot.name} has the name of another value")
         types[slot.name] = slot.type
+    slots = graph.state_map()  # once: a lookup per op would make verifying quadratic in the layers
     for index, op in enumerate(graph.ops):
-        problem = _check_op(op, types, graph)
+        problem = _check_op(op, types, slots)
         if problem is None:
             for result in op.results:
                 if result.name in types:

@@ -5,7 +5,7 @@ Stacked experts get one scale each; an expert that saw no token takes the larges
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -70,14 +70,53 @@ def read_token_file(path: Path, vocab_size: int) -> list[list[int]]:
     return sequences
 
 
+# --calibrate N: more batches than this would run the reference model for days on a CPU.
+MAX_CALIBRATION_BATCHES = 100_000
+
+
+class CalibrationBatches(Sequence[torch.Tensor]):
+    """Token batches [1, tokens], made one at a time as they are taken (never all up front):
+    `count` random batches of `length` tokens, or the first `count` sequences of `data` (so
+    their number is bounded by the data)."""
+
+    def __init__(self, count: int, vocab_size: int, length: int, seed: int,
+                 data: Sequence[Sequence[int]] | None) -> None:
+        self.vocab_size, self.length, self.seed, self.data = vocab_size, length, seed, data
+        self.size = min(count, len(data)) if data is not None else count
+
+    def __len__(self) -> int:
+        return self.size
+
+    @property
+    def tokens(self) -> int:
+        """Tokens in all batches, without making them."""
+        if self.data is None:
+            return self.size * self.length
+        return sum(len(self.data[index]) for index in range(self.size))
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        if self.data is not None:
+            for index in range(self.size):
+                yield torch.tensor([list(self.data[index])], dtype=torch.int64)
+            return
+        generator = torch.Generator().manual_seed(self.seed)  # one stream: batch i is the i-th draw
+        for _ in range(self.size):
+            yield torch.randint(0, self.vocab_size, (1, self.length), generator=generator)
+
+    def __getitem__(self, index: int) -> torch.Tensor:  # type: ignore[override]
+        if not 0 <= index < self.size:
+            raise IndexError(f"calibration batch {index} of {self.size}")
+        for number, batch in enumerate(self):
+            if number == index:
+                return batch
+        raise AssertionError("unreachable")
+
+
 def calibration_batches(count: int, vocab_size: int, length: int = 64, seed: int = 0,
-                        data: Sequence[Sequence[int]] | None = None) -> list[torch.Tensor]:
-    if count < 1:
-        raise UsageError(f"--calibrate must be at least 1, got {count}")
-    if data is not None:
-        return [torch.tensor([list(seq)], dtype=torch.int64) for seq in data[:count]]
-    generator = torch.Generator().manual_seed(seed)
-    return [torch.randint(0, vocab_size, (1, length), generator=generator) for _ in range(count)]
+                        data: Sequence[Sequence[int]] | None = None) -> CalibrationBatches:
+    if not 1 <= count <= MAX_CALIBRATION_BATCHES:
+        raise UsageError(f"--calibrate must be from 1 to {MAX_CALIBRATION_BATCHES:,} token batches, got {count:,}")
+    return CalibrationBatches(count, vocab_size, length, seed, data)
 
 
 def calibrate(float_graph: Graph, float_weights: Mapping[str, WeightValue], needed: Mapping[str, tuple[str, str]],

@@ -237,7 +237,7 @@ class BuildContext:
         length = min(64, self.options.max_context)
         batches = calibration_batches(batch_count, self.vocab_size, length, data=data)
         self.calibration = CalibrationInfo(
-            batches=len(batches), tokens=sum(int(b.numel()) for b in batches),
+            batches=len(batches), tokens=batches.tokens,
             source="random" if data_file is None else "file", seed=0 if data_file is None else None,
             path=None if data_file is None else str(data_file),
             sha256=None if data_file is None else hashlib.sha256(data_file.read_bytes()).hexdigest(),

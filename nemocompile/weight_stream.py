@@ -2,7 +2,12 @@
 expert at a time when stacked), convert it to the format the IR gives it (NVFP4, FP8 or a float),
 write it into the engine's safetensors file, and let it go. Peak host memory is a few times the
 largest single checkpoint tensor, not the model. Weights stored quantized in the checkpoint are
-copied bit for bit. Each quantized weight's error is measured against its source."""
+copied bit for bit. Each quantized weight's error is measured against its source.
+
+Every tensor is checked after its final conversion, just before it is written: floats finite
+(a finite fp32 value past bf16's range becomes Inf in the conversion), FP8 E4M3 bytes never NaN
+(0x7F, 0xFF; E4M3 has no Inf), and scales (ModelOpt's weight_scale, weight_scale_2 and
+input_scale, taken bit for bit, or calibrated) positive, except block scales, which may be 0."""
 
 from __future__ import annotations
 
@@ -17,6 +22,7 @@ import torch
 from nemocompile.base.errors import CheckpointError
 from nemocompile.graph.checkpoint import Checkpoint
 from nemocompile.graph.ir import Graph, Weight
+from nemocompile.graph.nemotron_h import INPUT_SCALE_CATEGORY
 from nemocompile.graph.storage import component_name, stored_nbytes, stored_tensors
 from nemocompile.runtime.dtypes import torch_dtype
 from nemocompile.runtime.formats import (
@@ -32,6 +38,8 @@ from nemocompile.runtime.weights import WeightValue, assemble
 from .safetensors_writer import SafetensorsWriter
 
 ERROR_CHUNK_VALUES = 1 << 20
+E4M3_NAN_BITS = 0x7F  # E4M3 (fn) has no Inf: S.1111.111 is NaN, the bytes 0x7F and 0xFF
+FP32_SCALES = frozenset({"weight_scale_2", "input_scale"})  # and FP8's fp32 weight_scale
 ProgressHook = Callable[[str, int, int], None]  # (what, bytes just processed, bytes in all)
 
 
@@ -97,13 +105,40 @@ def _slices(ckpt: Checkpoint, weight: Weight, component: str = "") -> Iterator[t
         yield name, tensor.unsqueeze(0) if weight.stacked else tensor
 
 
-def _finite(weight: Weight, name: str, tensor: torch.Tensor) -> torch.Tensor:
-    # NaN and Inf reach the extremes, so two values tell (much faster than isfinite over all)
-    if tensor.is_floating_point() and tensor.numel():
-        low, high = torch.aminmax(tensor.reshape(-1))
-        if not bool(torch.isfinite(low) & torch.isfinite(high)):
-            raise CheckpointError(f"tensor {name} (weight {weight.name}) holds NaN or Inf values")
-    return tensor
+def _is_finite(tensor: torch.Tensor) -> tuple[bool, float]:
+    """(no NaN or Inf, the smallest value); NaN and Inf reach the extremes, so two values tell
+    (much faster than isfinite over all)."""
+    low, high = torch.aminmax(tensor.reshape(-1))
+    return bool(torch.isfinite(low) & torch.isfinite(high)), float(low)
+
+
+def checked(weight: Weight, name: str, stored: torch.Tensor, component: str = "",
+            source: torch.Tensor | None = None) -> torch.Tensor:
+    """`stored` (tensor `name` of `weight`, as the engine will hold it) if it is finite and valid;
+    `source` is what it was converted from, so an overflow in the conversion is named as one."""
+    where = f"tensor {name} (weight {weight.name})"
+    if not stored.numel():
+        return stored
+    if stored.dtype == torch.float8_e4m3fn:
+        bits = stored.view(torch.uint8)
+        if bool(((bits & E4M3_NAN_BITS) == E4M3_NAN_BITS).any()):
+            raise CheckpointError(f"{where} holds FP8 E4M3 NaN bytes (0x7F or 0xFF)")
+        if component == "weight_scale" and bool(((bits > 0x80) & (bits < 0xFF)).any()):
+            raise CheckpointError(f"{where} holds negative block scales; a scale must be positive (or 0 for "
+                                  f"an all-zero block)")
+    elif stored.is_floating_point():
+        finite, low = _is_finite(stored)
+        if not finite:
+            if source is not None and source.dtype != stored.dtype and _is_finite(source)[0]:
+                largest = torch.finfo(stored.dtype).max
+                raise CheckpointError(f"{where} holds finite values beyond the range of "
+                                      f"{str(stored.dtype).removeprefix('torch.')} (largest {largest:.3g}), "
+                                      f"which become Inf when converted")
+            raise CheckpointError(f"{where} holds NaN or Inf values")
+        scale = component in FP32_SCALES or component == "weight_scale" or weight.category == INPUT_SCALE_CATEGORY
+        if scale and low <= 0:
+            raise CheckpointError(f"{where} is a scale and must be positive, but holds {low:g}")
+    return stored
 
 
 def read_weights(ckpt: Checkpoint, graph: Graph) -> dict[str, WeightValue]:
@@ -150,15 +185,16 @@ class WeightStream:
         if not weight.sources:
             if weight.name not in self.scales:
                 raise CheckpointError(f"weight {weight.name} has no source and no calibrated value")
-            writer.write(weight.name, self.scales[weight.name].to(torch_dtype(target)).reshape(
-                tuple(int(d) for d in weight.type.shape)))
+            scale = self.scales[weight.name].to(torch_dtype(target)).reshape(tuple(int(d) for d in weight.type.shape))
+            writer.write(weight.name, checked(weight, weight.name, scale, "input_scale"))
             return
         if weight.source_dtype == target or not target.quantized:
             # a copy (bit for bit when the format agrees) or a float conversion, component by component
             for stored in stored_tensors(weight.type):
                 name = component_name(weight.name, stored.component)
                 dtype = torch_dtype(stored.dtype)
-                writer.write_parts(name, (_finite(weight, source, t).to(dtype) if not target.quantized else t
+                writer.write_parts(name, (checked(weight, source, t if target.quantized else t.to(dtype),
+                                                  stored.component, t)
                                           for source, t in _slices(self.ckpt, weight, stored.component)))
             return
         self._quantize(writer, weight)
@@ -194,5 +230,6 @@ class WeightStream:
         for stored in stored_tensors(weight.type)[1:]:
             parts = components[stored.component]
             value = torch.stack(parts) if weight.stacked else parts[0]
-            writer.write(component_name(weight.name, stored.component), value.reshape(stored.shape))
+            name = component_name(weight.name, stored.component)
+            writer.write(name, checked(weight, name, value.reshape(stored.shape), stored.component))
         self.errors.append(errors.result(weight.name, fmt))

@@ -11,6 +11,12 @@ round a bf16 quotient to bf16 before E4M3, which we do not copy.
 
 A zero amax (an all-zero tensor or row) gets the scale 1.0: ModelOpt's export replaces a zero
 amax by the format's maximum (448) before dividing, so nothing is ever divided by zero.
+
+The zero and denormal rule, shared with NVFP4 (``check_normal_scale``): a zero amax takes the
+format's maximum as its amax (an all-zero tensor quantizes to exact zeros); a non-zero amax whose
+float32 scale would not be a normal number (below 2**-126, i.e. amax below 448 * 2**-126 ~ 5.2e-36
+here, 6 * 448 * 2**-126 ~ 3.2e-35 for NVFP4: a weight of denormals only) is refused, because
+GPU kernels flush a denormal scale to zero and a scale of zero turns the weight into NaN or zeros.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import torch
 from nemocompile.base.formats import FORMATS
 
 E4M3_MAX = FORMATS["fp8e4m3"].max_value  # largest finite float8_e4m3fn value (448)
+FLOAT32_TINY = torch.finfo(torch.float32).tiny  # 2**-126, the smallest normal float32: the least scale
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # Values per chunk when converting: 128K keep a chunk's float32 temporaries (512 KiB) in cache,
 # and make the per-op overhead of the few torch ops per chunk negligible.
@@ -66,12 +73,27 @@ class FP8Tensor:
 def fp8_scale(amax: torch.Tensor) -> torch.Tensor:
     """``amax / 448`` in float32, any shape; a zero amax gives 1.0 (ModelOpt's export rule).
 
-    Raises ValueError for a negative, NaN or infinite amax.
+    Raises ValueError for a negative, NaN or infinite amax, or a non-zero one so small that the
+    scale is not a normal float32 (the module's zero and denormal rule).
     """
     amax = amax.to(torch.float32)
     if not bool(torch.isfinite(amax).all()) or bool((amax < 0).any()):
         raise ValueError(f"an FP8 scale needs a finite, non-negative amax; got {describe_values(amax)}.")
-    return torch.where(amax == 0, 1.0, amax / E4M3_MAX)
+    scale = torch.where(amax == 0, 1.0, amax / E4M3_MAX)
+    check_normal_scale(scale, amax, "FP8")
+    return scale
+
+
+def check_normal_scale(scale: torch.Tensor, amax: torch.Tensor, fmt: str) -> None:
+    """The zero and denormal rule of FP8 and NVFP4: ValueError where a non-zero amax gives a scale
+    below the smallest normal float32 (a weight of denormals only)."""
+    small = (amax > 0) & (scale < FLOAT32_TINY)
+    if bool(small.any()):
+        raise ValueError(
+            f"the largest magnitude {float(amax[small].flatten()[0]):g} is so small that its {fmt} scale "
+            f"would be a denormal float32 (below 2**-126), which GPU kernels flush to zero; FP8 and NVFP4 "
+            f"refuse such a weight alike (keep it in a float format, or make it exactly zero)."
+        )
 
 
 def quantize_fp8(

@@ -17,7 +17,9 @@ Bit for bit with ModelOpt 0.47 ``NVFP4QTensor.quantize`` / ``dequantize``
 - a negative value that rounds to zero keeps its sign bit (code 8), while -0.0 gets code 0;
 - an all-zero tensor (amax 0), where ModelOpt divides 0 by 0 and writes NaN scales, instead
   gets the amax it substitutes on export for a zero amax, the format maximum 6: global scale
-  6 / 2688, block scales 1.0, codes 0, so it dequantizes to exact zeros.
+  6 / 2688, block scales 1.0, codes 0, so it dequantizes to exact zeros;
+- a non-zero amax whose global scale would be a denormal float32 (amax below 2688 * 2**-126,
+  a weight of denormals only) is refused, the same rule as FP8's (``fp8.check_normal_scale``).
 
 ``four_over_six=True`` is ModelOpt's "Four Over Six" weight recipe (``NVFP4_FOUR_OVER_SIX_CFG``):
 the FP8 normalisation maximum is 256 (``global_scale = amax / (6*256)``), and each block keeps
@@ -38,7 +40,7 @@ from dataclasses import dataclass
 import torch
 
 from nemocompile.base.formats import FORMATS
-from nemocompile.runtime.formats.fp8 import E4M3_MAX, check_float_dtype, describe_values
+from nemocompile.runtime.formats.fp8 import E4M3_MAX, check_float_dtype, check_normal_scale, describe_values
 
 BLOCK_SIZE = FORMATS["nvfp4"].block  # 16
 E2M1_MAX = FORMATS["fp4e2m1"].max_value  # 6
@@ -97,12 +99,12 @@ def nvfp4_global_scale(amax: torch.Tensor, *, four_over_six: bool = False) -> to
     """``amax / (6 * 448)`` in float32 (``/ (6 * 256)`` with four_over_six), any shape.
 
     A zero amax becomes 6, as ModelOpt's export does for a zero amax, so the scale is never zero.
-    Raises ValueError for a negative, NaN or infinite amax, or one so small the scale underflows.
+    Raises ValueError for a negative, NaN or infinite amax, or a non-zero one so small the scale
+    would be a denormal float32 (the zero and denormal rule shared with FP8).
     """
     amax = _sanitized_amax(amax)
     scale = amax / (E2M1_MAX * (FOUR_OVER_SIX_FP8_MAX if four_over_six else E4M3_MAX))
-    if bool((scale == 0).any()):
-        raise ValueError(f"an NVFP4 global scale underflows float32 for amax {describe_values(amax)}.")
+    check_normal_scale(scale, amax, "NVFP4")
     return scale
 
 

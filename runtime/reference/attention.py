@@ -1,8 +1,38 @@
-"""Causal grouped-query attention with a key/value cache (Nemotron-H attention has no rotary embedding)."""
+"""Causal grouped-query attention with a key/value cache (Nemotron-H attention has no rotary embedding).
+
+The queries are taken in chunks so that the scores of one chunk ([batch, heads, chunk, keys])
+hold at most SCORE_BUDGET elements: prefill memory grows with chunk x context, not with the
+prompt squared (a 20k-token prompt would otherwise need 400M scores per head). Each query row
+is computed by the same formula whatever the chunk; only the matrix products' blocking changes,
+which can move a float32 result by an ulp or so. A prompt whose scores fit the budget (e.g. up to
+2,048 tokens with 4 heads) runs as one chunk, exactly as before."""
 
 from __future__ import annotations
 
 import torch
+
+SCORE_BUDGET = 1 << 24  # score elements per query chunk: 64 MiB in float32
+
+
+def _attend(q_heads: torch.Tensor, k_heads: torch.Tensor, v_heads: torch.Tensor, query_pos: torch.Tensor,
+            scale: float) -> torch.Tensor:
+    """Softmax attention of q_heads [B, Hq, T, Dh] over k_heads, v_heads [B, Hq, S, Dh], where
+    query t (absolute position query_pos[b, t]; query_pos [B or 1, T]) sees keys 0..query_pos[b, t].
+    Returns [B, Hq, T, Dh] in q's dtype."""
+    batch, heads, length, head_dim = q_heads.shape
+    keys = k_heads.shape[2]
+    chunk = max(1, SCORE_BUDGET // max(1, batch * heads * keys))
+    key_pos = torch.arange(keys, device=q_heads.device)[None, None, :]
+    k_transposed = k_heads.transpose(2, 3)
+    out = torch.empty(batch, heads, length, head_dim, dtype=q_heads.dtype, device=q_heads.device)
+    for start in range(0, length, chunk):
+        rows = slice(start, start + chunk)
+        scores = torch.matmul(q_heads[:, :, rows], k_transposed) * scale  # [B, Hq, chunk, S]
+        scores = scores.masked_fill((key_pos > query_pos[:, rows, None])[:, None], float("-inf"))
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q_heads.dtype)
+        del scores
+        out[:, :, rows] = torch.matmul(probs, v_heads)
+    return out
 
 
 def attention_gqa(
@@ -45,13 +75,9 @@ def attention_gqa(
     k_heads = k_all.repeat_interleave(group, dim=1)  # [B, Hq, S+T, Dh]
     v_heads = v_all.repeat_interleave(group, dim=1)
 
-    scores = torch.matmul(q_heads, k_heads.transpose(2, 3)) * scale  # [B, Hq, T, S+T]
-    query_pos = torch.arange(length, device=q.device)[:, None] + past_length
-    key_pos = torch.arange(k_all.shape[2], device=q.device)[None, :]
-    scores = scores.masked_fill(key_pos > query_pos, float("-inf"))
-    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
-    out = torch.matmul(probs, v_heads).transpose(1, 2).reshape(batch, length, num_heads * head_dim)
-    return out, k_all, v_all
+    query_pos = torch.arange(length, device=q.device)[None, :] + past_length  # [1, T]
+    out = _attend(q_heads, k_heads, v_heads, query_pos, scale)
+    return out.transpose(1, 2).reshape(batch, length, num_heads * head_dim), k_all, v_all
 
 
 def attention_gqa_cached(
@@ -93,9 +119,5 @@ def attention_gqa_cached(
     group = num_heads // num_kv_heads
     k_heads = k_cache[:, :, :end].to(q.dtype).repeat_interleave(group, dim=1)  # [B, Hq, end, Dh]
     v_heads = v_cache[:, :, :end].to(q.dtype).repeat_interleave(group, dim=1)
-    scores = torch.matmul(q_heads, k_heads.transpose(2, 3)) * scale  # [B, Hq, T, end]
-    key_pos = torch.arange(end, device=q.device)[None, None, :]
-    scores = scores.masked_fill((key_pos > positions[:, :, None])[:, None], float("-inf"))
-    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
-    out = torch.matmul(probs, v_heads).transpose(1, 2).reshape(batch, length, num_heads * head_dim)
-    return out, k_cache, v_cache
+    out = _attend(q_heads, k_heads, v_heads, positions, scale)
+    return out.transpose(1, 2).reshape(batch, length, num_heads * head_dim), k_cache, v_cache

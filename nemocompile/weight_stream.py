@@ -7,7 +7,8 @@ copied bit for bit. Each quantized weight's error is measured against its source
 Every tensor is checked after its final conversion, just before it is written: floats finite
 (a finite fp32 value past bf16's range becomes Inf in the conversion), FP8 E4M3 bytes never NaN
 (0x7F, 0xFF; E4M3 has no Inf), and scales (ModelOpt's weight_scale, weight_scale_2 and
-input_scale, taken bit for bit, or calibrated) positive, except block scales, which may be 0."""
+input_scale, taken bit for bit, or calibrated) positive normal float32s, except block scales,
+which may be 0 (an all-zero block) but never negative."""
 
 from __future__ import annotations
 
@@ -33,6 +34,7 @@ from nemocompile.runtime.formats import (
     quantize_fp8,
     quantize_nvfp4,
 )
+from nemocompile.runtime.formats.fp8 import FLOAT32_TINY
 from nemocompile.runtime.weights import WeightValue, assemble
 
 from .safetensors_writer import SafetensorsWriter
@@ -136,8 +138,9 @@ def checked(weight: Weight, name: str, stored: torch.Tensor, component: str = ""
                                       f"which become Inf when converted")
             raise CheckpointError(f"{where} holds NaN or Inf values")
         scale = component in FP32_SCALES or component == "weight_scale" or weight.category == INPUT_SCALE_CATEGORY
-        if scale and low <= 0:
-            raise CheckpointError(f"{where} is a scale and must be positive, but holds {low:g}")
+        if scale and low < FLOAT32_TINY:  # the zero/denormal rule of runtime/formats: kernels flush denormals
+            raise CheckpointError(f"{where} is a scale and must be positive and a normal float32 (at least "
+                                  f"2**-126), but holds {low:g}")
     return stored
 
 

@@ -166,8 +166,9 @@ def _set(name: str, value: float) -> Callable[[dict[str, torch.Tensor]], None]:
 
 
 @pytest.mark.parametrize(("value", "said"), [(float("nan"), "NaN or Inf"), (float("inf"), "NaN or Inf"),
-                                             (0.0, "must be positive"), (-0.5, "must be positive")],
-                         ids=["nan", "inf", "zero", "negative"])
+                                             (0.0, "must be positive"), (-0.5, "must be positive"),
+                                             (1e-40, "normal float32")],
+                         ids=["nan", "inf", "zero", "negative", "denormal"])
 @pytest.mark.parametrize("component", ["weight_scale_2", "input_scale"])
 def test_bad_modelopt_fp32_scale_is_refused(component: str, value: float, said: str, checkpoint: Path,
                                             tmp_path: Path) -> None:

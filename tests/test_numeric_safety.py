@@ -25,7 +25,7 @@ from typing import Any
 import pytest
 import torch
 from click.testing import CliRunner, Result
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 import nemocompile
 from nemocompile.base.errors import CheckpointError, ConfigError, UsageError
@@ -45,6 +45,7 @@ from nemocompile.runtime.formats import (
 )
 from nemocompile.runtime.reference import attention as attention_module
 from nemocompile.runtime.reference.attention import attention_gqa, attention_gqa_cached
+from tests.test_bad_input_precision import variant
 
 EXPERTS = 4
 CONFIG: dict[str, Any] = dict(
@@ -78,19 +79,6 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
         model.model.layers[2].mixer.gate.weight.normal_(0, 0.3, generator=torch.Generator().manual_seed(9))
     directory = tmp_path_factory.mktemp("numeric") / "tiny"
     model.save_pretrained(directory)
-    return directory
-
-
-def variant(source: Path, directory: Path, edit: Callable[[dict[str, torch.Tensor]], None],
-            quant_config: dict[str, Any] | None = None) -> Path:
-    """A copy of `source` with its tensors edited (and an hf_quant_config.json when given)."""
-    shutil.copytree(source, directory)
-    tensors = load_file(str(directory / "model.safetensors"))
-    edit(tensors)
-    save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
-    if quant_config is not None:
-        wrapped = {"producer": {"name": "modelopt", "version": "0.47.0"}, "quantization": quant_config}
-        (directory / "hf_quant_config.json").write_text(json.dumps(wrapped))
     return directory
 
 

@@ -108,7 +108,12 @@ def variant(source: Path, directory: Path, edit: Callable[[dict[str, torch.Tenso
 
 def quantize_experts(tensors: dict[str, torch.Tensor]) -> None:
     """The routed experts as ModelOpt's NVFP4 export stores them."""
-    for module in QUANTIZED_EXPERTS:
+    store_as_nvfp4(tensors, QUANTIZED_EXPERTS)
+
+
+def store_as_nvfp4(tensors: dict[str, torch.Tensor], modules: Sequence[str]) -> None:
+    """`modules` (weight names without `.weight`) as ModelOpt's NVFP4 export stores them."""
+    for module in modules:
         nvfp4 = quantize_nvfp4(tensors.pop(f"{module}.weight").clone())
         tensors[f"{module}.weight"] = nvfp4.packed
         tensors[f"{module}.weight_scale"] = nvfp4.block_scale

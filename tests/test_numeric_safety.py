@@ -45,7 +45,7 @@ from nemocompile.runtime.formats import (
 )
 from nemocompile.runtime.reference import attention as attention_module
 from nemocompile.runtime.reference.attention import attention_gqa, attention_gqa_cached
-from tests.test_bad_input_precision import variant
+from tests.test_bad_input_precision import store_as_nvfp4, variant
 
 EXPERTS = 4
 CONFIG: dict[str, Any] = dict(
@@ -84,12 +84,7 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def nvfp4_experts(tensors: dict[str, torch.Tensor]) -> None:
     """The routed experts as ModelOpt's NVFP4 export stores them."""
-    for module in ROUTED_EXPERTS:
-        nvfp4 = quantize_nvfp4(tensors.pop(f"{module}.weight").clone())
-        tensors[f"{module}.weight"] = nvfp4.packed
-        tensors[f"{module}.weight_scale"] = nvfp4.block_scale
-        tensors[f"{module}.weight_scale_2"] = nvfp4.global_scale
-        tensors[f"{module}.input_scale"] = torch.tensor(0.01)
+    store_as_nvfp4(tensors, ROUTED_EXPERTS)
 
 
 def fp8_shared_expert(tensors: dict[str, torch.Tensor]) -> None:

@@ -26,6 +26,8 @@ class Settings:
     # Largest model (parameters) the build runs on the CPU reference runtime for calibration
     # and the quantized-vs-float agreement report.
     reference_check_max_params: int = 300_000_000
+    # The ahead-of-time kernel compile cache shared by builds (content-addressed entries).
+    kernel_cache_dir: str = "~/.cache/nemocompile/kernels"
 
 
 def _parse(kind: type[Any] | str, text: str) -> Any:

@@ -1,0 +1,1 @@
+"""Triton code generation: kernel templates, their typed specs, emission into an engine and AOT compile."""

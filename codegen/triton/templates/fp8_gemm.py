@@ -1,0 +1,69 @@
+"""FP8 E4M3 GEMM: out = Q(x) @ dequant(W)^T + bias, for the shared experts and the Mamba
+in/out projections (W8A8), or with bf16 activations (W8A16, QUANT_ACT false).
+
+Q rounds x / input_scale to E4M3 (clamped to +-448, ties to even) with the static per-tensor
+scale, as the `quantize` op does; the rounding is done in fp32 arithmetic (quant_math) and the
+exact result cast to float8e4nv, so the dot is fp8 x fp8 -> fp32 (wgmma / tcgen05). The weight
+scale is per tensor ([1]) or per output row ([N], PER_CHANNEL).
+
+INTERPRET (true only under TRITON_INTERPRET=1): the interpreter's fp32 -> fp8e4nv cast and bf16
+tl.dot are wrong, so there the already-rounded values stay fp32 and the dot runs in fp32 "ieee".
+"""
+
+import triton
+import triton.language as tl
+
+from .quant_math import round_to_e4m3_signed
+
+
+@triton.jit
+def fp8_linear(
+    x_ptr, input_scale_ptr, weight_ptr, weight_scale_ptr, bias_ptr, out_ptr, rows,
+    N: tl.constexpr, K: tl.constexpr, QUANT_ACT: tl.constexpr, PER_CHANNEL: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SWAP_AB: tl.constexpr,
+    INTERPRET: tl.constexpr,
+):
+    """x [rows, K] (bf16/fp32), weight float8e4nv [N, K], out [rows, N]."""
+    row_ids = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    col_ids = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = row_ids < rows
+    col_mask = col_ids < N
+    x_rows = x_ptr + row_ids.to(tl.int64)[:, None] * K
+    weight_rows = weight_ptr + col_ids.to(tl.int64)[:, None] * K
+    if QUANT_ACT:
+        input_scale = tl.load(input_scale_ptr)
+    if SWAP_AB:
+        acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    else:
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k_ids = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(x_rows + k_ids[None, :], mask=row_mask[:, None], other=0.0).to(tl.float32)
+        w = tl.load(weight_rows + k_ids[None, :], mask=col_mask[:, None], other=0.0)
+        if QUANT_ACT:
+            x = round_to_e4m3_signed(tl.math.div_rn(x, input_scale))
+        if INTERPRET:
+            x_operand = x
+            w_operand = w.to(tl.float32)
+        elif QUANT_ACT:
+            x_operand = x.to(tl.float8e4nv)  # exact: x holds E4M3 values
+            w_operand = w
+        else:
+            x_operand = x.to(tl.bfloat16)
+            w_operand = w.to(tl.bfloat16)  # exact: every E4M3 value is a bf16 value
+        if SWAP_AB:
+            acc = tl.dot(w_operand, tl.trans(x_operand), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(x_operand, tl.trans(w_operand), acc, input_precision="ieee")
+    if SWAP_AB:
+        acc = tl.trans(acc)
+    if PER_CHANNEL:
+        acc = acc * tl.load(weight_scale_ptr + col_ids, mask=col_mask, other=0.0)[None, :]
+    else:
+        acc = acc * tl.load(weight_scale_ptr)
+    if QUANT_ACT:
+        acc = acc * input_scale
+    if HAS_BIAS:
+        acc = acc + tl.load(bias_ptr + col_ids, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+    mask = row_mask[:, None] & col_mask[None, :]
+    tl.store(out_ptr + row_ids.to(tl.int64)[:, None] * N + col_ids[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)

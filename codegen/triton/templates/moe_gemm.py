@@ -1,0 +1,137 @@
+"""Grouped MoE GEMM over ragged expert segments with NVFP4 weights: the fused expert up-GEMM
+(gather + GEMM + ReLU-squared) and down-GEMM (GEMM + routing-weight scatter), and the combine.
+
+Rows are (token, slot) pairs sorted by expert (`order`, `offsets` of moe_dispatch). Program
+(t, n) owns M-tile t of one expert and an N-tile; the expert of tile t is found by a binary
+search over `tile_starts` (the cumulative tile counts per expert, computed on the device), so the
+grid has a fixed size cdiv(M, BLOCK_M) + E and no host sync: extra programs exit at once.
+
+ACT_FORMAT selects the activation side:
+- "bf16" (W4A16, Hopper): packed E2M1 codes and E4M3 block scales are dequantized in registers
+  to bf16 (code value times block scale is exact in bf16), the dot is bf16 x bf16 -> fp32, and the
+  per-expert fp32 global scale multiplies the accumulator.
+- "nvfp4" (W4A4, Blackwell): the activation tile is quantized on load to NVFP4 (dynamic E4M3 block
+  scales, per-expert static input_scale) and multiplied by `tl.dot_scaled` (tcgen05 mxf4nvf4).
+
+INTERPRET (true only under TRITON_INTERPRET=1): the interpreter's bf16 tl.dot multiplies raw bits
+(Triton issue 11584) and its dot_scaled decodes E4M3 scales as E8M0, so in interpreter mode only
+both operands are dequantized explicitly to fp32 and multiplied with input_precision="ieee".
+"""
+
+import triton
+import triton.language as tl
+
+from .quant_math import e2m1_value, expand_block_scales, nvfp4_quantize_tile, pack_e2m1, unpack_e2m1
+
+
+@triton.jit
+def _find_expert(tile_starts_ptr, pid, NUM_EXPERTS: tl.constexpr):
+    """The last expert e with tile_starts[e] <= pid (experts without tiles are skipped over)."""
+    low = pid * 0
+    high = low + (NUM_EXPERTS - 1)
+    while low < high:
+        middle = (low + high + 1) // 2
+        start = tl.load(tile_starts_ptr + middle)
+        low = tl.where(start <= pid, middle, low)
+        high = tl.where(start <= pid, high, middle - 1)
+    return low
+
+
+@triton.jit
+def moe_nvfp4_gemm(
+    x_ptr, order_ptr, tile_starts_ptr, offsets_ptr, weight_ptr, block_scale_ptr, global_scale_ptr,
+    input_scale_ptr, routing_ptr, out_ptr, rows,
+    N: tl.constexpr, K: tl.constexpr, NUM_EXPERTS: tl.constexpr, TOP_K: tl.constexpr,
+    GATHER: tl.constexpr, ACTIVATION: tl.constexpr, COMBINE: tl.constexpr, ACT_FORMAT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SWAP_AB: tl.constexpr,
+    INTERPRET: tl.constexpr,
+):
+    """out[r] = epilogue(x[src(r)] @ W[e]^T) for the rows r of expert e.
+
+    x: [*, K] (GATHER: row order[r] // TOP_K; else row r). weight uint8 [E, N, K/2], block_scale
+    float8e4nv [E, N, K/16], global_scale fp32 [E], input_scale fp32 [E] (nvfp4 only).
+    ACTIVATION "relu2" squares the positive part. COMBINE: the row is multiplied by its routing
+    weight routing[order[r]] (routing: [tokens * TOP_K] fp32) and stored as fp32 at row order[r]
+    of out [tokens * TOP_K, N] (moe_combine_rows then sums each token's TOP_K rows); else stored
+    at row r in out's dtype.
+    """
+    tl.static_assert(not (SWAP_AB and ACT_FORMAT == "nvfp4"), "SWAP_AB is a W4A16 option")
+    pid = tl.program_id(0)
+    if pid >= tl.load(tile_starts_ptr + NUM_EXPERTS):
+        return
+    expert = _find_expert(tile_starts_ptr, pid, NUM_EXPERTS)
+    row_start = tl.load(offsets_ptr + expert) + (pid - tl.load(tile_starts_ptr + expert)) * BLOCK_M
+    row_end = tl.load(offsets_ptr + expert + 1)
+    row_ids = row_start + tl.arange(0, BLOCK_M)
+    row_mask = row_ids < row_end
+    if GATHER:
+        source_rows = tl.load(order_ptr + row_ids, mask=row_mask, other=0) // TOP_K
+    else:
+        source_rows = row_ids
+    col_ids = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_mask = col_ids < N
+    expert64 = expert.to(tl.int64)
+    weight_rows = weight_ptr + expert64 * (N * K // 2) + col_ids[:, None] * (K // 2)
+    scale_rows = block_scale_ptr + expert64 * (N * K // 16) + col_ids[:, None] * (K // 16)
+    x_rows = x_ptr + source_rows.to(tl.int64)[:, None] * K
+    if ACT_FORMAT == "nvfp4":
+        input_scale = tl.load(input_scale_ptr + expert)
+    if SWAP_AB:
+        acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    else:
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k_ids = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(x_rows + k_ids[None, :], mask=row_mask[:, None], other=0.0)
+        packed = tl.load(weight_rows + (k0 // 2 + tl.arange(0, BLOCK_K // 2))[None, :], mask=col_mask[:, None], other=0)
+        scales = tl.load(scale_rows + (k0 // 16 + tl.arange(0, BLOCK_K // 16))[None, :], mask=col_mask[:, None],
+                         other=0.0).to(tl.float32)
+        if ACT_FORMAT == "nvfp4":
+            codes, x_scales = nvfp4_quantize_tile(x.to(tl.float32), input_scale)
+            if INTERPRET:
+                x_values = e2m1_value(codes) * expand_block_scales(x_scales, BLOCK_K)
+                w_values = unpack_e2m1(packed) * expand_block_scales(scales, BLOCK_K)
+                acc = tl.dot(x_values, tl.trans(w_values), acc, input_precision="ieee")
+            else:
+                acc = tl.dot_scaled(pack_e2m1(codes), x_scales.to(tl.float8e4nv), "e2m1",
+                                    tl.trans(packed), scales.to(tl.float8e4nv), "e2m1", acc)
+        else:
+            w_values = unpack_e2m1(packed) * expand_block_scales(scales, BLOCK_K)
+            if INTERPRET:
+                x_operand = x.to(tl.float32)
+            else:
+                x_operand = x.to(tl.bfloat16)
+                w_values = w_values.to(tl.bfloat16)  # exact: an E2M1 value times an E4M3 scale
+            if SWAP_AB:
+                acc = tl.dot(w_values, tl.trans(x_operand), acc, input_precision="ieee")
+            else:
+                acc = tl.dot(x_operand, tl.trans(w_values), acc, input_precision="ieee")
+    if SWAP_AB:
+        acc = tl.trans(acc)
+    scale = tl.load(global_scale_ptr + expert)
+    if ACT_FORMAT == "nvfp4":
+        scale = scale * input_scale
+    acc = acc * scale
+    if ACTIVATION == "relu2":
+        acc = tl.maximum(acc, 0.0)
+        acc = acc * acc
+    mask = row_mask[:, None] & col_mask[None, :]
+    if COMBINE:
+        pairs = tl.load(order_ptr + row_ids, mask=row_mask, other=0)
+        acc = acc * tl.load(routing_ptr + pairs, mask=row_mask, other=0.0)[:, None]
+        tl.store(out_ptr + pairs[:, None] * N + col_ids[None, :], acc, mask=mask)
+    else:
+        tl.store(out_ptr + row_ids.to(tl.int64)[:, None] * N + col_ids[None, :],
+                 acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def moe_combine_rows(pairs_ptr, out_ptr, N: tl.constexpr, TOP_K: tl.constexpr, BLOCK_N: tl.constexpr):
+    """out[t] = sum over slots j of pairs[t * TOP_K + j] (fp32, in slot order), cast to out's dtype."""
+    token = tl.program_id(0).to(tl.int64)
+    col_ids = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_mask = col_ids < N
+    total = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for slot in tl.static_range(TOP_K):
+        total += tl.load(pairs_ptr + (token * TOP_K + slot) * N + col_ids, mask=col_mask, other=0.0)
+    tl.store(out_ptr + token * N + col_ids, total.to(out_ptr.dtype.element_ty), mask=col_mask)

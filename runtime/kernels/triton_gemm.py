@@ -1,0 +1,99 @@
+"""Launch wrappers of the GEMM kernels: they allocate outputs, build the tile schedule and grids,
+and pass the kernel's arguments by name. The meaning of each is a composition of reference ops
+(runtime/quantized_ops.py, runtime/reference/moe.py), which tests/test_triton_gemm.py checks.
+
+The expert schedule is computed on the device without a host sync: tile_starts[e] is the number
+of BLOCK_M tiles of experts before e, and the grid has cdiv(rows, BLOCK_M) + E programs (an upper
+bound on the tiles), the extra ones exiting at once."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..formats import FP8Tensor, NVFP4Tensor
+from .triton_loader import TritonKernels
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def tile_starts(offsets: torch.Tensor, block_m: int) -> torch.Tensor:
+    """int32 [E+1]: cumulative count of BLOCK_M-row tiles per expert segment."""
+    counts = offsets[1:] - offsets[:-1]
+    return F.pad(torch.cumsum((counts + block_m - 1) // block_m, 0), (1, 0)).to(torch.int32)
+
+
+def _one(device: torch.device) -> torch.Tensor:
+    """A placeholder for pointer arguments a specialisation does not read."""
+    return torch.ones(1, dtype=torch.float32, device=device)
+
+
+def _per_expert(scale: torch.Tensor, experts: int) -> torch.Tensor:
+    return torch.broadcast_to(scale.to(torch.float32).reshape(-1), (experts,)).contiguous()
+
+
+def moe_nvfp4_gemm(kernels: TritonKernels, name: str, x: torch.Tensor, order: torch.Tensor, offsets: torch.Tensor,
+                   weight: NVFP4Tensor, input_scale: torch.Tensor | None, routing: torch.Tensor | None,
+                   out: torch.Tensor) -> torch.Tensor:
+    """Run kernel `name` (a moe_nvfp4_gemm specialisation) over rows offsets[0]:offsets[E]."""
+    experts = offsets.numel() - 1
+    block_m = int(kernels.constexpr(name, "BLOCK_M"))
+    block_n = int(kernels.constexpr(name, "BLOCK_N"))
+    n = int(kernels.constexpr(name, "N"))
+    rows = order.numel()
+    one = _one(x.device)
+    kernels.launch(
+        name, (_cdiv(rows, block_m) + experts, _cdiv(n, block_n)),
+        x_ptr=x.contiguous(), order_ptr=order.contiguous(), tile_starts_ptr=tile_starts(offsets, block_m),
+        offsets_ptr=offsets.contiguous(), weight_ptr=weight.packed.contiguous(),
+        block_scale_ptr=weight.block_scale.contiguous(), global_scale_ptr=_per_expert(weight.global_scale, experts),
+        input_scale_ptr=one if input_scale is None else _per_expert(input_scale, experts),
+        routing_ptr=one if routing is None else routing.to(torch.float32).contiguous(), out_ptr=out, rows=rows)
+    return out
+
+
+def moe_expert_up(kernels: TritonKernels, name: str, x: torch.Tensor, order: torch.Tensor, offsets: torch.Tensor,
+                  weight: NVFP4Tensor, input_scale: torch.Tensor | None = None, out: torch.Tensor | None = None,
+                  out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """hidden [N*k, I] = act(grouped_gemm(Q(x[order // k]), offsets, weight)): gather, GEMM, ReLU²."""
+    if out is None:
+        out = torch.empty(order.numel(), weight.shape[1], dtype=out_dtype, device=x.device)
+    return moe_nvfp4_gemm(kernels, name, x, order, offsets, weight, input_scale, None, out)
+
+
+def moe_expert_down(kernels: TritonKernels, name: str, combine_name: str, hidden: torch.Tensor, order: torch.Tensor,
+                    offsets: torch.Tensor, weight: NVFP4Tensor, routing: torch.Tensor,
+                    input_scale: torch.Tensor | None = None, out: torch.Tensor | None = None,
+                    pairs: torch.Tensor | None = None) -> torch.Tensor:
+    """out [N, D] = moe_combine(grouped_gemm(Q(hidden), offsets, weight), order, routing, N): the GEMM
+    writes each pair's weighted row (fp32, `pairs` [N*k, D]), then moe_combine_rows sums each token's."""
+    tokens, top_k = routing.shape
+    d = weight.shape[1]
+    if pairs is None:
+        pairs = torch.empty(tokens * top_k, d, dtype=torch.float32, device=hidden.device)
+    if out is None:
+        out = torch.empty(tokens, d, dtype=hidden.dtype, device=hidden.device)
+    moe_nvfp4_gemm(kernels, name, hidden, order, offsets, weight, input_scale, routing.reshape(-1), pairs)
+    block_n = int(kernels.constexpr(combine_name, "BLOCK_N"))
+    kernels.launch(combine_name, (tokens, _cdiv(d, block_n)), pairs_ptr=pairs, out_ptr=out)
+    return out
+
+
+def fp8_linear(kernels: TritonKernels, name: str, x: torch.Tensor, weight: FP8Tensor,
+               input_scale: torch.Tensor | None, bias: torch.Tensor | None = None, out: torch.Tensor | None = None,
+               out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """out [M, N] = Q(x) @ dequant(weight)^T + bias (Q: FP8 with the static input_scale, when given)."""
+    rows = x.reshape(-1, x.shape[-1])
+    n = weight.shape[0]
+    if out is None:
+        out = torch.empty(rows.shape[0], n, dtype=out_dtype, device=x.device)
+    block_m = int(kernels.constexpr(name, "BLOCK_M"))
+    block_n = int(kernels.constexpr(name, "BLOCK_N"))
+    one = _one(x.device)
+    kernels.launch(name, (_cdiv(rows.shape[0], block_m), _cdiv(n, block_n)),
+                   x_ptr=rows.contiguous(), input_scale_ptr=one if input_scale is None else input_scale.float().reshape(1),
+                   weight_ptr=weight.data.contiguous(), weight_scale_ptr=weight.scale.float().reshape(-1).contiguous(),
+                   bias_ptr=out if bias is None else bias.to(out.dtype).contiguous(), out_ptr=out, rows=rows.shape[0])
+    return out.view(*x.shape[:-1], n)

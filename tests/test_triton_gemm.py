@@ -1,0 +1,204 @@
+"""The GEMM kernels in Triton's interpreter against the composition of reference ops they mean.
+
+Every case uses fresh random inputs and NaN-poisoned outputs; the routings include ragged expert
+loads, an expert with no tokens, more rows than one BLOCK_M tile, and batch-1 decode.
+
+The reference is the composition with fp32 intermediates (the GEMM's out_dtype fp32, the result
+cast to bf16 once), which is what the fused kernels compute; rounding the GEMM output to bf16
+before relu2 or before the weighted combine would add errors relative to the pre-combine rows,
+larger than the output where the k rows cancel.
+Tolerance (bf16 outputs): 2 bf16 ulps of max(|reference|, 2**-8 times the output's largest
+magnitude), per element. Kernel and reference multiply the same exact values (E2M1 times E4M3 is
+exact in bf16; the activation quantization is bit-exact, checked separately by identity-weight
+tests with fp32 outputs) and accumulate in fp32 in different orders (~1e-6 relative); the rest
+is the final bf16 rounding, which the interpreter does by truncation (up to 1 ulp).
+The interpreter paths: bf16 tl.dot is wrong in the interpreter (Triton issue 11584) and dot_scaled
+decodes E4M3 scales as E8M0, so in interpreter mode the kernels upcast both operands to fp32
+(INTERPRET constexpr); the compiled tensor-core paths are checked on a GPU by bench/gpu_check.py.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("triton", reason="the Triton kernels need the triton package (the [triton] extra)")
+
+import torch
+
+from nemocompile.codegen.triton import templates_catalog as catalog
+from nemocompile.runtime.formats import FP8Tensor, quantize_fp8, quantize_nvfp4_stacked
+from nemocompile.runtime.kernels import triton_gemm
+from nemocompile.runtime.kernels.triton_loader import TritonKernels
+from nemocompile.runtime.quantized_ops import quant_grouped_gemm, quant_linear, quantize
+from nemocompile.runtime.reference.elementwise import relu2
+from nemocompile.runtime.reference.moe import moe_combine, moe_dispatch
+from tests.triton_kernels import assert_within_bf16_ulps, interpreted, poisoned
+
+EXPERTS, TOP_K = 6, 2
+EMPTY_EXPERT = 4
+HIDDEN, INTER = 64, 128  # W4A16 / FP8 shapes (BLOCK_K 64)
+HIDDEN4, INTER4 = 128, 256  # W4A4 shapes (dot_scaled wants BLOCK_K 128)
+ROUTINGS = {"decode-1": 1, "ragged-13": 13, "multi-tile-40": 40}
+
+
+def _kernels() -> list:
+    common = {"experts": EXPERTS, "top_k": TOP_K, "block_k": 64}
+    up = {"n": INTER, "k": HIDDEN, "act_format": "bf16", "activation": "relu2", "gather": True, **common}
+    down = {"n": HIDDEN, "k": INTER, "act_format": "bf16", "combine": True, **common}
+    w4a4 = {"experts": EXPERTS, "top_k": TOP_K, "act_format": "nvfp4", "block_m": 128, "block_n": 128,
+            "block_k": 128}
+    return [
+        catalog.moe_gemm("up_swap", "moe_expert_up", block_m=16, **up),
+        catalog.moe_gemm("up_tile64", "moe_expert_up", block_m=64, swap_ab=False, **up),
+        catalog.moe_gemm("down_swap", "moe_expert_down", block_m=16, **down),
+        catalog.moe_combine("combine", "moe_expert_down", n=HIDDEN, top_k=TOP_K, block_n=32),
+        catalog.moe_gemm("up_w4a4", "moe_expert_up", n=INTER4, k=HIDDEN4, activation="relu2", gather=True, **w4a4),
+        catalog.moe_gemm("down_w4a4", "moe_expert_down", n=HIDDEN4, k=INTER4, combine=True, **w4a4),
+        catalog.moe_gemm("up_w4a4_fp32", "moe_expert_up", n=HIDDEN4, k=HIDDEN4, gather=True, out_dtype="fp32",
+                         **w4a4),
+        catalog.moe_combine("combine4", "moe_expert_down", n=HIDDEN4, top_k=TOP_K, block_n=64),
+        catalog.fp8_linear("fp8_w8a8", "linear", n=INTER, k=HIDDEN, quant_act=True, block_k=64),
+        catalog.fp8_linear("fp8_w8a8_bias", "linear", n=INTER, k=HIDDEN, quant_act=True, has_bias=True,
+                           per_channel=True, block_m=64, swap_ab=False, block_k=64),
+        catalog.fp8_linear("fp8_w8a16", "linear", n=INTER, k=HIDDEN, quant_act=False, block_k=64),
+        catalog.fp8_linear("fp8_exact", "linear", n=HIDDEN, k=HIDDEN, quant_act=True, out_dtype="fp32",
+                           block_k=64),
+    ]
+
+
+@pytest.fixture(scope="module")
+def kernels(tmp_path_factory: pytest.TempPathFactory) -> TritonKernels:
+    return interpreted(_kernels(), tmp_path_factory.mktemp("engine"))
+
+
+def _routing(tokens: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Expert ids [tokens, k] (skewed towards expert 0, never EMPTY_EXPERT) and routing weights."""
+    probs = torch.tensor([8.0, 1, 1, 1, 0, 2])
+    ids = torch.stack([torch.multinomial(probs, TOP_K, generator=generator) for _ in range(tokens)])
+    return ids, torch.rand(tokens, TOP_K, generator=generator) + 0.1
+
+
+def _scale_floor(reference: torch.Tensor) -> float:
+    return float(reference.float().abs().max()) * 2.0**-8
+
+
+@pytest.mark.parametrize("kernel", ["up_swap", "up_tile64"])
+@pytest.mark.parametrize("routing", list(ROUTINGS))
+def test_w4a16_expert_up(kernels: TritonKernels, kernel: str, routing: str) -> None:
+    g = torch.Generator().manual_seed(hash((kernel, routing)) % 2**31)
+    tokens = ROUTINGS[routing]
+    ids, _ = _routing(tokens, g)
+    x = torch.randn(tokens, HIDDEN, generator=g).bfloat16()
+    weight = quantize_nvfp4_stacked(torch.randn(EXPERTS, INTER, HIDDEN, generator=g) * 0.5)
+    x_sorted, offsets, order = moe_dispatch(x, ids, EXPERTS)
+    assert offsets[EMPTY_EXPERT] == offsets[EMPTY_EXPERT + 1]
+    out = triton_gemm.moe_expert_up(kernels, kernel, x, order, offsets, weight, out=poisoned(tokens * TOP_K, INTER))
+    expected = relu2(quant_grouped_gemm(x_sorted, offsets, weight, torch.float32)).bfloat16()
+    assert_within_bf16_ulps(out, expected, 2, _scale_floor(expected))
+
+
+@pytest.mark.parametrize("routing", list(ROUTINGS))
+def test_w4a16_expert_down(kernels: TritonKernels, routing: str) -> None:
+    g = torch.Generator().manual_seed(hash(("down", routing)) % 2**31)
+    tokens = ROUTINGS[routing]
+    ids, routing_weights = _routing(tokens, g)
+    _, offsets, order = moe_dispatch(torch.zeros(tokens, 1), ids, EXPERTS)
+    hidden = torch.randn(tokens * TOP_K, INTER, generator=g).bfloat16()
+    weight = quantize_nvfp4_stacked(torch.randn(EXPERTS, HIDDEN, INTER, generator=g))
+    out = triton_gemm.moe_expert_down(kernels, "down_swap", "combine", hidden, order, offsets, weight,
+                                      routing_weights, out=poisoned(tokens, HIDDEN),
+                                      pairs=poisoned(tokens * TOP_K, HIDDEN, dtype=torch.float32))
+    expected = moe_combine(quant_grouped_gemm(hidden, offsets, weight, torch.float32), order, routing_weights,
+                           tokens).bfloat16()
+    assert_within_bf16_ulps(out, expected, 2, _scale_floor(expected))
+
+
+def _input_scales(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Per-expert static NVFP4 input scales near amax / (6 * 448), some smaller (so blocks saturate)."""
+    base = float(x.float().abs().max()) / (6 * 448)
+    return base * (0.5 + torch.rand(EXPERTS, generator=generator))
+
+
+@pytest.mark.parametrize("routing", list(ROUTINGS))
+def test_w4a4_expert_up_and_down(kernels: TritonKernels, routing: str) -> None:
+    """The sm_100 path through the interpreter's explicit-dequant branch (see the module doc)."""
+    g = torch.Generator().manual_seed(hash(("w4a4", routing)) % 2**31)
+    tokens = ROUTINGS[routing]
+    ids, routing_weights = _routing(tokens, g)
+    x = torch.randn(tokens, HIDDEN4, generator=g).bfloat16()
+    up_weight = quantize_nvfp4_stacked(torch.randn(EXPERTS, INTER4, HIDDEN4, generator=g))
+    down_weight = quantize_nvfp4_stacked(torch.randn(EXPERTS, HIDDEN4, INTER4, generator=g))
+    x_sorted, offsets, order = moe_dispatch(x, ids, EXPERTS)
+    up_scale = _input_scales(x, g)
+    hidden = triton_gemm.moe_expert_up(kernels, "up_w4a4", x, order, offsets, up_weight, up_scale,
+                                       out=poisoned(tokens * TOP_K, INTER4))
+    expected_hidden = relu2(quant_grouped_gemm(quantize(x_sorted, "nvfp4", up_scale, offsets), offsets, up_weight,
+                                               torch.float32)).bfloat16()
+    assert_within_bf16_ulps(hidden, expected_hidden, 2, _scale_floor(expected_hidden))
+    down_scale = _input_scales(expected_hidden, g)
+    out = triton_gemm.moe_expert_down(kernels, "down_w4a4", "combine4", expected_hidden, order, offsets, down_weight,
+                                      routing_weights, down_scale, out=poisoned(tokens, HIDDEN4),
+                                      pairs=poisoned(tokens * TOP_K, HIDDEN4, dtype=torch.float32))
+    expected = moe_combine(quant_grouped_gemm(quantize(expected_hidden, "nvfp4", down_scale, offsets), offsets,
+                                              down_weight, torch.float32), order, routing_weights, tokens).bfloat16()
+    assert_within_bf16_ulps(out, expected, 2, _scale_floor(expected))
+
+
+def _identity_nvfp4(experts: int, size: int) -> torch.Tensor:
+    return torch.eye(size).expand(experts, size, size).contiguous()
+
+
+def test_w4a4_quantizes_activations_bit_exactly(kernels: TritonKernels) -> None:
+    """With identity weights (dequantized to 1 within an fp32 ulp) the fp32 output is the kernel's
+    quantized activation: it must equal the `quantize` op's value for every element, including
+    saturated blocks, all-zero blocks, ties and tiny values."""
+    g = torch.Generator().manual_seed(7)
+    tokens = 9
+    ids, _ = _routing(tokens, g)
+    x = torch.randn(tokens, HIDDEN4, generator=g) * torch.logspace(-3, 2, HIDDEN4)
+    x[0, :16] = 0.0
+    x[1, :32] = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, -0.25] * 4)  # ties on the E2M1 grid at scale 1
+    x = x.bfloat16()
+    weight = quantize_nvfp4_stacked(_identity_nvfp4(EXPERTS, HIDDEN4))
+    x_sorted, offsets, order = moe_dispatch(x, ids, EXPERTS)
+    scale = _input_scales(x, g)
+    out = triton_gemm.moe_expert_up(kernels, "up_w4a4_fp32", x, order, offsets, weight, scale,
+                                    out=poisoned(tokens * TOP_K, HIDDEN4, dtype=torch.float32))
+    expected = quantize(x_sorted, "nvfp4", scale, offsets)
+    torch.testing.assert_close(out, expected, rtol=4e-7, atol=0.0)
+
+
+@pytest.mark.parametrize("rows", [1, 7, 70])
+@pytest.mark.parametrize("kernel", ["fp8_w8a8", "fp8_w8a8_bias", "fp8_w8a16"])
+def test_fp8_linear(kernels: TritonKernels, kernel: str, rows: int) -> None:
+    g = torch.Generator().manual_seed(hash((kernel, rows)) % 2**31)
+    x = (torch.randn(rows, HIDDEN, generator=g) * 3).bfloat16()
+    per_channel = kernel == "fp8_w8a8_bias"
+    weight = quantize_fp8(torch.randn(INTER, HIDDEN, generator=g), per_channel=per_channel)
+    bias = torch.randn(INTER, generator=g).bfloat16() if kernel == "fp8_w8a8_bias" else None
+    quant_act = kernel != "fp8_w8a16"
+    input_scale = torch.tensor(float(x.float().abs().max()) / 448 * 0.8) if quant_act else None  # some saturate
+    out = triton_gemm.fp8_linear(kernels, kernel, x, weight, input_scale, bias, out=poisoned(rows, INTER))
+    activations = quantize(x, "fp8", input_scale) if input_scale is not None else x.float()
+    expected = quant_linear(activations, weight, bias, torch.float32).bfloat16()
+    assert_within_bf16_ulps(out, expected, 2, _scale_floor(expected))
+
+
+def test_fp8_quantizes_activations_bit_exactly(kernels: TritonKernels) -> None:
+    """Identity FP8 weight with scale 1 (exactly 1.0 after dequantization): the output is Q(x) itself."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(5, HIDDEN, generator=g) * torch.logspace(-4, 3, HIDDEN)
+    input_scale = torch.tensor(1.0 / 64)
+    weight = quantize_fp8(torch.eye(HIDDEN), scale=torch.tensor(1.0))
+    assert isinstance(weight, FP8Tensor) and bool((weight.data.float() == torch.eye(HIDDEN)).all())
+    out = triton_gemm.fp8_linear(kernels, "fp8_exact", x, weight, input_scale, out=poisoned(5, HIDDEN, dtype=torch.float32))
+    torch.testing.assert_close(out, quantize(x, "fp8", input_scale), rtol=0.0, atol=0.0)
+
+
+def test_loader_refuses_missing_index(tmp_path: Path) -> None:
+    from nemocompile.base.errors import EngineError
+
+    with pytest.raises(EngineError, match=r"kernels\.json"):
+        TritonKernels.from_files({}, "cpu")

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+from nemocompile.base.errors import IRError
+
 from .spec import Constexpr, KernelInstance, KernelTemplate, instance
 
 MOE_NVFP4_GEMM = KernelTemplate(
@@ -47,11 +49,18 @@ FP8_CONFIG_SPACE: dict[str, tuple[Constexpr, ...]] = {
     "num_warps": (4, 8), "num_stages": (2, 3, 4)}
 
 
+def _check_tiles(name: str, k: int, block_k: int) -> None:
+    """The GEMM templates step over K without a mask: BLOCK_K must divide K (and 16 must divide BLOCK_K)."""
+    if k % block_k or block_k % 16:
+        raise IRError(f"kernel {name}: BLOCK_K {block_k} must be a multiple of 16 dividing K = {k}")
+
+
 def moe_gemm(name: str, op: str, *, n: int, k: int, experts: int, top_k: int, act_format: str,
              activation: str = "none", gather: bool = False, combine: bool = False, x_dtype: str = "bf16",
              out_dtype: str = "bf16", block_m: int = 16, block_n: int = 64, block_k: int = 128,
              swap_ab: bool | None = None, num_warps: int = 4, num_stages: int = 3) -> KernelInstance:
     """One grouped NVFP4 GEMM: act_format "bf16" (W4A16) or "nvfp4" (W4A4)."""
+    _check_tiles(name, k, block_k)
     swap = (act_format == "bf16" and block_m < 64) if swap_ab is None else swap_ab
     template = MOE_NVFP4_GEMM if act_format == "bf16" else replace(MOE_NVFP4_GEMM, archs=MOE_NVFP4_W4A4_ARCHS)
     return instance(name, op, template, {
@@ -71,6 +80,7 @@ def fp8_linear(name: str, op: str, *, n: int, k: int, quant_act: bool, per_chann
                has_bias: bool = False, x_dtype: str = "bf16", out_dtype: str = "bf16", block_m: int = 16,
                block_n: int = 64, block_k: int = 128, swap_ab: bool | None = None, num_warps: int = 4,
                num_stages: int = 3) -> KernelInstance:
+    _check_tiles(name, k, block_k)
     swap = block_m < 64 if swap_ab is None else swap_ab
     return instance(name, op, FP8_LINEAR, {
         "N": n, "K": k, "QUANT_ACT": quant_act, "PER_CHANNEL": per_channel, "HAS_BIAS": has_bias,

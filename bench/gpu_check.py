@@ -1,0 +1,213 @@
+"""The prepared check for a lent GPU (H100/H200: W4A16; B200: W4A4), within 10 minutes:
+
+1. compiles the GEMM kernels ahead of time for the GPU's arch and loads the stored binaries
+   through the runtime loader (no JIT), as an engine would;
+2. checks each kernel against its reference composition on the GPU (fresh random inputs,
+   NaN-poisoned outputs, the tolerance of tests/test_triton_gemm.py);
+3. times the fused MoE experts (up-GEMM + down-GEMM + combine) at decode batch 1..64 with Nano's
+   shapes against the unfused torch reference (quant_grouped_gemm, moe_combine) and against the
+   HBM roofline (the bytes of the experts touched, at the target's HBM bandwidth), and prints a table.
+
+    python bench/gpu_check.py [--model /work/shared/models/nano.json] [--iters 50]
+
+Nothing here asserts a speed; failed correctness checks give exit status 1."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from functools import partial
+from pathlib import Path
+
+import torch
+
+from nemocompile.base.settings import settings
+from nemocompile.codegen.triton import templates_catalog as catalog
+from nemocompile.codegen.triton.emit import emit
+from nemocompile.runtime.formats import NVFP4Tensor, quantize_fp8, quantize_nvfp4_stacked
+from nemocompile.runtime.kernels import triton_gemm
+from nemocompile.runtime.kernels.triton_loader import TritonKernels
+from nemocompile.runtime.quantized_ops import quant_grouped_gemm, quant_linear, quantize
+from nemocompile.runtime.reference.elementwise import relu2
+from nemocompile.runtime.reference.moe import moe_combine, moe_dispatch
+from nemocompile.targets.loader import load_target
+
+BATCHES = (1, 2, 4, 8, 16, 32, 64)
+TARGETS = {90: "h200", 100: "b200"}
+
+
+def _block_k(k: int, preferred: int) -> int:
+    return next(b for b in (preferred, 128, 64, 32, 16) if k % b == 0)
+
+
+def kernel_set(d: int, i: int, experts: int, top_k: int, act_format: str) -> list[catalog.KernelInstance]:
+    tile = {"block_m": 16} if act_format == "bf16" else {"block_m": 128, "block_n": 128}
+    return [
+        catalog.moe_gemm("up", "moe_expert_up", n=i, k=d, experts=experts, top_k=top_k, act_format=act_format,
+                         activation="relu2", gather=True, block_k=_block_k(d, 128), **tile),
+        catalog.moe_gemm("down", "moe_expert_down", n=d, k=i, experts=experts, top_k=top_k, act_format=act_format,
+                         combine=True, block_k=_block_k(i, 128), **tile),
+        catalog.moe_combine("combine", "moe_expert_down", n=d, top_k=top_k),
+        catalog.fp8_linear("fp8", "linear", n=d, k=d, quant_act=True, block_k=_block_k(d, 128)),
+    ]
+
+
+def _within(actual: torch.Tensor, expected: torch.Tensor, ulps: float = 2.0) -> tuple[bool, float]:
+    floor = float(expected.float().abs().max()) * 2.0**-8
+    magnitude = torch.maximum(expected.float().abs(), torch.tensor(floor, device=expected.device))
+    bound = ulps * torch.exp2(torch.floor(torch.log2(magnitude.clamp_min(1e-30))) - 7)
+    error = (actual.float() - expected.float()).abs()
+    ok = not bool(torch.isnan(actual).any()) and bool((error <= bound).all())
+    return ok, float((error / bound).max())
+
+
+def _route(tokens: int, experts: int, top_k: int, generator: torch.Generator, device: str) -> tuple[torch.Tensor, ...]:
+    scores = torch.rand(tokens, experts, generator=generator, device=device)
+    ids = scores.topk(top_k, dim=1).indices
+    weights = torch.rand(tokens, top_k, generator=generator, device=device) + 0.1
+    return ids, weights
+
+
+def check(kernels: TritonKernels, d: int, i: int, experts: int, top_k: int, act_format: str) -> bool:
+    device = "cuda"
+    g = torch.Generator(device=device).manual_seed(0)
+    all_ok = True
+    up_w = quantize_nvfp4_stacked(torch.randn(experts, i, d, generator=g, device=device))
+    down_w = quantize_nvfp4_stacked(torch.randn(experts, d, i, generator=g, device=device))
+    for tokens in (1, 13, 64):
+        ids, routing = _route(tokens, experts, top_k, g, device)
+        ids[:, 0] = torch.where(ids[:, 0] == 1, 0, ids[:, 0])  # expert 1 gets no tokens from slot 0
+        x = torch.randn(tokens, d, generator=g, device=device).bfloat16()
+        x_sorted, offsets, order = moe_dispatch(x, ids, experts)
+        nvfp4 = act_format == "nvfp4"
+        up_scale = torch.full((experts,), float(x.float().abs().max()) / 2688, device=device) if nvfp4 else None
+        hidden = triton_gemm.moe_expert_up(kernels, "up", x, order, offsets, up_w, up_scale,
+                                           out=torch.full((tokens * top_k, i), float("nan"), dtype=torch.bfloat16,
+                                                          device=device))
+        up_in = quantize(x_sorted, "nvfp4", up_scale, offsets) if up_scale is not None else x_sorted
+        ref_hidden = relu2(quant_grouped_gemm(up_in, offsets, up_w, torch.float32)).bfloat16()
+        ok_up, worst_up = _within(hidden, ref_hidden)
+        down_scale = (torch.full((experts,), float(ref_hidden.float().abs().max()) / 2688, device=device)
+                      if nvfp4 else None)
+        out = triton_gemm.moe_expert_down(kernels, "down", "combine", ref_hidden, order, offsets, down_w, routing,
+                                          down_scale, out=torch.full((tokens, d), float("nan"), dtype=torch.bfloat16,
+                                                                     device=device))
+        down_in = quantize(ref_hidden, "nvfp4", down_scale, offsets) if down_scale is not None else ref_hidden
+        ref_out = moe_combine(quant_grouped_gemm(down_in, offsets, down_w, torch.float32), order, routing,
+                              tokens).bfloat16()
+        ok_down, worst_down = _within(out, ref_out)
+        weight = quantize_fp8(torch.randn(d, d, generator=g, device=device))
+        scale = torch.tensor(float(x.float().abs().max()) / 448, device=device)
+        fp8_out = triton_gemm.fp8_linear(kernels, "fp8", x, weight, scale)
+        ok_fp8, worst_fp8 = _within(fp8_out, quant_linear(quantize(x, "fp8", scale), weight, None,
+                                                          torch.float32).bfloat16())
+        for name, ok, worst in (("moe_expert_up", ok_up, worst_up), ("moe_expert_down", ok_down, worst_down),
+                                ("fp8_linear", ok_fp8, worst_fp8)):
+            print(f"  {name:16s} tokens {tokens:3d}: {'ok  ' if ok else 'FAIL'} worst error / bound {worst:.2f}")
+            all_ok &= ok
+    return all_ok
+
+
+def _time(fn: object, iters: int) -> float:
+    """Median microseconds of fn() over iters runs (CUDA events)."""
+    assert callable(fn)
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) * 1000)
+    return sorted(times)[len(times) // 2]
+
+
+def fused_experts(kernels: TritonKernels, x: torch.Tensor, order: torch.Tensor, offsets: torch.Tensor,
+                  up_w: NVFP4Tensor, down_w: NVFP4Tensor, routing: torch.Tensor, scales: torch.Tensor | None,
+                  hidden: torch.Tensor, out: torch.Tensor, pairs: torch.Tensor) -> None:
+    triton_gemm.moe_expert_up(kernels, "up", x, order, offsets, up_w, scales, out=hidden)
+    triton_gemm.moe_expert_down(kernels, "down", "combine", hidden, order, offsets, down_w, routing, scales,
+                                out=out, pairs=pairs)
+
+
+def unfused_experts(x_sorted: torch.Tensor, order: torch.Tensor, offsets: torch.Tensor, up_w: NVFP4Tensor,
+                    down_w: NVFP4Tensor, routing: torch.Tensor, scales: torch.Tensor | None) -> None:
+    up_in = quantize(x_sorted, "nvfp4", scales, offsets) if scales is not None else x_sorted
+    hidden = relu2(quant_grouped_gemm(up_in, offsets, up_w, torch.bfloat16))
+    down_in = quantize(hidden, "nvfp4", scales, offsets) if scales is not None else hidden
+    moe_combine(quant_grouped_gemm(down_in, offsets, down_w, torch.bfloat16), order, routing, routing.shape[0])
+
+
+def bench(kernels: TritonKernels, d: int, i: int, experts: int, top_k: int, act_format: str, bandwidth: float,
+          iters: int) -> None:
+    device = "cuda"
+    g = torch.Generator(device=device).manual_seed(1)
+    up_w = quantize_nvfp4_stacked(torch.randn(experts, i, d, generator=g, device=device))
+    down_w = quantize_nvfp4_stacked(torch.randn(experts, d, i, generator=g, device=device))
+    per_expert = (i * d // 2 + i * d // 16) * 2 + 8  # packed codes + E4M3 scales, up and down, + global scales
+    nvfp4 = act_format == "nvfp4"
+    scales = torch.full((experts,), 1e-3, device=device) if nvfp4 else None
+    print(f"{'batch':>5} {'experts':>7} {'MB moved':>9} {'roofline us':>11} {'fused us':>9} {'% roofline':>10} "
+          f"{'unfused us':>10} {'speedup':>7}")
+    for batch in BATCHES:
+        ids, routing = _route(batch, experts, top_k, g, device)
+        x = torch.randn(batch, d, generator=g, device=device).bfloat16()
+        x_sorted, offsets, order = moe_dispatch(x, ids, experts)
+        touched = int(torch.unique(ids).numel())
+        moved = touched * per_expert + batch * d * 2 * 2 + batch * top_k * i * 2 * 2
+        roofline = moved / bandwidth * 1e6
+        hidden = torch.empty(batch * top_k, i, dtype=torch.bfloat16, device=device)
+        out = torch.empty(batch, d, dtype=torch.bfloat16, device=device)
+        pairs = torch.empty(batch * top_k, d, dtype=torch.float32, device=device)
+
+        fused_us = _time(partial(fused_experts, kernels, x, order, offsets, up_w, down_w, routing, scales, hidden,
+                                 out, pairs), iters)
+        unfused_us = _time(partial(unfused_experts, x_sorted, order, offsets, up_w, down_w, routing, scales),
+                           max(3, iters // 10))
+        print(f"{batch:5d} {touched:7d} {moved / 1e6:9.2f} {roofline:11.1f} {fused_us:9.1f} "
+              f"{100 * roofline / fused_us:9.1f}% {unfused_us:10.1f} {unfused_us / fused_us:6.1f}x")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="/work/shared/models/nano.json", help="config.json with the MoE shapes")
+    parser.add_argument("--iters", type=int, default=50)
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        print("gpu_check.py needs a CUDA GPU (sm_90 or sm_100); none is visible", file=sys.stderr)
+        return 2
+    major, _ = torch.cuda.get_device_capability()
+    if major * 10 not in TARGETS:
+        print(f"gpu_check.py checks sm_90 and sm_100 GPUs; this one is sm_{major}x", file=sys.stderr)
+        return 2
+    arch, target = f"sm_{major * 10}", load_target(TARGETS[major * 10])
+    act_format = "bf16" if arch == "sm_90" else "nvfp4"
+    config = json.loads(Path(args.model).read_text())
+    d, i = config["hidden_size"], config["moe_intermediate_size"]
+    experts, top_k = config["n_routed_experts"], config["num_experts_per_tok"]
+    print(f"{torch.cuda.get_device_name()} ({arch}), {Path(args.model).name}: hidden {d}, expert intermediate {i}, "
+          f"{experts} experts, top-{top_k}, {'W4A16' if act_format == 'bf16' else 'W4A4'}, HBM "
+          f"{target.hbm_bandwidth_bytes_per_s / 1e12:.2f} TB/s ({target.name})")
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory() as root:
+        emitted = emit(kernel_set(d, i, experts, top_k, act_format), Path(root), arch,
+                       Path(settings().kernel_cache_dir).expanduser())
+        for kernel in emitted.compiled:
+            print(f"  compiled {kernel.name:8s} {kernel.registers:3d} regs {kernel.spills:4d} B stack "
+                  f"{kernel.shared_bytes:6d} B smem {', '.join(kernel.tensor_cores) or '-'} ({kernel.seconds:.1f} s)")
+        kernels = TritonKernels.from_directory(Path(root), "cuda")
+        print(f"kernels ready in {time.perf_counter() - start:.1f} s; checking against the references")
+        ok = check(kernels, d, i, experts, top_k, act_format)
+        print("fused MoE experts at decode (median of CUDA-event timings; roofline = bytes / HBM bandwidth)")
+        bench(kernels, d, i, experts, top_k, act_format, float(target.hbm_bandwidth_bytes_per_s), args.iters)
+    print(f"total {time.perf_counter() - start:.1f} s; correctness {'ok' if ok else 'FAILED'}")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

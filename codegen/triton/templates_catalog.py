@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from nemocompile.base.errors import IRError
+from nemocompile.base.formats import FORMATS
 
 from .spec import Constexpr, KernelInstance, KernelTemplate, instance
 
@@ -37,8 +38,76 @@ FP8_LINEAR = KernelTemplate(
     aligned=("x_ptr", "weight_ptr", "out_ptr"),
 )
 
-TEMPLATES = {t.entry: t for t in (MOE_NVFP4_GEMM, MOE_COMBINE_ROWS, FP8_LINEAR)}
-__all__ = ["TEMPLATES", "KernelInstance", "fp8_linear", "moe_combine", "moe_gemm"]
+# The norm, Mamba, attention and router templates (docs/triton-codegen.md).
+NVFP4_BLOCK = FORMATS["nvfp4"].block
+ADD_RMS_NORM = KernelTemplate(
+    module="norms", entry="add_rms_norm", imports=("numerics", "quant_math"),
+    params=(("x_ptr", "*dtype"), ("residual_ptr", "*dtype"), ("weight_ptr", "*dtype"), ("out_ptr", "*dtype"),
+            ("residual_out_ptr", "*dtype"), ("input_scale_ptr", "*fp32"), ("block_scale_ptr", "*fp8e4nv"),
+            ("eps", "fp32")),
+    constexprs=("WIDTH", "HAS_RESIDUAL", "ACT_FORMAT", "BLOCK_D", "INTERPRET"),
+)
+GATED_RMS_NORM = KernelTemplate(
+    module="norms", entry="gated_rms_norm", imports=("numerics", "quant_math"),
+    params=(("x_ptr", "*dtype"), ("gate_ptr", "*dtype"), ("weight_ptr", "*dtype"), ("out_ptr", "*dtype"),
+            ("eps", "fp32")),
+    constexprs=("WIDTH", "GROUP_SIZE", "HAS_GATE", "BLOCK_G", "INTERPRET"),
+)
+CAUSAL_CONV1D = KernelTemplate(
+    module="conv1d", entry="causal_conv1d", imports=("numerics",),
+    params=(("x_ptr", "*dtype"), ("weight_ptr", "*dtype"), ("bias_ptr", "*dtype"), ("state_ptr", "*dtype"),
+            ("out_ptr", "*dtype"), ("new_state_ptr", "*dtype"), ("length", "i32"), ("channels", "i32")),
+    constexprs=("KERNEL", "HAS_BIAS", "HAS_STATE", "SILU", "BLOCK_T", "BLOCK_C", "INTERPRET"),
+)
+_SSD_PARAMS = (("x_ptr", "*dtype"), ("dt_ptr", "*dtype"), ("a_log_ptr", "*dtype"), ("b_ptr", "*dtype"),
+               ("c_ptr", "*dtype"), ("d_ptr", "*dtype"), ("dt_bias_ptr", "*dtype"))
+_SSD_SIZES = (("num_heads", "i32"), ("head_dim", "i32"), ("n_groups", "i32"), ("state_size", "i32"),
+              ("dt_min", "fp32"), ("dt_max", "fp32"))
+SSD_CHUNK_SCAN = KernelTemplate(
+    module="ssd", entry="ssd_chunk_scan", imports=("numerics",),
+    params=(*_SSD_PARAMS, ("init_ptr", "*dtype"), ("y_ptr", "*fp32"), ("final_ptr", "*fp32"), ("length", "i32"),
+            *_SSD_SIZES),
+    constexprs=("HAS_INIT", "CHUNK", "BLOCK_P", "BLOCK_N", "INTERPRET"),
+)
+SSD_STATE_UPDATE = KernelTemplate(
+    module="ssd", entry="ssd_state_update", imports=("numerics",),
+    params=(*_SSD_PARAMS, ("state_ptr", "*dtype"), ("y_ptr", "*dtype"), ("new_state_ptr", "*fp32"), *_SSD_SIZES),
+    constexprs=("BLOCK_P", "BLOCK_N", "INTERPRET"),
+)
+KV_CACHE_WRITE = KernelTemplate(
+    module="attention", entry="kv_cache_write", imports=("numerics",),
+    params=(("k_ptr", "*dtype"), ("v_ptr", "*dtype"), ("k_cache_ptr", "*dtype"), ("v_cache_ptr", "*dtype"),
+            ("lens_ptr", "*i64"), ("length", "i32"), ("num_kv_heads", "i32"), ("head_dim", "i32"),
+            ("capacity", "i32")),
+    constexprs=("BLOCK_D", "INTERPRET"),
+)
+ATTENTION_GQA = KernelTemplate(
+    module="attention", entry="attention_gqa", imports=("numerics",),
+    params=(("q_ptr", "*dtype"), ("k_cache_ptr", "*dtype"), ("v_cache_ptr", "*dtype"), ("lens_ptr", "*i64"),
+            ("out_ptr", "*dtype"), ("length", "i32"), ("num_heads", "i32"), ("num_kv_heads", "i32"),
+            ("head_dim", "i32"), ("capacity", "i32"), ("scale", "fp32")),
+    constexprs=("BLOCK_M", "BLOCK_N", "BLOCK_D", "INTERPRET"),
+)
+MOE_ROUTER = KernelTemplate(
+    module="moe_route", entry="moe_router",
+    params=(("x_ptr", "*dtype"), ("weight_ptr", "*dtype"), ("bias_ptr", "*dtype"), ("weights_out_ptr", "*fp32"),
+            ("ids_out_ptr", "*i64"), ("num_tokens", "i32"), ("hidden", "i32"), ("num_experts", "i32"),
+            ("scaling", "fp32")),
+    constexprs=("HAS_BIAS", "TOP_K", "N_GROUP", "TOPK_GROUP", "NORM_TOPK", "BLOCK_T", "BLOCK_E", "BLOCK_K",
+                "BLOCK_SLOTS", "BLOCK_G"),
+)
+MOE_PERMUTATION = KernelTemplate(
+    module="moe_route", entry="moe_permutation",
+    params=(("ids_ptr", "*i64"), ("offsets_ptr", "*i64"), ("order_ptr", "*i64"), ("num_pairs", "i32"),
+            ("num_experts", "i32")),
+    constexprs=("BLOCK_PAIRS", "BLOCK_E"),
+)
+
+TEMPLATES = {t.entry: t for t in (MOE_NVFP4_GEMM, MOE_COMBINE_ROWS, FP8_LINEAR, ADD_RMS_NORM, GATED_RMS_NORM,
+                                  CAUSAL_CONV1D, SSD_CHUNK_SCAN, SSD_STATE_UPDATE, KV_CACHE_WRITE, ATTENTION_GQA,
+                                  MOE_ROUTER, MOE_PERMUTATION)}
+__all__ = ["TEMPLATES", "KernelInstance", "add_rms_norm", "attention_gqa", "causal_conv1d", "fp8_linear",
+           "gated_rms_norm", "moe_combine", "moe_gemm", "moe_route", "ssd_chunk_scan", "ssd_state_update"]
 
 # Tile configurations an autotuner may try (graph/kernels.py carries the same spaces for the tuner).
 MOE_CONFIG_SPACE: dict[str, tuple[Constexpr, ...]] = {
@@ -86,3 +155,108 @@ def fp8_linear(name: str, op: str, *, n: int, k: int, quant_act: bool, per_chann
         "N": n, "K": k, "QUANT_ACT": quant_act, "PER_CHANNEL": per_channel, "HAS_BIAS": has_bias,
         "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "SWAP_AB": swap, "INTERPRET": False},
         {"x_ptr": x_dtype, "bias_ptr": out_dtype, "out_ptr": out_dtype}, num_warps, num_stages)
+
+
+def _pow2(n: int) -> int:
+    return 1 if n <= 1 else 1 << (n - 1).bit_length()
+
+
+def add_rms_norm(name: str, op: str, *, width: int, residual: bool = True, act_format: str = "none",
+                 dtype: str = "bf16", weight_dtype: str | None = None) -> KernelInstance:
+    """Residual add + RMSNorm over rows of `width`; act_format "none", "fp8" or "nvfp4" (width % 16 == 0)."""
+    if act_format not in ("none", "fp8", "nvfp4"):
+        raise IRError(f"kernel {name}: act_format must be none, fp8 or nvfp4, not {act_format!r}")
+    if act_format == "nvfp4" and width % NVFP4_BLOCK:
+        raise IRError(f"kernel {name}: NVFP4 output needs a width divisible by {NVFP4_BLOCK}, not {width}")
+    block = max(_pow2(width), NVFP4_BLOCK)
+    out = {"none": dtype, "fp8": "fp8e4nv", "nvfp4": "u8"}[act_format]
+    return instance(name, op, ADD_RMS_NORM, {
+        "WIDTH": width, "HAS_RESIDUAL": residual, "ACT_FORMAT": act_format, "BLOCK_D": block, "INTERPRET": False},
+        {"x_ptr": dtype, "residual_ptr": dtype, "weight_ptr": weight_dtype or dtype, "out_ptr": out,
+         "residual_out_ptr": dtype}, num_warps=4 if block <= 1024 else 8, num_stages=1)
+
+
+def gated_rms_norm(name: str, op: str, *, width: int, group_size: int, gated: bool = True, dtype: str = "bf16",
+                   weight_dtype: str | None = None, out_dtype: str | None = None) -> KernelInstance:
+    if width % group_size:
+        raise IRError(f"kernel {name}: width {width} is not a multiple of group_size {group_size}")
+    block = _pow2(group_size)
+    return instance(name, op, GATED_RMS_NORM, {
+        "WIDTH": width, "GROUP_SIZE": group_size, "HAS_GATE": gated, "BLOCK_G": block, "INTERPRET": False},
+        {"x_ptr": dtype, "gate_ptr": dtype, "weight_ptr": weight_dtype or dtype, "out_ptr": out_dtype or dtype},
+        num_warps=4 if block <= 1024 else 8, num_stages=1)
+
+
+def causal_conv1d(name: str, op: str, *, kernel_size: int, bias: bool = True, state: bool = False,
+                  silu: bool = True, decode: bool = False, dtype: str = "bf16", weight_dtype: str | None = None,
+                  state_dtype: str | None = None) -> KernelInstance:
+    """decode: one token per launch (BLOCK_T = 1); prefill: 16-step time blocks."""
+    return instance(name, op, CAUSAL_CONV1D, {
+        "KERNEL": kernel_size, "HAS_BIAS": bias, "HAS_STATE": state, "SILU": silu, "BLOCK_T": 1 if decode else 16,
+        "BLOCK_C": 128, "INTERPRET": False},
+        {"x_ptr": dtype, "weight_ptr": weight_dtype or dtype, "bias_ptr": weight_dtype or dtype,
+         "state_ptr": state_dtype or dtype, "out_ptr": dtype, "new_state_ptr": state_dtype or dtype},
+        num_warps=4, num_stages=1)
+
+
+def _ssd_pointers(dtype: str, param_dtype: str) -> dict[str, str]:
+    return {"x_ptr": dtype, "dt_ptr": dtype, "b_ptr": dtype, "c_ptr": dtype, "a_log_ptr": param_dtype,
+            "d_ptr": param_dtype, "dt_bias_ptr": param_dtype}
+
+
+SSD_CHUNK_MAX = 64  # the scan's own chunk: 128 took 256 KiB of shared memory (over an SM's) and minutes of ptxas
+
+
+def ssd_chunk_scan(name: str, op: str, *, head_dim: int, state_size: int, chunk_size: int, initial_state: bool,
+                   dtype: str = "bf16", param_dtype: str = "fp32", state_dtype: str = "fp32") -> KernelInstance:
+    """The chunked scan; the kernel's chunk is chunk_size clamped to [16, 64] (the recurrence does not
+    depend on it), its head_dim block at most 64."""
+    chunk = min(max(16, _pow2(chunk_size)), SSD_CHUNK_MAX)
+    block_p = max(16, min(_pow2(head_dim), 64))
+    return instance(name, op, SSD_CHUNK_SCAN, {
+        "HAS_INIT": initial_state, "CHUNK": chunk, "BLOCK_P": block_p, "BLOCK_N": max(16, _pow2(state_size)),
+        "INTERPRET": False},
+        {**_ssd_pointers(dtype, param_dtype), "init_ptr": state_dtype}, num_warps=8 if block_p * chunk > 1024 else 4,
+        num_stages=1)
+
+
+def ssd_state_update(name: str, op: str, *, head_dim: int, state_size: int, dtype: str = "bf16",
+                     param_dtype: str = "fp32", state_dtype: str = "fp32") -> KernelInstance:
+    return instance(name, op, SSD_STATE_UPDATE, {
+        "BLOCK_P": min(_pow2(head_dim), 64), "BLOCK_N": _pow2(state_size), "INTERPRET": False},
+        {**_ssd_pointers(dtype, param_dtype), "state_ptr": state_dtype, "y_ptr": dtype}, num_warps=8, num_stages=1)
+
+
+def attention_gqa(name: str, op: str, *, head_dim: int, decode: bool, dtype: str = "bf16",
+                  cache_dtype: str | None = None) -> tuple[KernelInstance, KernelInstance]:
+    """(the KV-cache write, the attention): decode blocks 16 (token, head) rows, prefill 64."""
+    block_d = max(16, _pow2(head_dim))
+    cache = cache_dtype or dtype
+    write = instance(f"{name}_kv_write", op, KV_CACHE_WRITE, {"BLOCK_D": block_d, "INTERPRET": False},
+                     {"k_ptr": dtype, "v_ptr": dtype, "k_cache_ptr": cache, "v_cache_ptr": cache}, num_warps=1,
+                     num_stages=1)
+    attend = instance(name, op, ATTENTION_GQA, {
+        "BLOCK_M": 16 if decode else 64, "BLOCK_N": 64, "BLOCK_D": block_d, "INTERPRET": False},
+        {"q_ptr": dtype, "k_cache_ptr": cache, "v_cache_ptr": cache, "out_ptr": dtype}, num_warps=4, num_stages=2)
+    return write, attend
+
+
+def moe_route(name: str, op: str, *, experts: int, top_k: int, n_group: int = 1, topk_group: int = 1,
+              bias: bool = True, norm_topk_prob: bool = True, dtype: str = "bf16",
+              weight_dtype: str = "fp32") -> tuple[KernelInstance, KernelInstance]:
+    """(the router: fp32 GEMM, sigmoid, bias, group-limited top-k, normalisation, scaling; the
+    permutation: expert offsets and the stable order of the pairs)."""
+    if n_group < 1 or experts % n_group or (n_group > 1 and (experts // n_group < 2 or not 1 <= topk_group <= n_group)):
+        raise IRError(f"kernel {name}: {experts} experts, n_group {n_group} and topk_group {topk_group} do not "
+                      f"make a group-limited routing (groups of at least 2 experts, 1 <= topk_group <= n_group)")
+    if not 1 <= top_k <= experts:
+        raise IRError(f"kernel {name}: top_k must be between 1 and {experts}, not {top_k}")
+    block_e = max(16, _pow2(experts))
+    router = instance(name, op, MOE_ROUTER, {
+        "HAS_BIAS": bias, "TOP_K": top_k, "N_GROUP": n_group, "TOPK_GROUP": topk_group, "NORM_TOPK": norm_topk_prob,
+        "BLOCK_T": 16, "BLOCK_E": block_e, "BLOCK_K": 32, "BLOCK_SLOTS": _pow2(top_k), "BLOCK_G": _pow2(n_group)},
+        {"x_ptr": dtype, "weight_ptr": weight_dtype, "bias_ptr": weight_dtype},
+        num_warps=4 if block_e <= 128 else 8, num_stages=1)
+    permutation = instance(f"{name}_permutation", op, MOE_PERMUTATION, {"BLOCK_PAIRS": 64, "BLOCK_E": block_e},
+                           num_warps=4, num_stages=1)
+    return router, permutation

@@ -112,6 +112,11 @@ def _interpreted_library() -> Iterator[None]:
     del gluon_language
 
     saved: list[tuple[object, str, object]] = []
+    # The interpreter patches triton.language's builtins for a launch and restores them, but a jit
+    # function called from a kernel (InterpretedFunction.__call__) patches them and never restores:
+    # a later triton.compile in the process then fails. Snapshot them, put back what changed.
+    patched = (tl, tl.core, tl.math, tl.tensor, tl.core.tensor_descriptor_base)
+    snapshot = [(owner, dict(vars(owner))) for owner in patched]
     try:
         for module in (tl, tl.standard, tl.math):
             for name, value in list(vars(module).items()):
@@ -125,6 +130,10 @@ def _interpreted_library() -> Iterator[None]:
     finally:
         for module, name, value in saved:
             setattr(module, name, value)
+        for owner, attributes in snapshot:  # values only: names the interpreter adds must stay
+            for name, value in attributes.items():
+                if vars(owner).get(name) is not value:
+                    setattr(owner, name, value)
 
 
 _TWINS: dict[int, Any] = {}

@@ -1,0 +1,82 @@
+"""Causal grouped-query attention against the per-sequence KV cache (runtime/cache.py layout
+[B, Hkv, capacity, Dh], cache_lens [B]), for prefill (T new tokens) and decode (T = 1) alike.
+
+Meaning: runtime/reference/attention.attention_gqa_cached. Sequence b's T new keys/values go to
+positions cache_lens[b] .. cache_lens[b]+T-1 (written in place), and its query t attends to
+positions 0 .. cache_lens[b]+t. One program serves one KV head of one sequence and a block of
+(token, query head) rows, so the group's query heads share every key and value load (GQA); the
+softmax is the online (flash) form in fp32 with exp2.
+"""
+
+import triton
+import triton.language as tl
+
+from .numerics import cast_rne, dot_f32
+
+
+@triton.jit
+def kv_cache_write(
+    k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, lens_ptr,
+    length, num_kv_heads, head_dim, capacity, BLOCK_D: tl.constexpr,
+    INTERPRET: tl.constexpr,
+):
+    seq = tl.program_id(0).to(tl.int64)
+    t = tl.program_id(1)
+    head = tl.program_id(2)
+    ds = tl.arange(0, BLOCK_D)
+    ok = ds < head_dim
+    source = ((seq * length + t) * num_kv_heads + head) * head_dim + ds
+    target = ((seq * num_kv_heads + head) * capacity + tl.load(lens_ptr + seq) + t) * head_dim + ds
+    k = tl.load(k_ptr + source, mask=ok).to(tl.float32)
+    v = tl.load(v_ptr + source, mask=ok).to(tl.float32)
+    tl.store(k_cache_ptr + target, cast_rne(k, k_cache_ptr.dtype.element_ty, INTERPRET), mask=ok)
+    tl.store(v_cache_ptr + target, cast_rne(v, v_cache_ptr.dtype.element_ty, INTERPRET), mask=ok)
+
+
+@triton.jit
+def attention_gqa(
+    q_ptr, k_cache_ptr, v_cache_ptr, lens_ptr, out_ptr,
+    length, num_heads, num_kv_heads, head_dim, capacity,
+    scale, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    INTERPRET: tl.constexpr,
+):
+    seq = tl.program_id(0).to(tl.int64)
+    kv_head = tl.program_id(1)
+    group = num_heads // num_kv_heads
+    rows = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)  # row = token * group + head in group
+    tokens = rows // group
+    heads = kv_head * group + rows % group
+    row_ok = tokens < length
+    ds = tl.arange(0, BLOCK_D)
+    d_ok = ds < head_dim
+    past = tl.load(lens_ptr + seq)
+    positions = past + tokens  # each row sees keys 0..positions
+    q_dtype = q_ptr.dtype.element_ty
+    q_offsets = ((seq * length + tokens[:, None]) * num_heads + heads[:, None]) * head_dim + ds[None, :]
+    q = tl.load(q_ptr + q_offsets, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    valid_end = past + length  # keys written so far; later slots may hold anything
+    last_token = tl.minimum(tl.program_id(2) * BLOCK_M + BLOCK_M - 1, length * group - 1) // group
+    key_end = past + last_token + 1
+    row_max = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+    row_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    cache_base = (seq * num_kv_heads + kv_head) * capacity
+    for start in range(0, key_end, BLOCK_N):
+        keys = start + tl.arange(0, BLOCK_N)
+        key_ok = keys < valid_end
+        kv_offsets = (cache_base + keys[:, None]) * head_dim + ds[None, :]
+        kv_mask = key_ok[:, None] & d_ok[None, :]
+        k = tl.load(k_cache_ptr + kv_offsets, mask=kv_mask, other=0.0).to(q_dtype)
+        scores = dot_f32(q, tl.trans(k), INTERPRET) * (scale * 1.4426950408889634)  # log2 units
+        visible = (keys[None, :] <= positions[:, None]) & row_ok[:, None]
+        scores = tl.where(visible, scores, float("-inf"))
+        new_max = tl.maximum(row_max, tl.max(scores, axis=1))
+        safe_max = tl.where(new_max == float("-inf"), 0.0, new_max)
+        probs = tl.exp2(scores - safe_max[:, None])
+        correction = tl.exp2(row_max - safe_max)
+        row_sum = row_sum * correction + tl.sum(probs, axis=1)
+        v = tl.load(v_cache_ptr + kv_offsets, mask=kv_mask, other=0.0).to(q_dtype)
+        acc = acc * correction[:, None] + dot_f32(cast_rne(probs, q_dtype, INTERPRET), v, INTERPRET)
+        row_max = new_max
+    out = acc / tl.where(row_sum == 0.0, 1.0, row_sum)[:, None]
+    tl.store(out_ptr + q_offsets, cast_rne(out, out_ptr.dtype.element_ty, INTERPRET), mask=row_ok[:, None] & d_ok[None, :])

@@ -1,0 +1,43 @@
+"""Rounding and dot helpers for the norm, conv, SSD, attention and router templates, exact in Triton's
+interpreter too (INTERPRET true only there).
+
+The interpreter truncates fp32 -> bf16 and multiplies raw bits in a bf16 tl.dot (Triton issue
+11584); compiled code rounds to nearest even and uses the tensor cores. Under INTERPRET, cast_rne
+rounds on the bits first (the final cast of an exactly representable value is then right) and
+dot_f32 upcasts 16-bit operands to fp32 (products of bf16 values are exact in fp32)."""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def round_to_bf16_grid(x):
+    """fp32 x rounded to the nearest bf16 (ties to even), still held in fp32."""
+    bits = x.to(tl.uint32, bitcast=True)
+    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def cast_rne(x, dtype: tl.constexpr, INTERPRET: tl.constexpr):
+    """fp32 x -> dtype, rounding to nearest even in both modes."""
+    if INTERPRET and dtype == tl.bfloat16:
+        return round_to_bf16_grid(x).to(dtype)
+    else:
+        return x.to(dtype)
+
+
+@triton.jit
+def rounded(x, dtype: tl.constexpr, INTERPRET: tl.constexpr):
+    """fp32 x rounded as if stored in dtype, held in fp32 (to follow a reference computed in dtype)."""
+    return cast_rne(x, dtype, INTERPRET).to(tl.float32)
+
+
+@triton.jit
+def dot_f32(a, b, INTERPRET: tl.constexpr):
+    """a @ b accumulated in fp32: fp32 operands exactly ("ieee", not tf32), as the fp32 references
+    compute; 16-bit operands on the tensor cores, upcast to fp32 under the interpreter."""
+    if INTERPRET or a.dtype == tl.float32 or b.dtype == tl.float32:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        return tl.dot(a, b)

@@ -6,7 +6,9 @@
    NaN-poisoned outputs, the tolerance of tests/test_triton_gemm.py);
 3. times the fused MoE experts (up-GEMM + down-GEMM + combine) at decode batch 1..64 with Nano's
    shapes against the unfused torch reference (quant_grouped_gemm, moe_combine) and against the
-   HBM roofline (the bytes of the experts touched, at the target's HBM bandwidth), and prints a table.
+   HBM roofline (the bytes of the experts touched, at the target's HBM bandwidth), and prints a table;
+4. checks the norm, Mamba, attention and router kernels against their reference ops and times two
+   of them (bench/ops_check.py).
 
     python bench/gpu_check.py [--model /work/shared/models/nano.json] [--iters 50]
 
@@ -22,6 +24,7 @@ import time
 from functools import partial
 from pathlib import Path
 
+import ops_check  # bench/ops_check.py: the norm, Mamba, attention and router kernels
 import torch
 
 from nemocompile.base.settings import settings
@@ -195,7 +198,7 @@ def main() -> int:
           f"{target.hbm_bandwidth_bytes_per_s / 1e12:.2f} TB/s ({target.name})")
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as root:
-        emitted = emit(kernel_set(d, i, experts, top_k, act_format), Path(root), arch,
+        emitted = emit(kernel_set(d, i, experts, top_k, act_format) + ops_check.kernel_set(config), Path(root), arch,
                        Path(settings().kernel_cache_dir).expanduser())
         for kernel in emitted.compiled:
             print(f"  compiled {kernel.name:8s} {kernel.registers:3d} regs {kernel.spills:4d} B stack "
@@ -203,8 +206,12 @@ def main() -> int:
         kernels = TritonKernels.from_directory(Path(root), "cuda")
         print(f"kernels ready in {time.perf_counter() - start:.1f} s; checking against the references")
         ok = check(kernels, d, i, experts, top_k, act_format)
+        print("norm, Mamba, attention and router kernels against their reference ops")
+        ok &= ops_check.check(kernels, config, "cuda")
         print("fused MoE experts at decode (median of CUDA-event timings; roofline = bytes / HBM bandwidth)")
         bench(kernels, d, i, experts, top_k, act_format, float(target.hbm_bandwidth_bytes_per_s), args.iters)
+        print("norm and conv kernels against their torch references (median of CUDA-event timings)")
+        ops_check.bench(kernels, config, args.iters)
     print(f"total {time.perf_counter() - start:.1f} s; correctness {'ok' if ok else 'FAILED'}")
     return 0 if ok else 1
 

@@ -14,11 +14,12 @@ from pathlib import Path
 from typing import Any
 
 from nemocompile.base.errors import CheckpointError, ConfigError, join_problems
+from nemocompile.base.formats import indivisible_input
 
 from .checkpoint import Checkpoint, check_tensors
 from .config import ModelConfig, load_config
 from .ir import Graph, TensorSource, Weight
-from .modelopt import SCALAR_SHAPES, QuantConfig, read_quant_config, stored_layout
+from .modelopt import SCALAR_SHAPES, QuantConfig, read_quant_config, stored_layout, tensor_format
 from .nemotron_h import (
     DEFAULT_BOUNDS,
     FLOAT_DTYPES,
@@ -61,6 +62,9 @@ def _prefix(ckpt: Checkpoint) -> str:
 GEMM_CATEGORIES = frozenset({"attention", "mamba_in_proj", "mamba_out_proj", "mlp", "shared_experts",
                              "routed_experts", "latent_projections", "lm_head"})
 Expected = dict[str, tuple[tuple[int, ...], frozenset[str]]]
+# Tensors only a quantized weight has beside it (input_scale alone would be ambiguous too, but
+# the scale check of _input_scales names it).
+QUANTIZED_ONLY_COMPONENTS = ("weight_scale", "weight_scale_2")
 
 
 @dataclass(frozen=True)
@@ -76,20 +80,74 @@ def _module(tensor: str) -> str:
     return tensor[: -len(".weight")] if tensor.endswith(".weight") else tensor
 
 
+def _format_name(dtype: DType | None) -> str:
+    return dtype.format.modelopt_algo or dtype.name if dtype else "unquantized"
+
+
+def _found_format(spec: WeightSpec, tensor: str, ckpt: Checkpoint, problems: list[str]) -> DType | None:
+    """The format a module's tensors hold (its weight's dtype); a missing weight is reported later."""
+    ref = ckpt.ref(tensor)
+    if ref is None:
+        return None
+    try:
+        found = tensor_format(ref.dtype)
+    except ValueError as error:
+        problems.append(f"{tensor} {error}")
+        return None
+    if found is None:
+        scales = [name for name in (component_name(tensor, s) for s in QUANTIZED_ONLY_COMPONENTS) if ckpt.ref(name)]
+        if scales:
+            problems.append(f"{tensor} is {ref.dtype} (a float weight) but {', '.join(scales)} is stored beside it, "
+                            "which only a quantized weight has")
+    elif spec.category not in GEMM_CATEGORIES or spec.bias:
+        problems.append(f"{tensor} is stored as {_format_name(found)}, but {spec.category} weights are kept in a float "
+                        "format")
+        return None
+    return found
+
+
+def _cross_checked_format(spec: WeightSpec, quant: QuantConfig | None, ckpt: Checkpoint, problems: list[str],
+                          disagreements: list[str]) -> DType | None:
+    """The one format of a weight (all its experts), read from the tensors and cross-checked with the config."""
+    quantizable = spec.category in GEMM_CATEGORIES and not spec.bias
+    found = {t: _found_format(spec, t, ckpt, problems) for t in spec.tensors}
+    differing = [t for t in spec.tensors
+                 if ckpt.ref(t) is not None and found[t] != (quant.dtype_of(_module(t)) if quant and quantizable
+                                                             else None)]
+    if differing:
+        first = differing[0]
+        said = quant.dtype_of(_module(first)) if quant and quantizable else None
+        where = quant.describe(said) if quant else "the checkpoint has no quantization config"
+        more = f" (and {len(differing) - 1} more of its experts)" if len(differing) > 1 else ""
+        why = indivisible_input(said.name, spec.shape[-1]) if said is not None else None
+        disagreements.append(f"{_module(first)}{more} holds {_format_name(found[first])} tensors "
+                             f"({first} is {ckpt.refs[first].dtype}) but is {where}"
+                             + (f" ({why}, so it cannot be)" if why else ""))
+    formats = {found[t] for t in spec.tensors if ckpt.ref(t) is not None}
+    if len(formats) > 1:
+        problems.append(f"the experts of {_module(spec.tensors[0]).rsplit('.experts.', 1)[0]} mix formats "
+                        f"({', '.join(sorted(_format_name(f) for f in formats))})")
+    return formats.pop() if len(formats) == 1 else None
+
+
 def _plan(specs: list[WeightSpec], quant: QuantConfig | None, ckpt: Checkpoint) -> _Plan:
+    """Each weight's format comes from its tensors, checked against the quantization config:
+    every disagreement (and every tensor whose format is ambiguous) is refused together."""
     expected: Expected = {}
     dtypes: dict[str, DType | None] = {}
     problems: list[str] = []
+    disagreements: list[str] = []
+    for spec in specs:
+        dtypes[spec.name] = _cross_checked_format(spec, quant, ckpt, problems, disagreements)
+    if disagreements:
+        where = quant.source if quant else "its (missing) quantization config"
+        raise CheckpointError(join_problems(f"{ckpt.directory}: the tensors disagree with {where}",
+                                            disagreements + problems))
+    if problems:
+        raise CheckpointError(join_problems(f"{ckpt.directory}: the format of some weights is ambiguous", problems))
     for spec in specs:
         shape = spec.shape[1:] if len(spec.tensors) > 1 else spec.shape
-        quantizable = quant is not None and spec.category in GEMM_CATEGORIES and not spec.bias
-        formats = {quant.dtype_of(_module(t)) if quant and quantizable else None for t in spec.tensors}
-        if len(formats) > 1:
-            problems.append(f"the experts of {_module(spec.tensors[0]).rsplit('.experts.', 1)[0]} mix formats "
-                            f"({', '.join(sorted(str(f or 'unquantized') for f in formats))})")
-            continue
-        (dtype,) = formats
-        dtypes[spec.name] = dtype
+        dtype = dtypes[spec.name]
         for tensor in spec.tensors:
             if dtype is None:
                 expected[tensor] = (shape, FLOAT_DTYPES)

@@ -2,7 +2,15 @@
 config.json) with `quant_algo` NVFP4, FP8 or MIXED_PRECISION (`quantized_layers`,
 `exclude_modules`). Quantized tensors are taken as stored, bit for bit:
 NVFP4: `weight` uint8 [out, in/2], `weight_scale` e4m3 [out, in/16], `weight_scale_2` fp32,
-`input_scale` fp32; FP8: `weight` e4m3 [out, in], `weight_scale` fp32, `input_scale` fp32."""
+`input_scale` fp32; FP8: `weight` e4m3 [out, in], `weight_scale` fp32, `input_scale` fp32.
+
+Each linear module's format is read from its tensors (`tensor_format`: the weight's dtype) and
+cross-checked against the config (`QuantConfig.dtype_of`); the importer refuses a checkpoint
+whose tensors and config disagree, naming every disagreement. Known quirks of ModelOpt's own
+writers are tolerated and listed in `QuantConfig.quirks` (report.md names them): ModelOpt 0.47
+appends a NUL-separated suffix to the module names it lists (`"lm_head.\\u0000backbone.pt_name_sentinel"`),
+read here as the name before the NUL. A quantized KV cache (`kv_cache_quant_algo`) is refused
+until the KV-cache format lands with the multi-GPU runtime."""
 
 from __future__ import annotations
 
@@ -26,6 +34,12 @@ ALGO_DTYPES: Mapping[str, DType] = MappingProxyType(
     {dtype.format.modelopt_algo: dtype for dtype in DTYPES.values() if dtype.format.modelopt_algo})
 SUPPORTED_ALGOS = (*ALGO_DTYPES, "MIXED_PRECISION")
 QUANT_CONFIG_FILE = "hf_quant_config.json"
+# The storage dtype of a quantized weight -> its format (U8: NVFP4 codes, F8_E4M3: FP8)
+STORED_FORMATS: Mapping[str, DType] = MappingProxyType(
+    {DTYPES[dtype.format.storage].safetensors: dtype for dtype in ALGO_DTYPES.values() if dtype.format.storage})
+FLOAT_SAFETENSORS = frozenset({"F32", "BF16", "F16"})
+NUL_QUIRK = ("ModelOpt 0.47 writes module names with a NUL-separated suffix "
+             "(e.g. 'lm_head.\\u0000backbone.pt_name_sentinel'); nemocompile reads each as the name before the NUL")
 # scalar scales are exported as 0-d tensors by recent ModelOpt, as [1] by some older exports
 SCALAR_SHAPES = ((), (1,))
 
@@ -36,16 +50,43 @@ class QuantConfig:
     algo: str
     exclude_modules: tuple[str, ...] = ()
     quantized_layers: Mapping[str, str] = field(default_factory=dict)  # module -> NVFP4 | FP8
+    quirks: tuple[str, ...] = ()  # known quirks of ModelOpt's writers met in this config, tolerated
 
     def dtype_of(self, module: str) -> DType | None:
-        """The stored format of a linear module, or None when the checkpoint keeps it unquantized."""
+        """The stored format of a linear module as the config says, or None when it keeps the
+        module unquantized. A quantized_layers entry covers the module and the modules under it
+        (ModelOpt names a layer's stacked experts `...mixer.experts`)."""
         if self.algo == "MIXED_PRECISION":
-            algo = self.quantized_layers.get(module)
-            return ALGO_DTYPES[algo] if algo else None
+            for name, algo in self.quantized_layers.items():
+                if module == name or module.startswith(name + "."):
+                    return ALGO_DTYPES[algo]
+            return None
         if any(fnmatch.fnmatchcase(module, p) or module.startswith(p.rstrip("*") + ".") or module == p
                for p in self.exclude_modules):
             return None
         return ALGO_DTYPES[self.algo]
+
+    def describe(self, dtype: DType | None) -> str:
+        return f"{dtype.format.modelopt_algo} by {self.source}" if dtype else f"unquantized by {self.source}"
+
+
+def tensor_format(weight_dtype: str) -> DType | None:
+    """The format a linear module's weight is stored in, from its safetensors dtype: NVFP4 (U8),
+    FP8 (F8_E4M3) or None for a float weight. ValueError for any other dtype."""
+    if weight_dtype in STORED_FORMATS:
+        return STORED_FORMATS[weight_dtype]
+    if weight_dtype in FLOAT_SAFETENSORS:
+        return None
+    raise ValueError(f"has dtype {weight_dtype}, which is neither a float (F32, BF16, F16) nor a ModelOpt "
+                     f"quantized weight ({', '.join(f'{d.format.modelopt_algo}: {s}' for s, d in STORED_FORMATS.items())})")
+
+
+def _module_name(name: str, quirks: set[str]) -> str:
+    """A module name as ModelOpt meant it: ModelOpt 0.47 appends a NUL-separated suffix."""
+    if "\x00" not in name:
+        return name
+    quirks.add(NUL_QUIRK)
+    return name.split("\x00", 1)[0].rstrip(".")
 
 
 def _algo(value: Any, where: str) -> str:
@@ -56,11 +97,32 @@ def _algo(value: Any, where: str) -> str:
     return algo
 
 
+def _check_kv_cache(section: Mapping[str, Any], where: str) -> None:
+    kv_algo = section.get("kv_cache_quant_algo")
+    if kv_algo is None and section.get("kv_cache_scheme"):  # config.json's compressed-tensors spelling
+        kv_algo = "FP8"
+    if kv_algo is not None:
+        raise CheckpointError(f"{where}: kv_cache_quant_algo {kv_algo!r} asks for a quantized KV cache with the "
+                              "checkpoint's k_scale/v_scale, which nemocompile does not run yet (the KV-cache "
+                              "format comes with the multi-GPU runtime); export without KV-cache quantization")
+
+
+def _check_group_size(entry: Mapping[str, Any], algo: str, where: str) -> None:
+    group = entry.get("group_size")
+    block = ALGO_DTYPES[algo].format.block_size if algo in ALGO_DTYPES else None
+    if group is not None and block is not None and group != block:
+        raise CheckpointError(f"{where}: group_size {group!r} is not {algo}'s block of {block}")
+
+
 def _parse(section: Mapping[str, Any], where: str) -> QuantConfig:
     algo = _algo(section.get("quant_algo"), where)
+    _check_kv_cache(section, where)
+    _check_group_size(section, algo, where)
     exclude = section.get("exclude_modules") or section.get("ignore") or []
     if not isinstance(exclude, list) or not all(isinstance(e, str) for e in exclude):
         raise CheckpointError(f"{where}: exclude_modules must be a list of module names")
+    quirks: set[str] = set()
+    exclude = [_module_name(e, quirks) for e in exclude]
     layers: dict[str, str] = {}
     if algo == "MIXED_PRECISION":
         raw_layers = section.get("quantized_layers")
@@ -71,8 +133,10 @@ def _parse(section: Mapping[str, Any], where: str) -> QuantConfig:
                                f"{where}, quantized_layers[{module!r}]")
             if layer_algo == "MIXED_PRECISION":
                 raise CheckpointError(f"{where}: layer {module} cannot itself be MIXED_PRECISION")
-            layers[module] = layer_algo
-    return QuantConfig(where, algo, tuple(exclude), layers)
+            if isinstance(entry, dict):
+                _check_group_size(entry, layer_algo, f"{where}, quantized_layers[{module!r}]")
+            layers[_module_name(module, quirks)] = layer_algo
+    return QuantConfig(where, algo, tuple(exclude), layers, tuple(sorted(quirks)))
 
 
 # It lists at most every quantized layer of the model: tens of kilobytes for the largest.

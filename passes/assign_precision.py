@@ -3,7 +3,11 @@ or the float base), and quantize the activations of the GEMMs the policy runs W4
 an explicit `quantize` op before the GEMM (so a later pass can fuse it into the op before).
 A `quantize` takes an `input_scale` weight: the ModelOpt checkpoint's when it has one, otherwise
 one without a source that calibration sets at build time. Weights already quantized in the
-checkpoint keep their format (never re-quantized). Runs after decompose, on core ops.
+checkpoint keep their format (never re-quantized) and are deployed as exported, whatever the
+policy: a GEMM whose checkpoint carries an `input_scale` quantizes its activations with it
+(NVFP4 W4A4, FP8 W8A8) where the target computes in that format, and runs weight-only (W4A16)
+where it cannot, with a note; one without an `input_scale` runs weight-only, as exported. The
+policy's float base applies to the float parts only. Runs after decompose, on core ops.
 
 The weights are retyped in the graph's header; the activation quantization is one rewrite rule
 per format (`act_nvfp4`, `act_fp8`), and the ops after each are re-typed by the rule engine."""
@@ -87,13 +91,18 @@ class AssignPrecision(Pass):
     name: ClassVar[str] = "assign_precision"
     policy: PrecisionPolicy = field(default_factory=lambda: PrecisionPolicy("bf16"))
 
-    def _choose(self, weight: Weight, notes: list[str]) -> Choice:
+    def _choose(self, weight: Weight, has_input_scale: bool, notes: list[str]) -> Choice:
         chosen: Precision | None = self.policy.precision_of(weight.category)
-        if weight.type.dtype.quantized:  # stored quantized: keep it, bit for bit
-            act = self.policy.act_format_for_stored(weight.type.dtype.name, chosen)
-            if chosen is None or chosen.weight_dtype != weight.type.dtype.name:
+        if weight.type.dtype.quantized:  # stored quantized: deployed as exported, bit for bit
+            stored = weight.type.dtype.name
+            act = self.policy.act_format_for_stored(stored, has_input_scale)
+            if chosen is None or chosen.weight_dtype != stored:
                 notes.append(f"{weight.name}: kept as stored ({weight.type.dtype}); the policy asks for "
                              f"{chosen.label if chosen else self.policy.base}")
+            if has_input_scale and act is None:
+                notes.append(f"{weight.name}: the checkpoint's {weight.type.dtype} weights come with an input_scale "
+                             f"({stored} activations), which this target cannot compute in: it runs weight-only, "
+                             f"{stored} weights with {self.policy.base} activations")
             return Choice(weight, act)
         if chosen is None or self.policy.excluded(weight.name):
             return Choice(weight, None)
@@ -113,8 +122,9 @@ class AssignPrecision(Pass):
     def apply(self, graph: Graph) -> PassOutput:
         notes: list[str] = []
         gemm_weights = _gemm_weights(graph)
-        choices = {w.name: self._choose(w, notes) if w.name in gemm_weights else Choice(w, None)
-                   for w in graph.weights}
+        names = {w.name for w in graph.weights}
+        choices = {w.name: self._choose(w, f"{w.name}.input_scale" in names, notes) if w.name in gemm_weights
+                   else Choice(w, None) for w in graph.weights}
         act_formats = {name: choice.act_format for name, choice in choices.items() if choice.act_format}
         retyped = replace(graph, weights=tuple(choices[w.name].weight for w in graph.weights))
         rewritten, counts = rewrite(retyped, self.rules(act_formats), self.name)

@@ -53,13 +53,12 @@ class PrecisionPolicy:
     # ModelOpt's four-over-six NVFP4 variant: each block scaled to 6 or to 4, whichever errs less
     nvfp4_four_over_six: bool = False
 
-    def act_format_for_stored(self, stored: str, chosen: Precision | None) -> str | None:
-        """Activations of a GEMM whose weight the checkpoint stores quantized: quantized to the
-        stored format when the policy quantizes this component's activations and the target
-        computes natively in that format (a ModelOpt NVFP4 layer runs W4A4 on Blackwell)."""
-        if chosen is None or chosen.act_format is None:
-            return None
-        return stored if stored in self.native_formats else None
+    def act_format_for_stored(self, stored: str, has_input_scale: bool) -> str | None:
+        """Activations of a GEMM whose weight the checkpoint stores quantized, deployed as exported:
+        in the stored format when the checkpoint gives them an input_scale and the target computes
+        natively in that format (a ModelOpt NVFP4 layer runs W4A4 on Blackwell, W4A16 on Hopper;
+        FP8 runs W8A8 on both); otherwise not quantized (weight-only)."""
+        return stored if has_input_scale and stored in self.native_formats else None
 
     def precision_of(self, category: str) -> Precision | None:
         """The quantized precision for weights of a category, or None to stay in the base format."""

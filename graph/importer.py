@@ -50,6 +50,7 @@ class ImportedModel:
     raw_config: dict[str, Any]
     checkpoint: Checkpoint
     skipped_tensors: tuple[str, ...] = ()  # known to be unused at inference (UNUSED_AT_INFERENCE)
+    quirks: tuple[str, ...] = ()  # known quirks of ModelOpt's writers met in the checkpoint, tolerated
 
 
 def _prefix(ckpt: Checkpoint) -> str:
@@ -117,7 +118,7 @@ def _cross_checked_format(spec: WeightSpec, quant: QuantConfig | None, ckpt: Che
     if differing:
         first = differing[0]
         said = quant.dtype_of(_module(first)) if quant and quantizable else None
-        where = quant.describe(said) if quant else "the checkpoint has no quantization config"
+        where = quant.describe(said) if quant else "unquantized: the checkpoint has no quantization config"
         more = f" (and {len(differing) - 1} more of its experts)" if len(differing) > 1 else ""
         why = indivisible_input(said.name, spec.shape[-1]) if said is not None else None
         disagreements.append(f"{_module(first)}{more} holds {_format_name(found[first])} tensors "
@@ -253,4 +254,4 @@ def import_checkpoint(directory: Path, bounds: tuple[int, int] = DEFAULT_BOUNDS)
         metadata["source_quantization"] = quant.algo
     graph = build_block_graph(config, TORCH_DTYPE_TO_IR[config.torch_dtype], sources, scales + _mtp_weights(ckpt),
                               metadata, prefix, lm_head, bounds)
-    return ImportedModel(graph, config, raw, ckpt, tuple(skipped))
+    return ImportedModel(graph, config, raw, ckpt, tuple(skipped), quant.quirks if quant else ())

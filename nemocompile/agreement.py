@@ -23,10 +23,12 @@ class Agreement:
     top1: float
     mean_kl: float
     reference: str  # what the quantized engine was compared against
+    rel_error: float = 0.0  # ||logits - reference logits|| / ||reference logits|| over every position
 
     def as_json(self) -> dict[str, object]:
         return {"prompts": self.prompts, "tokens": self.tokens, "top1_agreement": round(self.top1, 6),
-                "mean_kl": float(f"{self.mean_kl:.6g}"), "reference": self.reference}
+                "mean_kl": float(f"{self.mean_kl:.6g}"), "relative_logit_error": float(f"{self.rel_error:.6g}"),
+                "reference": self.reference}
 
 
 def _logits(graph: Graph, weights: Mapping[str, WeightValue], ids: torch.Tensor) -> torch.Tensor:
@@ -41,7 +43,7 @@ def measure_agreement(float_graph: Graph, float_weights: Mapping[str, WeightValu
     """Both engines on the same random prompts, one prompt at a time (`progress` hears each one)."""
     generator = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, vocab_size, (prompts, length), generator=generator)
-    agree, kl_sum = 0.0, 0.0
+    agree, kl_sum, diff_sq, ref_sq = 0.0, 0.0, 0.0, 0.0
     for index in range(prompts):
         prompt = ids[index:index + 1]
         with torch.inference_mode():
@@ -51,7 +53,10 @@ def measure_agreement(float_graph: Graph, float_weights: Mapping[str, WeightValu
         log_q = torch.log_softmax(got, dim=-1)
         kl_sum += float((log_p.exp() * (log_p - log_q)).sum(-1).sum())
         agree += float((expected.argmax(-1) == got.argmax(-1)).sum())
+        diff_sq += float((got - expected).square().sum())
+        ref_sq += float(expected.square().sum())
         if progress:
             progress(index + 1)
     tokens = prompts * length
-    return Agreement(prompts, tokens, agree / tokens, kl_sum / tokens, reference)
+    rel_error = (diff_sq / ref_sq) ** 0.5 if ref_sq > 0 else 0.0
+    return Agreement(prompts, tokens, agree / tokens, kl_sum / tokens, reference, rel_error)

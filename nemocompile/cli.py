@@ -296,7 +296,8 @@ def build(model: Path | None, target: str, out: Path, precision: str, overrides:
                "calibration": result.calibration.as_json() if result.calibration else None,
                "quantization_errors": [{"weight": e.weight, "format": e.format, "rel_rms": e.rel_rms,
                                         "sqnr_db": e.sqnr_db} for e in result.errors],
-               "agreement": result.agreement.as_json() if result.agreement else None}
+               "agreement": result.agreement.as_json() if result.agreement else None,
+               "deviation": result.deviation.as_json() if result.deviation else None}
     if as_json:
         _print_json(summary)
         return

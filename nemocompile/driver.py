@@ -22,6 +22,7 @@ from nemocompile.graph.importer import ImportedModel, import_checkpoint
 from nemocompile.graph.ir import Graph, TensorSource, Weight
 from nemocompile.graph.kernels import kernel_uses
 from nemocompile.graph.text import print_graph
+from nemocompile.passes.assign_precision import exported_numerics
 from nemocompile.passes.base import Pass
 from nemocompile.passes.manager import PassRecord
 from nemocompile.passes.precision_policy import PrecisionPolicy, resolve_policy
@@ -133,6 +134,9 @@ class BuildResult:
     agreement: Agreement | None
     phases: list[PhaseRecord] = dataclasses.field(default_factory=list)
     calibration: CalibrationInfo | None = None
+    # a stored-quantized checkpoint the target cannot run as exported (NVFP4 W4A4 on Hopper): the
+    # engine against the checkpoint's own numerics on the reference runtime
+    deviation: Agreement | None = None
 
 
 def _build_inputs(model: Path | None, options: BuildOptions) -> list[tuple[str, Path]]:
@@ -293,6 +297,35 @@ class BuildContext:
         return agreement
 
 
+    def deviation(self, graph: Graph) -> Agreement | None:
+        """The engine against the checkpoint's own numerics, where the target cannot run them."""
+        found = exported_numerics(graph, self.imported.graph)
+        if found is None:
+            return None
+        exported, added_scales = found
+        if not self._small_enough(exported):
+            self.phases.summarize("the target cannot run the checkpoint's own numerics; the model is too big to "
+                                  "measure the deviation on the CPU reference runtime")
+            return None
+        prompts = min(4, self.options.max_batch_size)
+        self.phases.set_total(prompts, "prompts")
+        engine_weights = load_weights(self.stage, [weights_file(0)], _engine_graph(graph), torch.device("cpu"))
+        scales = read_weights(self.imported.checkpoint, dataclasses.replace(graph, weights=added_scales))
+        exported_weights = {**engine_weights, **scales}
+        phases = self.phases
+
+        def measured(done: int) -> None:
+            phases.advance(1, f"prompt {done} of {prompts}")
+
+        deviation = measure_agreement(_engine_graph(exported), exported_weights, _engine_graph(graph), engine_weights,
+                                      self.vocab_size, "the checkpoint's own numerics (every input_scale applied) "
+                                      "on the reference runtime", prompts=prompts,
+                                      length=min(32, self.options.max_context), progress=measured)
+        phases.summarize(f"against the checkpoint's own numerics: top-1 {deviation.top1:.4f}, mean KL "
+                         f"{deviation.mean_kl:.3g} nats, relative logit error {deviation.rel_error:.3g}")
+        return deviation
+
+
 def build(model: Path | None, out: Path, options: BuildOptions | None = None,
           printer: Callable[[str, str], None] | None = None,
           progress: ProgressHook | PhaseListener | None = None) -> BuildResult:
@@ -322,6 +355,7 @@ def build(model: Path | None, out: Path, options: BuildOptions | None = None,
         assert stream is not None, "the pipeline has no quantize_weights step"
         with phases.phase(AGREEMENT):
             agreement = job.agreement(float_graph, graph)
+            deviation = job.deviation(graph)
         with phases.phase(WRITE):
             (stage / "graph.txt").write_text(print_graph(_engine_graph(graph)))
             (stage / "graph.decode.txt").write_text(print_graph(_engine_graph(decode)))
@@ -343,9 +377,10 @@ def build(model: Path | None, out: Path, options: BuildOptions | None = None,
             # the report holds every phase before this one (it is hashed by the manifest written last)
             write_report(stage / "report.md", manifest, graph, stats, records, stream.errors, agreement,
                          options.world_size, job.target, imported.config.unknown_keys, imported.skipped_tensors,
-                         phases=phases.records, calibration=job.calibration)
+                         phases=phases.records, calibration=job.calibration, deviation=deviation,
+                         checkpoint_quirks=imported.quirks)
             manifest = write_manifest(stage, manifest)
             phases.summarize(f"{len(manifest.files)} files, each with its sha256 in {MANIFEST_NAME}")
         imported.checkpoint.close()
     return BuildResult(out, manifest, stats, records, bytes_written, time.perf_counter() - start, stream.errors,
-                       agreement, phases.records, job.calibration)
+                       agreement, phases.records, job.calibration, deviation)

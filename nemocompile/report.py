@@ -152,6 +152,30 @@ def unused_input_lines(unknown_keys: Sequence[str], skipped_tensors: Sequence[st
     return lines
 
 
+def _stored_quantized(graph: Graph) -> bool:
+    """Built from a ModelOpt export (graph/importer.py records its quant_algo)."""
+    return any(name == "source_quantization" for name, _ in graph.metadata)
+
+
+def deviation_lines(deviation: Agreement | None, graph: Graph) -> list[str]:
+    """How far the engine is from the numerics the checkpoint was exported with."""
+    lines = ["## Deviation from the checkpoint's own numerics", ""]
+    if deviation is None:
+        lines.append("- none: every GEMM runs as exported (each input_scale quantizes its activations in the "
+                     "stored format), or the model is too big to measure it on the CPU reference runtime "
+                     "(see Notes)")
+        return lines
+    return [
+        *lines,
+        "- this target cannot compute in every format the checkpoint was exported in, so those GEMMs run "
+        "weight-only (see Notes); measured against the checkpoint's own numerics on the reference runtime:",
+        f"- {deviation.prompts} random prompts, {deviation.tokens} positions",
+        f"- top-1 agreement: {deviation.top1:.4f}",
+        f"- mean KL(exported || engine): {deviation.mean_kl:.6f} nats",
+        f"- relative logit error: {deviation.rel_error:.6f}",
+    ]
+
+
 def _sqnr(value: float) -> str:
     return "inf" if math.isinf(value) else f"{value:.2f}"
 
@@ -159,7 +183,8 @@ def _sqnr(value: float) -> str:
 def write_report(path: Path, manifest: Manifest, graph: Graph, stats: ParamStats, records: list[PassRecord],
                  errors: list[QuantizationError], agreement: Agreement | None, planned_world_size: int,
                  target: Target, unknown_keys: Sequence[str] = (), skipped_tensors: Sequence[str] = (),
-                 phases: Sequence[PhaseRecord] = (), calibration: CalibrationInfo | None = None) -> None:
+                 phases: Sequence[PhaseRecord] = (), calibration: CalibrationInfo | None = None,
+                 deviation: Agreement | None = None, checkpoint_quirks: Sequence[str] = ()) -> None:
     per_gpu = stats.bytes_total / planned_world_size
     lines = [
         f"# Engine: {manifest.source.name}",
@@ -205,8 +230,12 @@ def write_report(path: Path, manifest: Manifest, graph: Graph, stats: ParamStats
                   f"- top-1 agreement: {agreement.top1:.4f}",
                   f"- mean KL(float || quantized): {agreement.mean_kl:.6f} nats",
                   "", AGREEMENT_EXPLAINED]
+    if _stored_quantized(graph):
+        lines += ["", *deviation_lines(deviation, graph)]
     lines += ["", *calibration_lines(calibration)]
     lines += ["", *unused_input_lines(unknown_keys, skipped_tensors)]
+    if checkpoint_quirks:
+        lines += ["", "## Checkpoint quirks tolerated", "", *[f"- {quirk}" for quirk in checkpoint_quirks]]
     notes = [note for record in records for note in record.notes]
     if notes:
         lines += ["", "## Notes", ""] + [f"- {note}" for note in notes]

@@ -135,3 +135,21 @@ class AssignPrecision(Pass):
                 key = f"{gemm.opname}_{dtype.name}"
                 counts[key] = counts.get(key, 0) + 1
         return PassOutput(rewritten, counts, tuple(notes))
+
+
+def exported_numerics(graph: Graph, imported: Graph) -> tuple[Graph, tuple[Weight, ...]] | None:
+    """`graph` (an engine graph) with the numerics its checkpoint was exported with: every GEMM whose
+    weight the checkpoint stores quantized with an input_scale quantizes its activations in that
+    format, as on a target that computes in all of them. Returns the graph and the input_scale
+    weights it had to take from `imported` (the graph as imported: they carry the checkpoint's
+    sources), or None when `graph` already runs exactly that."""
+    sources = {w.name: w for w in imported.weights}
+    act_formats = {w.name: w.type.dtype.name for w in graph.weights
+                   if w.type.dtype.quantized and w.name in sources and sources[w.name].type.dtype.quantized
+                   and f"{w.name}.input_scale" in sources}
+    present = {w.name for w in graph.weights}
+    added = tuple(sources[f"{name}.input_scale"] for name in act_formats if f"{name}.input_scale" not in present)
+    with_scales = replace(graph, weights=graph.weights + added)
+    rules = tuple(quantize_activations_rule(fmt, act_formats) for fmt in ACT_FORMATS)
+    rewritten, counts = rewrite(with_scales, rules, "exported_numerics")
+    return (rewritten, added) if any(counts.values()) else None

@@ -1,0 +1,231 @@
+"""Real ModelOpt 0.47 exports, made in the test by `mtq.quantize` + `export_hf_checkpoint` on
+random tiny transformers NemotronH models (tests/modelopt_exports.py), built unmodified and run
+with ModelOpt's own numerics: the reference is ModelOpt's fake-quantized model's logits.
+
+NVFP4 fake quantization is CUDA-only in ModelOpt 0.47: while these exports are made, an exact CPU
+equivalent built on ModelOpt's own NVFP4QTensor stands in for its Triton kernel (see
+tests/modelopt_exports.py); `test_cpu_nvfp4_stand_in_is_what_modelopt_exports` checks it against
+the weights ModelOpt's export itself writes."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import nemocompile
+from nemocompile.base.errors import CheckpointError
+from nemocompile.driver import BuildResult
+from nemocompile.graph.modelopt import QUANT_CONFIG_FILE
+from nemocompile.runtime.formats import NVFP4Tensor, dequantize_nvfp4
+
+pytest.importorskip("modelopt", reason="the exports are made by NVIDIA ModelOpt")
+from modelopt_exports import Export, cpu_nvfp4_fake_quantization, make_export, random_model
+
+# fp32 engines run ModelOpt's numerics; what they may differ by is float summation order
+RELATIVE_TOLERANCE = 1e-3
+
+
+@dataclass(frozen=True)
+class Built:
+    export: Export
+    result: BuildResult
+    logits: torch.Tensor  # the engine's, on the export's prompt
+
+    @property
+    def report(self) -> str:
+        return (self.result.out / "report.md").read_text()
+
+
+def relative_error(got: torch.Tensor, expected: torch.Tensor) -> float:
+    """The largest logit difference relative to the largest reference logit."""
+    return float((got - expected).abs().max() / expected.abs().max())
+
+
+@pytest.fixture(scope="session")
+def exports(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Export]:
+    made: dict[str, Export] = {}
+
+    def get(recipe: str) -> Export:
+        if recipe not in made:
+            made[recipe] = make_export(recipe, tmp_path_factory.mktemp(f"modelopt-{recipe}") / "export")
+        return made[recipe]
+    return get
+
+
+@pytest.fixture(scope="session")
+def built(exports: Callable[[str], Export], tmp_path_factory: pytest.TempPathFactory
+          ) -> Callable[[str, str, str], Built]:
+    engines: dict[tuple[str, str, str], Built] = {}
+
+    def get(recipe: str, target: str, precision: str = "fp32") -> Built:
+        key = (recipe, target, precision)
+        if key not in engines:
+            export = exports(recipe)
+            out = tmp_path_factory.mktemp(f"engine-{recipe}-{target}-{precision}") / "engine"
+            result = nemocompile.build(export.directory, out, target=target, precision=precision)
+            logits = nemocompile.load(out).forward(export.prompt.tolist())
+            engines[key] = Built(export, result, logits)
+        return engines[key]
+    return get
+
+
+def graph_text(built: Built) -> str:
+    return (built.result.out / "graph.txt").read_text()
+
+
+@pytest.mark.parametrize(("recipe", "target"), [("fp8", "h100"), ("fp8", "b200"), ("nvfp4", "b200"),
+                                                ("mixed", "b200")])
+def test_export_runs_modelopts_numerics(built: Callable[[str, str, str], Built], recipe: str, target: str) -> None:
+    engine = built(recipe, target, "fp32")
+    error = relative_error(engine.logits, engine.export.logits)
+    print(f"\n{recipe} on {target}, fp32: max |engine - ModelOpt| / max |ModelOpt| = {error:.3g}")
+    assert error < RELATIVE_TOLERANCE
+    assert torch.equal(engine.logits.argmax(-1), engine.export.logits.argmax(-1))
+
+
+@pytest.mark.parametrize("recipe", ["nvfp4", "mixed"])
+def test_nvfp4_on_hopper_builds_and_reports_its_deviation(built: Callable[[str, str, str], Built],
+                                                          recipe: str) -> None:
+    engine = built(recipe, "h100", "fp32")
+    error = relative_error(engine.logits, engine.export.logits)
+    deviation = engine.result.deviation
+    assert deviation is not None
+    print(f"\n{recipe} on h100 (NVFP4 runs W4A16): max relative logit error {error:.3g}; report: top-1 "
+          f"{deviation.top1:.4f}, mean KL {deviation.mean_kl:.3g}, relative logit error {deviation.rel_error:.3g}")
+    assert error > RELATIVE_TOLERANCE  # the activations are not quantized: it is measurably not the export
+    assert deviation.rel_error > RELATIVE_TOLERANCE and deviation.mean_kl > 0
+    report = engine.report
+    assert "## Deviation from the checkpoint's own numerics" in report
+    assert f"- top-1 agreement: {deviation.top1:.4f}" in report
+    assert f"- relative logit error: {deviation.rel_error:.6f}" in report
+    assert "which this target cannot compute in: it runs weight-only" in report
+    # the FP8 GEMMs of the mixed recipe still quantize their activations on Hopper
+    if recipe == "mixed":
+        assert 'quantize(%' in graph_text(engine) and '{format = "fp8"' in graph_text(engine)
+        assert '{format = "nvfp4"' not in graph_text(engine)
+
+
+@pytest.mark.parametrize(("recipe", "target"), [("fp8", "b200"), ("nvfp4", "b200"), ("mixed", "b200")])
+def test_engine_on_its_exported_numerics_reports_no_deviation(built: Callable[[str, str, str], Built],
+                                                              recipe: str, target: str) -> None:
+    engine = built(recipe, target, "fp32")
+    assert engine.result.deviation is None
+    assert "- none: every GEMM runs as exported" in engine.report
+
+
+def test_every_input_scale_quantizes_its_gemm_whatever_the_float_base(built: Callable[[str, str, str], Built]
+                                                                      ) -> None:
+    """The float base applies to the float parts only: bf16 and fp32 engines of the FP8 export
+    quantize the same activations, with the checkpoint's own input_scale."""
+    tensors = load_file(str(built("fp8", "h100", "fp32").export.directory / "model.safetensors"))
+    # one input_scale per linear, one per stack of experts
+    scales = sum(name.endswith(".input_scale") and (".experts." not in name or ".experts.0." in name)
+                 for name in tensors)
+    for precision in ("fp32", "bf16"):
+        text = graph_text(built("fp8", "h100", precision))
+        assert text.count('{format = "fp8"') == scales, precision
+        assert built("fp8", "h100", precision).result.calibration is None  # every scale is the checkpoint's
+    bf16 = built("fp8", "h100", "bf16")
+    error = relative_error(bf16.logits, bf16.export.logits)
+    print(f"\nfp8 on h100, bf16 base: max relative logit error {error:.3g}")
+    assert error < 0.05
+
+
+def test_nul_suffixed_module_names_are_tolerated_and_noted(built: Callable[[str, str, str], Built]) -> None:
+    engine = built("nvfp4", "b200", "fp32")
+    config = json.loads((engine.export.directory / QUANT_CONFIG_FILE).read_text())
+    assert any("\x00" in name for name in config["quantization"]["exclude_modules"])  # the quirk is real
+    assert "lm_head | f32 | f32 |" in engine.report  # excluded: kept float
+    assert "## Checkpoint quirks tolerated" in engine.report
+    assert "NUL-separated suffix" in engine.report
+
+
+def test_cpu_nvfp4_stand_in_is_what_modelopt_exports(exports: Callable[[str], Export]) -> None:
+    """The stand-in's fake-quantized weights equal, bit for bit, the weights ModelOpt's export
+    wrote (NVFP4QTensor), where a module's global scale is its own (q/k/v share theirs)."""
+    export = exports("nvfp4")
+    tensors = load_file(str(export.directory / "model.safetensors"))
+    source = random_model(0).state_dict()
+    checked = 0
+    for name in ("layers.0.mixer.in_proj", "layers.0.mixer.out_proj", "layers.1.mixer.o_proj",
+                 "layers.3.mixer.up_proj", "layers.3.mixer.down_proj"):
+        stored = f"backbone.{name}"
+        exported = dequantize_nvfp4(NVFP4Tensor(tensors[f"{stored}.weight"], tensors[f"{stored}.weight_scale"],
+                                                tensors[f"{stored}.weight_scale_2"]))
+        weight = source[f"model.{name}.weight"]
+        assert torch.equal(cpu_nvfp4_fake_quantization(weight, weight.abs().max()), exported), name
+        checked += 1
+    assert checked == 5
+
+
+def _edited_copy(export: Export, directory: Path, edit: Callable[[dict[str, Any]], None]) -> Path:
+    shutil.copytree(export.directory, directory)
+    path = directory / QUANT_CONFIG_FILE
+    config = json.loads(path.read_text())
+    edit(config["quantization"])
+    path.write_text(json.dumps(config))
+    return directory
+
+
+def test_config_disagreeing_with_the_tensors_is_refused_naming_every_disagreement(
+        exports: Callable[[str], Export], tmp_path: Path) -> None:
+    def edit(section: dict[str, Any]) -> None:
+        layers = section["quantized_layers"]
+        # the config claims FP8 for attention (float in the tensors) and NVFP4 for the Mamba in_proj (FP8)
+        layers["backbone.layers.1.mixer.q_proj"] = {"quant_algo": "FP8"}
+        in_proj = next(name for name in layers if name.startswith("backbone.layers.0.mixer.in_proj"))
+        layers[in_proj] = {"quant_algo": "NVFP4", "group_size": 16}
+        # and forgets the dense MLP's down projection (FP8 in the tensors)
+        del layers[next(name for name in layers if name.startswith("backbone.layers.3.mixer.down_proj"))]
+
+    model = _edited_copy(exports("mixed"), tmp_path / "edited", edit)
+    with pytest.raises(CheckpointError) as caught:
+        nemocompile.build(model, tmp_path / "engine", target="b200")
+    message = str(caught.value)
+    assert "\n" not in message and "\x00" not in message
+    for named in ("backbone.layers.1.mixer.q_proj holds unquantized tensors", "but is FP8",
+                  "backbone.layers.0.mixer.in_proj holds FP8 tensors", "but is NVFP4",
+                  "backbone.layers.3.mixer.down_proj holds FP8 tensors", "but is unquantized"):
+        assert named in message, f"{named!r} not in: {message}"
+    assert not (tmp_path / "engine").exists()
+
+
+def test_quantized_tensors_without_any_quantization_config_are_refused(exports: Callable[[str], Export],
+                                                                       tmp_path: Path) -> None:
+    model = tmp_path / "no-config"
+    shutil.copytree(exports("fp8").directory, model)
+    (model / QUANT_CONFIG_FILE).unlink()
+    config = json.loads((model / "config.json").read_text())
+    del config["quantization_config"]
+    (model / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=r"holds FP8 tensors .* but is unquantized: the checkpoint has no quantization"):
+        nemocompile.build(model, tmp_path / "engine", target="h100")
+
+
+def test_a_float_weight_with_a_weight_scale_is_refused_as_ambiguous(exports: Callable[[str], Export],
+                                                                    tmp_path: Path) -> None:
+    model = tmp_path / "ambiguous"
+    shutil.copytree(exports("mixed").directory, model)
+    tensors = load_file(str(model / "model.safetensors"))
+    tensors["backbone.layers.1.mixer.q_proj.weight_scale"] = torch.tensor(0.01)
+    save_file(tensors, str(model / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=r"backbone\.layers\.1\.mixer\.q_proj\.weight is F32 .* "
+                                              r"backbone\.layers\.1\.mixer\.q_proj\.weight_scale"):
+        nemocompile.build(model, tmp_path / "engine", target="b200")
+
+
+def test_fp8_kv_cache_is_refused_clearly(exports: Callable[[str], Export], tmp_path: Path) -> None:
+    export = exports("fp8_kv")
+    tensors = load_file(str(export.directory / "model.safetensors"))
+    assert "backbone.layers.1.mixer.k_proj.k_scale" in tensors  # ModelOpt wrote the KV-cache scales
+    with pytest.raises(CheckpointError, match="kv_cache_quant_algo 'FP8' asks for a quantized KV cache"):
+        nemocompile.build(export.directory, tmp_path / "engine", target="h100")
+    assert not (tmp_path / "engine").exists()

@@ -18,10 +18,12 @@ from typing import Any
 
 import pytest
 import torch
+from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
 import nemocompile
 from nemocompile.base.errors import CheckpointError
+from nemocompile.cli import main
 from nemocompile.driver import BuildResult
 from nemocompile.graph.modelopt import QUANT_CONFIG_FILE
 from nemocompile.runtime.formats import NVFP4Tensor, dequantize_nvfp4
@@ -229,3 +231,22 @@ def test_fp8_kv_cache_is_refused_clearly(exports: Callable[[str], Export], tmp_p
     with pytest.raises(CheckpointError, match="kv_cache_quant_algo 'FP8' asks for a quantized KV cache"):
         nemocompile.build(export.directory, tmp_path / "engine", target="h100")
     assert not (tmp_path / "engine").exists()
+
+
+def test_group_size_other_than_nvfp4s_block_is_refused(exports: Callable[[str], Export], tmp_path: Path) -> None:
+    def edit(section: dict[str, Any]) -> None:
+        section["group_size"] = 32
+
+    model = _edited_copy(exports("nvfp4"), tmp_path / "group32", edit)
+    with pytest.raises(CheckpointError, match="group_size 32 is not NVFP4's block of 16"):
+        nemocompile.build(model, tmp_path / "engine", target="b200")
+
+
+def test_build_json_carries_the_deviation(exports: Callable[[str], Export], tmp_path: Path) -> None:
+    result = CliRunner().invoke(main, ["build", str(exports("nvfp4").directory), "--target", "h100",
+                                       "-o", str(tmp_path / "engine"), "--json"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    deviation = summary["deviation"]
+    assert deviation["reference"].startswith("the checkpoint's own numerics")
+    assert deviation["relative_logit_error"] > RELATIVE_TOLERANCE and 0 < deviation["top1_agreement"] <= 1

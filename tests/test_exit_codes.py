@@ -13,6 +13,7 @@ import click
 import pytest
 from click.testing import CliRunner, Result
 
+import nemocompile.codegen.triton.aot  # noqa: F401  (defines CompileError; the walk below finds loaded subclasses)
 from nemocompile.base import errors
 from nemocompile.base.settings import override
 from nemocompile.cli import main
@@ -85,6 +86,7 @@ RULE = {
     "CheckpointError": 1,
     "IRError": 1,
     "EngineError": 1,
+    "CompileError": 1,
     "TargetError": 2,
     "UsageError": 2,
 }

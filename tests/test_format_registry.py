@@ -218,9 +218,24 @@ def test_the_registry_imports_neither_torch_nor_other_layers() -> None:
 # the old spellings and copied constants are gone from the source
 
 
+# Kernel templates are copied verbatim into engines and import only triton, so they cannot read the
+# registry: they are not scanned, and their constants are checked against it instead (below).
+TEMPLATES = ROOT / "codegen" / "triton" / "templates"
+
+
 def _sources() -> list[Path]:
     files = [p for folder in SOURCE_FOLDERS for p in sorted((ROOT / folder).rglob("*.py"))]
-    return [p for p in files if p != REGISTRY]
+    return [p for p in files if p != REGISTRY and TEMPLATES not in p.parents]
+
+
+def test_the_kernel_templates_constants_are_the_registrys() -> None:
+    pytest.importorskip("triton", reason="the kernel templates need the triton package")
+    from nemocompile.codegen.triton.templates import quant_math
+
+    assert quant_math.E4M3_MAX.value == FORMATS["fp8e4m3"].max_value
+    assert quant_math.E2M1_MAX.value == FORMATS["fp4e2m1"].max_value
+    assert quant_math.E4M3_MIN_SUBNORMAL.value == 2.0**-9  # the least positive E4M3 value
+    assert torch.tensor(quant_math.E4M3_MIN_SUBNORMAL.value).to(torch.float8_e4m3fn).view(torch.uint8) == 1
 
 
 # String literals that name a format outside the registry: safetensors strings, the FP8 torch

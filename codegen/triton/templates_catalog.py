@@ -118,9 +118,12 @@ FP8_CONFIG_SPACE: dict[str, tuple[Constexpr, ...]] = {
     "num_warps": (4, 8), "num_stages": (2, 3, 4)}
 
 
+MMA_K = 16  # the K step of a 16-bit tensor-core instruction: BLOCK_K must be a multiple of it
+
+
 def _check_tiles(name: str, k: int, block_k: int) -> None:
     """The GEMM templates step over K without a mask: BLOCK_K must divide K (and 16 must divide BLOCK_K)."""
-    if k % block_k or block_k % 16:
+    if k % block_k or block_k % MMA_K:
         raise IRError(f"kernel {name}: BLOCK_K {block_k} must be a multiple of 16 dividing K = {k}")
 
 

@@ -27,6 +27,7 @@ from nemocompile.base.errors import EngineError
 
 INDEX = "kernels/kernels.json"
 INDEX_VERSION = 1
+ALIGNMENT_BYTES = 16  # what a binary compiled with tt.divisibility hints assumes of its "aligned" pointers
 
 
 @dataclass(frozen=True)
@@ -196,7 +197,7 @@ class TritonKernels:
         entry = self.entries[name]
         for param in entry.aligned:
             value = args[param]
-            if isinstance(value, torch.Tensor) and value.data_ptr() % 16:
+            if isinstance(value, torch.Tensor) and value.data_ptr() % ALIGNMENT_BYTES:
                 raise EngineError(f"kernel {name}: {param} is not 16-byte aligned, which its binary assumes")
         grid3 = (*grid, *(1,) * (3 - len(grid)))
         function = self._functions[name]

@@ -99,6 +99,49 @@ class GraphBuilder:
         for result in op.results:
             self._producers[result.name] = op
 
+    def _read_since(self, op: Op) -> tuple[int | None, str | None]:
+        """(op's index among the emitted ops, a result of op that a later emitted op reads)."""
+        index = next((i for i in range(len(self._ops) - 1, -1, -1) if self._ops[i] is op), None)
+        if index is None:
+            return None, None
+        results = {r.name for r in op.results}
+        for later in self._ops[index + 1:]:
+            read = results.intersection(name for name in later.operands if name is not None)
+            if read:
+                return index, f"{later.opname} reads %{sorted(read)[0]}"
+        return index, None
+
+    def can_drop(self, *ops: Op) -> bool:
+        """Whether dropping `ops` in the order given would succeed: each was emitted, and nothing
+        emitted after it reads it except the ops dropped before it."""
+        absorbed: list[Op] = []
+        for op in ops:
+            index = next((i for i in range(len(self._ops) - 1, -1, -1) if self._ops[i] is op), None)
+            if index is None:
+                return False
+            results = {r.name for r in op.results}
+            for later in self._ops[index + 1:]:
+                if any(later is a for a in absorbed):
+                    continue
+                if results.intersection(name for name in later.operands if name is not None):
+                    return False
+            absorbed.append(op)
+        return True
+
+    def drop(self, op: Op) -> None:
+        """Take back an op emitted earlier, so a fusion that absorbs it can define its result names
+        again. Refused when an op emitted after it reads one of its results."""
+        index, reader = self._read_since(op)
+        if index is None:
+            raise IRError(f"{op.opname} at {op.scope} was not emitted, so it cannot be dropped")
+        if reader is not None:
+            raise IRError(f"cannot drop {op.opname} at {op.scope}: {reader}")
+        results = {r.name for r in op.results}
+        del self._ops[index]
+        for name in results:
+            self._types.pop(name, None)
+            self._producers.pop(name, None)
+
     def producer(self, name: str) -> Op | None:
         """The op emitted so far whose result `name` is (None for inputs, weights, states)."""
         return self._producers.get(name)

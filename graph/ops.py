@@ -362,3 +362,7 @@ define("moe", "block",
         ("routed_scaling_factor", "float"), ("activation", "str")],
        infer=_infer_block,
        doc="routed experts (optionally in a latent space) plus a shared expert")
+
+# The fused ops the fusion passes create are declared in their own file; importing it here
+# registers them with the rest (everything that looks ops up imports this module).
+from . import fused_ops as _fused_ops  # noqa: E402, F401

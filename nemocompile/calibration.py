@@ -15,8 +15,7 @@ from nemocompile.base.formats import ACT_FORMATS, FORMATS
 from nemocompile.base.inputs import MIB, read_regular_text
 from nemocompile.graph.ir import Graph, Op
 from nemocompile.graph.nemotron_h import INPUT_SCALE_CATEGORY
-from nemocompile.graph.opdef import operand
-from nemocompile.passes.assign_precision import gemm_weight
+from nemocompile.passes.assign_precision import act_quantization, any_gemm_weight, gemm_weight
 from nemocompile.runtime.cache import Cache
 from nemocompile.runtime.executor import Executor
 from nemocompile.runtime.weights import WeightValue
@@ -33,17 +32,21 @@ def scales_needed(quantized: Graph) -> dict[str, tuple[str, str]]:
     scales of `quantize` ops that have no source (a ModelOpt checkpoint brings its own)."""
     needed: dict[str, tuple[str, str]] = {}
     weights = quantized.weight_map()
-    for quantize in quantized.ops_named("quantize"):
-        scale = operand(quantize, "input_scale")
-        assert scale is not None
+    for quantize in quantized.ops:
+        found = act_quantization(quantize)
+        if found is None:
+            continue
+        scale, fmt = found
         if scale not in weights or weights[scale].category != INPUT_SCALE_CATEGORY or weights[scale].sources:
             continue
-        gemms = [user for user in quantized.users(quantize.results[0].name) if gemm_weight(user)]
+        # a fused GEMM quantizes its own input; a quantize (or a norm that quantizes) feeds one
+        gemms = [quantize] if any_gemm_weight(quantize) else \
+            [user for user in quantized.users(quantize.results[0].name) if any_gemm_weight(user)]
         if not gemms:
-            raise UsageError(f"quantize at {quantize.scope} feeds no GEMM, so calibration cannot set {scale}")
-        weight = gemm_weight(gemms[0])
+            raise UsageError(f"{quantize.opname} at {quantize.scope} feeds no GEMM, so calibration cannot set {scale}")
+        weight = any_gemm_weight(gemms[0])
         assert weight is not None
-        needed[scale] = (weight, quantize.attrs.str("format"))
+        needed[scale] = (weight, fmt)
     return needed
 
 

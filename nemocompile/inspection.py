@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from nemocompile.graph.config import PATTERN_LETTERS
+from nemocompile.graph.fused_ops import fusions_in
 from nemocompile.graph.ir import Graph
 from nemocompile.runtime.engine import read_engine, read_engine_unverified
 from nemocompile.runtime.engine_format import Manifest
@@ -41,6 +42,7 @@ class EngineInfo:
             "layers": self.layers,
             **self.stats.as_json(),
             "ops": self.graph.op_counts(),
+            "fusions": fusions_in(self.graph),
             "kernels": [use.to_json() for use in m.kernels],
             "kernel_counts": m.kernel_counts(),
             "backends": list(m.backends),

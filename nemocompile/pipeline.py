@@ -32,6 +32,10 @@ from nemocompile.graph.verifier import verify
 from nemocompile.passes.assign_precision import AssignPrecision
 from nemocompile.passes.base import Pass
 from nemocompile.passes.decompose import Decompose
+from nemocompile.passes.fuse_dequant_gemm import FuseDequantGemm
+from nemocompile.passes.fuse_mamba import FuseMambaChain
+from nemocompile.passes.fuse_moe import FuseExperts, FuseRouter
+from nemocompile.passes.fuse_norms import FuseAddRmsNorm
 from nemocompile.passes.manager import PassManager, PassRecord
 from nemocompile.passes.precision_policy import PrecisionPolicy
 from nemocompile.passes.select_kernels import SelectKernels
@@ -221,6 +225,7 @@ def build_steps(target: Target, policy: PrecisionPolicy, calibrate: int = 8,
         PassStep(SetPrecision(policy.base, policy.components.get("ssm_state", "fp32"))),
         PassStep(Decompose()),
         PassStep(AssignPrecision(policy), keep=FLOAT),
+        *fusion_steps(),
         Calibrate(calibrate, calibration_data),
         QuantizeWeights(policy.nvfp4_four_over_six),
         # kernel selection: for the engine graph, then for the decode graph forked from it
@@ -228,6 +233,28 @@ def build_steps(target: Target, policy: PrecisionPolicy, calibrate: int = 8,
         PassStep(SpecializeDecode(), writes=DECODE, in_phase=KERNELS),
         PassStep(SelectKernels(target.arch), reads=DECODE, writes=DECODE, in_phase=KERNELS),
     ]
+
+
+def fusion_steps() -> list[PassStep]:
+    """The fusions, in order: the routed experts first (they absorb their activation quantization and
+    the dispatch's gather), then the router (whose rows nothing reads once the experts gather them),
+    the norms (which absorb the quantize after them), the remaining quantize -> GEMM pairs, the Mamba
+    chain. They run before calibration: scales_needed and the float graph calibration runs on do not
+    depend on them."""
+    return [PassStep(FuseExperts()), PassStep(FuseRouter()), PassStep(FuseAddRmsNorm()), PassStep(FuseDequantGemm()),
+            PassStep(FuseMambaChain())]
+
+
+FUSION_PASSES = ("fuse_experts", "fuse_router", "fuse_add_rms_norm", "fuse_dequant_gemm", "fuse_mamba_chain")
+
+
+def fusion_counts(records: Sequence[PassRecord]) -> dict[str, int]:
+    """Rewrites per fusion rule, from the fusion passes' records (report.md, build --json)."""
+    counts: dict[str, int] = {}
+    for record in records:
+        if record.name in FUSION_PASSES:
+            counts.update(record.counts)
+    return counts
 
 
 def graph_passes(steps: Sequence[Step]) -> list[Pass]:

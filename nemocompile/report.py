@@ -7,20 +7,19 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from nemocompile.graph.importer import why_unused
 from nemocompile.graph.ir import Graph
-from nemocompile.graph.opdef import operand
-from nemocompile.passes.assign_precision import gemm_weight
+from nemocompile.passes.assign_precision import act_quantization, any_gemm_weight
 from nemocompile.passes.manager import PassRecord
 from nemocompile.runtime.engine_format import Manifest
 from nemocompile.targets import Target
 
 from .agreement import Agreement
-from .pipeline import WRITE, PhaseRecord
+from .pipeline import WRITE, PhaseRecord, fusion_counts
 from .stats import ParamStats
 from .weight_stream import QuantizationError
 
@@ -130,13 +129,24 @@ def gemm_formats(graph: Graph) -> list[tuple[str, str, str]]:
     types = graph.value_types()
     rows = []
     for op in graph.ops:
-        name, x = gemm_weight(op), operand(op, "x") if gemm_weight(op) else None
-        if name is None or x is None:
+        name = any_gemm_weight(op)
+        if name is None:
             continue
-        producer = graph.producer(x)
-        act = producer.attrs.str("format") if producer is not None and producer.opname == "quantize" else None
-        rows.append((name, weights[name].type.dtype.name, act or types[x].dtype.name))
+        x = op.operands[0]  # the GEMM's input (x, or the experts' hidden rows)
+        assert x is not None
+        quantized_on_load = act_quantization(op)
+        # a quantized input's type is its format (a `quantize` or a norm that quantizes made it)
+        act = quantized_on_load[1] if quantized_on_load else types[x].dtype.name
+        rows.append((name, weights[name].type.dtype.name, act))
     return rows
+
+
+def fusion_lines(counts: Mapping[str, int]) -> list[str]:
+    """The report section on fusions: rewrites per fusion rule, as the passes counted them."""
+    lines = ["## Fusions", "",
+             "Rewrites per fusion rule (`inspect --json` shows the same as `fusions`, counted in the graph).", "",
+             "| fusion | count |", "|---|---:|"]
+    return lines + [f"| {name} | {count} |" for name, count in counts.items()]
 
 
 def unused_input_lines(unknown_keys: Sequence[str], skipped_tensors: Sequence[str]) -> list[str]:
@@ -246,6 +256,7 @@ def write_report(path: Path, manifest: Manifest, graph: Graph, stats: ParamStats
     for record in records:
         counts = ", ".join(f"{k}={v}" for k, v in sorted(record.counts.items())) or "-"
         lines.append(f"| {record.name} | {record.ops_before} | {record.ops_after} | {counts} |")
+    lines += ["", *fusion_lines(fusion_counts(records))]
     lines += ["", "## Kernels", "", "| graph | op | kernel | backend | ops |", "|---|---|---|---|---:|"]
     lines += [f"| {k.graph} | {k.op} | {k.kernel} | {k.backend} | {k.count} |" for k in manifest.kernels]
     lines += ["", "## Core ops", "", "| op | count |", "|---|---:|"]

@@ -71,7 +71,7 @@ class ParamStats:
 
 
 def _top_k_by_scope(graph: Graph) -> dict[str, int]:
-    return {op.scope: op.attrs.int("top_k") for op in graph.ops if op.opname in ("moe", "moe_router")}
+    return {op.scope: op.attrs.int("top_k") for op in graph.ops if op.opname in ("moe", "moe_router", "moe_route")}
 
 
 def param_stats(graph: Graph, extra_mtp_params: int = 0, mtp_bits: int = 16) -> ParamStats:

@@ -39,9 +39,33 @@ class Choice:
     act_format: str | None
 
 
+# GEMMs the fusion passes make (graph/fused_ops.py); each names its GEMM weight `weight`.
+FUSED_GEMM_OPS = ("quant_linear", "quant_grouped_gemm", "moe_expert_up", "moe_expert_down")
+
+
 def gemm_weight(gemm: Op) -> str | None:
-    """The weight operand of a GEMM op; None for other ops."""
+    """The weight operand of a core GEMM op; None for other ops."""
     return operand(gemm, "weight") if gemm.opname in GEMM_OPS else None
+
+
+def any_gemm_weight(gemm: Op) -> str | None:
+    """The weight operand of a GEMM op, core or fused; None for other ops."""
+    return operand(gemm, "weight") if gemm.opname in GEMM_OPS + FUSED_GEMM_OPS else None
+
+
+def act_quantization(op: Op) -> tuple[str, str] | None:
+    """(input_scale, format) of an op that quantizes activations: `quantize`, or a fused op with
+    an act_format; None for other ops."""
+    if op.opname == "quantize":
+        fmt = op.attrs.str("format")
+    else:
+        found = op.attrs.get("act_format")
+        if not isinstance(found, str):
+            return None
+        fmt = found
+    scale = operand(op, "input_scale")
+    assert scale is not None, f"{op.opname} at {op.scope} quantizes to {fmt} without an input_scale"
+    return scale, fmt
 
 
 def _gemm_weights(graph: Graph) -> set[str]:

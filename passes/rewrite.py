@@ -7,9 +7,11 @@ at each op (patterns match against the graph as rewritten so far, so a rule sees
 rewrites made), re-emits every other op with its types re-inferred, removes dead ops, and repeats
 until no rule fires. It returns how many rewrites each rule made.
 
-A replacement keeps the names of the root op's results (`match.results`), so the ops after it
-are untouched; ops the pattern matched below the root stay until dead-op removal finds them
-unused."""
+A replacement keeps the names of the root op's results (`match.results`) that anything reads,
+so the ops after it are untouched; ops the pattern matched below the root stay until dead-op
+removal finds them unused. A fusion that must define the results of an op it absorbed (a
+residual add whose sum later layers read, a conv whose state update is bound) takes that op back
+with `builder.drop(op)` first, which is refused if anything emitted since reads it."""
 
 from __future__ import annotations
 
@@ -177,6 +179,11 @@ def live_ops(graph: Graph) -> tuple[Op, ...]:
     return tuple(reversed(kept))
 
 
+def _read(graph: Graph, name: str) -> bool:
+    """Whether something reads value `name`: an op, a graph output or a state slot's update."""
+    return bool(graph.users(name)) or name in graph.outputs or any(slot.update == name for slot in graph.states)
+
+
 def _sweep(graph: Graph, rules: Sequence[Rule], origin: str, counts: dict[str, int]) -> tuple[Graph, int]:
     builder = rebuild_header(graph, origin)
     fired = 0
@@ -186,7 +193,7 @@ def _sweep(graph: Graph, rules: Sequence[Rule], origin: str, counts: dict[str, i
             if found is None:
                 continue
             rule.rewrite(found, builder)
-            missing = [name for name in found.results if not builder.has(name)]
+            missing = [name for name in found.results if not builder.has(name) and _read(graph, name)]
             if missing:
                 raise IRError(f"rewrite rule {rule.name} at {candidate.scope or candidate.opname} did not define "
                               f"%{missing[0]}, a result of the {candidate.opname} it replaced")

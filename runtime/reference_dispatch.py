@@ -13,7 +13,8 @@ from nemocompile.graph.ir import Op
 
 from . import reference as ref
 from .dtypes import torch_dtype
-from .quantized_ops import quant_grouped_gemm, quant_linear, quantize
+from .quantized_ops import quantize
+from .reference import fused
 from .weights import WeightValue
 
 Args = Sequence[WeightValue | None]
@@ -51,10 +52,7 @@ def _result_dtype(op: Op) -> torch.dtype:
 
 
 def _linear(op: Op, a: Args) -> tuple[torch.Tensor, ...]:
-    weight = _w(a[1])
-    if isinstance(weight, torch.Tensor):
-        return (ref.linear(_t(a[0]), weight, _opt(a[2])),)
-    return (quant_linear(_t(a[0]), weight, _opt(a[2]), _result_dtype(op)),)
+    return (fused.linear_any(_t(a[0]), _w(a[1]), _opt(a[2]), _result_dtype(op)),)
 
 
 def _quantize(op: Op, a: Args) -> tuple[torch.Tensor, ...]:
@@ -135,10 +133,7 @@ def _moe_dispatch(op: Op, a: Args) -> tuple[torch.Tensor, ...]:
 
 
 def _grouped_gemm(op: Op, a: Args) -> tuple[torch.Tensor, ...]:
-    weight = _w(a[2])
-    if isinstance(weight, torch.Tensor):
-        return (ref.grouped_gemm(_t(a[0]), _t(a[1]), weight),)
-    return (quant_grouped_gemm(_t(a[0]), _t(a[1]), weight, _result_dtype(op)),)
+    return (fused.grouped_gemm_any(_t(a[0]), _t(a[1]), _w(a[2]), _result_dtype(op)),)
 
 
 def _moe_combine(op: Op, a: Args) -> tuple[torch.Tensor, ...]:
@@ -146,6 +141,48 @@ def _moe_combine(op: Op, a: Args) -> tuple[torch.Tensor, ...]:
     flat_weights = weights.reshape(-1, weights.shape[-1])
     out = ref.moe_combine(y, order, flat_weights, flat_weights.shape[0])
     return (out.reshape(*weights.shape[:-1], y.shape[-1]),)
+
+
+# ---------------------------------------------------------------- fused ops (runtime/reference/fused.py)
+
+
+def _act_format(op: Op) -> str | None:
+    value = op.attrs.get("act_format")
+    return value if isinstance(value, str) else None
+
+
+def _moe_route(op: Op, a: Args) -> tuple[torch.Tensor, ...]:
+    at = op.attrs
+    return fused.moe_route(_t(a[0]), _t(a[1]), _opt(a[2]), top_k=at.int("top_k"), n_group=at.int("n_group"),
+                           topk_group=at.int("topk_group"), norm_topk_prob=at.bool("norm_topk_prob"),
+                           routed_scaling_factor=at.float("routed_scaling_factor"),
+                           num_experts=at.int("num_experts"))
+
+
+def _moe_expert_up(op: Op, a: Args) -> tuple[torch.Tensor, ...]:
+    return (fused.moe_expert_up(_t(a[0]), _t(a[1]), _t(a[2]), _w(a[3]), _opt(a[4]), top_k=op.attrs.int("top_k"),
+                                activation_kind=op.attrs.str("activation"), act_format=_act_format(op),
+                                out_dtype=_result_dtype(op)),)
+
+
+def _moe_expert_down(op: Op, a: Args) -> tuple[torch.Tensor, ...]:
+    return (fused.moe_expert_down(_t(a[0]), _t(a[1]), _t(a[2]), _w(a[3]), _t(a[4]), _opt(a[5]),
+                                  act_format=_act_format(op), out_dtype=_result_dtype(op)),)
+
+
+def _quant_linear(op: Op, a: Args) -> tuple[torch.Tensor, ...]:
+    return (fused.quant_linear_on_load(_t(a[0]), _w(a[1]), _t(a[2]), _opt(a[3]), act_format=op.attrs.str("act_format"),
+                                       out_dtype=_result_dtype(op)),)
+
+
+def _quant_grouped_gemm(op: Op, a: Args) -> tuple[torch.Tensor, ...]:
+    return (fused.quant_grouped_gemm_on_load(_t(a[0]), _t(a[1]), _w(a[2]), _t(a[3]),
+                                             act_format=op.attrs.str("act_format"), out_dtype=_result_dtype(op)),)
+
+
+def _add_rms_norm(op: Op, a: Args) -> tuple[torch.Tensor, ...]:
+    return fused.add_rms_norm(_t(a[0]), _t(a[1]), _t(a[2]), _opt(a[3]), eps=op.attrs.float("eps"),
+                              act_format=_act_format(op))
 
 
 REFERENCE: dict[str, OpImpl] = {
@@ -166,6 +203,12 @@ REFERENCE: dict[str, OpImpl] = {
     "moe_dispatch": _moe_dispatch,
     "grouped_gemm": _grouped_gemm,
     "moe_combine": _moe_combine,
+    "moe_route": _moe_route,
+    "moe_expert_up": _moe_expert_up,
+    "moe_expert_down": _moe_expert_down,
+    "quant_linear": _quant_linear,
+    "quant_grouped_gemm": _quant_grouped_gemm,
+    "add_rms_norm": _add_rms_norm,
 }
 
 

@@ -56,12 +56,23 @@ def moe_dispatch(
     expert_offsets int64 [E+1] so that expert e owns rows offsets[e]:offsets[e+1], and
     order int64 [N*k], the pair indices sorted stably by expert.
     """
-    top_k = topk_ids.shape[1]
+    expert_offsets, order = expert_order(topk_ids, num_experts)
+    return gather_rows(x, order, topk_ids.shape[1]), expert_offsets, order
+
+
+def expert_order(topk_ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The grouping half of moe_dispatch: expert_offsets int64 [E+1] and order int64 [N*k], the
+    pair indices t*k + j sorted stably by topk_ids[t, j]."""
     flat_ids = topk_ids.reshape(-1)
     order = torch.argsort(flat_ids, stable=True)
     counts = torch.bincount(flat_ids, minlength=num_experts)
     expert_offsets = F.pad(torch.cumsum(counts, dim=0), (1, 0)).to(torch.int64)
-    return x[order // top_k], expert_offsets, order.to(torch.int64)
+    return expert_offsets, order.to(torch.int64)
+
+
+def gather_rows(x: torch.Tensor, order: torch.Tensor, top_k: int) -> torch.Tensor:
+    """The gathering half of moe_dispatch: row r is x[order[r] // top_k] (x [N, D] -> [N*k, D])."""
+    return x[order // top_k]
 
 
 def grouped_gemm(x_sorted: torch.Tensor, expert_offsets: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,73 @@
+"""fuse_add_rms_norm: the residual add and the RMSNorm after it as one op, and with the
+activation quantization that follows it (W4A4, W8A8) when the norm feeds only that `quantize`.
+
+Rules:
+- `add_rms_norm`: rms_norm(add(a, b)) -> add_rms_norm(x = b, residual = a), which defines both the
+  norm's result and the sum (later layers read the sum as their residual).
+- `add_rms_norm_quantize`: quantize(add_rms_norm(...).out) with no other reader of the norm ->
+  add_rms_norm {act_format} with the quantize's input_scale; its `out` is the quantized value.
+
+In a Nemotron-H graph every layer's residual add feeds the next layer's norm (or the final
+norm_f), so the first rule fires once per layer; the second once per layer after the first whose
+mixer quantizes its input (a Mamba layer with W8A8 in_proj). Layer 0's norm reads the embedding
+directly: nothing to add."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import ClassVar
+
+from nemocompile.graph.builder import GraphBuilder
+from nemocompile.graph.opdef import operand
+
+from .rewrite import ABSENT, Match, RewritePass, Rule, op
+
+
+def _fuse_add(match: Match, builder: GraphBuilder) -> None:
+    norm, add = match.root, match.ops["sum"]
+    builder.drop(add)
+    builder.op_named("add_rms_norm", {"x": operand(add, "b"), "residual": operand(add, "a"),
+                                      "weight": operand(norm, "weight")},
+                     {"eps": norm.attrs.float("eps")}, norm.scope, [norm.results[0].name, add.results[0].name])
+
+
+def _addable(match: Match) -> bool:
+    assert match.builder is not None
+    add = match.ops["sum"]
+    a, b = operand(add, "a"), operand(add, "b")
+    assert a is not None and b is not None
+    return match.builder.type_of(a) == match.builder.type_of(b) and match.builder.can_drop(add)
+
+
+ADD_RMS_NORM = Rule("add_rms_norm", op("rms_norm", x=op("add", capture="sum")), _fuse_add, _addable)
+
+
+def _fuse_quantize(match: Match, builder: GraphBuilder) -> None:
+    quantize, norm = match.root, match.ops["normed"]
+    builder.drop(norm)
+    builder.op_named("add_rms_norm", {"x": operand(norm, "x"), "residual": operand(norm, "residual"),
+                                      "weight": operand(norm, "weight"),
+                                      "input_scale": operand(quantize, "input_scale")},
+                     {"eps": norm.attrs.float("eps"), "act_format": quantize.attrs.str("format")}, norm.scope,
+                     [quantize.results[0].name, norm.results[1].name])
+
+
+def _quantizable(match: Match) -> bool:
+    assert match.builder is not None
+    return len(match.users("normed")) == 1 and match.builder.can_drop(match.ops["normed"])
+
+
+ADD_RMS_NORM_QUANTIZE = Rule(
+    "add_rms_norm_quantize",
+    op("quantize", x=op("add_rms_norm", capture="normed", attrs={"act_format": None}), offsets=ABSENT),
+    _fuse_quantize, _quantizable)
+
+
+@dataclass(frozen=True)
+class FuseAddRmsNorm(RewritePass):
+    name: ClassVar[str] = "fuse_add_rms_norm"
+
+    def rules(self) -> Sequence[Rule]:
+        return (ADD_RMS_NORM, ADD_RMS_NORM_QUANTIZE)
+

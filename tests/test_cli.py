@@ -28,10 +28,12 @@ MODELS = Path("/work/shared/models")
 KNOWN_TARGETS = ("b200", "gb200", "h100", "h200")
 DEMO_PATTERN_LAYERS = ["mamba", "attention", "moe", "mamba", "mlp", "moe"]
 # select_kernels runs on the prefill graph, then again on the decode graph specialize_decode made.
-PIPELINE = ["set_precision", "decompose", "assign_precision", "select_kernels", "specialize_decode", "select_kernels"]
+FUSIONS = ["fuse_experts", "fuse_router", "fuse_add_rms_norm", "fuse_dequant_gemm", "fuse_mamba_chain"]
+PIPELINE = ["set_precision", "decompose", "assign_precision", *FUSIONS, "select_kernels", "specialize_decode",
+            "select_kernels"]
 # every step of the build, the driver steps (calibrate, quantize_weights) included
-STEPS = ["set_precision", "decompose", "assign_precision", "calibrate", "quantize_weights", "select_kernels",
-         "specialize_decode", "select_kernels"]
+STEPS = ["set_precision", "decompose", "assign_precision", *FUSIONS, "calibrate", "quantize_weights",
+         "select_kernels", "specialize_decode", "select_kernels"]
 IR_HEADER = re.compile(r"^// ----- IR after (\S+) -----$", re.MULTILINE)
 
 
@@ -144,8 +146,11 @@ def test_print_after_all_prints_ir_after_each_pass(tmp_path: Path) -> None:
     graphs = {name: parse_graph(text) for name, text in chunks.items()}
     assert graphs["set_precision"].op_counts().get("mamba2_mixer") == 2
     assert "mamba2_mixer" not in graphs["decompose"].op_counts()
-    assert graphs["assign_precision"].op_counts() == parse_graph((out / "graph.txt").read_text()).op_counts()
     assert graphs["assign_precision"].op_counts()["quantize"] == 8  # W8A8 on h100: Mamba in/out, shared up/down
+    # the fusions take every quantize: layer 3's norm quantizes its in_proj input, the other 7 GEMMs on load
+    fused = graphs["fuse_mamba_chain"].op_counts()
+    assert fused == parse_graph((out / "graph.txt").read_text()).op_counts()
+    assert "quantize" not in fused and fused["quant_linear"] == 7
     assert (graphs["specialize_decode"].op_counts()
             == parse_graph((out / "graph.decode.txt").read_text()).op_counts())
 

@@ -146,3 +146,32 @@ def _stacked_nvfp4(weights: torch.Tensor) -> fused.WeightValue:
     parts = [quantize_nvfp4(w) for w in weights]
     return NVFP4Tensor(torch.stack([p.packed for p in parts]), torch.stack([p.block_scale for p in parts]),
                        torch.stack([p.global_scale for p in parts]))
+
+
+GOLDEN_FUSED_MOE = """
+%7, %6 = add_rms_norm(%5, %3, %layers.2.norm, _) {eps = 1e-05} : tensor<bf16, [batch, seq, 16]>, tensor<bf16, [batch, seq, 16]> scope "layers.2.norm" by "fuse_add_rms_norm"
+%31, %32, %34, %35 = moe_route(%7, %layers.2.mixer.router, %layers.2.mixer.router_bias) {n_group = 1, norm_topk_prob = true, num_experts = 4, routed_scaling_factor = 1.0, top_k = 2, topk_group = 1} : tensor<f32, [batch, seq, 2]>, tensor<i64, [batch, seq, 2]>, tensor<i64, [5]>, tensor<i64, [routed]> scope "layers.2.mixer" by "fuse_router"
+%45 = moe_expert_up(%7, %35, %34, %layers.2.mixer.experts_up, _) {activation = "relu2", top_k = 2} : tensor<bf16, [routed, 8]> scope "layers.2.mixer" by "fuse_experts"
+%39 = moe_expert_down(%45, %35, %34, %layers.2.mixer.experts_down, %31, _) {top_k = 2} : tensor<bf16, [batch, seq, 16]> scope "layers.2.mixer" by "fuse_experts"
+%40 = linear(%7, %layers.2.mixer.shared_up, _) : tensor<bf16, [batch, seq, 12]> scope "layers.2.mixer" by "decompose"
+"""
+
+
+def test_golden_text_of_a_fused_moe_layer_round_trips() -> None:
+    from test_ir_text import TINY
+
+    from nemocompile.graph.config import config_from_dict
+    from nemocompile.graph.nemotron_h import build_block_graph
+    from nemocompile.graph.text import parse_graph, print_graph
+    from nemocompile.graph.types import BF16
+    from nemocompile.passes.decompose import Decompose
+
+    graph = Decompose().apply(build_block_graph(config_from_dict(TINY), BF16)).graph
+    for fusion in FUSION_PASSES:
+        graph = fusion.apply(graph).graph
+    text = print_graph(graph)
+    lines = [line.strip() for line in text.splitlines() if line.strip().startswith("%")]
+    golden = GOLDEN_FUSED_MOE.strip().splitlines()
+    start = lines.index(golden[0])
+    assert lines[start:start + len(golden)] == golden
+    assert parse_graph(text) == graph

@@ -396,9 +396,10 @@ def test_scalars_exported_as_shape_one_are_accepted(exports: Callable[[str, str]
 def test_input_scales_are_carried_as_graph_weights(exports: Callable[[str, str], Built]) -> None:
     built = exports("nvfp4", "b200")
     text = (built.engine / "graph.txt").read_text()
-    # W4A4 experts on Blackwell read the checkpoint's scale, not one of our own calibration
-    assert re.search(r"= quantize\(%\d+, %layers\.2\.mixer\.experts_up\.input_scale, %\d+\) "
-                     r'\{format = "nvfp4"', text)
+    # W4A4 experts on Blackwell read the checkpoint's scale, not one of our own calibration (the fused
+    # up-GEMM quantizes its rows on load with it)
+    assert re.search(r"= moe_expert_up\([^)]*, %layers\.2\.mixer\.experts_up\.input_scale\) "
+                     r'\{act_format = "nvfp4"', text)
     weights = nemocompile.load(built.engine).graph.weight_map()
     scale = weights["layers.2.mixer.experts_up.input_scale"]
     assert scale.category == "activation_scales" and scale.type.shape == (EXPERTS,)

@@ -76,7 +76,7 @@ def test_decompose_op_counts(latent: int | None, linears: int) -> None:
     assert counts["attention_gqa"] == 1
     assert counts["grouped_gemm"] == 4
     assert counts["moe_router"] == counts["moe_dispatch"] == counts["moe_combine"] == 2
-    assert counts["activation"] == 2 * 2 + 1  # routed + shared per MoE, one per MLP
+    assert counts["activation"] == 2 * 2 + 1 + 2  # routed + shared per MoE, one per MLP, the conv's SiLU per Mamba
     assert counts["rms_norm"] == 6 + 1
 
 

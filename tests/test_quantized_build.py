@@ -158,7 +158,7 @@ def tiny(tiny_checkpoint: Path, root: Path) -> dict[str, Built]:
 
 
 def gemm_op(graph: Graph, weight: str) -> Op:
-    (op,) = [op for op in graph.ops if op.opname in ("linear", "grouped_gemm") and weight in op.operands]
+    (op,) = [op for op in graph.ops if op.opname in ("linear", "grouped_gemm", "quant_linear") and weight in op.operands]
     return op
 
 
@@ -188,24 +188,27 @@ def test_h100_graph_shows_w4a16_experts_and_w8a8_linears(demo: dict[str, Built])
     assert "weight %layers.2.mixer.experts_up : tensor<nvfp4, [8, 48, 32]>" in text
     assert "weight %layers.0.mixer.in_proj : tensor<fp8, " in text
     assert "weight %layers.2.mixer.shared_up : tensor<fp8, " in text
-    # W4A16: the experts' GEMM takes the bf16 activations as they are
-    assert re.search(r"= grouped_gemm\(%\d+, %\d+, %layers\.2\.mixer\.experts_up\) \{kernel = \"\w+\"\} "
-                     r": tensor<bf16", text)
-    assert 'format = "nvfp4"' not in text
-    assert text.count('{format = "fp8"') == 8  # in/out_proj of 2 Mamba layers, shared up/down of 2 MoE
+    # W4A16: the experts' fused up-GEMM takes the bf16 activations as they are
+    assert re.search(r"= moe_expert_up\(%\d+, %\d+, %\d+, %layers\.2\.mixer\.experts_up, _\) "
+                     r"\{activation = \"relu2\", kernel = \"\w+\", top_k = 2\} : tensor<bf16", text)
+    assert 'format = "nvfp4"' not in text and "= quantize(" not in text
+    # in/out_proj of 2 Mamba layers, shared up/down of 2 MoE: layer 3's norm quantizes its in_proj input,
+    # the other 7 GEMMs quantize on load
+    assert text.count('{act_format = "fp8"') == 8 and text.count("= quant_linear(") == 7
     assert "weight %layers.1.mixer.q_proj : tensor<bf16, " in text
 
 
 def test_b200_graph_shows_w4a4_experts(demo: dict[str, Built]) -> None:
     text = demo["b200"].text
-    assert text.count('{format = "nvfp4"') == 4  # up and down of 2 MoE layers
-    quantized = re.search(r"%(\d+) = quantize\(%\d+, %layers\.2\.mixer\.experts_up\.input_scale, %\d+\) "
-                          r'\{format = "nvfp4"[^}]*\} : tensor<nvfp4, \[routed, 32\]>', text)
-    assert quantized, "the experts' activations are quantized by an explicit quantize op"
-    assert re.search(rf"= grouped_gemm\(%{quantized.group(1)}, %\d+, %layers\.2\.mixer\.experts_up\) "
-                     r'\{[^}]*out_dtype = "bf16"[^}]*\} : tensor<bf16', text)
+    assert text.count('{act_format = "nvfp4"') == 4  # up and down of 2 MoE layers
+    # the fused up-GEMM quantizes the experts' rows to NVFP4 on load, the down-GEMM its hidden rows
+    assert re.search(r"= moe_expert_up\(%\d+, %\d+, %\d+, %layers\.2\.mixer\.experts_up, "
+                     r'%layers\.2\.mixer\.experts_up\.input_scale\) \{act_format = "nvfp4"[^}]*out_dtype = "bf16"'
+                     r"[^}]*\} : tensor<bf16, \[routed, ", text)
+    assert re.search(r"= moe_expert_down\([^)]*%layers\.2\.mixer\.experts_down\.input_scale\) "
+                     r'\{act_format = "nvfp4"', text)
     assert "weight %layers.2.mixer.experts_up.input_scale : tensor<f32, [8]>" in text
-    assert text.count('{format = "fp8"') == 8
+    assert text.count('{act_format = "fp8"') == 8
 
 
 @pytest.mark.parametrize("model", ["demo", "tiny"])  # bf16 and fp32 source weights
@@ -352,12 +355,11 @@ def test_engine_executor_runs_the_definition_inside_the_model(tiny: dict[str, Bu
     executor = Executor(engine.graph, weights, observer=observe)
     ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(2))
     executor.run(ids, Cache.for_graph(engine.graph, 2, torch.device("cpu")))
-    quantize_op = engine.graph.producer(str(op.operands[0]))
-    assert quantize_op is not None and quantize_op.opname == "quantize"  # these GEMMs run W8A8 / W4A4
-    x, out = seen[str(quantize_op.operands[0])], seen[op.results[0].name]
+    assert op.opname == "quant_linear"  # these GEMMs run W8A8 / W4A4, quantizing their input on load
+    x, out = seen[str(op.operands[0])], seen[op.results[0].name]
     scale = weights[f"{weight}.input_scale"]
-    assert isinstance(scale, torch.Tensor) and quantize_op.operands[1] == f"{weight}.input_scale"
-    assert torch.equal(out, hand_linear(x, weights[weight], quantize_op.attrs.str("format"), scale))
+    assert isinstance(scale, torch.Tensor) and op.operands[2] == f"{weight}.input_scale"
+    assert torch.equal(out, hand_linear(x, weights[weight], op.attrs.str("act_format"), scale))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -452,8 +454,8 @@ def test_override_routed_experts_fp8_on_b200(tiny_checkpoint: Path, tmp_path: Pa
     result = nemocompile.build(tiny_checkpoint, tmp_path / "fp8", target="b200", overrides=["routed_experts=fp8"])
     text = (tmp_path / "fp8" / "graph.txt").read_text()
     assert "weight %layers.2.mixer.experts_up : tensor<fp8, [4, 16, 32]>" in text
-    assert re.search(r"= quantize\(%\d+, %layers\.2\.mixer\.experts_up\.input_scale, %\d+\) "
-                     r'\{format = "fp8"', text)
+    assert re.search(r"= moe_expert_up\([^)]*, %layers\.2\.mixer\.experts_up\.input_scale\) "
+                     r'\{act_format = "fp8"', text)
     assert 'format = "nvfp4"' not in text
     assert engine_tensor(tmp_path / "fp8", "layers.2.mixer.experts_up").dtype == torch.float8_e4m3fn
     assert engine_tensor(tmp_path / "fp8", "layers.2.mixer.experts_up.weight_scale").shape == (4,)

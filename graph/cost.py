@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from .ir import Graph, Op
 from .opdef import opdef, operand
 from .storage import stored_nbytes
-from .types import DType, TensorType
+from .types import DTYPES, DType, TensorType
 
 
 @dataclass(frozen=True)
@@ -76,11 +76,11 @@ def activation_bytes(type_: TensorType, dims: Mapping[str, int]) -> float:
     """Bytes of an activation: NVFP4 codes with their E4M3 block scales, FP8 bytes, or the float's."""
     count = numel(type_, dims)
     dtype: DType = type_.dtype
-    if dtype.name == "nvfp4":
-        return count * (0.5 + 1 / 16)
-    if dtype.name == "fp8":
-        return float(count)
-    return count * dtype.bits / 8
+    # a block-scaled format adds one scale per block (E4M3 for NVFP4: one byte); FP8's one scale
+    # per tensor is nothing
+    scale = dtype.scale_dtype
+    block_scale = DTYPES[scale].bits / 8 / dtype.block_size if dtype.block_size and scale else 0.0
+    return count * (dtype.bits / 8 + block_scale)
 
 
 def experts_hit(experts: int, top_k: int, tokens: int) -> float:

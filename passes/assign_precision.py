@@ -23,7 +23,7 @@ from nemocompile.base.formats import ACT_FORMATS, Precision, indivisible_input
 from nemocompile.graph.builder import GraphBuilder
 from nemocompile.graph.ir import Graph, Op, Weight
 from nemocompile.graph.nemotron_h import INPUT_SCALE_CATEGORY
-from nemocompile.graph.opdef import operand
+from nemocompile.graph.opdef import KERNEL_ATTR, opdef, operand
 from nemocompile.graph.types import DTYPES, F32, TensorType
 
 from .base import Pass, PassOutput
@@ -174,6 +174,30 @@ def exported_numerics(graph: Graph, imported: Graph) -> tuple[Graph, tuple[Weigh
     present = {w.name for w in graph.weights}
     added = tuple(sources[f"{name}.input_scale"] for name in act_formats if f"{name}.input_scale" not in present)
     with_scales = replace(graph, weights=graph.weights + added)
-    rules = tuple(quantize_activations_rule(fmt, act_formats) for fmt in ACT_FORMATS)
+    rules = (*(quantize_activations_rule(fmt, act_formats) for fmt in ACT_FORMATS),
+             quantize_fused_experts_rule(act_formats))
     rewritten, counts = rewrite(with_scales, rules, "exported_numerics")
     return (rewritten, added) if any(counts.values()) else None
+
+
+def quantize_fused_experts_rule(act_formats: Mapping[str, str]) -> Rule:
+    """A fused expert GEMM (moe_expert_up / moe_expert_down) that reads float activations, where its
+    weight's activations run in a format: it quantizes them on load with the weight's input_scale,
+    its result keeping the dtype it had (what quantize_activations_rule does for core GEMMs)."""
+
+    def wanted(match: Match) -> bool:
+        return match.value("weight") in act_formats
+
+    def quantize_on_load(match: Match, builder: GraphBuilder) -> None:
+        expert, weight = match.root, match.value("weight")
+        rows = expert.operands[0]
+        assert rows is not None
+        operands = dict(zip(opdef(expert.opname).operand_names, expert.operands, strict=False))
+        operands["input_scale"] = input_scale(builder, weight)
+        kept = {key: value for key, value in expert.attrs.items if key != KERNEL_ATTR}  # a kernel for the old formats
+        attrs = {**kept, "act_format": act_formats[weight],
+                 "out_dtype": builder.type_of(rows).dtype.name}
+        builder.op_named(expert.opname, operands, attrs, expert.scope, match.results)
+
+    pattern = op(("moe_expert_up", "moe_expert_down"), attrs={"act_format": None}, weight=value("weight"))
+    return Rule("act_on_load", pattern, quantize_on_load, wanted)

@@ -5,10 +5,12 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Literal, overload
 
-from nemocompile.base.errors import NemocompileError
+from nemocompile.base.errors import NemocompileError, UsageError
 from nemocompile.runtime.engine import Engine
 from nemocompile.runtime.engine import load as _load
+from nemocompile.runtime.onnx_backend import OnnxEngine, load_onnx, load_tensorrt
 
 from .driver import BuildResult
 from .driver import build as _build
@@ -34,7 +36,7 @@ def api_message(message: str) -> str:
 def build(model: str | Path | None, out: str | Path, target: str = "h100", precision: str = "auto",
           force: bool = False, overrides: Sequence[str] = (), policy_file: str | Path | None = None,
           exclude: Sequence[str] = (), calibrate: int = 8, calibration_data: str | Path | None = None,
-          max_batch_size: int = 256, max_context: int = 131072) -> BuildResult:
+          max_batch_size: int = 256, max_context: int = 131072, tensorrt: bool = False) -> BuildResult:
     """Compile the checkpoint directory `model` (None: the embedded demo model) into the engine
     directory `out` for `target`. precision: auto (the target's policy), bf16 or fp32;
     overrides: "component=precision" strings, e.g. "routed_experts=fp8". Errors name these
@@ -44,7 +46,8 @@ def build(model: str | Path | None, out: str | Path, target: str = "h100", preci
                                policy_file=Path(policy_file) if policy_file else None, exclude=tuple(exclude),
                                calibrate=calibrate,
                                calibration_data=Path(calibration_data) if calibration_data else None,
-                               max_batch_size=max_batch_size, max_context=max_context, force=force)
+                               max_batch_size=max_batch_size, max_context=max_context, force=force,
+                               tensorrt=tensorrt)
         return _build(Path(model) if model is not None else None, Path(out), options)
     except NemocompileError as error:
         renamed = api_message(str(error))
@@ -53,11 +56,32 @@ def build(model: str | Path | None, out: str | Path, target: str = "h100", preci
         raise type(error)(renamed) from error
 
 
-def load(path: str | Path, device: str | None = None) -> Engine:
+BACKENDS = ("reference", "onnx", "tensorrt")
+
+
+@overload
+def load(path: str | Path, device: str | None = None, backend: Literal["reference"] = "reference") -> Engine: ...
+
+
+@overload
+def load(path: str | Path, device: str | None = None, *, backend: str) -> Engine | OnnxEngine: ...
+
+
+def load(path: str | Path, device: str | None = None, backend: str = "reference") -> Engine | OnnxEngine:
     """Load an engine directory; verifies every file's sha256 and the GPU arch first. When `path`
     is missing because a build died mid-swap, the engine it set aside is put back first; engines set
-    aside by interrupted builds are deleted once `path` verified (a warning says which)."""
+    aside by interrupted builds are deleted once `path` verified (a warning says which).
+    backend: "reference" (the runtime's kernel registry), "onnx" (the decomposed ONNX export of an
+    engine built with tensorrt=True, on the CPU), "tensorrt" (the TensorRT engine)."""
+    if backend not in BACKENDS:
+        raise UsageError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     restore_set_aside(Path(path))
-    engine = _load(path, device)
+    engine: Engine | OnnxEngine
+    if backend == "onnx":
+        engine = load_onnx(path)
+    elif backend == "tensorrt":
+        engine = load_tensorrt(path)
+    else:
+        engine = _load(path, device)
     remove_set_aside(Path(path))
     return engine

@@ -260,12 +260,14 @@ def _build_progress(mode: str) -> Iterator[PhaseListener | None]:
 @click.option("--print-after", multiple=True,
               help="Print the IR after this pipeline step ('all' for every step); repeatable.")
 @click.option("--time-passes", is_flag=True, help="Print each pipeline step's time and counts to stderr.")
+@click.option("--tensorrt", is_flag=True,
+              help="Also export ONNX for TensorRT to tensorrt/ (and build the TensorRT engine where it is installed).")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary.")
 def build(model: Path | None, target: str, out: Path, precision: str, overrides: tuple[str, ...],
           policy_file: Path | None, exclude: tuple[str, ...], world_size: int, max_batch_size: int,
           max_context: int, calibrate: int,
           calibration_data: Path | None, force: bool, print_after: tuple[str, ...], time_passes: bool,
-          as_json: bool) -> None:
+          tensorrt: bool, as_json: bool) -> None:
     """Compile MODEL (a Hugging Face Nemotron-H directory; default: the embedded demo) into an engine."""
     from .driver import build as run_build
     from .options import BuildOptions
@@ -278,13 +280,15 @@ def build(model: Path | None, target: str, out: Path, precision: str, overrides:
     options = BuildOptions(target=target, precision=precision, overrides=overrides, policy_file=policy_file,
                            exclude=exclude, calibrate=calibrate, calibration_data=calibration_data,
                            world_size=world_size, max_batch_size=max_batch_size, max_context=max_context,
-                           force=force, print_after=frozenset(print_after))
+                           force=force, tensorrt=tensorrt, print_after=frozenset(print_after))
     mode = ("quiet" if as_json or print_after else "display" if settings().progress and stderr.is_terminal
             else "log")
     with _build_progress(mode) as listener:
         result = run_build(model, out, options, printer, listener)
     if time_passes:
         click.echo(timing_table(result.passes), err=True)
+    if result.tensorrt_skipped:
+        click.echo(result.tensorrt_skipped, err=True)
     summary = {"engine": str(result.out), "target": result.manifest.target.name, "precision": precision,
                "policy": result.manifest.policy.to_json(), "params_total": result.stats.params_total,
                "world_size": result.manifest.world_size, "planned_world_size": world_size,
@@ -297,7 +301,9 @@ def build(model: Path | None, target: str, out: Path, precision: str, overrides:
                "quantization_errors": [{"weight": e.weight, "format": e.format, "rel_rms": e.rel_rms,
                                         "sqnr_db": e.sqnr_db} for e in result.errors],
                "agreement": result.agreement.as_json() if result.agreement else None,
-               "deviation": result.deviation.as_json() if result.deviation else None}
+               "deviation": result.deviation.as_json() if result.deviation else None,
+
+               "tensorrt": result.manifest.tensorrt.to_json() if result.manifest.tensorrt else None}
     if as_json:
         _print_json(summary)
         return

@@ -137,6 +137,8 @@ class BuildResult:
     # a stored-quantized checkpoint the target cannot run as exported (NVFP4 W4A4 on Hopper): the
     # engine against the checkpoint's own numerics on the reference runtime
     deviation: Agreement | None = None
+    # with --tensorrt: why the TensorRT engine itself was not built ("" when it was, or not asked)
+    tensorrt_skipped: str = ""
 
 
 def _build_inputs(model: Path | None, options: BuildOptions) -> list[tuple[str, Path]]:
@@ -353,6 +355,9 @@ def build(model: Path | None, out: Path, options: BuildOptions | None = None,
         float_graph = job.graphs.get(FLOAT, graph)
         stream, bytes_written = job.stream, job.bytes_written
         assert stream is not None, "the pipeline has no quantize_weights step"
+        if options.tensorrt:  # an op the export has no form for is refused before the engine is written
+            from .tensorrt_export import check_graphs  # onnx is an optional dependency
+            check_graphs(graph, decode)
         with phases.phase(AGREEMENT):
             agreement = job.agreement(float_graph, graph)
             deviation = job.deviation(graph)
@@ -361,6 +366,10 @@ def build(model: Path | None, out: Path, options: BuildOptions | None = None,
             (stage / "graph.decode.txt").write_text(print_graph(_engine_graph(decode)))
             (stage / "config.json").write_text(json.dumps(imported.raw_config, indent=2, sort_keys=True) + "\n")
             has_byte_tokenizer = _carry_tokenizer(model_dir, stage, imported.config.vocab_size)
+            exported = None
+            if options.tensorrt:
+                from .tensorrt_export import export_engine
+                exported = export_engine(stage, _engine_graph(graph), _engine_graph(decode), stage / weights_file(0))
             stats = param_stats(graph)
             manifest = Manifest(
                 nemocompile_version=__version__,
@@ -373,6 +382,7 @@ def build(model: Path | None, out: Path, options: BuildOptions | None = None,
                 precision=options.precision,
                 policy=PolicyInfo.from_description(job.policy.describe(), stage / MANIFEST_NAME),
                 source=SourceInfo(source_name, imported.checkpoint.fingerprint()),
+                tensorrt=exported.files if exported is not None else None,
             )
             # the report holds every phase before this one (it is hashed by the manifest written last)
             write_report(stage / "report.md", manifest, graph, stats, records, stream.errors, agreement,
@@ -383,4 +393,5 @@ def build(model: Path | None, out: Path, options: BuildOptions | None = None,
             phases.summarize(f"{len(manifest.files)} files, each with its sha256 in {MANIFEST_NAME}")
         imported.checkpoint.close()
     return BuildResult(out, manifest, stats, records, bytes_written, time.perf_counter() - start, stream.errors,
-                       agreement, phases.records, job.calibration, deviation)
+                       agreement, phases.records, job.calibration, deviation,
+                       exported.skipped if exported is not None else "")

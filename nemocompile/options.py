@@ -26,6 +26,9 @@ class BuildOptions:
     max_batch_size: int = 256
     max_context: int = 131072
     force: bool = False
+    # Also export the engine's graphs to ONNX for TensorRT (and build the TensorRT engine where
+    # TensorRT is installed): tensorrt/ in the engine directory.
+    tensorrt: bool = False
     print_after: frozenset[str] = field(default_factory=frozenset)
 
     def __post_init__(self) -> None:

@@ -146,8 +146,8 @@ def verify_engine_files(directory: Path) -> Manifest:
     return manifest
 
 
-def read_engine_text(directory: Path, manifest: Manifest, relative: str, verify: bool = True) -> str:
-    """The text of the engine file `relative`, which the manifest must hash. Read once and, with
+def read_engine_bytes(directory: Path, manifest: Manifest, relative: str, verify: bool = True) -> bytes:
+    """The bytes of the engine file `relative`, which the manifest must hash. Read once and, with
     `verify`, checked against its recorded size and sha256 from the very bytes returned."""
     entry = manifest.files.get(relative)
     if entry is None:
@@ -157,6 +157,13 @@ def read_engine_text(directory: Path, manifest: Manifest, relative: str, verify:
         data = handle.read(entry.size + 1)
     if verify and (len(data) != entry.size or hashlib.sha256(data).hexdigest() != entry.sha256):
         raise EngineError(f"engine file {relative} was changed after build (sha256 mismatch).")
+    return data
+
+
+def read_engine_text(directory: Path, manifest: Manifest, relative: str, verify: bool = True) -> str:
+    """The text of the engine file `relative`, which the manifest must hash. Read once and, with
+    `verify`, checked against its recorded size and sha256 from the very bytes returned."""
+    data = read_engine_bytes(directory, manifest, relative, verify)
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError:

@@ -175,6 +175,38 @@ class GraphFiles:
         return GraphFiles(f.relpath("prefill"), f.relpath("decode"))
 
 
+TENSORRT_MODELS = ("prefill", "decode", "prefill_decomposed", "decode_decomposed")
+
+
+@dataclass(frozen=True)
+class TensorRTFiles:
+    """The ONNX export for TensorRT (`build --tensorrt`): the prefill and decode graphs with plugin
+    ops, the same two decomposed into standard ONNX ops, the external data file they share, the
+    opset, and the serialized TensorRT engine when one was built (TensorRT installed)."""
+
+    prefill: str
+    decode: str
+    prefill_decomposed: str
+    decode_decomposed: str
+    data: str
+    opset: int
+    engine: str | None = None
+
+    def models(self) -> dict[str, str]:
+        return {"prefill": self.prefill, "decode": self.decode, "prefill_decomposed": self.prefill_decomposed,
+                "decode_decomposed": self.decode_decomposed}
+
+    def to_json(self) -> dict[str, Any]:
+        return {**self.models(), "data": self.data, "opset": self.opset, "engine": self.engine}
+
+    @staticmethod
+    def read(f: _Fields) -> TensorRTFiles:
+        f.only((*TENSORRT_MODELS, "data", "opset", "engine"))
+        return TensorRTFiles(f.relpath("prefill"), f.relpath("decode"), f.relpath("prefill_decomposed"),
+                             f.relpath("decode_decomposed"), f.relpath("data"), f.number("opset", minimum=1),
+                             f.relpath("engine", optional=True))
+
+
 @dataclass(frozen=True)
 class KernelUse:
     """How many ops of kind `op` in one graph run kernel `kernel` (of `backend`)."""
@@ -261,7 +293,7 @@ class FileEntry:
 
 
 _FIELDS = ("format_version", "nemocompile_version", "target", "world_size", "ranks", "graphs", "config",
-           "kernels", "tokenizer", "precision", "policy", "source", "files")
+           "kernels", "tokenizer", "precision", "policy", "source", "files", "tensorrt")
 
 
 @dataclass(frozen=True)
@@ -281,6 +313,7 @@ class Manifest:
     source: SourceInfo
     files: Mapping[str, FileEntry] = field(default_factory=lambda: MappingProxyType({}))
     format_version: int = FORMAT_VERSION
+    tensorrt: TensorRTFiles | None = None  # present when built with --tensorrt
 
     def __post_init__(self) -> None:
         if [r.rank for r in self.ranks] != list(range(len(self.ranks))) or not self.ranks:
@@ -304,6 +337,11 @@ class Manifest:
         named += [(f"ranks[{r.rank}].weights", path) for r in self.ranks for path in r.weights]
         if self.tokenizer is not None:
             named.append(("tokenizer", self.tokenizer))
+        if self.tensorrt is not None:
+            named += [(f"tensorrt.{key}", path) for key, path in self.tensorrt.models().items()]
+            named.append(("tensorrt.data", self.tensorrt.data))
+            if self.tensorrt.engine is not None:
+                named.append(("tensorrt.engine", self.tensorrt.engine))
         return named
 
     def kernel_counts(self) -> dict[str, int]:
@@ -332,6 +370,7 @@ class Manifest:
             "policy": self.policy.to_json(),
             "source": self.source.to_json(),
             "files": {name: entry.to_json() for name, entry in sorted(self.files.items())},
+            **({"tensorrt": self.tensorrt.to_json()} if self.tensorrt is not None else {}),
         }
 
     @staticmethod
@@ -370,6 +409,7 @@ class Manifest:
             precision=f.text("precision"),
             policy=PolicyInfo.read(f.child("policy")),
             source=SourceInfo.read(f.child("source")),
+            tensorrt=TensorRTFiles.read(f.child("tensorrt")) if f.data.get("tensorrt") is not None else None,
         ).with_files(files)
         for where, named in manifest.named_files():
             if named not in files:

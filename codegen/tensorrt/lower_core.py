@@ -1,0 +1,174 @@
+"""Standard-ONNX lowerings of the core ops that are not Mamba, attention or MoE: embedding, norms,
+GEMMs, activation quantization, elementwise ops. Each computes in float32 as its reference does
+and leaves the rounding to the result's dtype to `Lowering.bind`."""
+
+from __future__ import annotations
+
+import numpy as np
+from onnx import TensorProto
+
+from nemocompile.base.errors import IRError
+from nemocompile.graph.ir import Op
+from nemocompile.graph.opdef import operand
+
+from .context import TENSORRT, Lowering
+from .onnx_graph import TRT_DOMAIN
+
+NVFP4_BLOCK = 16
+E2M1_MAX = 6.0
+E4M3_MAX = 448.0
+E4M3_MIN_SUBNORMAL = 2.0**-9
+
+
+def _x(low: Lowering, op: Op, name: str) -> str:
+    found = operand(op, name)
+    assert found is not None, f"{op.opname} without {name}"
+    return found
+
+
+def embedding(low: Lowering, op: Op) -> None:
+    b = low.b
+    ids, table = _x(low, op, "ids"), _x(low, op, "table")
+    low.bind(op, [b.one("Gather", [low.value(table), low.value(ids)], axis=0)])
+
+
+def rms_rows(low: Lowering, x32: str, eps: float) -> str:
+    """x / sqrt(mean(x^2, last dim) + eps), float32."""
+    b = low.b
+    variance = b.one("ReduceMean", [b.one("Mul", [x32, x32]), b.ints([-1])], keepdims=1)
+    inverse = b.one("Reciprocal", [b.one("Sqrt", [b.one("Add", [variance, b.scalar(eps)])])])
+    return b.one("Mul", [x32, inverse])
+
+
+def rms_norm(low: Lowering, op: Op) -> None:
+    normed = rms_rows(low, low.value(_x(low, op, "x")), op.attrs.float("eps"))
+    low.bind(op, [low.b.one("Mul", [low.value(_x(low, op, "weight")), normed])])
+
+
+def gated_rms_norm(low: Lowering, op: Op) -> None:
+    b = low.b
+    x, gate, weight = _x(low, op, "x"), _x(low, op, "gate"), _x(low, op, "weight")
+    group = op.attrs.int("group_size")
+    width = low.static(x, -1)
+    gated = b.one("Mul", [low.value(x), silu(low, low.value(gate))])
+    rank = len(low.dims(x))
+    grouped = b.one("Reshape", [gated, b.ints([0] * (rank - 1) + [width // group, group])])
+    normed = b.one("Reshape", [rms_rows(low, grouped, op.attrs.float("eps")), b.ints([0] * (rank - 1) + [width])])
+    # the reference casts back to x's dtype before multiplying by the weight
+    normed = b.round_to(normed, low.type_of(x).dtype)
+    low.bind(op, [b.one("Mul", [low.value(weight), normed])])
+
+
+def silu(low: Lowering, x32: str) -> str:
+    return low.b.one("Mul", [x32, low.b.one("Sigmoid", [x32])])
+
+
+def matmul_t(low: Lowering, x32: str, w32: str) -> str:
+    """x @ w^T for w [out, in] (float32 values)."""
+    return low.b.one("MatMul", [x32, low.b.one("Transpose", [w32], perm=[1, 0])])
+
+
+def linear(low: Lowering, op: Op) -> None:
+    b = low.b
+    out = matmul_t(low, low.value(_x(low, op, "x")), low.value(_x(low, op, "weight")))
+    bias = operand(op, "bias")
+    if bias is not None:
+        out = b.one("Add", [out, low.value(bias)])
+    low.bind(op, [out])
+
+
+def add(low: Lowering, op: Op) -> None:
+    low.bind(op, [low.b.one("Add", [low.value(_x(low, op, "a")), low.value(_x(low, op, "b"))])])
+
+
+def cast(low: Lowering, op: Op) -> None:
+    low.bind(op, [low.value(_x(low, op, "x"))])  # bind rounds to the result's dtype
+
+
+def activation(low: Lowering, op: Op) -> None:
+    b = low.b
+    x = low.value(_x(low, op, "x"))
+    if op.attrs.str("kind") == "relu2":
+        relu = b.one("Relu", [x])
+        low.bind(op, [b.one("Mul", [relu, relu])])
+    else:
+        low.bind(op, [silu(low, x)])
+
+
+def split(low: Lowering, op: Op) -> None:
+    sizes = list(op.attrs.ints("sizes"))
+    low.bind(op, low.b.node("Split", [low.value(_x(low, op, "x")), low.b.ints(sizes)], len(sizes), axis=-1))
+
+
+# ---------------------------------------------------------------- activation quantization
+
+
+def expert_of_row(low: Lowering, offsets: str, rows_of: str) -> str:
+    """For rows grouped by expert (expert e owns rows offsets[e]:offsets[e+1]), each row's expert:
+    the number of offsets[1:] at or below the row index. int64 [rows]."""
+    b = low.b
+    count = b.one("Gather", [b.one("Shape", [rows_of]), b.i64(0)], axis=0)
+    rows = b.one("Range", [b.i64(0), count, b.i64(1)])
+    ends = b.one("Slice", [offsets, b.ints([1]), b.ints([np.iinfo(np.int64).max]), b.ints([0])])
+    below = b.one("LessOrEqual", [b.one("Unsqueeze", [ends, b.ints([0])]), b.one("Unsqueeze", [rows, b.ints([1])])])
+    return b.one("ReduceSum", [b.one("Cast", [below], to=TensorProto.INT64), b.ints([1])], keepdims=0)
+
+
+def _fp8_quantize(low: Lowering, x32: str, scale: str, per_row: bool) -> str:
+    b = low.b
+    zero = b.const(np.zeros((), dtype=np.uint8))
+    zero_point = b.one("Cast", [zero], to=TensorProto.FLOAT8E4M3FN)
+    if not per_row:
+        q = b.one("QuantizeLinear", [x32, scale, zero_point], saturate=1)
+        return b.one("DequantizeLinear", [q, scale, zero_point])
+    # one scale per row: x / scale rounded with a unit scale (the same division, then E4M3)
+    column = b.one("Unsqueeze", [scale, b.ints([1])])
+    unit = b.scalar(1.0)
+    q = b.one("QuantizeLinear", [b.one("Div", [x32, column]), unit, zero_point], saturate=1)
+    return b.one("Mul", [b.one("DequantizeLinear", [q, unit, zero_point]), column])
+
+
+def nvfp4_block_scales(low: Lowering, x32: str, rank: int, width: int, global_scale: str) -> str:
+    """E4M3 block scales of x [..., width] for blocks of 16 along the last dim: block_amax / (6 *
+    global_scale), a zero block at 1.0, clamped to [2^-9, 448] (as runtime/formats/nvfp4.py).
+    global_scale is a scalar or one per row [rows, 1, 1]. FLOAT8E4M3FN [..., width / 16]."""
+    b = low.b
+    blocks = b.one("Reshape", [x32, b.ints([0] * (rank - 1) + [width // NVFP4_BLOCK, NVFP4_BLOCK])])
+    amax = b.one("ReduceMax", [b.one("Abs", [blocks]), b.ints([-1])], keepdims=0)
+    scale = b.one("Div", [amax, b.one("Mul", [b.scalar(E2M1_MAX), global_scale])])
+    zero = b.one("Equal", [scale, b.scalar(0.0)])
+    scale = b.one("Where", [zero, b.scalar(1.0), scale])
+    scale = b.one("Clip", [scale, b.scalar(E4M3_MIN_SUBNORMAL), b.scalar(E4M3_MAX)])
+    return b.one("Cast", [scale], to=TensorProto.FLOAT8E4M3FN)
+
+
+def _nvfp4_quantize(low: Lowering, x32: str, rank: int, width: int, global_scale: str, per_row: bool) -> str:
+    b = low.b
+    axis = rank - 1
+    if low.mode == TENSORRT and not per_row:
+        codes, block_scale = b.node("TRT_FP4DynamicQuantize", [x32, global_scale], 2, domain=TRT_DOMAIN,
+                                    axis=-1, block_size=NVFP4_BLOCK, scale_type=TensorProto.FLOAT8E4M3FN)
+        scales = b.one("DequantizeLinear", [block_scale, global_scale])
+        return b.one("DequantizeLinear", [codes, scales], axis=axis, block_size=NVFP4_BLOCK)
+    gs_blocks = b.one("Unsqueeze", [global_scale, b.ints([1])]) if per_row else global_scale
+    block_scale = nvfp4_block_scales(low, x32, rank, width, gs_blocks)
+    scales = b.one("DequantizeLinear", [block_scale, global_scale], axis=0 if per_row else None)
+    codes = b.one("QuantizeLinear", [x32, scales], axis=axis, block_size=NVFP4_BLOCK,
+                  output_dtype=TensorProto.FLOAT4E2M1, saturate=1)
+    return b.one("DequantizeLinear", [codes, scales], axis=axis, block_size=NVFP4_BLOCK)
+
+
+def quantize(low: Lowering, op: Op) -> None:
+    x, scale, offsets = _x(low, op, "x"), _x(low, op, "input_scale"), operand(op, "offsets")
+    x32 = low.value(x)
+    global_scale = low.value(scale)
+    if offsets is not None:
+        global_scale = low.b.one("Gather", [global_scale, expert_of_row(low, low.value(offsets), x32)], axis=0)
+    fmt = op.attrs.str("format")
+    if fmt == "fp8":
+        low.bind(op, [_fp8_quantize(low, x32, global_scale, offsets is not None)])
+    elif fmt == "nvfp4":
+        rank = len(low.dims(x))
+        low.bind(op, [_nvfp4_quantize(low, x32, rank, low.static(x, -1), global_scale, offsets is not None)])
+    else:
+        raise IRError(f"quantize to {fmt} has no ONNX form yet")

@@ -302,7 +302,6 @@ def build(model: Path | None, target: str, out: Path, precision: str, overrides:
                                         "sqnr_db": e.sqnr_db} for e in result.errors],
                "agreement": result.agreement.as_json() if result.agreement else None,
                "deviation": result.deviation.as_json() if result.deviation else None,
-
                "tensorrt": result.manifest.tensorrt.to_json() if result.manifest.tensorrt else None}
     if as_json:
         _print_json(summary)

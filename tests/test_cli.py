@@ -99,7 +99,9 @@ def test_build_json_summary(demo_build: tuple[Path, dict[str, Any]]) -> None:
     out, summary = demo_build
     assert set(summary) == {"engine", "target", "precision", "policy", "params_total", "bytes_written",
                             "bits_per_element", "seconds", "passes", "quantization_errors", "agreement",
-                            "world_size", "planned_world_size", "kernels", "phases", "calibration", "deviation"}
+                            "world_size", "planned_world_size", "kernels", "phases", "calibration", "deviation",
+                            "tensorrt"}
+    assert summary["tensorrt"] is None  # no ONNX export without --tensorrt
     assert summary["world_size"] == summary["planned_world_size"] == 1
     assert set(summary["kernels"]) == {"reference"}
     assert summary["engine"] == str(out)

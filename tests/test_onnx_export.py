@@ -242,3 +242,30 @@ def test_backends_refused_with_one_sentence(engines: dict[str, Built], tmp_path:
     nemocompile.build(None, plain, target="h100", precision="fp32")
     with pytest.raises(EngineError, match="holds no ONNX export; build it with `nemocompile build --tensorrt`"):
         nemocompile.load(plain, backend="onnx")
+
+
+def test_an_op_whose_lowering_is_missing_is_refused_before_the_engine_is_written(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from nemocompile.codegen.tensorrt import export
+
+    monkeypatch.delitem(export.STANDARD, "moe_combine")
+    out = tmp_path / "engine"
+    with pytest.raises(IRError, match=r"op 'moe_combine' at layers\.2\.mixer has no ONNX form yet"):
+        nemocompile.build(None, out, target="h100", precision="fp32", tensorrt=True)
+    assert not out.exists()
+
+
+def test_cli_build_tensorrt_says_in_one_line_that_it_skipped_tensorrt(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from nemocompile.base.settings import override
+    from nemocompile.cli import main
+
+    with override():
+        result = CliRunner().invoke(main, ["build", "--target", "h100", "--precision", "fp32", "-o",
+                                           str(tmp_path / "engine"), "--tensorrt"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    skipped = [line for line in result.stderr.splitlines() if "TensorRT" in line]
+    assert skipped == ["TensorRT is not installed: skipped building the TensorRT engine (the ONNX export is "
+                       "written; install nemocompile[tensorrt] to build it)"]
+    assert (tmp_path / "engine" / "tensorrt" / "model.onnx").is_file()

@@ -20,7 +20,7 @@ import onnx
 from nemocompile.base.errors import IRError
 from nemocompile.graph.ir import Graph, Op
 
-from . import lower_attention, lower_core, lower_mamba, lower_moe, plugins
+from . import lower_attention, lower_core, lower_fused, lower_mamba, lower_moe, plugins
 from .context import DECOMPOSED, MODES, TENSORRT, Lower, Lowering
 from .onnx_graph import NARROW_FLOATS, OnnxBuilder, onnx_type
 from .weights import WeightBytes
@@ -43,6 +43,13 @@ STANDARD: dict[str, Lower] = {
     "moe_dispatch": lower_moe.moe_dispatch,
     "grouped_gemm": lower_moe.grouped_gemm,
     "moe_combine": lower_moe.moe_combine,
+    # the fused ops of the fusion passes (graph/fused_ops.py)
+    "moe_route": lower_fused.moe_route,
+    "moe_expert_up": lower_fused.moe_expert_up,
+    "moe_expert_down": lower_fused.moe_expert_down,
+    "quant_linear": lower_fused.quant_linear,
+    "quant_grouped_gemm": lower_fused.quant_grouped_gemm,
+    "add_rms_norm": lower_fused.add_rms_norm,
 }
 PLUGIN: dict[str, Lower] = {
     "ssd_chunk_scan": plugins.mamba2,
@@ -54,9 +61,9 @@ PLUGIN: dict[str, Lower] = {
 def _lower_ops(low: Lowering) -> None:
     # each routed-expert block becomes one plugin node, placed where its combine was (every input
     # of the block is made by then)
-    regions = ([plugins.moe_region(low, op) for op in low.graph.ops if op.opname == "moe_router"]
+    regions = ([plugins.moe_region(low, op) for op in low.graph.ops if op.opname in ("moe_router", "moe_route")]
                if low.mode == TENSORRT else [])
-    at_combine = {id(region.combine): region for region in regions}
+    at_combine = {id(region.last): region for region in regions}
     inside = {id(o) for region in regions for o in region.ops}
     for op in low.graph.ops:
         if id(op) in at_combine:

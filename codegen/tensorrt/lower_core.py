@@ -40,9 +40,12 @@ def rms_rows(low: Lowering, x32: str, eps: float) -> str:
     return b.one("Mul", [x32, inverse])
 
 
+def rms_norm_value(low: Lowering, x32: str, weight: str, eps: float) -> str:
+    return low.b.one("Mul", [low.value(weight), rms_rows(low, x32, eps)])
+
+
 def rms_norm(low: Lowering, op: Op) -> None:
-    normed = rms_rows(low, low.value(_x(low, op, "x")), op.attrs.float("eps"))
-    low.bind(op, [low.b.one("Mul", [low.value(_x(low, op, "weight")), normed])])
+    low.bind(op, [rms_norm_value(low, low.value(_x(low, op, "x")), _x(low, op, "weight"), op.attrs.float("eps"))])
 
 
 def gated_rms_norm(low: Lowering, op: Op) -> None:
@@ -68,13 +71,14 @@ def matmul_t(low: Lowering, x32: str, w32: str) -> str:
     return low.b.one("MatMul", [x32, low.b.one("Transpose", [w32], perm=[1, 0])])
 
 
+def linear_value(low: Lowering, x32: str, weight: str, bias: str | None) -> str:
+    """x @ weight^T + bias in float32 (a quantized weight dequantized first)."""
+    out = matmul_t(low, x32, low.value(weight))
+    return out if bias is None else low.b.one("Add", [out, low.value(bias)])
+
+
 def linear(low: Lowering, op: Op) -> None:
-    b = low.b
-    out = matmul_t(low, low.value(_x(low, op, "x")), low.value(_x(low, op, "weight")))
-    bias = operand(op, "bias")
-    if bias is not None:
-        out = b.one("Add", [out, low.value(bias)])
-    low.bind(op, [out])
+    low.bind(op, [linear_value(low, low.value(_x(low, op, "x")), _x(low, op, "weight"), operand(op, "bias"))])
 
 
 def add(low: Lowering, op: Op) -> None:
@@ -85,14 +89,17 @@ def cast(low: Lowering, op: Op) -> None:
     low.bind(op, [low.value(_x(low, op, "x"))])  # bind rounds to the result's dtype
 
 
+def activation_value(low: Lowering, x32: str, kind: str) -> str:
+    if kind == "relu2":
+        relu = low.b.one("Relu", [x32])
+        return low.b.one("Mul", [relu, relu])
+    if kind == "silu":
+        return silu(low, x32)
+    raise IRError(f"activation {kind!r} has no ONNX form yet")
+
+
 def activation(low: Lowering, op: Op) -> None:
-    b = low.b
-    x = low.value(_x(low, op, "x"))
-    if op.attrs.str("kind") == "relu2":
-        relu = b.one("Relu", [x])
-        low.bind(op, [b.one("Mul", [relu, relu])])
-    else:
-        low.bind(op, [silu(low, x)])
+    low.bind(op, [activation_value(low, low.value(_x(low, op, "x")), op.attrs.str("kind"))])
 
 
 def split(low: Lowering, op: Op) -> None:
@@ -158,17 +165,21 @@ def _nvfp4_quantize(low: Lowering, x32: str, rank: int, width: int, global_scale
     return b.one("DequantizeLinear", [codes, scales], axis=axis, block_size=NVFP4_BLOCK)
 
 
-def quantize(low: Lowering, op: Op) -> None:
-    x, scale, offsets = _x(low, op, "x"), _x(low, op, "input_scale"), operand(op, "offsets")
-    x32 = low.value(x)
+def quantize_value(low: Lowering, x32: str, rank: int, width: int, fmt: str, scale: str,
+                   offsets32: str | None) -> str:
+    """x [..., width] (float32) quantized to fmt with the static scale `scale` (an IR value) and
+    back, as the `quantize` op means it; with offsets (an ONNX value), row r uses scale[its expert]."""
     global_scale = low.value(scale)
-    if offsets is not None:
-        global_scale = low.b.one("Gather", [global_scale, expert_of_row(low, low.value(offsets), x32)], axis=0)
-    fmt = op.attrs.str("format")
+    if offsets32 is not None:
+        global_scale = low.b.one("Gather", [global_scale, expert_of_row(low, offsets32, x32)], axis=0)
     if fmt == "fp8":
-        low.bind(op, [_fp8_quantize(low, x32, global_scale, offsets is not None)])
-    elif fmt == "nvfp4":
-        rank = len(low.dims(x))
-        low.bind(op, [_nvfp4_quantize(low, x32, rank, low.static(x, -1), global_scale, offsets is not None)])
-    else:
-        raise IRError(f"quantize to {fmt} has no ONNX form yet")
+        return _fp8_quantize(low, x32, global_scale, offsets32 is not None)
+    if fmt == "nvfp4":
+        return _nvfp4_quantize(low, x32, rank, width, global_scale, offsets32 is not None)
+    raise IRError(f"quantize to {fmt} has no ONNX form yet")
+
+
+def quantize(low: Lowering, op: Op) -> None:
+    x, offsets = _x(low, op, "x"), operand(op, "offsets")
+    low.bind(op, [quantize_value(low, low.value(x), len(low.dims(x)), low.static(x, -1), op.attrs.str("format"),
+                                 _x(low, op, "input_scale"), None if offsets is None else low.value(offsets))])

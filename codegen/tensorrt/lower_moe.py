@@ -33,6 +33,11 @@ def _leading_then(low: Lowering, value: str, last: int) -> str:
 
 
 def moe_router(low: Lowering, op: Op) -> None:
+    low.bind(op, list(router_values(low, op)))
+
+
+def router_values(low: Lowering, op: Op) -> tuple[str, str]:
+    """(weights f32, ids i64), both [..., top_k], of a moe_router or moe_route op."""
     b = low.b
     at = op.attrs
     top_k, n_group, topk_group = at.int("top_k"), at.int("n_group"), at.int("topk_group")
@@ -64,16 +69,27 @@ def moe_router(low: Lowering, op: Op) -> None:
         weights = b.one("Div", [weights, total])
     weights = b.one("Mul", [weights, b.scalar(at.float("routed_scaling_factor"))])
     shape = _leading_then(low, low.value(x), top_k)
-    low.bind(op, [b.one("Reshape", [weights, shape]), b.one("Reshape", [ids, shape])])
+    return b.one("Reshape", [weights, shape]), b.one("Reshape", [ids, shape])
 
 
 def moe_dispatch(low: Lowering, op: Op) -> None:
-    b = low.b
     x, ids = _req(op, "x"), _req(op, "ids")
-    experts = op.attrs.int("num_experts")
     top_k = low.static(ids, -1)
-    hidden = low.static(x, -1)
-    flat = b.one("Reshape", [low.value(ids), b.ints([-1])])  # pair t*k + j -> its expert
+    offsets, order = expert_order(low, low.value(ids), op.attrs.int("num_experts"))
+    low.bind(op, [gather_rows(low, low.value(x), low.static(x, -1), order, top_k), offsets, order])
+
+
+def gather_rows(low: Lowering, x32: str, hidden: int, order: str, top_k: int) -> str:
+    """x_sorted[r] = x[order[r] // top_k]: the row of each token-expert pair, grouped by expert."""
+    b = low.b
+    rows = b.one("Reshape", [x32, b.ints([-1, hidden])])
+    return b.one("Gather", [rows, b.one("Div", [order, b.i64(top_k)])], axis=0)
+
+
+def expert_order(low: Lowering, ids: str, experts: int) -> tuple[str, str]:
+    """(offsets [E+1], order [N*k]) of the pairs sorted stably by expert, as moe_dispatch makes them."""
+    b = low.b
+    flat = b.one("Reshape", [ids, b.ints([-1])])  # pair t*k + j -> its expert
     pairs = _dim(low, flat, 0)
     index = b.one("Range", [b.i64(0), pairs, b.i64(1)])
     keys = b.one("Add", [b.one("Mul", [flat, pairs]), index])  # unique, so the sort is stable
@@ -81,31 +97,37 @@ def moe_dispatch(low: Lowering, op: Op) -> None:
     one_hot = b.one("Equal", [b.one("Unsqueeze", [flat, b.ints([1])]), b.const(np.arange(experts, dtype=np.int64))])
     counts = b.one("ReduceSum", [b.one("Cast", [one_hot], to=TensorProto.INT64), b.ints([0])], keepdims=0)
     offsets = b.one("Concat", [b.ints([0]), b.one("CumSum", [counts, b.i64(0)])], axis=0)
-    rows = b.one("Reshape", [low.value(x), b.ints([-1, hidden])])
-    x_sorted = b.one("Gather", [rows, b.one("Div", [order, b.i64(top_k)])], axis=0)
-    low.bind(op, [x_sorted, offsets, order])
+    return offsets, order
 
 
-def grouped_gemm(low: Lowering, op: Op) -> None:
+def grouped_gemm_value(low: Lowering, x32: str, offsets: str, weight: str) -> str:
+    """Row r times its expert's weight^T (float32), the expert read from offsets."""
     b = low.b
-    x, offsets, weight = _req(op, "x"), _req(op, "offsets"), _req(op, "weight")
-    x32 = low.value(x)
-    experts = expert_of_row(low, low.value(offsets), x32)
+    experts = expert_of_row(low, offsets, x32)
     per_row = b.one("Gather", [low.value(weight), experts], axis=0)  # [R, out, in]
     product = b.one("MatMul", [b.one("Unsqueeze", [x32, b.ints([1])]),
                                b.one("Transpose", [per_row], perm=[0, 2, 1])])  # [R, 1, out]
-    low.bind(op, [b.one("Squeeze", [product, b.ints([1])])])
+    return b.one("Squeeze", [product, b.ints([1])])
+
+
+def grouped_gemm(low: Lowering, op: Op) -> None:
+    x, offsets, weight = _req(op, "x"), _req(op, "offsets"), _req(op, "weight")
+    low.bind(op, [grouped_gemm_value(low, low.value(x), low.value(offsets), weight)])
 
 
 def moe_combine(low: Lowering, op: Op) -> None:
-    b = low.b
     y, order, weights = _req(op, "y"), _req(op, "order"), _req(op, "weights")
-    top_k = low.static(weights, -1)
-    width = low.static(y, -1)
-    pair_weight = b.one("Gather", [b.one("Reshape", [low.value(weights), b.ints([-1])]), low.value(order)], axis=0)
-    weighted = b.one("Mul", [low.value(y), b.one("Unsqueeze", [pair_weight, b.ints([1])])])  # float32 [R, D]
+    low.bind(op, [combine_value(low, low.value(y), low.value(order), low.value(weights), low.static(weights, -1),
+                                low.static(y, -1))])
+
+
+def combine_value(low: Lowering, y32: str, order: str, weights: str, top_k: int, width: int) -> str:
+    """out[token] = sum over its pairs of weight * y (float32), shaped as weights' leading dims."""
+    b = low.b
+    pair_weight = b.one("Gather", [b.one("Reshape", [weights, b.ints([-1])]), order], axis=0)
+    weighted = b.one("Mul", [y32, b.one("Unsqueeze", [pair_weight, b.ints([1])])])  # float32 [R, D]
     zeros = b.one("ConstantOfShape", [b.one("Shape", [weighted])],
                   value=numpy_helper.from_array(np.zeros(1, dtype=np.float32)))
     by_pair = b.one("ScatterND", [zeros, b.one("Unsqueeze", [low.value(order), b.ints([1])]), weighted])
     summed = b.one("ReduceSum", [b.one("Reshape", [by_pair, b.ints([-1, top_k, width])]), b.ints([1])], keepdims=0)
-    low.bind(op, [b.one("Reshape", [summed, _leading_then(low, low.value(weights), width)])])
+    return b.one("Reshape", [summed, _leading_then(low, weights, width)])

@@ -69,78 +69,117 @@ def attention(low: Lowering, op: Op) -> None:
 
 @dataclass(frozen=True)
 class MoeRegion:
-    """The ops of one routed-expert block, from its router to its combine."""
+    """The ops of one routed-expert block, from its router to the op whose result is the block's
+    (moe_combine, or moe_expert_down once the experts are fused), and what the plugin reads."""
 
     ops: tuple[Op, ...]
     router: Op
-    dispatch: Op
-    up: Op
-    down: Op
-    activation: Op
-    combine: Op
-    up_quantize: Op | None
-    down_quantize: Op | None
+    last: Op
+    x: str  # the experts' input (the router's, or the latent projection's output)
+    up_weight: str
+    down_weight: str
+    up_scale: str | None  # the static activation scales, when the expert GEMMs quantize their input
+    down_scale: str | None
+    activation: str
+    act_format: str | None
+    num_experts: int
+
+
+class _Walk:
+    def __init__(self, low: Lowering, router: Op) -> None:
+        self.graph = low.graph
+        self.where = f"the MoE at {router.scope or 'top level'}"
+
+    def refuse(self, why: str) -> IRError:
+        return IRError(f"{self.where} has no FusedMoE form: {why}")
+
+    def only_user(self, value: str, opname: str) -> Op:
+        users = self.graph.users(value)
+        if len(users) != 1 or users[0].opname != opname:
+            raise self.refuse(f"%{value} should feed one {opname}, it feeds "
+                              f"{', '.join(u.opname for u in users) or 'nothing'}")
+        return users[0]
+
+    def maybe_quantize(self, value: str) -> Op | None:
+        users = self.graph.users(value)
+        return users[0] if len(users) == 1 and users[0].opname == "quantize" else None
+
+    def check_closed(self, ops: tuple[Op, ...], result: str) -> None:
+        """Nothing outside the block reads a value made inside it, but its result."""
+        inside = {r.name for o in ops for r in o.results} - {result}
+        for o in self.graph.ops:
+            leaked = [] if o in ops else [name for name in o.operands if name in inside]
+            if leaked:
+                raise self.refuse(f"%{leaked[0]} is read outside the experts (by {o.opname} at {o.scope})")
+
+
+def _scale(op: Op | None) -> str | None:
+    return None if op is None else operand(op, "input_scale")
+
+
+def _format(op: Op | None) -> str | None:
+    value = None if op is None else op.attrs.get("format", op.attrs.get("act_format"))
+    return value if isinstance(value, str) else None
 
 
 def moe_region(low: Lowering, router: Op) -> MoeRegion:
-    """The routed-expert ops fed by `router`: refused, naming the scope, unless they are exactly
-    dispatch, (quantize,) grouped_gemm, activation, (quantize,) grouped_gemm, combine."""
-    graph = low.graph
-    where = f"the MoE at {router.scope or 'top level'}"
-
-    def only_user(value: str, opname: str) -> Op:
-        users = graph.users(value)
-        if len(users) != 1 or users[0].opname != opname:
-            raise IRError(f"{where} has no FusedMoE form: %{value} should feed one {opname}, "
-                          f"it feeds {', '.join(u.opname for u in users) or 'nothing'}")
-        return users[0]
-
+    """The routed-expert ops fed by `router` (moe_router, or moe_route once fused): refused, naming
+    the scope, unless they are dispatch, (quantize,) grouped_gemm, activation, (quantize,)
+    grouped_gemm, combine, or their fused form moe_expert_up, moe_expert_down."""
+    walk = _Walk(low, router)
+    if router.opname == "moe_route":
+        return _fused_region(walk, router)
     weights_out, ids = (r.name for r in router.results)
-    dispatch = only_user(ids, "moe_dispatch")
+    dispatch = walk.only_user(ids, "moe_dispatch")
     x_sorted = dispatch.results[0].name
-    first = graph.users(x_sorted)
-    up_quantize = first[0] if len(first) == 1 and first[0].opname == "quantize" else None
-    up = only_user(up_quantize.result.name if up_quantize else x_sorted, "grouped_gemm")
-    activation = only_user(up.result.name, "activation")
-    second = graph.users(activation.result.name)
-    down_quantize = second[0] if len(second) == 1 and second[0].opname == "quantize" else None
-    down = only_user(down_quantize.result.name if down_quantize else activation.result.name, "grouped_gemm")
-    combine = only_user(down.result.name, "moe_combine")
+    up_quantize = walk.maybe_quantize(x_sorted)
+    up = walk.only_user(up_quantize.result.name if up_quantize else x_sorted, "grouped_gemm")
+    activation = walk.only_user(up.result.name, "activation")
+    down_quantize = walk.maybe_quantize(activation.result.name)
+    down = walk.only_user(down_quantize.result.name if down_quantize else activation.result.name, "grouped_gemm")
+    combine = walk.only_user(down.result.name, "moe_combine")
     if operand(combine, "weights") != weights_out or operand(combine, "order") != dispatch.results[2].name:
-        raise IRError(f"{where} has no FusedMoE form: its combine does not read the router's weights and order")
+        raise walk.refuse("its combine does not read the router's weights and order")
     ops = tuple(o for o in (router, dispatch, up_quantize, up, activation, down_quantize, down, combine) if o)
-    inside = {r.name for o in ops for r in o.results} - {combine.result.name}
-    for o in graph.ops:
-        if o in ops:
-            continue
-        leaked = [name for name in o.operands if name in inside]
-        if leaked:
-            raise IRError(f"{where} has no FusedMoE form: %{leaked[0]} is read outside the experts "
-                          f"(by {o.opname} at {o.scope})")
-    return MoeRegion(ops, router, dispatch, up, down, activation, combine, up_quantize, down_quantize)
+    walk.check_closed(ops, combine.result.name)
+    return MoeRegion(ops, router, combine, str(operand(dispatch, "x")), str(operand(up, "weight")),
+                     str(operand(down, "weight")), _scale(up_quantize), _scale(down_quantize),
+                     activation.attrs.str("kind"), _format(up_quantize), dispatch.attrs.int("num_experts"))
+
+
+def _fused_region(walk: _Walk, route: Op) -> MoeRegion:
+    weights_out, _, offsets, order = (r.name for r in route.results)
+    ups = [u for u in walk.graph.users(order) if u.opname == "moe_expert_up"]
+    if len(ups) != 1:
+        raise walk.refuse(f"%{order} should feed one moe_expert_up")
+    up = ups[0]
+    down = walk.only_user(up.result.name, "moe_expert_down")
+    if (operand(down, "weights"), operand(down, "order"), operand(down, "offsets")) != (weights_out, order, offsets):
+        raise walk.refuse("its moe_expert_down does not read the router's weights, order and offsets")
+    ops = (route, up, down)
+    walk.check_closed(ops, down.result.name)
+    return MoeRegion(ops, route, down, str(operand(up, "x")), str(operand(up, "weight")), str(operand(down, "weight")),
+                     _scale(up), _scale(down), up.attrs.str("activation"), _format(up), route.attrs.int("num_experts"))
 
 
 def moe(low: Lowering, region: MoeRegion) -> None:
-    """The FusedMoE plugin node for one MoE region; binds the combine's result."""
-    def parts(gemm: Op) -> list[str]:
-        weight = operand(gemm, "weight")
-        assert weight is not None
+    """The FusedMoE plugin node for one MoE region; binds the block's result."""
+    def parts(weight: str) -> list[str]:
         found = low.weight_parts(weight)
         return [found.data, found.scale, found.scale_2]
 
-    def input_scale(quant: Op | None) -> str:
-        return "" if quant is None else _ir_value(low, operand(quant, "input_scale"))
+    def input_scale(scale: str | None) -> str:
+        return "" if scale is None else _ir_value(low, scale)
 
     router = region.router
-    up_weight = low.weights[str(operand(region.up, "weight"))]
-    inputs = [_ir_value(low, operand(router, "x")), _ir_value(low, operand(region.dispatch, "x")),
+    inputs = [_ir_value(low, operand(router, "x")), _ir_value(low, region.x),
               _ir_value(low, operand(router, "weight")), _ir_value(low, operand(router, "bias")),
-              *parts(region.up), input_scale(region.up_quantize),
-              *parts(region.down), input_scale(region.down_quantize)]
-    attrs = _attrs(router)
-    attrs.update(num_experts=region.dispatch.attrs.int("num_experts"), activation=region.activation.attrs.str("kind"),
-                 weight_format=up_weight.type.dtype.name,
-                 act_format=region.up_quantize.attrs.str("format") if region.up_quantize else "none")
-    result = region.combine.result
+              *parts(region.up_weight), input_scale(region.up_scale),
+              *parts(region.down_weight), input_scale(region.down_scale)]
+    attrs = {key: attr_value(router.attrs[key])
+             for key in ("top_k", "n_group", "topk_group", "norm_topk_prob", "routed_scaling_factor")}
+    attrs.update(num_experts=region.num_experts, activation=region.activation,
+                 weight_format=low.weights[region.up_weight].type.dtype.name, act_format=region.act_format or "none")
+    result = region.last.result
     (out,) = _emit(low, FUSED_MOE, inputs, [(result.name, result.type.dtype.name)], attrs)
-    low.bind(region.combine, [out], rounded=False)
+    low.bind(region.last, [out], rounded=False)

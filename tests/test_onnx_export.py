@@ -269,3 +269,12 @@ def test_cli_build_tensorrt_says_in_one_line_that_it_skipped_tensorrt(tmp_path: 
     assert skipped == ["TensorRT is not installed: skipped building the TensorRT engine (the ONNX export is "
                        "written; install nemocompile[tensorrt] to build it)"]
     assert (tmp_path / "engine" / "tensorrt" / "model.onnx").is_file()
+
+
+def test_tensorrt_export_runs_bf16_gemms_in_bf16(engines: dict[str, Built]) -> None:
+    path = _models(engines["demo-bf16"].engine)["prefill"]
+    model = onnx.shape_inference.infer_shapes(onnx.load(str(path), load_external_data=False))
+    types = {v.name: v.type.tensor_type.elem_type for v in (*model.graph.value_info, *model.graph.input)}
+    types.update({t.name: t.data_type for t in model.graph.initializer})
+    gemms = [n for n in model.graph.node if n.op_type == "MatMul"]
+    assert gemms and all(types.get(n.input[0]) == onnx.TensorProto.BFLOAT16 for n in gemms)

@@ -12,7 +12,7 @@ from nemocompile.graph.ir import Op
 from nemocompile.graph.opdef import operand
 
 from .context import TENSORRT, Lowering
-from .onnx_graph import TRT_DOMAIN
+from .onnx_graph import NARROW_FLOATS, TRT_DOMAIN, onnx_type
 
 NVFP4_BLOCK = 16
 E2M1_MAX = 6.0
@@ -77,7 +77,29 @@ def linear_value(low: Lowering, x32: str, weight: str, bias: str | None) -> str:
     return out if bias is None else low.b.one("Add", [out, low.value(bias)])
 
 
+def _native_float_linear(low: Lowering, op: Op) -> str | None:
+    """In the TensorRT export, a bf16/f16 GEMM runs in its own dtype (TensorRT accumulates in fp32):
+    x cast to the weight's dtype times the stored weight, the result carried as float32 again."""
+    x, weight, bias = _x(low, op, "x"), _x(low, op, "weight"), operand(op, "bias")
+    dtype = low.type_of(weight).dtype
+    if low.mode != TENSORRT or dtype.name not in NARROW_FLOATS or low.type_of(x).dtype != dtype:
+        return None
+    if not low.is_weight(weight) or (bias is not None and (not low.is_weight(bias) or low.type_of(bias).dtype != dtype)):
+        return None
+    b = low.b
+    native = b.one("Cast", [low.value(x)], to=onnx_type(dtype))
+    stored = low.weight_parts(weight).data
+    out = b.one("MatMul", [native, b.one("Transpose", [stored], perm=[1, 0])])
+    if bias is not None:
+        out = b.one("Add", [out, low.weight_parts(bias).data])
+    return b.to_f32(out)
+
+
 def linear(low: Lowering, op: Op) -> None:
+    native = _native_float_linear(low, op)
+    if native is not None:
+        low.bind(op, [native], rounded=False)
+        return
     low.bind(op, [linear_value(low, low.value(_x(low, op, "x")), _x(low, op, "weight"), operand(op, "bias"))])
 
 

@@ -29,6 +29,11 @@ def _x(low: Lowering, op: Op, name: str) -> str:
 def embedding(low: Lowering, op: Op) -> None:
     b = low.b
     ids, table = _x(low, op, "ids"), _x(low, op, "table")
+    if low.is_weight(table) and not low.type_of(table).dtype.quantized:
+        # gather the stored rows, then widen only those (not the whole table)
+        rows = b.one("Gather", [low.weight_parts(table).data, low.value(ids)], axis=0)
+        low.bind(op, [rows if low.type_of(table).dtype.name == "f32" else b.to_f32(rows)], rounded=False)
+        return
     low.bind(op, [b.one("Gather", [low.value(table), low.value(ids)], axis=0)])
 
 

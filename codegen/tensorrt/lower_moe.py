@@ -128,6 +128,6 @@ def combine_value(low: Lowering, y32: str, order: str, weights: str, top_k: int,
     weighted = b.one("Mul", [y32, b.one("Unsqueeze", [pair_weight, b.ints([1])])])  # float32 [R, D]
     zeros = b.one("ConstantOfShape", [b.one("Shape", [weighted])],
                   value=numpy_helper.from_array(np.zeros(1, dtype=np.float32)))
-    by_pair = b.one("ScatterND", [zeros, b.one("Unsqueeze", [low.value(order), b.ints([1])]), weighted])
+    by_pair = b.one("ScatterND", [zeros, b.one("Unsqueeze", [order, b.ints([1])]), weighted])
     summed = b.one("ReduceSum", [b.one("Reshape", [by_pair, b.ints([-1, top_k, width])]), b.ints([1])], keepdims=0)
     return b.one("Reshape", [summed, _leading_then(low, weights, width)])

@@ -15,10 +15,6 @@ from typing import Any
 from nemocompile.base.errors import NemocompileError
 
 
-class TensorRTError(NemocompileError):
-    """TensorRT is installed but could not build an engine from the exported model."""
-
-
 @dataclass(frozen=True)
 class TensorRTBuild:
     """What the TensorRT step did: `engine` the engine file written, or `skipped` saying why not."""
@@ -47,11 +43,11 @@ def build_engine(model: Path, engine: Path, workspace_bytes: int = 1 << 30) -> T
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(model)):
         errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
-        raise TensorRTError(f"TensorRT could not parse {model}: {errors[0] if errors else 'no reason given'}")
+        raise NemocompileError(f"TensorRT could not parse {model}: {errors[0] if errors else 'no reason given'}")
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_bytes)
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
-        raise TensorRTError(f"TensorRT could not build an engine from {model}")
+        raise NemocompileError(f"TensorRT could not build an engine from {model}")
     engine.write_bytes(bytes(serialized))
     return TensorRTBuild(engine)

@@ -8,16 +8,17 @@ import numpy as np
 from onnx import TensorProto
 
 from nemocompile.base.errors import IRError
+from nemocompile.base.formats import FORMATS
 from nemocompile.graph.ir import Op
 from nemocompile.graph.opdef import operand
 
 from .context import TENSORRT, Lowering
 from .onnx_graph import NARROW_FLOATS, TRT_DOMAIN, onnx_type
 
-NVFP4_BLOCK = 16
-E2M1_MAX = 6.0
-E4M3_MAX = 448.0
-E4M3_MIN_SUBNORMAL = 2.0**-9
+NVFP4_BLOCK = FORMATS["nvfp4"].block
+E2M1_MAX = FORMATS["fp4e2m1"].max_value
+E4M3_MAX = FORMATS["fp8e4m3"].max_value
+E4M3_MIN_SUBNORMAL = 2.0**-9  # the smallest E4M3 subnormal: a block scale is never below it
 
 
 def _x(low: Lowering, op: Op, name: str) -> str:

@@ -70,7 +70,7 @@ def dequantized(builder: OnnxBuilder, weight: Weight, parts: WeightParts) -> str
         # stacked experts carry one global scale each: a per-axis dequantization along dim 0
         per_expert = rank == 3
         block = builder.one("DequantizeLinear", [parts.scale, parts.scale_2], axis=0 if per_expert else None)
-        return builder.one("DequantizeLinear", [parts.data, block], axis=-1, block_size=16)
+        return builder.one("DequantizeLinear", [parts.data, block], axis=-1, block_size=weight.type.dtype.block_size)
     if fmt == "fp8":
         scale_rank = len(stored_tensors(weight.type)[1].shape)
         axis = 0 if scale_rank == 1 and rank >= 2 else None

@@ -23,7 +23,7 @@ from types import MappingProxyType
 from typing import Any
 
 from nemocompile.base.errors import CheckpointError
-from nemocompile.base.formats import indivisible_input
+from nemocompile.base.formats import FORMATS, indivisible_input
 from nemocompile.base.inputs import MIB, read_regular_text
 
 from .storage import stored_tensors
@@ -37,7 +37,8 @@ QUANT_CONFIG_FILE = "hf_quant_config.json"
 # The storage dtype of a quantized weight -> its format (U8: NVFP4 codes, F8_E4M3: FP8)
 STORED_FORMATS: Mapping[str, DType] = MappingProxyType(
     {DTYPES[dtype.format.storage].safetensors: dtype for dtype in ALGO_DTYPES.values() if dtype.format.storage})
-FLOAT_SAFETENSORS = frozenset({"F32", "BF16", "F16"})
+# the float dtypes a checkpoint may store unquantized weights in, by their safetensors names
+FLOAT_SAFETENSORS = frozenset(str(FORMATS[name].safetensors) for name in ("f32", "bf16", "f16"))
 NUL_QUIRK = ("ModelOpt 0.47 writes module names with a NUL-separated suffix "
              "(e.g. 'lm_head.\\u0000backbone.pt_name_sentinel'); nemocompile reads each as the name before the NUL")
 # scalar scales are exported as 0-d tensors by recent ModelOpt, as [1] by some older exports

@@ -26,6 +26,9 @@ class Settings:
     # Largest model (parameters) the build runs on the CPU reference runtime for calibration
     # and the quantized-vs-float agreement report.
     reference_check_max_params: int = 300_000_000
+    # Threads that quantize weights (one expert at a time each) while the build reads and writes;
+    # 0: one per CPU this process may use.
+    quantize_threads: int = 0
     # The ahead-of-time kernel compile cache shared by builds (content-addressed entries).
     kernel_cache_dir: str = "~/.cache/nemocompile/kernels"
 

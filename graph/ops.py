@@ -117,6 +117,27 @@ define("quantize", "core", ["x", "input_scale:scale", "offsets?:index"], ["out"]
            "moe_dispatch sorts them), rows of expert e use input_scale[e]")
 
 
+def _infer_quantize_dynamic(types: Types, attrs: Attrs) -> tuple[TensorType, ...]:
+    x = require(types, 0)
+    fmt = attrs.str("format")
+    if fmt not in QUANTIZE_FORMATS:
+        raise IRError(f"quantize_dynamic format {fmt!r} is not one of {', '.join(QUANTIZE_FORMATS)}")
+    if not x.dtype.is_float or x.dtype.quantized:
+        raise IRError(f"quantize_dynamic input must be a float activation, got {x}")
+    block = dtype_named(fmt).block_size
+    if block and isinstance(x.shape[-1], int) and x.shape[-1] % block:
+        raise IRError(f"quantize_dynamic to {fmt} needs a last dim divisible by {block}, got {x}")
+    return (x.with_(dtype=dtype_named(fmt)),)
+
+
+define("quantize_dynamic", "core", ["x", "offsets?:index"], ["out"], [("format", "str")],
+       infer=_infer_quantize_dynamic,
+       doc="x quantized to format with scales computed from x itself on every call, no calibration: FP8 one "
+           "scale per token (row amax / 448), NVFP4 one global scale per tensor (amax / (6 * 448)) and the "
+           "dynamic E4M3 scale per block of 16. With offsets (rows grouped by expert), each expert's rows "
+           "are one tensor. An all-zero row (FP8) or tensor (NVFP4) takes the format's element maximum as amax")
+
+
 def _infer_add(types: Types, attrs: Attrs) -> tuple[TensorType, ...]:
     a, b = require(types, 0), require(types, 1)
     if a.rank != b.rank or not all(dims_agree(x, y) for x, y in zip(a.shape, b.shape, strict=True)):

@@ -22,7 +22,8 @@ API_ARGUMENTS = {
     "--force": "force=True", "--target": "target", "--precision": "precision", "--override": "overrides",
     "--policy": "policy_file", "--exclude": "exclude", "--calibrate": "calibrate",
     "--calibration-data": "calibration_data", "--max-batch-size": "max_batch_size",
-    "--max-context": "max_context", "-o": "out",
+    "--max-context": "max_context", "--act-scales": "act_scales", "--resume": "resume=True",
+    "--calibration-format": "calibration_format", "--calibration-length": "calibration_length", "--calibration-device": "calibration_device", "-o": "out",
 }
 _OPTION = re.compile(r"(?<![\w-])(" + "|".join(re.escape(o) for o in sorted(API_ARGUMENTS, key=len, reverse=True))
                      + r")(?![\w-])")
@@ -36,7 +37,9 @@ def api_message(message: str) -> str:
 def build(model: str | Path | None, out: str | Path, target: str = "h100", precision: str = "auto",
           force: bool = False, overrides: Sequence[str] = (), policy_file: str | Path | None = None,
           exclude: Sequence[str] = (), calibrate: int = 8, calibration_data: str | Path | None = None,
-          max_batch_size: int = 256, max_context: int = 131072, tensorrt: bool = False) -> BuildResult:
+          max_batch_size: int = 256, max_context: int = 131072, tensorrt: bool = False,
+          calibration_device: str = "cpu", act_scales: str | None = None, calibration_format: str = "auto",
+          calibration_length: int | None = None, resume: bool = False) -> BuildResult:
     """Compile the checkpoint directory `model` (None: the embedded demo model) into the engine
     directory `out` for `target`. precision: auto (the target's policy), bf16 or fp32;
     overrides: "component=precision" strings, e.g. "routed_experts=fp8". Errors name these
@@ -46,8 +49,10 @@ def build(model: str | Path | None, out: str | Path, target: str = "h100", preci
                                policy_file=Path(policy_file) if policy_file else None, exclude=tuple(exclude),
                                calibrate=calibrate,
                                calibration_data=Path(calibration_data) if calibration_data else None,
+                               act_scales=act_scales, calibration_format=calibration_format,
+                               calibration_length=calibration_length, calibration_device=calibration_device,
                                max_batch_size=max_batch_size, max_context=max_context, force=force,
-                               tensorrt=tensorrt)
+                               tensorrt=tensorrt, resume=resume)
         return _build(Path(model) if model is not None else None, Path(out), options)
     except NemocompileError as error:
         renamed = api_message(str(error))

@@ -1,18 +1,20 @@
 """Calibration: run token batches through the unquantized model on the reference runtime and
 set the static scale of each `quantize` op from the largest activation its GEMM saw
 (`input_scale = amax / (6 * 448)` for NVFP4, `amax / 448` for FP8, as ModelOpt sets them).
-Stacked experts get one scale each; an expert that saw no token takes the largest of the others."""
+Stacked experts get one scale each; an expert that saw no token takes the largest of the others.
+
+The build runs the model one block at a time (calibration_stream); `calibrate` here is the
+whole-model definition it equals bit for bit."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
-from pathlib import Path
+from dataclasses import dataclass
 
 import torch
 
 from nemocompile.base.errors import UsageError
 from nemocompile.base.formats import ACT_FORMATS, FORMATS
-from nemocompile.base.inputs import MIB, read_regular_text
 from nemocompile.graph.ir import Graph, Op
 from nemocompile.graph.nemotron_h import INPUT_SCALE_CATEGORY
 from nemocompile.passes.assign_precision import act_quantization, any_gemm_weight, gemm_weight
@@ -48,29 +50,6 @@ def scales_needed(quantized: Graph) -> dict[str, tuple[str, str]]:
         assert weight is not None
         needed[scale] = (weight, fmt)
     return needed
-
-
-# Millions of token ids, far more than calibration runs; past this a file is not calibration data.
-CALIBRATION_DATA_MAX_BYTES = 64 * MIB
-
-
-def read_token_file(path: Path, vocab_size: int) -> list[list[int]]:
-    """One sequence per line, token ids separated by commas or spaces."""
-    lines = read_regular_text(path, "calibration data", UsageError, CALIBRATION_DATA_MAX_BYTES).splitlines()
-    sequences = []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            ids = [int(t) for t in line.replace(",", " ").split()]
-        except ValueError:
-            raise UsageError(f"calibration data {path}, line {number}: not a list of token ids") from None
-        if any(not 0 <= i < vocab_size for i in ids):
-            raise UsageError(f"calibration data {path}, line {number}: token ids must lie in [0, {vocab_size})")
-        sequences.append(ids)
-    if not sequences:
-        raise UsageError(f"calibration data {path} holds no token ids")
-    return sequences
 
 
 # --calibrate N: more batches than this would run the reference model for days on a CPU.
@@ -122,15 +101,17 @@ def calibration_batches(count: int, vocab_size: int, length: int = 64, seed: int
     return CalibrationBatches(count, vocab_size, length, seed, data)
 
 
-def calibrate(float_graph: Graph, float_weights: Mapping[str, WeightValue], needed: Mapping[str, tuple[str, str]],
-              batches: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Run `float_graph` (the same GEMMs, unquantized) over the batches; return each needed scale."""
-    by_weight = {weight: scale for scale, (weight, _) in needed.items()}
-    amax: dict[str, torch.Tensor] = {}
+class AmaxObserver:
+    """An executor observer that keeps the largest activation magnitude each needed scale's GEMM
+    reads: one value per GEMM, one per expert for a grouped GEMM (0 for an expert no token reached)."""
 
-    def observe(op: Op, args: Sequence[WeightValue | None]) -> None:
+    def __init__(self, needed: Mapping[str, tuple[str, str]]) -> None:
+        self.by_weight = {weight: scale for scale, (weight, _) in needed.items()}
+        self.amax: dict[str, torch.Tensor] = {}
+
+    def __call__(self, op: Op, args: Sequence[WeightValue | None]) -> None:
         weight = gemm_weight(op)
-        if weight not in by_weight:
+        if weight not in self.by_weight:
             return
         x = args[0]
         assert isinstance(x, torch.Tensor)
@@ -139,22 +120,49 @@ def calibrate(float_graph: Graph, float_weights: Mapping[str, WeightValue], need
             assert isinstance(offsets, torch.Tensor)
             bounds = offsets.tolist()
             seen = torch.stack([x[bounds[e]:bounds[e + 1]].float().abs().amax() if bounds[e + 1] > bounds[e]
-                                else torch.tensor(0.0) for e in range(len(bounds) - 1)])
+                                else torch.zeros((), device=x.device) for e in range(len(bounds) - 1)])
         else:
             seen = x.float().abs().amax()
-        scale = by_weight[weight]
-        amax[scale] = seen if scale not in amax else torch.maximum(amax[scale], seen)
+        seen = seen.cpu()
+        scale = self.by_weight[weight]
+        self.amax[scale] = seen if scale not in self.amax else torch.maximum(self.amax[scale], seen)
 
-    executor = Executor(float_graph, float_weights, observer=observe)
-    for batch in batches:
-        executor.run(batch, Cache.for_graph(float_graph, batch.shape[0], torch.device("cpu")))
+
+@dataclass(frozen=True)
+class Scales:
+    """Calibrated scales by input_scale weight, and the routed experts no calibration token reached
+    (as "WEIGHT expert INDEX"), which took the unreached-expert rule."""
+
+    values: dict[str, torch.Tensor]
+    unreached: tuple[str, ...]
+
+
+def finish_scales(needed: Mapping[str, tuple[str, str]], amax: Mapping[str, torch.Tensor]) -> Scales:
+    """input_scale = amax / the format's largest value. An expert that saw no token takes the largest
+    amax of the other experts of the same GEMM (the range its siblings met, so it clips no more than
+    they do); an activation that was always zero (or a GEMM whose experts all saw none) takes the
+    format's element maximum as amax, as ModelOpt's export does."""
     scales: dict[str, torch.Tensor] = {}
+    unreached: list[str] = []
     for scale, (weight, act_format) in needed.items():
         if scale not in amax:
             raise UsageError(f"calibration never reached {weight}; give more or longer calibration batches")
         value = amax[scale]
-        if value.dim():  # experts that saw no token borrow the largest amax of their layer
+        if value.dim():
+            unreached += [f"{weight} expert {index}" for index in (value <= 0).nonzero().flatten().tolist()]
             value = torch.where(value > 0, value, value.max())
         value = torch.where(value > 0, value, torch.tensor(ELEMENT_MAX[act_format]))
         scales[scale] = (value / FORMAT_MAX[act_format]).to(torch.float32)
-    return scales
+    return Scales(scales, tuple(unreached))
+
+
+def calibrate(float_graph: Graph, float_weights: Mapping[str, WeightValue], needed: Mapping[str, tuple[str, str]],
+              batches: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Whole-model calibration: every weight in memory, each batch through the whole float graph.
+    The build calibrates block by block (calibration_stream.calibrate_streamed); this is the
+    definition it is tested against, and what tests use on graphs that are not a model."""
+    observer = AmaxObserver(needed)
+    executor = Executor(float_graph, float_weights, observer=observer)
+    for batch in batches:
+        executor.run(batch, Cache.for_graph(float_graph, batch.shape[0], torch.device("cpu")))
+    return finish_scales(needed, observer.amax).values

@@ -113,6 +113,9 @@ def _precision_options(command: F) -> F:
         click.option("--policy", "policy_file", type=click.Path(path_type=Path), help="TOML precision policy."),
         click.option("--exclude", multiple=True, metavar="PATTERN",
                      help="Weight names kept in the float base, e.g. 'layers.0.*' (repeatable)."),
+        click.option("--act-scales", type=click.Choice(["static", "dynamic"]), default=None,
+                     help="Activation scales of W4A4/W8A8 GEMMs: static (calibrated; the default) or dynamic "
+                          "(FP8 per token, NVFP4 per tensor, computed on every call; no calibration)."),
         click.option("--world-size", default=1, show_default=True, type=int, help="GPUs, for bytes per GPU."),
         click.option("--max-batch-size", default=256, show_default=True, type=int,
                      help="Largest batch the engine accepts (bounds the graph's batch dim)."),
@@ -143,14 +146,15 @@ def _stats_table(title: str, stats: Any) -> Table:
 @_precision_options
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON object.")
 def plan(config: Path, target: str, precision: str, overrides: tuple[str, ...], policy_file: Path | None,
-         exclude: tuple[str, ...], world_size: int, max_batch_size: int, max_context: int, as_json: bool) -> None:
+         exclude: tuple[str, ...], act_scales: str | None, world_size: int, max_batch_size: int, max_context: int,
+         as_json: bool) -> None:
     """Plan a model from config.json alone: parameters and bytes per precision, no weights read."""
     from .options import BuildOptions
     from .planner import plan_model
 
     options = BuildOptions(target=target, precision=precision, overrides=overrides, policy_file=policy_file,
-                           exclude=exclude, world_size=world_size, max_batch_size=max_batch_size,
-                           max_context=max_context)
+                           exclude=exclude, act_scales=act_scales, world_size=world_size,
+                           max_batch_size=max_batch_size, max_context=max_context)
     result = plan_model(config, options)
     if as_json:
         _print_json(result.as_json())
@@ -253,10 +257,21 @@ def _build_progress(mode: str) -> Iterator[PhaseListener | None]:
 @click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path), help="Engine directory.")
 @_precision_options
 @click.option("--calibrate", default=8, show_default=True, type=int,
-              help="Token batches run through the unquantized model to set activation scales (W4A4, W8A8).")
+              help="Samples (token sequences) run through the unquantized model to set activation scales "
+                   "(W4A4, W8A8).")
 @click.option("--calibration-data", type=click.Path(path_type=Path),
-              help="Token ids for calibration, one sequence per line (default: random tokens).")
+              help="Calibration data: token ids (one sequence per line), text, or JSONL with a 'text' field, "
+                   "tokenized with the checkpoint's tokenizer.json (default: random tokens).")
+@click.option("--calibration-format", type=click.Choice(["auto", "tokens", "text", "jsonl"]), default="auto",
+              show_default=True, help="How to read --calibration-data (auto: .jsonl is JSONL, a file "
+                                      "starting with an integer is token ids, anything else is text).")
+@click.option("--calibration-length", type=int, default=None,
+              help="Tokens per calibration sample [default: 64, within --max-context].")
+@click.option("--calibration-device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
+              help="Where calibration runs the model, one block at a time (cuda: one GPU).")
 @click.option("--force", is_flag=True, help="Replace an existing engine directory.")
+@click.option("--resume", is_flag=True,
+              help="Continue a killed build of OUT from its last verified weight (same input and options).")
 @click.option("--print-after", multiple=True,
               help="Print the IR after this pipeline step ('all' for every step); repeatable.")
 @click.option("--time-passes", is_flag=True, help="Print each pipeline step's time and counts to stderr.")
@@ -264,10 +279,12 @@ def _build_progress(mode: str) -> Iterator[PhaseListener | None]:
               help="Also export ONNX for TensorRT to tensorrt/ (and build the TensorRT engine where it is installed).")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary.")
 def build(model: Path | None, target: str, out: Path, precision: str, overrides: tuple[str, ...],
-          policy_file: Path | None, exclude: tuple[str, ...], world_size: int, max_batch_size: int,
+          policy_file: Path | None, exclude: tuple[str, ...], act_scales: str | None, world_size: int,
+          max_batch_size: int,
           max_context: int, calibrate: int,
-          calibration_data: Path | None, force: bool, print_after: tuple[str, ...], time_passes: bool,
-          tensorrt: bool, as_json: bool) -> None:
+          calibration_data: Path | None, calibration_format: str, calibration_length: int | None,
+          calibration_device: str, force: bool, resume: bool, print_after: tuple[str, ...],
+          time_passes: bool, tensorrt: bool, as_json: bool) -> None:
     """Compile MODEL (a Hugging Face Nemotron-H directory; default: the embedded demo) into an engine."""
     from .driver import build as run_build
     from .options import BuildOptions
@@ -278,9 +295,11 @@ def build(model: Path | None, target: str, out: Path, precision: str, overrides:
         click.echo(text, err=True)
 
     options = BuildOptions(target=target, precision=precision, overrides=overrides, policy_file=policy_file,
-                           exclude=exclude, calibrate=calibrate, calibration_data=calibration_data,
+                           exclude=exclude, act_scales=act_scales, calibrate=calibrate,
+                           calibration_data=calibration_data, calibration_format=calibration_format,
+                           calibration_length=calibration_length, calibration_device=calibration_device,
                            world_size=world_size, max_batch_size=max_batch_size, max_context=max_context,
-                           force=force, tensorrt=tensorrt, print_after=frozenset(print_after))
+                           force=force, tensorrt=tensorrt, resume=resume, print_after=frozenset(print_after))
     mode = ("quiet" if as_json or print_after else "display" if settings().progress and stderr.is_terminal
             else "log")
     with _build_progress(mode) as listener:

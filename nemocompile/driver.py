@@ -4,11 +4,11 @@ staging directory and renamed into place, so a failed or killed build leaves not
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
+import os
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,7 +43,9 @@ from nemocompile.targets import Target, load_target
 
 from . import __version__
 from .agreement import Agreement, measure_agreement
-from .calibration import calibrate, calibration_batches, read_token_file, scales_needed
+from .calibration import calibration_batches, scales_needed
+from .calibration_data import read_calibration_data
+from .calibration_stream import calibrate_streamed, calibration_device
 from .demo import DEMO_NAME, write_demo_checkpoint
 from .engine_files import staged_directory, write_manifest
 from .options import BuildOptions
@@ -64,8 +66,17 @@ from .pipeline import (
     run_steps,
 )
 from .report import CalibrationInfo, write_report
+from .resume import (
+    Journal,
+    build_key,
+    load_calibration,
+    read_journal,
+    remove_resume_files,
+    save_calibration,
+    verified_prefix,
+)
 from .stats import ParamStats, param_stats
-from .weight_stream import QuantizationError, WeightStream, read_weights
+from .weight_stream import QuantizationError, WeightStream, WrittenWeight, read_weights
 
 ProgressHook = Callable[[str, int, int], None]  # (description, bytes just written, bytes in all)
 
@@ -94,26 +105,6 @@ def _listener(progress: ProgressHook | PhaseListener | None) -> PhaseListener | 
     if progress is None or isinstance(progress, PhaseListener):
         return progress
     return _WeightBytes(progress)
-
-
-class _CountedBatches(Sequence[torch.Tensor]):
-    """Calibration batches that tell the build's phases when each one is taken."""
-
-    def __init__(self, batches: Sequence[torch.Tensor], phases: Phases) -> None:
-        self.batches = batches
-        self.phases = phases
-
-    def __len__(self) -> int:
-        return len(self.batches)
-
-    def __getitem__(self, index: int) -> torch.Tensor:  # type: ignore[override]
-        return self.batches[index]
-
-    def __iter__(self) -> Iterator[torch.Tensor]:
-        for number, batch in enumerate(self.batches, start=1):
-            yield batch
-            self.phases.advance(1, f"batch {number} of {len(self.batches)}")
-
 
 
 def pipeline(target: Target, policy: PrecisionPolicy) -> list[Pass]:
@@ -209,7 +200,7 @@ class BuildContext:
         self.calibration: CalibrationInfo | None = None
         self.target = load_target(options.target)
         self.policy = resolve_policy(self.target, options.precision, options.overrides, options.policy_file,
-                                     options.exclude)
+                                     options.exclude, options.act_scales)
         self.steps = build_steps(self.target, self.policy, options.calibrate, options.calibration_data)
         check_print_after(self.steps, options.print_after)
         self.vocab_size = imported.config.vocab_size
@@ -225,34 +216,70 @@ class BuildContext:
         params = sum(w.type.numel() for w in graph.weights)
         return params <= settings().reference_check_max_params
 
+    def _quantizes_activations(self) -> bool:
+        return any(True for _ in self.graphs[PREFILL].ops_named("quantize_dynamic"))
+
     def calibrate(self, batch_count: int, data_file: Path | None) -> dict[str, torch.Tensor]:
         """The calibrate step: scales for the quantize ops of prefill, on the float graph."""
         float_graph = self.graphs.get(FLOAT, self.graphs[PREFILL])
         needed = scales_needed(self.graphs[PREFILL])
         if not needed:
-            self.phases.summarize("not needed: no GEMM quantizes its activations")
+            self.phases.summarize("not needed: activation scales are dynamic (computed on every call)"
+                                  if self.policy.act_scales == "dynamic" and self._quantizes_activations() else
+                                  "not needed: no GEMM quantizes its activations")
             return {}
-        if not self._small_enough(float_graph):
-            raise UsageError(f"this policy quantizes activations, which needs calibration, and the model is too big "
-                             f"to calibrate on the reference runtime (over {settings().reference_check_max_params:,} "
-                             "parameters); use a ModelOpt checkpoint with input_scale, or weight-only precisions")
+        if self._resumed_calibration():
+            return self.scales
         data = None
-        if data_file is not None:
-            data = read_token_file(data_file, self.vocab_size)
         # within the engine's bounds: calibration runs the float graph, which shares them
-        length = min(64, self.options.max_context)
-        batches = calibration_batches(batch_count, self.vocab_size, length, data=data)
+        length = self.options.sample_length
+        if data_file is not None:
+            data = read_calibration_data(data_file, self.options.calibration_format,
+                                         self.imported.checkpoint.directory / "tokenizer.json", self.vocab_size,
+                                         batch_count, length)
+        batches = calibration_batches(batch_count, self.vocab_size, length,
+                                      data=data.sequences if data is not None else None)
         self.calibration = CalibrationInfo(
             batches=len(batches), tokens=batches.tokens,
-            source="random" if data_file is None else "file", seed=0 if data_file is None else None,
+            source="random" if data is None else "file", seed=0 if data is None else None,
             path=None if data_file is None else str(data_file),
-            sha256=None if data_file is None else hashlib.sha256(data_file.read_bytes()).hexdigest(),
-            scales=len(needed))
-        self.phases.set_total(len(batches), "batches")
-        weights = read_weights(self.imported.checkpoint, float_graph)
-        self.scales = calibrate(float_graph, weights, needed, _CountedBatches(batches, self.phases))
+            sha256=None if data is None else data.sha256,
+            scales=len(needed), kind=None if data is None else data.kind,
+            file_tokens=None if data is None else data.file_tokens)
+        phases = self.phases
+        phases.set_total(None, "blocks")
+
+        blocks: list[str] = []
+
+        def block_done(block: str, done: int, total: int) -> None:
+            blocks.append(block)
+            if done == 1:
+                phases.set_total(total, "blocks")
+            phases.advance(1, f"{block} over {len(batches)} batches")
+
+        # one block at a time: bounded memory at any model size (the whole-model path is the tests' oracle)
+        result = calibrate_streamed(self.imported.checkpoint, float_graph, needed, batches,
+                                    calibration_device(self.options.calibration_device), block_done)
+        self.scales = result.values
+        self.calibration = dataclasses.replace(self.calibration, unreached=result.unreached)
         self.phases.summarize(self.calibration.describe())
+        save_calibration(self.stage, self.scales, {"calibration": dataclasses.asdict(self.calibration),
+                                                   "blocks": len(blocks)})
         return self.scales
+
+    def _resumed_calibration(self) -> bool:
+        """Take the calibration a killed build of the same input saved, when there is one."""
+        saved = load_calibration(self.stage) if self.options.resume else None
+        if saved is None:
+            return False
+        self.scales, info = saved
+        fields = dict(info["calibration"])
+        fields["unreached"] = tuple(fields["unreached"])
+        self.calibration = CalibrationInfo(**fields)
+        self.phases.set_total(int(info["blocks"]), "blocks")
+        self.phases.advance(int(info["blocks"]), "taken from the interrupted build")
+        self.phases.summarize(self.calibration.describe())
+        return True
 
     def quantize_weights(self, four_over_six: bool) -> dict[str, int]:
         """The quantize_weights step: every weight of prefill into the engine's weight file."""
@@ -262,9 +289,18 @@ class BuildContext:
         def wrote(description: str, advance: int, total: int) -> None:
             phases.advance(advance, description)
 
-        self.stream = WeightStream(self.imported.checkpoint, graph, self.scales, wrote, four_over_six=four_over_six)
+        threads = settings().quantize_threads or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                                                  else os.cpu_count() or 1)
+        self.stream = WeightStream(self.imported.checkpoint, graph, self.scales, wrote, four_over_six=four_over_six,
+                                   threads=threads)
         phases.set_total(self.stream.total, "bytes")
-        self.bytes_written = self.stream.write(self.stage / weights_file(0))
+        path = self.stage / weights_file(0)
+        done: list[WrittenWeight] = []
+        if self.options.resume:  # the weights a killed build wrote whose bytes still hash to its journal
+            done = verified_prefix(read_journal(self.stage), path, self.stream.data_start(),
+                                   [weight.name for weight in graph.weights])
+        journal = Journal(self.stage, done)
+        self.bytes_written = self.stream.write(path, done, journal.record)
         phases.summarize(f"{len(graph.weights)} weights, {self.bytes_written:,} bytes")
         counts: dict[str, int] = {}
         for weight in graph.weights:
@@ -341,10 +377,12 @@ def build(model: Path | None, out: Path, options: BuildOptions | None = None,
                           f"{model} is not a checkpoint directory (expected config.json and *.safetensors)")
     inputs = _build_inputs(model, options)
     # the precision policy and --print-after are refused before the first phase starts
-    policy = resolve_policy(target, options.precision, options.overrides, options.policy_file, options.exclude)
+    policy = resolve_policy(target, options.precision, options.overrides, options.policy_file, options.exclude,
+                           options.act_scales)
     check_print_after(build_steps(target, policy), options.print_after)
     phases = Phases(_listener(progress))
-    with _model_directory(model) as (model_dir, source_name), staged_directory(out, options.force, inputs) as stage:
+    with _model_directory(model) as (model_dir, source_name), \
+            staged_directory(out, options.force, inputs, lambda: build_key(model_dir, options), options.resume) as stage:
         with phases.phase(IMPORT):
             imported = import_checkpoint(model_dir, options.bounds)
             phases.summarize(f"{source_name}: {len(imported.config.layer_kinds)} layers "
@@ -389,6 +427,7 @@ def build(model: Path | None, out: Path, options: BuildOptions | None = None,
                          options.world_size, job.target, imported.config.unknown_keys, imported.skipped_tensors,
                          phases=phases.records, calibration=job.calibration, deviation=deviation,
                          checkpoint_quirks=imported.quirks)
+            remove_resume_files(stage)  # the engine is complete: nothing left to resume
             manifest = write_manifest(stage, manifest)
             phases.summarize(f"{len(manifest.files)} files, each with its sha256 in {MANIFEST_NAME}")
         imported.checkpoint.close()

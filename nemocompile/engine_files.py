@@ -18,13 +18,16 @@ import logging
 import os
 import secrets
 import shutil
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from nemocompile.base.errors import EngineError, UsageError
 from nemocompile.base.inputs import read_regular_bytes
 from nemocompile.runtime.engine_files import read_manifest, sha256_file
 from nemocompile.runtime.engine_format import FORMAT_VERSION, MANIFEST_NAME, FileEntry, Manifest
+
+from . import resume
 
 # ---------------------------------------------------------------------------------------------
 # Staged (atomic) engine directories
@@ -253,8 +256,27 @@ def _commit(staging: Path, out: Path, force: bool) -> None:
     _remove_path(aside)
 
 
+def _resumable(out: Path, key: Mapping[str, Any]) -> Path | None:
+    """The staging directory a killed build of `out` left with its resume record (the latest one),
+    taken over by this build (renamed to our own name); refused, and left in place, when it was made
+    from different input or options."""
+    candidates = [sibling for sibling in _dead_siblings(out, _partial_prefix(out))
+                  if (sibling / resume.RESUME_FILE).is_file() and not sibling.is_symlink()]
+    if not candidates:
+        return None
+    latest = max(candidates, key=lambda sibling: sibling.lstat().st_mtime_ns)
+    reason = resume.why_not_resumable(latest, key)
+    if reason is not None:
+        raise resume.refuse(latest, out, reason)
+    adopted = _hidden_sibling(out, _partial_prefix(out))
+    os.rename(latest, adopted)
+    return adopted
+
+
 @contextlib.contextmanager
-def staged_directory(out: Path, force: bool, inputs: Sequence[tuple[str, Path]] = ()) -> Iterator[Path]:
+def staged_directory(out: Path, force: bool, inputs: Sequence[tuple[str, Path]] = (),
+                     key: Callable[[], Mapping[str, Any]] | None = None,
+                     resume_build: bool = False) -> Iterator[Path]:
     """Yield a fresh hidden directory next to `out`; on success rename it to `out`.
 
     First puts back an engine an interrupted build left aside (`restore_set_aside`). Refuses an
@@ -262,16 +284,22 @@ def staged_directory(out: Path, force: bool, inputs: Sequence[tuple[str, Path]] 
     lies inside one; an existing file at `out`; and an existing directory unless `force` is given
     and it is an engine (or empty). On an exception the staging directory is removed and the
     exception re-raised; if the process is killed, only hidden siblings remain, which the next
-    build or load restores or removes.
+    build or load restores or removes. With `key` (what the build is made from), the staging
+    directory records it; with `resume_build` too, the directory a killed build of the same key left
+    is continued instead of a fresh one (nemocompile/resume.py).
     """
     out = Path(out)
     restore_set_aside(out)
     check_output_path(out, inputs)
     _refuse_existing(out, force)
     out.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_partials(out)
-    staging = _make_staging_directory(out)
+    made_of = key() if key is not None else None
+    adopted = _resumable(out, made_of) if resume_build and made_of is not None else None
+    _remove_stale_partials(out)  # a build that does not resume starts over
+    staging = adopted or _make_staging_directory(out)
     try:
+        if made_of is not None:  # so that a killed build can be resumed (--resume)
+            resume.write_key(staging, made_of)
         yield staging
         _commit(staging, out, force)
     except BaseException:

@@ -16,8 +16,12 @@ class BuildOptions:
     overrides: tuple[str, ...] = ()  # component=precision
     policy_file: Path | None = None
     exclude: tuple[str, ...] = ()  # weight-name patterns kept in the float base
+    act_scales: str | None = None  # static or dynamic activation scales; None: the policy file's, else static
     calibrate: int = 8  # token batches for activation scales (W4A4, W8A8)
     calibration_data: Path | None = None  # a file of token ids, one sequence per line
+    calibration_device: str = "cpu"  # where the float graph runs, one block at a time: cpu or cuda
+    calibration_format: str = "auto"  # of calibration_data: auto, tokens, text or jsonl
+    calibration_length: int | None = None  # tokens per sample; None: 64, within max_context
     # GPUs to plan for: sizes the report's "bytes per GPU at planned world size" line (and `plan`).
     # The engine itself holds one rank until sharding lands; its manifest says so.
     world_size: int = 1
@@ -29,6 +33,7 @@ class BuildOptions:
     # Also export the engine's graphs to ONNX for TensorRT (and build the TensorRT engine where
     # TensorRT is installed): tensorrt/ in the engine directory.
     tensorrt: bool = False
+    resume: bool = False  # continue the staging directory a killed build of the same input left
     print_after: frozenset[str] = field(default_factory=frozenset)
 
     def __post_init__(self) -> None:
@@ -36,6 +41,26 @@ class BuildOptions:
                               ("--max-batch-size", self.max_batch_size), ("--max-context", self.max_context)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise UsageError(f"{option} must be an integer of at least 1, got {value!r}")
+        if self.calibration_length is not None:
+            if isinstance(self.calibration_length, bool) or not isinstance(self.calibration_length, int) \
+                    or self.calibration_length < 1:
+                raise UsageError(f"--calibration-length must be an integer of at least 1, got "
+                                 f"{self.calibration_length!r}")
+            if self.calibration_length > self.max_context:
+                raise UsageError(f"--calibration-length {self.calibration_length} exceeds --max-context "
+                                 f"{self.max_context}")
+        if self.calibration_format not in ("auto", "tokens", "text", "jsonl"):
+            raise UsageError(f"--calibration-format must be auto, tokens, text or jsonl, got "
+                             f"{self.calibration_format!r}")
+        if self.act_scales not in (None, "static", "dynamic"):
+            raise UsageError(f"--act-scales must be static or dynamic, got {self.act_scales!r}")
+        if self.calibration_device not in ("cpu", "cuda"):
+            raise UsageError(f"--calibration-device must be cpu or cuda, got {self.calibration_device!r}")
+
+    @property
+    def sample_length(self) -> int:
+        """Tokens per calibration sample."""
+        return self.calibration_length if self.calibration_length is not None else min(64, self.max_context)
 
     @property
     def bounds(self) -> tuple[int, int]:

@@ -70,7 +70,8 @@ def plan_model(config_path: Path, options: BuildOptions | None = None) -> PlanRe
     start = time.perf_counter()
     options = options or BuildOptions()
     target = load_target(options.target)
-    policy = resolve_policy(target, options.precision, options.overrides, options.policy_file, options.exclude)
+    policy = resolve_policy(target, options.precision, options.overrides, options.policy_file, options.exclude,
+                           options.act_scales)
     config, _ = load_config(config_path)
     block_graph = build_block_graph(config, TORCH_DTYPE_TO_IR[config.torch_dtype], bounds=options.bounds)
     graph, records = PassManager(graph_passes(build_steps(target, policy)),

@@ -48,17 +48,24 @@ class CalibrationInfo:
     path: str | None  # file: where the token ids came from
     sha256: str | None  # file: the hash of its bytes
     scales: int  # activation scales set
+    unreached: tuple[str, ...] = ()  # routed experts no calibration token reached ("WEIGHT expert N")
+    kind: str | None = None  # file: how it was read (tokens, text or jsonl)
+    file_tokens: int | None = None  # file: the tokens it holds (text: after tokenization)
 
     def describe(self) -> str:
         if self.source == "file":
-            origin = f"token ids from {self.path} (sha256 {self.sha256})"
+            what = "token ids" if self.kind in (None, "tokens") else f"{self.kind} tokenized"
+            origin = f"{what} from {self.path} (sha256 {self.sha256})"
         else:
             origin = f"random token ids (seed {self.seed})"
-        return f"{self.tokens:,} tokens of {origin}, {self.scales} activation scales set"
+        unreached = f", {len(self.unreached)} experts reached by no token" if self.unreached else ""
+        return (f"{self.batches:,} samples, {self.tokens:,} tokens of {origin}, {self.scales} activation scales "
+                f"set{unreached}")
 
     def as_json(self) -> dict[str, object]:
         return {"batches": self.batches, "tokens": self.tokens, "source": self.source, "seed": self.seed,
-                "path": self.path, "sha256": self.sha256, "scales": self.scales}
+                "path": self.path, "sha256": self.sha256, "scales": self.scales,
+                "unreached_experts": list(self.unreached), "format": self.kind, "file_tokens": self.file_tokens}
 
 
 def calibration_lines(calibration: CalibrationInfo | None) -> list[str]:
@@ -69,10 +76,19 @@ def calibration_lines(calibration: CalibrationInfo | None) -> list[str]:
             f"- samples: {calibration.batches} token sequences (one per batch), {calibration.tokens:,} tokens",
             "- source: " + ("random token ids, seed " + str(calibration.seed) if calibration.source == "random"
                             else f"file {calibration.path}, sha256 {calibration.sha256}"),
+            *([] if calibration.source == "random" else [
+                f"- file format: {calibration.kind}"
+                + (" (tokenized with the checkpoint's tokenizer.json)" if calibration.kind != "tokens" else "")
+                + f", {calibration.file_tokens:,} tokens in the file"]),
             "- method: the float engine (before quantization) runs every sample; each quantized activation's "
             "static scale is its largest magnitude seen divided by the format's largest value (amax / (6 x 448) "
-            "for NVFP4, amax / 448 for FP8), one scale per expert for routed experts",
-            f"- activation scales set: {calibration.scales}"]
+            "for NVFP4, amax / 448 for FP8), one scale per expert for routed experts; the model runs one block "
+            "at a time over all samples (only that block's weights in memory)",
+            f"- activation scales set: {calibration.scales}",
+            "- experts no sample reached: " + (
+                "none" if not calibration.unreached else
+                f"{len(calibration.unreached)}; each takes the largest amax the other experts of the same GEMM "
+                "saw (so it clips no more than they do): " + ", ".join(calibration.unreached))]
 
 
 # The seconds column of the build-phases table: the only bytes of an engine that differ between two
@@ -137,6 +153,9 @@ def gemm_formats(graph: Graph) -> list[tuple[str, str, str]]:
         quantized_on_load = act_quantization(op)
         # a quantized input's type is its format (a `quantize` or a norm that quantizes made it)
         act = quantized_on_load[1] if quantized_on_load else types[x].dtype.name
+        producer = graph.producer(x)
+        if producer is not None and producer.opname == "quantize_dynamic":
+            act = f"{producer.attrs.str('format')} (dynamic)"
         rows.append((name, weights[name].type.dtype.name, act))
     return rows
 

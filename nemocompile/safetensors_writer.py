@@ -8,6 +8,7 @@ inputs (sorted JSON keys, fixed separators, space padding) and loads with
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -54,6 +55,11 @@ def _header_bytes(tensors: Sequence[DeclaredTensor], metadata: dict[str, str] | 
     return len(text).to_bytes(8, "little") + text
 
 
+def data_start(tensors: Sequence[DeclaredTensor], metadata: dict[str, str] | None = None) -> int:
+    """Where the data region of a file of these tensors starts (the header's length)."""
+    return len(_header_bytes([(name, dtype, tuple(shape)) for name, dtype, shape in tensors], metadata))
+
+
 def _raw_bytes(tensor: torch.Tensor) -> memoryview:
     """The tensor's bytes in row-major order, without a copy when it is already contiguous on the CPU."""
     flat = tensor.detach().to("cpu").resolve_conj().resolve_neg().contiguous().reshape(-1)
@@ -68,8 +74,12 @@ class SafetensorsWriter:
         path: Path,
         tensors: Sequence[tuple[str, str, tuple[int, ...]]],
         metadata: dict[str, str] | None = None,
+        resume_at: tuple[int, int] | None = None,
     ) -> None:
-        """Validate the declared tensors and write the header; `write` then streams each tensor."""
+        """Validate the declared tensors and write the header; `write` then streams each tensor.
+        With `resume_at` (tensors already written, where their bytes end in the data region), the
+        existing file is continued instead: its header must be the one these specs give, and what
+        follows those bytes is cut off."""
         if metadata is not None and not all(
             isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
         ):
@@ -78,13 +88,44 @@ class SafetensorsWriter:
         _validate_specs(self._specs)
         self._path = Path(path)
         self._next = 0
-        self._file: BinaryIO | None = self._path.open("wb")
-        self._file.write(_header_bytes(self._specs, metadata))
+        self._hash = hashlib.sha256()
+        header = _header_bytes(self._specs, metadata)
+        self._data_start = len(header)
+        if resume_at is None:
+            self._file: BinaryIO | None = self._path.open("wb")
+            self._file.write(header)
+            self._offset = 0
+            return
+        self._next, self._offset = resume_at
+        self._file = self._path.open("r+b")
+        if self._file.read(len(header)) != header:
+            self._file.close()
+            raise ValueError(f"{self._path} does not start with the header of the tensors being written")
+        self._file.seek(self._data_start + self._offset)
+        self._file.truncate()
 
     @property
     def path(self) -> Path:
         """The file being written."""
         return self._path
+
+    @property
+    def data_start(self) -> int:
+        """Where the data region starts (the header's length)."""
+        return self._data_start
+
+    @property
+    def position(self) -> tuple[int, int]:
+        """(tensors written, where their bytes end in the data region): what `resume_at` takes."""
+        return self._next, self._offset
+
+    def take_digest(self) -> str:
+        """The sha256 of the bytes written since the last call, after flushing them to the file."""
+        if self._file is not None:
+            self._file.flush()
+        digest = self._hash.hexdigest()
+        self._hash = hashlib.sha256()
+        return digest
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         """Stream the next declared tensor; its name, dtype and shape must match the declaration."""
@@ -110,7 +151,10 @@ class SafetensorsWriter:
             if not whole and (not shape or tuple(part.shape[1:]) != shape[1:]):
                 raise ValueError(f"tensor {name} has shape {list(part.shape)}, declared {list(shape)}")
             rows = shape[0] if whole and shape else rows + (part.shape[0] if part.dim() else 1)
-            self._file.write(_raw_bytes(part))
+            data = _raw_bytes(part)
+            self._file.write(data)
+            self._hash.update(data)
+            self._offset += data.nbytes
         if (shape[0] if shape else 1) != rows:
             raise ValueError(f"tensor {name} was written with {rows} rows, declared {list(shape)}")
         self._next += 1

@@ -13,7 +13,9 @@ which may be 0 (an all-zero block) but never negative."""
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Mapping
+from collections import deque
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -37,7 +39,7 @@ from nemocompile.runtime.formats import (
 from nemocompile.runtime.formats.fp8 import FLOAT32_TINY
 from nemocompile.runtime.weights import WeightValue, assemble
 
-from .safetensors_writer import SafetensorsWriter
+from .safetensors_writer import SafetensorsWriter, data_start
 
 ERROR_CHUNK_VALUES = 1 << 20
 E4M3_NAN_BITS = 0x7F  # E4M3 (fn) has no Inf: S.1111.111 is NaN, the bytes 0x7F and 0xFF
@@ -53,6 +55,27 @@ class QuantizationError:
     sqnr_db: float  # 10 log10(sum W^2 / sum (W - Q(W))^2)
 
 
+def error_chunks(reference: torch.Tensor, dequantize_rows: Callable[[slice], torch.Tensor]) -> list[tuple[float, float]]:
+    """(sum W^2, sum (W - Q(W))^2) over row chunks, so the fp32 copies stay small whatever the tensor."""
+    chunks = []
+    step = max(1, ERROR_CHUNK_VALUES // max(reference.shape[-1], 1))
+    for start in range(0, reference.shape[0], step):
+        rows = slice(start, start + step)
+        exact = reference[rows].float()
+        chunks.append((float(exact.square().sum()), float((exact - dequantize_rows(rows)).square().sum())))
+    return chunks
+
+
+@dataclass(frozen=True)
+class _Converted:
+    """One source tensor (expert) quantized: its codes, its scales and its error chunks."""
+
+    codes: torch.Tensor
+    scales: dict[str, torch.Tensor]
+    errors: list[tuple[float, float]]
+    count: int
+
+
 class _ErrorSum:
     def __init__(self) -> None:
         self.signal = 0.0
@@ -60,14 +83,14 @@ class _ErrorSum:
         self.count = 0
 
     def add(self, reference: torch.Tensor, dequantize_rows: Callable[[slice], torch.Tensor]) -> None:
-        """Accumulate over row chunks, so the fp32 copies stay small whatever the tensor."""
-        step = max(1, ERROR_CHUNK_VALUES // max(reference.shape[-1], 1))
-        for start in range(0, reference.shape[0], step):
-            rows = slice(start, start + step)
-            exact = reference[rows].float()
-            self.signal += float(exact.square().sum())
-            self.noise += float((exact - dequantize_rows(rows)).square().sum())
-        self.count += reference.numel()
+        self.extend(error_chunks(reference, dequantize_rows), reference.numel())
+
+    def extend(self, chunks: list[tuple[float, float]], count: int) -> None:
+        """Add the chunks' (signal, noise) in order: the same sums whichever thread computed them."""
+        for signal, noise in chunks:
+            self.signal += signal
+            self.noise += noise
+        self.count += count
 
     def result(self, weight: str, fmt: str) -> QuantizationError:
         rel = math.sqrt(self.noise / self.signal) if self.signal else 0.0
@@ -144,28 +167,58 @@ def checked(weight: Weight, name: str, stored: torch.Tensor, component: str = ""
     return stored
 
 
-def read_weights(ckpt: Checkpoint, graph: Graph) -> dict[str, WeightValue]:
-    """Every weight of `graph` in memory as the graph types it (reference checks on small models)."""
+def read_weights(ckpt: Checkpoint, graph: Graph, names: Collection[str] | None = None) -> dict[str, WeightValue]:
+    """Every weight of `graph` (or those `names` it) in memory as the graph types it (reference checks
+    on small models; one block at a time for calibration)."""
     weights: dict[str, WeightValue] = {}
     for weight in graph.weights:
-        if not weight.sources:
+        if not weight.sources or (names is not None and weight.name not in names):
             continue
         parts = {}
         for stored in stored_tensors(weight.type):
-            pieces = [tensor for _, tensor in _slices(ckpt, weight, stored.component)]
-            value = torch.cat(pieces) if weight.stacked else pieces[0]
-            parts[stored.component] = value if weight.type.dtype.quantized else value.to(
-                torch_dtype(weight.type.dtype))
+            dtype = None if weight.type.dtype.quantized else torch_dtype(weight.type.dtype)
+            if not weight.stacked:
+                (value,) = [tensor for _, tensor in _slices(ckpt, weight, stored.component)]
+                parts[stored.component] = value if dtype is None else value.to(dtype)
+                continue
+            # one expert at a time into the stacked tensor, the memory maps dropped after each: the
+            # block's weights are held once, never twice (pieces and stack) nor with their file pages
+            stacked: torch.Tensor | None = None
+            for index, (_, piece) in enumerate(_slices(ckpt, weight, stored.component)):
+                if stacked is None:
+                    stacked = torch.empty((len(weight.sources), *piece.shape[1:]), dtype=dtype or piece.dtype)
+                stacked[index].copy_(piece[0])
+                del piece
+                ckpt.close()
+            assert stacked is not None
+            parts[stored.component] = stacked
         weights[weight.name] = assemble(weight, parts)
     return weights
+
+
+METADATA = {"format": "pt"}
+
+
+@dataclass(frozen=True)
+class WrittenWeight:
+    """A weight completely written: the tensors of the file up to and including it, where its bytes
+    end in the data region, their sha256, and its quantization error (None for a copy)."""
+
+    weight: str
+    tensors: int
+    end: int
+    sha256: str
+    error: QuantizationError | None
 
 
 class WeightStream:
     """Writes a graph's weights into one safetensors file, converting each on the way."""
 
     def __init__(self, ckpt: Checkpoint, graph: Graph, scales: Mapping[str, torch.Tensor],
-                 progress: ProgressHook | None = None, four_over_six: bool = False) -> None:
+                 progress: ProgressHook | None = None, four_over_six: bool = False, threads: int = 1) -> None:
         self.ckpt = ckpt
+        self.threads = max(1, threads)
+        self.pool: ThreadPoolExecutor | None = None
         self.four_over_six = four_over_six
         self.graph = graph
         self.scales = scales
@@ -173,12 +226,34 @@ class WeightStream:
         self.errors: list[QuantizationError] = []
         self.total = sum(stored_nbytes(w.type) for w in graph.weights)
 
-    def write(self, path: Path) -> int:
+    def data_start(self) -> int:
+        """Where the weights file's data region starts."""
+        return data_start(engine_tensor_specs(self.graph), METADATA)
+
+    def write(self, path: Path, done: Sequence[WrittenWeight] = (),
+              journal: Callable[[WrittenWeight], None] | None = None) -> int:
+        """Write every weight into `path`. `done`: the leading weights a killed build of the same
+        input already wrote (verified by their hash): the file is continued after them. `journal`
+        hears of each weight once its bytes are in the file."""
         path.parent.mkdir(parents=True, exist_ok=True)
-        with SafetensorsWriter(path, engine_tensor_specs(self.graph), {"format": "pt"}) as writer:
-            for weight in self.graph.weights:
-                self._write_weight(writer, weight)
-                self.ckpt.close()  # drop the memory maps: resident pages would grow to the model's size
+        resume_at = (done[-1].tensors, done[-1].end) if done else None
+        with SafetensorsWriter(path, engine_tensor_specs(self.graph), METADATA, resume_at=resume_at) as writer, \
+                ThreadPoolExecutor(self.threads, thread_name_prefix="quantize") as pool:
+            self.pool = pool if self.threads > 1 else None
+            for index, weight in enumerate(self.graph.weights):
+                if index < len(done):
+                    error = done[index].error
+                    if error is not None:
+                        self.errors.append(error)
+                else:
+                    errors = len(self.errors)
+                    writer.take_digest()
+                    self._write_weight(writer, weight)
+                    self.ckpt.close()  # drop the memory maps: resident pages would grow to the model's size
+                    if journal is not None:
+                        tensors, end = writer.position
+                        journal(WrittenWeight(weight.name, tensors, end, writer.take_digest(),
+                                              self.errors[-1] if len(self.errors) > errors else None))
                 if self.progress:
                     self.progress(weight.name.rsplit(".", 1)[0], stored_nbytes(weight.type), self.total)
         return self.total
@@ -202,6 +277,21 @@ class WeightStream:
             return
         self._quantize(writer, weight)
 
+    def _convert(self, fmt: str, source_name: str, weight: Weight, flat: torch.Tensor) -> _Converted:
+        """Quantize one source tensor (any thread): the quantizers refuse NaN and Inf."""
+        try:
+            if fmt == "nvfp4":
+                nvfp4 = quantize_nvfp4(flat, four_over_six=self.four_over_six)
+                return _Converted(nvfp4.packed, {"weight_scale": nvfp4.block_scale,
+                                                 "weight_scale_2": nvfp4.global_scale},
+                                  error_chunks(flat, partial(_nvfp4_rows, nvfp4)), flat.numel())
+            fp8 = quantize_fp8(flat)
+            return _Converted(fp8.data, {"weight_scale": fp8.scale}, error_chunks(flat, partial(_fp8_rows, fp8)),
+                              flat.numel())
+        except ValueError as error:
+            raise CheckpointError(f"cannot quantize tensor {source_name} (weight {weight.name}) to {fmt}: "
+                                  f"{error}") from None
+
     def _quantize(self, writer: SafetensorsWriter, weight: Weight) -> None:
         """Quantize one source tensor (expert) at a time: the codes stream out, the small scale
         tensors are collected and written after them."""
@@ -209,25 +299,25 @@ class WeightStream:
         errors = _ErrorSum()
         components: dict[str, list[torch.Tensor]] = {"weight_scale": [], "weight_scale_2": []}
 
+        def finish(converted: _Converted) -> torch.Tensor:
+            errors.extend(converted.errors, converted.count)
+            for component, value in converted.scales.items():
+                components[component].append(value)
+            return converted.codes.unsqueeze(0) if weight.stacked else converted.codes
+
         def codes() -> Iterator[torch.Tensor]:
+            # experts are read and written here, in order, while up to `threads` are being quantized
+            pending: deque[Future[_Converted]] = deque()
             for source_name, part in _slices(self.ckpt, weight):
-                flat = part[0] if weight.stacked else part  # the quantizers refuse NaN and Inf
-                try:
-                    if fmt == "nvfp4":
-                        nvfp4 = quantize_nvfp4(flat, four_over_six=self.four_over_six)
-                        errors.add(flat, partial(_nvfp4_rows, nvfp4))
-                        components["weight_scale"].append(nvfp4.block_scale)
-                        components["weight_scale_2"].append(nvfp4.global_scale)
-                        out = nvfp4.packed
-                    else:
-                        fp8 = quantize_fp8(flat)
-                        errors.add(flat, partial(_fp8_rows, fp8))
-                        components["weight_scale"].append(fp8.scale)
-                        out = fp8.data
-                except ValueError as error:
-                    raise CheckpointError(f"cannot quantize tensor {source_name} (weight {weight.name}) to {fmt}: "
-                                          f"{error}") from None
-                yield out.unsqueeze(0) if weight.stacked else out
+                flat = part[0] if weight.stacked else part
+                if self.pool is None:
+                    yield finish(self._convert(fmt, source_name, weight, flat))
+                    continue
+                pending.append(self.pool.submit(self._convert, fmt, source_name, weight, flat))
+                if len(pending) > self.threads:
+                    yield finish(pending.popleft().result())
+            while pending:
+                yield finish(pending.popleft().result())
 
         writer.write_parts(weight.name, codes())
         for stored in stored_tensors(weight.type)[1:]:

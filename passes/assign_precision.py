@@ -89,19 +89,24 @@ def input_scale(builder: GraphBuilder, weight: str) -> str:
     return builder.weight(name, TensorType(F32, tuple(builder.type_of(weight).shape[:-2])), INPUT_SCALE_CATEGORY)
 
 
-def quantize_activations_rule(act_format: str, act_formats: Mapping[str, str]) -> Rule:
+def quantize_activations_rule(act_format: str, act_formats: Mapping[str, str], dynamic: bool = False) -> Rule:
     """GEMM(x, w) with float x, where w's activations run in `act_format` ->
-    GEMM(quantize(x, w.input_scale), w) {out_dtype = x's dtype}."""
+    GEMM(quantize(x, w.input_scale), w) {out_dtype = x's dtype}; with dynamic scales,
+    GEMM(quantize_dynamic(x), w), and no input_scale."""
 
     def wanted(match: Match) -> bool:
         return act_formats.get(match.value("weight")) == act_format
 
     def quantize_input(match: Match, builder: GraphBuilder) -> None:
         gemm, x = match.root, match.value("x")
-        scale = input_scale(builder, match.value("weight"))
         offsets = operand(gemm, "offsets") if gemm.opname == "grouped_gemm" else None
-        quantized = builder.op_named("quantize", {"x": x, "input_scale": scale, "offsets": offsets},
-                                     {"format": act_format}, gemm.scope)[0]
+        if dynamic:
+            quantized = builder.op_named("quantize_dynamic", {"x": x, "offsets": offsets}, {"format": act_format},
+                                         gemm.scope)[0]
+        else:
+            scale = input_scale(builder, match.value("weight"))
+            quantized = builder.op_named("quantize", {"x": x, "input_scale": scale, "offsets": offsets},
+                                         {"format": act_format}, gemm.scope)[0]
         operands = [quantized if name == x else name for name in gemm.operands]
         builder.op(gemm.opname, operands, {**dict(gemm.attrs.items), "out_dtype": builder.type_of(x).dtype.name},
                    gemm.scope, match.results)
@@ -141,7 +146,8 @@ class AssignPrecision(Pass):
         return Choice(replace(weight, type=weight.type.with_(dtype=DTYPES[chosen.weight_dtype])), chosen.act_format)
 
     def rules(self, act_formats: Mapping[str, str]) -> tuple[Rule, ...]:
-        return tuple(quantize_activations_rule(fmt, act_formats) for fmt in ACT_FORMATS)
+        dynamic = self.policy.act_scales == "dynamic"
+        return tuple(quantize_activations_rule(fmt, act_formats, dynamic) for fmt in ACT_FORMATS)
 
     def apply(self, graph: Graph) -> PassOutput:
         notes: list[str] = []

@@ -52,6 +52,9 @@ class PrecisionPolicy:
     native_formats: frozenset[str] = frozenset()  # the target's, for weights stored quantized
     # ModelOpt's four-over-six NVFP4 variant: each block scaled to 6 or to 4, whichever errs less
     nvfp4_four_over_six: bool = False
+    # activation scales of W4A4 / W8A8 GEMMs: "static" (calibrated, or the checkpoint's input_scale)
+    # or "dynamic" (computed from the activations on every call; no calibration)
+    act_scales: str = "static"
 
     def act_format_for_stored(self, stored: str, has_input_scale: bool) -> str | None:
         """Activations of a GEMM whose weight the checkpoint stores quantized, deployed as exported:
@@ -74,7 +77,7 @@ class PrecisionPolicy:
     def describe(self) -> dict[str, Any]:
         return {"base": self.base, "components": dict(sorted(self.components.items())),
                 "exclude": list(self.exclude), "on_indivisible": self.on_indivisible,
-                "nvfp4_four_over_six": self.nvfp4_four_over_six}
+                "nvfp4_four_over_six": self.nvfp4_four_over_six, "act_scales": self.act_scales}
 
 
 def canonical_precision(name: str, where: str) -> str:
@@ -96,7 +99,8 @@ def _set_component(components: dict[str, str], component: str, precision: str, w
     explicit.add(component)
 
 
-POLICY_FILE_KEYS = ("base", "components", "exclude", "on_indivisible", "nvfp4_four_over_six")
+POLICY_FILE_KEYS = ("base", "components", "exclude", "on_indivisible", "nvfp4_four_over_six", "act_scales")
+ACT_SCALES = ("static", "dynamic")
 # A policy names a few components and patterns; a megabyte is far more than any needs.
 POLICY_FILE_MAX_BYTES = MIB
 
@@ -144,7 +148,10 @@ def _check_target(target: Target, components: Mapping[str, str]) -> None:
 
 
 def resolve_policy(target: Target, precision: str = "auto", overrides: Sequence[str] = (),
-                   policy_file: Path | None = None, exclude: Sequence[str] = ()) -> PrecisionPolicy:
+                   policy_file: Path | None = None, exclude: Sequence[str] = (),
+                   act_scales: str | None = None) -> PrecisionPolicy:
+    """The policy: the target's (or one float format), then the policy file, then the options
+    (`overrides`, `exclude`, `act_scales`: None keeps the file's choice, else static)."""
     if precision != "auto" and precision not in BASE_PRECISIONS:
         raise UsageError(f"--precision must be auto, {' or '.join(BASE_PRECISIONS)}, got '{precision}'")
     base = BASE_PRECISIONS[0] if precision == "auto" else precision
@@ -157,6 +164,7 @@ def resolve_policy(target: Target, precision: str = "auto", overrides: Sequence[
     patterns = list(exclude)
     on_indivisible = "keep"
     four_over_six = False
+    scales = "static"
     if policy_file is not None:
         data = _read_policy_file(policy_file)
         where = f"policy file {policy_file}"
@@ -173,6 +181,13 @@ def resolve_policy(target: Target, precision: str = "auto", overrides: Sequence[
         four_over_six = data.get("nvfp4_four_over_six", False)
         if not isinstance(four_over_six, bool):
             raise UsageError(f"{where}: nvfp4_four_over_six must be true or false, got {four_over_six!r}")
+        scales = data.get("act_scales", scales)
+        if scales not in ACT_SCALES:
+            raise UsageError(f"{where}: act_scales must be static or dynamic, got {scales!r}")
+    if act_scales is not None:
+        if act_scales not in ACT_SCALES:
+            raise UsageError(f"--act-scales must be static or dynamic, got {act_scales!r}")
+        scales = act_scales
     for override in overrides:
         component, sep, chosen = override.partition("=")
         if not sep:
@@ -189,4 +204,4 @@ def resolve_policy(target: Target, precision: str = "auto", overrides: Sequence[
     _check_float_components(components, base, explicit)
     _check_target(target, components)
     return PrecisionPolicy(base, MappingProxyType(components), tuple(patterns), on_indivisible,
-                           frozenset(target.native_formats), four_over_six)
+                           frozenset(target.native_formats), four_over_six, scales)

@@ -239,22 +239,26 @@ class PolicyInfo:
     exclude: tuple[str, ...]
     on_indivisible: str
     nvfp4_four_over_six: bool
+    act_scales: str = "static"  # activation scales of W4A4 / W8A8 GEMMs: static or dynamic
 
     def to_json(self) -> dict[str, Any]:
         return {"base": self.base, "components": dict(sorted(self.components.items())),
                 "exclude": list(self.exclude), "on_indivisible": self.on_indivisible,
-                "nvfp4_four_over_six": self.nvfp4_four_over_six}
+                "nvfp4_four_over_six": self.nvfp4_four_over_six, "act_scales": self.act_scales}
 
     @staticmethod
     def read(f: _Fields) -> PolicyInfo:
-        f.only(("base", "components", "exclude", "on_indivisible", "nvfp4_four_over_six"))
+        f.only(("base", "components", "exclude", "on_indivisible", "nvfp4_four_over_six", "act_scales"))
         components = f.child("components")
         chosen = {key: components.text(key) for key in components.data}
         excluded = f.array("exclude")
         if not all(isinstance(pattern, str) for pattern in excluded):
             raise f.error(f"field `{f.name('exclude')}` must be a list of strings")
+        act_scales = f.text("act_scales") if "act_scales" in f.data else "static"
+        if act_scales not in ("static", "dynamic"):
+            raise f.error(f"field `{f.name('act_scales')}` must be static or dynamic")
         return PolicyInfo(f.text("base"), MappingProxyType(chosen), tuple(excluded), f.text("on_indivisible"),
-                          f.flag("nvfp4_four_over_six"))
+                          f.flag("nvfp4_four_over_six"), act_scales)
 
     @staticmethod
     def from_description(description: Mapping[str, Any], path: Path) -> PolicyInfo:

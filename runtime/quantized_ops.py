@@ -3,11 +3,15 @@
 - W4A16 / W8A16: the dequantized weight times the activations, fp32 accumulation;
 - W4A4: `quantize` rounds activations to NVFP4 per 16-block (dynamic block scale, static global
   scale `input_scale`), then the GEMM as above;
-- W8A8: `quantize` rounds activations to FP8 with the static per-tensor scale `input_scale`."""
+- W8A8: `quantize` rounds activations to FP8 with the static per-tensor scale `input_scale`;
+- dynamic activation scales (`quantize_dynamic`, no calibration): FP8 one scale per token, NVFP4
+  one global scale per tensor, both computed from the activations on every call."""
 
 from __future__ import annotations
 
 import torch
+
+from nemocompile.base.formats import FORMATS
 
 from .formats import (
     FP8Tensor,
@@ -17,7 +21,13 @@ from .formats import (
     fake_quantize_fp8,
     fake_quantize_nvfp4,
 )
+from .formats.fp8 import FLOAT32_TINY
 from .weights import WeightValue
+
+# amax of an all-zero activation, and amax / scale, from the format registry (448 and 448 for FP8,
+# 6 and 6 * 448 for NVFP4)
+ELEMENT_MAX = {name: FORMATS[name].max_value for name in ("fp8", "nvfp4")}
+SCALED_MAX = {name: FORMATS[name].scaled_max for name in ("fp8", "nvfp4")}
 
 
 def dequantized(weight: WeightValue) -> torch.Tensor:
@@ -52,6 +62,35 @@ def quantize(x: torch.Tensor, act_format: str, input_scale: torch.Tensor,
         start, end = bounds[expert], bounds[expert + 1]
         if start < end:
             out[start:end] = quantize_activations(x[start:end].float(), act_format, input_scale[expert])
+    return out
+
+
+def dynamic_scale(x: torch.Tensor, act_format: str) -> torch.Tensor:
+    """The scale `quantize_dynamic` computes from x (fp32): FP8 per row [rows, 1] = row amax / 448;
+    NVFP4 per tensor [] = amax / (6 * 448). A zero amax takes the format's element maximum (as
+    calibration does), and a scale below the smallest normal float32 is raised to it (kernels flush
+    denormal scales to zero)."""
+    if act_format == "fp8":
+        amax = x.abs().amax(dim=-1, keepdim=True) if x.shape[-1] else x.new_zeros((*x.shape[:-1], 1))
+    else:
+        amax = x.abs().amax() if x.numel() else x.new_zeros(())
+    amax = torch.where(amax > 0, amax, torch.full_like(amax, ELEMENT_MAX[act_format]))
+    return (amax / SCALED_MAX[act_format]).clamp_min(FLOAT32_TINY)
+
+
+def quantize_dynamic(x: torch.Tensor, act_format: str, offsets: torch.Tensor | None = None) -> torch.Tensor:
+    """The `quantize_dynamic` op: x quantized with scales computed from itself (each expert's rows
+    as one tensor when `offsets` groups them), held as exact fp32 values like `quantize`."""
+    if offsets is None:
+        values = x.float()
+        return quantize_activations(values, act_format, dynamic_scale(values, act_format))
+    out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+    bounds = offsets.tolist()
+    for expert in range(len(bounds) - 1):
+        start, end = bounds[expert], bounds[expert + 1]
+        if start < end:
+            rows = x[start:end].float()
+            out[start:end] = quantize_activations(rows, act_format, dynamic_scale(rows, act_format))
     return out
 
 

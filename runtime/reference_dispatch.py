@@ -13,7 +13,7 @@ from nemocompile.graph.ir import Op
 
 from . import reference as ref
 from .dtypes import torch_dtype
-from .quantized_ops import quantize
+from .quantized_ops import quantize, quantize_dynamic
 from .reference import fused
 from .weights import WeightValue
 
@@ -53,6 +53,10 @@ def _result_dtype(op: Op) -> torch.dtype:
 
 def _linear(op: Op, a: Args) -> tuple[torch.Tensor, ...]:
     return (fused.linear_any(_t(a[0]), _w(a[1]), _opt(a[2]), _result_dtype(op)),)
+
+
+def _quantize_dynamic(op: Op, a: Args) -> tuple[torch.Tensor, ...]:
+    return (quantize_dynamic(_t(a[0]), op.attrs.str("format"), _opt(a[1])),)
 
 
 def _quantize(op: Op, a: Args) -> tuple[torch.Tensor, ...]:
@@ -190,6 +194,7 @@ REFERENCE: dict[str, OpImpl] = {
     "rms_norm": _rms_norm,
     "linear": _linear,
     "quantize": _quantize,
+    "quantize_dynamic": _quantize_dynamic,
     "add": _add,
     "cast": _cast,
     "activation": _activation,

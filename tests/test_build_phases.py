@@ -100,7 +100,7 @@ def test_not_on_a_terminal_each_phase_prints_one_line_with_its_time(logged_build
     by_phase = {m["phase"]: m["rest"] or "" for m in lines}
     assert by_phase["passes"].startswith("8 of 8 steps; set_precision, decompose, assign_precision, fuse_experts, "
                                          "fuse_router, fuse_add_rms_norm, fuse_dequant_gemm, fuse_mamba_chain")
-    assert by_phase["calibration"].startswith("2 of 2 batches; 24 tokens of token ids from ")
+    assert by_phase["calibration"].startswith("7 of 7 blocks; 2 samples, 24 tokens of token ids from ")
     assert re.match(r"[\d.]+ KB of [\d.]+ KB, [\d.]+ [KMG]?B/s; \d+ weights, [\d,]+ bytes$", by_phase[QUANTIZE])
     assert by_phase["agreement check"].startswith("4 of 4 prompts; 4 random prompts, 128 positions: top-1 ")
     assert by_phase[WRITE].endswith("each with its sha256 in manifest.json")
@@ -120,7 +120,7 @@ def test_report_records_the_phase_times(logged_build: tuple[Path, Result]) -> No
         assert seconds[name] == pytest.approx(logged[name], abs=0.006)
     assert seconds["total before writing"] == pytest.approx(sum(seconds[n] for n in PHASES[:-1]), abs=0.01)
     assert f"The {WRITE} phase" in section
-    assert dict((n, p.strip()) for n, _, p in rows)["calibration"] == "2 batches"
+    assert dict((n, p.strip()) for n, _, p in rows)["calibration"] == "7 blocks"
 
 
 def test_report_records_calibration_from_a_file_with_its_hash(logged_build: tuple[Path, Result],

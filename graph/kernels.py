@@ -169,3 +169,12 @@ def kernel_uses(graph: Graph) -> list[tuple[str, str, str, int]]:
         spec = find(opname, name)
         rows.append((opname, name, spec.backend if spec is not None else "unknown", count))
     return rows
+
+
+def _register_compiled_candidates() -> None:
+    from .kernel_candidates import register_candidates
+
+    register_candidates()
+
+
+_register_compiled_candidates()

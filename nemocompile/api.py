@@ -61,24 +61,28 @@ def build(model: str | Path | None, out: str | Path, target: str = "h100", preci
         raise type(error)(renamed) from error
 
 
-BACKENDS = ("reference", "onnx", "tensorrt")
+BACKENDS = ("reference", "triton", "onnx", "tensorrt")
 
 
 @overload
-def load(path: str | Path, device: str | None = None, backend: Literal["reference"] = "reference") -> Engine: ...
+def load(path: str | Path, device: str | None = None,
+         backend: Literal["reference", "triton"] | None = None) -> Engine: ...
 
 
 @overload
 def load(path: str | Path, device: str | None = None, *, backend: str) -> Engine | OnnxEngine: ...
 
 
-def load(path: str | Path, device: str | None = None, backend: str = "reference") -> Engine | OnnxEngine:
+def load(path: str | Path, device: str | None = None, backend: str | None = None) -> Engine | OnnxEngine:
     """Load an engine directory; verifies every file's sha256 and the GPU arch first. When `path`
     is missing because a build died mid-swap, the engine it set aside is put back first; engines set
     aside by interrupted builds are deleted once `path` verified (a warning says which).
-    backend: "reference" (the runtime's kernel registry), "onnx" (the decomposed ONNX export of an
-    engine built with tensorrt=True, on the CPU), "tensorrt" (the TensorRT engine)."""
-    if backend not in BACKENDS:
+    backend: "triton" (the engine's Triton kernels: stored binaries on a GPU, Triton's interpreter on
+    a CPU), "reference" (every op by its reference implementation), "onnx" (the decomposed ONNX export
+    of an engine built with tensorrt=True, on the CPU), "tensorrt" (the TensorRT engine); by default
+    triton where the engine has kernels, a GPU is present and triton is installed, else each op as
+    the runtime's kernel registry says."""
+    if backend is not None and backend not in BACKENDS:
         raise UsageError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     restore_set_aside(Path(path))
     engine: Engine | OnnxEngine
@@ -87,6 +91,6 @@ def load(path: str | Path, device: str | None = None, backend: str = "reference"
     elif backend == "tensorrt":
         engine = load_tensorrt(path)
     else:
-        engine = _load(path, device)
+        engine = _load(path, device, backend)
     remove_set_aside(Path(path))
     return engine

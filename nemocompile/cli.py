@@ -350,14 +350,17 @@ def _parse_ids(text: str) -> list[int]:
 @click.option("--top-p", default=1.0, show_default=True, type=float)
 @click.option("--seed", default=None, type=int, help="Seed for sampling.")
 @click.option("--json", "as_json", is_flag=True, help='Print {"generated_ids": [[...]]}.')
+@click.option("--backend", type=click.Choice(["triton", "reference"]), default=None,
+              help="triton: the engine's Triton kernels (interpreted on a CPU); reference: the reference ops. "
+                   "Default: triton with a GPU and kernels, else reference.")
 def run(engine: Path, input_ids: tuple[str, ...], prompt: tuple[str, ...], max_new_tokens: int,
-        temperature: float, top_p: float, seed: int | None, as_json: bool) -> None:
+        temperature: float, top_p: float, seed: int | None, as_json: bool, backend: str | None) -> None:
     """Generate tokens with ENGINE."""
     from .api import load
 
     if bool(input_ids) == bool(prompt):
         raise UsageError("give exactly one of --input-ids or --prompt")
-    loaded = load(engine)
+    loaded = load(engine, backend=backend)
     if prompt:
         if loaded.tokenizer is None:
             raise UsageError(f"engine {engine} has no tokenizer; use --input-ids")

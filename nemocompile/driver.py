@@ -18,6 +18,9 @@ import torch
 from nemocompile.base.errors import CheckpointError, ConfigError, UsageError
 from nemocompile.base.inputs import open_regular_file
 from nemocompile.base.settings import settings
+from nemocompile.codegen.triton.emit import EmittedKernels
+from nemocompile.codegen.triton.emit import emit as emit_kernels
+from nemocompile.codegen.triton.plan import plan_kernels
 from nemocompile.graph.importer import ImportedModel, import_checkpoint
 from nemocompile.graph.ir import Graph, TensorSource, Weight
 from nemocompile.graph.kernels import kernel_uses
@@ -180,6 +183,16 @@ def _kernel_uses(prefill: Graph, decode: Graph) -> tuple[KernelUse, ...]:
     return tuple(KernelUse(name, op, kernel, backend, count)
                  for name, graph in (("prefill", prefill), ("decode", decode))
                  for op, kernel, backend, count in kernel_uses(graph))
+
+
+def _write_kernels(stage: Path, prefill: Graph, decode: Graph, arch: str) -> EmittedKernels | None:
+    """The Triton kernels select_kernels chose, specialised, compiled for `arch` (through the shared
+    compile cache) and written under stage/kernels; None when no op runs on a Triton kernel."""
+    kernel_plan = plan_kernels({"prefill": prefill, "decode": decode}, arch)
+    if not kernel_plan.instances:
+        return None
+    cache = Path(settings().kernel_cache_dir).expanduser()
+    return emit_kernels(kernel_plan.instances, stage, arch, cache, bindings=kernel_plan.bindings)
 
 
 def _quantized(graph: Graph) -> bool:
@@ -402,6 +415,7 @@ def build(model: Path | None, out: Path, options: BuildOptions | None = None,
         with phases.phase(WRITE):
             (stage / "graph.txt").write_text(print_graph(_engine_graph(graph)))
             (stage / "graph.decode.txt").write_text(print_graph(_engine_graph(decode)))
+            compiled = _write_kernels(stage, _engine_graph(graph), _engine_graph(decode), job.target.arch)
             (stage / "config.json").write_text(json.dumps(imported.raw_config, indent=2, sort_keys=True) + "\n")
             has_byte_tokenizer = _carry_tokenizer(model_dir, stage, imported.config.vocab_size)
             exported = None
@@ -426,7 +440,8 @@ def build(model: Path | None, out: Path, options: BuildOptions | None = None,
             write_report(stage / "report.md", manifest, graph, stats, records, stream.errors, agreement,
                          options.world_size, job.target, imported.config.unknown_keys, imported.skipped_tensors,
                          phases=phases.records, calibration=job.calibration, deviation=deviation,
-                         checkpoint_quirks=imported.quirks)
+                         checkpoint_quirks=imported.quirks,
+                         compiled_kernels=compiled.report_rows() if compiled is not None else ())
             remove_resume_files(stage)  # the engine is complete: nothing left to resume
             manifest = write_manifest(stage, manifest)
             phases.summarize(f"{len(manifest.files)} files, each with its sha256 in {MANIFEST_NAME}")

@@ -17,6 +17,7 @@ phase; `Phases` times each phase, counts its progress (steps, batches, bytes, pr
 
 from __future__ import annotations
 
+import importlib.util
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -218,6 +219,12 @@ class QuantizeWeights(Step):
         return PassRecord(self.name, 0.0, counts, ops, ops)
 
 
+def kernel_backends() -> tuple[str, ...]:
+    """The backends kernel selection may choose from: Triton kernels only where triton is installed
+    (the `[triton]` extra), so an engine built without it runs on the reference backend."""
+    return ("reference", "triton") if importlib.util.find_spec("triton") is not None else ("reference",)
+
+
 def build_steps(target: Target, policy: PrecisionPolicy, calibrate: int = 8,
                 calibration_data: Path | None = None) -> list[Step]:
     """The pipeline of a target, in order."""
@@ -229,9 +236,9 @@ def build_steps(target: Target, policy: PrecisionPolicy, calibrate: int = 8,
         Calibrate(calibrate, calibration_data),
         QuantizeWeights(policy.nvfp4_four_over_six),
         # kernel selection: for the engine graph, then for the decode graph forked from it
-        PassStep(SelectKernels(target.arch), in_phase=KERNELS),
+        PassStep(SelectKernels(target.arch, kernel_backends()), in_phase=KERNELS),
         PassStep(SpecializeDecode(), writes=DECODE, in_phase=KERNELS),
-        PassStep(SelectKernels(target.arch), reads=DECODE, writes=DECODE, in_phase=KERNELS),
+        PassStep(SelectKernels(target.arch, kernel_backends()), reads=DECODE, writes=DECODE, in_phase=KERNELS),
     ]
 
 

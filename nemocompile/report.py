@@ -7,9 +7,10 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from nemocompile.graph.importer import why_unused
 from nemocompile.graph.ir import Graph
@@ -95,15 +96,25 @@ def calibration_lines(calibration: CalibrationInfo | None) -> list[str]:
 # builds of the same input (and so report.md's entry in the manifest).
 _PHASE_SECONDS = re.compile(r"^(\| [^|\n]+ \| )\d+\.\d{3}( \|)", re.MULTILINE)
 _PHASES_HEADING = "## Build phases"
+_COMPILE_HEADING = "## Kernel compile times"
+# Its rows (and summary line) differ between a cold and a warm build.
+_COMPILE_ROW = re.compile(r"^(\| [^|\n]+ \| [^|\n]+ \| )\d+\.\d{3} \| [^|\n]+ \|$", re.MULTILINE)
+_COMPILE_SUMMARY = re.compile(r"^Compiled: .*$", re.MULTILINE)
 
 
 def without_build_times(report: str) -> str:
     """report.md with the build-phase times blanked: what two builds of one input agree on exactly."""
-    head, found, tail = report.partition(_PHASES_HEADING)
+    report = _blank_section(report, _COMPILE_HEADING,
+                            lambda table: _COMPILE_SUMMARY.sub("Compiled: -", _COMPILE_ROW.sub(r"\1- | - |", table)))
+    return _blank_section(report, _PHASES_HEADING, lambda table: _PHASE_SECONDS.sub(r"\1-\2", table))
+
+
+def _blank_section(report: str, heading: str, blank: Callable[[str], str]) -> str:
+    head, found, tail = report.partition(heading)
     if not found:
         return report
     table, rest_found, rest = tail.partition("\n## ")
-    return head + found + _PHASE_SECONDS.sub(r"\1-\2", table) + rest_found + rest
+    return head + found + blank(table) + rest_found + rest
 
 
 def comparable_engine_bytes(directory: Path) -> dict[str, bytes]:
@@ -118,6 +129,24 @@ def comparable_engine_bytes(directory: Path) -> dict[str, bytes]:
         manifest.get("files", {}).pop("report.md", None)
         files["manifest.json"] = json.dumps(manifest, indent=2, sort_keys=True).encode()
     return files
+
+
+def compiled_kernel_lines(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The Triton kernels compiled ahead of time: resources and tensor-core instructions (from the
+    PTX), then the compile times, cold or from the shared compile cache (blanked for comparisons)."""
+    lines = ["## Compiled kernels", "",
+             "| kernel | arch | registers | stack bytes | shared bytes | tensor-core instructions |",
+             "|---|---|---:|---:|---:|---|"]
+    lines += [f"| {r['name']} | {r['arch']} | {r['registers']} | {r['spills']} | {r['shared_bytes']} | "
+              f"{', '.join(r['tensor_cores']) or '-'} |" for r in rows]
+    lines += ["", _COMPILE_HEADING, "", "| kernel | arch | seconds | from cache |", "|---|---|---:|---|"]
+    lines += [f"| {r['name']} | {r['arch']} | {r['compile_seconds']:.3f} | {'yes' if r['cached'] else 'no'} |"
+              for r in rows]
+    cold = sum(r["compile_seconds"] for r in rows if not r["cached"])
+    warm = sum(r["compile_seconds"] for r in rows if r["cached"])
+    lines.append(f"| all | - | {cold + warm:.3f} | {sum(1 for r in rows if r['cached'])} of {len(rows)} |")
+    lines += ["", f"Compiled: {cold:.3f} s; taken from the compile cache: {warm:.3f} s."]
+    return lines
 
 
 def phase_lines(phases: Sequence[PhaseRecord]) -> list[str]:
@@ -213,7 +242,8 @@ def write_report(path: Path, manifest: Manifest, graph: Graph, stats: ParamStats
                  errors: list[QuantizationError], agreement: Agreement | None, planned_world_size: int,
                  target: Target, unknown_keys: Sequence[str] = (), skipped_tensors: Sequence[str] = (),
                  phases: Sequence[PhaseRecord] = (), calibration: CalibrationInfo | None = None,
-                 deviation: Agreement | None = None, checkpoint_quirks: Sequence[str] = ()) -> None:
+                 deviation: Agreement | None = None, checkpoint_quirks: Sequence[str] = (),
+                 compiled_kernels: Sequence[Mapping[str, Any]] = ()) -> None:
     per_gpu = stats.bytes_total / planned_world_size
     lines = [
         f"# Engine: {manifest.source.name}",
@@ -278,6 +308,8 @@ def write_report(path: Path, manifest: Manifest, graph: Graph, stats: ParamStats
     lines += ["", *fusion_lines(fusion_counts(records))]
     lines += ["", "## Kernels", "", "| graph | op | kernel | backend | ops |", "|---|---|---|---|---:|"]
     lines += [f"| {k.graph} | {k.op} | {k.kernel} | {k.backend} | {k.count} |" for k in manifest.kernels]
+    if compiled_kernels:
+        lines += ["", *compiled_kernel_lines(compiled_kernels)]
     lines += ["", "## Core ops", "", "| op | count |", "|---|---:|"]
     lines += [f"| {name} | {count} |" for name, count in graph.op_counts().items()]
     path.write_text("\n".join(lines) + "\n")

@@ -27,6 +27,8 @@ from .engine_files import check_arch, read_engine_text, read_manifest, verify_en
 from .engine_format import Manifest
 from .executor import Executor
 from .kernels import Resolution
+from .kernels.triton_backend import load_triton_backend, reference_only, triton_available
+from .kernels.triton_loader import INDEX
 from .sampling import check_sampling, next_tokens
 from .tokenizer import ByteTokenizer
 from .weights import WeightValue, check_weight_files, load_weights
@@ -183,7 +185,10 @@ class Engine:
     """A loaded engine: `forward` for logits, `new_cache` + `forward` for token-by-token decode,
     `generate` for text."""
 
-    def __init__(self, contents: EngineContents, weights: dict[str, WeightValue], device: torch.device) -> None:
+    def __init__(self, contents: EngineContents, weights: dict[str, WeightValue], device: torch.device,
+                 backend: str = "reference") -> None:
+        """backend: "reference" (every op by its reference implementation) or "triton" (the ops bound
+        to the engine's Triton kernels run them: compiled binaries on CUDA, the interpreter on a CPU)."""
         self.directory = contents.directory
         self.manifest = contents.manifest
         self.graph = contents.prefill
@@ -191,8 +196,14 @@ class Engine:
         self.device = device
         self.tokenizer = contents.tokenizer
         self.config = contents.config
-        self._prefill = Executor(contents.prefill, weights)
-        self._decode = Executor(contents.decode, weights)
+        self.backend = backend
+        if backend == "triton":
+            triton = load_triton_backend(contents.directory, contents.manifest, device)
+            prefill_resolver, decode_resolver = triton.resolver("prefill"), triton.resolver("decode")
+        else:
+            prefill_resolver = decode_resolver = reference_only
+        self._prefill = Executor(contents.prefill, weights, resolver=prefill_resolver)
+        self._decode = Executor(contents.decode, weights, resolver=decode_resolver)
         self.vocab_size = contents.model_config.vocab_size
 
     def new_cache(self, batch_size: int) -> Cache:
@@ -252,9 +263,23 @@ class Engine:
         return torch.cat(tokens, dim=1)
 
 
-def load(path: str | Path, device: str | torch.device | None = None) -> Engine:
+BACKENDS = ("triton", "reference")
+
+
+def pick_backend(backend: str | None, manifest: Manifest, device: torch.device) -> str:
+    """The backend an engine runs with: the one asked for, else triton where the engine has Triton
+    kernels, the device is a GPU and triton is installed, else reference."""
+    if backend is not None:
+        if backend not in BACKENDS:
+            raise UsageError(f"backend must be one of {', '.join(BACKENDS)}, not {backend!r}")
+        return backend
+    has_kernels = INDEX in manifest.files
+    return "triton" if has_kernels and device.type == "cuda" and triton_available() else "reference"
+
+
+def load(path: str | Path, device: str | torch.device | None = None, backend: str | None = None) -> Engine:
     """Load an engine directory written by `nemocompile build`: every check of `read_engine`, then
-    the GPU arch, then the weights."""
+    the GPU arch, then the weights; `backend` as `pick_backend` says."""
     contents = read_engine(path)
     manifest = contents.manifest
     target_device = _pick_device(device)
@@ -262,5 +287,6 @@ def load(path: str | Path, device: str | torch.device | None = None) -> Engine:
     if manifest.world_size != 1:
         raise EngineError(f"{contents.directory} holds {manifest.world_size} ranks; this runtime runs one-rank "
                           f"engines")
+    chosen = pick_backend(backend, manifest, target_device)
     weights = load_weights(contents.directory, list(manifest.weight_files(0)), contents.prefill, target_device)
-    return Engine(contents, weights, target_device)
+    return Engine(contents, weights, target_device, chosen)

@@ -1,5 +1,6 @@
-"""Executes a core-op graph: each op by its implementation (today the reference one; compiled
-kernels slot in here by op name), values kept by name, state in a Cache."""
+"""Executes a core-op graph: each op by the implementation its resolver picks (the kernel registry:
+a registered kernel or the reference implementation; an engine's Triton backend: its kernels),
+values kept by name, state in a Cache."""
 
 from __future__ import annotations
 
@@ -13,16 +14,20 @@ from nemocompile.graph.nemotron_h import CACHE_LENS
 
 from .cache import Cache
 from .dtypes import value_dtype
-from .kernels import device_of, resolve
+from .kernels import Resolution, device_of, resolve
 from .reference_dispatch import OpImpl
 from .weights import WeightValue
 
 # Called with each op and its operand values before it runs (calibration collects amax here).
 Observer = Callable[[Op, Sequence["WeightValue | None"]], None]
+Resolver = Callable[[Op, "torch.device | str"], Resolution]
 
 
 class Executor:
-    def __init__(self, graph: Graph, weights: Mapping[str, WeightValue], observer: Observer | None = None) -> None:
+    def __init__(self, graph: Graph, weights: Mapping[str, WeightValue], observer: Observer | None = None,
+                 resolver: Resolver = resolve) -> None:
+        """resolver: how each op finds its implementation (the kernel registry's `resolve` by
+        default; an engine's backend passes its own)."""
         missing = [w.name for w in graph.weights if w.name not in weights]
         if missing:
             raise IRError(f"graph {graph.name} needs weights that were not loaded: {', '.join(missing[:5])}")
@@ -34,7 +39,7 @@ class Executor:
         self.observer = observer
         # Everything per op that does not depend on the call is resolved once, here.
         self.plan: list[tuple[OpImpl, tuple[str | None, ...], tuple[torch.dtype, ...]]] = [
-            (resolve(op, device_of(weights)), op.operands, tuple(value_dtype(r.type.dtype) for r in op.results))
+            (resolver(op, device_of(weights)), op.operands, tuple(value_dtype(r.type.dtype) for r in op.results))
             for op in graph.ops
         ]
         # Values no later op reads are dropped as soon as possible (bounded activation memory).

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,8 +47,9 @@ def _check_unique(instances: Sequence[KernelInstance]) -> None:
 
 
 def emit(instances: Sequence[KernelInstance], engine_dir: Path, arch: str, cache_dir: Path,
-         compile_binaries: bool = True) -> EmittedKernels:
-    """Write the sources (and, with compile_binaries, the binaries for `arch`) of `instances`."""
+         compile_binaries: bool = True, bindings: Mapping[str, Mapping[str, list[str]]] | None = None) -> EmittedKernels:
+    """Write the sources (and, with compile_binaries, the binaries for `arch`) of `instances`, and
+    the bindings (graph -> op result name -> instance names) the runtime dispatches by."""
     _check_unique(instances)
     start = time.perf_counter()
     root = engine_dir / KERNELS_DIR
@@ -70,9 +71,11 @@ def emit(instances: Sequence[KernelInstance], engine_dir: Path, arch: str, cache
                 if not target.exists():
                     shutil.copyfile(binary.file(artifact), target)
                 files.append(f"{KERNELS_DIR}/bin/{target.name}")
-            entry["binary"] = binary.describe()
+            # what is the same in every build (compile time and cache hits go to the report's timing section)
+            entry["binary"] = {k: v for k, v in binary.describe().items() if k not in ("compile_seconds", "cached")}
         entries.append(entry)
-    index = {"version": INDEX_VERSION, "triton": triton_version(), "arch": arch, "kernels": entries}
+    index = {"version": INDEX_VERSION, "triton": triton_version(), "arch": arch, "kernels": entries,
+             "bindings": {graph: dict(ops) for graph, ops in (bindings or {}).items()}}
     (root / INDEX).write_text(json.dumps(index, indent=1, sort_keys=True) + "\n")
     files.append(f"{KERNELS_DIR}/{INDEX}")
     return EmittedKernels(tuple(sorted(set(files))), tuple(compiled), time.perf_counter() - start)

@@ -34,19 +34,19 @@ def _per_expert(scale: torch.Tensor, experts: int) -> torch.Tensor:
     return torch.broadcast_to(scale.to(torch.float32).reshape(-1), (experts,)).contiguous()
 
 
-def moe_nvfp4_gemm(kernels: TritonKernels, name: str, x: torch.Tensor, order: torch.Tensor, offsets: torch.Tensor,
-                   weight: NVFP4Tensor, input_scale: torch.Tensor | None, routing: torch.Tensor | None,
-                   out: torch.Tensor) -> torch.Tensor:
-    """Run kernel `name` (a moe_nvfp4_gemm specialisation) over rows offsets[0]:offsets[E]."""
+def moe_nvfp4_gemm(kernels: TritonKernels, name: str, x: torch.Tensor, order: torch.Tensor | None,
+                   offsets: torch.Tensor, weight: NVFP4Tensor, input_scale: torch.Tensor | None,
+                   routing: torch.Tensor | None, out: torch.Tensor, rows: int) -> torch.Tensor:
+    """Run kernel `name` (a moe_nvfp4_gemm specialisation) over rows offsets[0]:offsets[E] of `rows`;
+    `order` is read only by specialisations that gather or combine."""
     experts = offsets.numel() - 1
     block_m = int(kernels.constexpr(name, "BLOCK_M"))
     block_n = int(kernels.constexpr(name, "BLOCK_N"))
     n = int(kernels.constexpr(name, "N"))
-    rows = order.numel()
     one = _one(x.device)
     kernels.launch(
         name, (_cdiv(rows, block_m) + experts, _cdiv(n, block_n)),
-        x_ptr=x.contiguous(), order_ptr=order.contiguous(), tile_starts_ptr=tile_starts(offsets, block_m),
+        x_ptr=x.contiguous(), order_ptr=offsets if order is None else order.contiguous(), tile_starts_ptr=tile_starts(offsets, block_m),
         offsets_ptr=offsets.contiguous(), weight_ptr=weight.packed.contiguous(),
         block_scale_ptr=weight.block_scale.contiguous(), global_scale_ptr=_per_expert(weight.global_scale, experts),
         input_scale_ptr=one if input_scale is None else _per_expert(input_scale, experts),
@@ -60,7 +60,7 @@ def moe_expert_up(kernels: TritonKernels, name: str, x: torch.Tensor, order: tor
     """hidden [N*k, I] = act(grouped_gemm(Q(x[order // k]), offsets, weight)): gather, GEMM, ReLU²."""
     if out is None:
         out = torch.empty(order.numel(), weight.shape[1], dtype=out_dtype, device=x.device)
-    return moe_nvfp4_gemm(kernels, name, x, order, offsets, weight, input_scale, None, out)
+    return moe_nvfp4_gemm(kernels, name, x, order, offsets, weight, input_scale, None, out, order.numel())
 
 
 def moe_expert_down(kernels: TritonKernels, name: str, combine_name: str, hidden: torch.Tensor, order: torch.Tensor,
@@ -75,10 +75,18 @@ def moe_expert_down(kernels: TritonKernels, name: str, combine_name: str, hidden
         pairs = torch.empty(tokens * top_k, d, dtype=torch.float32, device=hidden.device)
     if out is None:
         out = torch.empty(tokens, d, dtype=hidden.dtype, device=hidden.device)
-    moe_nvfp4_gemm(kernels, name, hidden, order, offsets, weight, input_scale, routing.reshape(-1), pairs)
+    moe_nvfp4_gemm(kernels, name, hidden, order, offsets, weight, input_scale, routing.reshape(-1), pairs,
+                   order.numel())
     block_n = int(kernels.constexpr(combine_name, "BLOCK_N"))
     kernels.launch(combine_name, (tokens, _cdiv(d, block_n)), pairs_ptr=pairs, out_ptr=out)
     return out
+
+
+def grouped_gemm_w4a16(kernels: TritonKernels, name: str, x_sorted: torch.Tensor, offsets: torch.Tensor,
+                      weight: NVFP4Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    """The `grouped_gemm` op with an NVFP4 weight and float rows already sorted by expert."""
+    out = torch.empty(x_sorted.shape[0], weight.shape[1], dtype=out_dtype, device=x_sorted.device)
+    return moe_nvfp4_gemm(kernels, name, x_sorted, None, offsets, weight, None, None, out, x_sorted.shape[0])
 
 
 def fp8_linear(kernels: TritonKernels, name: str, x: torch.Tensor, weight: FP8Tensor,

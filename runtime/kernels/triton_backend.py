@@ -1,0 +1,115 @@
+"""The `triton` runtime backend: ops bound to Triton kernels in the engine's kernels/kernels.json
+run through them (compiled binaries on CUDA, the interpreter on a CPU); every other op resolves
+as the kernel registry says (its registered kernel, else the reference implementation).
+
+A launcher adapts an op's operands to a kernel's wrapper (runtime/kernels/triton_gemm.py); the
+table is keyed by the catalog kernel name the op's `kernel` attribute records."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from collections.abc import Callable, Mapping, Sequence
+from functools import partial
+from pathlib import Path
+
+import torch
+
+from nemocompile.base.errors import EngineError
+from nemocompile.graph.ir import Op
+from nemocompile.graph.kernels import REFERENCE, kernel_of
+
+from ..dtypes import torch_dtype
+from ..engine_files import read_engine_bytes
+from ..engine_format import Manifest
+from ..formats import NVFP4Tensor
+from ..reference_dispatch import Args, reference_impl
+from . import triton_gemm
+from .registry import Resolution, resolve
+from .triton_loader import INDEX, TritonKernels
+
+Launcher = Callable[[TritonKernels, Sequence[str], Op, Args], tuple[torch.Tensor, ...]]
+
+
+def _tensor(value: object, what: str) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor):
+        raise EngineError(f"{what} must be a tensor here, got {type(value).__name__}")
+    return value
+
+
+def _grouped_w4a16(kernels: TritonKernels, names: Sequence[str], op: Op, args: Args) -> tuple[torch.Tensor, ...]:
+    weight = args[2]
+    if not isinstance(weight, NVFP4Tensor):
+        raise EngineError(f"{op.opname} at {op.scope}: kernel {kernel_of(op)} needs an NVFP4 weight")
+    out_dtype = torch_dtype(op.results[0].type.dtype)
+    return (triton_gemm.grouped_gemm_w4a16(kernels, names[0], _tensor(args[0], "x"), _tensor(args[1], "offsets"),
+                                           weight, out_dtype),)
+
+
+LAUNCHERS: dict[str, Launcher] = {
+    "triton_nvfp4_grouped_w4a16": _grouped_w4a16,
+}
+
+
+class TritonBackend:
+    """Resolves ops for one engine: `resolver(graph)` is what its Executor calls per op."""
+
+    def __init__(self, kernels: TritonKernels, bindings: Mapping[str, Mapping[str, Sequence[str]]]) -> None:
+        self.kernels = kernels
+        self.bindings = bindings
+        for graph, ops in bindings.items():
+            for result, names in ops.items():
+                missing = [n for n in names if n not in kernels.entries]
+                if missing:
+                    raise EngineError(f"kernels/kernels.json binds {graph} value {result} to unknown kernels {missing}")
+
+    def resolver(self, graph: str) -> Callable[[Op, torch.device | str], Resolution]:
+        bound = self.bindings.get(graph, {})
+
+        def resolve_op(op: Op, device: torch.device | str) -> Resolution:
+            names = bound.get(op.results[0].name) if op.results else None
+            if names is None:
+                return resolve(op, device)
+            requested = kernel_of(op)
+            launcher = LAUNCHERS.get(requested)
+            if launcher is None:
+                raise EngineError(f"{op.opname} at {op.scope} is bound to Triton kernel {requested}, which this "
+                                  f"runtime cannot launch")
+            impl = partial(launcher, self.kernels, tuple(names))
+            return Resolution(op.opname, requested, requested, impl)
+
+        return resolve_op
+
+
+def reference_only(op: Op, device: torch.device | str) -> Resolution:
+    """The `reference` backend: every op by its reference implementation, whatever its IR asks."""
+    requested = kernel_of(op)
+    why = None if requested == REFERENCE else f"the reference backend runs {op.opname} by its reference implementation"
+    return Resolution(op.opname, requested, REFERENCE, reference_impl(op.opname), why)
+
+
+def triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def read_kernel_files(directory: Path, manifest: Manifest, device: torch.device) -> dict[str, bytes]:
+    """The verified bytes of the engine's kernel index and sources (and binaries, on CUDA)."""
+    wanted = [path for path in manifest.files
+              if path == INDEX or path.startswith("kernels/src/") or (device.type == "cuda" and path.startswith("kernels/bin/"))]
+    return {path: read_engine_bytes(directory, manifest, path) for path in sorted(wanted)}
+
+
+def load_triton_backend(directory: Path, manifest: Manifest, device: torch.device) -> TritonBackend:
+    """The engine's Triton kernels for `device`; EngineError when the engine has none or triton is missing."""
+    if INDEX not in manifest.files:
+        raise EngineError(f"{directory} has no Triton kernels (no {INDEX}); run it with backend 'reference'")
+    if not triton_available():
+        raise EngineError("the triton backend needs the triton package (pip install 'nemocompile[triton]')")
+    files = read_kernel_files(directory, manifest, device)
+    try:
+        index = json.loads(files[INDEX])
+        bindings = {str(graph): {str(k): [str(n) for n in v] for k, v in ops.items()}
+                    for graph, ops in index["bindings"].items()}
+    except (ValueError, KeyError, AttributeError, TypeError) as error:
+        raise EngineError(f"{INDEX} has no valid bindings: {error}") from error
+    return TritonBackend(TritonKernels.from_files(files, device), bindings)

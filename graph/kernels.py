@@ -28,6 +28,8 @@ class KernelSpec:
     """One candidate implementation of `op`.
 
     formats: operand name -> the dtype names it accepts there; an operand not named takes any.
+    attrs: attribute name -> the values it accepts (None: the attribute is absent), e.g. a W4A4
+    kernel takes act_format "nvfp4" only; an attribute not named takes any.
     archs: GPU archs it runs on ("sm_90", "sm_100"); empty means any (the reference one).
     config_space: option -> candidate values an autotuner may try; empty for the reference.
     """
@@ -40,6 +42,7 @@ class KernelSpec:
     config_space: tuple[tuple[str, tuple[AttrValue, ...]], ...] = ()
     priority: int = 0
     doc: str = ""
+    attrs: tuple[tuple[str, tuple[AttrValue, ...]], ...] = ()
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
@@ -59,17 +62,21 @@ class KernelSpec:
         """Whether the op's operand formats (operand name -> dtype name) are all ones this kernel takes."""
         return all(formats.get(operand) in allowed for operand, allowed in self.formats if operand in formats)
 
+    def accepts_attrs(self, attrs: Mapping[str, AttrValue]) -> bool:
+        """Whether the op's attributes take values this kernel handles."""
+        return all(attrs.get(name) in allowed for name, allowed in self.attrs)
+
     def runs_on(self, arch: str) -> bool:
         return not self.archs or arch in self.archs
 
 
 def kernel(name: str, op: str, backend: str, formats: Mapping[str, Sequence[str]] | None = None,
            archs: Sequence[str] = (), config_space: Mapping[str, Sequence[AttrValue]] | None = None,
-           priority: int = 0, doc: str = "") -> KernelSpec:
+           priority: int = 0, doc: str = "", attrs: Mapping[str, Sequence[AttrValue]] | None = None) -> KernelSpec:
     """A description from plain mappings (the frozen spec holds sorted tuples)."""
     return KernelSpec(name, op, backend, tuple(sorted((k, tuple(v)) for k, v in (formats or {}).items())),
                       tuple(archs), tuple(sorted((k, tuple(v)) for k, v in (config_space or {}).items())),
-                      priority, doc)
+                      priority, doc, tuple(sorted((k, tuple(v)) for k, v in (attrs or {}).items())))
 
 
 # Compiled candidates by op, then name; the reference kernels are implicit (one per declared op).
@@ -138,13 +145,14 @@ class Tuning:
 
 
 def choose(op: str, formats: Mapping[str, str], arch: str, backends: Iterable[str],
-           tuning: Tuning | None = None) -> KernelSpec:
+           tuning: Tuning | None = None, attrs: Mapping[str, AttrValue] | None = None) -> KernelSpec:
     """The kernel for one op: the tuned choice when it is a usable candidate, else the usable
     candidate of highest priority (at equal priority a compiled kernel before the reference one,
     then by name). The reference kernel is always usable, whatever `backends` allows."""
     allowed = set(backends)
     usable = [spec for spec in candidates(op)
-              if spec.name == REFERENCE or (spec.backend in allowed and spec.runs_on(arch) and spec.accepts(formats))]
+              if spec.name == REFERENCE or (spec.backend in allowed and spec.runs_on(arch) and spec.accepts(formats)
+                                            and spec.accepts_attrs(attrs or {}))]
     tuned = tuning.lookup(signature(op, formats)) if tuning is not None else None
     for spec in usable:
         if spec.name == tuned:

@@ -1,7 +1,7 @@
 """select_kernels: choose each op's implementation for the target and record it in the IR.
 
 For every op the candidates of the kernel catalog (graph/kernels.py) are narrowed to those whose
-backend is allowed, that run on the target arch and accept the op's operand formats; a tuning
+backend is allowed, that run on the target arch and accept the op's operand formats and attributes; a tuning
 table's measured choice wins when it names one of them, else the highest priority does. The
 choice is written as the op's `kernel` attribute (`{kernel = "reference"}` in the text form), which
 the runtime's kernel registry reads. Counts are ops per chosen kernel.
@@ -31,7 +31,8 @@ class SelectKernels(Pass):
         counts: dict[str, int] = {}
         ops = []
         for op in graph.ops:
-            chosen = choose(op.opname, operand_formats(op, types), self.arch, self.backends, self.tuning)
+            op_attrs = {key: op.attrs.get(key) for key in op.attrs.keys()}
+            chosen = choose(op.opname, operand_formats(op, types), self.arch, self.backends, self.tuning, op_attrs)
             counts[chosen.name] = counts.get(chosen.name, 0) + 1
             if op.attrs.get(KERNEL_ATTR) == chosen.name:
                 ops.append(op)

@@ -25,8 +25,8 @@ from nemocompile.graph.verifier import verify
 from .cache import Cache
 from .engine_files import check_arch, read_engine_text, read_manifest, verify_engine_files
 from .engine_format import Manifest
-from .executor import Executor
-from .kernels import Resolution
+from .executor import Executor, Resolver
+from .kernels import Resolution, resolve
 from .kernels.triton_backend import load_triton_backend, reference_only, triton_available
 from .kernels.triton_loader import INDEX
 from .sampling import check_sampling, next_tokens
@@ -186,9 +186,11 @@ class Engine:
     `generate` for text."""
 
     def __init__(self, contents: EngineContents, weights: dict[str, WeightValue], device: torch.device,
-                 backend: str = "reference") -> None:
-        """backend: "reference" (every op by its reference implementation) or "triton" (the ops bound
-        to the engine's Triton kernels run them: compiled binaries on CUDA, the interpreter on a CPU)."""
+                 backend: str | None = None) -> None:
+        """backend: "triton" (the ops bound to the engine's Triton kernels run them: compiled binaries
+        on CUDA, the interpreter on a CPU; the others as the kernel registry says), "reference" (every
+        op by its reference implementation), or None: the kernel registry resolves every op (a kernel
+        registered in this runtime for the device, else the reference implementation)."""
         self.directory = contents.directory
         self.manifest = contents.manifest
         self.graph = contents.prefill
@@ -196,12 +198,16 @@ class Engine:
         self.device = device
         self.tokenizer = contents.tokenizer
         self.config = contents.config
-        self.backend = backend
+        self.backend = backend or "reference"
+        prefill_resolver: Resolver
+        decode_resolver: Resolver
         if backend == "triton":
             triton = load_triton_backend(contents.directory, contents.manifest, device)
             prefill_resolver, decode_resolver = triton.resolver("prefill"), triton.resolver("decode")
-        else:
+        elif backend == "reference":
             prefill_resolver = decode_resolver = reference_only
+        else:
+            prefill_resolver = decode_resolver = resolve
         self._prefill = Executor(contents.prefill, weights, resolver=prefill_resolver)
         self._decode = Executor(contents.decode, weights, resolver=decode_resolver)
         self.vocab_size = contents.model_config.vocab_size
@@ -289,4 +295,5 @@ def load(path: str | Path, device: str | torch.device | None = None, backend: st
                           f"engines")
     chosen = pick_backend(backend, manifest, target_device)
     weights = load_weights(contents.directory, list(manifest.weight_files(0)), contents.prefill, target_device)
-    return Engine(contents, weights, target_device, chosen)
+    # by default (no triton) the kernel registry resolves each op; an explicit "reference" forces reference ops
+    return Engine(contents, weights, target_device, chosen if backend is not None or chosen == "triton" else None)

@@ -81,5 +81,14 @@ def test_a_changed_kernel_source_is_refused(engine: Path, tmp_path: Path) -> Non
     shutil.copytree(engine, copy)
     source = copy / "kernels" / "src" / "moe_gemm.py"
     source.write_text(source.read_text() + "\nimport os  # injected\n")
-    with pytest.raises(EngineError, match="moe_gemm.py"):
+    with pytest.raises(EngineError, match=r"moe_gemm\.py"):
         load(copy, backend="triton")
+
+
+def test_every_triton_candidate_has_a_builder_and_a_launcher() -> None:
+    from nemocompile.codegen.triton.plan import BUILDERS
+    from nemocompile.graph.kernel_candidates import CANDIDATES, FUSED_CANDIDATES
+    from nemocompile.runtime.kernels.triton_backend import LAUNCHERS
+
+    triton = {spec.name for spec in CANDIDATES if spec.backend == "triton"} | {c.name for c in FUSED_CANDIDATES}
+    assert triton and triton == set(BUILDERS) == set(LAUNCHERS)

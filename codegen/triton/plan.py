@@ -2,7 +2,8 @@
 select_kernels) names a Triton kernel gets a specialisation for its shapes and formats, and a
 binding from the op (by graph and result value name) to the instances that run it.
 
-Identical specialisations are shared by every op that needs them; an instance's name is its
+A Triton-backend kernel this codegen has no builder for is left to the runtime's kernel registry
+(which runs its registered implementation, or the reference one). Identical specialisations are shared by every op that needs them; an instance's name is its
 catalog kernel name plus a short hash of its specialisation, so it is stable across builds."""
 
 from __future__ import annotations
@@ -65,8 +66,60 @@ def _grouped_w4a16(op: Op, types: Mapping[str, TensorType], arch: str) -> tuple[
                              block_k=block_k_for(k)),)
 
 
+def _expert_tiles(act_format: str, k: int) -> tuple[int, int, int]:
+    """Decode-friendly tiles: W4A16 BLOCK_M 16 with the weight as the 64-row MMA operand; W4A4
+    128x128 tiles, the shape tcgen05's native NVFP4 MMA takes (BLOCK_K 64 only where 128 does not
+    divide K)."""
+    if act_format == "bf16":
+        return 16, 64, block_k_for(k)
+    return 128, 128, 128 if k % 128 == 0 else block_k_for(k)
+
+
+def _expert_up(op: Op, types: Mapping[str, TensorType], arch: str) -> tuple[KernelInstance, ...]:
+    """moe_expert_up(x, order, offsets, nvfp4 weight [E, I, D], input_scale?) -> hidden [N*k, I]."""
+    experts, n, k = _dims(_operand_type(op, types, 3), f"{op.opname} weight")
+    act_format = "nvfp4" if op.attrs.get("act_format") == "nvfp4" else "bf16"
+    block_m, block_n, block_k = _expert_tiles(act_format, k)
+    return (catalog.moe_gemm(kernel_of(op), op.opname, n=n, k=k, experts=experts, top_k=op.attrs.int("top_k"),
+                             act_format=act_format, activation=op.attrs.str("activation"), gather=True,
+                             x_dtype=triton_dtype(_operand_type(op, types, 0), f"{op.opname} input"),
+                             out_dtype=triton_dtype(op.results[0].type, f"{op.opname} result"),
+                             block_m=block_m, block_n=block_n, block_k=block_k),)
+
+
+def _expert_down(op: Op, types: Mapping[str, TensorType], arch: str) -> tuple[KernelInstance, ...]:
+    """moe_expert_down(hidden, order, offsets, nvfp4 weight [E, D, I], weights, input_scale?) -> out:
+    the GEMM writing weighted pair rows, then the per-token sum."""
+    experts, n, k = _dims(_operand_type(op, types, 3), f"{op.opname} weight")
+    act_format = "nvfp4" if op.attrs.get("act_format") == "nvfp4" else "bf16"
+    top_k = op.attrs.int("top_k")
+    block_m, block_n, block_k = _expert_tiles(act_format, k)
+    gemm = catalog.moe_gemm(kernel_of(op), op.opname, n=n, k=k, experts=experts, top_k=top_k,
+                            act_format=act_format, combine=True,
+                            x_dtype=triton_dtype(_operand_type(op, types, 0), f"{op.opname} input"),
+                            block_m=block_m, block_n=block_n, block_k=block_k)
+    combine = catalog.moe_combine(f"{kernel_of(op)}_combine", op.opname, n=n, top_k=top_k,
+                                  out_dtype=triton_dtype(op.results[0].type, f"{op.opname} result"))
+    return gemm, combine
+
+
+def _fp8_quant_linear(op: Op, types: Mapping[str, TensorType], arch: str) -> tuple[KernelInstance, ...]:
+    """quant_linear(x, fp8 weight [N, K], input_scale, bias?) with act_format fp8 (W8A8)."""
+    n, k = _dims(_operand_type(op, types, 1), f"{op.opname} weight")
+    has_bias = len(op.operands) > 3 and op.operands[3] is not None
+    out_dtype = triton_dtype(op.results[0].type, f"{op.opname} result")
+    return (catalog.fp8_linear(kernel_of(op), op.opname, n=n, k=k, quant_act=True, per_channel=True,
+                               has_bias=has_bias, x_dtype=triton_dtype(_operand_type(op, types, 0), "x"),
+                               out_dtype=out_dtype, block_m=16, block_n=64, block_k=block_k_for(k)),)
+
+
 BUILDERS: dict[str, Builder] = {
     "triton_nvfp4_grouped_w4a16": _grouped_w4a16,
+    "triton_moe_up_w4a16": _expert_up,
+    "triton_moe_up_w4a4": _expert_up,
+    "triton_moe_down_w4a16": _expert_down,
+    "triton_moe_down_w4a4": _expert_down,
+    "triton_fp8_quant_linear": _fp8_quant_linear,
 }
 
 
@@ -87,9 +140,8 @@ def plan_kernels(graphs: Mapping[str, Graph], arch: str) -> KernelPlan:
             if spec is None or spec.backend != "triton":
                 continue
             builder = BUILDERS.get(name)
-            if builder is None:
-                raise IRError(f"{op.opname} at {op.scope} asks for Triton kernel {name}, which this codegen "
-                              f"does not generate")
+            if builder is None:  # a kernel the runtime registry provides (or falls back from): nothing to emit
+                continue
             named = [_named(i) for i in builder(op, types, arch)]
             for instance in named:
                 instances.setdefault(instance.name, instance)

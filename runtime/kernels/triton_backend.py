@@ -22,7 +22,7 @@ from nemocompile.graph.kernels import REFERENCE, kernel_of
 from ..dtypes import torch_dtype
 from ..engine_files import read_engine_bytes
 from ..engine_format import Manifest
-from ..formats import NVFP4Tensor
+from ..formats import FP8Tensor, NVFP4Tensor
 from ..reference_dispatch import Args, reference_impl
 from . import triton_gemm
 from .registry import Resolution, resolve
@@ -46,8 +46,50 @@ def _grouped_w4a16(kernels: TritonKernels, names: Sequence[str], op: Op, args: A
                                            weight, out_dtype),)
 
 
+def _nvfp4(op: Op, value: object) -> NVFP4Tensor:
+    if not isinstance(value, NVFP4Tensor):
+        raise EngineError(f"{op.opname} at {op.scope}: kernel {kernel_of(op)} needs an NVFP4 weight")
+    return value
+
+
+def _optional(value: object) -> torch.Tensor | None:
+    return value if isinstance(value, torch.Tensor) else None
+
+
+def _expert_up(kernels: TritonKernels, names: Sequence[str], op: Op, args: Args) -> tuple[torch.Tensor, ...]:
+    x = _tensor(args[0], "x")
+    return (triton_gemm.moe_expert_up(kernels, names[0], x.reshape(-1, x.shape[-1]), _tensor(args[1], "order"),
+                                      _tensor(args[2], "offsets"), _nvfp4(op, args[3]), _optional(args[4]),
+                                      out_dtype=torch_dtype(op.results[0].type.dtype)),)
+
+
+def _expert_down(kernels: TritonKernels, names: Sequence[str], op: Op, args: Args) -> tuple[torch.Tensor, ...]:
+    routing = _tensor(args[4], "weights")
+    out = triton_gemm.moe_expert_down(
+        kernels, names[0], names[1], _tensor(args[0], "hidden"), _tensor(args[1], "order"),
+        _tensor(args[2], "offsets"), _nvfp4(op, args[3]), routing.reshape(-1, routing.shape[-1]),
+        _optional(args[5] if len(args) > 5 else None))
+    return (out.view(*routing.shape[:-1], out.shape[-1]),)
+
+
+def _fp8_quant_linear(kernels: TritonKernels, names: Sequence[str], op: Op, args: Args) -> tuple[torch.Tensor, ...]:
+    weight = args[1]
+    if not isinstance(weight, FP8Tensor):
+        raise EngineError(f"{op.opname} at {op.scope}: kernel {kernel_of(op)} needs an FP8 weight")
+    n = weight.shape[0]
+    per_channel = FP8Tensor(weight.data, torch.broadcast_to(weight.scale.reshape(-1), (n,)).contiguous())
+    return (triton_gemm.fp8_linear(kernels, names[0], _tensor(args[0], "x"), per_channel, _tensor(args[2], "input_scale"),
+                                   _optional(args[3] if len(args) > 3 else None),
+                                   out_dtype=torch_dtype(op.results[0].type.dtype)),)
+
+
 LAUNCHERS: dict[str, Launcher] = {
     "triton_nvfp4_grouped_w4a16": _grouped_w4a16,
+    "triton_moe_up_w4a16": _expert_up,
+    "triton_moe_up_w4a4": _expert_up,
+    "triton_moe_down_w4a16": _expert_down,
+    "triton_moe_down_w4a4": _expert_down,
+    "triton_fp8_quant_linear": _fp8_quant_linear,
 }
 
 

@@ -219,22 +219,26 @@ class _Source:
 
 
 def _compiled(entry: KernelEntry, files: Mapping[str, bytes]) -> Any:
-    """Triton's CompiledKernel over the stored binary (written to a private temp dir Triton reads)."""
+    """Triton's CompiledKernel over the stored binary. Triton's constructor reads its files from
+    paths, so the verified bytes are written to a private temporary folder, read, and removed."""
     import tempfile
 
     from triton.compiler.compiler import CompiledKernel
 
     if entry.binary_key is None:
         raise EngineError(f"kernel {entry.name} has no compiled binary in this engine")
-    paths = {}
-    directory = Path(tempfile.mkdtemp(prefix="nemocompile-kernel-"))
-    for artifact in ("json", "cubin", "ptx"):
-        relative = f"kernels/bin/{entry.binary_key}.{artifact}"
-        if relative not in files:
-            raise EngineError(f"kernel {entry.name}: {relative} is missing")
-        path = directory / f"{entry.name}.{artifact}"
-        path.write_bytes(files[relative])
-        paths[f"{entry.name}.{artifact}"] = str(path)
-    launch = json.loads(files[f"kernels/bin/{entry.binary_key}.launch.json"])
+    launch_path = f"kernels/bin/{entry.binary_key}.launch.json"
+    if launch_path not in files:
+        raise EngineError(f"kernel {entry.name}: {launch_path} is missing")
+    launch = json.loads(files[launch_path])
     source = _Source(launch["signature"], {tuple(k): v for k, v in launch["constants"]})
-    return CompiledKernel(source, paths, entry.binary_key)
+    with tempfile.TemporaryDirectory(prefix="nemocompile-kernel-") as scratch:
+        paths = {}
+        for artifact in ("json", "cubin", "ptx"):
+            relative = f"kernels/bin/{entry.binary_key}.{artifact}"
+            if relative not in files:
+                raise EngineError(f"kernel {entry.name}: {relative} is missing")
+            path = Path(scratch) / f"{entry.name}.{artifact}"
+            path.write_bytes(files[relative])
+            paths[f"{entry.name}.{artifact}"] = str(path)
+        return CompiledKernel(source, paths, entry.binary_key)

@@ -9,7 +9,6 @@ wheel); shared memory from Triton's metadata; the tensor-core instructions from 
 
 from __future__ import annotations
 
-import contextlib
 import importlib
 import json
 import os
@@ -150,12 +149,14 @@ def cuobjdump() -> Path:
 
 
 def resource_usage(cubin: Path) -> tuple[int, int]:
-    """(registers per thread, spill stores in bytes) of the one kernel in `cubin`, from cuobjdump."""
-    with contextlib.suppress(OSError, subprocess.SubprocessError):
+    """(registers per thread, stack bytes) of the one kernel in `cubin`, from cuobjdump."""
+    try:
         text = subprocess.run([str(cuobjdump()), "--dump-resource-usage", str(cubin)], capture_output=True,
-                              text=True, timeout=60, check=True).stdout
-        registers = re.search(r"REG:(\d+)", text)
-        stack = re.search(r"STACK:(\d+)", text)
-        if registers is not None:
-            return int(registers.group(1)), int(stack.group(1)) if stack else 0
-    raise CompileError(f"cuobjdump could not read the resource usage of {cubin}")
+                              text=True, timeout=600, check=True).stdout
+    except (OSError, subprocess.SubprocessError) as error:
+        raise CompileError(f"cuobjdump could not read the resource usage of {cubin}: {error}") from error
+    registers = re.search(r"REG:(\d+)", text)
+    stack = re.search(r"STACK:(\d+)", text)
+    if registers is None:
+        raise CompileError(f"cuobjdump printed no register count for {cubin}")
+    return int(registers.group(1)), int(stack.group(1)) if stack else 0

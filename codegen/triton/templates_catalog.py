@@ -14,7 +14,7 @@ MOE_NVFP4_GEMM = KernelTemplate(
     module="moe_gemm", entry="moe_nvfp4_gemm", imports=("quant_math",),
     params=(("x_ptr", "*dtype"), ("order_ptr", "*i64"), ("tile_starts_ptr", "*i32"), ("offsets_ptr", "*i64"),
             ("weight_ptr", "*u8"), ("block_scale_ptr", "*fp8e4nv"), ("global_scale_ptr", "*fp32"),
-            ("input_scale_ptr", "*fp32"), ("routing_ptr", "*fp32"), ("out_ptr", "*dtype"), ("rows", "i32")),
+            ("input_scale_ptr", "*fp32"), ("routing_ptr", "*fp32"), ("out_ptr", "*dtype")),
     constexprs=("N", "K", "NUM_EXPERTS", "TOP_K", "GATHER", "ACTIVATION", "COMBINE", "ACT_FORMAT",
                 "BLOCK_M", "BLOCK_N", "BLOCK_K", "SWAP_AB", "INTERPRET"),
     aligned=("x_ptr", "weight_ptr", "block_scale_ptr", "out_ptr"),

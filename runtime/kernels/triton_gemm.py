@@ -25,6 +25,15 @@ def tile_starts(offsets: torch.Tensor, block_m: int) -> torch.Tensor:
     return F.pad(torch.cumsum((counts + block_m - 1) // block_m, 0), (1, 0)).to(torch.int32)
 
 
+def aligned(t: torch.Tensor) -> torch.Tensor:
+    """t contiguous, and on a GPU 16-byte aligned (the compiled kernels assume their tensor pointers
+    are; a view into a larger buffer may not be): copied when it is not."""
+    t = t.contiguous()
+    if t.is_cuda and t.data_ptr() % 16:
+        return t.clone()
+    return t
+
+
 def _one(device: torch.device) -> torch.Tensor:
     """A placeholder for pointer arguments a specialisation does not read."""
     return torch.ones(1, dtype=torch.float32, device=device)
@@ -46,11 +55,11 @@ def moe_nvfp4_gemm(kernels: TritonKernels, name: str, x: torch.Tensor, order: to
     one = _one(x.device)
     kernels.launch(
         name, (_cdiv(rows, block_m) + experts, _cdiv(n, block_n)),
-        x_ptr=x.contiguous(), order_ptr=offsets if order is None else order.contiguous(), tile_starts_ptr=tile_starts(offsets, block_m),
-        offsets_ptr=offsets.contiguous(), weight_ptr=weight.packed.contiguous(),
-        block_scale_ptr=weight.block_scale.contiguous(), global_scale_ptr=_per_expert(weight.global_scale, experts),
+        x_ptr=aligned(x), order_ptr=offsets if order is None else order.contiguous(), tile_starts_ptr=tile_starts(offsets, block_m),
+        offsets_ptr=offsets.contiguous(), weight_ptr=aligned(weight.packed),
+        block_scale_ptr=aligned(weight.block_scale), global_scale_ptr=_per_expert(weight.global_scale, experts),
         input_scale_ptr=one if input_scale is None else _per_expert(input_scale, experts),
-        routing_ptr=one if routing is None else routing.to(torch.float32).contiguous(), out_ptr=out, rows=rows)
+        routing_ptr=one if routing is None else routing.to(torch.float32).contiguous(), out_ptr=out)
     return out
 
 
@@ -101,7 +110,7 @@ def fp8_linear(kernels: TritonKernels, name: str, x: torch.Tensor, weight: FP8Te
     block_n = int(kernels.constexpr(name, "BLOCK_N"))
     one = _one(x.device)
     kernels.launch(name, (_cdiv(rows.shape[0], block_m), _cdiv(n, block_n)),
-                   x_ptr=rows.contiguous(), input_scale_ptr=one if input_scale is None else input_scale.float().reshape(1),
-                   weight_ptr=weight.data.contiguous(), weight_scale_ptr=weight.scale.float().reshape(-1).contiguous(),
+                   x_ptr=aligned(rows), input_scale_ptr=one if input_scale is None else input_scale.float().reshape(1),
+                   weight_ptr=aligned(weight.data), weight_scale_ptr=weight.scale.float().reshape(-1).contiguous(),
                    bias_ptr=out if bias is None else bias.to(out.dtype).contiguous(), out_ptr=out, rows=rows.shape[0])
     return out.view(*x.shape[:-1], n)

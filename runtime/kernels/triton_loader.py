@@ -195,10 +195,11 @@ class TritonKernels:
 
     def launch(self, name: str, grid: tuple[int, ...], **args: Any) -> None:
         entry = self.entries[name]
-        for param in entry.aligned:
-            value = args[param]
-            if isinstance(value, torch.Tensor) and value.data_ptr() % ALIGNMENT_BYTES:
-                raise EngineError(f"kernel {name}: {param} is not 16-byte aligned, which its binary assumes")
+        if not self.interpret:  # the binary was compiled assuming these pointers are 16-byte aligned
+            for param in entry.aligned:
+                value = args[param]
+                if isinstance(value, torch.Tensor) and value.data_ptr() % ALIGNMENT_BYTES:
+                    raise EngineError(f"kernel {name}: {param} is not 16-byte aligned, which its binary assumes")
         grid3 = (*grid, *(1,) * (3 - len(grid)))
         function = self._functions[name]
         if self.interpret:

@@ -40,7 +40,7 @@ def _find_expert(tile_starts_ptr, pid, NUM_EXPERTS: tl.constexpr):
 @triton.jit
 def moe_nvfp4_gemm(
     x_ptr, order_ptr, tile_starts_ptr, offsets_ptr, weight_ptr, block_scale_ptr, global_scale_ptr,
-    input_scale_ptr, routing_ptr, out_ptr, rows,
+    input_scale_ptr, routing_ptr, out_ptr,
     N: tl.constexpr, K: tl.constexpr, NUM_EXPERTS: tl.constexpr, TOP_K: tl.constexpr,
     GATHER: tl.constexpr, ACTIVATION: tl.constexpr, COMBINE: tl.constexpr, ACT_FORMAT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SWAP_AB: tl.constexpr,

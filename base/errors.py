@@ -27,6 +27,11 @@ class EngineError(NemocompileError):
     """An engine directory is missing, tampered with, or built for another GPU."""
 
 
+class CompileError(NemocompileError):
+    """A kernel does not compile ahead of time (Triton or ptxas refuses its specialisation), or its
+    binary cannot be inspected."""
+
+
 class TargetError(NemocompileError):
     """An unknown target name or a target that cannot run what was asked: the command line's
     --target or precision choice is at fault, so a usage error."""

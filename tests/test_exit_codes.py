@@ -85,6 +85,7 @@ RULE = {
     "ConfigError": 1,
     "CheckpointError": 1,
     "IRError": 1,
+    "CompileError": 1,
     "EngineError": 1,
     "CompileError": 1,
     "TargetError": 2,

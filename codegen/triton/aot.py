@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from nemocompile.base.errors import NemocompileError
+from nemocompile.base.errors import CompileError
 
 from .spec import ARCHS, KernelInstance
 
@@ -30,10 +30,6 @@ FP_FUSION = True
 # Tensor-core instructions in PTX, with their shape/kind suffix (e.g. wgmma.mma_async.sync.aligned.m64n16k16.f32.bf16.bf16).
 TENSOR_CORE_INSTRUCTION = re.compile(r"\b(?:wgmma\.mma_async|tcgen05\.mma|mma\.sync)[a-z0-9_.:]*")
 ARTIFACTS = ("ptx", "cubin", "json", "launch.json")
-
-
-class CompileError(NemocompileError):
-    """A kernel failed to compile ahead of time."""
 
 
 @dataclass(frozen=True)

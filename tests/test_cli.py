@@ -104,9 +104,10 @@ def test_build_json_summary(demo_build: tuple[Path, dict[str, Any]]) -> None:
                             "tensorrt"}
     assert summary["tensorrt"] is None  # no ONNX export without --tensorrt
     assert summary["world_size"] == summary["planned_world_size"] == 1
-    # the routed experts' NVFP4 W4A16 GEMMs run on a Triton kernel where triton is installed
-    triton = {"triton_nvfp4_grouped_w4a16"} if importlib.util.find_spec("triton") else set()
-    assert set(summary["kernels"]) == {"reference", *triton}
+    # the routed experts' NVFP4 W4A16 GEMMs run on Triton kernels where triton is installed
+    compiled = {name for name in summary["kernels"] if name != "reference"}
+    assert "reference" in summary["kernels"] and all(name.startswith("triton_") for name in compiled)
+    assert bool(compiled) == (importlib.util.find_spec("triton") is not None)
     assert summary["engine"] == str(out)
     assert summary["target"] == "h100"
     assert summary["precision"] == "auto"  # the target's policy: NVFP4 W4A16 experts, FP8 W8A8 on h100

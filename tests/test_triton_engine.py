@@ -1,9 +1,10 @@
 """A whole engine on the triton backend: the h100 demo build selects the NVFP4 W4A16 Triton kernel
 for its routed-expert GEMMs, compiles it ahead of time for sm_90a into kernels/ (hashed in the
 manifest), and `load(backend="triton")` on this CPU runs those kernels in Triton's interpreter.
-Against backend="reference": the logits error is stated (bf16 engine: the kernels round their
-bf16 outputs once, the interpreter by truncation, the reference by round-to-nearest, and those
-one-ulp differences travel through the layers), and greedy decoding gives the same 8 tokens."""
+Against backend="reference": the logits error is stated (bf16 engine: the kernels accumulate in
+fp32 and round their bf16 outputs once, where the reference also rounds intermediate GEMM
+outputs to bf16; those one-ulp differences travel through the layers), and greedy decoding gives
+the same 8 tokens."""
 
 from __future__ import annotations
 

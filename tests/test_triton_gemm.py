@@ -11,7 +11,8 @@ Tolerance (bf16 outputs): 2 bf16 ulps of max(|reference|, 2**-8 times the output
 magnitude), per element. Kernel and reference multiply the same exact values (E2M1 times E4M3 is
 exact in bf16; the activation quantization is bit-exact, checked separately by identity-weight
 tests with fp32 outputs) and accumulate in fp32 in different orders (~1e-6 relative); the rest
-is the final bf16 rounding, which the interpreter does by truncation (up to 1 ulp).
+is the final bf16 rounding (the interpreter's cast truncates, so the templates round to nearest
+even on the bits first in interpreter mode).
 The interpreter paths: bf16 tl.dot is wrong in the interpreter (Triton issue 11584) and dot_scaled
 decodes E4M3 scales as E8M0, so in interpreter mode the kernels upcast both operands to fp32
 (INTERPRET constexpr); the compiled tensor-core paths are checked on a GPU by bench/gpu_check.py.

@@ -25,7 +25,7 @@ MOE_NVFP4_W4A4_ARCHS = ("sm_100",)
 MOE_COMBINE_ROWS = KernelTemplate(
     module="moe_gemm", entry="moe_combine_rows", imports=("quant_math",),
     params=(("pairs_ptr", "*fp32"), ("out_ptr", "*dtype")),
-    constexprs=("N", "TOP_K", "BLOCK_N"),
+    constexprs=("N", "TOP_K", "BLOCK_N", "INTERPRET"),
     aligned=("pairs_ptr", "out_ptr"),
 )
 
@@ -144,7 +144,7 @@ def moe_gemm(name: str, op: str, *, n: int, k: int, experts: int, top_k: int, ac
 
 def moe_combine(name: str, op: str, *, n: int, top_k: int, out_dtype: str = "bf16",
                 block_n: int = 256) -> KernelInstance:
-    return instance(name, op, MOE_COMBINE_ROWS, {"N": n, "TOP_K": top_k, "BLOCK_N": block_n},
+    return instance(name, op, MOE_COMBINE_ROWS, {"N": n, "TOP_K": top_k, "BLOCK_N": block_n, "INTERPRET": False},
                     {"out_ptr": out_dtype}, num_warps=4, num_stages=1)
 
 

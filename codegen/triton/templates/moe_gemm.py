@@ -21,7 +21,14 @@ both operands are dequantized explicitly to fp32 and multiplied with input_preci
 import triton
 import triton.language as tl
 
-from .quant_math import e2m1_value, expand_block_scales, nvfp4_quantize_tile, pack_e2m1, unpack_e2m1
+from .quant_math import (
+    e2m1_value,
+    expand_block_scales,
+    nvfp4_quantize_tile,
+    pack_e2m1,
+    to_output,
+    unpack_e2m1,
+)
 
 
 @triton.jit
@@ -121,12 +128,13 @@ def moe_nvfp4_gemm(
         acc = acc * tl.load(routing_ptr + pairs, mask=row_mask, other=0.0)[:, None]
         tl.store(out_ptr + pairs[:, None] * N + col_ids[None, :], acc, mask=mask)
     else:
-        tl.store(out_ptr + row_ids.to(tl.int64)[:, None] * N + col_ids[None, :],
-                 acc.to(out_ptr.dtype.element_ty), mask=mask)
+        tl.store(out_ptr + row_ids.to(tl.int64)[:, None] * N + col_ids[None, :], to_output(acc, out_ptr, INTERPRET),
+                 mask=mask)
 
 
 @triton.jit
-def moe_combine_rows(pairs_ptr, out_ptr, N: tl.constexpr, TOP_K: tl.constexpr, BLOCK_N: tl.constexpr):
+def moe_combine_rows(pairs_ptr, out_ptr, N: tl.constexpr, TOP_K: tl.constexpr, BLOCK_N: tl.constexpr,
+                     INTERPRET: tl.constexpr):
     """out[t] = sum over slots j of pairs[t * TOP_K + j] (fp32, in slot order), cast to out's dtype."""
     token = tl.program_id(0).to(tl.int64)
     col_ids = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -134,4 +142,4 @@ def moe_combine_rows(pairs_ptr, out_ptr, N: tl.constexpr, TOP_K: tl.constexpr, B
     total = tl.zeros([BLOCK_N], dtype=tl.float32)
     for slot in tl.static_range(TOP_K):
         total += tl.load(pairs_ptr + (token * TOP_K + slot) * N + col_ids, mask=col_mask, other=0.0)
-    tl.store(out_ptr + token * N + col_ids, total.to(out_ptr.dtype.element_ty), mask=col_mask)
+    tl.store(out_ptr + token * N + col_ids, to_output(total, out_ptr, INTERPRET), mask=col_mask)

@@ -75,10 +75,19 @@ def _expert_tiles(act_format: str, k: int) -> tuple[int, int, int]:
     return 128, 128, 128 if k % 128 == 0 else block_k_for(k)
 
 
+def _fits(act_format: str, k: int) -> bool:
+    """tl.dot_scaled (W4A4) needs K steps of at least 64 (Triton 3.9 refuses smaller ones for sm_100a);
+    an op whose K is not a multiple of 64 gets no W4A4 kernel and runs as the runtime's registry says
+    (its reference implementation)."""
+    return act_format == "bf16" or k % 64 == 0
+
+
 def _expert_up(op: Op, types: Mapping[str, TensorType], arch: str) -> tuple[KernelInstance, ...]:
     """moe_expert_up(x, order, offsets, nvfp4 weight [E, I, D], input_scale?) -> hidden [N*k, I]."""
     experts, n, k = _dims(_operand_type(op, types, 3), f"{op.opname} weight")
     act_format = "nvfp4" if op.attrs.get("act_format") == "nvfp4" else "bf16"
+    if not _fits(act_format, k):
+        return ()
     block_m, block_n, block_k = _expert_tiles(act_format, k)
     return (catalog.moe_gemm(kernel_of(op), op.opname, n=n, k=k, experts=experts, top_k=op.attrs.int("top_k"),
                              act_format=act_format, activation=op.attrs.str("activation"), gather=True,
@@ -92,6 +101,8 @@ def _expert_down(op: Op, types: Mapping[str, TensorType], arch: str) -> tuple[Ke
     the GEMM writing weighted pair rows, then the per-token sum."""
     experts, n, k = _dims(_operand_type(op, types, 3), f"{op.opname} weight")
     act_format = "nvfp4" if op.attrs.get("act_format") == "nvfp4" else "bf16"
+    if not _fits(act_format, k):
+        return ()
     top_k = op.attrs.int("top_k")
     block_m, block_n, block_k = _expert_tiles(act_format, k)
     gemm = catalog.moe_gemm(kernel_of(op), op.opname, n=n, k=k, experts=experts, top_k=top_k,
@@ -143,6 +154,8 @@ def plan_kernels(graphs: Mapping[str, Graph], arch: str) -> KernelPlan:
             if builder is None:  # a kernel the runtime registry provides (or falls back from): nothing to emit
                 continue
             named = [_named(i) for i in builder(op, types, arch)]
+            if not named:  # no specialisation fits this op's shapes
+                continue
             for instance in named:
                 instances.setdefault(instance.name, instance)
             bindings.setdefault(graph_name, {})[op.results[0].name] = [i.name for i in named]

@@ -9,7 +9,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import click
 from rich.console import Console
@@ -360,7 +360,9 @@ def run(engine: Path, input_ids: tuple[str, ...], prompt: tuple[str, ...], max_n
 
     if bool(input_ids) == bool(prompt):
         raise UsageError("give exactly one of --input-ids or --prompt")
-    loaded = load(engine, backend=backend)
+    chosen: Literal["reference", "triton"] | None = (
+        None if backend is None else "triton" if backend == "triton" else "reference")
+    loaded = load(engine, backend=chosen)
     if prompt:
         if loaded.tokenizer is None:
             raise UsageError(f"engine {engine} has no tokenizer; use --input-ids")

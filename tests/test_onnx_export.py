@@ -236,7 +236,7 @@ def test_altered_onnx_files_are_refused_on_load(engines: dict[str, Built], tmp_p
 def test_backends_refused_with_one_sentence(engines: dict[str, Built], tmp_path: Path) -> None:
     with pytest.raises(EngineError, match="holds no TensorRT engine: TensorRT was not installed"):
         nemocompile.load(engines["tiny-fp32"].engine, backend="tensorrt")
-    with pytest.raises(UsageError, match="backend must be one of reference, onnx, tensorrt"):
+    with pytest.raises(UsageError, match="backend must be one of reference, triton, onnx, tensorrt"):
         nemocompile.load(engines["tiny-fp32"].engine, backend="trt")
     plain = tmp_path / "plain"
     nemocompile.build(None, plain, target="h100", precision="fp32")

@@ -26,10 +26,12 @@ def _mamba2_mixer(b: GraphBuilder, op: Op) -> None:
     gate, xbc, dt = b.op("split", [projected], {"sizes": (inner, conv_dim, heads)}, s)
     conv_next, ssm_next = (r.name for r in op.results[1:])
     # The conv and its activation are two core ops here; fuse_mamba_chain makes them one.
-    (xbc, _) = b.op("causal_conv1d", [xbc, conv_w, conv_b, operand(op, "conv_state")], {}, s, [b.fresh(), conv_next])
+    (xbc, _) = b.op("causal_conv1d", [xbc, conv_w, conv_b, operand(op, "conv_state"), operand(op, "seq_lens")], {}, s,
+                    [b.fresh(), conv_next])
     xbc = b.op1("activation", [xbc], {"kind": a.str("activation")}, s)
     xs, big_b, big_c = b.op("split", [xbc], {"sizes": (inner, groups * state, groups * state)}, s)
-    (y, _) = b.op("ssd_chunk_scan", [xs, dt, a_log, big_b, big_c, d, dt_bias, operand(op, "ssm_state")],
+    (y, _) = b.op("ssd_chunk_scan", [xs, dt, a_log, big_b, big_c, d, dt_bias, operand(op, "ssm_state"),
+                                    operand(op, "seq_lens")],
                   {"num_heads": heads, "head_dim": head_dim, "n_groups": groups, "state_size": state,
                    "chunk_size": a.int("chunk_size"), "dt_min": a.float("dt_min"), "dt_max": a.float("dt_max")},
                   s, [b.fresh(), ssm_next])

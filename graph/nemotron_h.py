@@ -32,7 +32,8 @@ CATEGORIES = ("embeddings", "lm_head", "attention", "mamba_in_proj", "mamba_out_
 
 
 # Graph input: tokens each sequence already holds in its caches (attention writes at that position).
-CACHE_LENS = "cache_lens"
+CACHE_LENS = "cache_lens"  # graph input: tokens each sequence holds before this call
+SEQ_LENS = "seq_lens"  # graph input: real (not padding) new tokens of each sequence in this call
 # (largest batch, longest context in tokens): the default run-time bounds of a built graph.
 DEFAULT_BOUNDS = (256, 131072)
 
@@ -213,7 +214,7 @@ def _block_op(b: GraphBuilder, c: ModelConfig, kind: str, index: int, x: str, dt
              "A_log": f"{p}.A_log", "D": f"{p}.D", "norm_weight": f"{p}.norm", "out_proj": f"{p}.out_proj",
              "in_proj_bias": f"{p}.in_proj_bias" if c.use_bias else None,
              "out_proj_bias": f"{p}.out_proj_bias" if c.use_bias else None,
-             "conv_state": conv_state, "ssm_state": ssm_state},
+             "conv_state": conv_state, "ssm_state": ssm_state, "seq_lens": SEQ_LENS},
             {"num_heads": c.mamba_num_heads, "head_dim": c.mamba_head_dim, "n_groups": c.n_groups,
              "state_size": c.ssm_state_size, "conv_kernel": c.conv_kernel, "chunk_size": c.chunk_size,
              "eps": c.layer_norm_epsilon, "dt_min": c.time_step_min, "dt_max": float("inf"),
@@ -289,6 +290,7 @@ def build_block_graph(c: ModelConfig, dtype: DType, sources: Mapping[str, Weight
         b.add_weight(weight)
     ids = b.input("input_ids", TensorType(I64, ("batch", "seq")))
     b.input(CACHE_LENS, TensorType(I64, ("batch",)))
+    b.input(SEQ_LENS, TensorType(I64, ("batch",)))
     max_batch, max_context = bounds
     b.bound("batch", 1, max_batch)
     b.bound("seq", 1, max_context)

@@ -201,11 +201,27 @@ def _infer_conv(types: Types, attrs: Attrs) -> tuple[TensorType, ...]:
     return (x, state)
 
 
-define("causal_conv1d", "core", ["x", "weight:weight", "bias?:bias", "conv_state:state"], ["out", "conv_state_out"],
-       [("activation", "str?")], infer=_infer_conv,
-       doc="depthwise causal conv over seq, channels last; continues from the conv window and returns the new one")
+def _verify_seq_lens(types: Types, index: int) -> str | None:
+    """The optional `seq_lens` operand: how many of the seq new tokens of each sequence are real (the
+    rest is right padding, which must leave the state as it was)."""
+    lens = types[index] if index < len(types) else None
+    if lens is not None and (lens.dtype.is_float or lens.rank != 1):
+        return f"seq_lens {lens} must be integer [batch]"
+    return None
 
-_SSD_OPERANDS = ["x", "dt", "A_log:weight", "B", "C", "D:weight", "dt_bias:bias", "ssm_state:state"]
+
+def _verify_conv(types: Types, attrs: Attrs) -> str | None:
+    return _verify_seq_lens(types, 4)
+
+
+define("causal_conv1d", "core", ["x", "weight:weight", "bias?:bias", "conv_state:state", "seq_lens?:index"],
+       ["out", "conv_state_out"], [("activation", "str?")], infer=_infer_conv,
+       verify=_verify_conv,
+       doc="depthwise causal conv over seq, channels last; continues from the conv window and returns the new "
+           "one, taken after the first seq_lens[b] tokens of sequence b when seq_lens is given")
+
+_SSD_OPERANDS = ["x", "dt", "A_log:weight", "B", "C", "D:weight", "dt_bias:bias", "ssm_state:state",
+                 "seq_lens?:index"]
 _SSD_ATTRS = [("num_heads", "int"), ("head_dim", "int"), ("n_groups", "int"), ("state_size", "int"),
               ("dt_min", "float"), ("dt_max", "float")]
 
@@ -226,7 +242,7 @@ def _verify_ssd(types: Types, attrs: Attrs) -> str | None:
     expected: tuple[Dim, ...] = ("batch", heads, head_dim, state)
     if state_type.rank != 4 or not all(dims_agree(a, e) for a, e in zip(state_type.shape, expected, strict=True)):
         return f"ssm_state {state_type} must be [batch, {heads}, {head_dim}, {state}]"
-    return None
+    return _verify_seq_lens(types, 8)
 
 
 def _infer_ssd_chunk(types: Types, attrs: Attrs) -> tuple[TensorType, ...]:
@@ -240,10 +256,12 @@ def _infer_ssd_step(types: Types, attrs: Attrs) -> tuple[TensorType, ...]:
 
 define("ssd_chunk_scan", "core", _SSD_OPERANDS, ["y", "ssm_state_out"], [*_SSD_ATTRS, ("chunk_size", "int")],
        infer=_infer_ssd_chunk, verify=_verify_ssd,
-       doc="Mamba2 SSD over a whole sequence in chunks; continues from the SSM state and returns the new one")
+       doc="Mamba2 SSD over a whole sequence in chunks; continues from the SSM state and returns the new one; "
+           "tokens of sequence b from seq_lens[b] on (right padding) leave the state unchanged")
 define("ssd_state_update", "core", _SSD_OPERANDS, ["y", "ssm_state_out"], _SSD_ATTRS, infer=_infer_ssd_step,
        verify=_verify_ssd,
-       doc="one Mamba2 recurrence step (seq == 1): state = exp(dt*A) state + dt B x; y = C state + D x")
+       doc="one Mamba2 recurrence step (seq == 1): state = exp(dt*A) state + dt B x; y = C state + D x; a "
+           "sequence with seq_lens[b] = 0 keeps its state")
 
 # ---------------------------------------------------------------- attention
 
@@ -359,7 +377,7 @@ def _block_with_state(*state_indices: int) -> Callable[[Types, Attrs], tuple[Ten
 define("mamba2_mixer", "block",
        ["x", "in_proj:weight", "conv_weight:weight", "conv_bias?:bias", "dt_bias:bias", "A_log:weight", "D:weight",
         "norm_weight:weight", "out_proj:weight", "in_proj_bias?:bias", "out_proj_bias?:bias",
-        "conv_state:state", "ssm_state:state"],
+        "conv_state:state", "ssm_state:state", "seq_lens?:index"],
        ["out", "conv_state_out", "ssm_state_out"],
        [("num_heads", "int"), ("head_dim", "int"), ("n_groups", "int"), ("state_size", "int"),
         ("conv_kernel", "int"), ("chunk_size", "int"), ("eps", "float"), ("dt_min", "float"),

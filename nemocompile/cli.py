@@ -21,6 +21,7 @@ from nemocompile.base.errors import NemocompileError, UsageError
 from nemocompile.base.formats import BASE_PRECISIONS
 from nemocompile.base.settings import override, settings
 from nemocompile.pipeline import PhaseListener, PhaseRecord
+from nemocompile.runtime.tokenizer import TokenText
 
 stdout = Console(soft_wrap=True)
 stderr = Console(stderr=True, soft_wrap=True)
@@ -355,7 +356,8 @@ def _parse_ids(text: str) -> list[int]:
                    "Default: triton with a GPU and kernels, else reference.")
 def run(engine: Path, input_ids: tuple[str, ...], prompt: tuple[str, ...], max_new_tokens: int,
         temperature: float, top_p: float, seed: int | None, as_json: bool, backend: str | None) -> None:
-    """Generate tokens with ENGINE."""
+    """Generate tokens with ENGINE. Prompts of a batch may differ in length; a single prompt's text is
+    printed as it is generated."""
     from .api import load
 
     if bool(input_ids) == bool(prompt):
@@ -369,20 +371,33 @@ def run(engine: Path, input_ids: tuple[str, ...], prompt: tuple[str, ...], max_n
         batch = [loaded.tokenizer.encode(text) for text in prompt]
     else:
         batch = [_parse_ids(text) for text in input_ids]
-    if len({len(ids) for ids in batch}) != 1:
-        raise UsageError("all prompts of a batch must have the same number of tokens")
     eos = loaded.config.get("eos_token_id")
+    stops = [eos] if isinstance(eos, int) else None
+    # Everything (bounds, ids, sampling options) is checked here, before the first step runs.
+    steps = loaded.stream(batch, max_new_tokens, temperature, top_p, seed, stops)
     start = time.perf_counter()
-    out = loaded.generate(batch, max_new_tokens, temperature, top_p, seed,
-                          eos if isinstance(eos, int) else None)
+    generated: list[list[int]] = [[] for _ in batch]
+    live = not as_json and len(batch) == 1  # one sequence: its text is printed as it is generated
+    text = TokenText(loaded.tokenizer)
+    for step in steps:
+        for row, token in enumerate(step.tokens):
+            if token is not None:
+                generated[row].append(token)
+        if live and step.tokens[0] is not None:
+            piece = text.add(step.tokens[0])
+            if piece:
+                stdout.file.write(piece)
+                stdout.file.flush()
     seconds = time.perf_counter() - start
-    generated = out[:, len(batch[0]):].tolist()
     if as_json:
         _print_json({"generated_ids": generated})
         return
-    for row in generated:
-        text = loaded.tokenizer.decode(row) if loaded.tokenizer else ",".join(map(str, row))
-        stdout.print(text, highlight=False, markup=False)
+    if live:
+        stdout.file.write(text.finish() + "\n")
+        stdout.file.flush()
+    else:
+        for tokens in generated:
+            stdout.print(TokenText(loaded.tokenizer).all(tokens), highlight=False, markup=False)
     stderr.print(f"{sum(map(len, generated))} tokens in {seconds:.2f} s", highlight=False)
 
 

@@ -4,6 +4,7 @@ windows and SSM states of Mamba layers, plus how many tokens each sequence holds
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -85,10 +86,14 @@ class Cache:
             self.tensors[slot.name] = grown
         self.capacity = capacity
 
-    def advance(self, new_tokens: int) -> None:
-        """Every sequence took `new_tokens` more tokens."""
-        self.host_lengths = [n + new_tokens for n in self.host_lengths]
-        self.lengths += new_tokens
+    def advance(self, new_tokens: int | Sequence[int]) -> None:
+        """Every sequence took `new_tokens` more tokens (or sequence b took new_tokens[b])."""
+        if isinstance(new_tokens, int):
+            self.host_lengths = [n + new_tokens for n in self.host_lengths]
+            self.lengths += new_tokens
+            return
+        self.host_lengths = [n + extra for n, extra in zip(self.host_lengths, new_tokens, strict=True)]
+        self.lengths.copy_(torch.tensor(self.host_lengths, dtype=torch.int64))
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors.values())

@@ -6,7 +6,7 @@ is allocated; weights come from safetensors (nothing is unpickled)."""
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,10 +26,11 @@ from .cache import Cache
 from .engine_files import check_arch, read_engine_text, read_manifest, verify_engine_files
 from .engine_format import Manifest
 from .executor import Executor, Resolver
+from .generation import Request, StepTokens, collect, make_requests
+from .generation import stream as generation_stream
 from .kernels import Resolution, resolve
 from .kernels.triton_backend import load_triton_backend, reference_only, triton_available
 from .kernels.triton_loader import INDEX
-from .sampling import check_sampling, next_tokens
 from .tokenizer import ByteTokenizer
 from .weights import WeightValue, check_weight_files, load_weights
 
@@ -222,7 +223,11 @@ class Engine:
                 if isinstance(entry[0], Resolution)]
 
     def _ids(self, input_ids: torch.Tensor | Sequence[Sequence[int]]) -> torch.Tensor:
-        ids = input_ids if isinstance(input_ids, torch.Tensor) else torch.tensor(input_ids, dtype=torch.int64)
+        try:
+            ids = input_ids if isinstance(input_ids, torch.Tensor) else torch.tensor(input_ids, dtype=torch.int64)
+        except (ValueError, TypeError):
+            raise UsageError("input_ids must be a [batch, seq] array of integers (prompts of different lengths: "
+                             "use complete or stream)") from None
         if ids.dim() != 2 or ids.shape[1] == 0:
             raise UsageError(f"input_ids must be a non-empty [batch, seq] array, got shape {list(ids.shape)}")
         if ids.device.type == "cpu":  # checked before moving to a GPU: no device sync per token
@@ -232,41 +237,81 @@ class Engine:
         return ids.to(device=self.device, dtype=torch.int64)
 
     @torch.inference_mode()
-    def forward(self, input_ids: torch.Tensor | Sequence[Sequence[int]], cache: Cache | None = None) -> torch.Tensor:
-        """Logits [B, T, V] float32. With a cache, continues the sequences it holds and updates it."""
+    def forward(self, input_ids: torch.Tensor | Sequence[Sequence[int]], cache: Cache | None = None,
+                seq_lens: Sequence[int] | None = None) -> torch.Tensor:
+        """Logits [B, T, V] float32. With a cache, continues the sequences it holds and updates it.
+        With seq_lens, row b holds seq_lens[b] real tokens followed by right padding: the cache takes
+        only the real ones, and logits[b, seq_lens[b] - 1] is its last real token's."""
         ids = self._ids(input_ids)
         if cache is None:
             cache = self.new_cache(ids.shape[0])
-        executor = self._decode if ids.shape[1] == 1 and cache.length > 0 else self._prefill
-        return executor.run(ids, cache)["logits"]
+        return self.step(ids, cache, seq_lens)
 
-    @torch.inference_mode()
+    def check_requests(self, requests: Sequence[Request]) -> None:
+        """Refuse, before anything runs, a batch past the engine's bounds: too many sequences, a
+        token id outside the vocabulary, or a prompt whose tokens plus its new ones exceed the
+        context bound."""
+        bound = self.graph.dim_bound("batch")
+        if bound is not None and len(requests) > bound.high:
+            raise UsageError(f"batch size must be at most {bound.high}, got {len(requests)}")
+        ctx = self.graph.dim_bound("ctx")
+        for index, request in enumerate(requests):
+            low, high = min(request.prompt), max(request.prompt)
+            if low < 0 or high >= self.vocab_size:
+                raise UsageError(f"prompt {index}: token ids must lie in [0, {self.vocab_size}), got {low}..{high}")
+            total = len(request.prompt) + request.max_new_tokens
+            if ctx is not None and total > ctx.high:
+                raise UsageError(f"prompt {index}: {len(request.prompt)} tokens plus {request.max_new_tokens} new "
+                                 f"ones make {total} tokens, which exceed the engine's context bound of {ctx.high}")
+        if len({len(r.prompt) for r in requests}) > 1 and not self._prefill.takes_seq_lens:
+            raise UsageError(f"engine {self.directory} was built before prompts of different lengths could share "
+                             f"a batch; rebuild it")
+
+    def step(self, ids: torch.Tensor, cache: Cache, seq_lens: Sequence[int] | None = None) -> torch.Tensor:
+        """Logits [B, T, V] of ids [B, T] (checked by the caller) continuing `cache`; with seq_lens,
+        sequence b's first seq_lens[b] tokens are real and the rest right padding."""
+        executor = self._decode if ids.shape[1] == 1 and cache.length > 0 else self._prefill
+        return executor.run(ids, cache, seq_lens)["logits"]
+
+    def stream(self, prompts: Sequence[Sequence[int]] | torch.Tensor, max_new_tokens: int | Sequence[int],
+               temperature: float = 0.0, top_p: float = 1.0, seed: int | Sequence[int] | None = None,
+               stop_token_ids: Iterable[int] | Sequence[Iterable[int]] | None = None) -> Iterator[StepTokens]:
+        """Yield each step's new token per sequence as it is chosen (see generation.make_requests for
+        the per-sequence arguments). Prompts may differ in length. Everything is checked first."""
+        requests = make_requests(prompts, max_new_tokens, stop_token_ids, seed)
+        steps = generation_stream(self, requests, temperature, top_p)
+        return _inference(steps)
+
+    def complete(self, prompts: Sequence[Sequence[int]] | torch.Tensor, max_new_tokens: int | Sequence[int],
+                 temperature: float = 0.0, top_p: float = 1.0, seed: int | Sequence[int] | None = None,
+                 stop_token_ids: Iterable[int] | Sequence[Iterable[int]] | None = None) -> list[list[int]]:
+        """The new tokens of each prompt (without the prompt; a stop token is kept): `stream`, collected."""
+        count = len(prompts)
+        return collect(self.stream(prompts, max_new_tokens, temperature, top_p, seed, stop_token_ids), count)
+
     def generate(self, input_ids: torch.Tensor | Sequence[Sequence[int]], max_new_tokens: int,
                  temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
                  eos_token_id: int | None = None) -> torch.Tensor:
-        """ids [B, T + new]: the prompt followed by up to max_new_tokens tokens. Stops early once every
-        sequence has produced eos_token_id; finished sequences are padded with it."""
-        check_sampling(temperature, top_p)
-        if max_new_tokens < 0:
-            raise UsageError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-        ids = self._ids(input_ids)
-        generator = torch.Generator(device=self.device)
-        generator.manual_seed(seed if seed is not None else torch.seed())
-        cache = self.new_cache(ids.shape[0])
-        tokens = [ids]
-        finished = torch.zeros(ids.shape[0], dtype=torch.bool, device=self.device)
-        step_input = ids
-        for _ in range(max_new_tokens):
-            logits = self.forward(step_input, cache)[:, -1]
-            chosen = next_tokens(logits, temperature, top_p, generator)
-            if eos_token_id is not None:
-                chosen = torch.where(finished, torch.full_like(chosen, eos_token_id), chosen)
-                finished |= chosen == eos_token_id
-            step_input = chosen[:, None]
-            tokens.append(step_input)
-            if eos_token_id is not None and bool(finished.all()):
-                break
-        return torch.cat(tokens, dim=1)
+        """ids [B, T + new]: prompts of equal length followed by up to max_new_tokens tokens. Stops
+        early once every sequence has produced eos_token_id; finished sequences are padded with it.
+        Prompts of different lengths: `complete` or `stream`."""
+        ids = self._ids(input_ids).cpu()
+        stops = None if eos_token_id is None else [eos_token_id]
+        new = self.complete(ids, max_new_tokens, temperature, top_p, seed, stops)
+        width = max(map(len, new))
+        pad = eos_token_id if eos_token_id is not None else 0
+        rows = [row + [pad] * (width - len(row)) for row in new]
+        return torch.cat([ids, torch.tensor(rows, dtype=torch.int64).reshape(len(rows), width)], dim=1)
+
+
+def _inference(steps: Iterator[StepTokens]) -> Iterator[StepTokens]:
+    """`steps`, each computed without autograd (a generator runs outside the caller's context)."""
+    while True:
+        with torch.inference_mode():
+            step = next(steps, None)
+        if step is None:
+            return
+        yield step
 
 
 BACKENDS = ("triton", "reference")

@@ -1,26 +1,47 @@
-"""Executes a core-op graph: each op by the implementation its resolver picks (the kernel registry:
-a registered kernel or the reference implementation; an engine's Triton backend: its kernels),
-values kept by name, state in a Cache."""
+"""Executes a core-op graph: each op by the implementation its resolver picks (the kernel
+registry: a registered kernel or the reference implementation; an engine's Triton backend: its kernels), state in a Cache.
+
+Everything that does not depend on the call is resolved once, when the executor is made: each
+op's implementation, where each operand lives and when each value can be dropped. Values live in
+a flat register list indexed by slot (weights pre-placed), so a call copies one list and runs a
+loop of plain indexing: no dict is rebuilt per op or per call."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 
 import torch
 
 from nemocompile.base.errors import IRError, UsageError
 from nemocompile.graph.ir import Graph, Op
-from nemocompile.graph.nemotron_h import CACHE_LENS
+from nemocompile.graph.nemotron_h import CACHE_LENS, SEQ_LENS
 
 from .cache import Cache
 from .dtypes import value_dtype
 from .kernels import Resolution, device_of, resolve
+from .quantized_ops import prepare
 from .reference_dispatch import OpImpl
 from .weights import WeightValue
 
 # Called with each op and its operand values before it runs (calibration collects amax here).
 Observer = Callable[[Op, Sequence["WeightValue | None"]], None]
 Resolver = Callable[[Op, "torch.device | str"], Resolution]
+BOUND_INPUTS = (CACHE_LENS, SEQ_LENS)  # graph inputs after the first that the runtime binds
+
+
+@dataclass(frozen=True)
+class Step:
+    """One op, resolved: its implementation, the register of each operand (-1: absent), the
+    registers its results go to with the dtypes the IR gives them, and the registers no later
+    op reads (freed after it runs: bounded activation memory)."""
+
+    op: Op
+    impl: OpImpl
+    operands: tuple[int, ...]
+    results: tuple[int, ...]
+    dtypes: tuple[torch.dtype, ...]
+    release: tuple[int, ...]
 
 
 class Executor:
@@ -31,54 +52,112 @@ class Executor:
         missing = [w.name for w in graph.weights if w.name not in weights]
         if missing:
             raise IRError(f"graph {graph.name} needs weights that were not loaded: {', '.join(missing[:5])}")
-        unknown = [v.name for v in graph.inputs[1:] if v.name != CACHE_LENS]
+        unknown = [v.name for v in graph.inputs[1:] if v.name not in BOUND_INPUTS]
         if unknown:
             raise IRError(f"graph {graph.name} has input %{unknown[0]}, which the runtime does not bind")
         self.graph = graph
         self.weights = weights
         self.observer = observer
-        # Everything per op that does not depend on the call is resolved once, here.
-        self.plan: list[tuple[OpImpl, tuple[str | None, ...], tuple[torch.dtype, ...]]] = [
-            (resolver(op, device_of(weights)), op.operands, tuple(value_dtype(r.type.dtype) for r in op.results))
-            for op in graph.ops
-        ]
-        # Values no later op reads are dropped as soon as possible (bounded activation memory).
-        last_use: dict[str, int] = {}
-        for index, op in enumerate(graph.ops):
+        slot: dict[str, int] = {}
+
+        def register(name: str) -> int:
+            return slot.setdefault(name, len(slot))
+
+        self.input_slot = register(graph.inputs[0].name)
+        self.bound_slots = {v.name: register(v.name) for v in graph.inputs[1:]}
+        self.state_slots = [(s.name, register(s.name)) for s in graph.states]
+        weight_slots = {w.name: register(w.name) for w in graph.weights}
+        for op in graph.ops:
+            for name in op.operands:
+                if name is not None and name not in slot:
+                    raise IRError(f"{op.opname} at {op.scope} reads %{name}, which nothing defines before it")
+            for result in op.results:
+                register(result.name)
+        self.base: list[WeightValue | None] = [None] * len(slot)
+        for name, index in weight_slots.items():
+            self.base[index] = prepare(weights[name])  # the layout the GEMMs read fastest
+        self.update_slots = [(s.name, slot[s.update]) for s in graph.states]
+        self.output_slots = [(name, slot[name]) for name in graph.outputs]
+        keep = {slot[name] for name in graph.outputs} | set(weight_slots.values()) | \
+            {index for _, index in self.update_slots}
+        last_use: dict[int, int] = {}
+        for position, op in enumerate(graph.ops):
             for name in op.operands:
                 if name is not None:
-                    last_use[name] = index
-        self.release_after: list[list[str]] = [[] for _ in graph.ops]
-        keep = set(graph.outputs) | set(weights) | {slot.update for slot in graph.states}
-        for name, index in last_use.items():
-            if name not in keep:
-                self.release_after[index].append(name)
+                    last_use[slot[name]] = position
+        release: list[list[int]] = [[] for _ in graph.ops]
+        for index, position in last_use.items():
+            if index not in keep:
+                release[position].append(index)
+        device = device_of(weights)
+        self.steps = [
+            Step(op, resolver(op, device), tuple(-1 if name is None else slot[name] for name in op.operands),
+                 tuple(slot[r.name] for r in op.results), tuple(value_dtype(r.type.dtype) for r in op.results),
+                 tuple(release[position]))
+            for position, op in enumerate(graph.ops)
+        ]
 
-    def run(self, input_ids: torch.Tensor, cache: Cache) -> dict[str, torch.Tensor]:
+    @property
+    def plan(self) -> list[tuple[OpImpl, tuple[int, ...], tuple[torch.dtype, ...]]]:
+        """Each op's implementation (a kernels.Resolution), operand registers and result dtypes."""
+        return [(step.impl, step.operands, step.dtypes) for step in self.steps]
+
+    @property
+    def takes_seq_lens(self) -> bool:
+        """Whether the graph reads `seq_lens`, i.e. whether right-padded batches run exactly."""
+        return SEQ_LENS in self.bound_slots
+
+    def run(self, input_ids: torch.Tensor, cache: Cache, seq_lens: Sequence[int] | None = None) -> dict[str, torch.Tensor]:
+        """Run the graph on input_ids [batch, seq], continuing the sequences `cache` holds. With
+        `seq_lens`, sequence b's first seq_lens[b] tokens are real and the rest right padding: its
+        state and length advance by seq_lens[b] only (0 leaves it as it was)."""
         if input_ids.dim() != 2:
             raise UsageError(f"input_ids must be [batch, seq], got shape {list(input_ids.shape)}")
-        if input_ids.shape[0] != cache.batch_size:
-            raise UsageError(f"input_ids has batch {input_ids.shape[0]} but the cache holds {cache.batch_size}")
-        weights = self.weights
-        cache.reserve(input_ids.shape[1])
-        # The first input takes the token ids (or a test graph's activations); the rest are by name.
-        values: dict[str, torch.Tensor] = {self.graph.inputs[0].name: input_ids}
-        values.update({v.name: cache.lengths for v in self.graph.inputs[1:]})
-        values.update(cache.tensors)
-        for index, (op, (impl, operands, dtypes)) in enumerate(zip(self.graph.ops, self.plan, strict=True)):
-            args = [None if name is None else values[name] if name in values else weights[name]
-                    for name in operands]
-            if self.observer is not None:
-                self.observer(op, args)
-            results = impl(op, args)
-            for value, tensor, dtype in zip(op.results, results, dtypes, strict=True):
+        batch, length = input_ids.shape
+        if batch != cache.batch_size:
+            raise UsageError(f"input_ids has batch {batch} but the cache holds {cache.batch_size}")
+        if seq_lens is not None:
+            if len(seq_lens) != batch or any(n < 0 or n > length for n in seq_lens):
+                raise UsageError(f"seq_lens must give each of the {batch} sequences 0..{length} tokens, got "
+                                 f"{list(seq_lens)}")
+            if not self.takes_seq_lens and any(n != length for n in seq_lens):
+                raise UsageError(f"graph {self.graph.name} has no seq_lens input, so it cannot run sequences of "
+                                 f"different lengths together; rebuild the engine")
+        cache.reserve(length)
+        regs = list(self.base)
+        regs[self.input_slot] = input_ids
+        for name, index in self.bound_slots.items():
+            if name == CACHE_LENS:
+                regs[index] = cache.lengths
+            else:
+                regs[index] = (torch.full((batch,), length, dtype=torch.int64, device=cache.lengths.device)
+                               if seq_lens is None else
+                               torch.tensor(list(seq_lens), dtype=torch.int64, device=cache.lengths.device))
+        tensors = cache.tensors
+        for name, index in self.state_slots:
+            regs[index] = tensors[name]
+        observer = self.observer
+        for step in self.steps:
+            args = [None if index < 0 else regs[index] for index in step.operands]
+            if observer is not None:
+                observer(step.op, args)
+            results = step.impl(step.op, args)
+            for position, (index, tensor, dtype) in enumerate(zip(step.results, results, step.dtypes, strict=True)):
                 if tensor.dtype != dtype:
-                    raise IRError(f"{op.opname} at {op.scope} produced {tensor.dtype} for %{value.name}, "
-                                  f"the IR says {value.type.dtype}")
-                values[value.name] = tensor
-            for name in self.release_after[index]:
-                values.pop(name, None)
-        for slot in self.graph.states:
-            cache.tensors[slot.name] = values[slot.update]
-        cache.advance(input_ids.shape[1])
-        return {name: values[name] for name in self.graph.outputs}
+                    op = step.op
+                    raise IRError(f"{op.opname} at {op.scope} produced {tensor.dtype} for %{op.results[position].name}, "
+                                  f"the IR says {op.results[position].type.dtype}")
+                regs[index] = tensor
+            for index in step.release:
+                regs[index] = None
+        for name, index in self.update_slots:
+            value = regs[index]
+            assert isinstance(value, torch.Tensor)
+            tensors[name] = value
+        cache.advance(length if seq_lens is None else list(seq_lens))
+        out: dict[str, torch.Tensor] = {}
+        for name, index in self.output_slots:
+            value = regs[index]
+            assert isinstance(value, torch.Tensor)
+            out[name] = value
+        return out

@@ -84,11 +84,17 @@ def _gated_rms_norm(op: Op, a: Args) -> tuple[torch.Tensor, ...]:
     return (ref.gated_rms_norm(_t(a[0]), _t(a[1]), _t(a[2]), op.attrs.int("group_size"), op.attrs.float("eps")),)
 
 
+def _seq_lens(a: Args, index: int) -> torch.Tensor | None:
+    """The optional seq_lens operand (right padding), absent from graphs written before it existed."""
+    return _opt(a[index]) if len(a) > index else None
+
+
 def _causal_conv1d(op: Op, a: Args) -> tuple[torch.Tensor, ...]:
     activation = op.attrs.get("activation")
     state = _t(a[3])
     y, new_state = ref.causal_conv1d(_t(a[0]), _t(a[1]), _opt(a[2]),
-                                     activation if isinstance(activation, str) else None, state)
+                                     activation if isinstance(activation, str) else None, state,
+                                     _seq_lens(a, 4))
     return y, new_state.to(state.dtype)
 
 
@@ -99,15 +105,16 @@ def _ssd_attrs(op: Op) -> dict[str, int | float]:
 
 
 def _ssd_chunk_scan(op: Op, a: Args) -> tuple[torch.Tensor, ...]:
-    x, dt, a_log, b, c, d, dt_bias, state = (_t(v) for v in a)
+    x, dt, a_log, b, c, d, dt_bias, state = (_t(v) for v in a[:8])
     y, new_state = ref.ssd_chunk_scan(x, dt, a_log, b, c, d, dt_bias, chunk_size=op.attrs.int("chunk_size"),
-                                      initial_state=state, **_ssd_attrs(op))  # type: ignore[arg-type]
+                                      initial_state=state, seq_lens=_seq_lens(a, 8),
+                                      **_ssd_attrs(op))  # type: ignore[arg-type]
     return y, new_state.to(state.dtype)
 
 
 def _ssd_state_update(op: Op, a: Args) -> tuple[torch.Tensor, ...]:
-    x, dt, a_log, b, c, d, dt_bias, state = (_t(v) for v in a)
-    y, new_state = ref.ssd_state_update(x, dt, a_log, b, c, d, dt_bias, state=state,
+    x, dt, a_log, b, c, d, dt_bias, state = (_t(v) for v in a[:8])
+    y, new_state = ref.ssd_state_update(x, dt, a_log, b, c, d, dt_bias, state=state, seq_lens=_seq_lens(a, 8),
                                         **_ssd_attrs(op))  # type: ignore[arg-type]
     return y, new_state.to(state.dtype)
 

@@ -4,6 +4,7 @@ runtime read it through the same strict `parse`, so an engine never carries one 
 
 from __future__ import annotations
 
+import codecs
 import json
 from dataclasses import asdict, dataclass, fields
 
@@ -77,3 +78,30 @@ class ByteTokenizer:
         if vocab_size is not None and tokenizer.vocab_size > vocab_size:
             raise refuse(f"its ids reach {tokenizer.vocab_size - 1}, past the model's vocab_size of {vocab_size}")
         return tokenizer
+
+
+class TokenText:
+    """The text of tokens given one at a time, for streaming: byte tokens go through an incremental
+    UTF-8 decoder (a character split over several tokens appears once, whole); special ids print
+    nothing. Without a tokenizer, the ids themselves, comma-separated."""
+
+    def __init__(self, tokenizer: ByteTokenizer | None) -> None:
+        self.tokenizer = tokenizer
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.count = 0
+
+    def add(self, token: int) -> str:
+        self.count += 1
+        if self.tokenizer is None:
+            return f"{',' if self.count > 1 else ''}{token}"
+        offset = self.tokenizer.offset
+        if not offset <= token < offset + 256:
+            return ""
+        return self.decoder.decode(bytes([token - offset]))
+
+    def finish(self) -> str:
+        """What an unfinished character left behind (as a replacement character)."""
+        return "" if self.tokenizer is None else self.decoder.decode(b"", final=True)
+
+    def all(self, tokens: list[int]) -> str:
+        return "".join(self.add(token) for token in tokens) + self.finish()

@@ -174,13 +174,17 @@ def test_engine_runs_up_to_its_bounds_and_refuses_past_them(bounded_engine: Path
     engine = load(bounded_engine)
     ids = engine.generate([[1] * 20, [2] * 20], max_new_tokens=4)
     assert ids.shape == (2, 24)
+    with pytest.raises(UsageError, match="20 tokens plus 6 new ones make 26 tokens, which exceed the engine's "
+                                         "context bound of 24"):
+        engine.generate([[1] * 20], max_new_tokens=6)
     with pytest.raises(UsageError, match="25 tokens exceed the engine's context bound of 24"):
-        engine.generate([[1] * 20], max_new_tokens=6)  # the sixth token needs a 25th cached
+        engine.forward([[1] * 25])
     with pytest.raises(UsageError, match="at most 2, got 3"):
         engine.forward([[1], [2], [3]])
     result = CliRunner().invoke(main, ["run", str(bounded_engine), "--input-ids", ",".join(["1"] * 30)])
     assert result.exit_code != 0
-    assert "30 tokens exceed the engine's context bound of 24" in result.output
+    assert "30 tokens plus 16 new ones make 46 tokens, which exceed the engine's context bound of 24" in \
+        result.output
 
 
 @pytest.mark.parametrize("option", ["--max-context", "--max-batch-size"])

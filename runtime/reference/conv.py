@@ -12,6 +12,7 @@ def causal_conv1d(
     bias: torch.Tensor | None,
     activation: str | None,
     state: torch.Tensor | None,
+    seq_lens: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel causal convolution over time, optionally followed by SiLU.
 
@@ -24,6 +25,11 @@ def causal_conv1d(
     state ++ x, in the state's dtype (x's when state is None). The arithmetic runs in the
     weight's dtype, as in transformers' causal_conv1d_fn / causal_conv1d_update; its cache
     keeps K columns rather than K-1, the oldest of which no output reads.
+
+    seq_lens (int [B], optional) says sequence b's first seq_lens[b] tokens are real and the rest
+    right padding: its new state is the K-1 inputs ending at its last real token (its old state
+    when seq_lens[b] = 0), as if the padding had not been there. Outputs of real tokens never read
+    padding (the convolution is causal).
     """
     if activation not in (None, "silu"):
         raise ValueError(f"causal_conv1d: activation must be 'silu' or None, got {activation!r}.")
@@ -37,7 +43,13 @@ def causal_conv1d(
         state = x_cf.new_zeros(batch, channels, kernel_size - 1)
     # torch.cat promotes mixed dtypes, as transformers' update path does before casting to the weight dtype.
     history = torch.cat([state, x_cf], dim=-1)
-    new_state = history[:, :, history.shape[-1] - (kernel_size - 1) :].to(state.dtype).contiguous()
+    window = kernel_size - 1
+    if seq_lens is None:
+        new_state = history[:, :, history.shape[-1] - window :].to(state.dtype).contiguous()
+    else:
+        # Columns seq_lens[b] .. seq_lens[b]+K-2 of state ++ x are the K-1 inputs ending at token seq_lens[b]-1.
+        columns = seq_lens.to(device=x.device, dtype=torch.int64)[:, None] + torch.arange(window, device=x.device)
+        new_state = history.gather(2, columns[:, None, :].expand(batch, channels, window)).to(state.dtype)
     y = F.conv1d(history.to(taps.dtype), taps.unsqueeze(1), bias, padding=0, groups=channels)
     if activation == "silu":
         y = F.silu(y)

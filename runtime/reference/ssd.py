@@ -79,6 +79,7 @@ def ssd_chunk_scan(
     dt_min: float,
     dt_max: float,
     initial_state: torch.Tensor | None,
+    seq_lens: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Run the recurrence over a whole sequence, chunk by chunk (Mamba2's SSD form).
 
@@ -87,12 +88,17 @@ def ssd_chunk_scan(
     Returns y [Bt, T, H*P] in float32 (transformers' mamba2_chunk_scan returns float32 too;
     the mixer's gated norm then sees float32) and the final state [Bt, H, P, N] in float32.
     Only the step size is computed in dt's dtype; everything after it runs in float32.
+    seq_lens (int [Bt], optional): sequence b's tokens from seq_lens[b] on are right padding; they
+    get step size 0 (no decay, no input), so the final state is the state after its real tokens.
     """
     _check_sizes(x, B, num_heads, head_dim, n_groups, state_size)
     batch, length, _ = x.shape
     heads_per_group = num_heads // n_groups
 
     step = _step_size(dt, dt_bias, dt_min, dt_max).float()  # [Bt, T, H]
+    if seq_lens is not None:
+        real = torch.arange(length, device=x.device)[None, :] < seq_lens.to(x.device)[:, None]  # [Bt, T]
+        step = step * real[..., None]
     A = -torch.exp(A_log.float())
     xs = x.float().reshape(batch, length, num_heads, head_dim)
     Bh = B.float().reshape(batch, length, n_groups, state_size).repeat_interleave(heads_per_group, dim=2)
@@ -153,6 +159,7 @@ def ssd_state_update(
     dt_min: float,
     dt_max: float,
     state: torch.Tensor,
+    seq_lens: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Advance the recurrence by one token (decode).
 
@@ -161,6 +168,8 @@ def ssd_state_update(
     [Bt, H, P, N] in float32. Follows transformers' mamba2_selective_state_update as the
     mixer calls it: the step size, dt*B*x and the read-out through C run in the inputs'
     dtype (bfloat16 in a bfloat16 model); only the decay and the state update are float32.
+    seq_lens (int [Bt], optional): a sequence with seq_lens[b] = 0 (finished, or idle in this step)
+    gets step size 0 and keeps its state exactly.
     """
     _check_sizes(x, B, num_heads, head_dim, n_groups, state_size)
     batch = x.shape[0]
@@ -172,6 +181,8 @@ def ssd_state_update(
     # dt is per head; broadcast it over head_dim first, as the mixer does, so the dtype path matches.
     dt_hp = dt.reshape(batch, num_heads, 1).expand(batch, num_heads, head_dim)
     step = _step_size(dt_hp, dt_bias[:, None], dt_min, dt_max)  # [Bt, H, P]
+    if seq_lens is not None:
+        step = step * (seq_lens.to(x.device) > 0).to(step.dtype)[:, None, None]
     A = -torch.exp(A_log.float())
     decay = torch.exp(step.float()[..., None] * A[:, None, None])  # [Bt, H, P, N]
 

@@ -1,0 +1,75 @@
+"""The layout the runtime prepares for quantized GEMMs (block denominators ahead, a byte-pair table)
+reads back exactly what the reference dequantizers give, and a grouped GEMM dequantizes only the
+experts that receive rows."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+
+from nemocompile.runtime import quantized_ops
+from nemocompile.runtime.formats import (
+    FP8Tensor,
+    NVFP4Tensor,
+    dequantize_fp8,
+    dequantize_nvfp4,
+    quantize_fp8_stacked,
+    quantize_nvfp4,
+    quantize_nvfp4_stacked,
+)
+from nemocompile.runtime.quantized_ops import (
+    PreparedNVFP4,
+    expert_weight,
+    prepare,
+    quant_grouped_gemm,
+    quant_linear,
+)
+
+
+def _stacked(seed: int = 0) -> torch.Tensor:
+    return torch.randn(6, 24, 64, generator=torch.Generator().manual_seed(seed)) * 3
+
+
+def test_prepared_nvfp4_reads_back_bit_for_bit() -> None:
+    stacked = quantize_nvfp4_stacked(_stacked())
+    prepared = prepare(stacked)
+    assert isinstance(prepared, PreparedNVFP4) and isinstance(prepared, NVFP4Tensor)
+    assert prepare(prepared) is prepared
+    full = dequantize_nvfp4(stacked)
+    for expert in range(6):
+        assert torch.equal(expert_weight(prepared, expert), full[expert])
+        assert torch.equal(expert_weight(stacked, expert), full[expert])
+    dense = quantize_nvfp4(torch.randn(24, 64, generator=torch.Generator().manual_seed(1)))
+    x = torch.randn(5, 64, generator=torch.Generator().manual_seed(2))
+    assert torch.equal(quantized_ops.dequantized(prepare(dense)), dequantize_nvfp4(dense))
+    assert torch.equal(quant_linear(x, prepare(dense), None), quant_linear(x, dense, None))
+
+
+def test_fp8_experts_read_back_bit_for_bit() -> None:
+    stacked = quantize_fp8_stacked(_stacked(3))
+    full = dequantize_fp8(stacked)
+    assert isinstance(stacked, FP8Tensor)
+    for expert in range(6):
+        assert torch.equal(expert_weight(stacked, expert), full[expert])
+
+
+@pytest.mark.parametrize("kind", ["nvfp4", "fp8"])
+def test_grouped_gemm_dequantizes_only_experts_with_rows(kind: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    weights = _stacked(4)
+    stacked: Any = prepare(quantize_nvfp4_stacked(weights)) if kind == "nvfp4" else quantize_fp8_stacked(weights)
+    offsets = torch.tensor([0, 0, 3, 3, 3, 4, 4])  # experts 1 and 4 have rows
+    x = torch.randn(4, 64, generator=torch.Generator().manual_seed(5))
+    touched: list[int] = []
+    original = quantized_ops.expert_weight
+
+    def spy(weight: Any, expert: int) -> torch.Tensor:
+        touched.append(expert)
+        return original(weight, expert)
+
+    monkeypatch.setattr(quantized_ops, "expert_weight", spy)
+    got = quant_grouped_gemm(x, offsets, stacked, torch.float32)
+    assert touched == [1, 4]
+    full = dequantize_nvfp4(stacked) if kind == "nvfp4" else dequantize_fp8(stacked)
+    assert torch.equal(got[:3], x[:3] @ full[1].T) and torch.equal(got[3:], x[3:] @ full[4].T)

@@ -7,10 +7,12 @@
 - dynamic activation scales (`quantize_dynamic`, no calibration): FP8 one scale per token, NVFP4
   one global scale per tensor, both computed from the activations on every call.
 
-Speed: a grouped GEMM dequantizes only the experts that receive rows, one at a time. NVFP4
-weights are prepared once, when an executor is made (`prepare`): each block's fp32 denominator
-(float(block_scale) * global_scale) is computed ahead, and a byte of two codes is read through a
-256-entry table of value pairs; the values are bit for bit those of `dequantize_nvfp4`."""
+Speed: a grouped GEMM dequantizes only the experts that receive rows, one at a time. Weights are
+prepared once, when an executor is made (`prepare`), and read back bit for bit as the reference
+dequantizers give them: NVFP4 gets each block's fp32 denominator (float(block_scale) *
+global_scale) computed ahead, and a byte of two codes is read through a 256-entry table of value
+pairs; FP8 E4M3 data is held as bf16, which holds every E4M3 value exactly and widens to fp32 by
+a shift (the CPU has no fast E4M3 conversion)."""
 
 from __future__ import annotations
 
@@ -29,6 +31,7 @@ from .formats import (
     fake_quantize_nvfp4,
 )
 from .formats.fp8 import FLOAT32_TINY
+from .formats.nvfp4 import BLOCK_SIZE
 from .weights import WeightValue
 
 # amax of an all-zero activation, and amax / scale, from the format registry (448 and 448 for FP8,
@@ -36,7 +39,7 @@ from .weights import WeightValue
 ELEMENT_MAX = {name: FORMATS[name].max_value for name in ("fp8", "nvfp4")}
 SCALED_MAX = {name: FORMATS[name].scaled_max for name in ("fp8", "nvfp4")}
 
-NVFP4_BLOCK = 16
+NVFP4_BLOCK = BLOCK_SIZE  # from the format registry
 
 
 def _pair_table() -> torch.Tensor:
@@ -58,8 +61,23 @@ class PreparedNVFP4(NVFP4Tensor):
     denominators: torch.Tensor = field(default_factory=lambda: torch.empty(0))
 
 
+@dataclass(frozen=True, eq=False)
+class PreparedFP8(FP8Tensor):
+    """An FP8 E4M3 weight with its values also held as bf16 (exact: 2 bytes per weight on top of
+    the stored 1). Still an FP8Tensor to any kernel."""
+
+    values: torch.Tensor = field(default_factory=lambda: torch.empty(0))
+
+
+def _per_row_scale(scale: torch.Tensor, ndim: int) -> torch.Tensor:
+    """An FP8 scale ([], per slice [...], or per channel [..., out]) shaped to broadcast over [..., out, in]."""
+    return scale.reshape(*scale.shape, *([1] * (ndim - scale.ndim))) if scale.ndim else scale
+
+
 def prepare(weight: WeightValue) -> WeightValue:
     """The layout the reference GEMMs read fastest (done once, when an executor is made)."""
+    if isinstance(weight, FP8Tensor) and not isinstance(weight, PreparedFP8):
+        return PreparedFP8(weight.data, weight.scale, weight.data.to(torch.bfloat16))
     if isinstance(weight, NVFP4Tensor) and not isinstance(weight, PreparedNVFP4):
         global_scale = weight.global_scale.to(torch.float32)
         per_slice = global_scale.reshape(*global_scale.shape, 1, 1) if global_scale.ndim else global_scale
@@ -76,9 +94,16 @@ def _nvfp4_values(packed: torch.Tensor, denominators: torch.Tensor) -> torch.Ten
     return values.mul_(denominators[..., None]).view(rows, half * 2)
 
 
+def _fp8_values(values: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """bf16-held E4M3 values [out, in] times their scale, in fp32 (as dequantize_fp8 computes it)."""
+    return values.to(torch.float32).mul_(_per_row_scale(scale.to(torch.float32), values.ndim))
+
+
 def dequantized(weight: WeightValue) -> torch.Tensor:
     if isinstance(weight, PreparedNVFP4) and weight.packed.ndim == 2:
         return _nvfp4_values(weight.packed, weight.denominators)
+    if isinstance(weight, PreparedFP8) and weight.data.ndim == 2:
+        return _fp8_values(weight.values, weight.scale)
     if isinstance(weight, NVFP4Tensor):
         return dequantize_nvfp4(weight, torch.float32)
     if isinstance(weight, FP8Tensor):
@@ -95,6 +120,8 @@ def expert_weight(weight: WeightValue, expert: int) -> torch.Tensor:
         return dequantize_nvfp4(NVFP4Tensor(weight.packed[expert], weight.block_scale[expert], scale))
     if isinstance(weight, FP8Tensor):
         scale = weight.scale[expert] if weight.scale.ndim else weight.scale
+        if isinstance(weight, PreparedFP8):
+            return _fp8_values(weight.values[expert], scale)
         return dequantize_fp8(FP8Tensor(weight.data[expert], scale), torch.float32)
     return weight[expert].float()
 

@@ -15,11 +15,13 @@ from nemocompile.runtime.formats import (
     NVFP4Tensor,
     dequantize_fp8,
     dequantize_nvfp4,
+    quantize_fp8,
     quantize_fp8_stacked,
     quantize_nvfp4,
     quantize_nvfp4_stacked,
 )
 from nemocompile.runtime.quantized_ops import (
+    PreparedFP8,
     PreparedNVFP4,
     expert_weight,
     prepare,
@@ -47,18 +49,28 @@ def test_prepared_nvfp4_reads_back_bit_for_bit() -> None:
     assert torch.equal(quant_linear(x, prepare(dense), None), quant_linear(x, dense, None))
 
 
-def test_fp8_experts_read_back_bit_for_bit() -> None:
+def test_prepared_fp8_reads_back_bit_for_bit() -> None:
     stacked = quantize_fp8_stacked(_stacked(3))
+    prepared = prepare(stacked)
+    assert isinstance(prepared, PreparedFP8) and isinstance(prepared, FP8Tensor)
     full = dequantize_fp8(stacked)
-    assert isinstance(stacked, FP8Tensor)
     for expert in range(6):
         assert torch.equal(expert_weight(stacked, expert), full[expert])
+        assert torch.equal(expert_weight(prepared, expert), full[expert])
+    every_code = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn)
+    finite = every_code[~every_code.float().isnan()]
+    assert torch.equal(finite.to(torch.bfloat16).float(), finite.float())  # bf16 holds every E4M3 value
+    x = torch.randn(5, 64, generator=torch.Generator().manual_seed(2))
+    for per_channel in (False, True):
+        dense = quantize_fp8(torch.randn(24, 64, generator=torch.Generator().manual_seed(1)), per_channel=per_channel)
+        assert torch.equal(quantized_ops.dequantized(prepare(dense)), dequantize_fp8(dense))
+        assert torch.equal(quant_linear(x, prepare(dense), None), quant_linear(x, dense, None))
 
 
 @pytest.mark.parametrize("kind", ["nvfp4", "fp8"])
 def test_grouped_gemm_dequantizes_only_experts_with_rows(kind: str, monkeypatch: pytest.MonkeyPatch) -> None:
     weights = _stacked(4)
-    stacked: Any = prepare(quantize_nvfp4_stacked(weights)) if kind == "nvfp4" else quantize_fp8_stacked(weights)
+    stacked: Any = prepare(quantize_nvfp4_stacked(weights) if kind == "nvfp4" else quantize_fp8_stacked(weights))
     offsets = torch.tensor([0, 0, 3, 3, 3, 4, 4])  # experts 1 and 4 have rows
     x = torch.randn(4, 64, generator=torch.Generator().manual_seed(5))
     touched: list[int] = []

@@ -16,9 +16,9 @@ SCORE_BUDGET = 1 << 24  # score elements per query chunk: 64 MiB in float32
 
 def _attend(q_heads: torch.Tensor, k_heads: torch.Tensor, v_heads: torch.Tensor, query_pos: torch.Tensor,
             scale: float) -> torch.Tensor:
-    """Softmax attention of q_heads [B, Hq, T, Dh] over k_heads, v_heads [B, Hq, S, Dh], where
+    """Softmax attention of q_heads [B, H, T, Dh] over k_heads, v_heads [B, H, S, Dh], where
     query t (absolute position query_pos[b, t]; query_pos [B or 1, T]) sees keys 0..query_pos[b, t].
-    Returns [B, Hq, T, Dh] in q's dtype."""
+    Returns [B, H, T, Dh] in q's dtype."""
     batch, heads, length, head_dim = q_heads.shape
     keys = k_heads.shape[2]
     chunk = max(1, SCORE_BUDGET // max(1, batch * heads * keys))
@@ -33,6 +33,23 @@ def _attend(q_heads: torch.Tensor, k_heads: torch.Tensor, v_heads: torch.Tensor,
         del scores
         out[:, :, rows] = torch.matmul(probs, v_heads)
     return out
+
+
+def _attend_grouped(q: torch.Tensor, k_all: torch.Tensor, v_all: torch.Tensor, query_pos: torch.Tensor,
+                    num_heads: int, head_dim: int, scale: float) -> torch.Tensor:
+    """Query head h of q [B, T, Hq*Dh] reads key/value head h // (Hq // Hkv) of k_all, v_all
+    [B, Hkv, S, Dh]. The queries of the heads sharing a key/value head are stacked as rows of one
+    product ([B, Hkv, group*T, Dh] against [B, Hkv, S, Dh]), so the cache is read once per kv head
+    instead of being copied for every query head. Returns [B, T, Hq*Dh]."""
+    batch, length, _ = q.shape
+    kv_heads = k_all.shape[1]
+    group = num_heads // kv_heads
+    # rows of kv head j: (query head j*group + i, position t) at row i*T + t
+    q_rows = q.reshape(batch, length, kv_heads, group, head_dim).permute(0, 2, 3, 1, 4)
+    q_rows = q_rows.reshape(batch, kv_heads, group * length, head_dim)
+    out = _attend(q_rows, k_all, v_all, query_pos.repeat(1, group), scale)  # [B, Hkv, group*T, Dh]
+    out = out.reshape(batch, kv_heads, group, length, head_dim).permute(0, 3, 1, 2, 4)
+    return out.reshape(batch, length, num_heads * head_dim)
 
 
 def attention_gqa(
@@ -63,21 +80,14 @@ def attention_gqa(
     if (past_k is None) != (past_v is None):
         raise ValueError("attention_gqa: past_k and past_v must be given together.")
     batch, length, _ = q.shape
-    q_heads = q.reshape(batch, length, num_heads, head_dim).transpose(1, 2)  # [B, Hq, T, Dh]
     k_all = k.reshape(batch, length, num_kv_heads, head_dim).transpose(1, 2)
     v_all = v.reshape(batch, length, num_kv_heads, head_dim).transpose(1, 2)
     if past_k is not None and past_v is not None:
         k_all = torch.cat([past_k, k_all], dim=2)
         v_all = torch.cat([past_v, v_all], dim=2)
     past_length = k_all.shape[2] - length
-
-    group = num_heads // num_kv_heads
-    k_heads = k_all.repeat_interleave(group, dim=1)  # [B, Hq, S+T, Dh]
-    v_heads = v_all.repeat_interleave(group, dim=1)
-
     query_pos = torch.arange(length, device=q.device)[None, :] + past_length  # [1, T]
-    out = _attend(q_heads, k_heads, v_heads, query_pos, scale)
-    return out.transpose(1, 2).reshape(batch, length, num_heads * head_dim), k_all, v_all
+    return _attend_grouped(q, k_all, v_all, query_pos, num_heads, head_dim, scale), k_all, v_all
 
 
 def attention_gqa_cached(
@@ -115,9 +125,5 @@ def attention_gqa_cached(
     k_cache[rows, :, positions] = new_k
     v_cache[rows, :, positions] = new_v
 
-    q_heads = q.reshape(batch, length, num_heads, head_dim).transpose(1, 2)  # [B, Hq, T, Dh]
-    group = num_heads // num_kv_heads
-    k_heads = k_cache[:, :, :end].to(q.dtype).repeat_interleave(group, dim=1)  # [B, Hq, end, Dh]
-    v_heads = v_cache[:, :, :end].to(q.dtype).repeat_interleave(group, dim=1)
-    out = _attend(q_heads, k_heads, v_heads, positions, scale)
-    return out.transpose(1, 2).reshape(batch, length, num_heads * head_dim), k_cache, v_cache
+    keys, values = k_cache[:, :, :end].to(q.dtype), v_cache[:, :, :end].to(q.dtype)
+    return _attend_grouped(q, keys, values, positions, num_heads, head_dim, scale), k_cache, v_cache

@@ -211,8 +211,10 @@ def section_context(engine: Any, steps: int, contexts: Sequence[int]) -> None:
                      f"{100 * totals['attention'] / measured:.0f}%", f"{totals['mamba'] / steps * 1e3:.2f}",
                      f"{100 * totals['mamba'] / measured:.0f}%"])
         del cache
-    print_table(f"3. fp32 decode step vs context (batch 1, mean of {steps} steps; 2 attention layers, 3 Mamba "
-                f"layers)", ["context", "step ms", "attention ms", "attention share", "mamba ms", "mamba share"], rows)
+    pattern = CONFIG["hybrid_override_pattern"]
+    print_table(f"3. fp32 decode step vs context (batch 1, mean of {steps} steps; {pattern.count('*')} attention "
+                f"layer(s), {pattern.count('M')} Mamba layers; shares of the measured op time)",
+                ["context", "step ms", "attention ms", "attention share", "mamba ms", "mamba share"], rows)
 
 
 def profile_decode(engine: Any, steps: int) -> None:

@@ -19,7 +19,7 @@ import torch
 
 from nemocompile.base.errors import EngineError, UsageError
 from nemocompile.graph.ir import Graph
-from nemocompile.graph.nemotron_h import CACHE_LENS
+from nemocompile.graph.nemotron_h import CACHE_LENS, SEQ_LENS
 
 from .cache import Cache
 from .engine import EngineContents, read_engine
@@ -181,6 +181,9 @@ class OnnxEngine:
         cache.reserve(ids.shape[1])
         feeds = {graph.inputs[0].name: ids.numpy()}
         feeds.update({v.name: cache.lengths.numpy() for v in graph.inputs[1:] if v.name == CACHE_LENS})
+        # every token of every row is real here (this backend takes no right padding)
+        feeds.update({v.name: np.full(ids.shape[0], ids.shape[1], dtype=np.int64)
+                      for v in graph.inputs[1:] if v.name == SEQ_LENS})
         feeds.update({slot.name: cache.tensors[slot.name].float().numpy() for slot in graph.states})
         results = session.run(feeds)
         for slot in graph.states:

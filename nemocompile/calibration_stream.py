@@ -18,7 +18,7 @@ import torch
 from nemocompile.base.errors import IRError, UsageError
 from nemocompile.graph.checkpoint import Checkpoint
 from nemocompile.graph.ir import Graph, Op, StateSlot
-from nemocompile.graph.nemotron_h import CACHE_LENS
+from nemocompile.graph.nemotron_h import CACHE_LENS, SEQ_LENS
 from nemocompile.passes.assign_precision import gemm_weight
 from nemocompile.runtime.cache import Cache
 from nemocompile.runtime.dtypes import value_dtype
@@ -79,7 +79,7 @@ class StreamedCalibration:
 
     def __init__(self, checkpoint: Checkpoint, graph: Graph, needed: Mapping[str, tuple[str, str]],
                  device: torch.device = CPU) -> None:
-        unknown = [v.name for v in graph.inputs[1:] if v.name != CACHE_LENS]
+        unknown = [v.name for v in graph.inputs[1:] if v.name not in (CACHE_LENS, SEQ_LENS)]
         if unknown:
             raise IRError(f"graph {graph.name} has input %{unknown[0]}, which calibration does not bind")
         self.checkpoint, self.graph, self.needed, self.device = checkpoint, graph, needed, device
@@ -115,7 +115,9 @@ class StreamedCalibration:
                 batch = values[first]
                 cache = _cache(self.graph, segment.states, batch.shape[0], self.device)
                 cache.reserve(batch.shape[1])
-                values.update({v.name: cache.lengths for v in self.graph.inputs[1:]})
+                # fresh sequences (cache_lens 0), every calibration token real (seq_lens = seq)
+                full = torch.full_like(cache.lengths, batch.shape[1])
+                values.update({v.name: full if v.name == SEQ_LENS else cache.lengths for v in self.graph.inputs[1:]})
                 values.update(cache.tensors)
                 for op, impl, dtypes in plan:
                     args = [None if name is None else values[name] if name in values else weights[name]

@@ -46,8 +46,17 @@ def triton_dtype(t: TensorType, what: str) -> str:
     return TRITON_DTYPES[t.dtype.name]
 
 
-def block_k_for(k: int) -> int:
-    return next(b for b in (128, 64, 32, 16) if k % b == 0)
+BLOCK_K_CHOICES = (128, 64, 32, 16)
+
+
+FP8_MIN_BLOCK_K = 32  # an FP8 tl.dot needs K >= 32 per tile
+
+
+def block_k_for(k: int, minimum: int = BLOCK_K_CHOICES[-1]) -> int | None:
+    """The largest K tile (at least `minimum`) that divides K, or None: a K with no such divisor
+    (40, say) gets no Triton kernel and runs as the runtime's registry says (its reference
+    implementation)."""
+    return next((b for b in BLOCK_K_CHOICES if b >= minimum and k % b == 0), None)
 
 
 def _operand_type(op: Op, types: Mapping[str, TensorType], index: int) -> TensorType:
@@ -61,12 +70,15 @@ def _grouped_w4a16(op: Op, types: Mapping[str, TensorType], arch: str) -> tuple[
     experts, n, k = _dims(_operand_type(op, types, 2), f"{op.opname} weight")
     x_dtype = triton_dtype(_operand_type(op, types, 0), f"{op.opname} input")
     out_dtype = triton_dtype(op.results[0].type, f"{op.opname} result")
+    block_k = block_k_for(k)
+    if block_k is None:
+        return ()
     return (catalog.moe_gemm("triton_nvfp4_grouped_w4a16", op.opname, n=n, k=k, experts=experts, top_k=1,
                              act_format="bf16", x_dtype=x_dtype, out_dtype=out_dtype, block_m=16, block_n=64,
-                             block_k=block_k_for(k)),)
+                             block_k=block_k),)
 
 
-def _expert_tiles(act_format: str, k: int) -> tuple[int, int, int]:
+def _expert_tiles(act_format: str, k: int) -> tuple[int, int, int | None]:
     """Decode-friendly tiles: W4A16 BLOCK_M 16 with the weight as the 64-row MMA operand; W4A4
     128x128 tiles, the shape tcgen05's native NVFP4 MMA takes (BLOCK_K 64 only where 128 does not
     divide K)."""
@@ -79,7 +91,7 @@ def _fits(act_format: str, k: int) -> bool:
     """tl.dot_scaled (W4A4) needs K steps of at least 64 (Triton 3.9 refuses smaller ones for sm_100a);
     an op whose K is not a multiple of 64 gets no W4A4 kernel and runs as the runtime's registry says
     (its reference implementation)."""
-    return act_format == "bf16" or k % 64 == 0
+    return (act_format == "bf16" and block_k_for(k) is not None) or k % 64 == 0
 
 
 def _expert_up(op: Op, types: Mapping[str, TensorType], arch: str) -> tuple[KernelInstance, ...]:
@@ -89,6 +101,7 @@ def _expert_up(op: Op, types: Mapping[str, TensorType], arch: str) -> tuple[Kern
     if not _fits(act_format, k):
         return ()
     block_m, block_n, block_k = _expert_tiles(act_format, k)
+    assert block_k is not None  # _fits
     return (catalog.moe_gemm(kernel_of(op), op.opname, n=n, k=k, experts=experts, top_k=op.attrs.int("top_k"),
                              act_format=act_format, activation=op.attrs.str("activation"), gather=True,
                              x_dtype=triton_dtype(_operand_type(op, types, 0), f"{op.opname} input"),
@@ -105,6 +118,7 @@ def _expert_down(op: Op, types: Mapping[str, TensorType], arch: str) -> tuple[Ke
         return ()
     top_k = op.attrs.int("top_k")
     block_m, block_n, block_k = _expert_tiles(act_format, k)
+    assert block_k is not None  # _fits
     gemm = catalog.moe_gemm(kernel_of(op), op.opname, n=n, k=k, experts=experts, top_k=top_k,
                             act_format=act_format, combine=True,
                             x_dtype=triton_dtype(_operand_type(op, types, 0), f"{op.opname} input"),
@@ -119,9 +133,12 @@ def _fp8_quant_linear(op: Op, types: Mapping[str, TensorType], arch: str) -> tup
     n, k = _dims(_operand_type(op, types, 1), f"{op.opname} weight")
     has_bias = len(op.operands) > 3 and op.operands[3] is not None
     out_dtype = triton_dtype(op.results[0].type, f"{op.opname} result")
+    block_k = block_k_for(k, FP8_MIN_BLOCK_K)
+    if block_k is None:
+        return ()
     return (catalog.fp8_linear(kernel_of(op), op.opname, n=n, k=k, quant_act=True, per_channel=True,
                                has_bias=has_bias, x_dtype=triton_dtype(_operand_type(op, types, 0), "x"),
-                               out_dtype=out_dtype, block_m=16, block_n=64, block_k=block_k_for(k)),)
+                               out_dtype=out_dtype, block_m=16, block_n=64, block_k=block_k),)
 
 
 BUILDERS: dict[str, Builder] = {

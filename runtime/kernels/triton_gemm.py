@@ -25,11 +25,14 @@ def tile_starts(offsets: torch.Tensor, block_m: int) -> torch.Tensor:
     return F.pad(torch.cumsum((counts + block_m - 1) // block_m, 0), (1, 0)).to(torch.int32)
 
 
+POINTER_ALIGNMENT = 16  # bytes: what the compiled kernels' divisibility hints promise
+
+
 def aligned(t: torch.Tensor) -> torch.Tensor:
     """t contiguous, and on a GPU 16-byte aligned (the compiled kernels assume their tensor pointers
     are; a view into a larger buffer may not be): copied when it is not."""
     t = t.contiguous()
-    if t.is_cuda and t.data_ptr() % 16:
+    if t.is_cuda and t.data_ptr() % POINTER_ALIGNMENT:
         return t.clone()
     return t
 

@@ -114,22 +114,6 @@ def check(kernels: TritonKernels, d: int, i: int, experts: int, top_k: int, act_
     return all_ok
 
 
-def _time(fn: object, iters: int) -> float:
-    """Median microseconds of fn() over iters runs (CUDA events)."""
-    assert callable(fn)
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) * 1000)
-    return sorted(times)[len(times) // 2]
-
-
 def fused_experts(kernels: TritonKernels, x: torch.Tensor, order: torch.Tensor, offsets: torch.Tensor,
                   up_w: NVFP4Tensor, down_w: NVFP4Tensor, routing: torch.Tensor, scales: torch.Tensor | None,
                   hidden: torch.Tensor, out: torch.Tensor, pairs: torch.Tensor) -> None:
@@ -168,9 +152,9 @@ def bench(kernels: TritonKernels, d: int, i: int, experts: int, top_k: int, act_
         out = torch.empty(batch, d, dtype=torch.bfloat16, device=device)
         pairs = torch.empty(batch * top_k, d, dtype=torch.float32, device=device)
 
-        fused_us = _time(partial(fused_experts, kernels, x, order, offsets, up_w, down_w, routing, scales, hidden,
+        fused_us = ops_check.time_cuda(partial(fused_experts, kernels, x, order, offsets, up_w, down_w, routing, scales, hidden,
                                  out, pairs), iters)
-        unfused_us = _time(partial(unfused_experts, x_sorted, order, offsets, up_w, down_w, routing, scales),
+        unfused_us = ops_check.time_cuda(partial(unfused_experts, x_sorted, order, offsets, up_w, down_w, routing, scales),
                            max(3, iters // 10))
         print(f"{batch:5d} {touched:7d} {moved / 1e6:9.2f} {roofline:11.1f} {fused_us:9.1f} "
               f"{100 * roofline / fused_us:9.1f}% {unfused_us:10.1f} {unfused_us / fused_us:6.1f}x")

@@ -198,7 +198,7 @@ def check(kernels: TritonKernels, config: dict[str, Any], device: str, prompt: i
     return all_ok
 
 
-def _time(fn: Callable[[], object], iters: int) -> float:
+def time_cuda(fn: Callable[[], object], iters: int) -> float:
     """Median microseconds of fn() (CUDA events)."""
     for _ in range(3):
         fn()
@@ -237,7 +237,7 @@ def bench(kernels: TritonKernels, config: dict[str, Any], iters: int, prompt: in
              partial(causal_conv1d, conv_x, conv_w, conv_b, "silu", state)),
         ]
         for name, triton_fn, torch_fn in rows:
-            ours, theirs = _time(triton_fn, iters), _time(torch_fn, max(3, iters // 5))
+            ours, theirs = time_cuda(triton_fn, iters), time_cuda(torch_fn, max(3, iters // 5))
             print(f"{name:28s} {ours:10.1f} {theirs:10.1f} {theirs / ours:7.1f}x")
 
 

@@ -36,13 +36,9 @@ with warnings.catch_warnings():
     from modelopt.torch.quantization.qtensor.nvfp4_tensor import NVFP4QTensor
 import transformers
 
-EXPERTS = 4
-CONFIG: dict[str, Any] = dict(
-    vocab_size=64, hidden_size=32, hybrid_override_pattern="M*E-", num_attention_heads=4, num_key_value_heads=2,
-    head_dim=8, intermediate_size=32, mamba_num_heads=4, mamba_head_dim=8, n_groups=2, ssm_state_size=8,
-    chunk_size=4, conv_kernel=4, n_routed_experts=EXPERTS, num_experts_per_tok=2, moe_intermediate_size=16,
-    moe_shared_expert_intermediate_size=32, n_group=1, topk_group=1, dtype="float32",
-)
+# the same tiny model as the layout tests: 4 experts, pattern M*E-
+from test_modelopt_checkpoints import CONFIG
+
 NVFP4_BLOCK = 16
 E2M1_MAX, E4M3_MAX = 6.0, 448.0
 KERNEL_MIN_BLOCK_SCALE = 1e-5  # fp4_fake_quant_block divides by 1.0 where the block scale is below this

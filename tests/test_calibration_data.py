@@ -10,8 +10,8 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 from click.testing import CliRunner
+from test_resume import tiny_moe_model
 
 import nemocompile
 from nemocompile.base.errors import UsageError
@@ -25,10 +25,6 @@ transformers = pytest.importorskip("transformers", reason="the checkpoint is sav
 WORDS = ("the a model of some words and small text for calibration runs through every block once more "
          "tokens reach experts layer by layer").split()
 TEXT = " ".join(WORDS[(7 * i) % len(WORDS)] for i in range(400))
-CONFIG = dict(vocab_size=64, hidden_size=32, hybrid_override_pattern="M*E-", num_attention_heads=4,
-              num_key_value_heads=2, head_dim=8, intermediate_size=32, mamba_num_heads=4, mamba_head_dim=8,
-              n_groups=2, ssm_state_size=8, chunk_size=4, conv_kernel=4, n_routed_experts=4, num_experts_per_tok=2,
-              moe_intermediate_size=16, moe_shared_expert_intermediate_size=32, n_group=1, topk_group=1)
 
 
 def word_tokenizer() -> tokenizers.Tokenizer:
@@ -40,10 +36,7 @@ def word_tokenizer() -> tokenizers.Tokenizer:
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    torch.manual_seed(0)
-    model = transformers.NemotronHForCausalLM(transformers.NemotronHConfig(**CONFIG, dtype="float32"))
-    with torch.no_grad():
-        model.model.layers[2].mixer.gate.weight.normal_(0, 0.3, generator=torch.Generator().manual_seed(9))
+    model = tiny_moe_model()
     directory = tmp_path_factory.mktemp("text") / "tiny"
     model.save_pretrained(directory)
     word_tokenizer().save(str(directory / "tokenizer.json"))

@@ -58,12 +58,18 @@ CHILD = textwrap.dedent("""
 """)
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def tiny_moe_model() -> torch.nn.Module:
+    """The seeded tiny model (fp32), its router weights widened so routing is not uniform."""
     torch.manual_seed(0)
     model = transformers.NemotronHForCausalLM(transformers.NemotronHConfig(**CONFIG, dtype="float32"))
     with torch.no_grad():
         model.model.layers[2].mixer.gate.weight.normal_(0, 0.3, generator=torch.Generator().manual_seed(9))
+    return model
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    model = tiny_moe_model()
     directory = tmp_path_factory.mktemp("resume") / "tiny"
     model.to(torch.bfloat16).save_pretrained(directory, max_shard_size="20KB")
     return directory

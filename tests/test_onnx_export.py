@@ -278,3 +278,29 @@ def test_tensorrt_export_runs_bf16_gemms_in_bf16(engines: dict[str, Built]) -> N
     types.update({t.name: t.data_type for t in model.graph.initializer})
     gemms = [n for n in model.graph.node if n.op_type == "MatMul"]
     assert gemms and all(types.get(n.input[0]) == onnx.TensorProto.BFLOAT16 for n in gemms)
+
+
+def test_export_streams_large_weights_in_chunks_and_writes_the_same_files(
+        engines: dict[str, Built], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No weight tensor is read whole: the small ones are read (below EXTERNAL_MIN_BYTES), the large
+    ones are copied into the data file one chunk at a time; the files equal a default-chunk export."""
+    from nemocompile import tensorrt_export
+    from nemocompile.codegen.tensorrt.weights import EXTERNAL_MIN_BYTES
+
+    chunk = 4096
+    reads: list[int] = []
+    real_pread = tensorrt_export.os.pread
+
+    def spy(fd: int, length: int, offset: int) -> bytes:
+        reads.append(length)
+        return real_pread(fd, length, offset)
+
+    monkeypatch.setattr(tensorrt_export, "COPY_CHUNK", chunk)
+    monkeypatch.setattr(tensorrt_export.os, "pread", spy)
+    streamed = _build(None, tmp_path / "streamed", "h100")
+    monkeypatch.undo()
+    assert reads and max(reads) <= max(chunk, EXTERNAL_MIN_BYTES - 1)
+    data = (streamed.engine / "tensorrt" / "weights.bin").stat().st_size
+    assert data > 10 * chunk  # the demo's large weights went through many chunks
+    for relative in ("tensorrt/weights.bin", "tensorrt/model.onnx", "tensorrt/decode.decomposed.onnx"):
+        assert (streamed.engine / relative).read_bytes() == (engines["demo-h100"].engine / relative).read_bytes()

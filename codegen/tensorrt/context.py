@@ -11,7 +11,7 @@ from nemocompile.graph.ir import Graph, Op, Weight
 from nemocompile.graph.types import TensorType
 
 from .onnx_graph import OnnxBuilder
-from .weights import WeightBytes, WeightParts, add_weight, dequantized
+from .weights import WeightParts, WeightSource, add_weight, dequantized
 
 TENSORRT = "tensorrt"  # Mamba, MoE and cached attention as plugin ops
 DECOMPOSED = "decomposed"  # every op in standard ONNX ops
@@ -22,7 +22,7 @@ MODES = (TENSORRT, DECOMPOSED)
 class Lowering:
     builder: OnnxBuilder
     graph: Graph
-    weight_bytes: WeightBytes
+    weight_source: WeightSource
     mode: str
     types: dict[str, TensorType] = field(default_factory=dict)
     values: dict[str, str] = field(default_factory=dict)  # IR value -> ONNX name (float32 for narrow floats)
@@ -48,7 +48,7 @@ class Lowering:
     def weight_parts(self, name: str) -> WeightParts:
         """A weight's initializers as stored (codes and scales), for plugins that read them as such."""
         if name not in self.parts:
-            self.parts[name] = add_weight(self.builder, self.weights[name], self.weight_bytes)
+            self.parts[name] = add_weight(self.builder, self.weights[name], self.weight_source)
         return self.parts[name]
 
     def value(self, name: str) -> str:

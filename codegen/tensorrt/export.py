@@ -12,8 +12,9 @@ its new content an output named as the IR names the update (`layers.1.k` -> `lay
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import BinaryIO
 
 import onnx
 
@@ -22,8 +23,8 @@ from nemocompile.graph.ir import Graph, Op
 
 from . import lower_attention, lower_core, lower_fused, lower_mamba, lower_moe, plugins
 from .context import DECOMPOSED, MODES, TENSORRT, Lower, Lowering
-from .onnx_graph import NARROW_FLOATS, OnnxBuilder, onnx_type
-from .weights import WeightBytes
+from .onnx_graph import NARROW_FLOATS, ExternalData, OnnxBuilder, onnx_type
+from .weights import BytesSource, WeightSource
 
 STANDARD: dict[str, Lower] = {
     "embedding": lower_core.embedding,
@@ -94,14 +95,18 @@ def check_exportable(graph: Graph) -> None:
             raise IRError(f"weight {weight.name} is stored as {name}, which has no ONNX form yet")
 
 
-def export_graph(graph: Graph, weights: WeightBytes, mode: str, name: str = "") -> onnx.ModelProto:
-    """The ONNX model of `graph` in `mode` (tensorrt or decomposed). `weights` holds the bytes of
-    every stored weight tensor (graph/storage.py names) the graph reads."""
+def export_graph(graph: Graph, weights: WeightSource | Mapping[str, bytes], mode: str, name: str = "",
+                 external: ExternalData | None = None) -> onnx.ModelProto:
+    """The ONNX model of `graph` in `mode` (tensorrt or decomposed). `weights` gives every stored
+    weight tensor (graph/storage.py names) the graph reads. With `external`, tensors of
+    EXTERNAL_MIN_BYTES or more are not read: the model refers to their place in that data file
+    (write it with `write_data`); without, every initializer is inline."""
     if mode not in MODES:
         raise IRError(f"ONNX export mode {mode!r} is not one of {', '.join(MODES)}")
     check_exportable(graph)
-    builder = OnnxBuilder(name or graph.name)
-    low = Lowering(builder, graph, weights, mode)
+    source = BytesSource(weights) if isinstance(weights, Mapping) else weights
+    builder = OnnxBuilder(name or graph.name, external=external)
+    low = Lowering(builder, graph, source, mode)
     for value in graph.inputs:
         builder.graph_input(value.name, value.type)
         narrow = value.type.dtype.name in NARROW_FLOATS
@@ -120,39 +125,28 @@ def export_graph(graph: Graph, weights: WeightBytes, mode: str, name: str = "") 
     return builder.model()
 
 
-DATA_ALIGNMENT = 4096  # each external tensor starts on a page, so it can be mapped in place
-EXTERNAL_MIN_BYTES = 1024  # smaller initializers stay inside the model file
+CopyInto = Callable[[str, BinaryIO], int]  # copy a stored tensor's bytes into a file; returns the count
 
 
-def write_models(directory: Path, models: Mapping[str, onnx.ModelProto], data_file: str) -> list[str]:
-    """Write each model as `directory/<name>` with its initializers of EXTERNAL_MIN_BYTES or more in
-    one shared file `directory/data_file` (a tensor the models share is stored once). Returns the
-    file names written."""
+def write_data(path: Path, external: ExternalData, copy_into: CopyInto) -> None:
+    """Write the external data file of `external`'s layout, each tensor copied by `copy_into` (which
+    streams it, so no tensor need be whole in memory)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("wb") as data:
+        for name, (offset, length) in sorted(external.placed.items(), key=lambda item: item[1][0]):
+            data.seek(offset)
+            written = copy_into(name, data)
+            if written != length:
+                raise IRError(f"weight tensor {name} gave {written} bytes for the ONNX data file, its place holds {length}")
+        data.truncate(external.end)
+
+
+def write_models(directory: Path, models: Mapping[str, onnx.ModelProto]) -> list[str]:
+    """Write each model as `directory/<name>`; returns the file names written."""
     directory.mkdir(parents=True, exist_ok=True)
-    placed: dict[str, tuple[int, int, bytes]] = {}
-    with (directory / data_file).open("wb") as data:
-        for model in models.values():
-            for tensor in model.graph.initializer:
-                raw = tensor.raw_data
-                if len(raw) < EXTERNAL_MIN_BYTES:
-                    continue
-                known = placed.get(tensor.name)
-                if known is None:
-                    offset = -data.tell() % DATA_ALIGNMENT + data.tell()
-                    data.seek(offset)
-                    data.write(raw)
-                    known = placed[tensor.name] = (offset, len(raw), raw)
-                elif known[2] != raw:
-                    raise IRError(f"initializer {tensor.name} differs between the exported models")
-                tensor.ClearField("raw_data")
-                tensor.data_location = onnx.TensorProto.EXTERNAL
-                del tensor.external_data[:]
-                for key, value in (("location", data_file), ("offset", str(known[0])), ("length", str(known[1]))):
-                    entry = tensor.external_data.add()
-                    entry.key, entry.value = key, value
     for name, model in models.items():
         (directory / name).write_bytes(model.SerializeToString())
-    return [*models, data_file]
+    return list(models)
 
 
 def check_model_file(path: Path) -> None:
@@ -160,4 +154,5 @@ def check_model_file(path: Path) -> None:
     onnx.checker.check_model(str(path), full_check=True)
 
 
-__all__ = ["DECOMPOSED", "TENSORRT", "check_exportable", "check_model_file", "export_graph", "write_models"]
+__all__ = ["DECOMPOSED", "TENSORRT", "ExternalData", "check_exportable", "check_model_file", "export_graph", "write_data",
+           "write_models"]

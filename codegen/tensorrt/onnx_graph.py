@@ -48,13 +48,39 @@ def onnx_dims(type_: TensorType) -> list[int | str]:
 
 @dataclass(frozen=True)
 class Initializer:
-    """A tensor the model holds: its bytes (little endian, FP4 two codes a byte, the even element
-    in the low nibble) and its logical dims."""
+    """A tensor the model holds: its logical dims, its size and its bytes (little endian, FP4 two
+    codes a byte, the even element in the low nibble), or None for a tensor that lives in the
+    builder's external data file."""
 
     name: str
     data_type: int
     dims: tuple[int, ...]
-    raw: bytes
+    nbytes: int
+    raw: bytes | None
+
+
+DATA_ALIGNMENT = 4096  # each external tensor starts on a page, so it can be mapped in place
+
+
+@dataclass
+class ExternalData:
+    """Where each large initializer lies in one data file shared by several models: a tensor the
+    models share is placed once. The driver writes the file from the same layout."""
+
+    file: str
+    placed: dict[str, tuple[int, int]] = field(default_factory=dict)  # name -> (offset, length)
+    end: int = 0
+
+    def place(self, name: str, nbytes: int) -> tuple[int, int]:
+        known = self.placed.get(name)
+        if known is not None:
+            if known[1] != nbytes:
+                raise IRError(f"initializer {name} has {nbytes} bytes in one exported model and {known[1]} in another")
+            return known
+        offset = -(-self.end // DATA_ALIGNMENT) * DATA_ALIGNMENT
+        self.placed[name] = (offset, nbytes)
+        self.end = offset + nbytes
+        return self.placed[name]
 
 
 @dataclass
@@ -65,6 +91,7 @@ class OnnxBuilder:
     outputs: list[onnx.ValueInfoProto] = field(default_factory=list)
     initializers: dict[str, Initializer] = field(default_factory=dict)
     domains: set[str] = field(default_factory=set)
+    external: ExternalData | None = None  # where large initializers go; None: every one inline
     counter: int = 0
 
     def fresh(self, hint: str = "t") -> str:
@@ -133,7 +160,7 @@ class OnnxBuilder:
         return self.to_f32(narrow)
 
     def model(self) -> onnx.ModelProto:
-        inits = [_tensor_proto(init) for init in self.initializers.values()]
+        inits = [_tensor_proto(init, self.external) for init in self.initializers.values()]
         graph = helper.make_graph(self.nodes, self.name, self.inputs, self.outputs, inits)
         opsets = [helper.make_opsetid("", OPSET)]
         opsets += [helper.make_opsetid(domain, 1) for domain in sorted(self.domains)]
@@ -142,12 +169,21 @@ class OnnxBuilder:
         return model
 
 
-def _tensor_proto(init: Initializer) -> onnx.TensorProto:
+def _tensor_proto(init: Initializer, external: ExternalData | None) -> onnx.TensorProto:
     tensor = onnx.TensorProto()
     tensor.name = init.name
     tensor.data_type = init.data_type
     tensor.dims.extend(init.dims)
-    tensor.raw_data = init.raw
+    if init.raw is not None:
+        tensor.raw_data = init.raw
+        return tensor
+    if external is None:
+        raise IRError(f"initializer {init.name} refers to external data, but the model has no data file")
+    offset, length = external.place(init.name, init.nbytes)
+    tensor.data_location = onnx.TensorProto.EXTERNAL
+    for key, value in (("location", external.file), ("offset", str(offset)), ("length", str(length))):
+        entry = tensor.external_data.add()
+        entry.key, entry.value = key, value
     return tensor
 
 

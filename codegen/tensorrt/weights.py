@@ -1,5 +1,8 @@
-"""Weights as ONNX initializers, from the engine's stored tensors (their bytes, passed in by the
-driver, keyed by stored tensor name as graph/storage.py names them):
+"""Weights as ONNX initializers, from the engine's stored tensors (a `WeightSource` the driver
+passes in, keyed by stored tensor name as graph/storage.py names them). A tensor of
+EXTERNAL_MIN_BYTES or more is never read here: its initializer refers to the shared external data
+file, which the driver streams from the source afterwards, so exporting a model of any size holds
+only its small tensors in memory.
 
 - a float weight: one initializer in its dtype;
 - NVFP4 (TensorRT's and ModelOpt's pattern): codes as a FLOAT4E2M1 initializer with the logical
@@ -13,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Protocol
 
 from onnx import TensorProto
 
@@ -22,7 +26,33 @@ from nemocompile.graph.storage import component_name, stored_tensors
 
 from .onnx_graph import Initializer, OnnxBuilder, onnx_type
 
-WeightBytes = Mapping[str, bytes]  # stored tensor name -> its bytes
+EXTERNAL_MIN_BYTES = 1024  # smaller initializers stay inside the model file
+
+
+class WeightSource(Protocol):
+    """The stored tensors an export reads: their sizes, and the bytes of the small ones."""
+
+    def nbytes(self, name: str) -> int | None:
+        """The tensor's size in bytes, or None when the source has no such tensor."""
+        ...
+
+    def read(self, name: str) -> bytes:
+        """The tensor's bytes (little endian, as stored)."""
+        ...
+
+
+@dataclass(frozen=True)
+class BytesSource:
+    """A source over tensors already in memory (tests, small graphs)."""
+
+    tensors: Mapping[str, bytes]
+
+    def nbytes(self, name: str) -> int | None:
+        raw = self.tensors.get(name)
+        return None if raw is None else len(raw)
+
+    def read(self, name: str) -> bytes:
+        return self.tensors[name]
 
 
 @dataclass(frozen=True)
@@ -35,29 +65,36 @@ class WeightParts:
     scale_2: str = ""
 
 
-def _bytes(weights: WeightBytes, name: str, expected: int) -> bytes:
-    raw = weights.get(name)
-    if raw is None:
+def _bytes(weights: WeightSource, name: str, expected: int, external: bool) -> bytes | None:
+    """The tensor's bytes, or None for one that stays in the external data file; its size checked."""
+    size = weights.nbytes(name)
+    if size is None:
         raise IRError(f"weight tensor {name} was not given to the ONNX export")
+    if size != expected:
+        raise IRError(f"weight tensor {name} has {size} bytes, its stored type needs {expected}")
+    if external and size >= EXTERNAL_MIN_BYTES:
+        return None
+    raw = weights.read(name)
     if len(raw) != expected:
-        raise IRError(f"weight tensor {name} has {len(raw)} bytes, its stored type needs {expected}")
+        raise IRError(f"weight tensor {name} read {len(raw)} bytes, its stored type needs {expected}")
     return raw
 
 
-def add_weight(builder: OnnxBuilder, weight: Weight, weights: WeightBytes) -> WeightParts:
-    """The weight's initializers, added to `builder`."""
+def add_weight(builder: OnnxBuilder, weight: Weight, weights: WeightSource) -> WeightParts:
+    """The weight's initializers, added to `builder` (large ones as references into its external
+    data file when it has one)."""
     fmt = weight.type.dtype.name
     names: list[str] = []
     for stored in stored_tensors(weight.type):
         tensor = component_name(weight.name, stored.component)
-        raw = _bytes(weights, tensor, stored.nbytes)
+        raw = _bytes(weights, tensor, stored.nbytes, builder.external is not None)
         if stored.component == "" and fmt == "nvfp4":
             dims = tuple(int(d) for d in weight.type.shape)  # the codes' logical shape
-            builder.initializer(Initializer(tensor, TensorProto.FLOAT4E2M1, dims, raw))
+            builder.initializer(Initializer(tensor, TensorProto.FLOAT4E2M1, dims, stored.nbytes, raw))
         elif stored.component == "" and fmt == "fp8":
-            builder.initializer(Initializer(tensor, TensorProto.FLOAT8E4M3FN, stored.shape, raw))
+            builder.initializer(Initializer(tensor, TensorProto.FLOAT8E4M3FN, stored.shape, stored.nbytes, raw))
         else:
-            builder.initializer(Initializer(tensor, onnx_type(stored.dtype), stored.shape, raw))
+            builder.initializer(Initializer(tensor, onnx_type(stored.dtype), stored.shape, stored.nbytes, raw))
         names.append(tensor)
     return WeightParts(*names)
 

@@ -27,6 +27,10 @@ class EngineError(NemocompileError):
     """An engine directory is missing, tampered with, or built for another GPU."""
 
 
+class StateError(NemocompileError):
+    """A saved sequence state (snapshot) is missing, malformed, or was saved by another engine."""
+
+
 class CompileError(NemocompileError):
     """A kernel does not compile ahead of time (Triton or ptxas refuses its specialisation), or its
     binary cannot be inspected."""

@@ -351,20 +351,32 @@ def _parse_ids(text: str) -> list[int]:
 @click.option("--top-p", default=1.0, show_default=True, type=float)
 @click.option("--seed", default=None, type=int, help="Seed for sampling.")
 @click.option("--json", "as_json", is_flag=True, help='Print {"generated_ids": [[...]]}.')
+@click.option("--turns", type=click.Path(path_type=Path), default=None,
+              help="A conversation, one turn per line (text, or token ids for an engine without a tokenizer): "
+                   "each turn is appended to the same sequence state and only its tokens are processed.")
+@click.option("--load-state", type=click.Path(path_type=Path), default=None,
+              help="Continue the sequence saved in this snapshot (a safetensors file from --save-state).")
+@click.option("--save-state", type=click.Path(path_type=Path), default=None,
+              help="Save the sequence's state (one sequence) to this safetensors file at the end.")
 @click.option("--backend", type=click.Choice(["triton", "reference"]), default=None,
               help="triton: the engine's Triton kernels (interpreted on a CPU); reference: the reference ops. "
                    "Default: triton with a GPU and kernels, else reference.")
 def run(engine: Path, input_ids: tuple[str, ...], prompt: tuple[str, ...], max_new_tokens: int,
-        temperature: float, top_p: float, seed: int | None, as_json: bool, backend: str | None) -> None:
+        temperature: float, top_p: float, seed: int | None, as_json: bool, turns: Path | None,
+        load_state: Path | None, save_state: Path | None, backend: str | None) -> None:
     """Generate tokens with ENGINE. Prompts of a batch may differ in length; a single prompt's text is
-    printed as it is generated."""
+    printed as it is generated. --turns feeds a conversation turn by turn into one sequence state."""
     from .api import load
 
-    if bool(input_ids) == bool(prompt):
-        raise UsageError("give exactly one of --input-ids or --prompt")
+    if sum(map(bool, (input_ids, prompt, turns))) != 1:
+        raise UsageError("give exactly one of --input-ids, --prompt or --turns")
     chosen: Literal["reference", "triton"] | None = (
         None if backend is None else "triton" if backend == "triton" else "reference")
     loaded = load(engine, backend=chosen)
+    if turns is not None or load_state is not None or save_state is not None:
+        _run_conversation(loaded, input_ids, prompt, turns, load_state, save_state, max_new_tokens, temperature,
+                          top_p, seed, as_json)
+        return
     if prompt:
         if loaded.tokenizer is None:
             raise UsageError(f"engine {engine} has no tokenizer; use --input-ids")
@@ -399,6 +411,57 @@ def run(engine: Path, input_ids: tuple[str, ...], prompt: tuple[str, ...], max_n
         for tokens in generated:
             stdout.print(TokenText(loaded.tokenizer).all(tokens), highlight=False, markup=False)
     stderr.print(f"{sum(map(len, generated))} tokens in {seconds:.2f} s", highlight=False)
+
+
+def _run_conversation(loaded: Any, input_ids: tuple[str, ...], prompt: tuple[str, ...], turns_file: Path | None,
+                      load_state: Path | None, save_state: Path | None, max_new_tokens: int, temperature: float,
+                      top_p: float, seed: int | None, as_json: bool) -> None:
+    """`run --turns`, `--load-state`, `--save-state`: one sequence, continued turn by turn."""
+    from nemocompile.runtime.engine import Engine
+
+    from .conversation import TurnResult, converse, read_turns
+
+    if not isinstance(loaded, Engine):
+        raise UsageError("--turns, --load-state and --save-state need the nemocompile runtime, not an ONNX engine")
+    continuing = load_state is not None
+    if turns_file is not None:
+        turns = read_turns(turns_file, loaded.tokenizer, continuing)
+    elif prompt:
+        if loaded.tokenizer is None:
+            raise UsageError(f"engine {loaded.directory} has no tokenizer; use --input-ids")
+        turns = [loaded.tokenizer.encode(text, add_bos=not continuing) for text in prompt]
+    else:
+        turns = [_parse_ids(text) for text in input_ids]
+    if len(turns) > 1 and turns_file is None:
+        raise UsageError("--load-state and --save-state continue one sequence: give one --input-ids or --prompt "
+                         "(or a conversation with --turns)")
+    cache = loaded.load_state(load_state) if load_state is not None else loaded.new_cache(1)
+    eos = loaded.config.get("eos_token_id")
+    text = TokenText(loaded.tokenizer)
+
+    def show(token: int) -> None:
+        piece = text.add(token)
+        if piece:
+            stdout.file.write(piece)
+            stdout.file.flush()
+
+    def turn_done(number: int, result: TurnResult) -> None:
+        if not as_json:
+            stdout.file.write(text.finish() + "\n")
+            stdout.file.flush()
+            stderr.print(f"turn {number + 1}: {result.processed_tokens} tokens processed, "
+                         f"{len(result.generated_ids)} generated, {result.context_tokens} in the state, "
+                         f"{result.seconds:.2f} s", highlight=False)
+
+    results = converse(loaded, turns, cache, max_new_tokens, temperature, top_p, seed,
+                       [eos] if isinstance(eos, int) else None, None if as_json else show, turn_done)
+    if save_state is not None:
+        loaded.save_state(cache, 0, save_state)
+    if as_json:
+        if turns_file is None:
+            _print_json({"generated_ids": [results[0].generated_ids]})
+        else:
+            _print_json({"turns": [result.as_json() for result in results]})
 
 
 @main.command()

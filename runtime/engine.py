@@ -22,7 +22,7 @@ from nemocompile.graph.text import parse_graph
 from nemocompile.graph.types import F32
 from nemocompile.graph.verifier import verify
 
-from .cache import Cache
+from .cache import Cache, SequenceState
 from .engine_files import check_arch, read_engine_text, read_manifest, verify_engine_files
 from .engine_format import Manifest
 from .executor import Executor, Resolver
@@ -31,6 +31,8 @@ from .generation import stream as generation_stream
 from .kernels import Resolution, resolve
 from .kernels.triton_backend import load_triton_backend, reference_only, triton_available
 from .kernels.triton_loader import INDEX
+from .prefix import PrefixStore
+from .snapshot import engine_identity, read_snapshot, save_snapshot
 from .tokenizer import ByteTokenizer
 from .weights import WeightValue, check_weight_files, load_weights
 
@@ -184,7 +186,9 @@ def read_engine(path: str | Path) -> EngineContents:
 
 class Engine:
     """A loaded engine: `forward` for logits, `new_cache` + `forward` for token-by-token decode,
-    `generate` for text."""
+    `generate` for text. `generate`, `stream` and `complete` continue a cache when given one (a
+    conversation: each turn costs only its own tokens); `enable_prefix_reuse` keeps sequence states
+    so that requests sharing a prefix with earlier ones resume from it."""
 
     def __init__(self, contents: EngineContents, weights: dict[str, WeightValue], device: torch.device,
                  backend: str | None = None) -> None:
@@ -212,9 +216,46 @@ class Engine:
         self._prefill = Executor(contents.prefill, weights, resolver=prefill_resolver)
         self._decode = Executor(contents.decode, weights, resolver=decode_resolver)
         self.vocab_size = contents.model_config.vocab_size
+        self.prefix_store: PrefixStore | None = None
 
     def new_cache(self, batch_size: int) -> Cache:
         return Cache.for_graph(self.graph, batch_size, self.device)
+
+    def cache_from_states(self, states: Sequence[SequenceState | None]) -> Cache:
+        """A cache whose sequence b starts from states[b] (a `Cache.sequence_state`, a snapshot's or a
+        kept prefix's; None: a fresh sequence)."""
+        template = self.new_cache(1)  # the slots and the context bound, exactly as new caches get them
+        return Cache.from_states(template.slots, states, template.max_context, self.device)
+
+    def enable_prefix_reuse(self, max_bytes: int, keep_every: int | None = None) -> PrefixStore:
+        """Keep sequence states (at most `max_bytes` of them, least recently used dropped first) at the
+        end of every request and, with `keep_every=N`, every N prompt tokens; a later request without
+        a cache resumes from the longest kept prefix of its prompt (runtime/prefix.py). Replaces any
+        store this engine had; returns the new one."""
+        self.prefix_store = PrefixStore(max_bytes, keep_every)
+        return self.prefix_store
+
+    def disable_prefix_reuse(self) -> None:
+        self.prefix_store = None
+
+    @property
+    def identity(self) -> str:
+        """What a snapshot is tied to: a hash of this engine's files (runtime/snapshot.py)."""
+        return engine_identity(self.manifest)
+
+    def save_state(self, cache: Cache, seq: int, path: str | Path) -> Path:
+        """Save sequence `seq` of `cache` (its state, token ids and pending token) to a safetensors file
+        that only this engine will load."""
+        return save_snapshot(path, cache.sequence_state(seq), self.identity)
+
+    def load_state(self, *paths: str | Path) -> Cache:
+        """A cache of one sequence per snapshot in `paths`, each exactly as saved; a snapshot saved by
+        another engine, or malformed, is refused in one sentence (StateError)."""
+        if not paths:
+            raise UsageError("load_state needs at least one snapshot")
+        template = self.new_cache(1)
+        states = [read_snapshot(path, template, self.identity, self.vocab_size) for path in paths]
+        return Cache.from_states(template.slots, states, template.max_context, self.device)
 
     def kernels(self) -> list[Resolution]:
         """How each op of the prefill graph and then the decode graph runs: the kernel its IR asks
@@ -241,16 +282,29 @@ class Engine:
                 seq_lens: Sequence[int] | None = None) -> torch.Tensor:
         """Logits [B, T, V] float32. With a cache, continues the sequences it holds and updates it.
         With seq_lens, row b holds seq_lens[b] real tokens followed by right padding: the cache takes
-        only the real ones, and logits[b, seq_lens[b] - 1] is its last real token's."""
+        only the real ones, and logits[b, seq_lens[b] - 1] is its last real token's. A cache that
+        generation left with pending tokens (`cache.pending`: generated, not yet processed) is refused:
+        continue it with generate/stream/complete, or take them (`cache.take_pending()`) and put them
+        in front of input_ids."""
+        on_host = not isinstance(input_ids, torch.Tensor) or input_ids.device.type == "cpu"
         ids = self._ids(input_ids)
         if cache is None:
             cache = self.new_cache(ids.shape[0])
-        return self.step(ids, cache, seq_lens)
+        elif any(cache.pending):
+            raise UsageError("the cache holds generated tokens not yet processed (cache.pending); continue it with "
+                             "generate, stream or complete, or take them with cache.take_pending() and pass them "
+                             "first")
+        logits = self.step(ids, cache, seq_lens)
+        if on_host:  # the ids the state now holds (known without a device sync)
+            for row, tokens in enumerate(torch.as_tensor(input_ids).tolist()):
+                cache.record(row, tokens if seq_lens is None else tokens[:seq_lens[row]])
+        return logits
 
-    def check_requests(self, requests: Sequence[Request]) -> None:
+    def check_requests(self, requests: Sequence[Request], context: Sequence[int] | None = None) -> None:
         """Refuse, before anything runs, a batch past the engine's bounds: too many sequences, a
-        token id outside the vocabulary, or a prompt whose tokens plus its new ones exceed the
-        context bound."""
+        token id outside the vocabulary, or a prompt whose tokens plus its new ones (plus the
+        context[b] tokens sequence b already holds, when continuing a cache) exceed the context
+        bound."""
         bound = self.graph.dim_bound("batch")
         if bound is not None and len(requests) > bound.high:
             raise UsageError(f"batch size must be at most {bound.high}, got {len(requests)}")
@@ -259,10 +313,12 @@ class Engine:
             low, high = min(request.prompt), max(request.prompt)
             if low < 0 or high >= self.vocab_size:
                 raise UsageError(f"prompt {index}: token ids must lie in [0, {self.vocab_size}), got {low}..{high}")
-            total = len(request.prompt) + request.max_new_tokens
+            held = 0 if context is None else context[index]
+            total = held + len(request.prompt) + request.max_new_tokens
             if ctx is not None and total > ctx.high:
-                raise UsageError(f"prompt {index}: {len(request.prompt)} tokens plus {request.max_new_tokens} new "
-                                 f"ones make {total} tokens, which exceed the engine's context bound of {ctx.high}")
+                past = f"{held} cached tokens, " if held else ""
+                raise UsageError(f"prompt {index}: {past}{len(request.prompt)} tokens plus {request.max_new_tokens} "
+                                 f"new ones make {total} tokens, which exceed the engine's context bound of {ctx.high}")
         if len({len(r.prompt) for r in requests}) > 1 and not self._prefill.takes_seq_lens:
             raise UsageError(f"engine {self.directory} was built before prompts of different lengths could share "
                              f"a batch; rebuild it")
@@ -275,29 +331,47 @@ class Engine:
 
     def stream(self, prompts: Sequence[Sequence[int]] | torch.Tensor, max_new_tokens: int | Sequence[int],
                temperature: float = 0.0, top_p: float = 1.0, seed: int | Sequence[int] | None = None,
-               stop_token_ids: Iterable[int] | Sequence[Iterable[int]] | None = None) -> Iterator[StepTokens]:
+               stop_token_ids: Iterable[int] | Sequence[Iterable[int]] | None = None,
+               cache: Cache | None = None) -> Iterator[StepTokens]:
         """Yield each step's new token per sequence as it is chosen (see generation.make_requests for
-        the per-sequence arguments). Prompts may differ in length. Everything is checked first."""
-        requests = make_requests(prompts, max_new_tokens, stop_token_ids, seed)
-        steps = generation_stream(self, requests, temperature, top_p)
+        the per-sequence arguments). Prompts may differ in length. Everything is checked first.
+
+        cache: continue its sequences instead of starting new ones: prompts[b] holds only the new
+        tokens of sequence b (may be empty when the cache holds a pending token, e.g. to let the
+        model go on), processed after the tokens its state already holds and its pending last
+        generated token; the cache is updated in place and can be continued again."""
+        rows = prompts.tolist() if isinstance(prompts, torch.Tensor) else [list(p) for p in prompts]
+        if cache is not None:
+            if len(rows) != cache.batch_size:
+                raise UsageError(f"{len(rows)} prompts were given to continue a cache of {cache.batch_size} "
+                                 f"sequences")
+            for row, new in enumerate(rows):
+                if not new and not cache.pending[row]:
+                    raise UsageError(f"prompt {row} is empty and its sequence has no pending token to go on from")
+            rows = [list(cache.pending[row]) + new for row, new in enumerate(rows)]
+        requests = make_requests(rows, max_new_tokens, stop_token_ids, seed)
+        steps = generation_stream(self, requests, temperature, top_p, cache, None if cache is not None
+                                  else self.prefix_store)
         return _inference(steps)
 
     def complete(self, prompts: Sequence[Sequence[int]] | torch.Tensor, max_new_tokens: int | Sequence[int],
                  temperature: float = 0.0, top_p: float = 1.0, seed: int | Sequence[int] | None = None,
-                 stop_token_ids: Iterable[int] | Sequence[Iterable[int]] | None = None) -> list[list[int]]:
+                 stop_token_ids: Iterable[int] | Sequence[Iterable[int]] | None = None,
+                 cache: Cache | None = None) -> list[list[int]]:
         """The new tokens of each prompt (without the prompt; a stop token is kept): `stream`, collected."""
         count = len(prompts)
-        return collect(self.stream(prompts, max_new_tokens, temperature, top_p, seed, stop_token_ids), count)
+        return collect(self.stream(prompts, max_new_tokens, temperature, top_p, seed, stop_token_ids, cache), count)
 
     def generate(self, input_ids: torch.Tensor | Sequence[Sequence[int]], max_new_tokens: int,
                  temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
-                 eos_token_id: int | None = None) -> torch.Tensor:
+                 eos_token_id: int | None = None, cache: Cache | None = None) -> torch.Tensor:
         """ids [B, T + new]: prompts of equal length followed by up to max_new_tokens tokens. Stops
         early once every sequence has produced eos_token_id; finished sequences are padded with it.
-        Prompts of different lengths: `complete` or `stream`."""
+        Prompts of different lengths: `complete` or `stream`. With a cache, input_ids are new tokens
+        appended to its sequences (see `stream`)."""
         ids = self._ids(input_ids).cpu()
         stops = None if eos_token_id is None else [eos_token_id]
-        new = self.complete(ids, max_new_tokens, temperature, top_p, seed, stops)
+        new = self.complete(ids, max_new_tokens, temperature, top_p, seed, stops, cache)
         width = max(map(len, new))
         pad = eos_token_id if eos_token_id is not None else 0
         rows = [row + [pad] * (width - len(row)) for row in new]

@@ -1,7 +1,13 @@
 """Generation for a batch of requests: prompts of different lengths (right-padded into one prefill,
 each sequence's state advanced by its own tokens only), a stop set and a token budget per sequence,
 and greedy or seeded top-p sampling with one generator per sequence, so a sequence's tokens do not
-depend on the others in its batch. `stream` yields each step's tokens as they are chosen."""
+depend on the others in its batch. `stream` yields each step's tokens as they are chosen.
+
+Generation can continue a cache (each request's prompt is appended to its sequence, so a turn of a
+conversation costs only its own tokens) or, given a PrefixStore, start each request from the
+longest kept state of a prefix of its prompt and keep states for later requests (docs/agent-loops.md).
+A sequence's last generated token is not in its state when generation ends (nothing has processed
+it yet): the cache holds it as pending, and a continuation processes it first."""
 
 from __future__ import annotations
 
@@ -13,7 +19,8 @@ import torch
 
 from nemocompile.base.errors import UsageError
 
-from .cache import Cache
+from .cache import Cache, SequenceState
+from .prefix import PrefixStore
 from .sampling import check_sampling, next_tokens
 
 
@@ -94,23 +101,74 @@ class Model(Protocol):
 
     def new_cache(self, batch_size: int) -> Cache: ...
 
-    def check_requests(self, requests: Sequence[Request]) -> None: ...
+    def cache_from_states(self, states: Sequence[SequenceState | None]) -> Cache: ...
+
+    def check_requests(self, requests: Sequence[Request], context: Sequence[int] | None = None) -> None: ...
 
     def step(self, ids: torch.Tensor, cache: Cache, seq_lens: Sequence[int] | None) -> torch.Tensor: ...
 
 
-def stream(model: Model, requests: Sequence[Request], temperature: float = 0.0,
-           top_p: float = 1.0) -> Iterator[StepTokens]:
+def stream(model: Model, requests: Sequence[Request], temperature: float = 0.0, top_p: float = 1.0,
+           cache: Cache | None = None, store: PrefixStore | None = None) -> Iterator[StepTokens]:
     """Yield each generation step of `requests` as it is computed. Everything is checked (sampling
-    options, ids, the engine's batch and context bounds) before anything runs."""
+    options, ids, the engine's batch and context bounds) before anything runs.
+
+    cache: continue the sequences it holds (request b's prompt is appended to sequence b, whose
+    pending tokens the caller has put in front of it); the cache is updated in place and, once a
+    sequence has generated, holds its last token as pending. Without a cache, each request starts
+    from the longest state `store` keeps for a prefix of its prompt (or from nothing). With a store,
+    each sequence's state is kept at the end (and every `store.keep_every` prompt tokens)."""
     check_sampling(temperature, top_p)
     if not requests:
         raise UsageError("generation needs at least one prompt")
-    model.check_requests(requests)
-    return _steps(model, list(requests), temperature, top_p)
+    if cache is not None and len(requests) != cache.batch_size:
+        raise UsageError(f"{len(requests)} prompts were given to continue a cache of {cache.batch_size} sequences")
+    model.check_requests(requests, None if cache is None else cache.host_lengths)
+    return _steps(model, list(requests), temperature, top_p, cache, store)
 
 
-def _steps(model: Model, requests: list[Request], temperature: float, top_p: float) -> Iterator[StepTokens]:
+def _prefill(model: Model, cache: Cache, prompts: list[list[int]], store: PrefixStore | None) -> torch.Tensor:
+    """Run `prompts` (one per sequence, possibly empty, right-padded together) into `cache`; returns
+    the logits [batch, vocab] of each sequence's last prompt token. With a store that keeps every N
+    tokens, the prompts run in pieces ending at multiples of N, and the state at each is kept."""
+    batch = len(prompts)
+    every = store.keep_every if store is not None else None
+    done = [0] * batch
+    last: list[torch.Tensor | None] = [None] * batch
+    while any(done[row] < len(prompts[row]) for row in range(batch)):
+        sizes = []
+        for row in range(batch):
+            remaining = len(prompts[row]) - done[row]
+            room = remaining if every is None else every - cache.host_lengths[row] % every
+            sizes.append(min(remaining, room))
+        width = max(sizes)
+        # Right padding: a sequence's padding comes after its real tokens, which never see it (causal
+        # attention and convolution), and seq_lens keeps it out of the state.
+        padded = torch.zeros(batch, width, dtype=torch.int64)
+        for row, size in enumerate(sizes):
+            padded[row, :size] = torch.tensor(prompts[row][done[row]:done[row] + size], dtype=torch.int64)
+        logits = model.step(padded.to(model.device), cache, None if len(set(sizes)) == 1 else sizes)
+        for row, size in enumerate(sizes):
+            if size == 0:
+                continue
+            last[row] = logits[row, size - 1]
+            cache.record(row, prompts[row][done[row]:done[row] + size])
+            done[row] += size
+            if store is not None and every is not None and done[row] < len(prompts[row]) \
+                    and cache.host_lengths[row] % every == 0:
+                _keep(store, cache, row)
+    if any(row is None for row in last):
+        raise UsageError("every sequence needs at least one token to process")
+    return torch.stack([row for row in last if row is not None])
+
+
+def _keep(store: PrefixStore, cache: Cache, row: int) -> None:
+    if cache.tokens(row) is not None:
+        store.keep(cache.sequence_state(row))
+
+
+def _steps(model: Model, requests: list[Request], temperature: float, top_p: float, cache: Cache | None,
+           store: PrefixStore | None) -> Iterator[StepTokens]:
     batch = len(requests)
     device = model.device
     generators = []
@@ -120,35 +178,46 @@ def _steps(model: Model, requests: list[Request], temperature: float, top_p: flo
         generators.append(generator)
     produced = [0] * batch
     finished = [request.max_new_tokens == 0 for request in requests]
-    if all(finished):
+    if all(finished) and cache is None and store is None:
         return
-    lengths = [len(request.prompt) for request in requests]
-    width = max(lengths)
-    # Right padding: a sequence's padding comes after its real tokens, which never see it (causal
-    # attention and convolution), and seq_lens keeps it out of the state.
-    padded = torch.zeros(batch, width, dtype=torch.int64)
-    for row, request in enumerate(requests):
-        padded[row, :lengths[row]] = torch.tensor(request.prompt, dtype=torch.int64)
-    cache = model.new_cache(batch)
-    logits = model.step(padded.to(device), cache, None if len(set(lengths)) == 1 else lengths)
-    last = logits[torch.arange(batch, device=logits.device), torch.tensor(lengths, device=logits.device) - 1]
-    while True:
+    prompts = [list(request.prompt) for request in requests]
+    if cache is None:
+        found = [store.longest(prompt) if store is not None else None for prompt in prompts]
+        cache = model.cache_from_states(found) if any(state is not None for state in found) else \
+            model.new_cache(batch)
+        prompts = [prompt if state is None else prompt[state.length:] for prompt, state in zip(prompts, found, strict=True)]
+    for row in range(batch):
+        cache.pending[row] = []  # the caller put them in front of the prompt
+    last = _prefill(model, cache, prompts, store)
+    while not all(finished):
         tokens: list[int | None] = [None] * batch
         for row in range(batch):
             if finished[row]:
                 continue
             choice = int(next_tokens(last[row:row + 1], temperature, top_p, generators[row])[0])
             tokens[row] = choice
+            cache.pending[row] = [choice]  # chosen, not yet in the state
             produced[row] += 1
             request = requests[row]
             finished[row] = choice in request.stop_token_ids or produced[row] >= request.max_new_tokens
+        if all(finished) and store is not None:
+            for row in range(batch):
+                _keep(store, cache, row)
         yield StepTokens(tuple(tokens), tuple(finished))
         if all(finished):
             return
         active = [0 if done else 1 for done in finished]
-        step_ids = torch.tensor([[token if token is not None else 0] for token in tokens], dtype=torch.int64)
+        step_ids = torch.tensor([[token if token is not None and not done else 0]
+                                 for token, done in zip(tokens, finished, strict=True)], dtype=torch.int64)
         logits = model.step(step_ids.to(device), cache, None if all(active) else active)
+        for row, token in enumerate(tokens):
+            if token is not None and not finished[row]:
+                cache.record(row, [token])
+                cache.pending[row] = []
         last = logits[:, -1]
+    if store is not None:  # nothing was generated: the prompts alone
+        for row in range(batch):
+            _keep(store, cache, row)
 
 
 def collect(steps: Iterable[StepTokens], batch: int) -> list[list[int]]:

@@ -87,6 +87,7 @@ RULE = {
     "IRError": 1,
     "CompileError": 1,
     "EngineError": 1,
+    "StateError": 1,
     "TargetError": 2,
     "UsageError": 2,
 }

@@ -417,9 +417,8 @@ def _run_conversation(loaded: Any, input_ids: tuple[str, ...], prompt: tuple[str
                       load_state: Path | None, save_state: Path | None, max_new_tokens: int, temperature: float,
                       top_p: float, seed: int | None, as_json: bool) -> None:
     """`run --turns`, `--load-state`, `--save-state`: one sequence, continued turn by turn."""
+    from nemocompile.runtime.conversation import TurnResult, converse, read_turns
     from nemocompile.runtime.engine import Engine
-
-    from .conversation import TurnResult, converse, read_turns
 
     if not isinstance(loaded, Engine):
         raise UsageError("--turns, --load-state and --save-state need the nemocompile runtime, not an ONNX engine")

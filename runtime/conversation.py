@@ -10,9 +10,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from nemocompile.base.errors import UsageError
-from nemocompile.runtime.cache import Cache
-from nemocompile.runtime.engine import Engine
-from nemocompile.runtime.tokenizer import ByteTokenizer
+
+from .cache import Cache
+from .engine import Engine
+from .tokenizer import ByteTokenizer
 
 
 @dataclass(frozen=True)

@@ -172,6 +172,9 @@ def test_forks_diverge_independently_and_match_from_scratch(built: Any) -> None:
     assert together == [out_a, out_b]
     for tool, out in ((tool_a, out_a), (tool_b, out_b)):
         assert out == _transformers_greedy(model, prompt + first + tool)
+    probe = cache.fork(0)  # logits too: a fork continues with the logits of the whole sequence
+    logits = engine.forward([[*probe.take_pending()[0], *tool_a]], probe)[0]
+    assert _relative(logits, _transformers_logits(model, prompt + first + tool_a)[-len(tool_a) - 1:]) <= TOLERANCE
     assert all(torch.equal(cache.tensors[name], before[name]) for name in before)  # the original is untouched
     assert cache.host_lengths == [11]
 
@@ -234,6 +237,14 @@ def test_a_request_resumes_from_the_longest_kept_prefix(built: Any, monkeypatch:
         first = engine.complete([prompt], 4)[0]
         assert [w for _, w in widths.calls[:3]] == [5, 5, 3]  # pieces ending at the kept boundaries 5 and 10
         assert store.lengths() == [5, 10, 16]  # and the end of the request (its last token is not in the state)
+        kept = store.longest([*prompt[:10], 3])
+        assert kept is not None and kept.length == 10
+        scratch = engine.new_cache(1)
+        engine.forward([prompt[:10]], scratch)
+        for name, tensor in scratch.sequence_state(0).tensors.items():  # the state a recomputation reaches
+            assert tensor.shape == kept.tensors[name].shape
+            assert torch.allclose(kept.tensors[name], tensor, rtol=1e-5, atol=1e-6), name
+        store.stats.hits, store.stats.reused_tokens = 0, 0
         # the next turn of the conversation resumes at the end of the first
         follow = prompt + first + _tokens(6, 14)
         widths.calls.clear()

@@ -1,0 +1,105 @@
+"""A tile-aware roofline: the time a GEMM config needs on a target, from the target's numbers
+(targets/: SM count, HBM bandwidth, peak rates) and the config's tiles. Nothing is measured.
+
+Assumptions, so the ranking can be judged:
+- Work is padded to whole tiles: an expert's rows to BLOCK_M, N to BLOCK_N. Padded FLOPs run at
+  the peak of the GEMM's input format (W4A16 at bf16: the weight is dequantized in registers).
+- The programs run in waves over the SMs; blocks per SM are bounded by shared memory, registers
+  and 32 blocks. A last partial wave costs a whole one (wave quantization).
+- Memory: the weights of the experts the tokens hit are read once, the activations once per
+  N tile (the first read from HBM, a tenth of the repeats missing the L2), the output written once.
+  The bandwidth reached follows Little's law: the bytes the resident programs have in flight
+  (num_stages tiles of weights and of the rows that exist, padding loads nothing) over
+  MEMORY_LATENCY_SECONDS, up to the HBM bandwidth.
+- Each program walks K / BLOCK_K steps of fixed latency (fewer, deeper steps are cheaper) and
+  every launch costs LAUNCH_SECONDS.
+The model ranks configs of one problem; its absolute times are lower bounds, not predictions."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from nemocompile.codegen.triton.spec import KernelInstance
+from nemocompile.targets import Target
+
+from .space import LIMITS, Config, accumulator_registers, shared_bytes
+
+MODEL_VERSION = "roofline-tiles-1"  # recorded with every modelled entry
+LAUNCH_SECONDS = 3e-6
+K_STEP_SECONDS = 40e-9
+MEMORY_LATENCY_SECONDS = 1e-6  # HBM round trip under load, order of magnitude
+L2_MISS = 0.1
+MAX_BLOCKS_PER_SM = 32
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One call of a GEMM kernel: rows of activations (tokens x top_k for the expert GEMMs)."""
+
+    rows: int
+    n: int
+    k: int
+    experts: int
+    top_k: int
+    weight_bits: float  # stored bits per weight element, scales included
+    act_bytes: float  # bytes per activation element as the kernel reads it
+    out_bytes: float
+    compute: str  # the peak it runs at: bf16, fp8, fp4
+
+
+def gemm_problem(instance: KernelInstance, tokens: int) -> Problem:
+    """The problem of a GEMM instance (moe_nvfp4_gemm, fp8_linear) called on `tokens` tokens."""
+    values = dict(instance.constexprs)
+    pointers = dict(instance.pointer_types)
+    out_bytes = 4.0 if pointers.get("out_ptr") == "fp32" else 2.0
+    if instance.template.entry == "moe_nvfp4_gemm":
+        top_k = int(values["TOP_K"])
+        w4a4 = values.get("ACT_FORMAT") == "nvfp4"
+        return Problem(tokens * top_k, int(values["N"]), int(values["K"]), int(values["NUM_EXPERTS"]), top_k,
+                       4 + 8 / 16, 2.0, out_bytes, "fp4" if w4a4 else "bf16")
+    quant = bool(values.get("QUANT_ACT"))
+    return Problem(tokens, int(values["N"]), int(values["K"]), 1, 1, 8.0, 2.0, out_bytes, "fp8" if quant else "bf16")
+
+
+def experts_hit(experts: int, top_k: int, tokens: int) -> float:
+    return experts * (1 - (1 - top_k / experts) ** tokens) if experts > 1 else 1.0
+
+
+def blocks_per_sm(instance: KernelInstance, config: Config, arch: str) -> int:
+    limits = LIMITS[arch]
+    values = dict(config)
+    threads = 32 * int(values["num_warps"])
+    # registers: the accumulator plus a fixed 64 for operands and addresses, per thread
+    registers = min(limits.registers_per_thread, accumulator_registers(config) + 64) * threads
+    by_registers = limits.registers_per_sm // max(int(registers), 1)
+    by_shared = limits.shared_bytes_per_sm // max(shared_bytes(instance, config), 1)
+    return max(1, min(MAX_BLOCKS_PER_SM, by_registers, by_shared))
+
+
+def seconds(instance: KernelInstance, config: Config, tokens: int, target: Target) -> float:
+    """The modelled time of one call of `instance` with `config` on `tokens` tokens."""
+    p = gemm_problem(instance, tokens)
+    values = dict(config)
+    block_m, block_n, block_k = (int(values[f"BLOCK_{x}"]) for x in "MNK")
+    stages = int(values["num_stages"])
+    hit = experts_hit(p.experts, p.top_k, tokens)
+    rows_per_expert = p.rows / hit
+    tiles_m = hit * math.ceil(rows_per_expert / block_m)
+    tiles_n = math.ceil(p.n / block_n)
+    programs = tiles_m * tiles_n
+    slots = target.sm_count * blocks_per_sm(instance, config, target.arch)
+    waves = math.ceil(programs / slots)
+    peak = (target.peak_tflops.get(p.compute) or target.peak_tflops["bf16"]) * 1e12
+    padded_flops = 2.0 * tiles_m * block_m * tiles_n * block_n * p.k
+    # a wave's programs share the machine; a partial wave runs at the speed of a whole one
+    compute = padded_flops / peak * (waves * slots / max(programs, 1))
+    weight_bytes = hit * p.n * p.k * p.weight_bits / 8
+    act_bytes = p.rows * p.k * p.act_bytes * (1 + L2_MISS * (tiles_n - 1))
+    moved = weight_bytes + act_bytes + p.rows * p.n * p.out_bytes
+    tile_bytes = block_n * block_k * p.weight_bits / 8 + min(block_m, math.ceil(rows_per_expert)) * block_k * p.act_bytes
+    in_flight = min(programs, slots) * stages * tile_bytes
+    bandwidth = min(target.hbm_bandwidth_bytes_per_s, in_flight / MEMORY_LATENCY_SECONDS)
+    memory = moved / bandwidth
+    k_steps = waves * (p.k / block_k) * K_STEP_SECONDS
+    return LAUNCH_SECONDS + max(compute, memory) + k_steps

@@ -31,6 +31,13 @@ class Settings:
     quantize_threads: int = 0
     # The ahead-of-time kernel compile cache shared by builds (content-addressed entries).
     kernel_cache_dir: str = "~/.cache/nemocompile/kernels"
+    # The tokens per call the build chooses kernel configs for: decode graph, prefill graph (a
+    # tuning database's entry of the nearest shape bucket is taken; docs/tuning.md).
+    tune_decode_tokens: int = 32
+    tune_prefill_tokens: int = 512
+    # Kernel compiles a tuning sweep runs at once; 0: one per CPU this process may use, at most one
+    # per 2 GiB of available memory.
+    tune_compile_jobs: int = 0
 
 
 def _parse(kind: type[Any] | str, text: str) -> Any:

@@ -39,7 +39,8 @@ def build(model: str | Path | None, out: str | Path, target: str = "h100", preci
           exclude: Sequence[str] = (), calibrate: int = 8, calibration_data: str | Path | None = None,
           max_batch_size: int = 256, max_context: int = 131072, tensorrt: bool = False,
           calibration_device: str = "cpu", act_scales: str | None = None, calibration_format: str = "auto",
-          calibration_length: int | None = None, resume: bool = False) -> BuildResult:
+          calibration_length: int | None = None, resume: bool = False,
+          tuning_db: str | Path | None = None) -> BuildResult:
     """Compile the checkpoint directory `model` (None: the embedded demo model) into the engine
     directory `out` for `target`. precision: auto (the target's policy), bf16 or fp32;
     overrides: "component=precision" strings, e.g. "routed_experts=fp8". Errors name these
@@ -52,7 +53,8 @@ def build(model: str | Path | None, out: str | Path, target: str = "h100", preci
                                act_scales=act_scales, calibration_format=calibration_format,
                                calibration_length=calibration_length, calibration_device=calibration_device,
                                max_batch_size=max_batch_size, max_context=max_context, force=force,
-                               tensorrt=tensorrt, resume=resume)
+                               tensorrt=tensorrt, resume=resume,
+                               tuning_db=Path(tuning_db) if tuning_db is not None else None)
         return _build(Path(model) if model is not None else None, Path(out), options)
     except NemocompileError as error:
         renamed = api_message(str(error))

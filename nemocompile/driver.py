@@ -20,10 +20,12 @@ from nemocompile.base.inputs import open_regular_file
 from nemocompile.base.settings import settings
 from nemocompile.codegen.triton.emit import EmittedKernels
 from nemocompile.codegen.triton.emit import emit as emit_kernels
+from nemocompile.codegen.triton.plan import BUILDERS as PLANNED
 from nemocompile.codegen.triton.plan import plan_kernels
+from nemocompile.codegen.tuning.db import TuningDB
 from nemocompile.graph.importer import ImportedModel, import_checkpoint
 from nemocompile.graph.ir import Graph, TensorSource, Weight
-from nemocompile.graph.kernels import kernel_uses
+from nemocompile.graph.kernels import kernel_of, kernel_uses
 from nemocompile.graph.text import print_graph
 from nemocompile.passes.assign_precision import exported_numerics
 from nemocompile.passes.base import Pass
@@ -51,6 +53,9 @@ from .calibration_data import read_calibration_data
 from .calibration_stream import calibrate_streamed, calibration_device
 from .demo import DEMO_NAME, write_demo_checkpoint
 from .engine_files import staged_directory, write_manifest
+from .explain import explain, explained_lines
+from .kernel_configs import ConfigChooser, tuning_lines
+from .numerics_gate import EngineGate, GateCache
 from .options import BuildOptions
 from .pipeline import (
     AGREEMENT,
@@ -133,6 +138,9 @@ class BuildResult:
     deviation: Agreement | None = None
     # with --tensorrt: why the TensorRT engine itself was not built ("" when it was, or not asked)
     tensorrt_skipped: str = ""
+    # tuning-database entries this build could not use (entry, why), and configs the gate rejected
+    skipped_tuning: tuple[tuple[str, str], ...] = ()
+    rejected_configs: tuple[str, ...] = ()
 
 
 def _build_inputs(model: Path | None, options: BuildOptions) -> list[tuple[str, Path]]:
@@ -185,10 +193,12 @@ def _kernel_uses(prefill: Graph, decode: Graph) -> tuple[KernelUse, ...]:
                  for op, kernel, backend, count in kernel_uses(graph))
 
 
-def _write_kernels(stage: Path, prefill: Graph, decode: Graph, arch: str) -> EmittedKernels | None:
-    """The Triton kernels select_kernels chose, specialised, compiled for `arch` (through the shared
-    compile cache) and written under stage/kernels; None when no op runs on a Triton kernel."""
-    kernel_plan = plan_kernels({"prefill": prefill, "decode": decode}, arch)
+def _write_kernels(stage: Path, prefill: Graph, decode: Graph, arch: str,
+                   chooser: ConfigChooser | None = None) -> EmittedKernels | None:
+    """The Triton kernels select_kernels chose, specialised (their configs as `chooser` picks
+    them), compiled for `arch` (through the shared compile cache) and written under stage/kernels;
+    None when no op runs on a Triton kernel."""
+    kernel_plan = plan_kernels({"prefill": prefill, "decode": decode}, arch, chooser)
     if not kernel_plan.instances:
         return None
     cache = Path(settings().kernel_cache_dir).expanduser()
@@ -320,6 +330,20 @@ class BuildContext:
             counts[weight.type.dtype.name] = counts.get(weight.type.dtype.name, 0) + 1
         return counts
 
+    def config_chooser(self, graph: Graph, decode: Graph) -> ConfigChooser:
+        """The tuning stage of this build: the tuning database (--tuning-db) or the cost model picks
+        each Triton kernel's config, and the numerics gate checks it on the engine's own weights."""
+        db = TuningDB(self.options.tuning_db) if self.options.tuning_db is not None else None
+        if not any(kernel_of(op) in PLANNED for g in (graph, decode) for op in g.ops):
+            return ConfigChooser(self.target, db, None, "no op runs on a Triton kernel")
+        if not self._small_enough(graph):
+            return ConfigChooser(self.target, db, None, "the model is too big for the CPU numerics gate")
+        weights = load_weights(self.stage, [weights_file(0)], _engine_graph(graph), torch.device("cpu"))
+        cache = GateCache(Path(settings().kernel_cache_dir).expanduser() / "gate")
+        gate = EngineGate({PREFILL: _engine_graph(graph), DECODE: _engine_graph(decode)}, weights,
+                          self.vocab_size, cache)
+        return ConfigChooser(self.target, db, gate)
+
     def agreement(self, float_graph: Graph, graph: Graph) -> Agreement | None:
         # A checkpoint stored quantized has no float weights to compare with.
         if not _quantized(graph):
@@ -393,6 +417,8 @@ def build(model: Path | None, out: Path, options: BuildOptions | None = None,
     policy = resolve_policy(target, options.precision, options.overrides, options.policy_file, options.exclude,
                            options.act_scales)
     check_print_after(build_steps(target, policy), options.print_after)
+    if options.tuning_db is not None:  # a missing or foreign database is refused before anything is written
+        TuningDB(options.tuning_db).close()
     phases = Phases(_listener(progress))
     with _model_directory(model) as (model_dir, source_name), \
             staged_directory(out, options.force, inputs, lambda: build_key(model_dir, options), options.resume) as stage:
@@ -415,7 +441,8 @@ def build(model: Path | None, out: Path, options: BuildOptions | None = None,
         with phases.phase(WRITE):
             (stage / "graph.txt").write_text(print_graph(_engine_graph(graph)))
             (stage / "graph.decode.txt").write_text(print_graph(_engine_graph(decode)))
-            compiled = _write_kernels(stage, _engine_graph(graph), _engine_graph(decode), job.target.arch)
+            chooser = job.config_chooser(graph, decode)
+            compiled = _write_kernels(stage, _engine_graph(graph), _engine_graph(decode), job.target.arch, chooser)
             (stage / "config.json").write_text(json.dumps(imported.raw_config, indent=2, sort_keys=True) + "\n")
             has_byte_tokenizer = _carry_tokenizer(model_dir, stage, imported.config.vocab_size)
             exported = None
@@ -435,17 +462,22 @@ def build(model: Path | None, out: Path, options: BuildOptions | None = None,
                 policy=PolicyInfo.from_description(job.policy.describe(), stage / MANIFEST_NAME),
                 source=SourceInfo(source_name, imported.checkpoint.fingerprint()),
                 tensorrt=exported.files if exported is not None else None,
+                kernel_configs=tuple(chooser.choices),
             )
             # the report holds every phase before this one (it is hashed by the manifest written last)
             write_report(stage / "report.md", manifest, graph, stats, records, stream.errors, agreement,
                          options.world_size, job.target, imported.config.unknown_keys, imported.skipped_tensors,
                          phases=phases.records, calibration=job.calibration, deviation=deviation,
                          checkpoint_quirks=imported.quirks,
-                         compiled_kernels=compiled.report_rows() if compiled is not None else ())
+                         compiled_kernels=compiled.report_rows() if compiled is not None else (),
+                         kernel_config_lines=[*tuning_lines(chooser), "",
+                                              *explained_lines(explain({PREFILL: graph, DECODE: decode}, job.policy,
+                                                                       chooser.choices, job.target.arch))])
             remove_resume_files(stage)  # the engine is complete: nothing left to resume
             manifest = write_manifest(stage, manifest)
             phases.summarize(f"{len(manifest.files)} files, each with its sha256 in {MANIFEST_NAME}")
         imported.checkpoint.close()
     return BuildResult(out, manifest, stats, records, bytes_written, time.perf_counter() - start, stream.errors,
                        agreement, phases.records, job.calibration, deviation,
-                       exported.skipped if exported is not None else "")
+                       exported.skipped if exported is not None else "", tuple(chooser.skipped.items()),
+                       tuple(chooser.rejected))

@@ -34,6 +34,7 @@ class BuildOptions:
     # TensorRT is installed): tensorrt/ in the engine directory.
     tensorrt: bool = False
     resume: bool = False  # continue the staging directory a killed build of the same input left
+    tuning_db: Path | None = None  # a tuning database (`nemocompile tune`) the kernel configs come from
     print_after: frozenset[str] = field(default_factory=frozenset)
 
     def __post_init__(self) -> None:

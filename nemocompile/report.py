@@ -243,7 +243,7 @@ def write_report(path: Path, manifest: Manifest, graph: Graph, stats: ParamStats
                  target: Target, unknown_keys: Sequence[str] = (), skipped_tensors: Sequence[str] = (),
                  phases: Sequence[PhaseRecord] = (), calibration: CalibrationInfo | None = None,
                  deviation: Agreement | None = None, checkpoint_quirks: Sequence[str] = (),
-                 compiled_kernels: Sequence[Mapping[str, Any]] = ()) -> None:
+                 compiled_kernels: Sequence[Mapping[str, Any]] = (), kernel_config_lines: Sequence[str] = ()) -> None:
     per_gpu = stats.bytes_total / planned_world_size
     lines = [
         f"# Engine: {manifest.source.name}",
@@ -310,6 +310,8 @@ def write_report(path: Path, manifest: Manifest, graph: Graph, stats: ParamStats
     lines += [f"| {k.graph} | {k.op} | {k.kernel} | {k.backend} | {k.count} |" for k in manifest.kernels]
     if compiled_kernels:
         lines += ["", *compiled_kernel_lines(compiled_kernels)]
+    if kernel_config_lines:
+        lines += ["", *kernel_config_lines]
     lines += ["", "## Core ops", "", "| op | count |", "|---|---:|"]
     lines += [f"| {name} | {count} |" for name, count in graph.op_counts().items()]
     path.write_text("\n".join(lines) + "\n")

@@ -231,6 +231,35 @@ class KernelUse:
 
 
 @dataclass(frozen=True)
+class KernelConfig:
+    """The config one op's Triton kernel got, and where it came from: `tuned` (measured, from a
+    tuning database), `modelled` (ranked by the cost model, in the build or in a database) or
+    `default` (the builder's own); `check` is the numerics gate's result (docs/tuning.md)."""
+
+    graph: str
+    value: str  # the op's first result, as in kernels/kernels.json's bindings
+    op: str
+    kernel: str  # the instance name in kernels/kernels.json
+    config: str  # JSON object: option -> value
+    source: str
+    why: str
+    check: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"graph": self.graph, "value": self.value, "op": self.op, "kernel": self.kernel, "config": self.config,
+                "source": self.source, "why": self.why, "check": self.check}
+
+    @staticmethod
+    def read(f: _Fields) -> KernelConfig:
+        f.only(("graph", "value", "op", "kernel", "config", "source", "why", "check"))
+        source = f.text("source")
+        if source not in ("tuned", "modelled", "default"):
+            raise f.error(f"field `{f.name('source')}` must be tuned, modelled or default, got {source!r}")
+        return KernelConfig(f.text("graph"), f.text("value"), f.text("op"), f.text("kernel"), f.text("config"), source,
+                            f.text("why"), f.text("check"))
+
+
+@dataclass(frozen=True)
 class PolicyInfo:
     """The precision policy the engine was built with (passes/precision_policy.py describes it)."""
 
@@ -297,7 +326,7 @@ class FileEntry:
 
 
 _FIELDS = ("format_version", "nemocompile_version", "target", "world_size", "ranks", "graphs", "config",
-           "kernels", "tokenizer", "precision", "policy", "source", "files", "tensorrt")
+           "kernels", "tokenizer", "precision", "policy", "source", "files", "tensorrt", "kernel_configs")
 
 
 @dataclass(frozen=True)
@@ -318,6 +347,7 @@ class Manifest:
     files: Mapping[str, FileEntry] = field(default_factory=lambda: MappingProxyType({}))
     format_version: int = FORMAT_VERSION
     tensorrt: TensorRTFiles | None = None  # present when built with --tensorrt
+    kernel_configs: tuple[KernelConfig, ...] = ()  # per op on a Triton kernel: its config and why
 
     def __post_init__(self) -> None:
         if [r.rank for r in self.ranks] != list(range(len(self.ranks))) or not self.ranks:
@@ -375,6 +405,7 @@ class Manifest:
             "source": self.source.to_json(),
             "files": {name: entry.to_json() for name, entry in sorted(self.files.items())},
             **({"tensorrt": self.tensorrt.to_json()} if self.tensorrt is not None else {}),
+            **({"kernel_configs": [c.to_json() for c in self.kernel_configs]} if self.kernel_configs else {}),
         }
 
     @staticmethod
@@ -414,6 +445,7 @@ class Manifest:
             policy=PolicyInfo.read(f.child("policy")),
             source=SourceInfo.read(f.child("source")),
             tensorrt=TensorRTFiles.read(f.child("tensorrt")) if f.data.get("tensorrt") is not None else None,
+            kernel_configs=_items(f, "kernel_configs", KernelConfig.read) if "kernel_configs" in f.data else (),
         ).with_files(files)
         for where, named in manifest.named_files():
             if named not in files:

@@ -23,6 +23,9 @@ from .spec import KernelInstance
 
 # The triton kernels of graph/kernels.py that this codegen specialises (catalog name -> builder).
 Builder = Callable[[Op, Mapping[str, TensorType], str], tuple[KernelInstance, ...]]
+# Chooses the configs of one op's instances (graph name, op, the builder's instances): the build's
+# tuning stage (nemocompile/kernel_configs.py); without one the builders' defaults stand.
+Configure = Callable[[str, Op, tuple[KernelInstance, ...]], tuple[KernelInstance, ...]]
 
 
 @dataclass(frozen=True)
@@ -156,8 +159,9 @@ def _named(instance: KernelInstance) -> KernelInstance:
     return replace(instance, name=f"{instance.name}_{hashlib.sha256(text.encode()).hexdigest()[:10]}")
 
 
-def plan_kernels(graphs: Mapping[str, Graph], arch: str) -> KernelPlan:
-    """The instances and bindings of every op of `graphs` whose kernel is a Triton one."""
+def plan_kernels(graphs: Mapping[str, Graph], arch: str, configure: Configure | None = None) -> KernelPlan:
+    """The instances and bindings of every op of `graphs` whose kernel is a Triton one (their
+    configs as `configure` chooses them)."""
     instances: dict[str, KernelInstance] = {}
     bindings: dict[str, dict[str, list[str]]] = {}
     for graph_name, graph in graphs.items():
@@ -170,7 +174,8 @@ def plan_kernels(graphs: Mapping[str, Graph], arch: str) -> KernelPlan:
             builder = BUILDERS.get(name)
             if builder is None:  # a kernel the runtime registry provides (or falls back from): nothing to emit
                 continue
-            named = [_named(i) for i in builder(op, types, arch)]
+            built = builder(op, types, arch)
+            named = [_named(i) for i in (configure(graph_name, op, built) if configure and built else built)]
             if not named:  # no specialisation fits this op's shapes
                 continue
             for instance in named:

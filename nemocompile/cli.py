@@ -145,10 +145,13 @@ def _stats_table(title: str, stats: Any) -> Table:
 @click.argument("config", type=click.Path(path_type=Path))
 @click.option("--target", default="h100", show_default=True, help="GPU to plan for.")
 @_precision_options
+@click.option("--explain", is_flag=True,
+              help="List per op its precision and policy rule, its kernel with its config and why, and the check.")
+@click.option("--tuning-db", type=click.Path(path_type=Path), help="With --explain: the database configs come from.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON object.")
 def plan(config: Path, target: str, precision: str, overrides: tuple[str, ...], policy_file: Path | None,
          exclude: tuple[str, ...], act_scales: str | None, world_size: int, max_batch_size: int, max_context: int,
-         as_json: bool) -> None:
+         explain: bool, tuning_db: Path | None, as_json: bool) -> None:
     """Plan a model from config.json alone: parameters and bytes per precision, no weights read."""
     from .options import BuildOptions
     from .planner import plan_model
@@ -157,6 +160,21 @@ def plan(config: Path, target: str, precision: str, overrides: tuple[str, ...], 
                            exclude=exclude, act_scales=act_scales, world_size=world_size,
                            max_batch_size=max_batch_size, max_context=max_context)
     result = plan_model(config, options)
+    if explain:
+        from .plan_explain import explain_plan
+
+        rows = explain_plan(result, tuning_db)
+        if as_json:
+            _print_json({**result.as_json(), "explained": [row.as_json() for row in rows]})
+            return
+        table = Table(title=f"{escape(result.name)} on {result.target.name}: explained plan (prefill graph)")
+        for column in ("op", "scope", "precision", "policy rule", "kernel", "config", "why", "check"):
+            table.add_column(column)
+        for row in rows:
+            table.add_row(row.op, row.scope, row.precision, escape(row.rule), row.kernel, row.config, escape(row.why),
+                          escape(row.check))
+        stdout.print(table)
+        return
     if as_json:
         _print_json(result.as_json())
         return
@@ -278,6 +296,9 @@ def _build_progress(mode: str) -> Iterator[PhaseListener | None]:
 @click.option("--time-passes", is_flag=True, help="Print each pipeline step's time and counts to stderr.")
 @click.option("--tensorrt", is_flag=True,
               help="Also export ONNX for TensorRT to tensorrt/ (and build the TensorRT engine where it is installed).")
+@click.option("--tuning-db", type=click.Path(path_type=Path),
+              help="Tuning database (`nemocompile tune`) the kernel configs come from; without it the cost model "
+                   "picks them. Entries recorded for another GPU or version are named and not used.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary.")
 def build(model: Path | None, target: str, out: Path, precision: str, overrides: tuple[str, ...],
           policy_file: Path | None, exclude: tuple[str, ...], act_scales: str | None, world_size: int,
@@ -285,7 +306,7 @@ def build(model: Path | None, target: str, out: Path, precision: str, overrides:
           max_context: int, calibrate: int,
           calibration_data: Path | None, calibration_format: str, calibration_length: int | None,
           calibration_device: str, force: bool, resume: bool, print_after: tuple[str, ...],
-          time_passes: bool, tensorrt: bool, as_json: bool) -> None:
+          time_passes: bool, tensorrt: bool, tuning_db: Path | None, as_json: bool) -> None:
     """Compile MODEL (a Hugging Face Nemotron-H directory; default: the embedded demo) into an engine."""
     from .driver import build as run_build
     from .options import BuildOptions
@@ -300,7 +321,8 @@ def build(model: Path | None, target: str, out: Path, precision: str, overrides:
                            calibration_data=calibration_data, calibration_format=calibration_format,
                            calibration_length=calibration_length, calibration_device=calibration_device,
                            world_size=world_size, max_batch_size=max_batch_size, max_context=max_context,
-                           force=force, tensorrt=tensorrt, resume=resume, print_after=frozenset(print_after))
+                           force=force, tensorrt=tensorrt, resume=resume, print_after=frozenset(print_after),
+                           tuning_db=tuning_db)
     mode = ("quiet" if as_json or print_after else "display" if settings().progress and stderr.is_terminal
             else "log")
     with _build_progress(mode) as listener:
@@ -309,6 +331,10 @@ def build(model: Path | None, target: str, out: Path, precision: str, overrides:
         click.echo(timing_table(result.passes), err=True)
     if result.tensorrt_skipped:
         click.echo(result.tensorrt_skipped, err=True)
+    for entry, why in result.skipped_tuning:
+        click.echo(f"tuning database entry not used: {entry}: {why}", err=True)
+    for message in result.rejected_configs:
+        click.echo(message, err=True)
     summary = {"engine": str(result.out), "target": result.manifest.target.name, "precision": precision,
                "policy": result.manifest.policy.to_json(), "params_total": result.stats.params_total,
                "world_size": result.manifest.world_size, "planned_world_size": world_size,
@@ -322,7 +348,10 @@ def build(model: Path | None, target: str, out: Path, precision: str, overrides:
                                         "sqnr_db": e.sqnr_db} for e in result.errors],
                "agreement": result.agreement.as_json() if result.agreement else None,
                "deviation": result.deviation.as_json() if result.deviation else None,
-               "tensorrt": result.manifest.tensorrt.to_json() if result.manifest.tensorrt else None}
+               "tensorrt": result.manifest.tensorrt.to_json() if result.manifest.tensorrt else None,
+               "kernel_configs": [c.to_json() for c in result.manifest.kernel_configs],
+               "skipped_tuning_entries": [{"entry": e, "why": w} for e, w in result.skipped_tuning],
+               "rejected_configs": list(result.rejected_configs)}
     if as_json:
         _print_json(summary)
         return
@@ -461,6 +490,103 @@ def _run_conversation(loaded: Any, input_ids: tuple[str, ...], prompt: tuple[str
             _print_json({"generated_ids": [results[0].generated_ids]})
         else:
             _print_json({"turns": [result.as_json() for result in results]})
+
+
+def _parse_batch_sizes(text: str) -> tuple[int, ...]:
+    try:
+        sizes = tuple(int(part) for part in text.replace(" ", "").split(",") if part)
+    except ValueError:
+        raise UsageError(f"--batch-sizes must be comma-separated integers, got '{text}'") from None
+    if not sizes:
+        raise UsageError("--batch-sizes names no batch size")
+    return sizes
+
+
+def _parse_budget(text: str) -> float:
+    """10m, 90s, 1h or plain seconds."""
+    units = {"s": 1, "m": 60, "h": 3600}
+    number, unit = (text[:-1], text[-1]) if text and text[-1] in units else (text, "s")
+    try:
+        value = float(number) * units[unit]
+    except ValueError:
+        raise UsageError(f"--budget must be a duration such as 10m, 90s or 1h, got '{text}'") from None
+    if value <= 0:
+        raise UsageError(f"--budget must be positive, got '{text}'")
+    return value
+
+
+class _SweepBar:
+    """A Rich progress bar per kernel sweep, with the best time so far."""
+
+    def __init__(self, progress: Progress) -> None:
+        self.progress = progress
+        self.task: TaskID | None = None
+
+    def started(self, label: str, total: int) -> None:
+        self.task = self.progress.add_task(label, total=total, detail="")
+
+    def advanced(self, done: int, best: float, best_config: str) -> None:
+        if self.task is not None:
+            text = f"best {best * 1e6:.2f} us ({best_config})" if best != float("inf") else "best: none yet"
+            self.progress.update(self.task, completed=done, detail=escape(text))
+
+    def ended(self) -> None:
+        if self.task is not None:
+            self.progress.stop_task(self.task)
+            self.task = None
+
+
+@main.command()
+@click.argument("engine", type=click.Path(path_type=Path))
+@click.option("--target", default=None, help="GPU to tune for (default: the engine's; same arch).")
+@click.option("--kernels", default=None, metavar="PATTERN",
+              help="Only kernels whose template, kernel or op name matches this pattern (fnmatch).")
+@click.option("--batch-sizes", default="1,8,64,256", show_default=True, help="Tokens per call to tune for.")
+@click.option("--budget", default="10m", show_default=True, help="Stop starting configs after this long (10m, 90s).")
+@click.option("--db", "db", default="tuning.sqlite", show_default=True, type=click.Path(path_type=Path),
+              help="Tuning database to write (created when missing; resumed when it holds an interrupted sweep).")
+@click.option("--cost-model", is_flag=True, help="Rank configs by the roofline cost model (no GPU); entries are "
+                                                 "marked modelled.")
+@click.option("--report-dir", type=click.Path(path_type=Path), default=None,
+              help="Where report.md and the plots go [default: <db>-report next to the database].")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON summary.")
+def tune(engine: Path, target: str | None, kernels: str | None, batch_sizes: str, budget: str, db: Path,
+         cost_model: bool, report_dir: Path | None, as_json: bool) -> None:
+    """Tune ENGINE's Triton kernels: sweep each one's config space per batch size and record the fastest
+    config that passes the numerics gate in a tuning database (`build --tuning-db`)."""
+    from .tune import TuneOptions, tune_engine
+    from .tune_report import COLUMNS, summary_rows
+
+    options = TuneOptions(target=target, kernels=kernels, batch_sizes=_parse_batch_sizes(batch_sizes),
+                          budget_seconds=_parse_budget(budget), db=db, cost_model=cost_model, report_dir=report_dir)
+    show = not as_json and settings().progress and stderr.is_terminal
+    if show:
+        columns = (TextColumn("{task.description:<48}"), BarColumn(bar_width=24), TimeElapsedColumn(),
+                   TextColumn("{task.fields[detail]}"))
+        with Progress(*columns, console=stderr, transient=False) as progress:
+            result = tune_engine(engine, options, listener=_SweepBar(progress))
+    else:
+        result = tune_engine(engine, options)
+    rows = summary_rows(result.sweeps)
+    if as_json:
+        _print_json({"engine": str(engine), "target": result.target.name, "scorer": result.scorer, "db": str(db),
+                     "report": str(result.report), "plots": [str(p) for p in result.plots],
+                     "wall_seconds": round(result.wall_seconds, 3), "cpu_seconds": round(result.cpu_seconds, 3),
+                     "stopped": result.stopped, "sweeps": [dict(zip(COLUMNS, row, strict=True)) for row in rows]})
+        return
+    table = Table(title=f"tuned {escape(str(engine))} for {result.target.name} ({result.scorer})")
+    for column in COLUMNS:
+        table.add_column(column)
+    for row in rows:
+        table.add_row(*(escape(cell) for cell in row))
+    stdout.print(table)
+    for sweep in result.sweeps:
+        for message in sweep.rejected:
+            stderr.print(escape(message), highlight=False)
+    if result.stopped:
+        stderr.print(escape(result.stopped), highlight=False)
+    stdout.print(f"database {escape(str(db))}; report {escape(str(result.report))}, {len(result.plots)} plots; "
+                 f"{result.wall_seconds:.2f} s wall, {result.cpu_seconds:.2f} s CPU", highlight=False)
 
 
 @main.command()

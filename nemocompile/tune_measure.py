@@ -1,0 +1,126 @@
+"""Timing one kernel config on the device: synthetic inputs of the bucket's size (random
+activations, uniformly random routing, random NVFP4 / FP8 weights), the config compiled ahead of
+time and launched from its binary, CUDA events around each launch, the median of `repeats` after
+`warmup` launches, and the L2 flushed before every timed launch (a write of FLUSH_BYTES).
+
+On a CPU the same call runs in Triton's interpreter and is timed with the wall clock: the tests
+use it to exercise the measured path; its times mean nothing for a GPU."""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from nemocompile.codegen.triton.aot import ARTIFACTS, compile_instance
+from nemocompile.codegen.triton.emit import INDEX, INDEX_VERSION, KERNELS_DIR
+from nemocompile.codegen.triton.spec import TEMPLATE_DIR, KernelInstance
+from nemocompile.codegen.tuning.space import Config, apply
+from nemocompile.runtime.formats import FP8Tensor, NVFP4Tensor
+from nemocompile.runtime.kernels import triton_gemm
+from nemocompile.runtime.kernels.triton_loader import TritonKernels
+
+FLUSH_BYTES = 256 << 20  # larger than the L2 of an H100/H200 (50 MB) or a B200 (126 MB)
+
+
+def kernel_files(instance: KernelInstance, arch: str, cache_dir: Path, device: torch.device) -> dict[str, bytes]:
+    """An engine-like kernels/ folder of one instance in memory (its binary too on CUDA)."""
+    files = {f"{KERNELS_DIR}/src/{name}": (TEMPLATE_DIR / name).read_bytes() for name in instance.template.files}
+    entry = instance.describe()
+    if device.type == "cuda":
+        binary = compile_instance(instance, arch, cache_dir)
+        entry["binary"] = {"key": binary.key}
+        for artifact in ARTIFACTS:
+            files[f"{KERNELS_DIR}/bin/{binary.key}.{artifact}"] = binary.file(artifact).read_bytes()
+    import triton
+
+    index = {"version": INDEX_VERSION, "triton": triton.__version__, "arch": arch, "kernels": [entry], "bindings": {}}
+    files[f"{KERNELS_DIR}/{INDEX}"] = json.dumps(index).encode()
+    return files
+
+
+def _routing(tokens: int, experts: int, top_k: int, device: torch.device,
+             generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """(order, offsets) of tokens routed to top_k distinct experts uniformly at random."""
+    ids = torch.rand(tokens, experts, generator=generator).argsort(dim=1)[:, :top_k].reshape(-1)
+    order = torch.argsort(ids, stable=True)
+    counts = torch.bincount(ids, minlength=experts)
+    offsets = torch.cat([torch.zeros(1, dtype=torch.int64), torch.cumsum(counts, 0)])
+    return order.to(device), offsets.to(device)
+
+
+def synthetic_call(kernels: TritonKernels, instance: KernelInstance, tokens: int,
+                   device: torch.device) -> tuple[Callable[[], None], torch.Tensor]:
+    """A launch of `instance` on `tokens` tokens of synthetic inputs (what gets timed; the same
+    inputs for every config of an instance), and the tensor it writes."""
+    values = dict(instance.constexprs)
+    n, k = int(values["N"]), int(values["K"])
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(tokens, k, generator=generator).to(torch.bfloat16)
+    if instance.template.entry == "moe_nvfp4_gemm":
+        experts, top_k = int(values["NUM_EXPERTS"]), int(values["TOP_K"])
+        order, offsets = _routing(tokens, experts, top_k, device, generator)
+        packed = torch.randint(0, 256, (experts, n, k // 2), generator=generator, dtype=torch.uint8)
+        scales = (torch.rand(experts, n, k // 16, generator=generator) + 0.5).to(torch.float8_e4m3fn)
+        weight = NVFP4Tensor(packed.to(device), scales.to(device), torch.full((experts,), 0.01, device=device))
+        rows = tokens * top_k
+        combine = bool(values["COMBINE"])
+        out = torch.empty(rows, n, dtype=torch.float32 if combine else torch.bfloat16, device=device)
+        routing = torch.rand(rows, device=device) if combine else None
+        # a gathering GEMM reads token rows through `order`; the others read rows already in pair order
+        source = (x if values.get("GATHER") else x.repeat_interleave(top_k, 0)).to(device)
+
+        def grouped() -> None:
+            triton_gemm.moe_nvfp4_gemm(kernels, instance.name, source, order, offsets, weight, None, routing, out, rows)
+        return grouped, out
+    data = (torch.randn(n, k, generator=generator) * 0.1).to(torch.float8_e4m3fn)
+    weight8 = FP8Tensor(data.to(device), torch.full((n,), 0.01, device=device))
+    scale = torch.tensor([0.02], device=device) if values.get("QUANT_ACT") else None
+    xd = x.to(device)
+    result = torch.empty(tokens, n, dtype=torch.bfloat16, device=device)
+
+    def linear() -> None:
+        triton_gemm.fp8_linear(kernels, instance.name, xd, weight8, scale, out=result)
+    return linear, result
+
+
+class MeasuredTimer:
+    """The `measured` scorer: seconds of one launch of a config on `tokens` tokens."""
+
+    scorer = "measured"
+
+    def __init__(self, arch: str, cache_dir: Path, device: torch.device, repeats: int = 25, warmup: int = 5) -> None:
+        self.arch = arch
+        self.cache_dir = cache_dir
+        self.device = device
+        self.repeats = repeats
+        self.warmup = warmup
+        self.flush = torch.empty(FLUSH_BYTES // 4, dtype=torch.float32, device=device) if device.type == "cuda" else None
+
+    def __call__(self, instance: KernelInstance, config: Config, tokens: int) -> float:
+        configured = apply(instance, config)
+        kernels = TritonKernels.from_files(kernel_files(configured, self.arch, self.cache_dir, self.device),
+                                           self.device)
+        call, _ = synthetic_call(kernels, configured, tokens, self.device)
+        for _ in range(self.warmup):
+            call()
+        samples = []
+        for _ in range(self.repeats):
+            if self.flush is not None:
+                self.flush.zero_()
+                start = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
+                end = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
+                start.record()
+                call()
+                end.record()
+                end.synchronize()
+                samples.append(start.elapsed_time(end) / 1e3)
+            else:
+                began = time.perf_counter()
+                call()
+                samples.append(time.perf_counter() - began)
+        return float(statistics.median(samples))

@@ -1,0 +1,85 @@
+"""The CPU parts of bench/gpu_tune.py (the GPU sweep itself needs a lent GPU): Nano's expert GEMMs
+and their candidates, the selection that rejects a config whose output differs from the default's,
+failures scored infinitely slow, and the measured path (synthetic inputs, the launch, the timer)
+run once in the interpreter on tiny shapes."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("triton", reason="the tuning bench sweeps Triton kernels (the [triton] extra)")
+
+import torch
+
+from nemocompile.codegen.triton import templates_catalog as catalog
+from nemocompile.codegen.triton.spec import KernelInstance
+from nemocompile.codegen.tuning import space
+from nemocompile.runtime.kernels.triton_loader import TritonKernels
+from nemocompile.targets import load_target
+from nemocompile.tune_measure import MeasuredTimer, kernel_files, synthetic_call
+
+ROOT = Path(__file__).resolve().parents[1]
+NANO = {"hidden_size": 2688, "moe_intermediate_size": 1856, "n_routed_experts": 128, "num_experts_per_tok": 6}
+
+
+def _gpu_tune():  # type: ignore[no-untyped-def]
+    spec = importlib.util.spec_from_file_location("gpu_tune", ROOT / "bench" / "gpu_tune.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["gpu_tune"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_nano_expert_gemms_and_their_candidates() -> None:
+    gpu_tune = _gpu_tune()
+    up, down = gpu_tune.expert_gemms(NANO, "bf16")
+    assert dict(up.constexprs)["K"] == 2688 and dict(down.constexprs)["N"] == 2688 and dict(down.constexprs)["COMBINE"]
+    h100 = load_target("h100")
+    for tokens in (1, 256):
+        chosen = gpu_tune.candidates(up, tokens, h100, 8)
+        assert len(chosen) == 8 and space.config_of(up) in chosen
+        assert all(space.why_pruned(up, c, "sm_90") is None for c in chosen)
+
+
+def test_selection_rejects_a_config_that_differs_from_the_default() -> None:
+    gpu_tune = _gpu_tune()
+    up, _ = gpu_tune.expert_gemms(NANO, "bf16")
+    configs = gpu_tune.candidates(up, 8, load_target("h100"), 4)
+    default = space.config_of(up)
+    fast_but_wrong, broken, right = (c for c in configs if c != default)
+    good = torch.linspace(-1, 1, 64)
+
+    def run(instance: KernelInstance, config: space.Config, tokens: int) -> tuple[float, torch.Tensor]:
+        if config == broken:
+            raise RuntimeError("does not compile")
+        seconds = {fast_but_wrong: 1e-6, right: 2e-6, default: 3e-6}[config]
+        return seconds, good + (1.0 if config == fast_but_wrong else 0.0)
+
+    row = gpu_tune.tune_one(up, 8, configs, run, deadline=math.inf)
+    assert row.config == right and row.tuned == 2e-6 and row.default == 3e-6 and row.failed == 1
+    assert row.tried == 4 and row.check.startswith("matches the default")
+
+
+def test_measured_path_runs_in_the_interpreter(tmp_path: Path) -> None:
+    """The timed call on synthetic inputs, for two tilings of one kernel: both write the same
+    numbers (tiles do not change what a GEMM computes), and the timer times one."""
+    tiny = catalog.moe_gemm("up", "moe_expert_up", n=64, k=64, experts=4, top_k=2, act_format="bf16", gather=True,
+                            activation="relu2", block_m=16, block_n=64, block_k=32)
+    outputs = []
+    for config in (space.config_of(tiny), tuple(sorted({**dict(space.config_of(tiny)), "BLOCK_K": 64}.items()))):
+        configured = space.apply(tiny, config)
+        kernels = TritonKernels.from_files(kernel_files(configured, "sm_90", tmp_path, torch.device("cpu")), "cpu")
+        call, out = synthetic_call(kernels, configured, 4, torch.device("cpu"))
+        out.fill_(float("nan"))
+        call()
+        outputs.append(out.clone())
+    assert not torch.isnan(outputs[0]).any() and float(outputs[0].float().abs().max()) > 0
+    assert torch.equal(outputs[0], outputs[1])
+    timer = MeasuredTimer("sm_90", tmp_path, torch.device("cpu"), repeats=1, warmup=0)
+    assert timer(tiny, space.config_of(tiny), 4) > 0

@@ -1,0 +1,240 @@
+"""`nemocompile tune` on the demo engine (h100: FP8 linears and NVFP4 W4A16 expert GEMMs on Triton)
+with the cost model and with a deterministic fake timer: the sweep, its plots and report, resume
+after an interruption, failures scored infinitely slow, the numerics gate catching a deliberately
+wrong kernel, and a build that takes its configs from the database (or names the entries it
+cannot use)."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("triton", reason="tuning sweeps Triton kernels (the [triton] extra)")
+
+from click.testing import CliRunner
+
+from nemocompile.api import build
+from nemocompile.base.errors import UsageError
+from nemocompile.base.settings import override
+from nemocompile.cli import main
+from nemocompile.codegen.triton.spec import TEMPLATE_DIR, KernelInstance
+from nemocompile.codegen.tuning import space
+from nemocompile.codegen.tuning.db import MODELLED, TUNED, TuningDB
+from nemocompile.demo import write_demo_checkpoint
+from nemocompile.graph.ir import Graph
+from nemocompile.tune import TuneOptions, kernel_problems, tune_engine
+
+
+class FakeTimer:
+    """Deterministic 'measurements': wide tiles are fast (unlike the cost model, which prefers
+    narrow ones on these shapes), so a build that follows the database shows it."""
+
+    scorer = "measured"
+
+    def __init__(self, fail: set[space.Config] | None = None, stop_after: int | None = None,
+                 fastest: space.Config | None = None) -> None:
+        self.calls: list[space.Config] = []
+        self.fail = fail or set()
+        self.stop_after = stop_after
+        self.fastest = fastest
+
+    def __call__(self, instance: KernelInstance, config: space.Config, tokens: int) -> float:
+        if self.stop_after is not None and len(self.calls) >= self.stop_after:
+            raise KeyboardInterrupt
+        self.calls.append(config)
+        if config in self.fail:
+            raise RuntimeError("out of resources: shared memory")
+        if config == self.fastest:
+            return 1e-7
+        values = dict(config)
+        return 1e-5 / int(values["BLOCK_N"]) + 1e-8 * (int(values["BLOCK_M"]) + int(values["num_stages"]) +
+                                                      int(values["num_warps"]) + int(values["BLOCK_K"]) / 16) + \
+            1e-9 * tokens
+
+
+@pytest.fixture(scope="module")
+def kernel_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("kernel-cache")
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory: pytest.TempPathFactory, kernel_cache: Path) -> Path:
+    out = tmp_path_factory.mktemp("tune-engine") / "demo-h100"
+    with override(kernel_cache_dir=str(kernel_cache)):
+        build(None, out, target="h100")
+    return out
+
+
+def _cli(args: list[str], kernel_cache: Path) -> tuple[int, str, str]:
+    with override(kernel_cache_dir=str(kernel_cache), progress=False):
+        result = CliRunner().invoke(main, args, catch_exceptions=False)
+    return result.exit_code, result.stdout, result.stderr
+
+
+def test_cost_model_sweep_of_every_kernel_writes_modelled_entries_plots_and_report(
+        engine: Path, kernel_cache: Path, tmp_path: Path) -> None:
+    db = tmp_path / "tuning.sqlite"
+    code, out, err = _cli(["tune", str(engine), "--cost-model", "--db", str(db), "--batch-sizes", "1,64", "--json"],
+                          kernel_cache)
+    assert code == 0, err
+    summary = json.loads(out)
+    kernels = {row["kernel"] for row in summary["sweeps"]}
+    assert len(kernels) == 6 and len(summary["sweeps"]) == 12  # 4 FP8 linears + expert up and down, 2 sizes each
+    assert all(row["check"].startswith("passed") and row["best config"] != "none" for row in summary["sweeps"])
+    opened = TuningDB(db)
+    entries = opened.entries()
+    opened.close()
+    assert len(entries) == 12 and {e.source for e in entries} == {MODELLED}
+    assert {e.bucket for e in entries} == {1, 64} and all(e.environment.triton for e in entries)
+    plots = [Path(p) for p in summary["plots"]]
+    assert len(plots) == 6 and all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in plots)
+    report = Path(summary["report"]).read_text()
+    assert "| kernel | tokens | configs | pruned |" in report and report.count("moe_nvfp4_gemm N=48") == 2
+
+
+def test_interrupted_sweep_resumes_without_repeating_finished_configs(engine: Path, kernel_cache: Path,
+                                                                        tmp_path: Path) -> None:
+    options = TuneOptions(db=tmp_path / "t.sqlite", kernels="moe_expert_down", batch_sizes=(8,), plots=False)
+    first = FakeTimer(stop_after=5)
+    with override(kernel_cache_dir=str(kernel_cache)), pytest.raises(KeyboardInterrupt):
+        tune_engine(engine, options, first)
+    assert len(first.calls) == 5
+    second = FakeTimer()
+    with override(kernel_cache_dir=str(kernel_cache)):
+        result = tune_engine(engine, options, second)
+    (sweep,) = result.sweeps
+    assert sweep.resumed == 5 and not set(first.calls) & set(second.calls)
+    assert len(first.calls) + len(second.calls) == len(sweep.trials)  # every kept config scored exactly once
+    assert sweep.chosen is not None and sweep.check.startswith("passed")
+    third = FakeTimer()
+    with override(kernel_cache_dir=str(kernel_cache)):
+        tune_engine(engine, options, third)
+    assert third.calls == []  # a finished sweep scores nothing again
+
+
+def test_a_spent_budget_stops_the_sweep_and_the_next_run_continues(engine: Path, kernel_cache: Path,
+                                                                   tmp_path: Path) -> None:
+    options = TuneOptions(db=tmp_path / "t.sqlite", kernels="moe_expert_down", batch_sizes=(8, 64), plots=False,
+                          budget_seconds=1e-9)
+    with override(kernel_cache_dir=str(kernel_cache)):
+        stopped = tune_engine(engine, options, FakeTimer())
+        assert stopped.stopped.startswith("the budget") and not stopped.sweeps[0].complete
+        assert len(stopped.sweeps) == 1
+        finished = tune_engine(engine, TuneOptions(db=options.db, kernels="moe_expert_down", batch_sizes=(8, 64),
+                                                   plots=False), FakeTimer())
+    assert not finished.stopped and [s.complete for s in finished.sweeps] == [True, True]
+
+
+def test_a_failing_config_scores_infinitely_slow_and_the_sweep_goes_on(engine: Path, kernel_cache: Path,
+                                                                      tmp_path: Path) -> None:
+    options = TuneOptions(db=tmp_path / "t.sqlite", kernels="moe_expert_up", batch_sizes=(1,), plots=False)
+    (problem,) = kernel_problems({"prefill": _graphs(engine)[0]}, "sm_90", "moe_expert_up")
+    best = min(space.prune(problem.instance, space.configs(problem.instance), "sm_90").kept,
+               key=lambda c: FakeTimer()(problem.instance, c, 1))
+    timer = FakeTimer(fail={best})
+    with override(kernel_cache_dir=str(kernel_cache)):
+        (sweep,) = tune_engine(engine, options, timer).sweeps
+    assert math.isinf(sweep.seconds(best)) and "out of resources" in sweep.trials[best].error
+    assert sweep.chosen not in (None, best) and sweep.failed == 1
+
+
+def _graphs(engine: Path) -> tuple[Graph, Graph]:
+    from nemocompile.runtime.engine import read_engine
+
+    contents = read_engine(engine)
+    return contents.prefill, contents.decode
+
+
+def _off_by_one(block_n: int) -> dict[str, bytes]:
+    """moe_gemm.py with the output columns shifted by one for one BLOCK_N: a test-only wrong kernel."""
+    source = (TEMPLATE_DIR / "moe_gemm.py").read_text()
+    line = "    col_ids = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)\n"
+    assert line in source
+    wrong = source.replace(line, line + f"    if BLOCK_N == {block_n}:\n        col_ids = col_ids + 1\n", 1)
+    return {"moe_gemm.py": wrong.encode()}
+
+
+def test_numerics_gate_rejects_a_wrong_kernel_even_when_it_is_fastest(engine: Path, kernel_cache: Path,
+                                                                       tmp_path: Path) -> None:
+    options = TuneOptions(db=tmp_path / "t.sqlite", kernels="moe_expert_up", batch_sizes=(1,), plots=False)
+    (problem,) = kernel_problems({"prefill": _graphs(engine)[0]}, "sm_90", "moe_expert_up")
+    wrong = next(c for c in space.prune(problem.instance, space.configs(problem.instance), "sm_90").kept
+                 if dict(c)["BLOCK_N"] == 256)
+    timer = FakeTimer(fastest=wrong)
+    with override(kernel_cache_dir=str(kernel_cache)):
+        result = tune_engine(engine, options, timer, sources=_off_by_one(256))
+    (sweep,) = result.sweeps
+    assert sweep.chosen is not None and dict(sweep.chosen)["BLOCK_N"] != 256
+    assert any(space.short(wrong) in m and "numerics gate" in m and "exceeds the tolerance" in m
+               for m in sweep.rejected), sweep.rejected
+    assert math.isinf(sweep.seconds(wrong))
+    opened = TuningDB(options.db)
+    (entry,) = opened.entries()
+    opened.close()
+    assert entry.config == sweep.chosen and entry.source == TUNED  # the wrong config is never recorded
+    assert "Rejected configs" in (options.reports / "report.md").read_text()
+
+
+def test_build_takes_recorded_configs_and_names_entries_of_another_triton(engine: Path, kernel_cache: Path,
+                                                                           tmp_path: Path) -> None:
+    db = tmp_path / "t.sqlite"
+    with override(kernel_cache_dir=str(kernel_cache)):
+        tune_engine(engine, TuneOptions(db=db, kernels="moe_expert_*", batch_sizes=(1, 64), plots=False), FakeTimer())
+        tune_engine(engine, TuneOptions(db=db, kernels="quant_linear", batch_sizes=(64,), cost_model=True,
+                                        plots=False))
+    with sqlite3.connect(db) as connection:  # the linears' entries as if tuned with another Triton
+        connection.execute("UPDATE entries SET triton = '3.0.0' WHERE kernel = 'fp8_linear'")
+    out = tmp_path / "engine"
+    with override(kernel_cache_dir=str(kernel_cache)):
+        result = build(None, out, target="h100", tuning_db=db)
+    manifest = json.loads((out / "manifest.json").read_text())
+    configs = manifest["kernel_configs"]
+    experts = [c for c in configs if c["op"].startswith("moe_expert")]
+    linears = [c for c in configs if c["op"] == "quant_linear"]
+    assert experts and all(c["source"] == "tuned" and str(db) in c["why"] for c in experts)
+    assert all(json.loads(c["config"])["BLOCK_N"] == 256 for c in experts)  # the fake timer's winner
+    assert linears and all(c["source"] == "modelled" and c["why"].startswith("cost model") for c in linears)
+    assert all(c["check"].startswith("passed") for c in configs)
+    skipped = dict(result.skipped_tuning)
+    assert skipped and all("recorded for Triton 3.0.0, this build uses" in why for why in skipped.values())
+    report = (out / "report.md").read_text()
+    assert "Tuning-database entries not used" in report and "## Explained plan" in report
+    index = json.loads((out / "kernels" / "kernels.json").read_text())
+    assert any(k["constexprs"].get("BLOCK_N") == 256 for k in index["kernels"])
+
+
+def test_build_refuses_a_missing_tuning_database_before_writing(tmp_path: Path) -> None:
+    with pytest.raises(UsageError, match="does not exist"):
+        build(None, tmp_path / "engine", target="h100", tuning_db=tmp_path / "none.sqlite")
+    assert not (tmp_path / "engine").exists()
+
+
+def test_plan_explain_lists_precision_rule_kernel_config_and_check(tmp_path: Path, kernel_cache: Path) -> None:
+    checkpoint = write_demo_checkpoint(tmp_path / "demo")
+    code, out, err = _cli(["plan", str(checkpoint / "config.json"), "--target", "h100", "--explain", "--json"],
+                          kernel_cache)
+    assert code == 0, err
+    rows = json.loads(out)["explained"]
+    up = next(r for r in rows if r["op"] == "moe_expert_up")
+    assert up["kernel"] == "triton_moe_up_w4a16" and up["why"].startswith("modelled: cost model")
+    assert "policy component routed_experts = nvfp4_w4a16" in up["rule"] and "plan reads no weights" in up["check"]
+    norm = next(r for r in rows if r["op"] == "rms_norm")
+    assert norm["kernel"] == "reference" and norm["why"].startswith("fallback")
+
+
+def test_tune_refuses_bad_options(engine: Path, kernel_cache: Path, tmp_path: Path) -> None:
+    db = str(tmp_path / "t.sqlite")
+    for args, message in ((["--batch-sizes", "1,x"], "--batch-sizes must be comma-separated integers"),
+                          (["--budget", "soon"], "--budget must be a duration"),
+                          (["--kernels", "nothing*"], "has no tunable Triton kernel matching"),
+                          (["--target", "b200"], "--target b200 is sm_100")):
+        code, _, err = _cli(["tune", str(engine), "--cost-model", "--db", db, *args], kernel_cache)
+        assert code == 2 and message in err, err
+    code, _, err = _cli(["tune", str(engine), "--db", db], kernel_cache)  # no GPU here
+    assert code == 2 and "use --cost-model" in err
+    shutil.rmtree(tmp_path)

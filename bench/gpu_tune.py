@@ -24,7 +24,6 @@ import math
 import sys
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,7 +37,7 @@ from nemocompile.codegen.tuning.db import TUNED, Entry, Trial, TuningDB, bucket_
 from nemocompile.kernel_configs import environment, kernel_key
 from nemocompile.numerics_gate import tolerance_for
 from nemocompile.targets import Target, load_target
-from nemocompile.tune import compile_jobs
+from nemocompile.tune_measure import compile_all
 
 TARGETS = {90: "h100", 100: "b200"}
 BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -130,12 +129,8 @@ def gpu_runner(arch: str) -> Runner:  # pragma: no cover - needs a GPU
 
 def precompile(instances: Sequence[KernelInstance], configs: Sequence[space.Config], arch: str) -> int:
     """Compile every (instance, config) into the shared cache in parallel; the failures' count."""
-    from nemocompile.tune import compile_config
-
     cache = Path(settings().kernel_cache_dir).expanduser()
-    jobs = [(i, c) for i in instances for c in configs]
-    with ThreadPoolExecutor(compile_jobs()) as pool:
-        return sum(1 for error in pool.map(lambda job: compile_config(job[0], job[1], arch, cache), jobs) if error)
+    return sum(len(compile_all(instance, configs, arch, cache)) for instance in instances)
 
 
 def record(db: TuningDB, target: Target, instance: KernelInstance, row: Row) -> None:

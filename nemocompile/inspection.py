@@ -45,6 +45,7 @@ class EngineInfo:
             "fusions": fusions_in(self.graph),
             "kernels": [use.to_json() for use in m.kernels],
             "kernel_counts": m.kernel_counts(),
+            "kernel_configs": [c.to_json() for c in m.kernel_configs],
             "backends": list(m.backends),
             "files": {name: entry.to_json() for name, entry in m.files.items()},
         }

@@ -100,6 +100,7 @@ class ConfigChooser:
     choices: list[KernelConfig] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)  # entry description -> why not used
     rejected: list[str] = field(default_factory=list)  # configs the gate rejected, with the message
+    _ranked: dict[tuple[KernelInstance, int], list[tuple[space.Config, float]]] = field(default_factory=dict)
 
     def __call__(self, graph: str, op: Op, instances: tuple[KernelInstance, ...]) -> tuple[KernelInstance, ...]:
         result = list(instances)
@@ -123,7 +124,9 @@ class ConfigChooser:
             if result.entry is not None:
                 found.append(_from_entry(result.entry, self.db.path))
         default = space.config_of(instance)
-        order = ranked(instance, tokens, self.target)
+        if (instance, tokens) not in self._ranked:  # ops of both graphs share instances
+            self._ranked[instance, tokens] = ranked(instance, tokens, self.target)
+        order = self._ranked[instance, tokens]
         default_time = cost_model.seconds(instance, default, tokens, self.target) \
             if space.why_pruned(instance, default, self.target.arch) is None else None
         for config, seconds in order:

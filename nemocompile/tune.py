@@ -16,19 +16,16 @@ from __future__ import annotations
 import contextlib
 import fnmatch
 import math
-import os
 import time
-from collections.abc import Mapping
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
 import torch
 
-from nemocompile.base.errors import CompileError, UsageError
+from nemocompile.base.errors import UsageError
 from nemocompile.base.settings import settings
-from nemocompile.codegen.triton.aot import compile_instance
 from nemocompile.codegen.triton.plan import plan_kernels
 from nemocompile.codegen.triton.spec import KernelInstance
 from nemocompile.codegen.tuning import cost_model, space
@@ -49,15 +46,18 @@ from nemocompile.targets import Target, load_target
 
 from .kernel_configs import environment, kernel_key
 from .numerics_gate import EngineGate, GateCache
+from .tune_measure import compile_config
 
 DEFAULT_BATCH_SIZES = (1, 8, 64, 256)
-GIB = 1 << 30
 
 
 class Timer(Protocol):
-    """Scores one config of an instance on `tokens` tokens, in seconds (raises when it cannot run)."""
+    """Scores one config of an instance on `tokens` tokens, in seconds (raises when it cannot run);
+    `prepare` readies the configs it will be asked for (compiles them) and returns the failures."""
 
     scorer: str  # "modelled" or "measured"
+
+    def prepare(self, instance: KernelInstance, configs: Sequence[space.Config]) -> Mapping[space.Config, str]: ...
 
     def __call__(self, instance: KernelInstance, config: space.Config, tokens: int) -> float: ...
 
@@ -67,6 +67,9 @@ class CostModelTimer:
 
     def __init__(self, target: Target) -> None:
         self.target = target
+
+    def prepare(self, instance: KernelInstance, configs: Sequence[space.Config]) -> Mapping[space.Config, str]:
+        return {}  # nothing runs; the chosen config is compiled when it is selected
 
     def __call__(self, instance: KernelInstance, config: space.Config, tokens: int) -> float:
         return cost_model.seconds(instance, config, tokens, self.target)
@@ -172,18 +175,6 @@ class TuneResult:
     problems: int = 0
 
 
-def compile_jobs() -> int:
-    """Parallel compiles: one per CPU this process may use, at most one per 2 GiB of free memory."""
-    if settings().tune_compile_jobs:
-        return settings().tune_compile_jobs
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    try:
-        available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return cpus
-    return max(1, min(cpus, available // (2 * GIB)))
-
-
 def kernel_problems(graphs: Mapping[str, Graph], arch: str, pattern: str | None) -> list[KernelProblem]:
     """The engine's tunable kernel problems (one per distinct problem), in plan order."""
     typed = dict(graphs)
@@ -265,15 +256,6 @@ def _device_timer(target: Target) -> Timer:
     return MeasuredTimer(target.arch, Path(settings().kernel_cache_dir).expanduser(), torch.device("cuda"))
 
 
-def compile_config(instance: KernelInstance, config: space.Config, arch: str, cache_dir: Path) -> str:
-    """"" when the config compiles for `arch`, else the compiler's one sentence."""
-    try:
-        compile_instance(space.apply(instance, config), arch, cache_dir)
-    except CompileError as error:
-        return str(error)
-    return ""
-
-
 def _sweep(problem: KernelProblem, tokens: int, target: Target, timer: Timer, db: TuningDB, env: Environment,
            deadline: float, listener: SweepListener | None, cache_dir: Path) -> Sweep:
     instance = problem.instance
@@ -288,13 +270,7 @@ def _sweep(problem: KernelProblem, tokens: int, target: Target, timer: Timer, db
     if listener:
         listener.started(f"{problem.label} @ {tokens} tokens", len(order))
         _advance(listener, sweep, len(order) - len(pending))
-    compile_errors: dict[space.Config, str] = {}
-    if timer.scorer != MODELLED and pending:  # measured: compile in parallel first, bounded
-        with ThreadPoolExecutor(compile_jobs()) as pool:
-            for config, error in zip(pending, pool.map(lambda c: compile_config(instance, c, target.arch, cache_dir),
-                                                       pending), strict=True):
-                if error:
-                    compile_errors[config] = error
+    compile_errors = timer.prepare(instance, pending) if pending else {}  # measured: compiled in parallel first
     # modelled scores are cheap to take again: one commit per sweep; measured ones commit one by one
     with db.transaction() if timer.scorer == MODELLED else contextlib.nullcontext():
         _score(sweep, pending, len(order), problem, bucket, timer, db, env, deadline, listener, compile_errors)

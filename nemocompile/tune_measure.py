@@ -9,13 +9,17 @@ use it to exercise the measured path; its times mean nothing for a GPU."""
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
 
+from nemocompile.base.errors import CompileError
+from nemocompile.base.settings import settings
 from nemocompile.codegen.triton.aot import ARTIFACTS, compile_instance
 from nemocompile.codegen.triton.emit import INDEX, INDEX_VERSION, KERNELS_DIR
 from nemocompile.codegen.triton.spec import TEMPLATE_DIR, KernelInstance
@@ -25,6 +29,37 @@ from nemocompile.runtime.kernels import triton_gemm
 from nemocompile.runtime.kernels.triton_loader import TritonKernels
 
 FLUSH_BYTES = 256 << 20  # larger than the L2 of an H100/H200 (50 MB) or a B200 (126 MB)
+GIB = 1 << 30
+
+
+def compile_jobs() -> int:
+    """Parallel compiles: one per CPU this process may use, at most one per 2 GiB of free memory
+    (`NEMOCOMPILE_TUNE_COMPILE_JOBS` overrides)."""
+    if settings().tune_compile_jobs:
+        return settings().tune_compile_jobs
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    try:
+        available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return cpus
+    return max(1, min(cpus, available // (2 * GIB)))
+
+
+def compile_config(instance: KernelInstance, config: Config, arch: str, cache_dir: Path) -> str:
+    """"" when the config compiles for `arch` (into the shared cache), else the compiler's sentence."""
+    try:
+        compile_instance(apply(instance, config), arch, cache_dir)
+    except CompileError as error:
+        return str(error)
+    return ""
+
+
+def compile_all(instance: KernelInstance, configs: Sequence[Config], arch: str, cache_dir: Path) -> dict[Config, str]:
+    """Compile `configs` in parallel (compile_jobs threads; ptxas runs as a child process); the
+    failures with their errors."""
+    with ThreadPoolExecutor(compile_jobs()) as pool:
+        errors = pool.map(lambda config: compile_config(instance, config, arch, cache_dir), configs)
+        return {config: error for config, error in zip(configs, errors, strict=True) if error}
 
 
 def kernel_files(instance: KernelInstance, arch: str, cache_dir: Path, device: torch.device) -> dict[str, bytes]:
@@ -100,6 +135,10 @@ class MeasuredTimer:
         self.repeats = repeats
         self.warmup = warmup
         self.flush = torch.empty(FLUSH_BYTES // 4, dtype=torch.float32, device=device) if device.type == "cuda" else None
+
+    def prepare(self, instance: KernelInstance, configs: Sequence[Config]) -> dict[Config, str]:
+        """Compile every config to be timed first, in parallel; the ones that failed."""
+        return compile_all(instance, configs, self.arch, self.cache_dir)
 
     def __call__(self, instance: KernelInstance, config: Config, tokens: int) -> float:
         configured = apply(instance, config)

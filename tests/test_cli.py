@@ -101,7 +101,7 @@ def test_build_json_summary(demo_build: tuple[Path, dict[str, Any]]) -> None:
     assert set(summary) == {"engine", "target", "precision", "policy", "params_total", "bytes_written",
                             "bits_per_element", "seconds", "passes", "quantization_errors", "agreement",
                             "world_size", "planned_world_size", "kernels", "phases", "calibration", "deviation",
-                            "tensorrt"}
+                            "tensorrt", "kernel_configs", "skipped_tuning_entries", "rejected_configs"}
     assert summary["tensorrt"] is None  # no ONNX export without --tensorrt
     assert summary["world_size"] == summary["planned_world_size"] == 1
     # the routed experts' NVFP4 W4A16 GEMMs run on Triton kernels where triton is installed

@@ -52,7 +52,7 @@ def _error_classes() -> list[type[errors.NemocompileError]]:
 
 
 def test_every_command_is_covered() -> None:
-    assert COMMANDS == ["build", "inspect", "plan", "run"]
+    assert COMMANDS == ["build", "inspect", "plan", "run", "tune"]
 
 
 @pytest.mark.parametrize("command", ["", *COMMANDS])
@@ -139,6 +139,8 @@ PATHS = [
     (["run", "e", "--input-ids", "1", "--temperature", "hot"], 2, "--temperature", True),
     (["run", "e", "--nonsense"], 2, "No such option", True),
     (["compile"], 2, "No such command 'compile'", True),
+    (["tune", "/nonexistent/engine", "--cost-model"], 1, "is not an engine directory", False),
+    (["tune", "e", "--budget", "soon"], 2, "--budget must be a duration", False),
     (["plan"], 2, "Missing argument 'CONFIG'", True),
     ([], 2, "no command given", True),
 ]

@@ -10,6 +10,7 @@ import json
 import math
 import shutil
 import sqlite3
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -37,11 +38,15 @@ class FakeTimer:
     scorer = "measured"
 
     def __init__(self, fail: set[space.Config] | None = None, stop_after: int | None = None,
-                 fastest: space.Config | None = None) -> None:
+                 fastest: space.Config | None = None, compile_fail: set[space.Config] | None = None) -> None:
         self.calls: list[space.Config] = []
         self.fail = fail or set()
         self.stop_after = stop_after
         self.fastest = fastest
+        self.compile_fail = compile_fail or set()
+
+    def prepare(self, instance: KernelInstance, configs: Sequence[space.Config]) -> dict[space.Config, str]:
+        return {c: "CompileError: out of registers" for c in configs if c in self.compile_fail}
 
     def __call__(self, instance: KernelInstance, config: space.Config, tokens: int) -> float:
         if self.stop_after is not None and len(self.calls) >= self.stop_after:
@@ -134,13 +139,15 @@ def test_a_failing_config_scores_infinitely_slow_and_the_sweep_goes_on(engine: P
                                                                       tmp_path: Path) -> None:
     options = TuneOptions(db=tmp_path / "t.sqlite", kernels="moe_expert_up", batch_sizes=(1,), plots=False)
     (problem,) = kernel_problems({"prefill": _graphs(engine)[0]}, "sm_90", "moe_expert_up")
-    best = min(space.prune(problem.instance, space.configs(problem.instance), "sm_90").kept,
-               key=lambda c: FakeTimer()(problem.instance, c, 1))
-    timer = FakeTimer(fail={best})
+    best, second = sorted(space.prune(problem.instance, space.configs(problem.instance), "sm_90").kept,
+                          key=lambda c: FakeTimer()(problem.instance, c, 1))[:2]
+    timer = FakeTimer(fail={best}, compile_fail={second})
     with override(kernel_cache_dir=str(kernel_cache)):
         (sweep,) = tune_engine(engine, options, timer).sweeps
     assert math.isinf(sweep.seconds(best)) and "out of resources" in sweep.trials[best].error
-    assert sweep.chosen not in (None, best) and sweep.failed == 1
+    assert math.isinf(sweep.seconds(second)) and "out of registers" in sweep.trials[second].error
+    assert second not in timer.calls  # a config that did not compile is not run
+    assert sweep.chosen not in (None, best, second) and sweep.failed == 2
 
 
 def _graphs(engine: Path) -> tuple[Graph, Graph]:
@@ -206,6 +213,8 @@ def test_build_takes_recorded_configs_and_names_entries_of_another_triton(engine
     assert "Tuning-database entries not used" in report and "## Explained plan" in report
     index = json.loads((out / "kernels" / "kernels.json").read_text())
     assert any(k["constexprs"].get("BLOCK_N") == 256 for k in index["kernels"])
+    code, inspected, err = _cli(["inspect", str(out), "--json"], kernel_cache)  # the manifest reads back
+    assert code == 0 and json.loads(inspected)["kernel_configs"] == configs, err
 
 
 def test_build_refuses_a_missing_tuning_database_before_writing(tmp_path: Path) -> None:

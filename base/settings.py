@@ -38,6 +38,14 @@ class Settings:
     # Kernel compiles a tuning sweep runs at once; 0: one per CPU this process may use, at most one
     # per 2 GiB of available memory.
     tune_compile_jobs: int = 0
+    # The memory plan (docs/memory-plan.md). Tokens one forward step processes at most: longer
+    # prompts are prefilled in chunks of this many (vLLM's and TensorRT-LLM's default budget).
+    plan_step_tokens: int = 8192
+    # Per GPU, beside weights, state and workspace: the CUDA context (about 0.5 GB on Hopper and
+    # Blackwell), cuBLAS/cuBLASLt workspaces and the caching allocator's rounding.
+    plan_runtime_reserve_bytes: int = 1 << 30
+    # Per GPU and NCCL communicator: 32 channels x send + receive x NCCL_BUFFSIZE (4 MiB).
+    plan_nccl_bytes: int = 32 * 2 * (4 << 20)
 
 
 def _parse(kind: type[Any] | str, text: str) -> Any:

@@ -182,10 +182,31 @@ def plan(config: Path, target: str, precision: str, overrides: tuple[str, ...], 
                               f"({result.config.pattern}) on {result.target.name}, {precision}", result.stats))
     stats = result.stats
     stdout.print(f"active per token without embeddings: {_params(stats.params_active_without_embeddings)}; "
-                 f"MTP: {_params(stats.params_mtp)}; {stats.bits_per_element:.2f} bits per element; "
+                 f"MTP: {_params(stats.params_mtp)}; {stats.bits_per_element:.2f} bits per element",
+                 highlight=False)
+    stdout.print(_memory_table(result.memory))
+    memory = result.memory
+    longest = memory.largest_context(1)
+    stdout.print(f"KV cache {_human_bytes(memory.kv_bytes_per_token)} per token and Mamba state "
+                 f"{_human_bytes(memory.ssm_state_bytes_per_sequence)} per sequence, per GPU; largest context at "
+                 f"batch 1: {'unbounded (no attention layer)' if longest is None else f'{longest:,} tokens'}; "
                  f"{_human_bytes(result.bytes_per_gpu)} per GPU at world size {world_size} of "
                  f"{_human_bytes(result.target.memory_bytes)}: {'fits' if result.fits else 'does NOT fit'}; "
                  f"planned in {result.seconds:.2f} s", highlight=False)
+
+
+def _memory_table(memory: Any) -> Table:
+    batch, context = memory.max_batch, memory.max_context
+    table = Table(title=f"memory per GPU at batch {batch} x context {context:,} "
+                        f"(tp {memory.parallelism.tp}, ep {memory.parallelism.ep})")
+    table.add_column("part", justify="left")
+    table.add_column("bytes", justify="right")
+    for name, size in memory.parts(batch, context).items():
+        table.add_row(name, _human_bytes(size))
+    table.add_section()
+    table.add_row("total", _human_bytes(memory.bytes_per_gpu))
+    table.add_row("GPU memory", _human_bytes(memory.target.memory_bytes))
+    return table
 
 
 def _phase_progress(done: int, total: int | None, unit: str, seconds: float) -> str:

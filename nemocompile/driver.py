@@ -56,6 +56,8 @@ from .engine_files import staged_directory, write_manifest
 from .explain import explain, explained_lines
 from .kernel_configs import ConfigChooser, tuning_lines
 from .numerics_gate import EngineGate, GateCache
+from .memory_plan import MemoryPlan, check_fits, plan_memory
+from .memory_plan_split import Parallelism
 from .options import BuildOptions
 from .pipeline import (
     AGREEMENT,
@@ -214,8 +216,9 @@ class BuildContext:
     the driver steps made (activation scales, the weight stream). The pipeline's steps run on it."""
 
     def __init__(self, options: BuildOptions, imported: ImportedModel, stage: Path,
-                 printer: Callable[[str, str], None] | None, phases: Phases) -> None:
+                 printer: Callable[[str, str], None] | None, phases: Phases, model_name: str = "model") -> None:
         self.options = options
+        self.model_name = model_name
         self.imported = imported
         self.stage = stage
         self.printer = printer
@@ -231,6 +234,15 @@ class BuildContext:
         self.scales: dict[str, torch.Tensor] = {}
         self.stream: WeightStream | None = None
         self.bytes_written = 0
+        self.memory_plan: MemoryPlan | None = None
+
+    def plan_memory(self) -> MemoryPlan:
+        """The memory plan per GPU of the graph as its formats now stand; refuses a plan that does not fit."""
+        world = self.options.world_size
+        self.memory_plan = plan_memory(self.model_name, self.graphs[PREFILL], self.imported.config, self.target,
+                                       Parallelism(world, world), self.options.bounds)
+        check_fits(self.memory_plan)
+        return self.memory_plan
 
     def run(self) -> list[PassRecord]:
         return run_steps(self.steps, self, self.options.print_after, self.printer, self.phases)
@@ -426,7 +438,7 @@ def build(model: Path | None, out: Path, options: BuildOptions | None = None,
             imported = import_checkpoint(model_dir, options.bounds)
             phases.summarize(f"{source_name}: {len(imported.config.layer_kinds)} layers "
                              f"({imported.config.pattern}), {len(imported.graph.weights)} weights")
-        job = BuildContext(options, imported, stage, printer, phases)
+        job = BuildContext(options, imported, stage, printer, phases, source_name)
         records = job.run()
         graph, decode = job.graphs[PREFILL], job.graphs[DECODE]
         float_graph = job.graphs.get(FLOAT, graph)
@@ -472,7 +484,8 @@ def build(model: Path | None, out: Path, options: BuildOptions | None = None,
                          compiled_kernels=compiled.report_rows() if compiled is not None else (),
                          kernel_config_lines=[*tuning_lines(chooser), "",
                                               *explained_lines(explain({PREFILL: graph, DECODE: decode}, job.policy,
-                                                                       chooser.choices, job.target.arch))])
+                                                                       chooser.choices, job.target.arch))],
+                         memory=job.memory_plan)
             remove_resume_files(stage)  # the engine is complete: nothing left to resume
             manifest = write_manifest(stage, manifest)
             phases.summarize(f"{len(manifest.files)} files, each with its sha256 in {MANIFEST_NAME}")

@@ -2,7 +2,7 @@
 
 A step is either a graph pass (`PassStep`: a pass from passes/ applied to one of the build's
 graphs) or a driver step that needs weights or the runtime and so cannot live in passes/
-(`Calibrate`, `QuantizeWeights`). Both have a name and options, and every step is timed and
+(`PlanMemory`, `Calibrate`, `QuantizeWeights`). Both have a name and options, and every step is timed and
 recorded the same way (`PassRecord`: seconds, counts, ops before/after, notes).
 
 The build holds named graphs: `prefill` (the engine graph), `float` (prefill as it was before
@@ -205,6 +205,23 @@ class Calibrate(Step):
 
 
 @dataclass(frozen=True)
+class PlanMemory(Step):
+    """The memory plan per GPU (memory_plan.py) at the build's world size and run-time bounds, from
+    the graph's formats; a plan that does not fit the target refuses the build here, before
+    calibration and quantization run."""
+
+    name: ClassVar[str] = "plan_memory"
+
+    def run(self, context: BuildContext) -> PassRecord:
+        plan = context.plan_memory()
+        ops = len(context.graphs[PREFILL].ops)
+        return PassRecord(self.name, 0.0, {"bytes_per_gpu": plan.bytes_per_gpu,
+                                           "kv_bytes_per_token": plan.kv_bytes_per_token,
+                                           "ssm_state_bytes_per_sequence": plan.ssm_state_bytes_per_sequence},
+                          ops, ops)
+
+
+@dataclass(frozen=True)
 class QuantizeWeights(Step):
     """Stream every weight into the engine's weight file in its assigned format (NVFP4, FP8 or a
     float), one tensor at a time."""
@@ -233,6 +250,7 @@ def build_steps(target: Target, policy: PrecisionPolicy, calibrate: int = 8,
         PassStep(Decompose()),
         PassStep(AssignPrecision(policy), keep=FLOAT),
         *fusion_steps(),
+        PlanMemory(),
         Calibrate(calibrate, calibration_data),
         QuantizeWeights(policy.nvfp4_four_over_six),
         # kernel selection: for the engine graph, then for the decode graph forked from it

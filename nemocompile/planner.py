@@ -1,5 +1,6 @@
 """Plan mode: build the graph from config.json alone (no weight bytes read or allocated), assign
-precision by the target's policy, and account parameters and bytes, per GPU for a world size."""
+precision by the target's policy, account parameters and bytes, and plan the memory of each GPU
+for a world size (weights, KV cache, Mamba state, workspace, communication: memory_plan.py)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,8 @@ from nemocompile.passes.manager import PassManager, PassRecord
 from nemocompile.passes.precision_policy import PrecisionPolicy, resolve_policy
 from nemocompile.targets import Target, load_target
 
+from .memory_plan import MemoryPlan, plan_memory
+from .memory_plan_split import Parallelism
 from .options import BuildOptions
 from .pipeline import build_steps, graph_passes
 from .stats import ParamStats, param_stats
@@ -35,16 +38,17 @@ class PlanResult:
     graph: Graph  # core-op graph after precision assignment, weights without sources
     stats: ParamStats
     records: list[PassRecord]
+    memory: MemoryPlan
     seconds: float
 
     @property
     def bytes_per_gpu(self) -> int:
-        """Weights split evenly over the ranks (tensor and expert parallel); KV/SSM state not included."""
-        return -(-self.stats.bytes_total // self.world_size)
+        """The full plan of the largest rank at --max-batch-size and --max-context."""
+        return self.memory.bytes_per_gpu
 
     @property
     def fits(self) -> bool:
-        return self.bytes_per_gpu <= self.target.memory_bytes
+        return self.memory.fits
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -60,6 +64,11 @@ class PlanResult:
             "bytes_per_gpu": self.bytes_per_gpu,
             "gpu_memory_bytes": self.target.memory_bytes,
             "fits": self.fits,
+            "weights_bytes_per_gpu": self.memory.weights_bytes,
+            "kv_bytes_per_token": self.memory.kv_bytes_per_token,
+            "ssm_state_bytes_per_sequence": self.memory.ssm_state_bytes_per_sequence,
+            "max_context_at_batch_1": self.memory.largest_context(1),
+            "memory_plan": self.memory.as_json(),
             "ops": self.graph.op_counts(),
             "notes": [note for record in self.records for note in record.notes],
             "seconds": round(self.seconds, 3),
@@ -79,5 +88,7 @@ def plan_model(config_path: Path, options: BuildOptions | None = None) -> PlanRe
     # MTP blocks are carried in the float base (as in NVIDIA's released mixed-precision checkpoints)
     stats = param_stats(graph, mtp_weight_estimate(config), BASE_BITS[policy.base])
     name = config_path.parent.name if config_path.name == "config.json" else config_path.stem
+    memory = plan_memory(name, graph, config, target, Parallelism(options.world_size, options.world_size),
+                         options.bounds, stats.categories["mtp"].bytes if "mtp" in stats.categories else 0)
     return PlanResult(name, config, target, policy, options.precision, options.world_size, graph, stats, records,
-                      time.perf_counter() - start)
+                      memory, time.perf_counter() - start)

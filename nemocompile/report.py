@@ -20,6 +20,7 @@ from nemocompile.runtime.engine_format import Manifest
 from nemocompile.targets import Target
 
 from .agreement import Agreement
+from .memory_plan import MemoryPlan
 from .pipeline import WRITE, PhaseRecord, fusion_counts
 from .stats import ParamStats
 from .weight_stream import QuantizationError
@@ -234,6 +235,30 @@ def deviation_lines(deviation: Agreement | None, graph: Graph) -> list[str]:
     ]
 
 
+def memory_plan_lines(memory: MemoryPlan) -> list[str]:
+    """The memory plan per GPU and the largest batch x context that fits (docs/memory-plan.md)."""
+    batch, context = memory.max_batch, memory.max_context
+    longest_at_one, longest = memory.largest_context(1), memory.largest_context(batch)
+    lines = [f"## Memory plan per GPU (world size {memory.parallelism.world_size}, tp {memory.parallelism.tp}, "
+             f"ep {memory.parallelism.ep})", "",
+             f"At --max-batch-size {batch} and --max-context {context}, "
+             f"{memory.step_tokens(batch, context)} tokens per forward step:", "",
+             "| part | bytes |", "|---|---:|"]
+    lines += [f"| {name} | {size:,} |" for name, size in memory.parts(batch, context).items()]
+    lines += [f"| total | {memory.bytes_per_gpu:,} |", f"| GPU memory ({memory.target.name}) | "
+              f"{memory.target.memory_bytes:,} |", "",
+              f"- KV cache per token: {memory.kv_bytes_per_token:,} bytes; Mamba state per sequence: "
+              f"{memory.ssm_state_bytes_per_sequence:,} bytes (conv {memory.conv_state_bytes_per_sequence:,}, "
+              f"SSM {memory.ssm_bytes_per_sequence:,})",
+              f"- largest batch x context that fits: {batch} x {_tokens(longest)} (at --max-batch-size), "
+              f"{memory.largest_batch(context)} x {context} (at --max-context), 1 x {_tokens(longest_at_one)}"]
+    return lines
+
+
+def _tokens(count: int | None) -> str:
+    return "unbounded (no attention layer)" if count is None else str(count)
+
+
 def _sqnr(value: float) -> str:
     return "inf" if math.isinf(value) else f"{value:.2f}"
 
@@ -243,8 +268,9 @@ def write_report(path: Path, manifest: Manifest, graph: Graph, stats: ParamStats
                  target: Target, unknown_keys: Sequence[str] = (), skipped_tensors: Sequence[str] = (),
                  phases: Sequence[PhaseRecord] = (), calibration: CalibrationInfo | None = None,
                  deviation: Agreement | None = None, checkpoint_quirks: Sequence[str] = (),
-                 compiled_kernels: Sequence[Mapping[str, Any]] = (), kernel_config_lines: Sequence[str] = ()) -> None:
-    per_gpu = stats.bytes_total / planned_world_size
+                 compiled_kernels: Sequence[Mapping[str, Any]] = (), kernel_config_lines: Sequence[str] = (),
+                 memory: MemoryPlan | None = None) -> None:
+    per_gpu = memory.bytes_per_gpu if memory is not None else stats.bytes_total / planned_world_size
     lines = [
         f"# Engine: {manifest.source.name}",
         "",
@@ -262,7 +288,7 @@ def write_report(path: Path, manifest: Manifest, graph: Graph, stats: ParamStats
         f"- stored bytes: {stats.bytes_total:,} ({stats.bits_per_element:.3f} bits per element)",
         f"- bytes per GPU at planned world size {planned_world_size} (a plan; the engine is not sharded): "
         f"{per_gpu:,.0f} of {target.memory_bytes:,} "
-        f"({'fits' if per_gpu <= target.memory_bytes else 'does not fit'})",
+        f"({'fits' if per_gpu <= target.memory_bytes else 'does not fit'}; the memory plan below)",
         "",
         "| category | parameters | active | bytes | bits/element |",
         "|---|---:|---:|---:|---:|",
@@ -270,6 +296,8 @@ def write_report(path: Path, manifest: Manifest, graph: Graph, stats: ParamStats
     for name, entry in stats.categories.items():
         lines.append(f"| {name} | {entry.params:,} | {round(entry.active):,} | {entry.bytes:,} | "
                      f"{stats.bits_of(name):.3f} |")
+    if memory is not None:
+        lines += ["", *memory_plan_lines(memory)]
     lines += ["", "## Precision policy", ""]
     lines += [f"- {component}: {chosen}" for component, chosen in manifest.policy.components.items()]
     if manifest.policy.exclude:

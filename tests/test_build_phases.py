@@ -24,6 +24,7 @@ from nemocompile.options import BuildOptions
 from nemocompile.passes.precision_policy import resolve_policy
 from nemocompile.pipeline import (
     CALIBRATION,
+    PASSES,
     PHASES,
     QUANTIZE,
     WRITE,
@@ -90,7 +91,9 @@ def test_every_step_belongs_to_a_known_phase_in_build_order() -> None:
         order = [phase for phase, _ in groups]
         assert len(order) == len(set(order)), f"a phase is split in two: {order}"
         assert order == [p for p in PHASES if p in order]
-        assert [p for p, steps in groups if not all(isinstance(s, PassStep) for s in steps)] == [CALIBRATION, QUANTIZE]
+        # driver steps: the memory plan among the passes, calibration, quantize-and-write
+        assert [p for p, steps in groups if not all(isinstance(s, PassStep) for s in steps)] == [PASSES, CALIBRATION,
+                                                                                               QUANTIZE]
 
 
 def test_not_on_a_terminal_each_phase_prints_one_line_with_its_time(logged_build: tuple[Path, Result]) -> None:

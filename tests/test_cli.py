@@ -33,7 +33,7 @@ FUSIONS = ["fuse_experts", "fuse_router", "fuse_add_rms_norm", "fuse_dequant_gem
 PIPELINE = ["set_precision", "decompose", "assign_precision", *FUSIONS, "select_kernels", "specialize_decode",
             "select_kernels"]
 # every step of the build, the driver steps (calibrate, quantize_weights) included
-STEPS = ["set_precision", "decompose", "assign_precision", *FUSIONS, "calibrate", "quantize_weights",
+STEPS = ["set_precision", "decompose", "assign_precision", *FUSIONS, "plan_memory", "calibrate", "quantize_weights",
          "select_kernels", "specialize_decode", "select_kernels"]
 IR_HEADER = re.compile(r"^// ----- IR after (\S+) -----$", re.MULTILINE)
 

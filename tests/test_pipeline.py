@@ -17,7 +17,7 @@ from nemocompile.pipeline import DECODE, FLOAT, PassStep, build_steps, graph_pas
 from nemocompile.targets import load_target
 
 FUSIONS = ["fuse_experts", "fuse_router", "fuse_add_rms_norm", "fuse_dequant_gemm", "fuse_mamba_chain"]
-ORDER = ["set_precision", "decompose", "assign_precision", *FUSIONS, "calibrate", "quantize_weights",
+ORDER = ["set_precision", "decompose", "assign_precision", *FUSIONS, "plan_memory", "calibrate", "quantize_weights",
          "select_kernels", "specialize_decode", "select_kernels"]
 
 
@@ -31,8 +31,8 @@ def test_each_target_has_one_ordered_list_with_the_driver_steps(name: str) -> No
     target = load_target(name)
     steps = build_steps(target, resolve_policy(target))
     assert [s.name for s in steps] == ORDER
-    assert [s.changes_graph for s in steps] == [True, True, True, *(True for _ in FUSIONS), False, False, True, True,
-                                                True]
+    assert [s.changes_graph for s in steps] == [True, True, True, *(True for _ in FUSIONS), False, False, False, True,
+                                                True, True]
     assign = steps[2]
     assert isinstance(assign, PassStep) and assign.keep == FLOAT  # calibration runs the float graph
     decode = [s for s in steps if s.graph == DECODE]
@@ -86,6 +86,7 @@ def test_time_passes_prints_every_step_with_its_time_and_counts(timed_build: Res
     by_step = {row.split()[0]: row for row in rows[1:-1] if "decode" not in row}
     assert re.search(r"act_nvfp4=4", by_step["assign_precision"])  # W4A4 experts on Blackwell
     assert re.search(r"scales=12", by_step["calibrate"])
+    assert re.search(r"kv_bytes_per_token=\d+", by_step["plan_memory"])
     assert re.search(r"nvfp4=4", by_step["quantize_weights"])
     seconds = [float(row.split()[2]) for row in rows[1:-1]]
     total = float(rows[-1].split()[1])

@@ -31,6 +31,15 @@ CATEGORIES = ("embeddings", "lm_head", "attention", "mamba_in_proj", "mamba_out_
               INPUT_SCALE_CATEGORY)
 
 
+# The per-tensor scales of an FP8 KV cache (passes/assign_kv_cache.py): `{scope}.k_scale`, `{scope}.v_scale`.
+KV_SCALES = ("k_scale", "v_scale")
+
+
+def kv_scale_name(scope: str, which: str) -> str:
+    """The scale of attention block `scope`'s key (`which` = "k") or value ("v") cache."""
+    return f"{scope}.{which}_scale"
+
+
 # Graph input: tokens each sequence already holds in its caches (attention writes at that position).
 CACHE_LENS = "cache_lens"  # graph input: tokens each sequence holds before this call
 SEQ_LENS = "seq_lens"  # graph input: real (not padding) new tokens of each sequence in this call

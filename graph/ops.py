@@ -266,6 +266,10 @@ define("ssd_state_update", "core", _SSD_OPERANDS, ["y", "ssm_state_out"], _SSD_A
 # ---------------------------------------------------------------- attention
 
 
+# The element dtype of an FP8 KV cache: the raw E4M3 code (its scale is an operand).
+FP8_CACHE_DTYPE = "fp8e4m3"
+
+
 def _verify_gqa(types: Types, attrs: Attrs) -> str | None:
     q, k = require(types, 0), require(types, 1)
     k_cache, lens = require(types, 3), require(types, 5)
@@ -276,6 +280,12 @@ def _verify_gqa(types: Types, attrs: Attrs) -> str | None:
         return f"v_cache {require(types, 4)} differs from k_cache {k_cache}"
     if lens.dtype.is_float or lens.rank != 1:
         return f"cache_lens {lens} must be integer [batch]"
+    scales = [types[index] if index < len(types) else None for index in (6, 7)]
+    coded = k_cache.dtype.name == FP8_CACHE_DTYPE
+    if coded and any(s is None or s.dtype != F32 or s.rank != 0 for s in scales):
+        return f"an FP8 cache {k_cache} needs fp32 scalar k_scale and v_scale"
+    if not coded and any(s is not None for s in scales):
+        return f"k_scale and v_scale belong to an FP8 cache, not {k_cache}"
     heads, kv_heads, head_dim = attrs.int("num_heads"), attrs.int("num_kv_heads"), attrs.int("head_dim")
     if heads % kv_heads:
         return f"num_heads {heads} is not a multiple of num_kv_heads {kv_heads}"
@@ -290,12 +300,14 @@ def _infer_gqa(types: Types, attrs: Attrs) -> tuple[TensorType, ...]:
     return (require(types, 0), require(types, 3), require(types, 4))
 
 
-define("attention_gqa", "core", ["q", "k", "v", "k_cache:state", "v_cache:state", "cache_lens:index"],
+define("attention_gqa", "core", ["q", "k", "v", "k_cache:state", "v_cache:state", "cache_lens:index",
+                                 "k_scale?:scale", "v_scale?:scale"],
        ["out", "k_cache_out", "v_cache_out"],
        [("num_heads", "int"), ("num_kv_heads", "int"), ("head_dim", "int"), ("scale", "float")],
        infer=_infer_gqa, verify=_verify_gqa,
        doc="causal grouped-query attention: sequence b writes its keys/values at positions cache_lens[b].. of "
-           "the preallocated caches and attends to positions 0..cache_lens[b]+t")
+           "the preallocated caches and attends to positions 0..cache_lens[b]+t; an FP8 (E4M3) cache takes fp32 "
+           "scales k_scale, v_scale: a key is stored as E4M3(clamp(k / k_scale, +-448)) and read as code * k_scale")
 
 # ---------------------------------------------------------------- mixture of experts
 

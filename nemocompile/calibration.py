@@ -16,11 +16,21 @@ import torch
 from nemocompile.base.errors import UsageError
 from nemocompile.base.formats import ACT_FORMATS, FORMATS
 from nemocompile.graph.ir import Graph, Op
-from nemocompile.graph.nemotron_h import INPUT_SCALE_CATEGORY
+from nemocompile.graph.nemotron_h import INPUT_SCALE_CATEGORY, KV_SCALES
+from nemocompile.graph.opdef import operand
 from nemocompile.passes.assign_precision import act_quantization, any_gemm_weight, gemm_weight
 from nemocompile.runtime.cache import Cache
 from nemocompile.runtime.executor import Executor
 from nemocompile.runtime.weights import WeightValue
+
+# An FP8 KV cache's scales: the attention_gqa operand each observes, and their format (amax / 448).
+KV_OPERANDS = {"k": 1, "v": 2}
+KV_CACHE_FORMAT = "fp8"
+
+
+def is_kv_scale(scale: str) -> bool:
+    return scale.rpartition(".")[2] in KV_SCALES
+
 
 # input_scale = amax / FORMAT_MAX[act_format], from the format registry (6 * 448, 448).
 FORMAT_MAX = {name: FORMATS[name].scaled_max for name in ACT_FORMATS}
@@ -31,7 +41,8 @@ ELEMENT_MAX = {name: FORMATS[name].max_value for name in ACT_FORMATS}
 
 def scales_needed(quantized: Graph) -> dict[str, tuple[str, str]]:
     """input_scale weight -> (the GEMM weight whose input it scales, activation format), for the
-    scales of `quantize` ops that have no source (a ModelOpt checkpoint brings its own)."""
+    scales of `quantize` ops that have no source (a ModelOpt checkpoint brings its own); and each
+    FP8 KV cache scale -> (the k_proj or v_proj whose output the cache stores, fp8)."""
     needed: dict[str, tuple[str, str]] = {}
     weights = quantized.weight_map()
     for quantize in quantized.ops:
@@ -49,6 +60,18 @@ def scales_needed(quantized: Graph) -> dict[str, tuple[str, str]]:
         weight = any_gemm_weight(gemms[0])
         assert weight is not None
         needed[scale] = (weight, fmt)
+    for attention in quantized.ops_named("attention_gqa"):
+        for which in KV_OPERANDS:
+            kv_scale = operand(attention, f"{which}_scale")
+            if kv_scale is None or weights[kv_scale].sources:
+                continue
+            source = operand(attention, which)
+            producer = quantized.producer(source) if source is not None else None
+            projection = any_gemm_weight(producer) if producer is not None else None
+            if projection is None:
+                raise UsageError(f"attention at {attention.scope} takes its {which} from no GEMM, so calibration "
+                                 f"cannot set {kv_scale}")
+            needed[kv_scale] = (projection, KV_CACHE_FORMAT)  # the GEMM whose output the cache stores
     return needed
 
 
@@ -106,10 +129,26 @@ class AmaxObserver:
     reads: one value per GEMM, one per expert for a grouped GEMM (0 for an expert no token reached)."""
 
     def __init__(self, needed: Mapping[str, tuple[str, str]]) -> None:
-        self.by_weight = {weight: scale for scale, (weight, _) in needed.items()}
+        self.by_weight = {weight: scale for scale, (weight, _) in needed.items() if not is_kv_scale(scale)}
+        # an FP8 KV cache's scales: the keys and values its attention receives, by scope
+        self.kv: dict[str, list[tuple[int, str]]] = {}
+        for scale in needed:
+            if is_kv_scale(scale):
+                scope, _, name = scale.rpartition(".")
+                self.kv.setdefault(scope, []).append((KV_OPERANDS[name.removesuffix("_scale")], scale))
         self.amax: dict[str, torch.Tensor] = {}
 
+    def _see(self, scale: str, seen: torch.Tensor) -> None:
+        seen = seen.cpu()
+        self.amax[scale] = seen if scale not in self.amax else torch.maximum(self.amax[scale], seen)
+
     def __call__(self, op: Op, args: Sequence[WeightValue | None]) -> None:
+        if op.opname == "attention_gqa":
+            for index, scale in self.kv.get(op.scope, ()):
+                values = args[index]
+                assert isinstance(values, torch.Tensor)
+                self._see(scale, values.float().abs().amax())
+            return
         weight = gemm_weight(op)
         if weight not in self.by_weight:
             return
@@ -123,9 +162,7 @@ class AmaxObserver:
                                 else torch.zeros((), device=x.device) for e in range(len(bounds) - 1)])
         else:
             seen = x.float().abs().amax()
-        seen = seen.cpu()
-        scale = self.by_weight[weight]
-        self.amax[scale] = seen if scale not in self.amax else torch.maximum(self.amax[scale], seen)
+        self._see(self.by_weight[weight], seen)
 
 
 @dataclass(frozen=True)

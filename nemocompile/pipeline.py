@@ -30,6 +30,7 @@ from nemocompile.base.settings import settings
 from nemocompile.graph.ir import Graph
 from nemocompile.graph.text import print_graph
 from nemocompile.graph.verifier import verify
+from nemocompile.passes.assign_kv_cache import AssignKvCache
 from nemocompile.passes.assign_precision import AssignPrecision
 from nemocompile.passes.base import Pass
 from nemocompile.passes.decompose import Decompose
@@ -249,6 +250,7 @@ def build_steps(target: Target, policy: PrecisionPolicy, calibrate: int = 8,
         PassStep(SetPrecision(policy.base, policy.components.get("ssm_state", "fp32"))),
         PassStep(Decompose()),
         PassStep(AssignPrecision(policy), keep=FLOAT),
+        PassStep(AssignKvCache(policy.components.get("kv_cache", policy.base))),
         *fusion_steps(),
         PlanMemory(),
         Calibrate(calibrate, calibration_data),

@@ -20,6 +20,9 @@ from nemocompile.graph.nemotron_h import FP32_CATEGORIES
 from nemocompile.targets import Target
 from nemocompile.targets.model import POLICY_COMPONENTS
 
+# The KV cache's one quantized choice (passes/assign_kv_cache.py): FP8 E4M3 with a per-tensor scale.
+FP8_KV_CACHE = "fp8_e4m3"
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
@@ -36,7 +39,7 @@ COMPONENT_CATEGORIES: Mapping[str, tuple[str, ...]] = MappingProxyType(
 # the first being the default where the base is not allowed. The router's weights stay fp32
 # (graph/nemotron_h.py FP32_CATEGORIES).
 FLOAT_ONLY: Mapping[str, tuple[str, ...]] = MappingProxyType({
-    "embeddings": BASE_PRECISIONS, "conv1d": BASE_PRECISIONS, "kv_cache": BASE_PRECISIONS,
+    "embeddings": BASE_PRECISIONS, "conv1d": BASE_PRECISIONS, "kv_cache": (*BASE_PRECISIONS, FP8_KV_CACHE),
     "ssm_state": ("fp32", "fp16"),
     **{component: ("fp32",) for component, categories in COMPONENT_CATEGORIES.items()
        if categories and set(categories) <= FP32_CATEGORIES},
@@ -90,6 +93,8 @@ def _set_component(components: dict[str, str], component: str, precision: str, w
         raise UsageError(f"{where}: unknown component '{component}'; components: "
                          f"{', '.join(COMPONENT_CATEGORIES)}")
     canonical = canonical_precision(precision, where)
+    if component == "kv_cache" and PRECISIONS[canonical].weight_dtype == PRECISIONS[FP8_KV_CACHE].weight_dtype:
+        canonical = FP8_KV_CACHE  # fp8, fp8_e4m3: E4M3 codes with a per-tensor scale
     allowed = FLOAT_ONLY.get(component)
     if allowed is not None and canonical not in allowed:
         raise UsageError(f"{where}: {component} can only be {' or '.join(allowed)}, not {canonical}")

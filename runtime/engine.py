@@ -17,7 +17,7 @@ from nemocompile.base.errors import EngineError, NemocompileError, UsageError
 from nemocompile.base.settings import settings
 from nemocompile.graph.config import ModelConfig, config_from_dict
 from nemocompile.graph.ir import Graph
-from nemocompile.graph.nemotron_h import INPUT_SCALE_CATEGORY, build_block_graph
+from nemocompile.graph.nemotron_h import INPUT_SCALE_CATEGORY, KV_SCALES, build_block_graph
 from nemocompile.graph.text import parse_graph
 from nemocompile.graph.types import F32
 from nemocompile.graph.verifier import verify
@@ -111,6 +111,10 @@ def check_against_config(directory: Path, config: ModelConfig, prefill: Graph, d
     for name, weight in engine_weights.items():
         if name in wanted or weight.category == MTP_CATEGORY:
             continue
+        scope, _, last = name.rpartition(".")
+        if (weight.category == INPUT_SCALE_CATEGORY and last in KV_SCALES and f"{scope}.k_proj" in wanted
+                and weight.type.shape == ()):
+            continue  # an FP8 KV cache's scale
         scaled = name.removesuffix(".input_scale")
         experts = wanted.get(scaled, ())
         if (weight.category == INPUT_SCALE_CATEGORY and scaled in wanted

@@ -123,7 +123,8 @@ def _attention_gqa(op: Op, a: Args) -> tuple[torch.Tensor, ...]:
     at = op.attrs
     return ref.attention_gqa_cached(
         _t(a[0]), _t(a[1]), _t(a[2]), _t(a[3]), _t(a[4]), _t(a[5]), num_heads=at.int("num_heads"),
-        num_kv_heads=at.int("num_kv_heads"), head_dim=at.int("head_dim"), scale=at.float("scale"))
+        num_kv_heads=at.int("num_kv_heads"), head_dim=at.int("head_dim"), scale=at.float("scale"),
+        k_scale=_opt(a[6] if len(a) > 6 else None), v_scale=_opt(a[7] if len(a) > 7 else None))
 
 
 def _moe_router(op: Op, a: Args) -> tuple[torch.Tensor, ...]:

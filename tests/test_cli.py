@@ -30,11 +30,11 @@ KNOWN_TARGETS = ("b200", "gb200", "h100", "h200")
 DEMO_PATTERN_LAYERS = ["mamba", "attention", "moe", "mamba", "mlp", "moe"]
 # select_kernels runs on the prefill graph, then again on the decode graph specialize_decode made.
 FUSIONS = ["fuse_experts", "fuse_router", "fuse_add_rms_norm", "fuse_dequant_gemm", "fuse_mamba_chain"]
-PIPELINE = ["set_precision", "decompose", "assign_precision", *FUSIONS, "select_kernels", "specialize_decode",
-            "select_kernels"]
+PIPELINE = ["set_precision", "decompose", "assign_precision", "assign_kv_cache", *FUSIONS, "select_kernels",
+            "specialize_decode", "select_kernels"]
 # every step of the build, the driver steps (calibrate, quantize_weights) included
-STEPS = ["set_precision", "decompose", "assign_precision", *FUSIONS, "plan_memory", "calibrate", "quantize_weights",
-         "select_kernels", "specialize_decode", "select_kernels"]
+STEPS = ["set_precision", "decompose", "assign_precision", "assign_kv_cache", *FUSIONS, "plan_memory", "calibrate",
+         "quantize_weights", "select_kernels", "specialize_decode", "select_kernels"]
 IR_HEADER = re.compile(r"^// ----- IR after (\S+) -----$", re.MULTILINE)
 
 

@@ -17,7 +17,7 @@ from nemocompile.pipeline import DECODE, FLOAT, PassStep, build_steps, graph_pas
 from nemocompile.targets import load_target
 
 FUSIONS = ["fuse_experts", "fuse_router", "fuse_add_rms_norm", "fuse_dequant_gemm", "fuse_mamba_chain"]
-ORDER = ["set_precision", "decompose", "assign_precision", *FUSIONS, "plan_memory", "calibrate", "quantize_weights",
+ORDER = ["set_precision", "decompose", "assign_precision", "assign_kv_cache", *FUSIONS, "plan_memory", "calibrate", "quantize_weights",
          "select_kernels", "specialize_decode", "select_kernels"]
 
 
@@ -31,16 +31,16 @@ def test_each_target_has_one_ordered_list_with_the_driver_steps(name: str) -> No
     target = load_target(name)
     steps = build_steps(target, resolve_policy(target))
     assert [s.name for s in steps] == ORDER
-    assert [s.changes_graph for s in steps] == [True, True, True, *(True for _ in FUSIONS), False, False, False, True,
-                                                True, True]
+    assert [s.changes_graph for s in steps] == [True, True, True, True, *(True for _ in FUSIONS), False, False, False,
+                                                True, True, True]
     assign = steps[2]
     assert isinstance(assign, PassStep) and assign.keep == FLOAT  # calibration runs the float graph
     decode = [s for s in steps if s.graph == DECODE]
     assert [s.describe() for s in decode] == ["specialize_decode (prefill -> decode)", "select_kernels"]
-    assert [p.name for p in graph_passes(steps)] == ["set_precision", "decompose", "assign_precision", *FUSIONS,
-                                                     "select_kernels"]
-    assert step_names(steps, changing_graph=True) == ["set_precision", "decompose", "assign_precision", *FUSIONS,
-                                                      "select_kernels", "specialize_decode"]
+    assert [p.name for p in graph_passes(steps)] == ["set_precision", "decompose", "assign_precision",
+                                                     "assign_kv_cache", *FUSIONS, "select_kernels"]
+    assert step_names(steps, changing_graph=True) == ["set_precision", "decompose", "assign_precision",
+                                                      "assign_kv_cache", *FUSIONS, "select_kernels", "specialize_decode"]
 
 
 @pytest.fixture(scope="module")

@@ -89,6 +89,10 @@ def check_exportable(graph: Graph) -> None:
     for op in graph.ops:
         if op.opname not in STANDARD:
             raise IRError(_no_form(op))
+    for slot in graph.states:
+        if slot.kind == "kv" and slot.type.dtype.name not in ("bf16", "f32", "f16"):
+            raise IRError(f"state {slot.name} is an {slot.type.dtype.name} KV cache (kv_cache = fp8), which has no "
+                          f"ONNX form yet; build with a bf16 KV cache for --tensorrt")
     for weight in graph.weights:
         name = weight.type.dtype.name
         if weight.type.dtype.quantized and name not in ("nvfp4", "fp8"):

@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import torch
 
+from nemocompile.base.formats import FORMATS
+
 SCORE_BUDGET = 1 << 24  # score elements per query chunk: 64 MiB in float32
+E4M3_MAX = FORMATS["fp8e4m3"].max_value  # the largest finite FP8 E4M3 value, 448
 
 
 def _attend(q_heads: torch.Tensor, k_heads: torch.Tensor, v_heads: torch.Tensor, query_pos: torch.Tensor,
@@ -90,6 +93,21 @@ def attention_gqa(
     return _attend_grouped(q, k_all, v_all, query_pos, num_heads, head_dim, scale), k_all, v_all
 
 
+def _to_cache(x: torch.Tensor, dtype: torch.dtype, scale: torch.Tensor | None) -> torch.Tensor:
+    """New keys or values as the cache stores them: cast to its float dtype, or, for an FP8 cache,
+    x / scale saturated to E4M3's range and rounded to the nearest code (ties to even)."""
+    if scale is None:
+        return x.to(dtype)
+    return (x.float() / scale.float()).clamp(-E4M3_MAX, E4M3_MAX).to(dtype)
+
+
+def _from_cache(stored: torch.Tensor, dtype: torch.dtype, scale: torch.Tensor | None) -> torch.Tensor:
+    """What the cache's entries stand for, in the queries' dtype: an FP8 code times its scale."""
+    if scale is None:
+        return stored.to(dtype)
+    return (stored.float() * scale.float()).to(dtype)
+
+
 def attention_gqa_cached(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -102,13 +120,17 @@ def attention_gqa_cached(
     num_kv_heads: int,
     head_dim: int,
     scale: float,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """`attention_gqa` over a preallocated cache with a length per sequence.
 
     k_cache and v_cache [B, Hkv, C, Dh] hold sequence b's first cache_lens[b] positions; its T new
     keys/values are written at positions cache_lens[b]..cache_lens[b]+T-1 (in place: the returned
     caches are the given tensors), and its query t attends to positions 0..cache_lens[b]+t. The
-    arithmetic is attention_gqa's: equal lengths give its result exactly.
+    arithmetic is attention_gqa's: equal lengths give its result exactly. With k_scale and v_scale
+    the caches hold FP8 E4M3 codes, and every key and value attention reads, the new ones included,
+    is its code times the scale (the deployed numerics of an FP8 KV cache).
     """
     if num_heads % num_kv_heads != 0:
         raise ValueError(f"attention_gqa: num_heads {num_heads} is not a multiple of num_kv_heads {num_kv_heads}.")
@@ -118,12 +140,13 @@ def attention_gqa_cached(
     end = int(positions.max()) + 1
     if end > k_cache.shape[2]:
         raise ValueError(f"attention_gqa: {end} positions do not fit the cache of {k_cache.shape[2]}.")
-    new_k = k.reshape(batch, length, num_kv_heads, head_dim).to(k_cache.dtype)
-    new_v = v.reshape(batch, length, num_kv_heads, head_dim).to(v_cache.dtype)
+    new_k = _to_cache(k.reshape(batch, length, num_kv_heads, head_dim), k_cache.dtype, k_scale)
+    new_v = _to_cache(v.reshape(batch, length, num_kv_heads, head_dim), v_cache.dtype, v_scale)
     rows = torch.arange(batch, device=q.device)[:, None].expand(batch, length)
     # Advanced indexing on dims 0 and 2 puts the [B, T] index dims first: [B, T, Hkv, Dh].
     k_cache[rows, :, positions] = new_k
     v_cache[rows, :, positions] = new_v
 
-    keys, values = k_cache[:, :, :end].to(q.dtype), v_cache[:, :, :end].to(q.dtype)
+    keys = _from_cache(k_cache[:, :, :end], q.dtype, k_scale)
+    values = _from_cache(v_cache[:, :, :end], q.dtype, v_scale)
     return _attend_grouped(q, keys, values, positions, num_heads, head_dim, scale), k_cache, v_cache

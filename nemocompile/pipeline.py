@@ -141,6 +141,7 @@ class Step:
     graph: ClassVar[str] = PREFILL  # the graph the step reads (and, for --print-after, shows)
     changes_graph: ClassVar[bool] = False  # --print-after covers the steps that do
     phase: ClassVar[str] = PASSES  # the build phase it belongs to (consecutive steps of one phase share it)
+    counted: ClassVar[bool] = False  # its phase counts steps (driver steps with their own units count those)
 
     def describe(self) -> str:
         return self.name
@@ -160,6 +161,7 @@ class PassStep(Step):
     keep: str | None = None
     in_phase: str = PASSES
     changes_graph: ClassVar[bool] = True
+    counted: ClassVar[bool] = True
 
     @property
     def phase(self) -> str:  # type: ignore[override]
@@ -212,6 +214,7 @@ class PlanMemory(Step):
     calibration and quantization run."""
 
     name: ClassVar[str] = "plan_memory"
+    counted: ClassVar[bool] = True
 
     def run(self, context: BuildContext) -> PassRecord:
         plan = context.plan_memory()
@@ -328,7 +331,7 @@ def run_steps(steps: Sequence[Step], context: BuildContext, print_after: frozens
     records: list[PassRecord] = []
     for name, group in phase_groups(steps):
         # graph-pass phases count steps; the driver steps count their own units (batches, bytes)
-        counted = all(isinstance(step, PassStep) for step in group)
+        counted = all(step.counted for step in group)
         with phases.phase(name, len(group) if counted else None, "steps" if counted else ""):
             for step in group:
                 start = time.perf_counter()

@@ -101,8 +101,9 @@ def test_not_on_a_terminal_each_phase_prints_one_line_with_its_time(logged_build
     lines = log_lines(result.stderr)
     assert [m["phase"] for m in lines] == list(PHASES)
     by_phase = {m["phase"]: m["rest"] or "" for m in lines}
-    assert by_phase["passes"].startswith("8 of 8 steps; set_precision, decompose, assign_precision, fuse_experts, "
-                                         "fuse_router, fuse_add_rms_norm, fuse_dequant_gemm, fuse_mamba_chain")
+    assert by_phase["passes"].startswith("10 of 10 steps; set_precision, decompose, assign_precision, assign_kv_cache, "
+                                         "fuse_experts, fuse_router, fuse_add_rms_norm, fuse_dequant_gemm, "
+                                         "fuse_mamba_chain, plan_memory")
     assert by_phase["calibration"].startswith("7 of 7 blocks; 2 samples, 24 tokens of token ids from ")
     assert re.match(r"[\d.]+ KB of [\d.]+ KB, [\d.]+ [KMG]?B/s; \d+ weights, [\d,]+ bytes$", by_phase[QUANTIZE])
     assert by_phase["agreement check"].startswith("4 of 4 prompts; 4 random prompts, 128 positions: top-1 ")

@@ -15,7 +15,7 @@ import click
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
-from rich.table import Table
+from rich.table import Column, Table
 
 from nemocompile.base.errors import NemocompileError, UsageError
 from nemocompile.base.formats import BASE_PRECISIONS
@@ -285,8 +285,10 @@ def _build_progress(mode: str) -> Iterator[PhaseListener | None]:
         for line in log.lines:  # not reached when the build failed
             click.echo(line, err=True)
         return
-    columns = (TextColumn("{task.description:<18}"), BarColumn(bar_width=30), TimeElapsedColumn(),
-               TextColumn("{task.fields[detail]}"))
+    # the phase names keep their width; a long detail (the passes phase lists every step) is cut instead
+    columns = (TextColumn("{task.description:<18}", table_column=Column(min_width=18, no_wrap=True)),
+               BarColumn(bar_width=30), TimeElapsedColumn(),
+               TextColumn("{task.fields[detail]}", table_column=Column(no_wrap=True, overflow="ellipsis")))
     with Progress(*columns, console=stderr, transient=False) as progress:
         yield _PhaseDisplay(progress)
 

@@ -55,9 +55,9 @@ from .demo import DEMO_NAME, write_demo_checkpoint
 from .engine_files import staged_directory, write_manifest
 from .explain import explain, explained_lines
 from .kernel_configs import ConfigChooser, tuning_lines
-from .numerics_gate import EngineGate, GateCache
 from .memory_plan import MemoryPlan, check_fits, plan_memory
 from .memory_plan_split import Parallelism
+from .numerics_gate import EngineGate, GateCache
 from .options import BuildOptions
 from .pipeline import (
     AGREEMENT,

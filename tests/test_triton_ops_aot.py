@@ -27,7 +27,8 @@ HIDDEN, MAMBA_INNER, MAMBA_GROUP = 2688, 4096, 512  # Nemotron-H Nano-like width
 
 
 def nemotron_instances() -> list[KernelInstance]:
-    """Every template of this family at representative shapes (bf16 activations, fp32 parameters)."""
+    """Every template of this family at representative shapes (bf16 activations, fp32 parameters), in
+    the variants engines use (conv1d and SSD with a state and seq_lens, attention in its EXACT form)."""
     attention_decode = catalog.attention_gqa("attention_decode", "attention_gqa", head_dim=128, decode=True)
     attention_prefill = catalog.attention_gqa("attention_prefill", "attention_gqa", head_dim=128, decode=False)
     return [
@@ -35,11 +36,13 @@ def nemotron_instances() -> list[KernelInstance]:
         catalog.add_rms_norm("add_rms_norm_fp8", "add_rms_norm", width=HIDDEN, act_format="fp8"),
         catalog.add_rms_norm("add_rms_norm_nvfp4", "add_rms_norm", width=HIDDEN, act_format="nvfp4"),
         catalog.gated_rms_norm("gated_rms_norm", "gated_rms_norm", width=MAMBA_INNER, group_size=MAMBA_GROUP),
-        catalog.causal_conv1d("conv1d_prefill", "causal_conv1d", kernel_size=4),
-        catalog.causal_conv1d("conv1d_decode", "causal_conv1d", kernel_size=4, state=True, decode=True),
+        catalog.causal_conv1d("conv1d_prefill", "causal_conv1d", kernel_size=4, state=True, seq_lens=True),
+        catalog.causal_conv1d("conv1d_decode", "causal_conv1d", kernel_size=4, state=True, decode=True,
+                              seq_lens=True),
         catalog.ssd_chunk_scan("ssd_chunk_scan", "ssd_chunk_scan", head_dim=64, state_size=128, chunk_size=128,
-                               initial_state=True),
-        catalog.ssd_state_update("ssd_state_update", "ssd_state_update", head_dim=64, state_size=128),
+                               initial_state=True, seq_lens=True),
+        catalog.ssd_state_update("ssd_state_update", "ssd_state_update", head_dim=64, state_size=128,
+                                 seq_lens=True),
         *attention_decode, *attention_prefill,
         *catalog.moe_route("router_e128", "moe_route", experts=128, top_k=6),
         *catalog.moe_route("router_e256_grouped", "moe_route", experts=256, top_k=8, n_group=8, topk_group=4),

@@ -11,7 +11,7 @@ from nemocompile.base.formats import FORMATS
 from .spec import Constexpr, KernelInstance, KernelTemplate, instance
 
 MOE_NVFP4_GEMM = KernelTemplate(
-    module="moe_gemm", entry="moe_nvfp4_gemm", imports=("quant_math",),
+    module="moe_gemm", entry="moe_nvfp4_gemm", imports=("numerics", "quant_math"),
     params=(("x_ptr", "*dtype"), ("order_ptr", "*i64"), ("tile_starts_ptr", "*i32"), ("offsets_ptr", "*i64"),
             ("weight_ptr", "*u8"), ("block_scale_ptr", "*fp8e4nv"), ("global_scale_ptr", "*fp32"),
             ("input_scale_ptr", "*fp32"), ("routing_ptr", "*fp32"), ("out_ptr", "*dtype")),
@@ -23,14 +23,14 @@ MOE_NVFP4_GEMM = KernelTemplate(
 MOE_NVFP4_W4A4_ARCHS = ("sm_100",)
 
 MOE_COMBINE_ROWS = KernelTemplate(
-    module="moe_gemm", entry="moe_combine_rows", imports=("quant_math",),
+    module="moe_gemm", entry="moe_combine_rows", imports=("numerics", "quant_math"),
     params=(("pairs_ptr", "*fp32"), ("out_ptr", "*dtype")),
     constexprs=("N", "TOP_K", "BLOCK_N", "INTERPRET"),
     aligned=("pairs_ptr", "out_ptr"),
 )
 
 FP8_LINEAR = KernelTemplate(
-    module="fp8_gemm", entry="fp8_linear", imports=("quant_math",),
+    module="fp8_gemm", entry="fp8_linear", imports=("numerics", "quant_math"),
     params=(("x_ptr", "*dtype"), ("input_scale_ptr", "*fp32"), ("weight_ptr", "*fp8e4nv"),
             ("weight_scale_ptr", "*fp32"), ("bias_ptr", "*dtype"), ("out_ptr", "*dtype"), ("rows", "i32")),
     constexprs=("N", "K", "QUANT_ACT", "PER_CHANNEL", "HAS_BIAS", "BLOCK_M", "BLOCK_N", "BLOCK_K", "SWAP_AB",
@@ -56,8 +56,9 @@ GATED_RMS_NORM = KernelTemplate(
 CAUSAL_CONV1D = KernelTemplate(
     module="conv1d", entry="causal_conv1d", imports=("numerics",),
     params=(("x_ptr", "*dtype"), ("weight_ptr", "*dtype"), ("bias_ptr", "*dtype"), ("state_ptr", "*dtype"),
-            ("out_ptr", "*dtype"), ("new_state_ptr", "*dtype"), ("length", "i32"), ("channels", "i32")),
-    constexprs=("KERNEL", "HAS_BIAS", "HAS_STATE", "SILU", "BLOCK_T", "BLOCK_C", "INTERPRET"),
+            ("out_ptr", "*dtype"), ("new_state_ptr", "*dtype"), ("seq_lens_ptr", "*i64"), ("length", "i32"),
+            ("channels", "i32")),
+    constexprs=("KERNEL", "HAS_BIAS", "HAS_STATE", "SILU", "HAS_SEQ_LENS", "BLOCK_T", "BLOCK_C", "INTERPRET"),
 )
 _SSD_PARAMS = (("x_ptr", "*dtype"), ("dt_ptr", "*dtype"), ("a_log_ptr", "*dtype"), ("b_ptr", "*dtype"),
                ("c_ptr", "*dtype"), ("d_ptr", "*dtype"), ("dt_bias_ptr", "*dtype"))
@@ -65,14 +66,15 @@ _SSD_SIZES = (("num_heads", "i32"), ("head_dim", "i32"), ("n_groups", "i32"), ("
               ("dt_min", "fp32"), ("dt_max", "fp32"))
 SSD_CHUNK_SCAN = KernelTemplate(
     module="ssd", entry="ssd_chunk_scan", imports=("numerics",),
-    params=(*_SSD_PARAMS, ("init_ptr", "*dtype"), ("y_ptr", "*fp32"), ("final_ptr", "*fp32"), ("length", "i32"),
-            *_SSD_SIZES),
-    constexprs=("HAS_INIT", "CHUNK", "BLOCK_P", "BLOCK_N", "INTERPRET"),
+    params=(*_SSD_PARAMS, ("init_ptr", "*dtype"), ("y_ptr", "*fp32"), ("final_ptr", "*fp32"),
+            ("seq_lens_ptr", "*i64"), ("length", "i32"), *_SSD_SIZES),
+    constexprs=("HAS_INIT", "HAS_SEQ_LENS", "CHUNK", "BLOCK_P", "BLOCK_N", "INTERPRET"),
 )
 SSD_STATE_UPDATE = KernelTemplate(
     module="ssd", entry="ssd_state_update", imports=("numerics",),
-    params=(*_SSD_PARAMS, ("state_ptr", "*dtype"), ("y_ptr", "*dtype"), ("new_state_ptr", "*fp32"), *_SSD_SIZES),
-    constexprs=("BLOCK_P", "BLOCK_N", "INTERPRET"),
+    params=(*_SSD_PARAMS, ("state_ptr", "*dtype"), ("y_ptr", "*dtype"), ("new_state_ptr", "*fp32"),
+            ("seq_lens_ptr", "*i64"), *_SSD_SIZES),
+    constexprs=("HAS_SEQ_LENS", "BLOCK_P", "BLOCK_N", "INTERPRET"),
 )
 KV_CACHE_WRITE = KernelTemplate(
     module="attention", entry="kv_cache_write", imports=("numerics",),
@@ -86,7 +88,7 @@ ATTENTION_GQA = KernelTemplate(
     params=(("q_ptr", "*dtype"), ("k_cache_ptr", "*dtype"), ("v_cache_ptr", "*dtype"), ("lens_ptr", "*i64"),
             ("out_ptr", "*dtype"), ("length", "i32"), ("num_heads", "i32"), ("num_kv_heads", "i32"),
             ("head_dim", "i32"), ("capacity", "i32"), ("scale", "fp32")),
-    constexprs=("BLOCK_M", "BLOCK_N", "BLOCK_D", "INTERPRET"),
+    constexprs=("BLOCK_M", "BLOCK_N", "BLOCK_D", "EXACT", "INTERPRET"),
 )
 MOE_ROUTER = KernelTemplate(
     module="moe_route", entry="moe_router",
@@ -180,22 +182,28 @@ def add_rms_norm(name: str, op: str, *, width: int, residual: bool = True, act_f
 
 
 def gated_rms_norm(name: str, op: str, *, width: int, group_size: int, gated: bool = True, dtype: str = "bf16",
-                   weight_dtype: str | None = None, out_dtype: str | None = None) -> KernelInstance:
+                   weight_dtype: str | None = None, out_dtype: str | None = None,
+                   gate_dtype: str | None = None) -> KernelInstance:
+    """gate_dtype: the gate's, when it differs from x's (the Mamba prefill gates an fp32 scan output
+    with a bf16 projection)."""
     if width % group_size:
         raise IRError(f"kernel {name}: width {width} is not a multiple of group_size {group_size}")
     block = _pow2(group_size)
     return instance(name, op, GATED_RMS_NORM, {
         "WIDTH": width, "GROUP_SIZE": group_size, "HAS_GATE": gated, "BLOCK_G": block, "INTERPRET": False},
-        {"x_ptr": dtype, "gate_ptr": dtype, "weight_ptr": weight_dtype or dtype, "out_ptr": out_dtype or dtype},
+        {"x_ptr": dtype, "gate_ptr": gate_dtype or dtype, "weight_ptr": weight_dtype or dtype,
+         "out_ptr": out_dtype or dtype},
         num_warps=4 if block <= 1024 else 8, num_stages=1)
 
 
 def causal_conv1d(name: str, op: str, *, kernel_size: int, bias: bool = True, state: bool = False,
                   silu: bool = True, decode: bool = False, dtype: str = "bf16", weight_dtype: str | None = None,
-                  state_dtype: str | None = None) -> KernelInstance:
-    """decode: one token per launch (BLOCK_T = 1); prefill: 16-step time blocks."""
+                  state_dtype: str | None = None, seq_lens: bool = False) -> KernelInstance:
+    """decode: one token per launch (BLOCK_T = 1); prefill: 16-step time blocks. seq_lens: the new
+    state is taken after each sequence's real tokens (right padding)."""
     return instance(name, op, CAUSAL_CONV1D, {
-        "KERNEL": kernel_size, "HAS_BIAS": bias, "HAS_STATE": state, "SILU": silu, "BLOCK_T": 1 if decode else 16,
+        "KERNEL": kernel_size, "HAS_BIAS": bias, "HAS_STATE": state, "SILU": silu, "HAS_SEQ_LENS": seq_lens,
+        "BLOCK_T": 1 if decode else 16,
         "BLOCK_C": 128, "INTERPRET": False},
         {"x_ptr": dtype, "weight_ptr": weight_dtype or dtype, "bias_ptr": weight_dtype or dtype,
          "state_ptr": state_dtype or dtype, "out_ptr": dtype, "new_state_ptr": state_dtype or dtype},
@@ -211,35 +219,37 @@ SSD_CHUNK_MAX = 64  # the scan's own chunk: 128 took 256 KiB of shared memory (o
 
 
 def ssd_chunk_scan(name: str, op: str, *, head_dim: int, state_size: int, chunk_size: int, initial_state: bool,
-                   dtype: str = "bf16", param_dtype: str = "fp32", state_dtype: str = "fp32") -> KernelInstance:
+                   dtype: str = "bf16", param_dtype: str = "fp32", state_dtype: str = "fp32",
+                   seq_lens: bool = False) -> KernelInstance:
     """The chunked scan; the kernel's chunk is chunk_size clamped to [16, 64] (the recurrence does not
     depend on it), its head_dim block at most 64."""
     chunk = min(max(16, _pow2(chunk_size)), SSD_CHUNK_MAX)
     block_p = max(16, min(_pow2(head_dim), 64))
     return instance(name, op, SSD_CHUNK_SCAN, {
-        "HAS_INIT": initial_state, "CHUNK": chunk, "BLOCK_P": block_p, "BLOCK_N": max(16, _pow2(state_size)),
+        "HAS_INIT": initial_state, "HAS_SEQ_LENS": seq_lens, "CHUNK": chunk, "BLOCK_P": block_p, "BLOCK_N": max(16, _pow2(state_size)),
         "INTERPRET": False},
         {**_ssd_pointers(dtype, param_dtype), "init_ptr": state_dtype}, num_warps=8 if block_p * chunk > 1024 else 4,
         num_stages=1)
 
 
 def ssd_state_update(name: str, op: str, *, head_dim: int, state_size: int, dtype: str = "bf16",
-                     param_dtype: str = "fp32", state_dtype: str = "fp32") -> KernelInstance:
+                     param_dtype: str = "fp32", state_dtype: str = "fp32", seq_lens: bool = False) -> KernelInstance:
     return instance(name, op, SSD_STATE_UPDATE, {
-        "BLOCK_P": min(_pow2(head_dim), 64), "BLOCK_N": _pow2(state_size), "INTERPRET": False},
+        "HAS_SEQ_LENS": seq_lens, "BLOCK_P": min(_pow2(head_dim), 64), "BLOCK_N": _pow2(state_size), "INTERPRET": False},
         {**_ssd_pointers(dtype, param_dtype), "state_ptr": state_dtype, "y_ptr": dtype}, num_warps=8, num_stages=1)
 
 
 def attention_gqa(name: str, op: str, *, head_dim: int, decode: bool, dtype: str = "bf16",
-                  cache_dtype: str | None = None) -> tuple[KernelInstance, KernelInstance]:
-    """(the KV-cache write, the attention): decode blocks 16 (token, head) rows, prefill 64."""
+                  cache_dtype: str | None = None, exact: bool = True) -> tuple[KernelInstance, KernelInstance]:
+    """(the KV-cache write, the attention): decode blocks 16 (token, head) rows, prefill 64. exact:
+    the two-pass softmax that rounds as the reference does (templates/attention.py), else flash."""
     block_d = max(16, _pow2(head_dim))
     cache = cache_dtype or dtype
     write = instance(f"{name}_kv_write", op, KV_CACHE_WRITE, {"BLOCK_D": block_d, "INTERPRET": False},
                      {"k_ptr": dtype, "v_ptr": dtype, "k_cache_ptr": cache, "v_cache_ptr": cache}, num_warps=1,
                      num_stages=1)
     attend = instance(name, op, ATTENTION_GQA, {
-        "BLOCK_M": 16 if decode else 64, "BLOCK_N": 64, "BLOCK_D": block_d, "INTERPRET": False},
+        "BLOCK_M": 16 if decode else 64, "BLOCK_N": 64, "BLOCK_D": block_d, "EXACT": exact, "INTERPRET": False},
         {"q_ptr": dtype, "k_cache_ptr": cache, "v_cache_ptr": cache, "out_ptr": dtype}, num_warps=4, num_stages=2)
     return write, attend
 

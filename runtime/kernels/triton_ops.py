@@ -80,11 +80,26 @@ def gated_rms_norm(kernels: TritonKernels, name: str, x: torch.Tensor, gate: tor
     return out
 
 
+def _check_seq_lens(kernels: TritonKernels, name: str, seq_lens: torch.Tensor | None, batch: int) -> None:
+    if bool(kernels.constexpr(name, "HAS_SEQ_LENS")) != (seq_lens is not None):
+        raise ValueError(f"kernel {name} was built {'with' if seq_lens is None else 'without'} seq_lens.")
+    if seq_lens is not None and tuple(seq_lens.shape) != (batch,):
+        raise ValueError(f"seq_lens must be [{batch}], got {list(seq_lens.shape)}.")
+
+
+def _lens(seq_lens: torch.Tensor | None, device: torch.device) -> torch.Tensor:
+    """seq_lens as the kernels read it (int64), or a placeholder a kernel built without it does not read."""
+    if seq_lens is None:
+        return torch.zeros(1, dtype=torch.int64, device=device)
+    return seq_lens.to(device=device, dtype=torch.int64).contiguous()
+
+
 def causal_conv1d(kernels: TritonKernels, name: str, x: torch.Tensor, weight: torch.Tensor,
                   bias: torch.Tensor | None, state: torch.Tensor | None,
-                  alloc: Alloc = empty) -> tuple[torch.Tensor, torch.Tensor]:
+                  alloc: Alloc = empty, seq_lens: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """y [B, T, C] (x's dtype) and the new state [B, C, K-1] for x [B, T, C], weight [C, 1, K] or
-    [C, K]; the activation and whether a state is read are the kernel's."""
+    [C, K]; the activation and whether a state is read are the kernel's. seq_lens [B] (kernels built
+    for it): the new state ends at each sequence's last real token."""
     taps = (weight if weight.dim() == 2 else weight.squeeze(1)).contiguous()
     channels, kernel_size = taps.shape
     batch, length, x_channels = x.shape
@@ -93,6 +108,7 @@ def causal_conv1d(kernels: TritonKernels, name: str, x: torch.Tensor, weight: to
                          f"taps; kernel {name} takes {kernels.constexpr(name, 'KERNEL')} taps over x's channels.")
     if bool(kernels.constexpr(name, "HAS_STATE")) != (state is not None):
         raise ValueError(f"causal_conv1d: kernel {name} was built {'with' if state is None else 'without'} a state.")
+    _check_seq_lens(kernels, name, seq_lens, batch)
     x = x.contiguous()
     out = alloc((batch, length, channels), x.dtype, x.device)
     new_state = alloc((batch, channels, kernel_size - 1), x.dtype if state is None else state.dtype, x.device)
@@ -101,7 +117,7 @@ def causal_conv1d(kernels: TritonKernels, name: str, x: torch.Tensor, weight: to
         kernels.launch(name, (batch, _cdiv(channels, block_c), max(1, _cdiv(length, block_t))),
                        x_ptr=x, weight_ptr=taps, bias_ptr=taps if bias is None else bias.contiguous(),
                        state_ptr=x if state is None else state.contiguous(), out_ptr=out, new_state_ptr=new_state,
-                       length=length, channels=channels)
+                       seq_lens_ptr=_lens(seq_lens, x.device), length=length, channels=channels)
     return out, new_state
 
 
@@ -118,9 +134,12 @@ def _check_ssd(x: torch.Tensor, B: torch.Tensor, num_heads: int, head_dim: int, 
 def ssd_chunk_scan(kernels: TritonKernels, name: str, x: torch.Tensor, dt: torch.Tensor, A_log: torch.Tensor,
                    B: torch.Tensor, C: torch.Tensor, D: torch.Tensor, dt_bias: torch.Tensor, *, num_heads: int,
                    head_dim: int, n_groups: int, state_size: int, dt_min: float, dt_max: float,
-                   initial_state: torch.Tensor | None, alloc: Alloc = empty) -> tuple[torch.Tensor, torch.Tensor]:
-    """y [Bt, T, H*P] fp32 and the final state [Bt, H, P, N] fp32."""
+                   initial_state: torch.Tensor | None, alloc: Alloc = empty,
+                   seq_lens: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """y [Bt, T, H*P] fp32 and the final state [Bt, H, P, N] fp32 (after each sequence's first
+    seq_lens[b] tokens when the kernel takes seq_lens)."""
     _check_ssd(x, B, num_heads, head_dim, n_groups, state_size)
+    _check_seq_lens(kernels, name, seq_lens, x.shape[0])
     if bool(kernels.constexpr(name, "HAS_INIT")) != (initial_state is not None):
         raise ValueError(f"ssd_chunk_scan: kernel {name} was built "
                          f"{'with' if initial_state is None else 'without'} an initial state.")
@@ -133,7 +152,7 @@ def ssd_chunk_scan(kernels: TritonKernels, name: str, x: torch.Tensor, dt: torch
                        a_log_ptr=A_log.contiguous(), b_ptr=B.contiguous(), c_ptr=C.contiguous(), d_ptr=D.contiguous(),
                        dt_bias_ptr=dt_bias.contiguous(),
                        init_ptr=final if initial_state is None else initial_state.contiguous(),
-                       y_ptr=y, final_ptr=final, length=length, num_heads=num_heads, head_dim=head_dim,
+                       y_ptr=y, final_ptr=final, seq_lens_ptr=_lens(seq_lens, x.device), length=length, num_heads=num_heads, head_dim=head_dim,
                        n_groups=n_groups, state_size=state_size, dt_min=float(dt_min), dt_max=float(dt_max))
     return y, final
 
@@ -141,9 +160,12 @@ def ssd_chunk_scan(kernels: TritonKernels, name: str, x: torch.Tensor, dt: torch
 def ssd_state_update(kernels: TritonKernels, name: str, x: torch.Tensor, dt: torch.Tensor, A_log: torch.Tensor,
                      B: torch.Tensor, C: torch.Tensor, D: torch.Tensor, dt_bias: torch.Tensor, *, num_heads: int,
                      head_dim: int, n_groups: int, state_size: int, dt_min: float, dt_max: float,
-                     state: torch.Tensor, alloc: Alloc = empty) -> tuple[torch.Tensor, torch.Tensor]:
-    """y [Bt, 1, H*P] in x's dtype and the new state [Bt, H, P, N] fp32, one token per sequence."""
+                     state: torch.Tensor, alloc: Alloc = empty,
+                     seq_lens: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """y [Bt, 1, H*P] in x's dtype and the new state [Bt, H, P, N] fp32, one token per sequence (a
+    sequence with seq_lens[b] = 0 keeps its state, when the kernel takes seq_lens)."""
     _check_ssd(x, B, num_heads, head_dim, n_groups, state_size)
+    _check_seq_lens(kernels, name, seq_lens, x.shape[0])
     if x.shape[1] != 1:
         raise ValueError(f"ssd_state_update: x must hold one token, got T = {x.shape[1]}.")
     if not (x.dtype == dt.dtype == B.dtype == C.dtype):
@@ -157,7 +179,7 @@ def ssd_state_update(kernels: TritonKernels, name: str, x: torch.Tensor, dt: tor
         kernels.launch(name, (batch, num_heads, _cdiv(head_dim, block_p)), x_ptr=x.contiguous(), dt_ptr=dt.contiguous(),
                        a_log_ptr=A_log.contiguous(), b_ptr=B.contiguous(), c_ptr=C.contiguous(), d_ptr=D.contiguous(),
                        dt_bias_ptr=dt_bias.contiguous(), state_ptr=state.contiguous(), y_ptr=y,
-                       new_state_ptr=new_state, num_heads=num_heads, head_dim=head_dim, n_groups=n_groups,
+                       new_state_ptr=new_state, seq_lens_ptr=_lens(seq_lens, x.device), num_heads=num_heads, head_dim=head_dim, n_groups=n_groups,
                        state_size=state_size, dt_min=float(dt_min), dt_max=float(dt_max))
     return y, new_state
 

@@ -4,14 +4,23 @@
 Meaning: runtime/reference/attention.attention_gqa_cached. Sequence b's T new keys/values go to
 positions cache_lens[b] .. cache_lens[b]+T-1 (written in place), and its query t attends to
 positions 0 .. cache_lens[b]+t. One program serves one KV head of one sequence and a block of
-(token, query head) rows, so the group's query heads share every key and value load (GQA); the
-softmax is the online (flash) form in fp32 with exp2.
+(token, query head) rows, so the group's query heads share every key and value load (GQA).
+
+Two softmax forms (constexpr EXACT):
+- EXACT (the default): two passes over the keys. The first finds each row's maximum and the sum of
+  exp(score - max) in fp32; the second forms the normalised probabilities, rounds them to the
+  query dtype and multiplies V, as the reference does. The scores are rounded as the reference
+  rounds them too (q k^T, then times scale, each in the query dtype). With 16-bit inputs this
+  matches the reference to accumulation order, where the flash form drifts by bf16 ulps of the
+  probabilities; an engine's greedy tokens then follow the reference's.
+- otherwise the one-pass online (flash) softmax in fp32 with exp2: half the K reads, the
+  unnormalised probabilities rounded to the query dtype for the P V product.
 """
 
 import triton
 import triton.language as tl
 
-from .numerics import cast_rne, dot_f32
+from .numerics import cast_rne, dot_f32, rounded
 
 
 @triton.jit
@@ -34,11 +43,25 @@ def kv_cache_write(
 
 
 @triton.jit
+def _scores(q, k_cache_ptr, kv_offsets, kv_mask, keys, positions, row_ok, scale, q_dtype: tl.constexpr,
+            EXACT: tl.constexpr, INTERPRET: tl.constexpr):
+    """The masked scores of one key block: (q k^T) * scale, rounded in q's dtype as the reference
+    computes them when EXACT; -inf where a row may not see a key."""
+    k = tl.load(k_cache_ptr + kv_offsets, mask=kv_mask, other=0.0).to(q_dtype)
+    if EXACT:
+        scores = rounded(rounded(dot_f32(q, tl.trans(k), INTERPRET), q_dtype, INTERPRET) * scale, q_dtype, INTERPRET)
+    else:
+        scores = dot_f32(q, tl.trans(k), INTERPRET) * (scale * 1.4426950408889634)  # log2 units
+    visible = (keys[None, :] <= positions[:, None]) & row_ok[:, None]
+    return tl.where(visible, scores, float("-inf"))
+
+
+@triton.jit
 def attention_gqa(
     q_ptr, k_cache_ptr, v_cache_ptr, lens_ptr, out_ptr,
     length, num_heads, num_kv_heads, head_dim, capacity,
     scale, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    INTERPRET: tl.constexpr,
+    EXACT: tl.constexpr, INTERPRET: tl.constexpr,
 ):
     seq = tl.program_id(0).to(tl.int64)
     kv_head = tl.program_id(1)
@@ -51,7 +74,7 @@ def attention_gqa(
     d_ok = ds < head_dim
     past = tl.load(lens_ptr + seq)
     positions = past + tokens  # each row sees keys 0..positions
-    q_dtype = q_ptr.dtype.element_ty
+    q_dtype: tl.constexpr = q_ptr.dtype.element_ty
     q_offsets = ((seq * length + tokens[:, None]) * num_heads + heads[:, None]) * head_dim + ds[None, :]
     q = tl.load(q_ptr + q_offsets, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
     valid_end = past + length  # keys written so far; later slots may hold anything
@@ -63,20 +86,35 @@ def attention_gqa(
     cache_base = (seq * num_kv_heads + kv_head) * capacity
     for start in range(0, key_end, BLOCK_N):
         keys = start + tl.arange(0, BLOCK_N)
-        key_ok = keys < valid_end
         kv_offsets = (cache_base + keys[:, None]) * head_dim + ds[None, :]
-        kv_mask = key_ok[:, None] & d_ok[None, :]
-        k = tl.load(k_cache_ptr + kv_offsets, mask=kv_mask, other=0.0).to(q_dtype)
-        scores = dot_f32(q, tl.trans(k), INTERPRET) * (scale * 1.4426950408889634)  # log2 units
-        visible = (keys[None, :] <= positions[:, None]) & row_ok[:, None]
-        scores = tl.where(visible, scores, float("-inf"))
+        kv_mask = (keys < valid_end)[:, None] & d_ok[None, :]
+        scores = _scores(q, k_cache_ptr, kv_offsets, kv_mask, keys, positions, row_ok, scale, q_dtype, EXACT,
+                         INTERPRET)
         new_max = tl.maximum(row_max, tl.max(scores, axis=1))
         safe_max = tl.where(new_max == float("-inf"), 0.0, new_max)
-        probs = tl.exp2(scores - safe_max[:, None])
-        correction = tl.exp2(row_max - safe_max)
-        row_sum = row_sum * correction + tl.sum(probs, axis=1)
-        v = tl.load(v_cache_ptr + kv_offsets, mask=kv_mask, other=0.0).to(q_dtype)
-        acc = acc * correction[:, None] + dot_f32(cast_rne(probs, q_dtype, INTERPRET), v, INTERPRET)
+        if EXACT:
+            row_sum = row_sum * tl.exp(row_max - safe_max) + tl.sum(tl.exp(scores - safe_max[:, None]), axis=1)
+        else:
+            probs = tl.exp2(scores - safe_max[:, None])
+            correction = tl.exp2(row_max - safe_max)
+            row_sum = row_sum * correction + tl.sum(probs, axis=1)
+            v = tl.load(v_cache_ptr + kv_offsets, mask=kv_mask, other=0.0).to(q_dtype)
+            acc = acc * correction[:, None] + dot_f32(cast_rne(probs, q_dtype, INTERPRET), v, INTERPRET)
         row_max = new_max
-    out = acc / tl.where(row_sum == 0.0, 1.0, row_sum)[:, None]
+    if EXACT:
+        # Second pass: the normalised probabilities, rounded to q's dtype, times V (fp32 accumulation).
+        safe_max = tl.where(row_max == float("-inf"), 0.0, row_max)
+        inverse = 1.0 / tl.where(row_sum == 0.0, 1.0, row_sum)
+        for start in range(0, key_end, BLOCK_N):
+            keys = start + tl.arange(0, BLOCK_N)
+            kv_offsets = (cache_base + keys[:, None]) * head_dim + ds[None, :]
+            kv_mask = (keys < valid_end)[:, None] & d_ok[None, :]
+            scores = _scores(q, k_cache_ptr, kv_offsets, kv_mask, keys, positions, row_ok, scale, q_dtype, EXACT,
+                             INTERPRET)
+            probs = tl.exp(scores - safe_max[:, None]) * inverse[:, None]
+            v = tl.load(v_cache_ptr + kv_offsets, mask=kv_mask, other=0.0).to(q_dtype)
+            acc += dot_f32(cast_rne(probs, q_dtype, INTERPRET), v, INTERPRET)
+        out = acc
+    else:
+        out = acc / tl.where(row_sum == 0.0, 1.0, row_sum)[:, None]
     tl.store(out_ptr + q_offsets, cast_rne(out, out_ptr.dtype.element_ty, INTERPRET), mask=row_ok[:, None] & d_ok[None, :])

@@ -4,7 +4,9 @@ step alike (decode is T = 1 with the previous K-1 inputs as state).
 Meaning: runtime/reference/conv.causal_conv1d. Output t of channel c is
 act(bias[c] + sum_k weight[c, k] * u[t + k]) with u = state ++ x along time; the arithmetic is
 rounded to the weight's dtype, as the reference convolves in it. Grid: (batch, channel blocks,
-time blocks); the first time block also writes the new state, the last K-1 columns of u.
+time blocks); the first time block also writes the new state, the last K-1 columns of u, or with
+seq_lens (HAS_SEQ_LENS) the K-1 columns ending at sequence b's last real token (the rest of its row
+is right padding: its outputs are computed, but the state ignores them).
 """
 
 import triton
@@ -16,9 +18,9 @@ from .numerics import cast_rne
 @triton.jit
 def causal_conv1d(
     x_ptr, weight_ptr, bias_ptr, state_ptr, out_ptr,
-    new_state_ptr, length, channels,
+    new_state_ptr, seq_lens_ptr, length, channels,
     KERNEL: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_STATE: tl.constexpr, SILU: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
+    HAS_SEQ_LENS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
     INTERPRET: tl.constexpr,
 ):
     batch = tl.program_id(0).to(tl.int64)
@@ -49,9 +51,12 @@ def causal_conv1d(
     tl.store(out_ptr + (batch * length + times[:, None]) * channels + chans[None, :],
              cast_rne(y, out_ptr.dtype.element_ty, INTERPRET), mask=out_ok)
     if tl.program_id(2) == 0:
+        end = length
+        if HAS_SEQ_LENS:
+            end = tl.load(seq_lens_ptr + batch).to(tl.int32)
         for j in tl.static_range(KERNEL - 1):
             # The time index as a vector: the interpreter rejects a scalar mask combined with a vector one.
-            tail_src = tl.zeros_like(chans) + length + (j - (KERNEL - 1))
+            tail_src = tl.zeros_like(chans) + end + (j - (KERNEL - 1))
             tail = tl.load(x_ptr + (batch * length + tail_src) * channels + chans,
                            mask=chan_ok & (tail_src >= 0), other=0.0)
             tail = tail.to(tl.float32)

@@ -13,7 +13,8 @@ tl.dot are wrong, so there the already-rounded values stay fp32 and the dot runs
 import triton
 import triton.language as tl
 
-from .quant_math import round_to_e4m3_signed, to_output
+from .numerics import cast_rne
+from .quant_math import round_to_e4m3_signed
 
 
 @triton.jit
@@ -66,5 +67,5 @@ def fp8_linear(
     if HAS_BIAS:
         acc = acc + tl.load(bias_ptr + col_ids, mask=col_mask, other=0.0).to(tl.float32)[None, :]
     mask = row_mask[:, None] & col_mask[None, :]
-    tl.store(out_ptr + row_ids.to(tl.int64)[:, None] * N + col_ids[None, :], to_output(acc, out_ptr, INTERPRET),
+    tl.store(out_ptr + row_ids.to(tl.int64)[:, None] * N + col_ids[None, :], cast_rne(acc, out_ptr.dtype.element_ty, INTERPRET),
              mask=mask)

@@ -21,12 +21,12 @@ both operands are dequantized explicitly to fp32 and multiplied with input_preci
 import triton
 import triton.language as tl
 
+from .numerics import cast_rne, rounded
 from .quant_math import (
     e2m1_value,
     expand_block_scales,
     nvfp4_quantize_tile,
     pack_e2m1,
-    to_output,
     unpack_e2m1,
 )
 
@@ -120,16 +120,21 @@ def moe_nvfp4_gemm(
         scale = scale * input_scale
     acc = acc * scale
     if ACTIVATION == "relu2":
-        acc = tl.maximum(acc, 0.0)
+        # The GEMM result rounded to the output dtype first, then relu² rounded again: the reference
+        # returns grouped_gemm in the op's dtype and squares that.
+        acc = tl.maximum(rounded(acc, out_ptr.dtype.element_ty, INTERPRET), 0.0)
         acc = acc * acc
     mask = row_mask[:, None] & col_mask[None, :]
     if COMBINE:
+        # Each expert row rounded to the activation dtype (the reference's grouped_gemm output, in the
+        # op's dtype, which codegen/triton/plan.py requires to be the input's), then weighted in fp32.
+        acc = rounded(acc, x_ptr.dtype.element_ty, INTERPRET)
         pairs = tl.load(order_ptr + row_ids, mask=row_mask, other=0)
         acc = acc * tl.load(routing_ptr + pairs, mask=row_mask, other=0.0)[:, None]
         tl.store(out_ptr + pairs[:, None] * N + col_ids[None, :], acc, mask=mask)
     else:
-        tl.store(out_ptr + row_ids.to(tl.int64)[:, None] * N + col_ids[None, :], to_output(acc, out_ptr, INTERPRET),
-                 mask=mask)
+        tl.store(out_ptr + row_ids.to(tl.int64)[:, None] * N + col_ids[None, :],
+                 cast_rne(acc, out_ptr.dtype.element_ty, INTERPRET), mask=mask)
 
 
 @triton.jit
@@ -142,4 +147,4 @@ def moe_combine_rows(pairs_ptr, out_ptr, N: tl.constexpr, TOP_K: tl.constexpr, B
     total = tl.zeros([BLOCK_N], dtype=tl.float32)
     for slot in tl.static_range(TOP_K):
         total += tl.load(pairs_ptr + (token * TOP_K + slot) * N + col_ids, mask=col_mask, other=0.0)
-    tl.store(out_ptr + token * N + col_ids, to_output(total, out_ptr, INTERPRET), mask=col_mask)
+    tl.store(out_ptr + token * N + col_ids, cast_rne(total, out_ptr.dtype.element_ty, INTERPRET), mask=col_mask)

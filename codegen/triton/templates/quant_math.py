@@ -96,16 +96,3 @@ def expand_block_scales(scales, cols: tl.constexpr):
     """[R, cols/16] -> [R, cols], each scale repeated over its 16 elements."""
     rows: tl.constexpr = scales.shape[0]
     return tl.reshape(tl.broadcast_to(scales[:, :, None], [rows, cols // 16, 16]), [rows, cols])
-
-
-@triton.jit
-def to_output(x, out_ptr, INTERPRET: tl.constexpr):
-    """fp32 x in out_ptr's element type. The interpreter's fp32 -> bf16 cast truncates, so in
-    interpreter mode only a bf16 result is first rounded to nearest even in fp32 bits (the
-    compiled cast rounds to nearest even itself)."""
-    if INTERPRET:
-        if out_ptr.dtype.element_ty == tl.bfloat16:
-            bits = x.to(tl.int32, bitcast=True)
-            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536
-            x = bits.to(tl.float32, bitcast=True)
-    return x.to(out_ptr.dtype.element_ty)

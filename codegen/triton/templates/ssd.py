@@ -12,6 +12,10 @@ then S = exp(total) S + (dt x * exp(total - cum))^T B. C B^T multiplies the inpu
 the products with fp32 operands are exact fp32 dots ("ieee"), as the fp32 reference computes them.
 The kernel's chunk (CHUNK) need not be the op's chunk_size: the recurrence does not depend on it,
 only the rounding does.
+
+With seq_lens (HAS_SEQ_LENS), sequence b's tokens from seq_lens[b] on are right padding: they get step
+size 0 (no decay, no input), as in the reference, so the final state is the one after its real tokens;
+in the decode step, seq_lens[b] = 0 keeps the state exactly.
 """
 
 import triton
@@ -41,9 +45,9 @@ def _step_size(dt_raw, dt_bias, dt_min, dt_max, DT_DTYPE: tl.constexpr, INTERPRE
 def ssd_chunk_scan(
     x_ptr, dt_ptr, a_log_ptr, b_ptr, c_ptr,
     d_ptr, dt_bias_ptr, init_ptr, y_ptr, final_ptr,
-    length, num_heads, head_dim, n_groups, state_size,
+    seq_lens_ptr, length, num_heads, head_dim, n_groups, state_size,
     dt_min, dt_max,
-    HAS_INIT: tl.constexpr, CHUNK: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_INIT: tl.constexpr, HAS_SEQ_LENS: tl.constexpr, CHUNK: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
     INTERPRET: tl.constexpr,
 ):
     seq = tl.program_id(0).to(tl.int64)
@@ -66,12 +70,15 @@ def ssd_chunk_scan(
     causal = ls[:, None] >= ls[None, :]
     width_x = num_heads * head_dim
     width_bc = n_groups * state_size
+    real_end = length
+    if HAS_SEQ_LENS:
+        real_end = tl.minimum(tl.load(seq_lens_ptr + seq).to(tl.int32), length)
     for start in range(0, length, CHUNK):
         ts = start + ls
         t_ok = ts < length
         rows = seq * length + ts
         dt_raw = tl.load(dt_ptr + rows * num_heads + head, mask=t_ok, other=0.0)
-        step = tl.where(t_ok, _step_size(dt_raw, dt_bias, dt_min, dt_max, dt_ptr.dtype.element_ty, INTERPRET), 0.0)
+        step = tl.where(ts < real_end, _step_size(dt_raw, dt_bias, dt_min, dt_max, dt_ptr.dtype.element_ty, INTERPRET), 0.0)
         cum = tl.cumsum(a * step, axis=0)  # [L]
         total = tl.sum(a * step, axis=0)
         xv = tl.load(x_ptr + rows[:, None] * width_x + head * head_dim + ps[None, :],
@@ -100,9 +107,9 @@ def ssd_chunk_scan(
 def ssd_state_update(
     x_ptr, dt_ptr, a_log_ptr, b_ptr, c_ptr,
     d_ptr, dt_bias_ptr, state_ptr, y_ptr, new_state_ptr,
-    num_heads, head_dim, n_groups, state_size,
+    seq_lens_ptr, num_heads, head_dim, n_groups, state_size,
     dt_min, dt_max,
-    BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_SEQ_LENS: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
     INTERPRET: tl.constexpr,
 ):
     seq = tl.program_id(0).to(tl.int64)
@@ -114,6 +121,8 @@ def ssd_state_update(
     group = head // (num_heads // n_groups)
     io: tl.constexpr = x_ptr.dtype.element_ty  # dt, B, C share it (checked by the launcher)
     step = _step_size(tl.load(dt_ptr + seq * num_heads + head), tl.load(dt_bias_ptr + head), dt_min, dt_max, io, INTERPRET)
+    if HAS_SEQ_LENS:
+        step = tl.where(tl.load(seq_lens_ptr + seq) > 0, step, 0.0)  # an idle sequence keeps its state
     decay = tl.exp(step * -tl.exp(tl.load(a_log_ptr + head).to(tl.float32)))
     xv = tl.load(x_ptr + (seq * num_heads + head) * head_dim + ps, mask=p_ok, other=0.0).to(tl.float32)
     bc_offsets = (seq * n_groups + group) * state_size + ns

@@ -24,11 +24,43 @@ W4A4_TILES: dict[str, tuple[AttrValue, ...]] = {"BLOCK_M": (128,), "BLOCK_N": (1
 FP8_TILES: dict[str, tuple[AttrValue, ...]] = {"BLOCK_M": (16, 64, 128), "BLOCK_N": (64, 128), "BLOCK_K": (64, 128), "SWAP_AB": (True, False),
              "num_warps": (4, 8), "num_stages": (2, 3, 4)}
 
+# The float element types the norm, Mamba and attention kernels read and write (fp8 KV caches and
+# quantized inputs run their reference implementations).
+FLOATS = ("bf16", "f16", "f32")
+WARPS: dict[str, tuple[AttrValue, ...]] = {"num_warps": (1, 2, 4, 8)}
+
 CANDIDATES: tuple[KernelSpec, ...] = (
     kernel("triton_nvfp4_grouped_w4a16", "grouped_gemm", "triton", formats={"weight": ["nvfp4"], "x": ["bf16"]},
            archs=HOPPER_AND_BLACKWELL, config_space=MOE_TILES, priority=1,
            doc="NVFP4 weights dequantized in registers (E2M1 codes x E4M3 block scales, exact in bf16), bf16 "
                "tensor-core dot, ragged expert segments scheduled on the device"),
+    kernel("triton_rms_norm", "rms_norm", "triton", formats={"x": FLOATS, "weight": FLOATS},
+           archs=HOPPER_AND_BLACKWELL, config_space=WARPS, priority=1,
+           doc="one row per program, fp32 statistics, the add_rms_norm template without a residual"),
+    kernel("triton_gated_rms_norm", "gated_rms_norm", "triton", formats={"x": FLOATS, "gate": FLOATS, "weight": FLOATS},
+           archs=HOPPER_AND_BLACKWELL, config_space=WARPS, priority=1,
+           doc="x * silu(gate), RMS-normalised per group; one (row, group) per program"),
+    kernel("triton_causal_conv1d", "causal_conv1d", "triton",
+           formats={"x": FLOATS, "weight": FLOATS, "bias": FLOATS, "conv_state": FLOATS},
+           archs=HOPPER_AND_BLACKWELL, config_space={"BLOCK_C": (64, 128, 256), **WARPS}, priority=1,
+           attrs={"activation": (None, "silu")},
+           doc="depthwise causal conv with SiLU fused, prefill time blocks or the decode step; state after "
+               "each sequence's real tokens (seq_lens)"),
+    kernel("triton_ssd_chunk_scan", "ssd_chunk_scan", "triton",
+           formats={"x": FLOATS, "dt": FLOATS, "B": FLOATS, "C": FLOATS, "ssm_state": ("f32",)},
+           archs=HOPPER_AND_BLACKWELL, config_space={"CHUNK": (16, 32, 64), **WARPS}, priority=1,
+           doc="Mamba2 SSD prefill: one program per (sequence, head, head_dim block) walks the chunks, state in "
+               "registers; padding (seq_lens) gets step size 0"),
+    kernel("triton_ssd_state_update", "ssd_state_update", "triton",
+           formats={"x": FLOATS, "dt": FLOATS, "B": FLOATS, "C": FLOATS, "ssm_state": ("f32",)},
+           archs=HOPPER_AND_BLACKWELL, config_space=WARPS, priority=1,
+           doc="Mamba2 decode step; an idle sequence (seq_lens 0) keeps its state"),
+    kernel("triton_attention_gqa", "attention_gqa", "triton",
+           formats={"q": FLOATS, "k": FLOATS, "v": FLOATS, "k_cache": FLOATS, "v_cache": FLOATS},
+           archs=HOPPER_AND_BLACKWELL, config_space={"BLOCK_M": (16, 64, 128), "BLOCK_N": (32, 64, 128), **WARPS},
+           priority=1,
+           doc="KV-cache write at each sequence's length, then causal flash attention (online softmax, fp32 "
+               "statistics); a program serves one KV head, so a group's query heads share K/V loads"),
 )
 
 
@@ -70,6 +102,13 @@ FUSED_CANDIDATES = (
     FusedCandidate("triton_fp8_quant_linear", "quant_linear", {"weight": ("fp8",), "x": ("bf16",)},
                    {"act_format": ("fp8",)}, HOPPER_AND_BLACKWELL, FP8_TILES,
                    "FP8 W8A8: activations rounded to E4M3 on load, fp8 tensor-core dot"),
+    FusedCandidate("triton_add_rms_norm", "add_rms_norm", {"x": FLOATS, "residual": FLOATS, "weight": FLOATS},
+                   {"act_format": (None, "fp8", "nvfp4")}, HOPPER_AND_BLACKWELL, WARPS,
+                   "residual add + RMSNorm, output in the stream dtype or quantized on output (FP8, NVFP4)"),
+    FusedCandidate("triton_moe_route", "moe_route", {"x": FLOATS, "weight": ("f32",), "bias": ("f32",)}, {},
+                   HOPPER_AND_BLACKWELL, {"BLOCK_T": (8, 16, 32), **WARPS},
+                   "fp32 router GEMM, sigmoid, bias, group-limited top-k, normalisation and scaling; then the "
+                   "expert offsets and the pair order sorted stably by expert (no atomics)"),
 )
 
 

@@ -204,7 +204,8 @@ def _write_kernels(stage: Path, prefill: Graph, decode: Graph, arch: str,
     if not kernel_plan.instances:
         return None
     cache = Path(settings().kernel_cache_dir).expanduser()
-    return emit_kernels(kernel_plan.instances, stage, arch, cache, bindings=kernel_plan.bindings)
+    return emit_kernels(kernel_plan.instances, stage, arch, cache, bindings=kernel_plan.bindings,
+                        fallbacks=[f.describe() for f in kernel_plan.fallbacks])
 
 
 def _quantized(graph: Graph) -> bool:
@@ -485,7 +486,8 @@ def build(model: Path | None, out: Path, options: BuildOptions | None = None,
                          kernel_config_lines=[*tuning_lines(chooser), "",
                                               *explained_lines(explain({PREFILL: graph, DECODE: decode}, job.policy,
                                                                        chooser.choices, job.target.arch))],
-                         memory=job.memory_plan)
+                         memory=job.memory_plan,
+                         kernel_fallbacks=compiled.fallbacks if compiled is not None else ())
             remove_resume_files(stage)  # the engine is complete: nothing left to resume
             manifest = write_manifest(stage, manifest)
             phases.summarize(f"{len(manifest.files)} files, each with its sha256 in {MANIFEST_NAME}")

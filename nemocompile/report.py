@@ -269,7 +269,7 @@ def write_report(path: Path, manifest: Manifest, graph: Graph, stats: ParamStats
                  phases: Sequence[PhaseRecord] = (), calibration: CalibrationInfo | None = None,
                  deviation: Agreement | None = None, checkpoint_quirks: Sequence[str] = (),
                  compiled_kernels: Sequence[Mapping[str, Any]] = (), kernel_config_lines: Sequence[str] = (),
-                 memory: MemoryPlan | None = None) -> None:
+                 memory: MemoryPlan | None = None, kernel_fallbacks: Sequence[Mapping[str, str]] = ()) -> None:
     per_gpu = memory.bytes_per_gpu if memory is not None else stats.bytes_total / planned_world_size
     lines = [
         f"# Engine: {manifest.source.name}",
@@ -336,6 +336,12 @@ def write_report(path: Path, manifest: Manifest, graph: Graph, stats: ParamStats
     lines += ["", *fusion_lines(fusion_counts(records))]
     lines += ["", "## Kernels", "", "| graph | op | kernel | backend | ops |", "|---|---|---|---|---:|"]
     lines += [f"| {k.graph} | {k.op} | {k.kernel} | {k.backend} | {k.count} |" for k in manifest.kernels]
+    if kernel_fallbacks:
+        lines += ["", "## Kernel fallbacks", "",
+                  "These ops chose a Triton kernel that has no specialisation for them; they run their reference "
+                  "implementation.", "", "| graph | value | op | kernel | reason |", "|---|---|---|---|---|"]
+        lines += [f"| {f['graph']} | %{f['value']} | {f['op']} | {f['kernel']} | {f['reason']} |"
+                  for f in kernel_fallbacks]
     if compiled_kernels:
         lines += ["", *compiled_kernel_lines(compiled_kernels)]
     if kernel_config_lines:

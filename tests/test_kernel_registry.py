@@ -53,21 +53,20 @@ def test_kernel() -> Iterator[CallRecorder]:
 
 
 def _mlp_graph(dtype: Any = F32) -> Graph:
-    """x -> linear -> rms_norm -> linear: two linears, one other op."""
+    """x -> linear -> relu2 -> linear: two linears, one other op (one with no compiled candidate)."""
     b = GraphBuilder("mlp")
     x = b.input("x", TensorType(dtype, ("batch", "seq", 8)))
     w1 = b.weight("w1", TensorType(dtype, (16, 8)), "mlp")
-    norm = b.weight("norm", TensorType(dtype, (16,)), "norms")
     w2 = b.weight("w2", TensorType(dtype, (4, 16)), "mlp")
     h = b.op1("linear", [x, w1])
-    h = b.op1("rms_norm", [h, norm], {"eps": 1e-5})
+    h = b.op1("activation", [h], {"kind": "relu2"})
     b.output(b.op1("linear", [h, w2]))
     return b.build()
 
 
 def _weights() -> dict[str, torch.Tensor]:
     generator = torch.Generator().manual_seed(0)
-    return {"w1": torch.randn(16, 8, generator=generator), "norm": torch.rand(16, generator=generator) + 0.5,
+    return {"w1": torch.randn(16, 8, generator=generator),
             "w2": torch.randn(4, 16, generator=generator)}
 
 
@@ -258,7 +257,7 @@ def test_an_engine_records_and_runs_the_chosen_kernel(engine_with_test_kernel: t
     uses = {(u.graph, u.op): (u.kernel, u.backend, u.count) for u in engine.manifest.kernels}
     assert uses["prefill", "linear"] == (TEST_KERNEL, "triton", len(prefill_linears))
     assert uses["decode", "linear"] == (TEST_KERNEL, "triton", len(prefill_linears))
-    assert uses["prefill", "rms_norm"][:2] == ("reference", "reference")
+    assert uses["prefill", "embedding"][:2] == ("reference", "reference")
     assert engine.manifest.backends == ("reference", "triton")
     before = recorder.calls
     engine.forward([[1, 2, 3]])
@@ -278,7 +277,7 @@ def test_inspect_shows_each_op_kinds_kernel(engine_with_test_kernel: tuple[Path,
     assert result.exit_code == 0, result.output
     info = json.loads(result.output)
     rows = {(k["graph"], k["op"]): k["kernel"] for k in info["kernels"]}
-    assert rows["prefill", "linear"] == TEST_KERNEL and rows["decode", "ssd_state_update"] == "reference"
+    assert rows["prefill", "linear"] == TEST_KERNEL and rows["decode", "embedding"] == "reference"
     assert info["backends"] == ["reference", "triton"]
     assert info["kernel_counts"][TEST_KERNEL] == sum(
         k["count"] for k in info["kernels"] if k["kernel"] == TEST_KERNEL)

@@ -7,7 +7,8 @@ Layout (every file is hashed in the engine's manifest, like any other engine fil
   copied from the shared compile cache;
 - kernels/kernels.json: the index: Triton version, arch, and per kernel its op, template entry,
   signature, constexprs, launch options and binary key, with its registers, shared memory and
-  tensor-core instructions."""
+  tensor-core instructions; the bindings (graph -> op result -> kernels) and the fallbacks (ops whose
+  chosen Triton kernel has no specialisation for them, with the reason)."""
 
 from __future__ import annotations
 
@@ -34,6 +35,7 @@ class EmittedKernels:
     files: tuple[str, ...]
     compiled: tuple[CompiledKernel, ...]
     seconds: float
+    fallbacks: tuple[Mapping[str, str], ...] = ()
 
     def report_rows(self) -> list[dict[str, Any]]:
         return [kernel.describe() for kernel in self.compiled]
@@ -47,9 +49,11 @@ def _check_unique(instances: Sequence[KernelInstance]) -> None:
 
 
 def emit(instances: Sequence[KernelInstance], engine_dir: Path, arch: str, cache_dir: Path,
-         compile_binaries: bool = True, bindings: Mapping[str, Mapping[str, list[str]]] | None = None) -> EmittedKernels:
-    """Write the sources (and, with compile_binaries, the binaries for `arch`) of `instances`, and
-    the bindings (graph -> op result name -> instance names) the runtime dispatches by."""
+         compile_binaries: bool = True, bindings: Mapping[str, Mapping[str, list[str]]] | None = None,
+         fallbacks: Sequence[Mapping[str, str]] = ()) -> EmittedKernels:
+    """Write the sources (and, with compile_binaries, the binaries for `arch`) of `instances`, the
+    bindings (graph -> op result name -> instance names) the runtime dispatches by, and the ops whose
+    Triton kernel has no specialisation (graph, value, op, kernel, reason: they run their reference)."""
     _check_unique(instances)
     start = time.perf_counter()
     root = engine_dir / KERNELS_DIR
@@ -75,7 +79,9 @@ def emit(instances: Sequence[KernelInstance], engine_dir: Path, arch: str, cache
             entry["binary"] = {k: v for k, v in binary.describe().items() if k not in ("compile_seconds", "cached")}
         entries.append(entry)
     index = {"version": INDEX_VERSION, "triton": triton_version(), "arch": arch, "kernels": entries,
-             "bindings": {graph: dict(ops) for graph, ops in (bindings or {}).items()}}
+             "bindings": {graph: dict(ops) for graph, ops in (bindings or {}).items()},
+             "fallbacks": [dict(f) for f in fallbacks]}
     (root / INDEX).write_text(json.dumps(index, indent=1, sort_keys=True) + "\n")
     files.append(f"{KERNELS_DIR}/{INDEX}")
-    return EmittedKernels(tuple(sorted(set(files))), tuple(compiled), time.perf_counter() - start)
+    return EmittedKernels(tuple(sorted(set(files))), tuple(compiled), time.perf_counter() - start,
+                          tuple(dict(f) for f in fallbacks))

@@ -13,40 +13,46 @@ import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 
-from nemocompile.base.errors import IRError
 from nemocompile.graph.ir import Graph, Op
 from nemocompile.graph.kernels import find, kernel_of
 from nemocompile.graph.types import TensorType
 
+from . import plan_ops
 from . import templates_catalog as catalog
+from .plan_ops import NoKernel, triton_dtype
 from .spec import KernelInstance
 
-# The triton kernels of graph/kernels.py that this codegen specialises (catalog name -> builder).
-Builder = Callable[[Op, Mapping[str, TensorType], str], tuple[KernelInstance, ...]]
+# The triton kernels of graph/kernels.py that this codegen specialises (catalog name -> builder): a
+# builder takes the op, the graph's value types, the arch and whether the graph is the decode one.
+Builder = Callable[[Op, Mapping[str, TensorType], str, bool], tuple[KernelInstance, ...]]
 # Chooses the configs of one op's instances (graph name, op, the builder's instances): the build's
 # tuning stage (nemocompile/kernel_configs.py); without one the builders' defaults stand.
 Configure = Callable[[str, Op, tuple[KernelInstance, ...]], tuple[KernelInstance, ...]]
 
 
 @dataclass(frozen=True)
+class Fallback:
+    """An op whose chosen Triton kernel has no specialisation for it: it runs its reference
+    implementation, for `reason` (listed in kernels.json and report.md)."""
+
+    graph: str
+    value: str
+    op: str
+    kernel: str
+    reason: str
+
+    def describe(self) -> dict[str, str]:
+        return {"graph": self.graph, "value": self.value, "op": self.op, "kernel": self.kernel, "reason": self.reason}
+
+
+@dataclass(frozen=True)
 class KernelPlan:
     instances: tuple[KernelInstance, ...]
     bindings: dict[str, dict[str, list[str]]]  # graph name -> op result name -> instance names, in launch order
+    fallbacks: tuple[Fallback, ...] = ()
 
 
-def _dims(t: TensorType, what: str) -> tuple[int, ...]:
-    if not all(isinstance(d, int) for d in t.shape):
-        raise IRError(f"{what} has a symbolic dim in {t}; Triton kernels are specialised to the weight shapes")
-    return tuple(int(d) for d in t.shape)  # type: ignore[arg-type]
-
-
-TRITON_DTYPES = {"bf16": "bf16", "f16": "fp16", "f32": "fp32"}
-
-
-def triton_dtype(t: TensorType, what: str) -> str:
-    if t.dtype.name not in TRITON_DTYPES:
-        raise IRError(f"{what} is {t.dtype.name}; the Triton kernels take {', '.join(TRITON_DTYPES)}")
-    return TRITON_DTYPES[t.dtype.name]
+_dims = plan_ops.dims
 
 
 BLOCK_K_CHOICES = (128, 64, 32, 16)
@@ -57,8 +63,7 @@ FP8_MIN_BLOCK_K = 32  # an FP8 tl.dot needs K >= 32 per tile
 
 def block_k_for(k: int, minimum: int = BLOCK_K_CHOICES[-1]) -> int | None:
     """The largest K tile (at least `minimum`) that divides K, or None: a K with no such divisor
-    (40, say) gets no Triton kernel and runs as the runtime's registry says (its reference
-    implementation)."""
+    (40, say) gets no Triton kernel and runs its reference implementation (listed as a fallback)."""
     return next((b for b in BLOCK_K_CHOICES if b >= minimum and k % b == 0), None)
 
 
@@ -68,14 +73,19 @@ def _operand_type(op: Op, types: Mapping[str, TensorType], index: int) -> Tensor
     return types[value]
 
 
-def _grouped_w4a16(op: Op, types: Mapping[str, TensorType], arch: str) -> tuple[KernelInstance, ...]:
+def _no_k_tile(k: int, minimum: int = BLOCK_K_CHOICES[-1]) -> NoKernel:
+    return NoKernel(f"K = {k} has no K tile of at least {minimum} dividing it "
+                    f"({', '.join(str(b) for b in BLOCK_K_CHOICES if b >= minimum)})")
+
+
+def _grouped_w4a16(op: Op, types: Mapping[str, TensorType], arch: str, decode: bool) -> tuple[KernelInstance, ...]:
     """grouped_gemm(x_sorted bf16, offsets, nvfp4 weight [E, N, K]) -> out."""
     experts, n, k = _dims(_operand_type(op, types, 2), f"{op.opname} weight")
     x_dtype = triton_dtype(_operand_type(op, types, 0), f"{op.opname} input")
     out_dtype = triton_dtype(op.results[0].type, f"{op.opname} result")
     block_k = block_k_for(k)
     if block_k is None:
-        return ()
+        raise _no_k_tile(k)
     return (catalog.moe_gemm("triton_nvfp4_grouped_w4a16", op.opname, n=n, k=k, experts=experts, top_k=1,
                              act_format="bf16", x_dtype=x_dtype, out_dtype=out_dtype, block_m=16, block_n=64,
                              block_k=block_k),)
@@ -92,17 +102,22 @@ def _expert_tiles(act_format: str, k: int) -> tuple[int, int, int | None]:
 
 def _fits(act_format: str, k: int) -> bool:
     """tl.dot_scaled (W4A4) needs K steps of at least 64 (Triton 3.9 refuses smaller ones for sm_100a);
-    an op whose K is not a multiple of 64 gets no W4A4 kernel and runs as the runtime's registry says
-    (its reference implementation)."""
+    an op whose K is not a multiple of 64 gets no W4A4 kernel and runs its reference implementation."""
     return (act_format == "bf16" and block_k_for(k) is not None) or k % 64 == 0
 
 
-def _expert_up(op: Op, types: Mapping[str, TensorType], arch: str) -> tuple[KernelInstance, ...]:
+def _no_fit(act_format: str, k: int) -> NoKernel:
+    if act_format == "bf16":
+        return _no_k_tile(k)
+    return NoKernel(f"K = {k} is not a multiple of 64, the smallest K step of tl.dot_scaled (W4A4) on sm_100a")
+
+
+def _expert_up(op: Op, types: Mapping[str, TensorType], arch: str, decode: bool) -> tuple[KernelInstance, ...]:
     """moe_expert_up(x, order, offsets, nvfp4 weight [E, I, D], input_scale?) -> hidden [N*k, I]."""
     experts, n, k = _dims(_operand_type(op, types, 3), f"{op.opname} weight")
     act_format = "nvfp4" if op.attrs.get("act_format") == "nvfp4" else "bf16"
     if not _fits(act_format, k):
-        return ()
+        raise _no_fit(act_format, k)
     block_m, block_n, block_k = _expert_tiles(act_format, k)
     assert block_k is not None  # _fits
     return (catalog.moe_gemm(kernel_of(op), op.opname, n=n, k=k, experts=experts, top_k=op.attrs.int("top_k"),
@@ -112,33 +127,35 @@ def _expert_up(op: Op, types: Mapping[str, TensorType], arch: str) -> tuple[Kern
                              block_m=block_m, block_n=block_n, block_k=block_k),)
 
 
-def _expert_down(op: Op, types: Mapping[str, TensorType], arch: str) -> tuple[KernelInstance, ...]:
+def _expert_down(op: Op, types: Mapping[str, TensorType], arch: str, decode: bool) -> tuple[KernelInstance, ...]:
     """moe_expert_down(hidden, order, offsets, nvfp4 weight [E, D, I], weights, input_scale?) -> out:
     the GEMM writing weighted pair rows, then the per-token sum."""
     experts, n, k = _dims(_operand_type(op, types, 3), f"{op.opname} weight")
     act_format = "nvfp4" if op.attrs.get("act_format") == "nvfp4" else "bf16"
     if not _fits(act_format, k):
-        return ()
+        raise _no_fit(act_format, k)
     top_k = op.attrs.int("top_k")
+    x_dtype = triton_dtype(_operand_type(op, types, 0), f"{op.opname} input")
+    if x_dtype != triton_dtype(op.results[0].type, f"{op.opname} result"):
+        raise NoKernel("the kernel rounds each expert row to the input's dtype, which differs from the result's")
     block_m, block_n, block_k = _expert_tiles(act_format, k)
     assert block_k is not None  # _fits
     gemm = catalog.moe_gemm(kernel_of(op), op.opname, n=n, k=k, experts=experts, top_k=top_k,
-                            act_format=act_format, combine=True,
-                            x_dtype=triton_dtype(_operand_type(op, types, 0), f"{op.opname} input"),
+                            act_format=act_format, combine=True, x_dtype=x_dtype,
                             block_m=block_m, block_n=block_n, block_k=block_k)
     combine = catalog.moe_combine(f"{kernel_of(op)}_combine", op.opname, n=n, top_k=top_k,
                                   out_dtype=triton_dtype(op.results[0].type, f"{op.opname} result"))
     return gemm, combine
 
 
-def _fp8_quant_linear(op: Op, types: Mapping[str, TensorType], arch: str) -> tuple[KernelInstance, ...]:
+def _fp8_quant_linear(op: Op, types: Mapping[str, TensorType], arch: str, decode: bool) -> tuple[KernelInstance, ...]:
     """quant_linear(x, fp8 weight [N, K], input_scale, bias?) with act_format fp8 (W8A8)."""
     n, k = _dims(_operand_type(op, types, 1), f"{op.opname} weight")
     has_bias = len(op.operands) > 3 and op.operands[3] is not None
     out_dtype = triton_dtype(op.results[0].type, f"{op.opname} result")
     block_k = block_k_for(k, FP8_MIN_BLOCK_K)
     if block_k is None:
-        return ()
+        raise _no_k_tile(k, FP8_MIN_BLOCK_K)
     return (catalog.fp8_linear(kernel_of(op), op.opname, n=n, k=k, quant_act=True, per_channel=True,
                                has_bias=has_bias, x_dtype=triton_dtype(_operand_type(op, types, 0), "x"),
                                out_dtype=out_dtype, block_m=16, block_n=64, block_k=block_k),)
@@ -151,7 +168,16 @@ BUILDERS: dict[str, Builder] = {
     "triton_moe_down_w4a16": _expert_down,
     "triton_moe_down_w4a4": _expert_down,
     "triton_fp8_quant_linear": _fp8_quant_linear,
+    "triton_rms_norm": plan_ops.rms_norm,
+    "triton_add_rms_norm": plan_ops.add_rms_norm,
+    "triton_gated_rms_norm": plan_ops.gated_rms_norm,
+    "triton_causal_conv1d": plan_ops.causal_conv1d,
+    "triton_ssd_chunk_scan": plan_ops.ssd_chunk_scan,
+    "triton_ssd_state_update": plan_ops.ssd_state_update,
+    "triton_attention_gqa": plan_ops.attention_gqa,
+    "triton_moe_route": plan_ops.moe_route,
 }
+DECODE_GRAPH = "decode"  # the graph whose ops see one new token per sequence
 
 
 def _named(instance: KernelInstance) -> KernelInstance:
@@ -161,9 +187,11 @@ def _named(instance: KernelInstance) -> KernelInstance:
 
 def plan_kernels(graphs: Mapping[str, Graph], arch: str, configure: Configure | None = None) -> KernelPlan:
     """The instances and bindings of every op of `graphs` whose kernel is a Triton one (their
-    configs as `configure` chooses them)."""
+    configs as `configure` chooses them), and the ops whose Triton kernel has no specialisation for
+    them (their reason)."""
     instances: dict[str, KernelInstance] = {}
     bindings: dict[str, dict[str, list[str]]] = {}
+    fallbacks: list[Fallback] = []
     for graph_name, graph in graphs.items():
         types = graph.value_types()
         for op in graph.ops:
@@ -174,11 +202,13 @@ def plan_kernels(graphs: Mapping[str, Graph], arch: str, configure: Configure | 
             builder = BUILDERS.get(name)
             if builder is None:  # a kernel the runtime registry provides (or falls back from): nothing to emit
                 continue
-            built = builder(op, types, arch)
-            named = [_named(i) for i in (configure(graph_name, op, built) if configure and built else built)]
-            if not named:  # no specialisation fits this op's shapes
+            try:
+                built = builder(op, types, arch, graph_name == DECODE_GRAPH)
+            except NoKernel as why:
+                fallbacks.append(Fallback(graph_name, op.results[0].name, op.opname, name, str(why)))
                 continue
+            named = [_named(i) for i in (configure(graph_name, op, built) if configure else built)]
             for instance in named:
                 instances.setdefault(instance.name, instance)
             bindings.setdefault(graph_name, {})[op.results[0].name] = [i.name for i in named]
-    return KernelPlan(tuple(instances[n] for n in sorted(instances)), bindings)
+    return KernelPlan(tuple(instances[n] for n in sorted(instances)), bindings, tuple(fallbacks))

@@ -1,9 +1,12 @@
 """The `triton` runtime backend: ops bound to Triton kernels in the engine's kernels/kernels.json
 run through them (compiled binaries on CUDA, the interpreter on a CPU); every other op resolves
-as the kernel registry says (its registered kernel, else the reference implementation).
+as the kernel registry says (its registered kernel, else the reference implementation). An op whose
+IR names a Triton kernel the build could not specialise runs its reference implementation with the
+build's reason (kernels.json `fallbacks`) as its Resolution's `fallback`: nothing falls back silently.
 
-A launcher adapts an op's operands to a kernel's wrapper (runtime/kernels/triton_gemm.py); the
-table is keyed by the catalog kernel name the op's `kernel` attribute records."""
+A launcher adapts an op's operands to a kernel's wrapper (runtime/kernels/triton_gemm.py, and
+triton_ops.py through triton_op_launchers.py); the table is keyed by the catalog kernel name the
+op's `kernel` attribute records."""
 
 from __future__ import annotations
 
@@ -27,8 +30,7 @@ from ..reference_dispatch import Args, reference_impl
 from . import triton_gemm
 from .registry import Resolution, resolve
 from .triton_loader import INDEX, TritonKernels
-
-Launcher = Callable[[TritonKernels, Sequence[str], Op, Args], tuple[torch.Tensor, ...]]
+from .triton_op_launchers import OP_LAUNCHERS, Launcher
 
 
 def _tensor(value: object, what: str) -> torch.Tensor:
@@ -90,15 +92,20 @@ LAUNCHERS: dict[str, Launcher] = {
     "triton_moe_down_w4a16": _expert_down,
     "triton_moe_down_w4a4": _expert_down,
     "triton_fp8_quant_linear": _fp8_quant_linear,
+    **OP_LAUNCHERS,
 }
+# graph -> op result name -> why its Triton kernel was not built for it (codegen/triton/plan.Fallback)
+Fallbacks = Mapping[str, Mapping[str, str]]
 
 
 class TritonBackend:
     """Resolves ops for one engine: `resolver(graph)` is what its Executor calls per op."""
 
-    def __init__(self, kernels: TritonKernels, bindings: Mapping[str, Mapping[str, Sequence[str]]]) -> None:
+    def __init__(self, kernels: TritonKernels, bindings: Mapping[str, Mapping[str, Sequence[str]]],
+                 fallbacks: Fallbacks | None = None) -> None:
         self.kernels = kernels
         self.bindings = bindings
+        self.fallbacks = fallbacks or {}
         for graph, ops in bindings.items():
             for result, names in ops.items():
                 missing = [n for n in names if n not in kernels.entries]
@@ -107,10 +114,16 @@ class TritonBackend:
 
     def resolver(self, graph: str) -> Callable[[Op, torch.device | str], Resolution]:
         bound = self.bindings.get(graph, {})
+        planned = self.fallbacks.get(graph, {})
 
         def resolve_op(op: Op, device: torch.device | str) -> Resolution:
             names = bound.get(op.results[0].name) if op.results else None
             if names is None:
+                why = planned.get(op.results[0].name) if op.results else None
+                if why is not None:
+                    requested = kernel_of(op)
+                    return Resolution(op.opname, requested, REFERENCE, reference_impl(op.opname),
+                                      f"the build made no {requested} kernel for it: {why}")
                 return resolve(op, device)
             requested = kernel_of(op)
             launcher = LAUNCHERS.get(requested)
@@ -152,6 +165,9 @@ def load_triton_backend(directory: Path, manifest: Manifest, device: torch.devic
         index = json.loads(files[INDEX])
         bindings = {str(graph): {str(k): [str(n) for n in v] for k, v in ops.items()}
                     for graph, ops in index["bindings"].items()}
+        fallbacks: dict[str, dict[str, str]] = {}
+        for entry in index.get("fallbacks", []):
+            fallbacks.setdefault(str(entry["graph"]), {})[str(entry["value"])] = str(entry["reason"])
     except (ValueError, KeyError, AttributeError, TypeError) as error:
         raise EngineError(f"{INDEX} has no valid bindings: {error}") from error
-    return TritonBackend(TritonKernels.from_files(files, device), bindings)
+    return TritonBackend(TritonKernels.from_files(files, device), bindings, fallbacks)

@@ -1,9 +1,10 @@
 """The norm, Mamba, attention and router kernels on a lent GPU: part of bench/gpu_check.py, which
 compiles them with the GEMMs (kernel_set) and calls check() and bench().
 
-check(): each kernel against its reference op on the GPU, at the model's shapes, decode (batch 1
-and 8) and a 300-token prompt (not a multiple of the chunk), fresh random inputs, NaN-poisoned
-outputs. Compiled code differs from the reference in approximations the interpreter does not make
+check(): each kernel, specialised as an engine specialises it (conv1d and SSD with a state and
+seq_lens, attention in its EXACT form), against its reference op on the GPU, at the model's shapes,
+decode (batch 1, and batch 8 with one idle sequence) and a 300-token prompt (not a multiple of the
+chunk, with 3 tokens of right padding), fresh random inputs, NaN-poisoned outputs. Compiled code differs from the reference in approximations the interpreter does not make
 (rsqrt.approx, ex2.approx, FMA contraction, bf16 tensor-core dots), so the bounds are looser than
 the interpreter tests': bf16 outputs 2 bf16 ulps of the largest magnitude (attention 2e-2), fp32
 outputs 1e-4 of it (the SSD scan 1e-3), and quantized outputs may differ in at most 0.1% of their
@@ -61,12 +62,14 @@ def kernel_set(config: dict[str, Any]) -> list[KernelInstance]:
         catalog.add_rms_norm("ops_norm_nvfp4", "add_rms_norm", width=s["hidden"], act_format="nvfp4"),
         catalog.gated_rms_norm("ops_gated", "gated_rms_norm", width=s["inner"], group_size=s["inner"] // s["groups"],
                                weight_dtype="fp32", out_dtype="fp32"),
-        catalog.causal_conv1d("ops_conv_prefill", "causal_conv1d", kernel_size=config["conv_kernel"]),
+        catalog.causal_conv1d("ops_conv_prefill", "causal_conv1d", kernel_size=config["conv_kernel"], state=True,
+                              seq_lens=True),
         catalog.causal_conv1d("ops_conv_decode", "causal_conv1d", kernel_size=config["conv_kernel"], state=True,
-                              decode=True),
+                              decode=True, seq_lens=True),
         catalog.ssd_chunk_scan("ops_scan", "ssd_chunk_scan", head_dim=s["head_dim"], state_size=s["state"],
-                               chunk_size=config["chunk_size"], initial_state=False),
-        catalog.ssd_state_update("ops_update", "ssd_state_update", head_dim=s["head_dim"], state_size=s["state"]),
+                               chunk_size=config["chunk_size"], initial_state=True, seq_lens=True),
+        catalog.ssd_state_update("ops_update", "ssd_state_update", head_dim=s["head_dim"], state_size=s["state"],
+                                 seq_lens=True),
         *catalog.attention_gqa("ops_attn_decode", "attention_gqa", head_dim=config["head_dim"], decode=True),
         *catalog.attention_gqa("ops_attn_prefill", "attention_gqa", head_dim=config["head_dim"], decode=False),
         *catalog.moe_route("ops_route", "moe_route", experts=experts, top_k=top_k, n_group=config["n_group"],
@@ -133,13 +136,16 @@ def check(kernels: TritonKernels, config: dict[str, Any], device: str, prompt: i
                       1e-4))
     for batch, length in ((1, 1), (8, 1), (1, prompt)):
         decode = length == 1
+        # right padding: the last of 8 decode sequences is idle, the prompt has 3 padding tokens
+        seq_lens = torch.tensor([length] * (batch - 1) + [0 if batch > 1 else max(1, length - 3)], device=device)
         channels, taps = s["conv_channels"], config["conv_kernel"]
         x = randn(batch, length, channels)
         conv_w, conv_b = randn(channels, 1, taps) * 0.3, randn(channels) * 0.1
-        state = randn(batch, channels, taps - 1) if decode else None
+        state = randn(batch, channels, taps - 1)
         name = "ops_conv_decode" if decode else "ops_conv_prefill"
-        y, new_state = triton_ops.causal_conv1d(kernels, name, x, conv_w, conv_b, state, alloc=_poison)
-        ref_y, ref_state = causal_conv1d(x, conv_w, conv_b, "silu", state)
+        y, new_state = triton_ops.causal_conv1d(kernels, name, x, conv_w, conv_b, state, alloc=_poison,
+                                                seq_lens=seq_lens)
+        ref_y, ref_state = causal_conv1d(x, conv_w, conv_b, "silu", state, seq_lens)
         cases.append((f"causal_conv1d {batch}x{length}", max(_error(y, ref_y), _error(new_state, ref_state)), 2**-7))
         heads, head_dim, groups, state_size = s["heads"], s["head_dim"], s["groups"], s["state"]
         xs, dt = randn(batch, length, heads * head_dim), randn(batch, length, heads) * 0.5 - 1
@@ -147,17 +153,18 @@ def check(kernels: TritonKernels, config: dict[str, Any], device: str, prompt: i
         a_log, d, dt_bias = (randn(heads, dtype=torch.float32) * 0.5 for _ in range(3))
         sizes: dict[str, Any] = dict(num_heads=heads, head_dim=head_dim, n_groups=groups, state_size=state_size,
                                      dt_max=float("inf"))
+        ssm = randn(batch, heads, head_dim, state_size, dtype=torch.float32)
         if decode:
-            ssm = randn(batch, heads, head_dim, state_size, dtype=torch.float32)
             y, new = triton_ops.ssd_state_update(kernels, "ops_update", xs, dt, a_log, b, c, d, dt_bias, dt_min=0.0,
-                                                 state=ssm, alloc=_poison, **sizes)
-            ref_y, ref_new = ssd_state_update(xs, dt, a_log, b, c, d, dt_bias, dt_min=0.0, state=ssm, **sizes)
+                                                 state=ssm, alloc=_poison, seq_lens=seq_lens, **sizes)
+            ref_y, ref_new = ssd_state_update(xs, dt, a_log, b, c, d, dt_bias, dt_min=0.0, state=ssm,
+                                              seq_lens=seq_lens, **sizes)
             cases.append((f"ssd_state_update {batch}", max(_error(y, ref_y), _error(new, ref_new)), 2**-7))
         else:
             y, final = triton_ops.ssd_chunk_scan(kernels, "ops_scan", xs, dt, a_log, b, c, d, dt_bias, dt_min=1e-3,
-                                                 initial_state=None, alloc=_poison, **sizes)
+                                                 initial_state=ssm, alloc=_poison, seq_lens=seq_lens, **sizes)
             ref_y, ref_final = ssd_chunk_scan(xs, dt, a_log, b, c, d, dt_bias, chunk_size=config["chunk_size"],
-                                              dt_min=1e-3, initial_state=None, **sizes)
+                                              dt_min=1e-3, initial_state=ssm, seq_lens=seq_lens, **sizes)
             cases.append((f"ssd_chunk_scan {length}", max(_error(y, ref_y), _error(final, ref_final)), 1e-3))
         q_heads, kv_heads, head = config["num_attention_heads"], config["num_key_value_heads"], config["head_dim"]
         lens = torch.randint(0, 200, (batch,), generator=g, device=device) if decode else torch.zeros(1, dtype=torch.int64,
@@ -228,13 +235,14 @@ def bench(kernels: TritonKernels, config: dict[str, Any], iters: int, prompt: in
         conv_b = torch.randn(s["conv_channels"], device=device).bfloat16()
         conv_state = torch.randn(1, s["conv_channels"], config["conv_kernel"] - 1, device=device).bfloat16()
         decode = tokens == 1
-        conv_name, state = ("ops_conv_decode", conv_state) if decode else ("ops_conv_prefill", None)
+        conv_name = "ops_conv_decode" if decode else "ops_conv_prefill"
+        conv_lens = torch.tensor([tokens], device=device)
         rows: list[tuple[str, Callable[[], object], Callable[[], object]]] = [
             (f"add_rms_norm {tokens}", partial(triton_ops.add_rms_norm, kernels, "ops_norm", x, residual, weight, eps),
              partial(_add_rms_norm_reference, x, residual, weight, eps)),
             (f"causal_conv1d {tokens}", partial(triton_ops.causal_conv1d, kernels, conv_name, conv_x, conv_w, conv_b,
-                                                state),
-             partial(causal_conv1d, conv_x, conv_w, conv_b, "silu", state)),
+                                                conv_state, seq_lens=conv_lens),
+             partial(causal_conv1d, conv_x, conv_w, conv_b, "silu", conv_state, conv_lens)),
         ]
         for name, triton_fn, torch_fn in rows:
             ours, theirs = time_cuda(triton_fn, iters), time_cuda(torch_fn, max(3, iters // 5))

@@ -24,9 +24,9 @@ W4A4_TILES: dict[str, tuple[AttrValue, ...]] = {"BLOCK_M": (128,), "BLOCK_N": (1
 FP8_TILES: dict[str, tuple[AttrValue, ...]] = {"BLOCK_M": (16, 64, 128), "BLOCK_N": (64, 128), "BLOCK_K": (64, 128), "SWAP_AB": (True, False),
              "num_warps": (4, 8), "num_stages": (2, 3, 4)}
 
-# The float element types the norm, Mamba and attention kernels read and write (fp8 KV caches and
+# The float element types the norm, Mamba and attention kernels read and write (fp8 KV caches, f16 and
 # quantized inputs run their reference implementations).
-FLOATS = ("bf16", "f16", "f32")
+FLOATS = ("bf16", "f32")  # the dtypes the kernels are tested in (tests/test_triton_ops.py)
 WARPS: dict[str, tuple[AttrValue, ...]] = {"num_warps": (1, 2, 4, 8)}
 
 CANDIDATES: tuple[KernelSpec, ...] = (

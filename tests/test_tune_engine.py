@@ -232,8 +232,10 @@ def test_plan_explain_lists_precision_rule_kernel_config_and_check(tmp_path: Pat
     up = next(r for r in rows if r["op"] == "moe_expert_up")
     assert up["kernel"] == "triton_moe_up_w4a16" and up["why"].startswith("modelled: cost model")
     assert "policy component routed_experts = nvfp4_w4a16" in up["rule"] and "plan reads no weights" in up["check"]
-    norm = next(r for r in rows if r["op"] == "rms_norm")
-    assert norm["kernel"] == "reference" and norm["why"].startswith("fallback")
+    embedding = next(r for r in rows if r["op"] == "embedding")  # no compiled candidate
+    assert embedding["kernel"] == "reference" and embedding["why"].startswith("fallback")
+    norm = next(r for r in rows if r["op"] == "rms_norm")  # a Triton kernel with no tuning space
+    assert norm["kernel"] == "triton_rms_norm" and norm["why"].startswith("triton kernel without a tunable config")
 
 
 def test_tune_refuses_bad_options(engine: Path, kernel_cache: Path, tmp_path: Path) -> None:

@@ -46,6 +46,9 @@ class Settings:
     plan_runtime_reserve_bytes: int = 1 << 30
     # Per GPU and NCCL communicator: 32 channels x send + receive x NCCL_BUFFSIZE (4 MiB).
     plan_nccl_bytes: int = 32 * 2 * (4 << 20)
+    # Seconds a rank of a sharded engine waits for the others in a collective (or to join the
+    # process group) before it gives up with an error: a rank that dies cannot hang the rest.
+    distributed_timeout_s: int = 60
 
 
 def _parse(kind: type[Any] | str, text: str) -> Any:

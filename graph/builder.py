@@ -84,7 +84,8 @@ class GraphBuilder:
         missing = range(len(operands), len(definition.operands))
         if all(definition.is_optional(i) for i in missing):
             operands = [*operands, *(None for _ in missing)]  # trailing optional operands may be left out
-        types = [None if o is None else self._types[o] for o in operands]
+        # a sharded weight or state is seen as the piece each rank holds (the graph is one rank's program)
+        types = [None if o is None else self._types[o].local() for o in operands]
         result_types = definition.infer(types, frozen)
         names = list(result_names) if result_names else [self.fresh() for _ in result_types]
         results = []

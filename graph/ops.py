@@ -416,4 +416,5 @@ define("moe", "block",
 
 # The fused ops the fusion passes create are declared in their own file; importing it here
 # registers them with the rest (everything that looks ops up imports this module).
+from . import comm_ops as _comm_ops  # noqa: E402, F401
 from . import fused_ops as _fused_ops  # noqa: E402, F401

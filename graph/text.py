@@ -212,6 +212,8 @@ class _Parser:
         parts = self.integer()
         dim: int | None = None
         partial = False
+        pieces: int | None = None
+        blocks: list[int] = []
         if self.accept(","):
             if self.accept("partial"):
                 partial = True
@@ -219,8 +221,19 @@ class _Parser:
                 self.expect("dim")
                 self.expect("=")
                 dim = self.integer()
+                if self.accept(",") and self.accept("pieces"):
+                    self.expect("=")
+                    pieces = self.integer()
+                    self.accept(",")
+                if self.accept("blocks"):
+                    self.expect("=")
+                    self.expect("[")
+                    while not self.accept("]"):
+                        if blocks:
+                            self.expect(",")
+                        blocks.append(self.integer())
         self.expect(">")
-        return Sharding(axis, parts, dim, partial)
+        return Sharding(axis, parts, dim, partial, pieces, tuple(blocks))
 
     def integer(self) -> int:
         text = self.kind("num")

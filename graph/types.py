@@ -96,13 +96,22 @@ MESH_AXES = ("tp", "ep")
 class Sharding:
     """How a tensor is distributed over the `parts` ranks of mesh axis `axis`: split into equal
     pieces along `dim`, or (dim None) replicated; `partial` marks a value each rank holds a partial
-    sum of (a row-parallel GEMM's output before its all-reduce). Text: `shard<tp=8, dim=0>`,
-    `shard<tp=8>`, `shard<tp=8, partial>`."""
+    sum of (a row-parallel GEMM's output before its all-reduce; for a weight, such as a row-parallel
+    GEMM's bias, rank 0 holds it and the others zeros).
+
+    A split may have fewer `pieces` than ranks: rank r then holds piece r * pieces // parts, each
+    piece shared by parts // pieces consecutive ranks (attention's KV heads when there are fewer
+    of them than ranks). A split dim may consist of consecutive `blocks` (Mamba's in_proj rows z,
+    x, B, C, dt): each block is split, and a rank's piece is its piece of every block, in order.
+    Text: `shard<tp=8, dim=0>`, `shard<tp=8>`, `shard<tp=8, partial>`, `shard<tp=8, dim=1, pieces=2>`,
+    `shard<tp=2, dim=0, blocks=[64, 64, 16, 16, 4]>`."""
 
     axis: str
     parts: int
     dim: int | None = None
     partial: bool = False
+    pieces: int | None = None
+    blocks: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if self.axis not in MESH_AXES:
@@ -113,9 +122,46 @@ class Sharding:
             raise IRError(f"sharding dim must be a non-negative int, not {self.dim!r}")
         if self.partial and self.dim is not None:
             raise IRError("a partial-sum value is not also split along a dim")
+        if not isinstance(self.blocks, tuple):
+            object.__setattr__(self, "blocks", tuple(self.blocks))
+        if (self.pieces is not None or self.blocks) and self.dim is None:
+            raise IRError(f"{self} has pieces or blocks but splits no dim")
+        if self.pieces is not None and (isinstance(self.pieces, bool) or not isinstance(self.pieces, int)
+                                        or self.pieces < 1 or self.parts % self.pieces):
+            raise IRError(f"sharding over {self.parts} ranks cannot have {self.pieces!r} pieces: the pieces must "
+                          f"divide the ranks")
+        if any(isinstance(b, bool) or not isinstance(b, int) or b < 0 or b % self.piece_count for b in self.blocks):
+            raise IRError(f"sharding blocks {list(self.blocks)} do not each split into {self.piece_count} equal parts")
+
+    @property
+    def piece_count(self) -> int:
+        """Into how many pieces the dim is split (the ranks, unless fewer `pieces` are shared)."""
+        return self.parts if self.pieces is None else self.pieces
+
+    def piece_of(self, rank: int) -> int:
+        return rank * self.piece_count // self.parts
+
+    def local_size(self, size: int) -> int:
+        return size // self.piece_count
+
+    def ranges(self, size: int, rank: int) -> list[tuple[int, int]]:
+        """The [start, stop) ranges along the split dim (of static size `size`) that `rank` holds."""
+        assert self.dim is not None, f"{self} splits nothing"
+        piece = self.piece_of(rank)
+        blocks = self.blocks or (size,)
+        out, start = [], 0
+        for block in blocks:
+            width = block // self.piece_count
+            out.append((start + piece * width, start + (piece + 1) * width))
+            start += block
+        return out
 
     def __str__(self) -> str:
         extra = f", dim={self.dim}" if self.dim is not None else ", partial" if self.partial else ""
+        if self.pieces is not None:
+            extra += f", pieces={self.pieces}"
+        if self.blocks:
+            extra += f", blocks=[{', '.join(map(str, self.blocks))}]"
         return f"shard<{self.axis}={self.parts}{extra}>"
 
 
@@ -138,9 +184,12 @@ class TensorType:
             split = self.sharding.dim
             if split is not None and split >= len(self.shape):
                 raise IRError(f"{self.sharding} splits dim {split} of a rank-{len(self.shape)} tensor")
-            if split is not None and isinstance(self.shape[split], int) and self.shape[split] % self.sharding.parts:
-                raise IRError(f"dim {split} of size {self.shape[split]} does not split into "
-                              f"{self.sharding.parts} equal parts")
+            size = self.shape[split] if split is not None else None
+            if isinstance(size, int) and self.sharding.blocks and sum(self.sharding.blocks) != size:
+                raise IRError(f"sharding blocks {list(self.sharding.blocks)} do not sum to dim {split} of size {size}")
+            if isinstance(size, int) and size % self.sharding.piece_count:
+                raise IRError(f"dim {split} of size {size} does not split into "
+                              f"{self.sharding.piece_count} equal parts")
 
     def local_shape(self) -> tuple[Dim, ...]:
         """The shape each rank holds."""
@@ -148,8 +197,14 @@ class TensorType:
             return self.shape
         split = self.sharding.dim
         size = self.shape[split]
-        local = size // self.sharding.parts if isinstance(size, int) else size
+        local = self.sharding.local_size(size) if isinstance(size, int) else size
         return (*self.shape[:split], local, *self.shape[split + 1 :])
+
+    def local(self) -> TensorType:
+        """What one rank holds, as a plain type (ops of a sharded graph see their operands so)."""
+        if self.sharding is None:
+            return self
+        return TensorType(self.dtype, self.local_shape())
 
     @property
     def rank(self) -> int:

@@ -39,7 +39,7 @@ def _check_op(op: Op, types: dict[str, TensorType], slots: Mapping[str, StateSlo
             continue
         if name not in types:
             return f"%{name} is used before it is defined"
-        operand_types.append(types[name])
+        operand_types.append(types[name].local())  # a sharded weight or state: the rank's piece
     problems = definition.check_attrs(op.attrs)
     if problems:
         return "; ".join(problems)
@@ -114,7 +114,7 @@ def _check_states(graph: Graph, types: dict[str, TensorType], where: str) -> Non
         if slot.update not in types:
             raise IRError(f"graph {graph.name}{where}: state %{slot.name} is updated by %{slot.update}, "
                           "which is not defined")
-        if types[slot.update] != slot.type:
+        if types[slot.update] != slot.type.local():
             raise IRError(f"graph {graph.name}{where}: state %{slot.name} is {slot.type} but its update "
                           f"%{slot.update} is {types[slot.update]}")
 

@@ -40,9 +40,12 @@ def build(model: str | Path | None, out: str | Path, target: str = "h100", preci
           max_batch_size: int = 256, max_context: int = 131072, tensorrt: bool = False,
           calibration_device: str = "cpu", act_scales: str | None = None, calibration_format: str = "auto",
           calibration_length: int | None = None, resume: bool = False,
-          tuning_db: str | Path | None = None) -> BuildResult:
+          tuning_db: str | Path | None = None, world_size: int = 1, tp: int | None = None,
+          ep: int | None = None) -> BuildResult:
     """Compile the checkpoint directory `model` (None: the embedded demo model) into the engine
-    directory `out` for `target`. precision: auto (the target's policy), bf16 or fp32;
+    directory `out` for `target`, split over `world_size` ranks (tensor-parallel `tp` and
+    expert-parallel `ep` ranks, each 1 or the world size, by default the world size). precision:
+    auto (the target's policy), bf16 or fp32;
     overrides: "component=precision" strings, e.g. "routed_experts=fp8". Errors name these
     arguments (force=True), not the CLI's options."""
     try:
@@ -54,7 +57,8 @@ def build(model: str | Path | None, out: str | Path, target: str = "h100", preci
                                calibration_length=calibration_length, calibration_device=calibration_device,
                                max_batch_size=max_batch_size, max_context=max_context, force=force,
                                tensorrt=tensorrt, resume=resume,
-                               tuning_db=Path(tuning_db) if tuning_db is not None else None)
+                               tuning_db=Path(tuning_db) if tuning_db is not None else None,
+                               world_size=world_size, tp=tp, ep=ep)
         return _build(Path(model) if model is not None else None, Path(out), options)
     except NemocompileError as error:
         renamed = api_message(str(error))

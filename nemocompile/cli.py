@@ -117,7 +117,9 @@ def _precision_options(command: F) -> F:
         click.option("--act-scales", type=click.Choice(["static", "dynamic"]), default=None,
                      help="Activation scales of W4A4/W8A8 GEMMs: static (calibrated; the default) or dynamic "
                           "(FP8 per token, NVFP4 per tensor, computed on every call; no calibration)."),
-        click.option("--world-size", default=1, show_default=True, type=int, help="GPUs, for bytes per GPU."),
+        click.option("--world-size", default=1, show_default=True, type=int,
+                     help="Ranks (GPUs): build splits the engine over them (tensor and expert parallel); plan "
+                          "gives the bytes per GPU."),
         click.option("--max-batch-size", default=256, show_default=True, type=int,
                      help="Largest batch the engine accepts (bounds the graph's batch dim)."),
         click.option("--max-context", default=131072, show_default=True, type=int,
@@ -322,10 +324,14 @@ def _build_progress(mode: str) -> Iterator[PhaseListener | None]:
 @click.option("--tuning-db", type=click.Path(path_type=Path),
               help="Tuning database (`nemocompile tune`) the kernel configs come from; without it the cost model "
                    "picks them. Entries recorded for another GPU or version are named and not used.")
+@click.option("--tp", default=None, type=int,
+              help="Tensor-parallel ranks: 1 or the world size (the default): attention, Mamba, MLPs, vocabulary.")
+@click.option("--ep", default=None, type=int,
+              help="Expert-parallel ranks: 1 or the world size (the default): the routed experts.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary.")
 def build(model: Path | None, target: str, out: Path, precision: str, overrides: tuple[str, ...],
           policy_file: Path | None, exclude: tuple[str, ...], act_scales: str | None, world_size: int,
-          max_batch_size: int,
+          tp: int | None, ep: int | None, max_batch_size: int,
           max_context: int, calibrate: int,
           calibration_data: Path | None, calibration_format: str, calibration_length: int | None,
           calibration_device: str, force: bool, resume: bool, print_after: tuple[str, ...],
@@ -343,9 +349,9 @@ def build(model: Path | None, target: str, out: Path, precision: str, overrides:
                            exclude=exclude, act_scales=act_scales, calibrate=calibrate,
                            calibration_data=calibration_data, calibration_format=calibration_format,
                            calibration_length=calibration_length, calibration_device=calibration_device,
-                           world_size=world_size, max_batch_size=max_batch_size, max_context=max_context,
-                           force=force, tensorrt=tensorrt, resume=resume, print_after=frozenset(print_after),
-                           tuning_db=tuning_db)
+                           world_size=world_size, tp=tp, ep=ep, max_batch_size=max_batch_size,
+                           max_context=max_context, force=force, tensorrt=tensorrt, resume=resume,
+                           print_after=frozenset(print_after), tuning_db=tuning_db)
     mode = ("quiet" if as_json or print_after else "display" if settings().progress and stderr.is_terminal
             else "log")
     with _build_progress(mode) as listener:
@@ -387,6 +393,53 @@ def build(model: Path | None, target: str, out: Path, precision: str, overrides:
                  f"({_human_bytes(rate)}/s){agreement}", highlight=False)
 
 
+def _start_ranks(engine: Path, world_size: int, params: dict[str, Any]) -> bool:
+    """Start `world_size` ranks running this `run` (True), unless this process is one of them or the
+    engine runs on one rank (False). The engine's own rank count is checked first."""
+    from .runtime.distributed import launched_world_size
+    from .runtime.engine_files import read_manifest
+
+    if world_size < 1:
+        raise UsageError(f"--world-size must be at least 1, got {world_size}")
+    built = read_manifest(engine).world_size
+    if built != world_size:
+        raise UsageError(f"engine {engine} was built for {built} rank{'s' if built > 1 else ''}; it cannot be "
+                         f"started with --world-size {world_size}")
+    if world_size == 1 or launched_world_size() > 1:
+        return False
+    from .launch import spawn_ranks
+
+    arguments = ["--debug"] if settings().debug else []
+    arguments += ["run", str(engine), "--max-new-tokens", str(params["max_new_tokens"]),
+                  "--temperature", repr(params["temperature"]), "--top-p", repr(params["top_p"])]
+    arguments += [f"--input-ids={ids}" for ids in params["input_ids"]]
+    arguments += [f"--prompt={text}" for text in params["prompt"]]
+    if params["seed"] is not None:
+        arguments += ["--seed", str(params["seed"])]
+    if params["as_json"]:
+        arguments.append("--json")
+    if params["backend"] is not None:
+        arguments += ["--backend", params["backend"]]
+    spawn_ranks(world_size, [*arguments, "--world-size", str(world_size)])
+    return True
+
+
+def _rank() -> int:
+    from .runtime.distributed import current
+
+    return current().rank
+
+
+def _consume(loaded: Any, input_ids: tuple[str, ...], prompt: tuple[str, ...], max_new_tokens: int,
+             temperature: float, top_p: float, seed: int | None) -> None:
+    """A rank other than 0: the same steps as rank 0 (its collectives need them), printing nothing."""
+    batch = ([loaded.tokenizer.encode(text) for text in prompt] if prompt and loaded.tokenizer is not None
+             else [_parse_ids(text) for text in input_ids])
+    eos = loaded.config.get("eos_token_id")
+    for _ in loaded.stream(batch, max_new_tokens, temperature, top_p, seed, [eos] if isinstance(eos, int) else None):
+        pass
+
+
 def _parse_ids(text: str) -> list[int]:
     try:
         return [int(part) for part in text.replace(" ", "").split(",") if part]
@@ -413,21 +466,35 @@ def _parse_ids(text: str) -> list[int]:
 @click.option("--backend", type=click.Choice(["triton", "reference"]), default=None,
               help="triton: the engine's Triton kernels (interpreted on a CPU); reference: the reference ops. "
                    "Default: triton with a GPU and kernels, else reference.")
+@click.option("--world-size", default=None, type=int,
+              help="Ranks to start, one process each (an engine built for N ranks needs N); under torchrun, "
+                   "the ranks torchrun started.")
 def run(engine: Path, input_ids: tuple[str, ...], prompt: tuple[str, ...], max_new_tokens: int,
         temperature: float, top_p: float, seed: int | None, as_json: bool, turns: Path | None,
-        load_state: Path | None, save_state: Path | None, backend: str | None) -> None:
+        load_state: Path | None, save_state: Path | None, backend: str | None, world_size: int | None) -> None:
     """Generate tokens with ENGINE. Prompts of a batch may differ in length; a single prompt's text is
-    printed as it is generated. --turns feeds a conversation turn by turn into one sequence state."""
+    printed as it is generated. --turns feeds a conversation turn by turn into one sequence state. A
+    sharded engine runs as --world-size processes; rank 0 prints."""
     from .api import load
 
     if sum(map(bool, (input_ids, prompt, turns))) != 1:
         raise UsageError("give exactly one of --input-ids, --prompt or --turns")
+    conversation = turns is not None or load_state is not None or save_state is not None
+    if world_size is not None and world_size > 1 and conversation:
+        raise UsageError("--turns, --load-state and --save-state run one-rank engines; drop --world-size")
+    if world_size is not None and _start_ranks(engine, world_size, click.get_current_context().params):
+        return
     chosen: Literal["reference", "triton"] | None = (
         None if backend is None else "triton" if backend == "triton" else "reference")
     loaded = load(engine, backend=chosen)
-    if turns is not None or load_state is not None or save_state is not None:
+    if conversation:
+        if loaded.manifest.world_size > 1:
+            raise UsageError("--turns, --load-state and --save-state run one-rank engines")
         _run_conversation(loaded, input_ids, prompt, turns, load_state, save_state, max_new_tokens, temperature,
                           top_p, seed, as_json)
+        return
+    if _rank() != 0:  # every rank computes every token; rank 0 prints them
+        _consume(loaded, input_ids, prompt, max_new_tokens, temperature, top_p, seed)
         return
     if prompt:
         if loaded.tokenizer is None:

@@ -26,11 +26,13 @@ from nemocompile.codegen.tuning.db import TuningDB
 from nemocompile.graph.importer import ImportedModel, import_checkpoint
 from nemocompile.graph.ir import Graph, TensorSource, Weight
 from nemocompile.graph.kernels import kernel_of, kernel_uses
+from nemocompile.graph.sharding import Layout, check_layout, rank_view
 from nemocompile.graph.text import print_graph
 from nemocompile.passes.assign_precision import exported_numerics
 from nemocompile.passes.base import Pass
 from nemocompile.passes.manager import PassRecord
 from nemocompile.passes.precision_policy import PrecisionPolicy, resolve_policy
+from nemocompile.passes.shard import Shard
 from nemocompile.runtime.engine_format import (
     MANIFEST_NAME,
     GraphFiles,
@@ -66,6 +68,7 @@ from .pipeline import (
     IMPORT,
     PREFILL,
     QUANTIZE,
+    UNSHARDED,
     WRITE,
     PhaseListener,
     PhaseRecord,
@@ -75,6 +78,7 @@ from .pipeline import (
     graph_passes,
     run_steps,
 )
+from .rank_weights import split_ranks
 from .report import CalibrationInfo, write_report
 from .resume import (
     Journal,
@@ -208,6 +212,14 @@ def _write_kernels(stage: Path, prefill: Graph, decode: Graph, arch: str,
                         fallbacks=[f.describe() for f in kernel_plan.fallbacks])
 
 
+def _shard(options: BuildOptions) -> Shard:
+    return Shard(options.world_size, options.tensor_parallel, options.expert_parallel)
+
+
+def _layout(options: BuildOptions) -> Layout:
+    return Layout(options.world_size, options.tensor_parallel, options.expert_parallel)
+
+
 def _quantized(graph: Graph) -> bool:
     return any(w.type.dtype.quantized for w in graph.weights)
 
@@ -228,7 +240,8 @@ class BuildContext:
         self.target = load_target(options.target)
         self.policy = resolve_policy(self.target, options.precision, options.overrides, options.policy_file,
                                      options.exclude, options.act_scales)
-        self.steps = build_steps(self.target, self.policy, options.calibrate, options.calibration_data)
+        self.steps = build_steps(self.target, self.policy, options.calibrate, options.calibration_data,
+                                 _shard(options))
         check_print_after(self.steps, options.print_after)
         self.vocab_size = imported.config.vocab_size
         self.graphs: dict[str, Graph] = {PREFILL: imported.graph}
@@ -432,6 +445,9 @@ def build(model: Path | None, out: Path, options: BuildOptions | None = None,
     check_print_after(build_steps(target, policy), options.print_after)
     if options.tuning_db is not None:  # a missing or foreign database is refused before anything is written
         TuningDB(options.tuning_db).close()
+    layout = _layout(options)
+    if layout.sharded and options.tensorrt:
+        raise UsageError(f"--tensorrt exports one-rank engines; this build asks for --world-size {options.world_size}")
     phases = Phases(_listener(progress))
     with _model_directory(model) as (model_dir, source_name), \
             staged_directory(out, options.force, inputs, lambda: build_key(model_dir, options), options.resume) as stage:
@@ -439,23 +455,29 @@ def build(model: Path | None, out: Path, options: BuildOptions | None = None,
             imported = import_checkpoint(model_dir, options.bounds)
             phases.summarize(f"{source_name}: {len(imported.config.layer_kinds)} layers "
                              f"({imported.config.pattern}), {len(imported.graph.weights)} weights")
+        check_layout(imported.graph, layout)  # a world size the model does not divide, before any pass runs
         job = BuildContext(options, imported, stage, printer, phases, source_name)
         records = job.run()
         graph, decode = job.graphs[PREFILL], job.graphs[DECODE]
         float_graph = job.graphs.get(FLOAT, graph)
+        whole = job.graphs.get(UNSHARDED, graph)  # the engine graph on one rank (the same one unsharded)
         stream, bytes_written = job.stream, job.bytes_written
         assert stream is not None, "the pipeline has no quantize_weights step"
         if options.tensorrt:  # an op the export has no form for is refused before the engine is written
             from .tensorrt_export import check_graphs  # onnx is an optional dependency
             check_graphs(graph, decode)
         with phases.phase(AGREEMENT):
-            agreement = job.agreement(float_graph, graph)
-            deviation = job.deviation(graph)
+            agreement = job.agreement(float_graph, whole)
+            deviation = job.deviation(whole)
         with phases.phase(WRITE):
+            rank_files = [weights_file(rank) for rank in range(layout.world_size)]
+            if layout.sharded:
+                split_ranks(stage, weights_file(0), graph, rank_files)
             (stage / "graph.txt").write_text(print_graph(_engine_graph(graph)))
             (stage / "graph.decode.txt").write_text(print_graph(_engine_graph(decode)))
             chooser = job.config_chooser(graph, decode)
-            compiled = _write_kernels(stage, _engine_graph(graph), _engine_graph(decode), job.target.arch, chooser)
+            compiled = _write_kernels(stage, rank_view(_engine_graph(graph)), rank_view(_engine_graph(decode)),
+                                      job.target.arch, chooser)
             (stage / "config.json").write_text(json.dumps(imported.raw_config, indent=2, sort_keys=True) + "\n")
             has_byte_tokenizer = _carry_tokenizer(model_dir, stage, imported.config.vocab_size)
             exported = None
@@ -466,7 +488,7 @@ def build(model: Path | None, out: Path, options: BuildOptions | None = None,
             manifest = Manifest(
                 nemocompile_version=__version__,
                 target=TargetInfo(job.target.name, job.target.arch, job.target.compute_capability),
-                ranks=(RankFiles(0, (weights_file(0),)),),  # one rank until sharding lands
+                ranks=tuple(RankFiles(rank, (name,)) for rank, name in enumerate(rank_files)),
                 graphs=GraphFiles("graph.txt", "graph.decode.txt"),
                 config="config.json",
                 kernels=_kernel_uses(graph, decode),

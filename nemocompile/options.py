@@ -22,9 +22,11 @@ class BuildOptions:
     calibration_device: str = "cpu"  # where the float graph runs, one block at a time: cpu or cuda
     calibration_format: str = "auto"  # of calibration_data: auto, tokens, text or jsonl
     calibration_length: int | None = None  # tokens per sample; None: 64, within max_context
-    # GPUs to plan for: sizes the report's "bytes per GPU at planned world size" line (and `plan`).
-    # The engine itself holds one rank until sharding lands; its manifest says so.
+    # Ranks (GPUs) the engine is split over (docs/distributed.md): tensor-parallel ranks `tp` and
+    # expert-parallel ranks `ep`, each 1 or the world size (None: the world size).
     world_size: int = 1
+    tp: int | None = None
+    ep: int | None = None
     # The run-time bounds of the engine: the largest batch and the longest context (prompt plus
     # generated tokens) it accepts. They bound the graph's symbolic dims; caches grow up to them.
     max_batch_size: int = 256
@@ -42,6 +44,9 @@ class BuildOptions:
                               ("--max-batch-size", self.max_batch_size), ("--max-context", self.max_context)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise UsageError(f"{option} must be an integer of at least 1, got {value!r}")
+        for option, ranks in (("--tp", self.tp), ("--ep", self.ep)):
+            if ranks is not None and ranks not in (1, self.world_size):
+                raise UsageError(f"{option} must be 1 or the world size {self.world_size}, got {ranks!r}")
         if self.calibration_length is not None:
             if isinstance(self.calibration_length, bool) or not isinstance(self.calibration_length, int) \
                     or self.calibration_length < 1:
@@ -57,6 +62,14 @@ class BuildOptions:
             raise UsageError(f"--act-scales must be static or dynamic, got {self.act_scales!r}")
         if self.calibration_device not in ("cpu", "cuda"):
             raise UsageError(f"--calibration-device must be cpu or cuda, got {self.calibration_device!r}")
+
+    @property
+    def tensor_parallel(self) -> int:
+        return self.world_size if self.tp is None else self.tp
+
+    @property
+    def expert_parallel(self) -> int:
+        return self.world_size if self.ep is None else self.ep
 
     @property
     def sample_length(self) -> int:

@@ -42,6 +42,7 @@ from nemocompile.passes.manager import PassManager, PassRecord
 from nemocompile.passes.precision_policy import PrecisionPolicy
 from nemocompile.passes.select_kernels import SelectKernels
 from nemocompile.passes.set_precision import SetPrecision
+from nemocompile.passes.shard import Shard
 from nemocompile.passes.specialize_decode import SpecializeDecode
 from nemocompile.targets import Target
 
@@ -49,6 +50,7 @@ if TYPE_CHECKING:
     from .driver import BuildContext
 
 PREFILL, FLOAT, DECODE = "prefill", "float", "decode"
+UNSHARDED = "unsharded"  # prefill before the shard pass: the agreement check runs it in one process
 Printer = Callable[[str, str], None]  # (step name, IR text)
 
 IMPORT, PASSES, CALIBRATION, QUANTIZE, KERNELS, AGREEMENT, WRITE = (
@@ -247,8 +249,10 @@ def kernel_backends() -> tuple[str, ...]:
 
 
 def build_steps(target: Target, policy: PrecisionPolicy, calibrate: int = 8,
-                calibration_data: Path | None = None) -> list[Step]:
-    """The pipeline of a target, in order."""
+                calibration_data: Path | None = None, shard: Shard | None = None) -> list[Step]:
+    """The pipeline of a target, in order; `shard` splits the engine over ranks (after calibration,
+    which runs the whole float model; the weights are written whole and then split per rank)."""
+    sharding = [PassStep(shard, keep=UNSHARDED)] if shard is not None and shard.world_size > 1 else []
     return [
         PassStep(SetPrecision(policy.base, policy.components.get("ssm_state", "fp32"))),
         PassStep(Decompose()),
@@ -257,6 +261,7 @@ def build_steps(target: Target, policy: PrecisionPolicy, calibrate: int = 8,
         *fusion_steps(),
         PlanMemory(),
         Calibrate(calibrate, calibration_data),
+        *sharding,
         QuantizeWeights(policy.nvfp4_four_over_six),
         # kernel selection: for the engine graph, then for the decode graph forked from it
         PassStep(SelectKernels(target.arch, kernel_backends()), in_phase=KERNELS),

@@ -5,6 +5,7 @@ is allocated; weights come from safetensors (nothing is unpickled)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -18,11 +19,13 @@ from nemocompile.base.settings import settings
 from nemocompile.graph.config import ModelConfig, config_from_dict
 from nemocompile.graph.ir import Graph
 from nemocompile.graph.nemotron_h import INPUT_SCALE_CATEGORY, KV_SCALES, build_block_graph
+from nemocompile.graph.sharding import COUNT_ATTRS, local_count, rank_view
 from nemocompile.graph.text import parse_graph
 from nemocompile.graph.types import F32
 from nemocompile.graph.verifier import verify
 
 from .cache import Cache, SequenceState
+from .distributed import join
 from .engine_files import check_arch, read_engine_text, read_manifest, verify_engine_files
 from .engine_format import Manifest
 from .executor import Executor, Resolver
@@ -131,9 +134,13 @@ def _check_attributes(where: str, expected: Graph, prefill: Graph, decode: Graph
     for op in expected.ops:
         by_scope.setdefault(op.scope, {}).update(op.attrs.items)
     for graph, name in ((prefill, "prefill"), (decode, "decode")):
+        tp_text = graph.meta("tp") or "1"
+        tp = int(tp_text) if tp_text.isdigit() else 1
         for op in graph.ops:
             wanted = by_scope.get(op.scope, {})
             for key, value in op.attrs.items:
+                if key in COUNT_ATTRS and key in wanted and tp > 1:  # a sharded engine's ops hold a rank's heads
+                    wanted = {**wanted, key: local_count(key, int(wanted[key]), tp)}  # type: ignore[call-overload]
                 if key != "kernel" and key in wanted and wanted[key] != value:
                     raise EngineError(f"{where}: {op.opname} in {op.scope} of the {name} graph has {key} = "
                                       f"{value!r}, the config implies {wanted[key]!r}")
@@ -179,8 +186,11 @@ def read_engine(path: str | Path) -> EngineContents:
     decode = _read_graph(directory, manifest, manifest.graphs.decode, check=True)
     raw, config = _read_config(directory, manifest)
     check_against_config(directory, config, prefill, decode)
+    if (prefill.meta("world_size") or "1") != str(manifest.world_size):
+        raise EngineError(f"{directory}: the graph is sharded for {prefill.meta('world_size')} ranks but the manifest "
+                          f"lists {manifest.world_size}")
     for rank in range(manifest.world_size):
-        check_weight_files(directory, list(manifest.weight_files(rank)), prefill)
+        check_weight_files(directory, list(manifest.weight_files(rank)), rank_view(prefill))
     tokenizer = None
     if manifest.tokenizer is not None:
         tokenizer = ByteTokenizer.parse(read_engine_text(directory, manifest, manifest.tokenizer),
@@ -413,10 +423,13 @@ def load(path: str | Path, device: str | torch.device | None = None, backend: st
     manifest = contents.manifest
     target_device = _pick_device(device)
     check_arch(manifest, target_device)
-    if manifest.world_size != 1:
-        raise EngineError(f"{contents.directory} holds {manifest.world_size} ranks; this runtime runs one-rank "
-                          f"engines")
+    # a sharded engine: this process is one of its ranks (started by `run --world-size` or torchrun)
+    rank = join(manifest.world_size, target_device, settings().distributed_timeout_s)
+    if target_device.type == "cuda" and manifest.world_size > 1:
+        target_device = torch.device("cuda", rank.local_rank)
+    contents = dataclasses.replace(contents, prefill=rank_view(contents.prefill), decode=rank_view(contents.decode))
     chosen = pick_backend(backend, manifest, target_device)
-    weights = load_weights(contents.directory, list(manifest.weight_files(0)), contents.prefill, target_device)
+    weights = load_weights(contents.directory, list(manifest.weight_files(rank.rank)), contents.prefill,
+                           target_device)
     # by default (no triton) the kernel registry resolves each op; an explicit "reference" forces reference ops
     return Engine(contents, weights, target_device, chosen if backend is not None or chosen == "triton" else None)

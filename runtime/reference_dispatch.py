@@ -14,7 +14,7 @@ from nemocompile.graph.ir import Op
 from . import reference as ref
 from .dtypes import torch_dtype
 from .quantized_ops import quantize, quantize_dynamic
-from .reference import fused
+from .reference import comm, fused
 from .weights import WeightValue
 
 Args = Sequence[WeightValue | None]
@@ -197,7 +197,44 @@ def _add_rms_norm(op: Op, a: Args) -> tuple[torch.Tensor, ...]:
                               act_format=_act_format(op))
 
 
+# ---------------------------------------------------------------- communication (runtime/reference/comm.py)
+
+
+def _mesh(op: Op) -> tuple[str, int]:
+    return op.attrs.str("axis"), op.attrs.int("parts")
+
+
+def _all_reduce(op: Op, a: Args) -> tuple[torch.Tensor, ...]:
+    return (comm.all_reduce(_t(a[0]), *_mesh(op)),)
+
+
+def _all_gather(op: Op, a: Args) -> tuple[torch.Tensor, ...]:
+    return (comm.all_gather(_t(a[0]), *_mesh(op), op.attrs.int("dim")),)
+
+
+def _reduce_scatter(op: Op, a: Args) -> tuple[torch.Tensor, ...]:
+    return (comm.reduce_scatter(_t(a[0]), *_mesh(op), op.attrs.int("dim")),)
+
+
+def _all_to_all(op: Op, a: Args) -> tuple[torch.Tensor, ...]:
+    return (comm.all_to_all(_t(a[0]), *_mesh(op), op.attrs.int("dim")),)
+
+
+def _vocab_embedding(op: Op, a: Args) -> tuple[torch.Tensor, ...]:
+    return (comm.vocab_embedding(_t(a[0]), _t(a[1]), *_mesh(op)),)
+
+
+def _local_experts(op: Op, a: Args) -> tuple[torch.Tensor, ...]:
+    return comm.local_experts(_t(a[0]), _t(a[1]), *_mesh(op), op.attrs.int("num_experts"))
+
+
 REFERENCE: dict[str, OpImpl] = {
+    "all_reduce": _all_reduce,
+    "all_gather": _all_gather,
+    "reduce_scatter": _reduce_scatter,
+    "all_to_all": _all_to_all,
+    "vocab_embedding": _vocab_embedding,
+    "local_experts": _local_experts,
     "embedding": _embedding,
     "rms_norm": _rms_norm,
     "linear": _linear,

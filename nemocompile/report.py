@@ -286,7 +286,8 @@ def write_report(path: Path, manifest: Manifest, graph: Graph, stats: ParamStats
         f"- active per token: {stats.params_active:,}",
         f"- MTP (carried, not executed): {stats.params_mtp:,}",
         f"- stored bytes: {stats.bytes_total:,} ({stats.bits_per_element:.3f} bits per element)",
-        f"- bytes per GPU at planned world size {planned_world_size} (a plan; the engine is not sharded): "
+        f"- bytes per GPU at world size {planned_world_size} (the weights split evenly; each rank's file is in "
+        f"the manifest): "
         f"{per_gpu:,.0f} of {target.memory_bytes:,} "
         f"({'fits' if per_gpu <= target.memory_bytes else 'does not fit'}; the memory plan below)",
         "",

@@ -227,21 +227,24 @@ def test_a_built_engine_has_a_format_2_manifest(demo_engine: Path) -> None:
     assert load(demo_engine).manifest == manifest
 
 
-def test_a_planned_world_size_does_not_change_the_engines(tmp_path: Path) -> None:
+def test_the_world_size_shards_the_engine(tmp_path: Path) -> None:
     from click.testing import CliRunner
 
     from nemocompile.cli import main
 
     out = tmp_path / "engine"
-    result = CliRunner().invoke(main, ["build", "--target", "h100", "--precision", "fp32", "--world-size", "4",
+    result = CliRunner().invoke(main, ["build", "--target", "h100", "--precision", "fp32", "--world-size", "2",
                                        "-o", str(out), "--json"])
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)
-    assert (summary["world_size"], summary["planned_world_size"]) == (1, 4)
-    assert json.loads((out / "manifest.json").read_text())["world_size"] == 1
+    assert (summary["world_size"], summary["planned_world_size"]) == (2, 2)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["world_size"] == 2
+    assert [rank["weights"] for rank in manifest["ranks"]] == [["weights/rank0.safetensors"],
+                                                               ["weights/rank1.safetensors"]]
     report = (out / "report.md").read_text()
-    assert "- world size: 1 (ranks this engine holds)" in report
-    assert "bytes per GPU at planned world size 4 (a plan; the engine is not sharded)" in report
+    assert "- world size: 2 (ranks this engine holds)" in report
+    assert "bytes per GPU at world size 2 (the weights split evenly; each rank's file is in the manifest)" in report
 
 
 def test_a_format_1_engine_is_refused_by_load_and_the_cli(demo_engine: Path, tmp_path: Path) -> None:

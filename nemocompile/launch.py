@@ -17,14 +17,10 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from nemocompile.base.errors import NemocompileError
+from nemocompile.base.errors import EngineError
 
 POLL_S = 0.05
 STOP_GRACE_S = 5.0
-
-
-class RankFailed(NemocompileError):
-    """A rank of a multi-rank run failed or died."""
 
 
 def free_port() -> int:
@@ -54,7 +50,7 @@ def _stop(processes: Sequence[subprocess.Popen[bytes]]) -> None:
 
 def spawn_ranks(world_size: int, arguments: Sequence[str]) -> int:
     """Run `nemocompile` with `arguments` as `world_size` ranks; the exit status of the run (rank 0's
-    when every rank succeeds). Raises RankFailed naming the first rank that failed."""
+    when every rank succeeds). Raises EngineError naming the first rank that failed (a failed run: exit 1)."""
     port = free_port()
     processes: list[subprocess.Popen[bytes]] = []
     with tempfile.TemporaryDirectory(prefix="nemocompile-ranks-") as logs:
@@ -77,7 +73,7 @@ def spawn_ranks(world_size: int, arguments: Sequence[str]) -> int:
                     assert code is not None
                     how = f"was killed by signal {signal.Signals(-code).name}" if code < 0 else f"exited with {code}"
                     message = _last_line(errors[rank]).removeprefix("error: ")
-                    raise RankFailed(f"rank {rank} of {world_size} {how}" + (f": {message}" if message else "")
+                    raise EngineError(f"rank {rank} of {world_size} {how}" + (f": {message}" if message else "")
                                      + "; the other ranks were stopped")
                 if all(code == 0 for code in codes):
                     sys.stderr.write(errors[0].read_text(errors="replace"))

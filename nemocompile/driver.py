@@ -364,6 +364,9 @@ class BuildContext:
             return ConfigChooser(self.target, db, None, "no op runs on a Triton kernel")
         if not self._small_enough(graph):
             return ConfigChooser(self.target, db, None, "the model is too big for the CPU numerics gate")
+        if (graph.meta("world_size") or "1") != "1":  # the gate runs the graph in this one process
+            return ConfigChooser(self.target, db, None, "the engine is sharded over ranks; the CPU numerics gate "
+                                                        "runs one-rank engines")
         weights = load_weights(self.stage, [weights_file(0)], _engine_graph(graph), torch.device("cpu"))
         cache = GateCache(Path(settings().kernel_cache_dir).expanduser() / "gate")
         gate = EngineGate({PREFILL: _engine_graph(graph), DECODE: _engine_graph(decode)}, weights,

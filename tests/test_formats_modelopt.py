@@ -34,7 +34,9 @@ from nemocompile.runtime.formats import (
     dequantize_nvfp4,
     fake_quantize_nvfp4,
     quantize_fp8,
+    quantize_fp8_measured,
     quantize_nvfp4,
+    quantize_nvfp4_measured,
     quantize_nvfp4_stacked,
 )
 
@@ -103,6 +105,33 @@ def test_nvfp4_quantize_and_dequantize_match_modelopt(
     _assert_same_nvfp4(ours, theirs)
     for out_dtype in (torch.float32, dtype):
         _assert_bitwise_equal(dequantize_nvfp4(ours, out_dtype), _modelopt_dequantize(theirs, out_dtype))
+
+
+def _error_sums(weight: torch.Tensor, dequantized: torch.Tensor) -> tuple[float, float]:
+    exact = weight.double()
+    return float(exact.square().sum()), float((exact - dequantized.double()).square().sum())
+
+
+@pytest.mark.parametrize("pattern", ["gaussian", "mixed"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_the_builds_measured_quantizers_match_modelopt_over_several_steps(dtype: torch.dtype, pattern: str) -> None:
+    """What the streaming build writes: the same bytes as ModelOpt on a weight of several cache-sized
+    steps (17,600 blocks), -0.0 and tiny negatives included, with the error sums of the dequantized
+    weight, and a float32 weight left as it was."""
+    weight = _weight((1100, 256), dtype, pattern, seed=3)
+    weight[0, :3] = torch.tensor([-0.0, -1e-30, 0.0], dtype=dtype)
+    before = weight.clone()
+    nvfp4, errors = quantize_nvfp4_measured(weight)
+    _assert_same_nvfp4(nvfp4, _modelopt_nvfp4(weight))
+    assert len(errors) == 3  # 8192 blocks a step
+    expected = _error_sums(weight, dequantize_nvfp4(nvfp4))
+    assert [sum(parts) for parts in zip(*errors, strict=True)] == pytest.approx(expected, rel=1e-5)
+    fp8, errors = quantize_fp8_measured(weight)
+    data, scale, _ = _modelopt_export(weight, mtq.FP8_DEFAULT_CFG)
+    assert torch.equal(fp8.scale, scale.view(())) and torch.equal(fp8.data.view(torch.uint8), data.view(torch.uint8))
+    assert [sum(parts) for parts in zip(*errors, strict=True)] == pytest.approx(
+        _error_sums(weight, dequantize_fp8(fp8)), rel=1e-5)
+    _assert_bitwise_equal(weight, before)
 
 
 @pytest.mark.parametrize("seed", range(8))

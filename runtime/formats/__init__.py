@@ -9,6 +9,7 @@ from nemocompile.runtime.formats.fp8 import (
     fake_quantize_fp8,
     fp8_scale,
     quantize_fp8,
+    quantize_fp8_measured,
     quantize_fp8_stacked,
 )
 from nemocompile.runtime.formats.nvfp4 import (
@@ -19,6 +20,7 @@ from nemocompile.runtime.formats.nvfp4 import (
     fake_quantize_nvfp4,
     nvfp4_global_scale,
     quantize_nvfp4,
+    quantize_nvfp4_measured,
     quantize_nvfp4_stacked,
 )
 
@@ -35,7 +37,9 @@ __all__ = [
     "fp8_scale",
     "nvfp4_global_scale",
     "quantize_fp8",
+    "quantize_fp8_measured",
     "quantize_fp8_stacked",
     "quantize_nvfp4",
+    "quantize_nvfp4_measured",
     "quantize_nvfp4_stacked",
 ]

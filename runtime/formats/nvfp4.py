@@ -40,7 +40,13 @@ from dataclasses import dataclass
 import torch
 
 from nemocompile.base.formats import FORMATS
-from nemocompile.runtime.formats.fp8 import E4M3_MAX, check_float_dtype, check_normal_scale, describe_values
+from nemocompile.runtime.formats.fp8 import (
+    E4M3_MAX,
+    check_float_dtype,
+    check_normal_scale,
+    describe_values,
+    e4m3_to_float32,
+)
 
 BLOCK_SIZE = FORMATS["nvfp4"].block  # 16
 E2M1_MAX = FORMATS["fp4e2m1"].max_value  # 6
@@ -55,6 +61,9 @@ _E2M1_SIGNED_VALUES[8] = 0.0  # code 8 (sign bit, magnitude 0) reads back +0.0, 
 # Blocks per chunk: 128K values keep a chunk's temporaries (512 KiB each) in cache, and are
 # enough that the per-op overhead of ~16 small torch ops per chunk stays a few percent.
 _CHUNK_BLOCKS = 65536  # 1M values per step: few, large torch ops (small ones stall on a busy machine)
+# Blocks per step of the weight quantizer (quantize_nvfp4): 128K values, whose float32 temporaries
+# (512 KiB each) stay in a core's L2 cache; measured 2.5x faster than 1M-value steps on one thread.
+_ENCODE_BLOCKS = 8192
 
 
 @dataclass(frozen=True, eq=False)
@@ -119,7 +128,7 @@ def quantize_nvfp4(
     Raises ValueError for NaN/Inf values, an input dim not divisible by 16, or a bad global scale.
     """
     blocks = _blocks_of(weight)
-    block_amax = _block_amax(blocks)
+    block_amax = _block_amax_of_weight(blocks)
     _check_finite(block_amax, weight)
     leading = list(weight.shape[:-2])
     if global_scale is None:
@@ -140,6 +149,20 @@ def quantize_nvfp4(
     return _quantize(weight, blocks, block_amax, None, global_scale, four_over_six=False)
 
 
+def quantize_nvfp4_measured(
+    weight: torch.Tensor, *, four_over_six: bool = False
+) -> tuple[NVFP4Tensor, list[tuple[float, float]]]:
+    """``quantize_nvfp4(weight, four_over_six=...)`` (the same bytes) and its error measured on the
+    way: (sum x^2, sum (x - dequantize_nvfp4(q))^2) in float32 over each step of blocks, in order.
+    The streaming build quantizes each weight with this, so the error costs no second pass."""
+    blocks = _blocks_of(weight)
+    block_amax = _block_amax_of_weight(blocks)
+    _check_finite(block_amax, weight)
+    amax = block_amax.amax() if block_amax.numel() else block_amax.new_zeros(())
+    errors: list[tuple[float, float]] = []
+    return _quantize(weight, blocks, block_amax, amax, None, four_over_six=four_over_six, errors=errors), errors
+
+
 def quantize_nvfp4_stacked(weight: torch.Tensor, *, four_over_six: bool = False) -> NVFP4Tensor:
     """Quantize a stack of experts weight [E, out, in], each slice with its own global scale.
 
@@ -149,7 +172,7 @@ def quantize_nvfp4_stacked(weight: torch.Tensor, *, four_over_six: bool = False)
         shape = list(weight.shape)
         raise ValueError(f"quantize_nvfp4_stacked takes a weight [E, out, in], not shape {shape}.")
     blocks = _blocks_of(weight)
-    block_amax = _block_amax(blocks)
+    block_amax = _block_amax_of_weight(blocks)
     _check_finite(block_amax, weight)
     per_slice = block_amax.view(weight.shape[0], -1)
     amax = per_slice.amax(dim=1) if per_slice.shape[1] else per_slice.new_zeros(weight.shape[0])
@@ -201,11 +224,12 @@ def _quantize(
     global_scale: torch.Tensor | None,
     *,
     four_over_six: bool,
+    errors: list[tuple[float, float]] | None = None,
 ) -> NVFP4Tensor:
     """Encode blocks [B, 16] of weight, given the global amax (one per group) or the global scale.
 
     The B blocks split evenly into as many groups as amax/global_scale has elements (1, or one
-    per leading slice), each group sharing one global scale.
+    per leading slice), each group sharing one global scale. `errors`: see _encode.
     """
     if global_scale is None:
         assert amax is not None
@@ -219,7 +243,7 @@ def _quantize(
         block_scale = _four_over_six_block_scale(blocks, block_amax, amax_per_block)
     else:
         block_scale = _dynamic_block_scale(block_amax, global_per_block)
-    packed = _encode(blocks, block_scale.to(torch.float32) * global_per_block)
+    packed = _encode(blocks, e4m3_to_float32(block_scale) * global_per_block, errors)
     return NVFP4Tensor(
         packed.view(*weight.shape[:-1], weight.shape[-1] // 2),
         block_scale.view(*weight.shape[:-1], weight.shape[-1] // BLOCK_SIZE),
@@ -279,12 +303,32 @@ def _squared_error(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return (x - quantized).pow_(2).sum(dim=-1)
 
 
-def _encode(blocks: torch.Tensor, denominators: torch.Tensor) -> torch.Tensor:
-    """Codes of blocks [B, 16] divided by denominators [B] fp32, packed two per byte -> uint8 [B, 8]."""
+def _encode(blocks: torch.Tensor, denominators: torch.Tensor,
+            errors: list[tuple[float, float]] | None = None) -> torch.Tensor:
+    """Codes of blocks [B, 16] divided by denominators [B] fp32, packed two per byte -> uint8 [B, 8].
+
+    With `errors`, each step also appends (sum x^2, sum (x - dequantized x)^2) over its blocks, in
+    float32, while the step's values are in cache (the dequantized magnitude is the code's E2M1
+    value times the denominator, as ``dequantize_nvfp4`` computes it). A step is _ENCODE_BLOCKS
+    blocks: its float32 temporaries stay in a core's L2 cache, and the ~25 elementwise torch ops
+    of a step (each a few microseconds) dominate their per-call overhead."""
     out = torch.empty(blocks.shape[0], BLOCK_SIZE // 2, dtype=torch.uint8, device=blocks.device)
-    for chunk in _chunks(blocks.shape[0]):
-        codes = _e2m1_codes(blocks[chunk] / denominators[chunk, None])
-        out[chunk] = torch.add(codes[:, 0::2], codes[:, 1::2], alpha=16)
+    for start in range(0, blocks.shape[0], _ENCODE_BLOCKS):
+        chunk = slice(start, min(start + _ENCODE_BLOCKS, blocks.shape[0]))
+        x = blocks[chunk]
+        denominator = denominators[chunk, None]
+        scaled = torch.div(x, denominator).add_(0.0)  # a true fp32 division; -0.0 + 0.0 is +0.0 (code 0)
+        # the sign bit (code bit 3) of every value below zero: bit 31 of its float32, shifted to bit 3
+        sign = scaled.view(torch.int32).bitwise_right_shift(28).bitwise_and_(8)
+        magnitude = _e2m1_magnitude_code(scaled.abs_().clamp_(max=E2M1_MAX))
+        codes = magnitude.to(torch.int32).add_(sign).to(torch.uint8)
+        pairs = codes.view(torch.int16)  # little endian: the even element in the low byte
+        out[chunk] = pairs.bitwise_right_shift(4).bitwise_or_(pairs)  # the cast keeps the low byte
+        if errors is not None:
+            exact = x.to(torch.float32, copy=True).abs_()  # never the caller's float32 weight
+            signal = float(torch.dot(exact.view(-1), exact.view(-1)))
+            exact.sub_(_e2m1_magnitude(magnitude).mul_(denominator))
+            errors.append((signal, float(torch.dot(exact.view(-1), exact.view(-1)))))
     return out
 
 
@@ -354,6 +398,25 @@ def _block_amax(blocks: torch.Tensor) -> torch.Tensor:
     for chunk in _chunks(blocks.shape[0]):
         out[chunk] = blocks[chunk].abs().amax(dim=-1)
     return out
+
+
+_MAGNITUDE_BITS = {torch.bfloat16: (torch.int16, 0x7FFF), torch.float16: (torch.int16, 0x7FFF),
+                   torch.float32: (torch.int32, 0x7FFFFFFF)}
+
+
+def _block_amax_of_weight(blocks: torch.Tensor) -> torch.Tensor:
+    """max |x| of each block [B, 16] of a weight (bfloat16, float16, float32) -> float32 [B], exact.
+
+    A float with its sign bit cleared orders as its bits do as an integer (Inf above every finite
+    value, NaN above Inf), so the maximum is taken on the integer bits: about 3x faster than abs
+    and a float reduction over 16 elements, and NaN or Inf still come out as NaN or Inf."""
+    integer, magnitude_mask = _MAGNITUDE_BITS[blocks.dtype]
+    bits = blocks.contiguous().view(integer)
+    out = torch.empty(blocks.shape[0], dtype=integer, device=blocks.device)
+    for start in range(0, blocks.shape[0], _ENCODE_BLOCKS):
+        chunk = slice(start, start + _ENCODE_BLOCKS)
+        torch.amax(bits[chunk].bitwise_and(magnitude_mask), dim=-1, out=out[chunk])
+    return out.view(blocks.dtype).to(torch.float32)
 
 
 def _block_denominators(block_scale: torch.Tensor, global_scale: torch.Tensor) -> torch.Tensor:

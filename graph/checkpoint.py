@@ -67,6 +67,12 @@ class _FileHeader:
     size: int
     header_bytes: bytes
     tensors: Mapping[str, TensorRef]
+    spans: Mapping[str, tuple[int, int]]  # each tensor's [begin, end) in the data region
+
+    @property
+    def data_start(self) -> int:
+        """Where the data region starts in the file (after the length field and the header)."""
+        return 8 + len(self.header_bytes)
 
 
 def _element_count(shape: tuple[int, ...]) -> int:
@@ -170,7 +176,8 @@ def _read_header(directory: Path, file: str) -> _FileHeader:
         tensors[name] = ref
         spans.append((begin, end, name))
     _check_no_overlap(path, spans)
-    return _FileHeader(file=file, size=size, header_bytes=header_bytes, tensors=MappingProxyType(tensors))
+    return _FileHeader(file=file, size=size, header_bytes=header_bytes, tensors=MappingProxyType(tensors),
+                       spans=MappingProxyType({name: (begin, end) for begin, end, name in spans}))
 
 
 def _check_relative(index_path: Path, shard: str) -> None:
@@ -314,6 +321,16 @@ class Checkpoint:
         ):
             raise CheckpointError(f"{path} changed after the checkpoint was opened (tensor {name}).")
         return tensor
+
+    def location(self, name: str) -> tuple[Path, int, int]:
+        """(file, offset of the tensor's first byte in it, its byte count): where `read_into`-style
+        readers (plain reads into reused buffers, no memory map) find the tensor."""
+        ref = self._refs.get(name)
+        if ref is None:
+            raise CheckpointError(f"checkpoint {self._directory} has no tensor {name}.")
+        header = self._headers[ref.file]
+        begin, end = header.spans[name]
+        return self._directory / ref.file, header.data_start + begin, end - begin
 
     def _handle(self, file: str) -> Any:
         """The open (memory-mapped) safetensors handle of one file, opened on first use."""

@@ -249,6 +249,7 @@ class BuildContext:
         self.stream: WeightStream | None = None
         self.bytes_written = 0
         self.memory_plan: MemoryPlan | None = None
+        self.discarded_calibration = ""  # why a resumed build's saved calibration was not taken
 
     def plan_memory(self) -> MemoryPlan:
         """The memory plan per GPU of the graph as its formats now stand; refuses a plan that does not fit."""
@@ -311,14 +312,19 @@ class BuildContext:
                                     calibration_device(self.options.calibration_device), block_done)
         self.scales = result.values
         self.calibration = dataclasses.replace(self.calibration, unreached=result.unreached)
-        self.phases.summarize(self.calibration.describe())
+        recomputed = f"; recomputed: {self.discarded_calibration}" if self.discarded_calibration else ""
+        self.phases.summarize(self.calibration.describe() + recomputed)
         save_calibration(self.stage, self.scales, {"calibration": dataclasses.asdict(self.calibration),
                                                    "blocks": len(blocks)})
         return self.scales
 
     def _resumed_calibration(self) -> bool:
-        """Take the calibration a killed build of the same input saved, when there is one."""
+        """Take the calibration a killed build of the same input saved, when there is one and it still
+        hashes to what was recorded (else it is recomputed, and the summary says why)."""
         saved = load_calibration(self.stage) if self.options.resume else None
+        if isinstance(saved, str):
+            self.discarded_calibration = saved
+            return False
         if saved is None:
             return False
         self.scales, info = saved
@@ -514,7 +520,8 @@ def build(model: Path | None, out: Path, options: BuildOptions | None = None,
                          memory=job.memory_plan,
                          kernel_fallbacks=compiled.fallbacks if compiled is not None else ())
             remove_resume_files(stage)  # the engine is complete: nothing left to resume
-            manifest = write_manifest(stage, manifest)
+            # the weights file was hashed as it was written: not read again
+            manifest = write_manifest(stage, manifest, {weights_file(0): stream.sha256})
             phases.summarize(f"{len(manifest.files)} files, each with its sha256 in {MANIFEST_NAME}")
         imported.checkpoint.close()
     return BuildResult(out, manifest, stats, records, bytes_written, time.perf_counter() - start, stream.errors,

@@ -326,14 +326,18 @@ def _engine_files(directory: Path) -> list[str]:
     return sorted(found)
 
 
-def write_manifest(directory: Path, manifest: Manifest) -> Manifest:
-    """Write `manifest.json` with `files` (size and sha256 of every other file) computed here, and
-    return the manifest as written. It is read back through the type first, so the build can never
-    write an engine its own runtime refuses. The output is deterministic (sorted keys, indent 2,
-    trailing newline) so identical builds produce identical manifests."""
+def write_manifest(directory: Path, manifest: Manifest, known: Mapping[str, str] | None = None) -> Manifest:
+    """Write `manifest.json` with `files` (size and sha256 of every other file) computed here, except
+    the sha256 of the files in `known` (relative path -> sha256 hashed as the file was written, e.g.
+    the weights: not read a second time), and return the manifest as written. It is read back
+    through the type first, so the build can never write an engine its own runtime refuses. The
+    output is deterministic (sorted keys, indent 2, trailing newline) so identical builds produce
+    identical manifests."""
     directory = Path(directory)
+    known = known or {}
     files = {
-        relative: FileEntry(sha256_file(directory / relative), (directory / relative).stat().st_size)
+        relative: FileEntry(known.get(relative) or sha256_file(directory / relative),
+                            (directory / relative).stat().st_size)
         for relative in _engine_files(directory)
     }
     written = manifest.with_files(files)

@@ -1,11 +1,13 @@
 """Resumable builds. Every build records in its staging directory what it is building (`resume.json`:
 the build key: the checkpoint's fingerprint, the hashes of config.json, the policy file and the
 calibration data, every option that changes the engine, and the nemocompile version), the
-calibration result once it has one (`calibration.safetensors`), and a journal line for each weight
-completely written (`weights.journal`: the weight, where its bytes end, their sha256 and its
+calibration result once it has one (`calibration.safetensors`, with its sha256 in
+`calibration.sha256`: taken on resume only while it still hashes to it, else recomputed, saying
+why), and a journal line for each weight completely written (`weights.journal`: the weight, where
+its bytes end, the sha256 of the weights file from its first byte through them, and its
 quantization error). A build that is killed leaves that directory behind; `build --resume` adopts
 it, refuses it when the key differs (naming what changed), and continues after the last weight
-whose bytes still hash to what the journal recorded. The result is byte-identical to an
+whose file prefix still hashes to what the journal recorded. The result is byte-identical to an
 uninterrupted build. The resume files are removed before the manifest is written."""
 
 from __future__ import annotations
@@ -32,7 +34,8 @@ from .weight_stream import QuantizationError, WrittenWeight
 RESUME_FILE = "resume.json"
 JOURNAL_FILE = "weights.journal"
 CALIBRATION_FILE = "calibration.safetensors"
-RESUME_FILES = (RESUME_FILE, JOURNAL_FILE, CALIBRATION_FILE)
+CALIBRATION_HASH_FILE = "calibration.sha256"
+RESUME_FILES = (RESUME_FILE, JOURNAL_FILE, CALIBRATION_FILE, CALIBRATION_HASH_FILE)
 HASH_CHUNK = 1 << 24
 # options that do not change the engine's bytes (where it goes, how it is shown, where it calibrates:
 # calibration is bit-identical on the CPU only, so the device is part of the key)
@@ -139,20 +142,23 @@ def read_journal(stage: Path) -> list[WrittenWeight]:
 
 def verified_prefix(entries: list[WrittenWeight], weights_file: Path, data_start: int,
                     order: list[str]) -> list[WrittenWeight]:
-    """The journal's leading entries whose weights come in `order` and whose bytes in the weights file
-    still hash to what was recorded."""
+    """The journal's leading entries whose weights come in `order` and whose file, from its first byte
+    through each entry's end, still hashes to what was recorded."""
     verified: list[WrittenWeight] = []
     if not weights_file.is_file():
         return verified
     size = weights_file.stat().st_size
-    start = 0
+    digest = hashlib.sha256()
     with weights_file.open("rb") as file:
+        header = file.read(data_start)
+        if len(header) < data_start:
+            return verified
+        digest.update(header)
+        start = 0
         for index, entry in enumerate(entries):
             if index >= len(order) or entry.weight != order[index] or entry.end < start \
                     or data_start + entry.end > size:
                 break
-            file.seek(data_start + start)
-            digest = hashlib.sha256()
             remaining = entry.end - start
             while remaining:
                 chunk = file.read(min(HASH_CHUNK, remaining))
@@ -160,7 +166,7 @@ def verified_prefix(entries: list[WrittenWeight], weights_file: Path, data_start
                     break
                 digest.update(chunk)
                 remaining -= len(chunk)
-            if remaining or digest.hexdigest() != entry.sha256:
+            if remaining or digest.copy().hexdigest() != entry.sha256:
                 break
             verified.append(entry)
             start = entry.end
@@ -187,27 +193,40 @@ class Journal:
 
 
 def save_calibration(stage: Path, scales: Mapping[str, torch.Tensor], info: Mapping[str, Any]) -> None:
-    """Written to a temporary name and renamed, so a kill leaves it whole or absent."""
+    """Written to a temporary name, its sha256 recorded beside it, then renamed, so a kill leaves it
+    whole (with its hash) or absent."""
     partial = stage / f"{CALIBRATION_FILE}.partial"
     tensors = {name: value.contiguous() for name, value in scales.items()}
     save_file(tensors, str(partial), metadata={"info": json.dumps(dict(info), sort_keys=True)})
+    digest = stage / f"{CALIBRATION_HASH_FILE}.partial"
+    digest.write_text(f"{_file_sha256(partial)}\n", encoding="ascii")
+    os.replace(digest, stage / CALIBRATION_HASH_FILE)
     os.replace(partial, stage / CALIBRATION_FILE)
 
 
-def load_calibration(stage: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
+def load_calibration(stage: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | str | None:
+    """The calibration a killed build saved; None when there is none; or, when it is there but not
+    taken (to be recomputed), a sentence saying why: its bytes no longer hash to the sha256
+    recorded when it was saved, or it cannot be read."""
     path = stage / CALIBRATION_FILE
     if not path.is_file():
         return None
+    try:
+        recorded = (stage / CALIBRATION_HASH_FILE).read_text(encoding="ascii").strip()
+    except (OSError, UnicodeDecodeError):
+        return f"{CALIBRATION_FILE} in the staging directory has no recorded sha256"
+    if _file_sha256(path) != recorded:
+        return f"{CALIBRATION_FILE} in the staging directory does not match the sha256 recorded when it was saved"
     try:
         with safe_open(str(path), framework="pt") as file:
             info = json.loads((file.metadata() or {})["info"])
             return {name: file.get_tensor(name) for name in file.keys()}, info
     except Exception:  # a damaged file of any kind is recomputed, never trusted
-        return None
+        return f"{CALIBRATION_FILE} in the staging directory cannot be read"
 
 
 def remove_resume_files(stage: Path) -> None:
-    for name in (*RESUME_FILES, f"{CALIBRATION_FILE}.partial"):
+    for name in (*RESUME_FILES, f"{CALIBRATION_FILE}.partial", f"{CALIBRATION_HASH_FILE}.partial"):
         (stage / name).unlink(missing_ok=True)
 
 

@@ -22,6 +22,7 @@ from nemocompile.runtime.dtypes import SAFETENSORS_TORCH_DTYPES as TORCH_DTYPES
 
 # The safetensors format requires the data region to start on an 8-byte boundary.
 _HEADER_ALIGNMENT = 8
+_REHASH_CHUNK = 16 << 20
 
 DeclaredTensor = tuple[str, str, tuple[int, ...]]
 
@@ -88,12 +89,13 @@ class SafetensorsWriter:
         _validate_specs(self._specs)
         self._path = Path(path)
         self._next = 0
-        self._hash = hashlib.sha256()
+        self._hash = hashlib.sha256()  # of the file from its first byte: hashed as it is written
         header = _header_bytes(self._specs, metadata)
         self._data_start = len(header)
         if resume_at is None:
             self._file: BinaryIO | None = self._path.open("wb")
             self._file.write(header)
+            self._hash.update(header)
             self._offset = 0
             return
         self._next, self._offset = resume_at
@@ -101,6 +103,15 @@ class SafetensorsWriter:
         if self._file.read(len(header)) != header:
             self._file.close()
             raise ValueError(f"{self._path} does not start with the header of the tensors being written")
+        self._hash.update(header)
+        remaining = self._offset  # the kept bytes are hashed again, so the hash goes on from them
+        while remaining:
+            chunk = self._file.read(min(_REHASH_CHUNK, remaining))
+            if not chunk:
+                self._file.close()
+                raise ValueError(f"{self._path} ends before the {self._offset} bytes of data it should keep")
+            self._hash.update(chunk)
+            remaining -= len(chunk)
         self._file.seek(self._data_start + self._offset)
         self._file.truncate()
 
@@ -119,13 +130,12 @@ class SafetensorsWriter:
         """(tensors written, where their bytes end in the data region): what `resume_at` takes."""
         return self._next, self._offset
 
-    def take_digest(self) -> str:
-        """The sha256 of the bytes written since the last call, after flushing them to the file."""
+    def sha256(self) -> str:
+        """The sha256 of the file from its first byte through the last tensor written, after flushing
+        them to the file: once every tensor is written, the whole file's."""
         if self._file is not None:
             self._file.flush()
-        digest = self._hash.hexdigest()
-        self._hash = hashlib.sha256()
-        return digest
+        return self._hash.copy().hexdigest()
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         """Stream the next declared tensor; its name, dtype and shape must match the declaration."""

@@ -1,8 +1,11 @@
-"""The streaming quantize stage of a build: read each weight from the mmap'd checkpoint (one
-expert at a time when stacked), convert it to the format the IR gives it (NVFP4, FP8 or a float),
-write it into the engine's safetensors file, and let it go. Peak host memory is a few times the
-largest single checkpoint tensor, not the model. Weights stored quantized in the checkpoint are
-copied bit for bit. Each quantized weight's error is measured against its source.
+"""The streaming quantize stage of a build: read each weight from the checkpoint (one expert at a
+time when stacked, in runs of rows when copied; plain reads into reused buffers, see
+checkpoint_reader), convert it to the format the IR gives it (NVFP4, FP8 or a float) on worker
+threads, write it into the engine's safetensors file in order, hashing it as it goes, and let it
+go. Peak host memory is a few jobs' tensors (the largest single source tensor to quantize, a few
+io_chunk_bytes of rows to copy), not the model. Weights stored quantized in the checkpoint are
+copied bit for bit. Each quantized weight's error is measured against its source while it is
+quantized.
 
 Every tensor is checked after its final conversion, just before it is written: floats finite
 (a finite fp32 value past bf16's range becomes Inf in the conversion), FP8 E4M3 bytes never NaN
@@ -19,29 +22,24 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import cast
 
 import torch
 
 from nemocompile.base.errors import CheckpointError
+from nemocompile.base.settings import settings
 from nemocompile.graph.checkpoint import Checkpoint
 from nemocompile.graph.ir import Graph, Weight
 from nemocompile.graph.nemotron_h import INPUT_SCALE_CATEGORY
 from nemocompile.graph.storage import component_name, stored_nbytes, stored_tensors
 from nemocompile.runtime.dtypes import torch_dtype
-from nemocompile.runtime.formats import (
-    FP8Tensor,
-    NVFP4Tensor,
-    dequantize_fp8,
-    dequantize_nvfp4,
-    quantize_fp8,
-    quantize_nvfp4,
-)
+from nemocompile.runtime.formats import quantize_fp8_measured, quantize_nvfp4_measured
 from nemocompile.runtime.formats.fp8 import FLOAT32_TINY
 from nemocompile.runtime.weights import WeightValue, assemble
 
+from .checkpoint_reader import CheckpointReader
 from .safetensors_writer import SafetensorsWriter, data_start
 
-ERROR_CHUNK_VALUES = 1 << 20
 E4M3_NAN_BITS = 0x7F  # E4M3 (fn) has no Inf: S.1111.111 is NaN, the bytes 0x7F and 0xFF
 FP32_SCALES = frozenset({"weight_scale_2", "input_scale"})  # and FP8's fp32 weight_scale
 ProgressHook = Callable[[str, int, int], None]  # (what, bytes just processed, bytes in all)
@@ -53,17 +51,6 @@ class QuantizationError:
     format: str
     rel_rms: float  # ||W - Q(W)|| / ||W||
     sqnr_db: float  # 10 log10(sum W^2 / sum (W - Q(W))^2)
-
-
-def error_chunks(reference: torch.Tensor, dequantize_rows: Callable[[slice], torch.Tensor]) -> list[tuple[float, float]]:
-    """(sum W^2, sum (W - Q(W))^2) over row chunks, so the fp32 copies stay small whatever the tensor."""
-    chunks = []
-    step = max(1, ERROR_CHUNK_VALUES // max(reference.shape[-1], 1))
-    for start in range(0, reference.shape[0], step):
-        rows = slice(start, start + step)
-        exact = reference[rows].float()
-        chunks.append((float(exact.square().sum()), float((exact - dequantize_rows(rows)).square().sum())))
-    return chunks
 
 
 @dataclass(frozen=True)
@@ -82,9 +69,6 @@ class _ErrorSum:
         self.noise = 0.0
         self.count = 0
 
-    def add(self, reference: torch.Tensor, dequantize_rows: Callable[[slice], torch.Tensor]) -> None:
-        self.extend(error_chunks(reference, dequantize_rows), reference.numel())
-
     def extend(self, chunks: list[tuple[float, float]], count: int) -> None:
         """Add the chunks' (signal, noise) in order: the same sums whichever thread computed them."""
         for signal, noise in chunks:
@@ -96,15 +80,6 @@ class _ErrorSum:
         rel = math.sqrt(self.noise / self.signal) if self.signal else 0.0
         sqnr = 10 * math.log10(self.signal / self.noise) if self.noise else math.inf
         return QuantizationError(weight, fmt, rel, sqnr)
-
-
-def _nvfp4_rows(q: NVFP4Tensor, rows: slice) -> torch.Tensor:
-    return dequantize_nvfp4(NVFP4Tensor(q.packed[rows], q.block_scale[rows], q.global_scale))
-
-
-def _fp8_rows(q: FP8Tensor, rows: slice) -> torch.Tensor:
-    scale = q.scale[rows] if q.scale.dim() else q.scale  # per-channel scales follow the rows
-    return dequantize_fp8(FP8Tensor(q.data[rows], scale))
 
 
 def engine_tensor_specs(graph: Graph) -> list[tuple[str, str, tuple[int, ...]]]:
@@ -197,12 +172,14 @@ def read_weights(ckpt: Checkpoint, graph: Graph, names: Collection[str] | None =
 
 
 METADATA = {"format": "pt"}
+PREFETCH_PER_THREAD = 2  # conversions in flight per thread, ahead of the writer
 
 
 @dataclass(frozen=True)
 class WrittenWeight:
     """A weight completely written: the tensors of the file up to and including it, where its bytes
-    end in the data region, their sha256, and its quantization error (None for a copy)."""
+    end in the data region, the sha256 of the file from its first byte (the header) through them,
+    and its quantization error (None for a copy)."""
 
     weight: str
     tensors: int
@@ -211,20 +188,50 @@ class WrittenWeight:
     error: QuantizationError | None
 
 
+Job = Callable[[], object]
+
+
+class _Ahead:
+    """Runs jobs on a pool up to `depth` ahead of the consumer, and hands their results over in order."""
+
+    def __init__(self, pool: ThreadPoolExecutor, jobs: Iterator[Job], depth: int) -> None:
+        self.pool = pool
+        self.jobs = jobs
+        self.depth = depth
+        self.pending: deque[Future[object]] = deque()
+
+    def next(self) -> object:
+        while len(self.pending) < self.depth:
+            job = next(self.jobs, None)
+            if job is None:
+                break
+            self.pending.append(self.pool.submit(job))
+        return self.pending.popleft().result()
+
+
 class WeightStream:
-    """Writes a graph's weights into one safetensors file, converting each on the way."""
+    """Writes a graph's weights into one safetensors file, converting each on the way.
+
+    Reading and converting run on `threads` worker threads (each with one torch thread: the
+    conversions are many small, cache-sized steps, which a second torch thread per op only slows),
+    up to PREFETCH_PER_THREAD jobs each ahead of the calling thread, which writes the results in
+    file order and hashes them as they go. A job is one source tensor to quantize (an expert, or a
+    whole unstacked weight), or a run of io_chunk_bytes of rows of a tensor to copy or convert, so
+    memory holds a few jobs' tensors whatever the model's size."""
 
     def __init__(self, ckpt: Checkpoint, graph: Graph, scales: Mapping[str, torch.Tensor],
                  progress: ProgressHook | None = None, four_over_six: bool = False, threads: int = 1) -> None:
         self.ckpt = ckpt
+        self.reader = CheckpointReader(ckpt)
         self.threads = max(1, threads)
-        self.pool: ThreadPoolExecutor | None = None
         self.four_over_six = four_over_six
         self.graph = graph
         self.scales = scales
         self.progress = progress
         self.errors: list[QuantizationError] = []
         self.total = sum(stored_nbytes(w.type) for w in graph.weights)
+        self.sha256 = ""  # the whole file's, once written
+        self._results: _Ahead | None = None
 
     def data_start(self) -> int:
         """Where the weights file's data region starts."""
@@ -237,26 +244,106 @@ class WeightStream:
         hears of each weight once its bytes are in the file."""
         path.parent.mkdir(parents=True, exist_ok=True)
         resume_at = (done[-1].tensors, done[-1].end) if done else None
-        with SafetensorsWriter(path, engine_tensor_specs(self.graph), METADATA, resume_at=resume_at) as writer, \
-                ThreadPoolExecutor(self.threads, thread_name_prefix="quantize") as pool:
-            self.pool = pool if self.threads > 1 else None
-            for index, weight in enumerate(self.graph.weights):
-                if index < len(done):
-                    error = done[index].error
-                    if error is not None:
-                        self.errors.append(error)
-                else:
-                    errors = len(self.errors)
-                    writer.take_digest()
-                    self._write_weight(writer, weight)
-                    self.ckpt.close()  # drop the memory maps: resident pages would grow to the model's size
-                    if journal is not None:
-                        tensors, end = writer.position
-                        journal(WrittenWeight(weight.name, tensors, end, writer.take_digest(),
-                                              self.errors[-1] if len(self.errors) > errors else None))
-                if self.progress:
-                    self.progress(weight.name.rsplit(".", 1)[0], stored_nbytes(weight.type), self.total)
+        torch_threads = torch.get_num_threads()
+        pool = ThreadPoolExecutor(self.threads, thread_name_prefix="quantize", initializer=torch.set_num_threads,
+                                  initargs=(1,))
+        try:
+            with SafetensorsWriter(path, engine_tensor_specs(self.graph), METADATA, resume_at=resume_at) as writer:
+                self._results = _Ahead(pool, self._jobs(self.graph.weights[len(done):]),
+                                       PREFETCH_PER_THREAD * self.threads)
+                for index, weight in enumerate(self.graph.weights):
+                    if index < len(done):
+                        error = done[index].error
+                        if error is not None:
+                            self.errors.append(error)
+                    else:
+                        errors = len(self.errors)
+                        self._write_weight(writer, weight)
+                        if journal is not None:
+                            tensors, end = writer.position
+                            journal(WrittenWeight(weight.name, tensors, end, writer.sha256(),
+                                                  self.errors[-1] if len(self.errors) > errors else None))
+                    if self.progress:
+                        self.progress(weight.name.rsplit(".", 1)[0], stored_nbytes(weight.type), self.total)
+                self.sha256 = writer.sha256()
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+            torch.set_num_threads(torch_threads)  # the workers set 1 (new threads may inherit it)
+            self.reader.close()
+            self._results = None
         return self.total
+
+    # ------------------------------------------------------------------------------ the jobs
+
+    def _jobs(self, weights: Sequence[Weight]) -> Iterator[Job]:
+        """Every job of these weights, in the order _write_weight takes their results."""
+        for weight in weights:
+            for _, jobs in self._plan(weight):
+                yield from jobs
+
+    def _plan(self, weight: Weight) -> list[tuple[str, list[Job]]]:
+        """The weight's stored tensors (a quantized weight: its codes only, the scales come with them)
+        and the jobs that make each one's rows, in order."""
+        target = weight.type.dtype
+        if not weight.sources:
+            return []
+        if weight.source_dtype == target or not target.quantized:
+            return [(component_name(weight.name, stored.component), self._copy_jobs(weight, stored.component))
+                    for stored in stored_tensors(weight.type)]
+        fmt = target.name
+        return [(weight.name, [partial(self._convert, fmt, weight, component_name(source.tensor, ""))
+                               for source in weight.sources])]
+
+    def _copy_jobs(self, weight: Weight, component: str) -> list[Job]:
+        """A copy (bit for bit when the format agrees) or a float conversion: one job per expert, or
+        per io_chunk_bytes of rows of an unstacked tensor."""
+        (stored,) = [t for t in stored_tensors(weight.type) if t.component == component]
+        jobs: list[Job] = []
+        for source in weight.sources:
+            name = component_name(source.tensor, component)
+            shape = stored.shape[1:] if weight.stacked else stored.shape
+            if weight.stacked or len(shape) < 2:
+                jobs.append(partial(self._copy, weight, component, name, None))
+                continue
+            row_bytes = max(1, stored.nbytes // max(shape[0], 1))
+            step = max(1, settings().io_chunk_bytes // row_bytes)
+            jobs.extend(partial(self._copy, weight, component, name, slice(start, min(start + step, shape[0])))
+                        for start in range(0, shape[0], step))
+        return jobs
+
+    def _copy(self, weight: Weight, component: str, name: str, rows: slice | None) -> torch.Tensor:
+        """Rows of one source tensor as the engine stores them (any thread)."""
+        (stored,) = [t for t in stored_tensors(weight.type) if t.component == component]
+        tensor = self.reader.read(name, rows)
+        scalar = stored.shape[1:] == () if weight.stacked else stored.shape == ()
+        if scalar and tensor.numel() == 1:  # scalar scales exported as [1] are read as 0-d
+            tensor = tensor.reshape(())
+        if weight.stacked:
+            tensor = tensor.unsqueeze(0)
+        target = weight.type.dtype
+        converted = tensor if target.quantized else tensor.to(torch_dtype(stored.dtype))
+        return checked(weight, name, converted, component, tensor)
+
+    def _convert(self, fmt: str, weight: Weight, source_name: str) -> _Converted:
+        """Read one source tensor (an expert) into this thread's buffer and quantize it, measuring the
+        error on the way (any thread); the quantizers refuse NaN and Inf."""
+        flat = self.reader.read(source_name, scratch=True)
+        try:
+            if fmt == "nvfp4":
+                nvfp4, errors = quantize_nvfp4_measured(flat, four_over_six=self.four_over_six)
+                return _Converted(nvfp4.packed, {"weight_scale": nvfp4.block_scale,
+                                                 "weight_scale_2": nvfp4.global_scale}, errors, flat.numel())
+            fp8, errors = quantize_fp8_measured(flat)
+            return _Converted(fp8.data, {"weight_scale": fp8.scale}, errors, flat.numel())
+        except ValueError as error:
+            raise CheckpointError(f"cannot quantize tensor {source_name} (weight {weight.name}) to {fmt}: "
+                                  f"{error}") from None
+
+    # ------------------------------------------------------------------------------ writing
+
+    def _next(self) -> object:
+        assert self._results is not None
+        return self._results.next()
 
     def _write_weight(self, writer: SafetensorsWriter, weight: Weight) -> None:
         target = weight.type.dtype
@@ -267,57 +354,25 @@ class WeightStream:
             writer.write(weight.name, checked(weight, weight.name, scale, "input_scale"))
             return
         if weight.source_dtype == target or not target.quantized:
-            # a copy (bit for bit when the format agrees) or a float conversion, component by component
-            for stored in stored_tensors(weight.type):
-                name = component_name(weight.name, stored.component)
-                dtype = torch_dtype(stored.dtype)
-                writer.write_parts(name, (checked(weight, source, t if target.quantized else t.to(dtype),
-                                                  stored.component, t)
-                                          for source, t in _slices(self.ckpt, weight, stored.component)))
+            for name, jobs in self._plan(weight):
+                writer.write_parts(name, (cast(torch.Tensor, self._next()) for _ in jobs))
             return
         self._quantize(writer, weight)
 
-    def _convert(self, fmt: str, source_name: str, weight: Weight, flat: torch.Tensor) -> _Converted:
-        """Quantize one source tensor (any thread): the quantizers refuse NaN and Inf."""
-        try:
-            if fmt == "nvfp4":
-                nvfp4 = quantize_nvfp4(flat, four_over_six=self.four_over_six)
-                return _Converted(nvfp4.packed, {"weight_scale": nvfp4.block_scale,
-                                                 "weight_scale_2": nvfp4.global_scale},
-                                  error_chunks(flat, partial(_nvfp4_rows, nvfp4)), flat.numel())
-            fp8 = quantize_fp8(flat)
-            return _Converted(fp8.data, {"weight_scale": fp8.scale}, error_chunks(flat, partial(_fp8_rows, fp8)),
-                              flat.numel())
-        except ValueError as error:
-            raise CheckpointError(f"cannot quantize tensor {source_name} (weight {weight.name}) to {fmt}: "
-                                  f"{error}") from None
-
     def _quantize(self, writer: SafetensorsWriter, weight: Weight) -> None:
-        """Quantize one source tensor (expert) at a time: the codes stream out, the small scale
-        tensors are collected and written after them."""
+        """The codes stream out one source tensor (expert) at a time, as the workers quantize them; the
+        small scale tensors are collected and written after them."""
         fmt = weight.type.dtype.name
         errors = _ErrorSum()
         components: dict[str, list[torch.Tensor]] = {"weight_scale": [], "weight_scale_2": []}
 
-        def finish(converted: _Converted) -> torch.Tensor:
-            errors.extend(converted.errors, converted.count)
-            for component, value in converted.scales.items():
-                components[component].append(value)
-            return converted.codes.unsqueeze(0) if weight.stacked else converted.codes
-
         def codes() -> Iterator[torch.Tensor]:
-            # experts are read and written here, in order, while up to `threads` are being quantized
-            pending: deque[Future[_Converted]] = deque()
-            for source_name, part in _slices(self.ckpt, weight):
-                flat = part[0] if weight.stacked else part
-                if self.pool is None:
-                    yield finish(self._convert(fmt, source_name, weight, flat))
-                    continue
-                pending.append(self.pool.submit(self._convert, fmt, source_name, weight, flat))
-                if len(pending) > self.threads:
-                    yield finish(pending.popleft().result())
-            while pending:
-                yield finish(pending.popleft().result())
+            for _ in weight.sources:
+                converted = cast(_Converted, self._next())
+                errors.extend(converted.errors, converted.count)
+                for component, value in converted.scales.items():
+                    components[component].append(value)
+                yield converted.codes.unsqueeze(0) if weight.stacked else converted.codes
 
         writer.write_parts(weight.name, codes())
         for stored in stored_tensors(weight.type)[1:]:

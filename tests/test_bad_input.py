@@ -395,8 +395,8 @@ _CHILD = textwrap.dedent(
         yield hook
 
     write_manifest = driver.write_manifest
-    def announcing_write_manifest(directory, manifest):
-        write_manifest(directory, manifest)
+    def announcing_write_manifest(directory, manifest, *known):
+        write_manifest(directory, manifest, *known)
         print("manifest", flush=True)
         time.sleep(60)
 

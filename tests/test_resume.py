@@ -13,8 +13,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 import nemocompile
+import nemocompile.driver
 from nemocompile.base.errors import UsageError
 from nemocompile.report import comparable_engine_bytes
 from nemocompile.weight_stream import WeightStream
@@ -32,7 +35,7 @@ CONFIG = dict(vocab_size=64, hidden_size=32, hybrid_override_pattern="M*E-", num
 KILL_POINTS = {
     "calibration, before its result is saved": ("nemocompile.driver", "save_calibration", 1),
     "quantize-and-write, at the first weight": ("nemocompile.weight_stream", "WeightStream._write_weight", 1),
-    "quantize-and-write, inside an expert tensor": ("nemocompile.weight_stream", "quantize_nvfp4", 2),
+    "quantize-and-write, inside an expert tensor": ("nemocompile.weight_stream", "quantize_nvfp4_measured", 2),
     "quantize-and-write, before the last weight": ("nemocompile.weight_stream", "WeightStream._write_weight", 33),
     "agreement check": ("nemocompile.driver", "measure_agreement", 1),
     "writing the report": ("nemocompile.driver", "write_report", 1),
@@ -166,3 +169,38 @@ def test_a_weight_whose_bytes_changed_is_written_again(checkpoint: Path, uninter
     result = nemocompile.build(checkpoint, out, target="b200", calibrate=3, resume=True)
     assert comparable_engine_bytes(out) == uninterrupted
     print(f"a damaged byte in weight {entries[damaged]['weight']}: resumed from there, {result.bytes_written:,} bytes")
+
+
+@pytest.mark.parametrize("damage", ["a changed scale", "no recorded hash"])
+def test_a_saved_calibration_that_no_longer_hashes_to_its_record_is_recomputed(
+        checkpoint: Path, uninterrupted: dict[str, bytes], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        damage: str) -> None:
+    """calibration.safetensors is verified like the weights: a tampered one (still a valid file, with a
+    scale changed) or one without its recorded sha256 is not taken: calibration runs again and says
+    why, and the engine is the uninterrupted build's."""
+    out = tmp_path / "engine"
+    staging = killed_build(checkpoint, out, "quantize-and-write, at the first weight")
+    saved = staging / "calibration.safetensors"
+    if damage == "a changed scale":
+        with safe_open(str(saved), framework="pt") as file:
+            metadata = file.metadata()
+            scales = {name: file.get_tensor(name) for name in file.keys()}
+        first = sorted(scales)[0]
+        scales[first] = scales[first] * 2
+        save_file(scales, str(saved), metadata=metadata)
+    else:
+        (staging / "calibration.sha256").unlink()
+    calibrations: list[int] = []
+    original = nemocompile.driver.calibrate_streamed
+
+    def counting(*args: object, **kwargs: object) -> object:
+        calibrations.append(1)
+        return original(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(nemocompile.driver, "calibrate_streamed", counting)
+    result = nemocompile.build(checkpoint, out, target="b200", calibrate=3, resume=True)
+    assert calibrations == [1]
+    (calibration,) = [phase for phase in result.phases if phase.name == "calibration"]
+    why = "does not match the sha256 recorded" if damage == "a changed scale" else "has no recorded sha256"
+    assert f"recomputed: calibration.safetensors in the staging directory {why}" in calibration.summary
+    assert comparable_engine_bytes(out) == uninterrupted

@@ -253,9 +253,9 @@ class BuildContext:
 
     def plan_memory(self) -> MemoryPlan:
         """The memory plan per GPU of the graph as its formats now stand; refuses a plan that does not fit."""
-        world = self.options.world_size
+        parallel = Parallelism(self.options.tensor_parallel, self.options.expert_parallel)
         self.memory_plan = plan_memory(self.model_name, self.graphs[PREFILL], self.imported.config, self.target,
-                                       Parallelism(world, world), self.options.bounds)
+                                       parallel, self.options.bounds)
         check_fits(self.memory_plan)
         return self.memory_plan
 
@@ -457,6 +457,12 @@ def build(model: Path | None, out: Path, options: BuildOptions | None = None,
     layout = _layout(options)
     if layout.sharded and options.tensorrt:
         raise UsageError(f"--tensorrt exports one-rank engines; this build asks for --world-size {options.world_size}")
+    if options.tensor_parallel > 1 and policy.act_scales == "dynamic":
+        # a row-parallel GEMM's rank holds a slice of each token's activations, so its per-token
+        # scale would differ from the one-rank engine's
+        raise UsageError(f"dynamic activation scales (--act-scales or the policy file) need each token's whole "
+                         f"activation, which a tensor-parallel rank does not hold; use --act-scales static or "
+                         f"--tp 1 (this build asks for --tp {options.tensor_parallel})")
     phases = Phases(_listener(progress))
     with _model_directory(model) as (model_dir, source_name), \
             staged_directory(out, options.force, inputs, lambda: build_key(model_dir, options), options.resume) as stage:
@@ -520,8 +526,10 @@ def build(model: Path | None, out: Path, options: BuildOptions | None = None,
                          memory=job.memory_plan,
                          kernel_fallbacks=compiled.fallbacks if compiled is not None else ())
             remove_resume_files(stage)  # the engine is complete: nothing left to resume
-            # the weights file was hashed as it was written: not read again
-            manifest = write_manifest(stage, manifest, {weights_file(0): stream.sha256})
+            # the weights file was hashed as it was written: not read again (rank files split from
+            # it are new files, hashed from disk)
+            known = {} if layout.sharded else {weights_file(0): stream.sha256}
+            manifest = write_manifest(stage, manifest, known)
             phases.summarize(f"{len(manifest.files)} files, each with its sha256 in {MANIFEST_NAME}")
         imported.checkpoint.close()
     return BuildResult(out, manifest, stats, records, bytes_written, time.perf_counter() - start, stream.errors,

@@ -28,7 +28,7 @@ Shape = tuple[int, ...]
 @dataclass(frozen=True)
 class Parallelism:
     """How the ranks split the model: `tp` ranks split heads, channels and the vocabulary, `ep`
-    ranks split the routed experts (today both are the world size)."""
+    ranks split the routed experts (each 1 or the world size, as --tp and --ep)."""
 
     tp: int = 1
     ep: int = 1

@@ -88,7 +88,7 @@ def plan_model(config_path: Path, options: BuildOptions | None = None) -> PlanRe
     # MTP blocks are carried in the float base (as in NVIDIA's released mixed-precision checkpoints)
     stats = param_stats(graph, mtp_weight_estimate(config), BASE_BITS[policy.base])
     name = config_path.parent.name if config_path.name == "config.json" else config_path.stem
-    memory = plan_memory(name, graph, config, target, Parallelism(options.world_size, options.world_size),
+    memory = plan_memory(name, graph, config, target, Parallelism(options.tensor_parallel, options.expert_parallel),
                          options.bounds, stats.categories["mtp"].bytes if "mtp" in stats.categories else 0)
     return PlanResult(name, config, target, policy, options.precision, options.world_size, graph, stats, records,
                       memory, time.perf_counter() - start)

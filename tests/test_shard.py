@@ -156,3 +156,12 @@ def test_rank_files_put_back_together_are_the_whole(tmp_path: Path, fused: Graph
                                for a, b in sharding.ranges(int(weight.type.shape[sharding.dim or 0]), r)],
                               dim=sharding.dim or 0) for r in range(2)]
             assert all(torch.equal(p, row) for p, row in zip(pieces, rows, strict=True)), weight.name
+
+
+def test_dynamic_activation_scales_are_refused_with_tensor_parallel_ranks(tmp_path: Path) -> None:
+    import nemocompile
+
+    out = tmp_path / "engine"
+    with pytest.raises(UsageError, match=r"dynamic activation scales .* --tp 2\)"):
+        nemocompile.build(None, out, target="b200", world_size=2, act_scales="dynamic")
+    assert not out.exists()

@@ -11,17 +11,9 @@ import argparse
 import time
 from pathlib import Path
 
+from bench_plan import find_models_dir  # the published configs, found as bench_plan.py finds them
+
 from nemocompile.memory_plan_table import memory_plan_table
-
-HERE = Path(__file__).resolve().parent
-
-
-def find_models_dir(given: Path | None) -> Path:
-    for candidate in ([given] if given else []) + [HERE.parent.parent / "shared" / "models",
-                                                    Path("/work/shared/models")]:
-        if candidate is not None and (candidate / "ultra.json").exists():
-            return candidate
-    raise SystemExit("error: no published configs found; pass --models-dir")
 
 
 def main() -> None:

@@ -37,7 +37,7 @@ with warnings.catch_warnings():
 import transformers
 
 # the same tiny model as the layout tests: 4 experts, pattern M*E-
-from test_modelopt_checkpoints import CONFIG
+from test_modelopt_checkpoints import CONFIG, randomize_routing
 
 NVFP4_BLOCK = 16
 E2M1_MAX, E4M3_MAX = 6.0, 448.0
@@ -121,12 +121,7 @@ def random_model(seed: int = 0) -> Any:
     torch.manual_seed(seed)
     model = transformers.NemotronHForCausalLM(transformers.NemotronHConfig(**CONFIG)).eval()
     model.config.architectures = ["NemotronHForCausalLM"]  # as from_pretrained sets it; the export reads it
-    generator = torch.Generator().manual_seed(99)
-    with torch.no_grad():
-        for layer in model.model.layers:
-            if hasattr(layer.mixer, "gate"):
-                layer.mixer.gate.weight.normal_(0, 0.3, generator=generator)
-                layer.mixer.gate.e_score_correction_bias.normal_(0, 0.05, generator=generator)
+    randomize_routing(model)
     return model
 
 

@@ -72,7 +72,7 @@ class Source:
     amax: dict[str, float]  # linear module -> largest |input| it saw (what ModelOpt calibrates)
 
 
-def _randomize(model: Any) -> None:
+def randomize_routing(model: Any) -> None:
     """Non-trivial routing (the default router weights are zeros: every token would pick experts 0 and 1)."""
     generator = torch.Generator().manual_seed(99)
     with torch.no_grad():
@@ -122,7 +122,7 @@ def _input_amax(model: Any, batches: list[torch.Tensor]) -> dict[str, float]:
 def source(tmp_path_factory: pytest.TempPathFactory) -> Source:
     torch.manual_seed(0)
     model = transformers.NemotronHForCausalLM(transformers.NemotronHConfig(**CONFIG)).eval()
-    _randomize(model)
+    randomize_routing(model)
     directory = tmp_path_factory.mktemp("modelopt") / "fp32"
     model.save_pretrained(directory)
     generator = torch.Generator().manual_seed(7)

@@ -15,6 +15,7 @@ which may be 0 (an all-zero block) but never negative."""
 
 from __future__ import annotations
 
+import gc
 import math
 from collections import deque
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
@@ -245,6 +246,12 @@ class WeightStream:
         path.parent.mkdir(parents=True, exist_ok=True)
         resume_at = (done[-1].tensors, done[-1].end) if done else None
         torch_threads = torch.get_num_threads()
+        # This thread only writes, hashes and checks the small scale tensors: with one torch thread it
+        # never enters an OpenMP region, whose idle team would spin for CPU the workers need.
+        torch.set_num_threads(1)
+        # The objects alive now (the graphs, the checkpoint's index, modules) outlive the stage:
+        # frozen, the collections the stage's small objects trigger do not walk them again and again.
+        gc.freeze()
         pool = ThreadPoolExecutor(self.threads, thread_name_prefix="quantize", initializer=torch.set_num_threads,
                                   initargs=(1,))
         try:
@@ -268,7 +275,8 @@ class WeightStream:
                 self.sha256 = writer.sha256()
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
-            torch.set_num_threads(torch_threads)  # the workers set 1 (new threads may inherit it)
+            torch.set_num_threads(torch_threads)  # this thread and the workers set 1
+            gc.unfreeze()
             self.reader.close()
             self._results = None
         return self.total

@@ -116,14 +116,14 @@ def _error_sums(weight: torch.Tensor, dequantized: torch.Tensor) -> tuple[float,
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_the_builds_measured_quantizers_match_modelopt_over_several_steps(dtype: torch.dtype, pattern: str) -> None:
     """What the streaming build writes: the same bytes as ModelOpt on a weight of several cache-sized
-    steps (17,600 blocks), -0.0 and tiny negatives included, with the error sums of the dequantized
+    steps (33,600 blocks), -0.0 and tiny negatives included, with the error sums of the dequantized
     weight, and a float32 weight left as it was."""
-    weight = _weight((1100, 256), dtype, pattern, seed=3)
+    weight = _weight((2100, 256), dtype, pattern, seed=3)
     weight[0, :3] = torch.tensor([-0.0, -1e-30, 0.0], dtype=dtype)
     before = weight.clone()
     nvfp4, errors = quantize_nvfp4_measured(weight)
     _assert_same_nvfp4(nvfp4, _modelopt_nvfp4(weight))
-    assert len(errors) == 3  # 8192 blocks a step
+    assert len(errors) == 3  # 16384 blocks a step
     expected = _error_sums(weight, dequantize_nvfp4(nvfp4))
     assert [sum(parts) for parts in zip(*errors, strict=True)] == pytest.approx(expected, rel=1e-5)
     fp8, errors = quantize_fp8_measured(weight)

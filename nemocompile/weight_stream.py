@@ -2,8 +2,8 @@
 time when stacked, in runs of rows when copied; plain reads into reused buffers, see
 checkpoint_reader), convert it to the format the IR gives it (NVFP4, FP8 or a float) on worker
 threads, write it into the engine's safetensors file in order, hashing it as it goes, and let it
-go. Peak host memory is a few jobs' tensors (the largest single source tensor to quantize, a few
-io_chunk_bytes of rows to copy), not the model. Weights stored quantized in the checkpoint are
+go. Peak host memory is a few jobs' tensors (an expert to quantize, or a few io_chunk_bytes of rows
+of a larger tensor to quantize, copy or convert), not the model. Weights stored quantized in the checkpoint are
 copied bit for bit. Each quantized weight's error is measured against its source while it is
 quantized.
 
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import gc
 import math
+import threading
 from collections import deque
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -210,15 +211,42 @@ class _Ahead:
         return self.pending.popleft().result()
 
 
+class _RunAmax:
+    """The largest magnitude of one checkpoint tensor, read in runs of rows into the reading thread's
+    buffer: computed once, by the first job that asks (the others wait for it)."""
+
+    def __init__(self, reader: CheckpointReader, name: str, rows: int, step: int) -> None:
+        self.reader = reader
+        self.name = name
+        self.rows = rows
+        self.step = step
+        self._lock = threading.Lock()
+        self._value: torch.Tensor | None = None
+
+    def value(self) -> torch.Tensor:
+        """The amax, float32 0-d; ValueError if the tensor holds NaN or Inf."""
+        with self._lock:
+            if self._value is None:
+                amax = torch.zeros((), dtype=torch.float32)
+                for start in range(0, self.rows, self.step):
+                    run = self.reader.read(self.name, slice(start, min(start + self.step, self.rows)), scratch=True)
+                    low, high = torch.aminmax(run)  # NaN propagates
+                    amax = torch.maximum(amax, torch.maximum(high, -low).to(torch.float32))
+                if not bool(torch.isfinite(amax)):
+                    raise ValueError("it holds NaN or Inf values")
+                self._value = amax
+            return self._value
+
+
 class WeightStream:
     """Writes a graph's weights into one safetensors file, converting each on the way.
 
     Reading and converting run on `threads` worker threads (each with one torch thread: the
     conversions are many small, cache-sized steps, which a second torch thread per op only slows),
     up to PREFETCH_PER_THREAD jobs each ahead of the calling thread, which writes the results in
-    file order and hashes them as they go. A job is one source tensor to quantize (an expert, or a
-    whole unstacked weight), or a run of io_chunk_bytes of rows of a tensor to copy or convert, so
-    memory holds a few jobs' tensors whatever the model's size."""
+    file order and hashes them as they go. A job is one source tensor to quantize (an expert, or an
+    unstacked weight of at most io_chunk_bytes), or a run of io_chunk_bytes of rows of a larger
+    tensor to quantize, copy or convert, so memory holds a few jobs' tensors whatever the model's size."""
 
     def __init__(self, ckpt: Checkpoint, graph: Graph, scales: Mapping[str, torch.Tensor],
                  progress: ProgressHook | None = None, four_over_six: bool = False, threads: int = 1) -> None:
@@ -299,8 +327,26 @@ class WeightStream:
             return [(component_name(weight.name, stored.component), self._copy_jobs(weight, stored.component))
                     for stored in stored_tensors(weight.type)]
         fmt = target.name
-        return [(weight.name, [partial(self._convert, fmt, weight, component_name(source.tensor, ""))
-                               for source in weight.sources])]
+        return [(weight.name, [job for source in weight.sources
+                               for job in self._convert_jobs(fmt, weight, component_name(source.tensor, ""))])]
+
+    def _convert_jobs(self, fmt: str, weight: Weight, name: str) -> list[Job]:
+        """One job per source tensor (an expert), or, for an unstacked tensor larger than io_chunk_bytes,
+        one per io_chunk_bytes of its rows, each quantized with the whole tensor's largest magnitude
+        (found first, by one more read of the tensor in runs): the same bytes, but memory holds a run
+        of rows, not the tensor (a 1 GB projection or embedding of a large model)."""
+        ref = self.ckpt.ref(name)
+        whole: list[Job] = [partial(self._convert, fmt, weight, name, None, None)]
+        if weight.stacked or ref is None or len(ref.shape) != 2 or not ref.shape[0]:
+            return whole
+        nbytes, run_bytes = self.ckpt.location(name)[2], settings().io_chunk_bytes
+        if nbytes <= run_bytes:
+            return whole
+        rows = ref.shape[0]
+        step = max(1, run_bytes // max(1, nbytes // rows))
+        amax = _RunAmax(self.reader, name, rows, step)
+        return [partial(self._convert, fmt, weight, name, slice(start, min(start + step, rows)), amax)
+                for start in range(0, rows, step)]
 
     def _copy_jobs(self, weight: Weight, component: str) -> list[Job]:
         """A copy (bit for bit when the format agrees) or a float conversion: one job per expert, or
@@ -332,16 +378,19 @@ class WeightStream:
         converted = tensor if target.quantized else tensor.to(torch_dtype(stored.dtype))
         return checked(weight, name, converted, component, tensor)
 
-    def _convert(self, fmt: str, weight: Weight, source_name: str) -> _Converted:
-        """Read one source tensor (an expert) into this thread's buffer and quantize it, measuring the
-        error on the way (any thread); the quantizers refuse NaN and Inf."""
-        flat = self.reader.read(source_name, scratch=True)
+    def _convert(self, fmt: str, weight: Weight, source_name: str, rows: slice | None,
+                 run_amax: _RunAmax | None) -> _Converted:
+        """Read one source tensor (an expert), or `rows` of it quantized with the whole tensor's
+        largest magnitude `run_amax`, into this thread's buffer and quantize it, measuring the error
+        on the way (any thread); the quantizers refuse NaN and Inf."""
         try:
+            amax = run_amax.value() if run_amax is not None else None  # (before this thread's own read)
+            flat = self.reader.read(source_name, rows, scratch=True)
             if fmt == "nvfp4":
-                nvfp4, errors = quantize_nvfp4_measured(flat, four_over_six=self.four_over_six)
+                nvfp4, errors = quantize_nvfp4_measured(flat, four_over_six=self.four_over_six, amax=amax)
                 return _Converted(nvfp4.packed, {"weight_scale": nvfp4.block_scale,
                                                  "weight_scale_2": nvfp4.global_scale}, errors, flat.numel())
-            fp8, errors = quantize_fp8_measured(flat)
+            fp8, errors = quantize_fp8_measured(flat, amax=amax)
             return _Converted(fp8.data, {"weight_scale": fp8.scale}, errors, flat.numel())
         except ValueError as error:
             raise CheckpointError(f"cannot quantize tensor {source_name} (weight {weight.name}) to {fmt}: "
@@ -368,14 +417,15 @@ class WeightStream:
         self._quantize(writer, weight)
 
     def _quantize(self, writer: SafetensorsWriter, weight: Weight) -> None:
-        """The codes stream out one source tensor (expert) at a time, as the workers quantize them; the
-        small scale tensors are collected and written after them."""
+        """The codes stream out one job (an expert, or a run of rows) at a time, as the workers quantize
+        them; the small scale tensors are collected and written after them."""
         fmt = weight.type.dtype.name
         errors = _ErrorSum()
         components: dict[str, list[torch.Tensor]] = {"weight_scale": [], "weight_scale_2": []}
+        ((_, jobs),) = self._plan(weight)
 
         def codes() -> Iterator[torch.Tensor]:
-            for _ in weight.sources:
+            for _ in jobs:
                 converted = cast(_Converted, self._next())
                 errors.extend(converted.errors, converted.count)
                 for component, value in converted.scales.items():
@@ -385,7 +435,10 @@ class WeightStream:
         writer.write_parts(weight.name, codes())
         for stored in stored_tensors(weight.type)[1:]:
             parts = components[stored.component]
-            value = torch.stack(parts) if weight.stacked else parts[0]
+            if weight.stacked:
+                value = torch.stack(parts)
+            else:  # block scales come by runs of rows; a global scale is the same for every run
+                value = torch.cat(parts) if parts[0].ndim else parts[0]
             name = component_name(weight.name, stored.component)
             writer.write(name, checked(weight, name, value.reshape(stored.shape), stored.component))
         self.errors.append(errors.result(weight.name, fmt))

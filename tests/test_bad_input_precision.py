@@ -213,6 +213,19 @@ def test_inf_in_a_weight_is_named(checkpoint: Path, tmp_path: Path) -> None:
     refused_by_api(model, tmp_path / "api", names=[tensor], error=CheckpointError)
 
 
+def test_inf_in_a_weight_quantized_in_runs_of_rows_is_named(checkpoint: Path, tmp_path: Path) -> None:
+    """A weight larger than io_chunk_bytes is quantized a run of rows at a time, after one pass for its
+    largest magnitude: that pass finds the Inf in its last row."""
+    tensor = "backbone.layers.0.mixer.in_proj.weight"
+
+    def poison(tensors: dict[str, torch.Tensor]) -> None:
+        tensors[tensor][-1, 3] = float("-inf")
+
+    model = variant(checkpoint, tmp_path / "poisoned", poison)
+    with override(io_chunk_bytes=256):
+        refused_by_api(model, tmp_path / "api", names=[tensor, "NaN or Inf"], error=CheckpointError)
+
+
 @pytest.mark.parametrize("target", ["h100", "b200"])
 def test_all_zero_weights_dequantize_to_exact_zeros(zeros: dict[str, Path], target: str) -> None:
     tensors = load_file(str(zeros[target] / WEIGHTS_FILE))

@@ -120,12 +120,18 @@ def quantize_fp8(
     return FP8Tensor(_quantize_rows(weight, scale), scale)
 
 
-def quantize_fp8_measured(weight: torch.Tensor) -> tuple[FP8Tensor, list[tuple[float, float]]]:
+def quantize_fp8_measured(
+    weight: torch.Tensor, *, amax: torch.Tensor | None = None
+) -> tuple[FP8Tensor, list[tuple[float, float]]]:
     """``quantize_fp8(weight)`` (per-tensor scale, the same bytes) and its error measured on the way:
     (sum x^2, sum (x - dequantize_fp8(q))^2) in float32 over each step of rows, in order, computed
-    while the step is in cache (the streaming build quantizes each weight with this)."""
+    while the step is in cache (the streaming build quantizes each weight with this).
+
+    `amax`: the largest magnitude of a whole tensor of which `weight` is a run of rows (0-d): the
+    run then gets exactly the bytes of its rows in the whole tensor's quantization."""
     check_float_dtype(weight, "FP8")
-    scale = fp8_scale(_amax(weight, per_channel=False))
+    local = _amax(weight, per_channel=False)  # also refuses NaN and Inf in the run
+    scale = fp8_scale(local if amax is None else amax)
     rows = weight.reshape(math.prod(weight.shape[:-1]), weight.shape[-1])
     out = torch.empty(rows.shape, dtype=torch.float8_e4m3fn, device=rows.device)
     errors = []

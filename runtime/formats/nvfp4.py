@@ -152,15 +152,20 @@ def quantize_nvfp4(
 
 
 def quantize_nvfp4_measured(
-    weight: torch.Tensor, *, four_over_six: bool = False
+    weight: torch.Tensor, *, four_over_six: bool = False, amax: torch.Tensor | None = None
 ) -> tuple[NVFP4Tensor, list[tuple[float, float]]]:
     """``quantize_nvfp4(weight, four_over_six=...)`` (the same bytes) and its error measured on the
     way: (sum x^2, sum (x - dequantize_nvfp4(q))^2) in float32 over each step of blocks, in order.
-    The streaming build quantizes each weight with this, so the error costs no second pass."""
+    The streaming build quantizes each weight with this, so the error costs no second pass.
+
+    `amax`: the largest magnitude of a whole tensor of which `weight` is a run of rows (0-d): the
+    run then gets exactly the bytes of its rows in the whole tensor's quantization, so a large
+    tensor can be quantized a run at a time."""
     blocks = _blocks_of(weight)
     block_amax = _block_amax_of_weight(blocks)
     _check_finite(block_amax, weight)
-    amax = block_amax.amax() if block_amax.numel() else block_amax.new_zeros(())
+    if amax is None:
+        amax = block_amax.amax() if block_amax.numel() else block_amax.new_zeros(())
     errors: list[tuple[float, float]] = []
     return _quantize(weight, blocks, block_amax, amax, None, four_over_six=four_over_six, errors=errors), errors
 

@@ -29,6 +29,9 @@ class Settings:
     # Threads that quantize weights (one expert at a time each) while the build reads and writes;
     # 0: one per CPU this process may use.
     quantize_threads: int = 0
+    # The CPU reference runtime multiplies float32 weights through oneDNN, packed once at load
+    # (runtime/cpu_gemm.py: MKL's GEMV reads weights at half the speed on AMD CPUs); off: F.linear.
+    cpu_onednn_gemm: bool = True
     # The ahead-of-time kernel compile cache shared by builds (content-addressed entries).
     kernel_cache_dir: str = "~/.cache/nemocompile/kernels"
     # The tokens per call the build chooses kernel configs for: decode graph, prefill graph (a

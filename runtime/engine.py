@@ -25,6 +25,7 @@ from nemocompile.graph.types import F32
 from nemocompile.graph.verifier import verify
 
 from .cache import Cache, SequenceState
+from .cpu_gemm import PackedLinear
 from .distributed import join
 from .engine_files import check_arch, read_engine_text, read_manifest, verify_engine_files
 from .engine_format import Manifest
@@ -227,8 +228,12 @@ class Engine:
             prefill_resolver = decode_resolver = reference_only
         else:
             prefill_resolver = decode_resolver = resolve
-        self._prefill = Executor(contents.prefill, weights, resolver=prefill_resolver)
-        self._decode = Executor(contents.decode, weights, resolver=decode_resolver)
+        prepared: dict[str, WeightValue] = {}  # each weight prepared once, for both graphs
+        weights = dict(weights)
+        self._prefill = Executor(contents.prefill, weights, resolver=prefill_resolver, prepared=prepared)
+        self._decode = Executor(contents.decode, weights, resolver=decode_resolver, prepared=prepared)
+        weights.update((name, value) for name, value in prepared.items() if isinstance(value, PackedLinear))
+        # (a packed weight is the only copy held: the dense one is dropped)
         self.vocab_size = contents.model_config.vocab_size
         self.prefix_store: PrefixStore | None = None
 

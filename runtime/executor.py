@@ -18,6 +18,7 @@ from nemocompile.graph.ir import Graph, Op
 from nemocompile.graph.nemotron_h import CACHE_LENS, SEQ_LENS
 
 from .cache import Cache
+from .cpu_gemm import PackedLinear, pack, packable_weights
 from .dtypes import value_dtype
 from .kernels import Resolution, device_of, resolve
 from .quantized_ops import prepare
@@ -46,9 +47,12 @@ class Step:
 
 class Executor:
     def __init__(self, graph: Graph, weights: Mapping[str, WeightValue], observer: Observer | None = None,
-                 resolver: Resolver = resolve) -> None:
+                 resolver: Resolver = resolve, prepared: dict[str, WeightValue] | None = None) -> None:
         """resolver: how each op finds its implementation (the kernel registry's `resolve` by
-        default; an engine's backend passes its own)."""
+        default; an engine's backend passes its own). prepared: weights already put in the layout
+        the GEMMs read fastest, by name, shared with the other executors of an engine (its prefill
+        and decode graphs) so that each weight is prepared, and held, once; this executor adds
+        the ones it prepares."""
         missing = [w.name for w in graph.weights if w.name not in weights]
         if missing:
             raise IRError(f"graph {graph.name} needs weights that were not loaded: {', '.join(missing[:5])}")
@@ -73,9 +77,6 @@ class Executor:
                     raise IRError(f"{op.opname} at {op.scope} reads %{name}, which nothing defines before it")
             for result in op.results:
                 register(result.name)
-        self.base: list[WeightValue | None] = [None] * len(slot)
-        for name, index in weight_slots.items():
-            self.base[index] = prepare(weights[name])  # the layout the GEMMs read fastest
         self.update_slots = [(s.name, slot[s.update]) for s in graph.states]
         self.output_slots = [(name, slot[name]) for name in graph.outputs]
         keep = {slot[name] for name in graph.outputs} | set(weight_slots.values()) | \
@@ -96,6 +97,19 @@ class Executor:
                  tuple(release[position]))
             for position, op in enumerate(graph.ops)
         ]
+        # The layout the GEMMs read fastest; float32 GEMM weights packed for oneDNN on the CPU,
+        # unless an observer (calibration) reads the operands.
+        packed = set() if observer is not None else packable_weights(
+            [(step.op, step.impl.kernel if isinstance(step.impl, Resolution) else "") for step in self.steps],
+            weights, device)
+        shared = {} if prepared is None else prepared
+        self.base: list[WeightValue | None] = [None] * len(slot)
+        for name, index in weight_slots.items():
+            value = shared.get(name)
+            if value is None or isinstance(value, PackedLinear) != (name in packed):
+                value = pack(weights[name]) if name in packed else prepare(weights[name])  # type: ignore[arg-type]
+                shared[name] = value
+            self.base[index] = value
 
     @property
     def plan(self) -> list[tuple[OpImpl, tuple[int, ...], tuple[torch.dtype, ...]]]:

@@ -11,7 +11,7 @@ Speed: a grouped GEMM dequantizes only the experts that receive rows, one at a t
 prepared once, when an executor is made (`prepare`), and read back bit for bit as the reference
 dequantizers give them: NVFP4 gets each block's fp32 denominator (float(block_scale) *
 global_scale) computed ahead, and a byte of two codes is read through a 256-entry table of value
-pairs; FP8 E4M3 data is held as bf16, which holds every E4M3 value exactly and widens to fp32 by
+pairs (on the CPU the unscaled values are held as bf16 instead: no lookup per step); FP8 E4M3 data is held as bf16, which holds every E4M3 value exactly and widens to fp32 by
 a shift (the CPU has no fast E4M3 conversion)."""
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import torch
 
 from nemocompile.base.formats import FORMATS
 
+from .cpu_gemm import PackedLinear
 from .formats import (
     FP8Tensor,
     NVFP4Tensor,
@@ -56,9 +57,13 @@ PAIR_VALUES = _pair_table()
 @dataclass(frozen=True, eq=False)
 class PreparedNVFP4(NVFP4Tensor):
     """An NVFP4 weight with each block's fp32 denominator computed ahead: [..., out, in/16]
-    (0.25 bytes per weight on top of the stored 0.5625). Still an NVFP4Tensor to any kernel."""
+    (0.25 bytes per weight on top of the stored 0.5625). On the CPU also its E2M1 values, unscaled,
+    as bf16 [..., out, in] (exact: every E2M1 value is a bf16 number; 2 bytes per weight more), so
+    that a dequantize is a widening and one multiply instead of a table lookup per byte; elsewhere
+    `values` is empty and the byte-pair table is read. Still an NVFP4Tensor to any kernel."""
 
     denominators: torch.Tensor = field(default_factory=lambda: torch.empty(0))
+    values: torch.Tensor = field(default_factory=lambda: torch.empty(0))
 
 
 @dataclass(frozen=True, eq=False)
@@ -82,16 +87,34 @@ def prepare(weight: WeightValue) -> WeightValue:
         global_scale = weight.global_scale.to(torch.float32)
         per_slice = global_scale.reshape(*global_scale.shape, 1, 1) if global_scale.ndim else global_scale
         denominators = weight.block_scale.to(torch.float32) * per_slice
-        return PreparedNVFP4(weight.packed, weight.block_scale, weight.global_scale, denominators)
+        values = _code_values(weight.packed) if weight.packed.device.type == "cpu" else torch.empty(0)
+        return PreparedNVFP4(weight.packed, weight.block_scale, weight.global_scale, denominators, values)
     return weight
 
 
-def _nvfp4_values(packed: torch.Tensor, denominators: torch.Tensor) -> torch.Tensor:
-    """packed uint8 [out, in/2] and denominators [out, in/16] -> fp32 [out, in]."""
+def _code_values(packed: torch.Tensor) -> torch.Tensor:
+    """packed uint8 [..., out, in/2] -> the unscaled E2M1 values bf16 [..., out, in], read through
+    the byte-pair table (a row at a time: bounded temporaries)."""
+    flat = packed.reshape(-1, packed.shape[-1])
+    out = torch.empty(flat.shape[0], flat.shape[1] * 2, dtype=torch.bfloat16)
+    table = PAIR_VALUES.to(torch.bfloat16)
+    for start in range(0, flat.shape[0], 4096):
+        rows = flat[start:start + 4096]
+        out[start:start + 4096] = table.index_select(0, rows.reshape(-1).to(torch.int32)).view(rows.shape[0], -1)
+    return out.view(*packed.shape[:-1], packed.shape[-1] * 2)
+
+
+def _nvfp4_values(packed: torch.Tensor, denominators: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """packed uint8 [out, in/2] (or its unscaled values bf16 [out, in], when held) and denominators
+    [out, in/16] -> fp32 [out, in]."""
     rows, half = packed.shape
-    table = PAIR_VALUES.to(packed.device)
-    values = table.index_select(0, packed.reshape(-1).to(torch.int32)).view(rows, half * 2 // NVFP4_BLOCK, NVFP4_BLOCK)
-    return values.mul_(denominators[..., None]).view(rows, half * 2)
+    blocks = half * 2 // NVFP4_BLOCK
+    if values.numel():
+        unscaled = values.view(rows, blocks, NVFP4_BLOCK).to(torch.float32)
+    else:
+        table = PAIR_VALUES.to(packed.device)
+        unscaled = table.index_select(0, packed.reshape(-1).to(torch.int32)).view(rows, blocks, NVFP4_BLOCK)
+    return unscaled.mul_(denominators[..., None]).view(rows, half * 2)
 
 
 def _fp8_values(values: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -101,20 +124,23 @@ def _fp8_values(values: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 
 def dequantized(weight: WeightValue) -> torch.Tensor:
     if isinstance(weight, PreparedNVFP4) and weight.packed.ndim == 2:
-        return _nvfp4_values(weight.packed, weight.denominators)
+        return _nvfp4_values(weight.packed, weight.denominators, weight.values)
     if isinstance(weight, PreparedFP8) and weight.data.ndim == 2:
         return _fp8_values(weight.values, weight.scale)
     if isinstance(weight, NVFP4Tensor):
         return dequantize_nvfp4(weight, torch.float32)
     if isinstance(weight, FP8Tensor):
         return dequantize_fp8(weight, torch.float32)
+    if isinstance(weight, PackedLinear):
+        return weight.dense()
     return weight.float()
 
 
 def expert_weight(weight: WeightValue, expert: int) -> torch.Tensor:
     """Expert `expert` of a stacked weight [E, out, in], dequantized to fp32 [out, in]."""
     if isinstance(weight, PreparedNVFP4):
-        return _nvfp4_values(weight.packed[expert], weight.denominators[expert])
+        values = weight.values[expert] if weight.values.numel() else weight.values
+        return _nvfp4_values(weight.packed[expert], weight.denominators[expert], values)
     if isinstance(weight, NVFP4Tensor):
         scale = weight.global_scale[expert] if weight.global_scale.ndim else weight.global_scale
         return dequantize_nvfp4(NVFP4Tensor(weight.packed[expert], weight.block_scale[expert], scale))
@@ -123,6 +149,8 @@ def expert_weight(weight: WeightValue, expert: int) -> torch.Tensor:
         if isinstance(weight, PreparedFP8):
             return _fp8_values(weight.values[expert], scale)
         return dequantize_fp8(FP8Tensor(weight.data[expert], scale), torch.float32)
+    if isinstance(weight, PackedLinear):
+        return weight.packed[expert].to_dense()
     return weight[expert].float()
 
 

@@ -18,9 +18,11 @@ from nemocompile.graph.checkpoint import read_tensor_table
 from nemocompile.graph.ir import Graph, Weight
 from nemocompile.graph.storage import StoredTensor, component_name, stored_tensors
 
+from .cpu_gemm import PackedLinear
 from .formats import FP8Tensor, NVFP4Tensor
 
-WeightValue = torch.Tensor | NVFP4Tensor | FP8Tensor
+# PackedLinear: a float32 GEMM weight packed for oneDNN when a CPU engine loads (runtime/cpu_gemm.py).
+WeightValue = torch.Tensor | NVFP4Tensor | FP8Tensor | PackedLinear
 
 
 def assemble(weight: Weight, parts: dict[str, torch.Tensor]) -> WeightValue:

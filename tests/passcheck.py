@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
+from nemocompile.base.settings import override
 from nemocompile.calibration import FORMAT_MAX, calibrate, calibration_batches, scales_needed
 from nemocompile.graph.ir import Graph, Weight
 from nemocompile.graph.verifier import verify
@@ -115,10 +116,14 @@ def weights_for(graph: Graph, values: Mapping[str, torch.Tensor]) -> dict[str, W
 
 def run_logits(prefill: Graph, decode: Graph, weights: Mapping[str, WeightValue], ids: torch.Tensor,
                prompt: int) -> torch.Tensor:
-    """Logits of a prefill over ids[:, :prompt] and then one decode step per remaining token."""
+    """Logits of a prefill over ids[:, :prompt] and then one decode step per remaining token. Every
+    GEMM runs through torch's F.linear (no oneDNN packing, runtime/cpu_gemm.py): a composite op
+    before a pass and the core ops after it then multiply with the same kernel, so that passes
+    promising exactness can be held to it."""
     cache = Cache.for_graph(prefill, ids.shape[0], torch.device("cpu"))
-    pieces = [Executor(prefill, weights).run(ids[:, :prompt], cache)["logits"]]
-    stepper = Executor(decode, weights)
+    with override(cpu_onednn_gemm=False):
+        pieces = [Executor(prefill, weights).run(ids[:, :prompt], cache)["logits"]]
+        stepper = Executor(decode, weights)
     for position in range(prompt, ids.shape[1]):
         pieces.append(stepper.run(ids[:, position:position + 1], cache)["logits"])
     return torch.cat(pieces, dim=1).float()

@@ -3,13 +3,15 @@ core references of the ops it replaces, in the same order and dtypes, so a fused
 the very numbers of the unfused one. Kernels of fused ops are tested against these functions.
 
 Weights are plain tensors or the runtime's quantized formats (NVFP4Tensor, FP8Tensor); a GEMM
-with a quantized weight multiplies the dequantized weight in fp32 (runtime/quantized_ops.py).
+with a quantized weight multiplies the dequantized weight in fp32 (runtime/quantized_ops.py), one
+with a float32 weight packed for oneDNN multiplies through it (runtime/cpu_gemm.py).
 `out_dtype` is always the dtype of the GEMM's result as the IR types it."""
 
 from __future__ import annotations
 
 import torch
 
+from ..cpu_gemm import PackedLinear
 from ..quantized_ops import quant_grouped_gemm, quant_linear, quantize
 from ..weights import WeightValue
 from .elementwise import add, linear, relu2, silu
@@ -31,6 +33,8 @@ def linear_any(x: torch.Tensor, weight: WeightValue, bias: torch.Tensor | None,
     """The `linear` op: a float weight in x's dtype, a quantized one dequantized (fp32 accumulation)."""
     if isinstance(weight, torch.Tensor):
         return linear(x, weight, bias)
+    if isinstance(weight, PackedLinear):
+        return weight.linear(x, bias)
     return quant_linear(x, weight, bias, out_dtype)
 
 
@@ -39,6 +43,8 @@ def grouped_gemm_any(x: torch.Tensor, offsets: torch.Tensor, weight: WeightValue
     """The `grouped_gemm` op, float or quantized weight as for linear_any."""
     if isinstance(weight, torch.Tensor):
         return grouped_gemm(x, offsets, weight)
+    if isinstance(weight, PackedLinear):
+        return weight.grouped(x, offsets)
     return quant_grouped_gemm(x, offsets, weight, out_dtype)
 
 

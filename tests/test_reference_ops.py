@@ -176,7 +176,9 @@ def test_causal_conv1d_decode_matches_causal_conv1d_update(dtype: torch.dtype) -
         x.transpose(1, 2), hf_state, weight.squeeze(1), bias, activation="silu"
     )
     y, new_state = causal_conv1d(x, weight, bias, "silu", state)
-    assert_close(y, expected.transpose(1, 2), rel=0)
+    # One window per channel is summed directly, not through F.conv1d (a tenth of the time at
+    # decode), so the products are added in another order: equal to rounding, not bit for bit.
+    assert_close(y, expected.transpose(1, 2), rel=RTOL_FP32 if dtype == torch.float32 else RTOL_BF16)
     assert torch.equal(new_state, hf_state)
 
 

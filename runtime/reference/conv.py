@@ -50,7 +50,12 @@ def causal_conv1d(
         # Columns seq_lens[b] .. seq_lens[b]+K-2 of state ++ x are the K-1 inputs ending at token seq_lens[b]-1.
         columns = seq_lens.to(device=x.device, dtype=torch.int64)[:, None] + torch.arange(window, device=x.device)
         new_state = history.gather(2, columns[:, None, :].expand(batch, channels, window)).to(state.dtype)
-    y = F.conv1d(history.to(taps.dtype), taps.unsqueeze(1), bias, padding=0, groups=channels)
+    if history.shape[-1] == kernel_size:  # one token (decode): one window per channel, summed in
+        # float32 and rounded once, as the convolution accumulates
+        y32 = (history.to(taps.dtype).float() * taps.float()).sum(-1, keepdim=True)
+        y = (y32 if bias is None else y32 + bias.float()[:, None]).to(taps.dtype)
+    else:
+        y = F.conv1d(history.to(taps.dtype), taps.unsqueeze(1), bias, padding=0, groups=channels)
     if activation == "silu":
         y = F.silu(y)
     return y.transpose(1, 2).to(x.dtype), new_state

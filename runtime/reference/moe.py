@@ -34,11 +34,12 @@ def moe_router(
         raise ValueError(f"moe_router: {num_experts} experts do not split into n_group = {n_group} groups.")
     scores = F.linear(x.to(torch.float32), weight.to(torch.float32)).sigmoid()
     choice = scores if bias is None else scores + bias
-    group_scores = choice.view(-1, n_group, num_experts // n_group).topk(2, dim=-1).values.sum(dim=-1)
-    best_groups = torch.topk(group_scores, k=topk_group, dim=-1, sorted=False).indices
-    group_kept = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, best_groups, True)
-    expert_kept = group_kept.repeat_interleave(num_experts // n_group, dim=1)
-    choice = choice.masked_fill(~expert_kept, float("-inf"))
+    if topk_group < n_group:  # otherwise every group stays eligible
+        group_scores = choice.view(-1, n_group, num_experts // n_group).topk(2, dim=-1).values.sum(dim=-1)
+        best_groups = torch.topk(group_scores, k=topk_group, dim=-1, sorted=False).indices
+        group_kept = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, best_groups, True)
+        expert_kept = group_kept.repeat_interleave(num_experts // n_group, dim=1)
+        choice = choice.masked_fill(~expert_kept, float("-inf"))
     topk_ids = torch.topk(choice, k=top_k, dim=-1, sorted=False).indices
     topk_weights = scores.gather(1, topk_ids)
     if norm_topk_prob:

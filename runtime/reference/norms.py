@@ -13,6 +13,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     weight multiply run in float32 and only the product is cast back (unlike Llama, which
     casts before multiplying by the weight).
     """
+    if x.dtype == weight.dtype == torch.float32:  # torch's fused kernel: the same operations, one call
+        return F.rms_norm(x, (x.shape[-1],), weight, eps)
     x32 = x.to(torch.float32)
     variance = x32.pow(2).mean(-1, keepdim=True)
     normed = x32 * torch.rsqrt(variance + eps)
@@ -41,6 +43,5 @@ def gated_rms_norm(
     if width % group_size != 0:
         raise ValueError(f"gated_rms_norm: width {width} is not a multiple of group_size {group_size}.")
     groups = gated.view(*prefix, width // group_size, group_size)
-    variance = groups.pow(2).mean(-1, keepdim=True)
-    normed = (groups * torch.rsqrt(variance + eps)).view(*prefix, width)
+    normed = F.rms_norm(groups, (group_size,), None, eps).view(*prefix, width)  # x * rsqrt(mean(x^2) + eps)
     return weight * normed.to(input_dtype)

@@ -178,17 +178,20 @@ def ssd_state_update(
     heads_per_group = num_heads // n_groups
 
     xs = x.reshape(batch, num_heads, head_dim)
-    # dt is per head; broadcast it over head_dim first, as the mixer does, so the dtype path matches.
-    dt_hp = dt.reshape(batch, num_heads, 1).expand(batch, num_heads, head_dim)
-    step = _step_size(dt_hp, dt_bias[:, None], dt_min, dt_max)  # [Bt, H, P]
+    # dt is per head. The mixer broadcasts it over head_dim first; every value along head_dim is the
+    # same, so it is computed once per head ([Bt, H, 1]) and broadcast: the same numbers, P x fewer.
+    step = _step_size(dt.reshape(batch, num_heads, 1), dt_bias[:, None], dt_min, dt_max)  # [Bt, H, 1]
     if seq_lens is not None:
         step = step * (seq_lens.to(x.device) > 0).to(step.dtype)[:, None, None]
     A = -torch.exp(A_log.float())
-    decay = torch.exp(step.float()[..., None] * A[:, None, None])  # [Bt, H, P, N]
+    decay = torch.exp(step.float()[..., None] * A[:, None, None])  # [Bt, H, 1, N]
 
-    Bh = B.reshape(batch, n_groups, state_size).repeat_interleave(heads_per_group, dim=1)  # [Bt, H, N]
-    Ch = C.reshape(batch, n_groups, state_size).repeat_interleave(heads_per_group, dim=1)
-    update = step[..., None] * Bh[:, :, None, :] * xs[..., None]  # [Bt, H, P, N]
+    def per_head(t: torch.Tensor) -> torch.Tensor:  # [Bt, G*N] -> [Bt, H, N], head h reading its group
+        grouped = t.reshape(batch, n_groups, 1, state_size)
+        return grouped.expand(batch, n_groups, heads_per_group, state_size).reshape(batch, num_heads, state_size)
+
+    Bh, Ch = per_head(B), per_head(C)
+    update = (step[..., None] * Bh[:, :, None, :]) * xs[..., None]  # [Bt, H, P, N]
     new_state = (state * decay + update).to(torch.float32)
 
     y = torch.matmul(new_state.to(Ch.dtype), Ch[..., None]).squeeze(-1)  # [Bt, H, P]

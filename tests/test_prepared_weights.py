@@ -40,8 +40,11 @@ def test_prepared_nvfp4_reads_back_bit_for_bit() -> None:
     assert isinstance(prepared, PreparedNVFP4) and isinstance(prepared, NVFP4Tensor)
     assert prepare(prepared) is prepared
     full = dequantize_nvfp4(stacked)
+    assert prepared.values.dtype == torch.bfloat16 and prepared.values.shape == (6, 24, 64)  # held on the CPU
+    table_only = PreparedNVFP4(prepared.packed, prepared.block_scale, prepared.global_scale, prepared.denominators)
     for expert in range(6):
         assert torch.equal(expert_weight(prepared, expert), full[expert])
+        assert torch.equal(expert_weight(table_only, expert), full[expert])  # the lookup used off the CPU
         assert torch.equal(expert_weight(stacked, expert), full[expert])
     dense = quantize_nvfp4(torch.randn(24, 64, generator=torch.Generator().manual_seed(1)))
     x = torch.randn(5, 64, generator=torch.Generator().manual_seed(2))

@@ -172,13 +172,15 @@ def quantize(x: torch.Tensor, act_format: str, input_scale: torch.Tensor,
     rows offsets[e]:offsets[e+1] use input_scale[e]."""
     if offsets is None:
         return quantize_activations(x.float(), act_format, input_scale)
-    out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
-    bounds = offsets.tolist()
-    for expert in range(len(bounds) - 1):
-        start, end = bounds[expert], bounds[expert + 1]
-        if start < end:
-            out[start:end] = quantize_activations(x[start:end].float(), act_format, input_scale[expert])
-    return out
+    # Every row is rounded with its own expert's scale, all rows in one call (each row's numbers
+    # depend only on the row and its scale).
+    return quantize_activations(x.float(), act_format, _per_row(input_scale.reshape(-1), offsets))
+
+
+def _per_row(per_expert: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """per_expert [E] -> [rows, 1]: row r gets the value of the expert whose rows
+    offsets[e]:offsets[e+1] hold it."""
+    return per_expert.repeat_interleave(offsets.diff(), output_size=int(offsets[-1]))[:, None]
 
 
 def dynamic_scale(x: torch.Tensor, act_format: str) -> torch.Tensor:
@@ -197,17 +199,17 @@ def dynamic_scale(x: torch.Tensor, act_format: str) -> torch.Tensor:
 def quantize_dynamic(x: torch.Tensor, act_format: str, offsets: torch.Tensor | None = None) -> torch.Tensor:
     """The `quantize_dynamic` op: x quantized with scales computed from itself (each expert's rows
     as one tensor when `offsets` groups them), held as exact fp32 values like `quantize`."""
-    if offsets is None:
-        values = x.float()
+    values = x.float()
+    if offsets is None or act_format == "fp8":  # FP8's dynamic scale is per row already
         return quantize_activations(values, act_format, dynamic_scale(values, act_format))
-    out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
-    bounds = offsets.tolist()
-    for expert in range(len(bounds) - 1):
-        start, end = bounds[expert], bounds[expert + 1]
-        if start < end:
-            rows = x[start:end].float()
-            out[start:end] = quantize_activations(rows, act_format, dynamic_scale(rows, act_format))
-    return out
+    # NVFP4: one global scale per expert, from the amax of its rows, all rows in one call.
+    row_amax = values.abs().amax(dim=-1) if values.shape[-1] else values.new_zeros(values.shape[0])
+    counts = offsets.diff()
+    expert_amax = torch.segment_reduce(row_amax, "max", lengths=counts, unsafe=True) if len(row_amax) else \
+        row_amax.new_zeros(counts.shape)
+    expert_amax = torch.where(expert_amax > 0, expert_amax, torch.full_like(expert_amax, ELEMENT_MAX[act_format]))
+    scale = (expert_amax / SCALED_MAX[act_format]).clamp_min(FLOAT32_TINY)
+    return quantize_activations(values, act_format, _per_row(scale, offsets))
 
 
 def quant_linear(x: torch.Tensor, weight: WeightValue, bias: torch.Tensor | None,

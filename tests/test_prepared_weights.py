@@ -88,3 +88,27 @@ def test_grouped_gemm_dequantizes_only_experts_with_rows(kind: str, monkeypatch:
     assert touched == [1, 4]
     full = dequantize_nvfp4(stacked) if kind == "nvfp4" else dequantize_fp8(stacked)
     assert torch.equal(got[:3], x[:3] @ full[1].T) and torch.equal(got[3:], x[3:] @ full[4].T)
+
+
+@pytest.mark.parametrize("act_format", ["nvfp4", "fp8"])
+def test_grouped_activation_quantize_is_each_experts_own(act_format: str) -> None:
+    """`quantize` / `quantize_dynamic` with offsets round all rows in one call; each expert's rows
+    must come out exactly as quantizing that expert's rows alone (its static scale, or its own
+    dynamic scale), an expert with no rows and a row holding NaN included."""
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(9, 32, generator=g) * 4
+    x[5, 3] = float("nan")
+    offsets = torch.tensor([0, 2, 2, 6, 9])  # expert 1 has no rows
+    static = torch.rand(4, generator=g) * 0.01 + 1e-3
+    expected_static, expected_dynamic = torch.zeros_like(x), torch.zeros_like(x)
+    for expert in range(4):
+        rows = x[offsets[expert]:offsets[expert + 1]]
+        if len(rows):
+            span = slice(int(offsets[expert]), int(offsets[expert + 1]))
+            expected_static[span] = quantized_ops.quantize_activations(rows, act_format, static[expert])
+            expected_dynamic[span] = quantized_ops.quantize_activations(
+                rows, act_format, quantized_ops.dynamic_scale(rows, act_format))
+    assert torch.allclose(quantized_ops.quantize(x, act_format, static, offsets), expected_static, rtol=0, atol=0,
+                          equal_nan=True)
+    assert torch.allclose(quantized_ops.quantize_dynamic(x, act_format, offsets), expected_dynamic, rtol=0, atol=0,
+                          equal_nan=True)

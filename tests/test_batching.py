@@ -105,6 +105,10 @@ def test_padding_never_reaches_the_conv_or_ssm_state() -> None:
         y_alone, state_alone = causal_conv1d(x[row:row + 1, :n], weight, bias, "silu", state[row:row + 1])
         assert torch.equal(new_state[row], state_alone[0])
         assert torch.allclose(y[row, :n], y_alone[0], atol=1e-6)
+    # one token (decode), a sequence with none: its window stays, the others shift by one
+    _, stepped_state = causal_conv1d(x[:, :1], weight, bias, "silu", state, torch.tensor([1, 0, 1]))
+    _, shifted = causal_conv1d(x[:, :1], weight, bias, "silu", state)
+    assert torch.equal(stepped_state[1], state[1]) and torch.equal(stepped_state[[0, 2]], shifted[[0, 2]])
 
     heads, head_dim, groups, size = 4, 3, 2, 5
     args = (torch.randn(batch, length, heads * head_dim, generator=g), torch.randn(batch, length, heads, generator=g),

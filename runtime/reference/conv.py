@@ -46,6 +46,9 @@ def causal_conv1d(
     window = kernel_size - 1
     if seq_lens is None:
         new_state = history[:, :, history.shape[-1] - window :].to(state.dtype).contiguous()
+    elif history.shape[-1] == kernel_size:  # one token: the shifted window, or the old state (seq_lens 0)
+        idle = (seq_lens.to(x.device) == 0)[:, None, None]
+        new_state = torch.where(idle, state, history[:, :, 1:].to(state.dtype))
     else:
         # Columns seq_lens[b] .. seq_lens[b]+K-2 of state ++ x are the K-1 inputs ending at token seq_lens[b]-1.
         columns = seq_lens.to(device=x.device, dtype=torch.int64)[:, None] + torch.arange(window, device=x.device)

@@ -630,7 +630,8 @@ class _SweepBar:
 @click.argument("engine", type=click.Path(path_type=Path))
 @click.option("--target", default=None, help="GPU to tune for (default: the engine's; same arch).")
 @click.option("--kernels", default=None, metavar="PATTERN",
-              help="Only kernels whose template, kernel or op name matches this pattern (fnmatch).")
+              help="Only kernels whose template, kernel or op name, or OP/TEMPLATE (moe_expert_down/moe_nvfp4_gemm), "
+                   "matches this pattern (fnmatch).")
 @click.option("--batch-sizes", default="1,8,64,256", show_default=True, help="Tokens per call to tune for.")
 @click.option("--budget", default="10m", show_default=True, help="Stop starting configs after this long (10m, 90s).")
 @click.option("--db", "db", default="tuning.sqlite", show_default=True, type=click.Path(path_type=Path),
@@ -662,7 +663,7 @@ def tune(engine: Path, target: str | None, kernels: str | None, batch_sizes: str
         _print_json({"engine": str(engine), "target": result.target.name, "scorer": result.scorer, "db": str(db),
                      "report": str(result.report), "plots": [str(p) for p in result.plots],
                      "wall_seconds": round(result.wall_seconds, 3), "cpu_seconds": round(result.cpu_seconds, 3),
-                     "stopped": result.stopped, "sweeps": [dict(zip(COLUMNS, row, strict=True)) for row in rows]})
+                     "stopped": result.stopped, "unmeasured": result.unmeasured, "sweeps": [dict(zip(COLUMNS, row, strict=True)) for row in rows]})
         return
     table = Table(title=f"tuned {escape(str(engine))} for {result.target.name} ({result.scorer})")
     for column in COLUMNS:
@@ -675,6 +676,9 @@ def tune(engine: Path, target: str | None, kernels: str | None, batch_sizes: str
             stderr.print(escape(message), highlight=False)
     if result.stopped:
         stderr.print(escape(result.stopped), highlight=False)
+    if result.unmeasured:
+        stderr.print(f"not measured on the device (tune them with --cost-model): {', '.join(result.unmeasured)}",
+                     highlight=False)
     stdout.print(f"database {escape(str(db))}; report {escape(str(result.report))}, {len(result.plots)} plots; "
                  f"{result.wall_seconds:.2f} s wall, {result.cpu_seconds:.2f} s CPU", highlight=False)
 

@@ -366,18 +366,20 @@ class BuildContext:
         """The tuning stage of this build: the tuning database (--tuning-db) or the cost model picks
         each Triton kernel's config, and the numerics gate checks it on the engine's own weights."""
         db = TuningDB(self.options.tuning_db) if self.options.tuning_db is not None else None
+        graphs = {PREFILL: graph, DECODE: decode}  # the ops' operand types, for the cost model
         if not any(kernel_of(op) in PLANNED for g in (graph, decode) for op in g.ops):
-            return ConfigChooser(self.target, db, None, "no op runs on a Triton kernel")
+            return ConfigChooser(self.target, db, None, "no op runs on a Triton kernel", graphs=graphs)
         if not self._small_enough(graph):
-            return ConfigChooser(self.target, db, None, "the model is too big for the CPU numerics gate")
+            return ConfigChooser(self.target, db, None, "the model is too big for the CPU numerics gate",
+                                 graphs=graphs)
         if (graph.meta("world_size") or "1") != "1":  # the gate runs the graph in this one process
             return ConfigChooser(self.target, db, None, "the engine is sharded over ranks; the CPU numerics gate "
-                                                        "runs one-rank engines")
+                                                        "runs one-rank engines", graphs=graphs)
         weights = load_weights(self.stage, [weights_file(0)], _engine_graph(graph), torch.device("cpu"))
         cache = GateCache(Path(settings().kernel_cache_dir).expanduser() / "gate")
         gate = EngineGate({PREFILL: _engine_graph(graph), DECODE: _engine_graph(decode)}, weights,
                           self.vocab_size, cache)
-        return ConfigChooser(self.target, db, gate)
+        return ConfigChooser(self.target, db, gate, graphs=graphs)
 
     def agreement(self, float_graph: Graph, graph: Graph) -> Agreement | None:
         # A checkpoint stored quantized has no float weights to compare with.

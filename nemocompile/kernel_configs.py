@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 import json
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,8 +20,10 @@ from nemocompile.codegen.triton.aot import triton_version
 from nemocompile.codegen.triton.spec import KernelInstance
 from nemocompile.codegen.tuning import cost_model, space
 from nemocompile.codegen.tuning.db import MODELLED, TUNED, Entry, Environment, KernelKey, TuningDB, lookup
-from nemocompile.graph.ir import Op
+from nemocompile.codegen.tuning.workload import GEMM, Workload, workload_of
+from nemocompile.graph.ir import Graph, Op
 from nemocompile.graph.kernels import kernel_of
+from nemocompile.graph.types import TensorType
 from nemocompile.runtime.engine_format import KernelConfig
 from nemocompile.targets import Target
 
@@ -68,9 +70,12 @@ def environment(target: Target, measured: bool = False) -> Environment:
                        cuda_version(), triton_version())
 
 
-def kernel_key(instance: KernelInstance) -> KernelKey:
-    return KernelKey(instance.template.entry, space.template_hash(instance),
-                     json.dumps(space.problem_of(instance), sort_keys=True), space.formats_of(instance))
+def kernel_key(instance: KernelInstance, workload: Workload = GEMM) -> KernelKey:
+    """The tuning key of an instance: its template, the problem (its constexprs less the config, and
+    the op's runtime sizes and phase where the template takes them) and its formats."""
+    problem = {**space.problem_of(instance), **workload.key_fields(instance.template.entry)}
+    return KernelKey(instance.template.entry, space.template_hash(instance), json.dumps(problem, sort_keys=True),
+                     space.formats_of(instance))
 
 
 def design_tokens(graph: str) -> int:
@@ -79,11 +84,12 @@ def design_tokens(graph: str) -> int:
     return settings().tune_decode_tokens if graph == "decode" else settings().tune_prefill_tokens
 
 
-def ranked(instance: KernelInstance, tokens: int, target: Target) -> list[tuple[space.Config, float]]:
+def ranked(instance: KernelInstance, tokens: int, target: Target,
+           workload: Workload = GEMM) -> list[tuple[space.Config, float]]:
     """The instance's configs the target can run, fastest first by the cost model (the default
     first among equals)."""
-    kept = space.prune(instance, space.configs(instance), target.arch).kept
-    scored = [(config, cost_model.seconds(instance, config, tokens, target)) for config in kept]
+    kept = space.prune(instance, space.configs(instance), target.arch, workload).kept
+    scored = [(config, cost_model.seconds(instance, config, tokens, target, workload)) for config in kept]
     return sorted(scored, key=lambda item: item[1])
 
 
@@ -97,55 +103,63 @@ class ConfigChooser:
     gate: Gate | None = None
     gate_unavailable: str = ""  # why there is no gate (the config then stays the default)
     plan_only: bool = False  # `plan --explain`: no gate, report the config a build would try first
+    graphs: Mapping[str, Graph] = field(default_factory=dict)  # by name: the ops' operand types (workloads)
     choices: list[KernelConfig] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)  # entry description -> why not used
     rejected: list[str] = field(default_factory=list)  # configs the gate rejected, with the message
-    _ranked: dict[tuple[KernelInstance, int], list[tuple[space.Config, float]]] = field(default_factory=dict)
+    _ranked: dict[tuple[KernelInstance, int, Workload], list[tuple[space.Config, float]]] = field(default_factory=dict)
+    _types: dict[str, Mapping[str, TensorType]] = field(default_factory=dict)
+
+    def workload(self, graph: str, op: Op) -> Workload:
+        if graph not in self._types:
+            self._types[graph] = self.graphs[graph].value_types() if graph in self.graphs else {}
+        return workload_of(op, self._types[graph], graph == "decode")
 
     def __call__(self, graph: str, op: Op, instances: tuple[KernelInstance, ...]) -> tuple[KernelInstance, ...]:
         result = list(instances)
         for position, instance in enumerate(instances):
             if space.space_of(instance) is None:
                 continue
-            chosen, source, why, check = self._choose(graph, op, result, position)
+            chosen, source, why, check = self._choose(graph, op, result, position, self.workload(graph, op))
             result[position] = space.apply(instance, chosen)
             self.choices.append(KernelConfig(graph, op.results[0].name, op.opname, kernel_of(op),
                                              space.config_text(chosen), source, why, check))
         return tuple(result)
 
-    def _candidates(self, graph: str, instance: KernelInstance) -> list[tuple[space.Config, str, str]]:
+    def _candidates(self, graph: str, instance: KernelInstance,
+                    workload: Workload) -> list[tuple[space.Config, str, str]]:
         """(config, source, why) in the order to try them."""
         tokens = design_tokens(graph)
         found: list[tuple[space.Config, str, str]] = []
         if self.db is not None:
-            result = lookup(self.db, kernel_key(instance), tokens, environment(self.target))
+            result = lookup(self.db, kernel_key(instance, workload), tokens, environment(self.target))
             for entry, reason in result.skipped:
                 self.skipped[describe_entry(entry)] = reason
             if result.entry is not None:
                 found.append(_from_entry(result.entry, self.db.path))
         default = space.config_of(instance)
-        if (instance, tokens) not in self._ranked:  # ops of both graphs share instances
-            self._ranked[instance, tokens] = ranked(instance, tokens, self.target)
-        order = self._ranked[instance, tokens]
-        default_time = cost_model.seconds(instance, default, tokens, self.target) \
-            if space.why_pruned(instance, default, self.target.arch) is None else None
+        if (instance, tokens, workload) not in self._ranked:  # ops of both graphs share instances
+            self._ranked[instance, tokens, workload] = ranked(instance, tokens, self.target, workload)
+        order = self._ranked[instance, tokens, workload]
+        default_time = cost_model.seconds(instance, default, tokens, self.target, workload) \
+            if space.why_pruned(instance, default, self.target.arch, workload) is None else None
         for config, seconds in order:
             versus = f" (default {default_time * 1e6:.2f} us)" if default_time is not None else ""
             found.append((config, MODELLED, f"cost model: {seconds * 1e6:.2f} us at {tokens} tokens{versus}, "
                                             f"best of {len(order)} configs after pruning"))
         return found
 
-    def _choose(self, graph: str, op: Op, instances: list[KernelInstance],
-                position: int) -> tuple[space.Config, str, str, str]:
+    def _choose(self, graph: str, op: Op, instances: list[KernelInstance], position: int,
+                workload: Workload) -> tuple[space.Config, str, str, str]:
         instance = instances[position]
         default = space.config_of(instance)
         if self.gate is None and self.plan_only:
-            config, source, why = self._candidates(graph, instance)[0]
+            config, source, why = self._candidates(graph, instance, workload)[0]
             return config, source, why, "not run: plan reads no weights (the build runs the numerics gate)"
         if self.gate is None:
             return default, "default", f"the builder's config ({self.gate_unavailable})", \
                 f"not run: {self.gate_unavailable}"
-        for config, source, why in self._candidates(graph, instance):
+        for config, source, why in self._candidates(graph, instance, workload):
             trial = list(instances)
             trial[position] = space.apply(instance, config)
             verdict = self.gate(graph, op, trial)

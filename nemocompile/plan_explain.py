@@ -18,7 +18,7 @@ from .planner import PlanResult
 def explain_plan(result: PlanResult, tuning_db: Path | None = None) -> list[OpExplained]:
     db = TuningDB(tuning_db) if tuning_db is not None else None
     try:
-        chooser = ConfigChooser(result.target, db, None, plan_only=True)
+        chooser = ConfigChooser(result.target, db, None, plan_only=True, graphs={"prefill": result.graph})
         plan_kernels({"prefill": result.graph}, result.target.arch, chooser)
     finally:
         if db is not None:

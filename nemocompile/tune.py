@@ -39,6 +39,7 @@ from nemocompile.codegen.tuning.db import (
     TuningDB,
     bucket_of,
 )
+from nemocompile.codegen.tuning.workload import Workload, workload_of
 from nemocompile.graph.ir import Graph, Op
 from nemocompile.runtime.engine import read_engine
 from nemocompile.runtime.weights import load_weights
@@ -59,7 +60,7 @@ class Timer(Protocol):
 
     def prepare(self, instance: KernelInstance, configs: Sequence[space.Config]) -> Mapping[space.Config, str]: ...
 
-    def __call__(self, instance: KernelInstance, config: space.Config, tokens: int) -> float: ...
+    def __call__(self, instance: KernelInstance, config: space.Config, tokens: int, workload: Workload) -> float: ...
 
 
 class CostModelTimer:
@@ -71,8 +72,8 @@ class CostModelTimer:
     def prepare(self, instance: KernelInstance, configs: Sequence[space.Config]) -> Mapping[space.Config, str]:
         return {}  # nothing runs; the chosen config is compiled when it is selected
 
-    def __call__(self, instance: KernelInstance, config: space.Config, tokens: int) -> float:
-        return cost_model.seconds(instance, config, tokens, self.target)
+    def __call__(self, instance: KernelInstance, config: space.Config, tokens: int, workload: Workload) -> float:
+        return cost_model.seconds(instance, config, tokens, self.target, workload)
 
 
 class SweepListener(Protocol):
@@ -118,12 +119,19 @@ class KernelProblem:
     op: Op
     instances: tuple[KernelInstance, ...]  # the op's kernels, in launch order
     position: int  # this kernel among them
+    workload: Workload  # the op's runtime sizes and phase
 
     @property
     def label(self) -> str:
         problem = space.problem_of(self.instance)
-        dims = " ".join(f"{k}={problem[k]}" for k in ("N", "K", "NUM_EXPERTS", "TOP_K") if k in problem)
-        return f"{self.instance.template.entry} {dims} ({self.op.opname})"
+        dims = [f"{k}={problem[k]}" for k in ("N", "K", "NUM_EXPERTS", "TOP_K", "WIDTH", "GROUP_SIZE") if k in problem]
+        dims += [f"{k}={problem[k]}" for k in ("ACT_FORMAT", "HAS_BIAS") if k in problem and problem[k] not in ("none", False)]
+        dims += [f"{k}={v}" for k, v in self.workload.dims if k not in ("n_groups",)]
+        pointers = dict(self.instance.pointer_types)
+        dims += [f"{p.removesuffix('_ptr')}={pointers[p]}" for p in ("x_ptr", "out_ptr") if pointers.get(p, "bf16") != "bf16"]
+        if self.instance.template.entry in ("causal_conv1d", "attention_gqa", "kv_cache_write"):
+            dims.append("decode" if self.workload.decode else "prefill")
+        return f"{self.instance.template.entry} {' '.join(dims)} ({self.op.opname})"
 
     @property
     def slug(self) -> str:
@@ -173,27 +181,34 @@ class TuneResult:
     plots: list[Path] = field(default_factory=list)
     stopped: str = ""  # why the sweep ended early ("" when it finished)
     problems: int = 0
+    unmeasured: list[str] = field(default_factory=list)  # templates the device timer cannot time (--cost-model can)
 
 
-def kernel_problems(graphs: Mapping[str, Graph], arch: str, pattern: str | None) -> list[KernelProblem]:
-    """The engine's tunable kernel problems (one per distinct problem), in plan order."""
+def kernel_problems(graphs: Mapping[str, Graph], arch: str, pattern: str | None,
+                    templates: frozenset[str] | None = None) -> list[KernelProblem]:
+    """The engine's tunable kernel problems (one per distinct problem), in plan order (`templates`:
+    only these template entries)."""
     typed = dict(graphs)
     plan = plan_kernels(typed, arch)
     by_name = {i.name: i for i in plan.instances}
     found: dict[KernelKey, KernelProblem] = {}
     for graph_name, bound in plan.bindings.items():
         ops = {op.results[0].name: op for op in typed[graph_name].ops if op.results}
+        types = typed[graph_name].value_types()
         for value, names in bound.items():
             op = ops[value]
             instances = tuple(by_name[n] for n in names)
             for position, instance in enumerate(instances):
-                if space.space_of(instance) is None:
+                if space.space_of(instance) is None or (templates is not None and
+                                                        instance.template.entry not in templates):
                     continue
                 if pattern and not any(fnmatch.fnmatchcase(text, pattern) for text in (
-                        instance.template.entry, instance.name, op.opname, str(op.attrs.get("kernel")))):
+                        instance.template.entry, instance.name, op.opname, str(op.attrs.get("kernel")),
+                        f"{op.opname}/{instance.template.entry}")):
                     continue
-                key = kernel_key(instance)
-                found.setdefault(key, KernelProblem(key, instance, graph_name, op, instances, position))
+                workload = workload_of(op, types, graph_name == "decode")
+                key = kernel_key(instance, workload)
+                found.setdefault(key, KernelProblem(key, instance, graph_name, op, instances, position, workload))
     return list(found.values())
 
 
@@ -215,13 +230,17 @@ def tune_engine(engine: Path, options: TuneOptions, timer: Timer | None = None,
         raise UsageError(f"engine {engine} has no tunable Triton kernel{what}")
     if timer is None:
         timer = CostModelTimer(target) if options.cost_model else _device_timer(target)
+    measurable = getattr(timer, "templates", None)  # a device timer makes inputs for these templates only
+    unmeasured = sorted({p.instance.template.entry for p in problems if measurable is not None
+                         and p.instance.template.entry not in measurable})
+    problems = [p for p in problems if measurable is None or p.instance.template.entry in measurable]
     env = environment(target, measured=timer.scorer != MODELLED)
     cache_dir = Path(settings().kernel_cache_dir).expanduser()
     weights = load_weights(contents.directory, list(contents.manifest.weight_files(0)), contents.prefill,
                            torch.device("cpu"))
     gate = EngineGate(graphs, weights, contents.model_config.vocab_size, GateCache(cache_dir / "gate"), sources)
     db = TuningDB(options.db, create=True)
-    result = TuneResult(engine, target, timer.scorer, [], 0.0, 0.0, problems=len(problems))
+    result = TuneResult(engine, target, timer.scorer, [], 0.0, 0.0, problems=len(problems), unmeasured=unmeasured)
     deadline = time.monotonic() + options.budget_seconds
     try:
         for problem in problems:
@@ -259,13 +278,15 @@ def _device_timer(target: Target) -> Timer:
 def _sweep(problem: KernelProblem, tokens: int, target: Target, timer: Timer, db: TuningDB, env: Environment,
            deadline: float, listener: SweepListener | None, cache_dir: Path) -> Sweep:
     instance = problem.instance
-    pruned = space.prune(instance, space.configs(instance), target.arch)
+    pruned = space.prune(instance, space.configs(instance), target.arch, problem.workload)
     bucket = bucket_of(tokens)
     done = db.trials(problem.key, bucket, env, timer.scorer)
     sweep = Sweep(problem, tokens, dict(done), pruned.dropped, space.config_of(instance),
                   resumed=sum(1 for c in pruned.kept if c in done))
-    # the most promising first (the cost model's order), so a budget covers them before the rest
-    order = sorted(pruned.kept, key=lambda c: cost_model.seconds(instance, c, tokens, target))
+    # the most promising first (the cost model's order), so a budget covers them before the rest; a
+    # pruned default is scored last, for the speedup over it (it is never selected)
+    order = sorted(pruned.kept, key=lambda c: cost_model.seconds(instance, c, tokens, target, problem.workload))
+    order += [sweep.default] if sweep.default not in pruned.kept else []
     pending = [c for c in order if c not in done]
     if listener:
         listener.started(f"{problem.label} @ {tokens} tokens", len(order))
@@ -291,7 +312,7 @@ def _score(sweep: Sweep, pending: list[space.Config], total: int, problem: Kerne
         seconds = math.inf
         if not error:
             try:
-                seconds = timer(instance, config, tokens)
+                seconds = timer(instance, config, tokens, problem.workload)
             except Exception as failure:  # a config that fails to run scores infinitely slow
                 error = f"{type(failure).__name__}: {str(failure).strip().splitlines()[0] if str(failure).strip() else ''}"
         trial = Trial(config, seconds, error)
@@ -311,7 +332,7 @@ def _select(sweep: Sweep, problem: KernelProblem, target: Target, db: TuningDB, 
             gate: EngineGate, cache_dir: Path, scorer: str) -> None:
     """The fastest scored config that compiles and passes the gate becomes the entry."""
     ranked = sorted((t.seconds, c) for c, t in sweep.trials.items() if math.isfinite(t.seconds)
-                    and space.why_pruned(problem.instance, c, target.arch) is None)
+                    and space.why_pruned(problem.instance, c, target.arch, problem.workload) is None)
     for seconds, config in ranked:
         error = compile_config(problem.instance, config, target.arch, cache_dir) if scorer == MODELLED else ""
         if not error:

@@ -24,6 +24,7 @@ from nemocompile.codegen.triton.aot import ARTIFACTS, compile_instance
 from nemocompile.codegen.triton.emit import INDEX, INDEX_VERSION, KERNELS_DIR
 from nemocompile.codegen.triton.spec import TEMPLATE_DIR, KernelInstance
 from nemocompile.codegen.tuning.space import Config, apply
+from nemocompile.codegen.tuning.workload import GEMM, Workload
 from nemocompile.runtime.formats import FP8Tensor, NVFP4Tensor
 from nemocompile.runtime.kernels import triton_gemm
 from nemocompile.runtime.kernels.triton_loader import TritonKernels
@@ -88,6 +89,10 @@ def _routing(tokens: int, experts: int, top_k: int, device: torch.device,
     return order.to(device), offsets.to(device)
 
 
+# The templates synthetic_call makes inputs for; the sweep of the others on a GPU is --cost-model's.
+MEASURED_TEMPLATES = frozenset({"moe_nvfp4_gemm", "fp8_linear"})
+
+
 def synthetic_call(kernels: TritonKernels, instance: KernelInstance, tokens: int,
                    device: torch.device) -> tuple[Callable[[], None], torch.Tensor]:
     """A launch of `instance` on `tokens` tokens of synthetic inputs (what gets timed; the same
@@ -127,6 +132,7 @@ class MeasuredTimer:
     """The `measured` scorer: seconds of one launch of a config on `tokens` tokens."""
 
     scorer = "measured"
+    templates = MEASURED_TEMPLATES
 
     def __init__(self, arch: str, cache_dir: Path, device: torch.device, repeats: int = 25, warmup: int = 5) -> None:
         self.arch = arch
@@ -140,7 +146,7 @@ class MeasuredTimer:
         """Compile every config to be timed first, in parallel; the ones that failed."""
         return compile_all(instance, configs, self.arch, self.cache_dir)
 
-    def __call__(self, instance: KernelInstance, config: Config, tokens: int) -> float:
+    def __call__(self, instance: KernelInstance, config: Config, tokens: int, workload: Workload = GEMM) -> float:
         configured = apply(instance, config)
         kernels = TritonKernels.from_files(kernel_files(configured, self.arch, self.cache_dir, self.device),
                                            self.device)

@@ -88,6 +88,8 @@ def write_report(result: TuneResult, options: TuneOptions) -> None:
              f"- {len(result.sweeps)} sweeps of {result.problems} kernels in {result.wall_seconds:.2f} s wall, "
              f"{result.cpu_seconds:.2f} s CPU",
              *([f"- stopped early: {result.stopped}"] if result.stopped else []),
+             *([f"- not measured (no synthetic inputs on the device; `--cost-model` models them): "
+                f"{', '.join(result.unmeasured)}"] if result.unmeasured else []),
              *([] if have_plots else ["- no plots: matplotlib is not installed (pip install 'nemocompile[tune]')"]),
              "", "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     lines += ["| " + " | ".join(row) + " |" for row in summary_rows(result.sweeps)]

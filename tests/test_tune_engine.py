@@ -26,6 +26,7 @@ from nemocompile.cli import main
 from nemocompile.codegen.triton.spec import TEMPLATE_DIR, KernelInstance
 from nemocompile.codegen.tuning import space
 from nemocompile.codegen.tuning.db import MODELLED, TUNED, TuningDB
+from nemocompile.codegen.tuning.workload import Workload
 from nemocompile.demo import write_demo_checkpoint
 from nemocompile.graph.ir import Graph
 from nemocompile.tune import TuneOptions, kernel_problems, tune_engine
@@ -48,7 +49,7 @@ class FakeTimer:
     def prepare(self, instance: KernelInstance, configs: Sequence[space.Config]) -> dict[space.Config, str]:
         return {c: "CompileError: out of registers" for c in configs if c in self.compile_fail}
 
-    def __call__(self, instance: KernelInstance, config: space.Config, tokens: int) -> float:
+    def __call__(self, instance: KernelInstance, config: space.Config, tokens: int, workload: Workload) -> float:
         if self.stop_after is not None and len(self.calls) >= self.stop_after:
             raise KeyboardInterrupt
         self.calls.append(config)
@@ -56,9 +57,9 @@ class FakeTimer:
             raise RuntimeError("out of resources: shared memory")
         if config == self.fastest:
             return 1e-7
-        values = dict(config)
-        return 1e-5 / int(values["BLOCK_N"]) + 1e-8 * (int(values["BLOCK_M"]) + int(values["num_stages"]) +
-                                                      int(values["num_warps"]) + int(values["BLOCK_K"]) / 16) + \
+        values = {name: int(value) for name, value in config}
+        return 1e-5 / values.get("BLOCK_N", 64) + 1e-8 * (values.get("BLOCK_M", 16) + values.get("num_stages", 1) +
+                                                           values["num_warps"] + values.get("BLOCK_K", 64) / 16) + \
             1e-9 * tokens
 
 
@@ -89,22 +90,27 @@ def test_cost_model_sweep_of_every_kernel_writes_modelled_entries_plots_and_repo
     assert code == 0, err
     summary = json.loads(out)
     kernels = {row["kernel"] for row in summary["sweeps"]}
-    assert len(kernels) == 6 and len(summary["sweeps"]) == 12  # 4 FP8 linears + expert up and down, 2 sizes each
+    # every template of the engine's kernels (norms, conv, SSD, attention, router, GEMMs, the combine)
+    engine_templates = {k["entry"] for k in json.loads((engine / "kernels" / "kernels.json").read_text())["kernels"]}
+    assert {label.split(" ")[0] for label in kernels} == engine_templates and len(engine_templates) == 12
+    problems = len(kernels)
+    assert len(summary["sweeps"]) == 2 * problems
     assert all(row["check"].startswith("passed") and row["best config"] != "none" for row in summary["sweeps"])
     opened = TuningDB(db)
     entries = opened.entries()
     opened.close()
-    assert len(entries) == 12 and {e.source for e in entries} == {MODELLED}
+    assert len(entries) == 2 * problems and {e.source for e in entries} == {MODELLED}
+    assert {e.key.kernel for e in entries} == engine_templates
     assert {e.bucket for e in entries} == {1, 64} and all(e.environment.triton for e in entries)
     plots = [Path(p) for p in summary["plots"]]
-    assert len(plots) == 6 and all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in plots)
+    assert len(plots) == problems and all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in plots)
     report = Path(summary["report"]).read_text()
     assert "| kernel | tokens | configs | pruned |" in report and report.count("moe_nvfp4_gemm N=48") == 2
 
 
 def test_interrupted_sweep_resumes_without_repeating_finished_configs(engine: Path, kernel_cache: Path,
                                                                         tmp_path: Path) -> None:
-    options = TuneOptions(db=tmp_path / "t.sqlite", kernels="moe_expert_down", batch_sizes=(8,), plots=False)
+    options = TuneOptions(db=tmp_path / "t.sqlite", kernels="moe_expert_down/moe_nvfp4_gemm", batch_sizes=(8,), plots=False)
     first = FakeTimer(stop_after=5)
     with override(kernel_cache_dir=str(kernel_cache)), pytest.raises(KeyboardInterrupt):
         tune_engine(engine, options, first)
@@ -124,13 +130,13 @@ def test_interrupted_sweep_resumes_without_repeating_finished_configs(engine: Pa
 
 def test_a_spent_budget_stops_the_sweep_and_the_next_run_continues(engine: Path, kernel_cache: Path,
                                                                    tmp_path: Path) -> None:
-    options = TuneOptions(db=tmp_path / "t.sqlite", kernels="moe_expert_down", batch_sizes=(8, 64), plots=False,
+    options = TuneOptions(db=tmp_path / "t.sqlite", kernels="moe_expert_down/moe_nvfp4_gemm", batch_sizes=(8, 64), plots=False,
                           budget_seconds=1e-9)
     with override(kernel_cache_dir=str(kernel_cache)):
         stopped = tune_engine(engine, options, FakeTimer())
         assert stopped.stopped.startswith("the budget") and not stopped.sweeps[0].complete
         assert len(stopped.sweeps) == 1
-        finished = tune_engine(engine, TuneOptions(db=options.db, kernels="moe_expert_down", batch_sizes=(8, 64),
+        finished = tune_engine(engine, TuneOptions(db=options.db, kernels="moe_expert_down/moe_nvfp4_gemm", batch_sizes=(8, 64),
                                                    plots=False), FakeTimer())
     assert not finished.stopped and [s.complete for s in finished.sweeps] == [True, True]
 
@@ -140,7 +146,7 @@ def test_a_failing_config_scores_infinitely_slow_and_the_sweep_goes_on(engine: P
     options = TuneOptions(db=tmp_path / "t.sqlite", kernels="moe_expert_up", batch_sizes=(1,), plots=False)
     (problem,) = kernel_problems({"prefill": _graphs(engine)[0]}, "sm_90", "moe_expert_up")
     best, second = sorted(space.prune(problem.instance, space.configs(problem.instance), "sm_90").kept,
-                          key=lambda c: FakeTimer()(problem.instance, c, 1))[:2]
+                          key=lambda c: FakeTimer()(problem.instance, c, 1, problem.workload))[:2]
     timer = FakeTimer(fail={best}, compile_fail={second})
     with override(kernel_cache_dir=str(kernel_cache)):
         (sweep,) = tune_engine(engine, options, timer).sweeps
@@ -204,7 +210,11 @@ def test_build_takes_recorded_configs_and_names_entries_of_another_triton(engine
     experts = [c for c in configs if c["op"].startswith("moe_expert")]
     linears = [c for c in configs if c["op"] == "quant_linear"]
     assert experts and all(c["source"] == "tuned" and str(db) in c["why"] for c in experts)
-    assert all(json.loads(c["config"])["BLOCK_N"] == 256 for c in experts)  # the fake timer's winner
+    gemms = [c for c in experts if "BLOCK_M" in json.loads(c["config"])]
+    combines = [c for c in experts if c not in gemms]  # the expert combine, a non-GEMM kernel, from the database too
+    assert gemms and all(json.loads(c["config"])["BLOCK_N"] == 256 for c in gemms)  # the fake timer's winner
+    # the fake timer's winner among the combine's kept configs (BLOCK_N 64 covers N = 32; wider ones are pruned)
+    assert combines and all(json.loads(c["config"]) == {"BLOCK_N": 64, "num_warps": 1} for c in combines)
     assert linears and all(c["source"] == "modelled" and c["why"].startswith("cost model") for c in linears)
     assert all(c["check"].startswith("passed") for c in configs)
     skipped = dict(result.skipped_tuning)
@@ -234,8 +244,8 @@ def test_plan_explain_lists_precision_rule_kernel_config_and_check(tmp_path: Pat
     assert "policy component routed_experts = nvfp4_w4a16" in up["rule"] and "plan reads no weights" in up["check"]
     embedding = next(r for r in rows if r["op"] == "embedding")  # no compiled candidate
     assert embedding["kernel"] == "reference" and embedding["why"].startswith("fallback")
-    norm = next(r for r in rows if r["op"] == "rms_norm")  # a Triton kernel with no tuning space
-    assert norm["kernel"] == "triton_rms_norm" and norm["why"].startswith("triton kernel without a tunable config")
+    norm = next(r for r in rows if r["op"] == "rms_norm")  # a non-GEMM kernel: its warps are tuned too
+    assert norm["kernel"] == "triton_rms_norm" and norm["why"].startswith("modelled: cost model")
 
 
 def test_tune_refuses_bad_options(engine: Path, kernel_cache: Path, tmp_path: Path) -> None:

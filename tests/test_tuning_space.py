@@ -47,7 +47,7 @@ def test_space_lists_the_default_first_and_apply_fills_it_in() -> None:
     assert dict(wide.constexprs)["BLOCK_N"] == 128 and wide.num_warps == 8
     assert space.problem_of(wide) == space.problem_of(UP)  # the config is not part of the problem
     assert space.config_of(catalog.moe_combine("c", "moe_expert_down", n=64, top_k=2)) == \
-        (("num_stages", 1), ("num_warps", 4))  # a template with nothing to tune keeps its one config
+        (("BLOCK_N", 256), ("num_warps", 4))  # the expert combine's space (op_spaces): its row tile and warps
     with pytest.raises(ValueError, match="split-K"):
         space.apply(UP, config(SPLIT_K=2))
 

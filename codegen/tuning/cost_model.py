@@ -13,7 +13,9 @@ Assumptions, so the ranking can be judged:
   MEMORY_LATENCY_SECONDS, up to the HBM bandwidth.
 - Each program walks K / BLOCK_K steps of fixed latency (fewer, deeper steps are cheaper) and
   every launch costs LAUNCH_SECONDS.
-The model ranks configs of one problem; its absolute times are lower bounds, not predictions."""
+The model ranks configs of one problem; its absolute times are lower bounds, not predictions.
+The other templates (norms, conv, SSD, attention, router, the expert combine) have their own
+work terms under the same kind of roofline: op_cost."""
 
 from __future__ import annotations
 
@@ -23,9 +25,12 @@ from dataclasses import dataclass
 from nemocompile.codegen.triton.spec import KernelInstance
 from nemocompile.targets import Target
 
+from . import op_cost
+from .op_spaces import OP_SPACES
 from .space import LIMITS, Config, accumulator_registers, shared_bytes
+from .workload import GEMM, Workload
 
-MODEL_VERSION = "roofline-tiles-1"  # recorded with every modelled entry
+MODEL_VERSION = "roofline-tiles-2"  # recorded with every modelled entry
 LAUNCH_SECONDS = 3e-6
 K_STEP_SECONDS = 40e-9
 MEMORY_LATENCY_SECONDS = 1e-6  # HBM round trip under load, order of magnitude
@@ -77,8 +82,12 @@ def blocks_per_sm(instance: KernelInstance, config: Config, arch: str) -> int:
     return max(1, min(MAX_BLOCKS_PER_SM, by_registers, by_shared))
 
 
-def seconds(instance: KernelInstance, config: Config, tokens: int, target: Target) -> float:
-    """The modelled time of one call of `instance` with `config` on `tokens` tokens."""
+def seconds(instance: KernelInstance, config: Config, tokens: int, target: Target,
+            workload: Workload = GEMM) -> float:
+    """The modelled time of one call of `instance` with `config` on `tokens` tokens (`workload`: the
+    op's runtime sizes and phase, which the non-GEMM templates need: op_cost)."""
+    if instance.template.entry in OP_SPACES:
+        return op_cost.seconds(instance, config, tokens, target, workload)
     p = gemm_problem(instance, tokens)
     values = dict(config)
     block_m, block_n, block_k = (int(values[f"BLOCK_{x}"]) for x in "MNK")

@@ -17,6 +17,9 @@ from itertools import product
 
 from nemocompile.codegen.triton.spec import Constexpr, KernelInstance
 
+from . import op_spaces
+from .workload import Workload
+
 Config = tuple[tuple[str, Constexpr], ...]  # sorted (option, value) pairs
 LAUNCH_OPTIONS = ("num_warps", "num_stages")
 # Split-K would add a reduction over K slices; no template takes it yet, so every space lists 1
@@ -47,7 +50,11 @@ MOE_SPACE = _space("moe_nvfp4_gemm", {
 FP8_SPACE = _space("fp8_linear", {
     "BLOCK_M": (16, 32, 64, 128), "BLOCK_N": (64, 128, 256), "BLOCK_K": (32, 64, 128, 256),
     "SWAP_AB": (True, False), SPLIT_K: (1,), "num_warps": (4, 8), "num_stages": (2, 3, 4)})
-SPACES: dict[str, TemplateSpace] = {space.entry: space for space in (MOE_SPACE, FP8_SPACE)}
+GEMM_SPACES = (MOE_SPACE, FP8_SPACE)
+# every template of codegen/triton/templates_catalog.py: the GEMMs' here, the others' in op_spaces
+SPACES: dict[str, TemplateSpace] = {
+    **{space.entry: space for space in GEMM_SPACES},
+    **{entry: _space(entry, options) for entry, options in op_spaces.OP_SPACES.items()}}
 
 
 def space_of(instance: KernelInstance) -> TemplateSpace | None:
@@ -113,15 +120,17 @@ def parse_config(text: str) -> Config:
 
 
 def short(config: Config) -> str:
-    """A compact label: M16 N64 K64 swap w4 s3."""
+    """A compact label: M16 N64 K64 swap w4 s3 (other tiles by name: BLOCK_T 16 -> T16, CHUNK 64 -> chunk64)."""
     values = dict(config)
-    parts = [f"{letter}{values[f'BLOCK_{letter}']}" for letter in "MNK" if f"BLOCK_{letter}" in values]
+    parts = [f"{name.removeprefix('BLOCK_')}{value}" for name, value in values.items() if name.startswith("BLOCK_")]
+    if "CHUNK" in values:
+        parts.append(f"chunk{values['CHUNK']}")
     if values.get("SWAP_AB"):
         parts.append("swap")
     if values.get(SPLIT_K, 1) != 1:
         parts.append(f"splitk{values[SPLIT_K]}")
-    parts += [f"w{values['num_warps']}", f"s{values['num_stages']}"]
-    return " ".join(parts)
+    parts += [f"{letter}{values[name]}" for letter, name in (("w", "num_warps"), ("s", "num_stages")) if name in values]
+    return " ".join(parts) or "default"
 
 
 # ---- target limits -----------------------------------------------------------------------------
@@ -163,11 +172,14 @@ def accumulator_registers(config: Config) -> float:
     return int(values["BLOCK_M"]) * int(values["BLOCK_N"]) / (32 * int(values["num_warps"]))
 
 
-def why_pruned(instance: KernelInstance, config: Config, arch: str) -> str | None:
-    """The reason `arch` cannot run `config` of `instance` well or at all, or None when it can."""
+def why_pruned(instance: KernelInstance, config: Config, arch: str, workload: Workload | None = None) -> str | None:
+    """The reason `arch` cannot run `config` of `instance` well or at all, or None when it can
+    (`workload`: the op's runtime sizes, where a rule needs them)."""
     if space_of(instance) is None:
         return None
     limits = LIMITS[arch]
+    if instance.template.entry in op_spaces.OP_SPACES:
+        return op_spaces.why_pruned(instance, config, limits.shared_bytes_per_block, workload)
     values = dict(config)
     problem = dict(instance.constexprs)
     k = int(problem["K"])
@@ -210,11 +222,12 @@ class Pruned:
     dropped: tuple[tuple[Config, str], ...]
 
 
-def prune(instance: KernelInstance, candidates: Iterable[Config], arch: str) -> Pruned:
+def prune(instance: KernelInstance, candidates: Iterable[Config], arch: str,
+          workload: Workload | None = None) -> Pruned:
     kept: list[Config] = []
     dropped: list[tuple[Config, str]] = []
     for config in candidates:
-        reason = why_pruned(instance, config, arch)
+        reason = why_pruned(instance, config, arch, workload)
         if reason is None:
             kept.append(config)
         else:

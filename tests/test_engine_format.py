@@ -214,7 +214,8 @@ def test_a_built_engine_has_a_format_2_manifest(demo_engine: Path) -> None:
 
     data = json.loads((demo_engine / "manifest.json").read_text())
     assert data["format_version"] == 2
-    assert sorted(data) == sorted(_json())
+    # the fp32 demo's norms, conv, SSD and attention run on Triton kernels, each with its tuned config
+    assert sorted(data) == sorted([*_json(), "kernel_configs"])
     manifest = read_manifest(demo_engine)
     assert manifest.to_json() == data
     assert manifest.world_size == 1 and manifest.weight_files(0) == ("weights/rank0.safetensors",)

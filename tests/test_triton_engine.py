@@ -3,8 +3,8 @@ every op kind that has one (norms, conv1d, SSD scan and decode step, attention, 
 FP8 GEMMs), compile them ahead of time into kernels/ (hashed in the manifest), and
 `load(backend="triton")` on this CPU runs them in Triton's interpreter. Each op either runs its
 kernel or is listed, with the build's reason, as a fallback (kernels.json, report.md, and the
-Resolution's `fallback`): the b200 demo's expert GEMMs have K = 32 and 48, which tl.dot_scaled
-(W4A4) cannot step over, so they fall back there.
+Resolution's `fallback`). Neither demo engine has a fallback: the b200 demo's expert GEMMs have K = 32
+and 48, below tl.dot_scaled's 64-element step, and run it with the last K step padded (masked loads).
 
 Against backend="reference", the logits error is printed (the kernels round where their reference
 ops round; fp32 sums in another order still move a bf16 result by an ulp here and there) and must be
@@ -35,8 +35,8 @@ MIXED = [[1, 2, 3], [4, 5, 6, 7, 8, 9, 10]]
 ON_TRITON = {"add_rms_norm", "attention_gqa", "causal_conv1d", "gated_rms_norm", "moe_expert_down", "moe_expert_up",
              "moe_route", "quant_linear", "rms_norm", "ssd_chunk_scan", "ssd_state_update"}
 NO_TRITON_KERNEL = {"activation", "add", "cast", "embedding", "linear", "split"}
-# (engine, op kind) -> the reason its Triton kernel was not built, where the demo shapes miss one.
-EXPECTED_FALLBACKS = {("b200", "moe_expert_up"): "not a multiple of 64", ("b200", "moe_expert_down"): "not a multiple of 64"}
+# (engine, op kind) -> the reason its Triton kernel was not built, where the demo shapes miss one: none.
+EXPECTED_FALLBACKS: dict[tuple[str, str], str] = {}
 
 
 @pytest.fixture(scope="module")

@@ -44,6 +44,10 @@ EMPTY_EXPERT = 4
 HIDDEN, INTER = 64, 128  # W4A16 / FP8 shapes (BLOCK_K 64)
 HIDDEN4, INTER4 = 128, 256  # W4A4 shapes (dot_scaled wants BLOCK_K 128)
 ROUTINGS = {"decode-1": 1, "ragged-13": 13, "multi-tile-40": 40}
+# K values BLOCK_K 64 does not divide (the last K step is padded with masked loads: codes and block
+# scales 0 beyond K), as the demo engine's latent (32) and expert (48) sizes are.
+PADDED_K = (16, 32, 48, 80)
+PADDED_N = 48
 
 
 def _kernels() -> list:
@@ -68,6 +72,21 @@ def _kernels() -> list:
         catalog.fp8_linear("fp8_w8a16", "linear", n=INTER, k=HIDDEN, quant_act=False, block_k=64),
         catalog.fp8_linear("fp8_exact", "linear", n=HIDDEN, k=HIDDEN, quant_act=True, out_dtype="fp32",
                            block_k=64),
+        catalog.moe_combine("combine_padded", "moe_expert_down", n=PADDED_N, top_k=TOP_K, block_n=64),
+        *(kernel for k in PADDED_K for kernel in _padded_kernels(k)),
+    ]
+
+
+def _padded_kernels(k: int) -> list:
+    """W4A4 up/down, W4A16 up and FP8 at a K that BLOCK_K does not divide."""
+    w4a4 = {"experts": EXPERTS, "top_k": TOP_K, "act_format": "nvfp4", "block_m": 128, "block_n": 128,
+            "block_k": 64}
+    return [
+        catalog.moe_gemm(f"up_w4a4_k{k}", "moe_expert_up", n=PADDED_N, k=k, activation="relu2", gather=True, **w4a4),
+        catalog.moe_gemm(f"down_w4a4_k{k}", "moe_expert_down", n=PADDED_N, k=k, combine=True, **w4a4),
+        catalog.moe_gemm(f"up_w4a16_k{k}", "moe_expert_up", n=PADDED_N, k=k, experts=EXPERTS, top_k=TOP_K,
+                         act_format="bf16", activation="relu2", gather=True, block_m=16, block_k=64),
+        catalog.fp8_linear(f"fp8_k{k}", "linear", n=PADDED_N, k=k, quant_act=True, block_k=32 if k < 32 else 64),
     ]
 
 
@@ -148,6 +167,46 @@ def test_w4a4_expert_up_and_down(kernels: TritonKernels, routing: str) -> None:
                               torch.bfloat16)
     expected = moe_combine(rows, order, routing_weights, tokens)
     assert_within_bf16_ulps(out, expected, 2, _scale_floor(expected), row_rounding_bound(rows, order, routing_weights))
+
+
+@pytest.mark.parametrize("k", PADDED_K)
+def test_gemms_pad_a_k_that_block_k_does_not_divide(kernels: TritonKernels, k: int) -> None:
+    """The b200 demo's expert K (32, 48) is below tl.dot_scaled's 64-element step: every GEMM template
+    masks the elements beyond K. Ragged routing with an empty expert, NaN-poisoned outputs."""
+    g = torch.Generator().manual_seed(1000 + k)
+    tokens = 13
+    ids, routing_weights = _routing(tokens, g)
+    x = torch.randn(tokens, k, generator=g).bfloat16()
+    x_sorted, offsets, order = moe_dispatch(x, ids, EXPERTS)
+    assert offsets[EMPTY_EXPERT] == offsets[EMPTY_EXPERT + 1]
+    weight = quantize_nvfp4_stacked(torch.randn(EXPERTS, PADDED_N, k, generator=g))
+    # W4A4 up-GEMM
+    scale = _input_scales(x, g)
+    hidden = triton_gemm.moe_expert_up(kernels, f"up_w4a4_k{k}", x, order, offsets, weight, scale,
+                                       out=poisoned(tokens * TOP_K, PADDED_N))
+    expected = relu2(quant_grouped_gemm(quantize(x_sorted, "nvfp4", scale, offsets), offsets, weight, torch.bfloat16))
+    assert_within_bf16_ulps(hidden, expected, 3, _scale_floor(expected))
+    # W4A16 up-GEMM
+    hidden16 = triton_gemm.moe_expert_up(kernels, f"up_w4a16_k{k}", x, order, offsets, weight,
+                                         out=poisoned(tokens * TOP_K, PADDED_N))
+    expected16 = relu2(quant_grouped_gemm(x_sorted, offsets, weight, torch.bfloat16))
+    assert_within_bf16_ulps(hidden16, expected16, 3, _scale_floor(expected16))
+    # W4A4 down-GEMM (its K is the hidden width) with the routing-weight combine
+    rows_in = torch.randn(tokens * TOP_K, k, generator=g).bfloat16()
+    down_scale = _input_scales(rows_in, g)
+    out = triton_gemm.moe_expert_down(kernels, f"down_w4a4_k{k}", "combine_padded", rows_in, order, offsets, weight,
+                                      routing_weights, down_scale, out=poisoned(tokens, PADDED_N),
+                                      pairs=poisoned(tokens * TOP_K, PADDED_N, dtype=torch.float32))
+    rows = quant_grouped_gemm(quantize(rows_in, "nvfp4", down_scale, offsets), offsets, weight, torch.bfloat16)
+    expected_out = moe_combine(rows, order, routing_weights, tokens)
+    assert_within_bf16_ulps(out, expected_out, 2, _scale_floor(expected_out),
+                            row_rounding_bound(rows, order, routing_weights))
+    # FP8 W8A8
+    fp8_weight = quantize_fp8(torch.randn(PADDED_N, k, generator=g))
+    input_scale = torch.tensor(float(x.float().abs().max()) / 448)
+    fp8_out = triton_gemm.fp8_linear(kernels, f"fp8_k{k}", x, fp8_weight, input_scale, out=poisoned(tokens, PADDED_N))
+    fp8_expected = quant_linear(quantize(x, "fp8", input_scale), fp8_weight, None, torch.float32).bfloat16()
+    assert_within_bf16_ulps(fp8_out, fp8_expected, 2, _scale_floor(fp8_expected))
 
 
 def _identity_nvfp4(experts: int, size: int) -> torch.Tensor:

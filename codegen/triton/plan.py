@@ -59,12 +59,16 @@ BLOCK_K_CHOICES = (128, 64, 32, 16)
 
 
 FP8_MIN_BLOCK_K = 32  # an FP8 tl.dot needs K >= 32 per tile
+W4A4_MIN_BLOCK_K = 64  # tl.dot_scaled (W4A4) refuses smaller K steps on sm_100a (Triton 3.9)
+NVFP4_BLOCK = catalog.NVFP4_BLOCK
 
 
-def block_k_for(k: int, minimum: int = BLOCK_K_CHOICES[-1]) -> int | None:
-    """The largest K tile (at least `minimum`) that divides K, or None: a K with no such divisor
-    (40, say) gets no Triton kernel and runs its reference implementation (listed as a fallback)."""
-    return next((b for b in BLOCK_K_CHOICES if b >= minimum and k % b == 0), None)
+def block_k_for(k: int, minimum: int = BLOCK_K_CHOICES[-1]) -> int:
+    """The largest K tile (at least `minimum`) that divides K, else the smallest one: the GEMM
+    templates mask the elements of the last K step beyond K (they load as zeros and add nothing),
+    so a K of 32 runs a 64-wide W4A4 step, half of it padding."""
+    tiles = [b for b in BLOCK_K_CHOICES if b >= minimum]
+    return next((b for b in tiles if k % b == 0), tiles[-1])
 
 
 def _operand_type(op: Op, types: Mapping[str, TensorType], index: int) -> TensorType:
@@ -73,53 +77,37 @@ def _operand_type(op: Op, types: Mapping[str, TensorType], index: int) -> Tensor
     return types[value]
 
 
-def _no_k_tile(k: int, minimum: int = BLOCK_K_CHOICES[-1]) -> NoKernel:
-    return NoKernel(f"K = {k} has no K tile of at least {minimum} dividing it "
-                    f"({', '.join(str(b) for b in BLOCK_K_CHOICES if b >= minimum)})")
+def _nvfp4_k(k: int) -> None:
+    if k % NVFP4_BLOCK:
+        raise NoKernel(f"K = {k} is not a multiple of {NVFP4_BLOCK}, the NVFP4 block")
 
 
 def _grouped_w4a16(op: Op, types: Mapping[str, TensorType], arch: str, decode: bool) -> tuple[KernelInstance, ...]:
     """grouped_gemm(x_sorted bf16, offsets, nvfp4 weight [E, N, K]) -> out."""
     experts, n, k = _dims(_operand_type(op, types, 2), f"{op.opname} weight")
+    _nvfp4_k(k)
     x_dtype = triton_dtype(_operand_type(op, types, 0), f"{op.opname} input")
     out_dtype = triton_dtype(op.results[0].type, f"{op.opname} result")
-    block_k = block_k_for(k)
-    if block_k is None:
-        raise _no_k_tile(k)
     return (catalog.moe_gemm("triton_nvfp4_grouped_w4a16", op.opname, n=n, k=k, experts=experts, top_k=1,
                              act_format="bf16", x_dtype=x_dtype, out_dtype=out_dtype, block_m=16, block_n=64,
-                             block_k=block_k),)
+                             block_k=block_k_for(k)),)
 
 
-def _expert_tiles(act_format: str, k: int) -> tuple[int, int, int | None]:
+def _expert_tiles(act_format: str, k: int) -> tuple[int, int, int]:
     """Decode-friendly tiles: W4A16 BLOCK_M 16 with the weight as the 64-row MMA operand; W4A4
-    128x128 tiles, the shape tcgen05's native NVFP4 MMA takes (BLOCK_K 64 only where 128 does not
-    divide K)."""
+    128x128 tiles, the shape tcgen05's native NVFP4 MMA takes, BLOCK_K 128 where it divides K, else
+    64 (the last step padded where 64 does not divide K either)."""
     if act_format == "bf16":
         return 16, 64, block_k_for(k)
-    return 128, 128, 128 if k % 128 == 0 else block_k_for(k)
-
-
-def _fits(act_format: str, k: int) -> bool:
-    """tl.dot_scaled (W4A4) needs K steps of at least 64 (Triton 3.9 refuses smaller ones for sm_100a);
-    an op whose K is not a multiple of 64 gets no W4A4 kernel and runs its reference implementation."""
-    return (act_format == "bf16" and block_k_for(k) is not None) or k % 64 == 0
-
-
-def _no_fit(act_format: str, k: int) -> NoKernel:
-    if act_format == "bf16":
-        return _no_k_tile(k)
-    return NoKernel(f"K = {k} is not a multiple of 64, the smallest K step of tl.dot_scaled (W4A4) on sm_100a")
+    return 128, 128, block_k_for(k, W4A4_MIN_BLOCK_K)
 
 
 def _expert_up(op: Op, types: Mapping[str, TensorType], arch: str, decode: bool) -> tuple[KernelInstance, ...]:
     """moe_expert_up(x, order, offsets, nvfp4 weight [E, I, D], input_scale?) -> hidden [N*k, I]."""
     experts, n, k = _dims(_operand_type(op, types, 3), f"{op.opname} weight")
     act_format = "nvfp4" if op.attrs.get("act_format") == "nvfp4" else "bf16"
-    if not _fits(act_format, k):
-        raise _no_fit(act_format, k)
+    _nvfp4_k(k)
     block_m, block_n, block_k = _expert_tiles(act_format, k)
-    assert block_k is not None  # _fits
     return (catalog.moe_gemm(kernel_of(op), op.opname, n=n, k=k, experts=experts, top_k=op.attrs.int("top_k"),
                              act_format=act_format, activation=op.attrs.str("activation"), gather=True,
                              x_dtype=triton_dtype(_operand_type(op, types, 0), f"{op.opname} input"),
@@ -132,14 +120,12 @@ def _expert_down(op: Op, types: Mapping[str, TensorType], arch: str, decode: boo
     the GEMM writing weighted pair rows, then the per-token sum."""
     experts, n, k = _dims(_operand_type(op, types, 3), f"{op.opname} weight")
     act_format = "nvfp4" if op.attrs.get("act_format") == "nvfp4" else "bf16"
-    if not _fits(act_format, k):
-        raise _no_fit(act_format, k)
+    _nvfp4_k(k)
     top_k = op.attrs.int("top_k")
     x_dtype = triton_dtype(_operand_type(op, types, 0), f"{op.opname} input")
     if x_dtype != triton_dtype(op.results[0].type, f"{op.opname} result"):
         raise NoKernel("the kernel rounds each expert row to the input's dtype, which differs from the result's")
     block_m, block_n, block_k = _expert_tiles(act_format, k)
-    assert block_k is not None  # _fits
     gemm = catalog.moe_gemm(kernel_of(op), op.opname, n=n, k=k, experts=experts, top_k=top_k,
                             act_format=act_format, combine=True, x_dtype=x_dtype,
                             block_m=block_m, block_n=block_n, block_k=block_k)
@@ -154,8 +140,6 @@ def _fp8_quant_linear(op: Op, types: Mapping[str, TensorType], arch: str, decode
     has_bias = len(op.operands) > 3 and op.operands[3] is not None
     out_dtype = triton_dtype(op.results[0].type, f"{op.opname} result")
     block_k = block_k_for(k, FP8_MIN_BLOCK_K)
-    if block_k is None:
-        raise _no_k_tile(k, FP8_MIN_BLOCK_K)
     return (catalog.fp8_linear(kernel_of(op), op.opname, n=n, k=k, quant_act=True, per_channel=True,
                                has_bias=has_bias, x_dtype=triton_dtype(_operand_type(op, types, 0), "x"),
                                out_dtype=out_dtype, block_m=16, block_n=64, block_k=block_k),)

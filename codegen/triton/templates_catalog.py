@@ -121,12 +121,18 @@ FP8_CONFIG_SPACE: dict[str, tuple[Constexpr, ...]] = {
 
 
 MMA_K = 16  # the K step of a 16-bit tensor-core instruction: BLOCK_K must be a multiple of it
+W4A4_BLOCK_K = 64  # tl.dot_scaled steps K by 64 at least (Triton 3.9, sm_100a)
 
 
-def _check_tiles(name: str, k: int, block_k: int) -> None:
-    """The GEMM templates step over K without a mask: BLOCK_K must divide K (and 16 must divide BLOCK_K)."""
-    if k % block_k or block_k % MMA_K:
-        raise IRError(f"kernel {name}: BLOCK_K {block_k} must be a multiple of 16 dividing K = {k}")
+def _check_tiles(name: str, k: int, block_k: int, act_format: str = "") -> None:
+    """BLOCK_K must be a multiple of 16 (of 64 for W4A4); it need not divide K (the templates mask
+    the last K step). An NVFP4 weight's K is a multiple of its 16-element block."""
+    if block_k % MMA_K or block_k <= 0:
+        raise IRError(f"kernel {name}: BLOCK_K {block_k} must be a positive multiple of {MMA_K}")
+    if act_format == "nvfp4" and block_k % W4A4_BLOCK_K:
+        raise IRError(f"kernel {name}: BLOCK_K {block_k} must be a multiple of {W4A4_BLOCK_K} for tl.dot_scaled (W4A4)")
+    if act_format and k % NVFP4_BLOCK:
+        raise IRError(f"kernel {name}: K = {k} is not a multiple of the NVFP4 block ({NVFP4_BLOCK})")
 
 
 def moe_gemm(name: str, op: str, *, n: int, k: int, experts: int, top_k: int, act_format: str,
@@ -134,7 +140,7 @@ def moe_gemm(name: str, op: str, *, n: int, k: int, experts: int, top_k: int, ac
              out_dtype: str = "bf16", block_m: int = 16, block_n: int = 64, block_k: int = 128,
              swap_ab: bool | None = None, num_warps: int = 4, num_stages: int = 3) -> KernelInstance:
     """One grouped NVFP4 GEMM: act_format "bf16" (W4A16) or "nvfp4" (W4A4)."""
-    _check_tiles(name, k, block_k)
+    _check_tiles(name, k, block_k, act_format)
     swap = (act_format == "bf16" and block_m < 64) if swap_ab is None else swap_ab
     template = MOE_NVFP4_GEMM if act_format == "bf16" else replace(MOE_NVFP4_GEMM, archs=MOE_NVFP4_W4A4_ARCHS)
     return instance(name, op, template, {

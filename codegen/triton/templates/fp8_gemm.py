@@ -37,10 +37,17 @@ def fp8_linear(
         acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
     else:
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    # BLOCK_K need not divide K: the last step's elements beyond K load as 0 and add nothing.
+    EVEN_K: tl.constexpr = K % BLOCK_K == 0
     for k0 in range(0, K, BLOCK_K):
         k_ids = k0 + tl.arange(0, BLOCK_K)
-        x = tl.load(x_rows + k_ids[None, :], mask=row_mask[:, None], other=0.0).to(tl.float32)
-        w = tl.load(weight_rows + k_ids[None, :], mask=col_mask[:, None], other=0.0)
+        if EVEN_K:
+            x = tl.load(x_rows + k_ids[None, :], mask=row_mask[:, None], other=0.0).to(tl.float32)
+            w = tl.load(weight_rows + k_ids[None, :], mask=col_mask[:, None], other=0.0)
+        else:
+            k_mask = (k_ids < K)[None, :]
+            x = tl.load(x_rows + k_ids[None, :], mask=row_mask[:, None] & k_mask, other=0.0).to(tl.float32)
+            w = tl.load(weight_rows + k_ids[None, :], mask=col_mask[:, None] & k_mask, other=0.0)
         if QUANT_ACT:
             x = round_to_e4m3_signed(tl.math.div_rn(x, input_scale))
         if INTERPRET:

@@ -87,12 +87,23 @@ def moe_nvfp4_gemm(
         acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
     else:
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    # K is a multiple of 16 (the NVFP4 block), BLOCK_K need not divide it: the last step's elements
+    # beyond K load as code 0 with block scale 0 (and activation 0), which adds nothing to the dot.
+    EVEN_K: tl.constexpr = K % BLOCK_K == 0
     for k0 in range(0, K, BLOCK_K):
         k_ids = k0 + tl.arange(0, BLOCK_K)
-        x = tl.load(x_rows + k_ids[None, :], mask=row_mask[:, None], other=0.0)
-        packed = tl.load(weight_rows + (k0 // 2 + tl.arange(0, BLOCK_K // 2))[None, :], mask=col_mask[:, None], other=0)
-        scales = tl.load(scale_rows + (k0 // 16 + tl.arange(0, BLOCK_K // 16))[None, :], mask=col_mask[:, None],
-                         other=0.0).to(tl.float32)
+        byte_ids = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+        block_ids = k0 // 16 + tl.arange(0, BLOCK_K // 16)
+        if EVEN_K:
+            x = tl.load(x_rows + k_ids[None, :], mask=row_mask[:, None], other=0.0)
+            packed = tl.load(weight_rows + byte_ids[None, :], mask=col_mask[:, None], other=0)
+            scales = tl.load(scale_rows + block_ids[None, :], mask=col_mask[:, None], other=0.0).to(tl.float32)
+        else:
+            x = tl.load(x_rows + k_ids[None, :], mask=row_mask[:, None] & (k_ids < K)[None, :], other=0.0)
+            packed = tl.load(weight_rows + byte_ids[None, :], mask=col_mask[:, None] & (byte_ids < K // 2)[None, :],
+                             other=0)
+            scales = tl.load(scale_rows + block_ids[None, :], mask=col_mask[:, None] & (block_ids < K // 16)[None, :],
+                             other=0.0).to(tl.float32)
         if ACT_FORMAT == "nvfp4":
             codes, x_scales = nvfp4_quantize_tile(x.to(tl.float32), input_scale)
             if INTERPRET:

@@ -34,6 +34,10 @@ CANDIDATES: tuple[KernelSpec, ...] = (
            archs=HOPPER_AND_BLACKWELL, config_space=MOE_TILES, priority=1,
            doc="NVFP4 weights dequantized in registers (E2M1 codes x E4M3 block scales, exact in bf16), bf16 "
                "tensor-core dot, ragged expert segments scheduled on the device"),
+    kernel("triton_fp8_linear", "linear", "triton", formats={"weight": ["fp8"], "x": ["fp8", "bf16"]},
+           archs=HOPPER_AND_BLACKWELL, config_space=FP8_TILES, priority=1,
+           doc="FP8 weight, activations already quantized (a fused norm's FP8 output, held as fp32 values: a "
+               "high and a low bf16 part) or bf16 (W8A16); bf16 tensor-core dot"),
     kernel("triton_rms_norm", "rms_norm", "triton", formats={"x": FLOATS, "weight": FLOATS},
            archs=HOPPER_AND_BLACKWELL, config_space=WARPS, priority=1,
            doc="one row per program, fp32 statistics, the add_rms_norm template without a residual"),

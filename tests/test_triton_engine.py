@@ -32,9 +32,12 @@ from nemocompile.graph.kernels import candidates
 PROMPTS = [[1, 2, 3, 4, 5, 6, 7, 8], [9, 10, 11, 12, 13, 14, 15, 16]]
 MIXED = [[1, 2, 3], [4, 5, 6, 7, 8, 9, 10]]
 # Op kinds with a Triton kernel in the demo engines, and those that have none (reference by design).
-ON_TRITON = {"add_rms_norm", "attention_gqa", "causal_conv1d", "gated_rms_norm", "moe_expert_down", "moe_expert_up",
-             "moe_route", "quant_linear", "rms_norm", "ssd_chunk_scan", "ssd_state_update"}
-NO_TRITON_KERNEL = {"activation", "add", "cast", "embedding", "linear", "split"}
+ON_TRITON = {"add_rms_norm", "attention_gqa", "causal_conv1d", "gated_rms_norm", "linear", "moe_expert_down",
+             "moe_expert_up", "moe_route", "quant_linear", "rms_norm", "ssd_chunk_scan", "ssd_state_update"}
+NO_TRITON_KERNEL = {"activation", "add", "cast", "embedding", "split"}
+# A `linear` runs a Triton kernel where its weight is FP8 (the Mamba in_proj after a norm that quantized
+# its output); with a float weight (attention, latent projections, lm_head) its reference, by design.
+GEMMS = {"linear", "quant_linear", "grouped_gemm", "quant_grouped_gemm", "moe_expert_up", "moe_expert_down"}
 # (engine, op kind) -> the reason its Triton kernel was not built, where the demo shapes miss one: none.
 EXPECTED_FALLBACKS: dict[tuple[str, str], str] = {}
 
@@ -94,6 +97,24 @@ def test_every_op_runs_its_kernel_or_is_listed_with_a_reason(engines: dict[str, 
     assert {f["op"] for f in index["fallbacks"]} == expected_fallbacks
     report = (engines[target] / "report.md").read_text()
     assert ("## Kernel fallbacks" in report) == bool(expected_fallbacks)
+
+
+@pytest.mark.parametrize("target", ["h100", "b200"])
+def test_every_quantized_gemm_runs_a_triton_kernel(engines: dict[str, Path], target: str) -> None:
+    """No GEMM with an FP8 or NVFP4 weight runs its reference implementation, in either graph."""
+    from nemocompile.graph.text import parse_graph
+
+    index = json.loads((engines[target] / "kernels" / "kernels.json").read_text())
+    quantized = 0
+    for name, file in (("prefill", "graph.txt"), ("decode", "graph.decode.txt")):
+        graph = parse_graph((engines[target] / file).read_text())
+        types = graph.value_types()
+        for op in graph.ops:
+            if op.opname in GEMMS and any(v is not None and types[v].dtype.name in ("fp8", "nvfp4")
+                                          for v in op.operands[1:4]):
+                quantized += 1
+                assert op.results[0].name in index["bindings"][name], f"{name}: {op.opname} at {op.scope}"
+    assert quantized > 0
 
 
 @pytest.mark.parametrize("target", ["h100", "b200"])

@@ -72,6 +72,8 @@ def _kernels() -> list:
         catalog.fp8_linear("fp8_w8a16", "linear", n=INTER, k=HIDDEN, quant_act=False, block_k=64),
         catalog.fp8_linear("fp8_exact", "linear", n=HIDDEN, k=HIDDEN, quant_act=True, out_dtype="fp32",
                            block_k=64),
+        catalog.fp8_linear("fp8_quantized_input", "linear", n=INTER, k=HIDDEN, quant_act=False, per_channel=True,
+                           has_bias=True, x_dtype="fp32", block_k=64),
         catalog.moe_combine("combine_padded", "moe_expert_down", n=PADDED_N, top_k=TOP_K, block_n=64),
         *(kernel for k in PADDED_K for kernel in _padded_kernels(k)),
     ]
@@ -246,6 +248,22 @@ def test_fp8_linear(kernels: TritonKernels, kernel: str, rows: int) -> None:
     out = triton_gemm.fp8_linear(kernels, kernel, x, weight, input_scale, bias, out=poisoned(rows, INTER))
     activations = quantize(x, "fp8", input_scale) if input_scale is not None else x.float()
     expected = quant_linear(activations, weight, bias, torch.float32).bfloat16()
+    assert_within_bf16_ulps(out, expected, 2, _scale_floor(expected))
+
+
+@pytest.mark.parametrize("rows", [1, 7, 70])
+def test_fp8_linear_of_an_activation_a_norm_quantized(kernels: TritonKernels, rows: int) -> None:
+    """`linear` reading a fused norm's FP8 output (the runtime holds its exact values in fp32; the op
+    has no activation scale) against the reference `linear` op (runtime/reference/fused.linear_any)."""
+    from nemocompile.runtime.reference.fused import linear_any
+
+    g = torch.Generator().manual_seed(500 + rows)
+    x = torch.randn(rows, HIDDEN, generator=g) * 3
+    x = quantize(x, "fp8", torch.tensor(float(x.abs().max()) / 448 * 0.8))  # fp32, some saturated
+    weight = quantize_fp8(torch.randn(INTER, HIDDEN, generator=g), per_channel=True)
+    bias = torch.randn(INTER, generator=g).bfloat16()
+    out = triton_gemm.fp8_linear(kernels, "fp8_quantized_input", x, weight, None, bias, out=poisoned(rows, INTER))
+    expected = linear_any(x, weight, bias, torch.bfloat16)
     assert_within_bf16_ulps(out, expected, 2, _scale_floor(expected))
 
 

@@ -145,6 +145,21 @@ def _fp8_quant_linear(op: Op, types: Mapping[str, TensorType], arch: str, decode
                                out_dtype=out_dtype, block_m=16, block_n=64, block_k=block_k),)
 
 
+def _fp8_linear(op: Op, types: Mapping[str, TensorType], arch: str, decode: bool) -> tuple[KernelInstance, ...]:
+    """linear(x, fp8 weight [N, K], bias?): x an FP8-quantized activation (the runtime holds it as its
+    fp32 values) or bf16 (W8A16)."""
+    n, k = _dims(_operand_type(op, types, 1), f"{op.opname} weight")
+    x_type = _operand_type(op, types, 0)
+    x_dtype = "fp32" if x_type.dtype.name == "fp8" else triton_dtype(x_type, f"{op.opname} input")
+    bias = op.operands[2] if len(op.operands) > 2 else None
+    out_dtype = triton_dtype(op.results[0].type, f"{op.opname} result")
+    if bias is not None and triton_dtype(types[bias], f"{op.opname} bias") != out_dtype:
+        raise NoKernel("the bias dtype differs from the result's; the kernel reads it as the result's")
+    return (catalog.fp8_linear(kernel_of(op), op.opname, n=n, k=k, quant_act=False, per_channel=True,
+                               has_bias=bias is not None, x_dtype=x_dtype, out_dtype=out_dtype, block_m=16,
+                               block_n=64, block_k=block_k_for(k, FP8_MIN_BLOCK_K)),)
+
+
 BUILDERS: dict[str, Builder] = {
     "triton_nvfp4_grouped_w4a16": _grouped_w4a16,
     "triton_moe_up_w4a16": _expert_up,
@@ -152,6 +167,7 @@ BUILDERS: dict[str, Builder] = {
     "triton_moe_down_w4a16": _expert_down,
     "triton_moe_down_w4a4": _expert_down,
     "triton_fp8_quant_linear": _fp8_quant_linear,
+    "triton_fp8_linear": _fp8_linear,
     "triton_rms_norm": plan_ops.rms_norm,
     "triton_add_rms_norm": plan_ops.add_rms_norm,
     "triton_gated_rms_norm": plan_ops.gated_rms_norm,

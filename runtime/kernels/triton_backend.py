@@ -74,14 +74,24 @@ def _expert_down(kernels: TritonKernels, names: Sequence[str], op: Op, args: Arg
     return (out.view(*routing.shape[:-1], out.shape[-1]),)
 
 
-def _fp8_quant_linear(kernels: TritonKernels, names: Sequence[str], op: Op, args: Args) -> tuple[torch.Tensor, ...]:
-    weight = args[1]
+def _per_channel_fp8(op: Op, weight: object) -> FP8Tensor:
+    """The FP8 weight with its scale as one per output row (the kernel's PER_CHANNEL form)."""
     if not isinstance(weight, FP8Tensor):
         raise EngineError(f"{op.opname} at {op.scope}: kernel {kernel_of(op)} needs an FP8 weight")
     n = weight.shape[0]
-    per_channel = FP8Tensor(weight.data, torch.broadcast_to(weight.scale.reshape(-1), (n,)).contiguous())
-    return (triton_gemm.fp8_linear(kernels, names[0], _tensor(args[0], "x"), per_channel, _tensor(args[2], "input_scale"),
-                                   _optional(args[3] if len(args) > 3 else None),
+    return FP8Tensor(weight.data, torch.broadcast_to(weight.scale.reshape(-1), (n,)).contiguous())
+
+
+def _fp8_quant_linear(kernels: TritonKernels, names: Sequence[str], op: Op, args: Args) -> tuple[torch.Tensor, ...]:
+    return (triton_gemm.fp8_linear(kernels, names[0], _tensor(args[0], "x"), _per_channel_fp8(op, args[1]),
+                                   _tensor(args[2], "input_scale"), _optional(args[3] if len(args) > 3 else None),
+                                   out_dtype=torch_dtype(op.results[0].type.dtype)),)
+
+
+def _fp8_linear(kernels: TritonKernels, names: Sequence[str], op: Op, args: Args) -> tuple[torch.Tensor, ...]:
+    """linear(x, fp8 weight, bias?): x already quantized (fp32 values) or bf16; no activation scale."""
+    return (triton_gemm.fp8_linear(kernels, names[0], _tensor(args[0], "x"), _per_channel_fp8(op, args[1]), None,
+                                   _optional(args[2] if len(args) > 2 else None),
                                    out_dtype=torch_dtype(op.results[0].type.dtype)),)
 
 
@@ -92,6 +102,7 @@ LAUNCHERS: dict[str, Launcher] = {
     "triton_moe_down_w4a16": _expert_down,
     "triton_moe_down_w4a4": _expert_down,
     "triton_fp8_quant_linear": _fp8_quant_linear,
+    "triton_fp8_linear": _fp8_linear,
     **OP_LAUNCHERS,
 }
 # graph -> op result name -> why its Triton kernel was not built for it (codegen/triton/plan.Fallback)

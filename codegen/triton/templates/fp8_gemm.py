@@ -6,6 +6,11 @@ scale, as the `quantize` op does; the rounding is done in fp32 arithmetic (quant
 exact result cast to float8e4nv, so the dot is fp8 x fp8 -> fp32 (wgmma / tcgen05). The weight
 scale is per tensor ([1]) or per output row ([N], PER_CHANNEL).
 
+Without QUANT_ACT the activations are bf16 (W8A16), or fp32: the exact values of an activation a
+fused norm already quantized (add_rms_norm with FP8 output, whose `linear` carries no scale, so the
+values cannot be turned back into E4M3 codes here); they enter the bf16 dot as a high and a low
+bf16 part.
+
 INTERPRET (true only under TRITON_INTERPRET=1): the interpreter's fp32 -> fp8e4nv cast and bf16
 tl.dot are wrong, so there the already-rounded values stay fp32 and the dot runs in fp32 "ieee".
 """
@@ -15,6 +20,15 @@ import triton.language as tl
 
 from .numerics import cast_rne
 from .quant_math import round_to_e4m3_signed
+
+
+@triton.jit
+def _dot(acc, x, w, SWAP_AB: tl.constexpr):
+    """acc + x @ w^T, or its transpose (SWAP_AB: the weight tile is the MMA's M side)."""
+    if SWAP_AB:
+        return tl.dot(w, tl.trans(x), acc, input_precision="ieee")
+    else:
+        return tl.dot(x, tl.trans(w), acc, input_precision="ieee")
 
 
 @triton.jit
@@ -59,10 +73,12 @@ def fp8_linear(
         else:
             x_operand = x.to(tl.bfloat16)
             w_operand = w.to(tl.bfloat16)  # exact: every E4M3 value is a bf16 value
-        if SWAP_AB:
-            acc = tl.dot(w_operand, tl.trans(x_operand), acc, input_precision="ieee")
-        else:
-            acc = tl.dot(x_operand, tl.trans(w_operand), acc, input_precision="ieee")
+        acc = _dot(acc, x_operand, w_operand, SWAP_AB)
+        if not INTERPRET and not QUANT_ACT and x_ptr.dtype.element_ty == tl.float32:
+            # An fp32 activation (the exact values of an activation a fused norm quantized): the bf16
+            # operand above is its high part; the rounding error, as a second bf16 part, brings the
+            # dot to 16 significant bits of x, far below the output's bf16 rounding.
+            acc = _dot(acc, (x - x_operand.to(tl.float32)).to(tl.bfloat16), w_operand, SWAP_AB)
     if SWAP_AB:
         acc = tl.trans(acc)
     if PER_CHANNEL:

@@ -361,6 +361,7 @@ def test_ssd_state_update(dtype: torch.dtype, case: tuple[int, ...], tmp_path: P
 ATTENTION_CASES = [  # (batch, new tokens, query heads, kv heads, head_dim, cached lengths)
     (1, 1, 4, 2, 16, [5]),          # batch-1 decode
     (3, 1, 8, 2, 16, [0, 17, 40]),  # decode, a different length per sequence
+    (2, 1, 64, 2, 16, [3, 30]),     # decode, Ultra's group of 32 query heads: one 32-row block per KV head
     (2, 7, 4, 1, 32, [0, 3]),       # prefill, one kv head for four query heads
     (1, 20, 2, 2, 24, [0]),         # a fresh prompt; head_dim not a power of two
     (2, 70, 4, 2, 16, [0, 100]),    # prefill past one 64-row block and one 64-key block
@@ -389,7 +390,7 @@ def test_attention_gqa_cached(dtype: torch.dtype, case: tuple[Any, ...], exact: 
     cache_lens = torch.tensor(lens)
     sizes: dict[str, Any] = dict(num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim, scale=head_dim**-0.5)
     write, attend = catalog.attention_gqa("attn", "attention_gqa", head_dim=head_dim, decode=length == 1,
-                                          dtype=TRITON_TYPE[dtype], exact=exact)
+                                          dtype=TRITON_TYPE[dtype], exact=exact, group=heads // kv_heads)
     ks = interpreted([write, attend], tmp_path)
     out, k_out, v_out = triton_ops.attention_gqa_cached(ks, write.name, attend.name, q, k, v, k_cache, v_cache,
                                                         cache_lens, alloc=poison, **sizes)

@@ -135,8 +135,10 @@ def ssd_state_update(op: Op, types: Mapping[str, TensorType], arch: str, decode:
 
 def attention_gqa(op: Op, types: Mapping[str, TensorType], arch: str, decode: bool) -> tuple[KernelInstance, ...]:
     """attention_gqa(q, k, v, k_cache, v_cache, cache_lens): the cache write, then the attention
-    (16-row query blocks in the decode graph, 64 in prefill)."""
+    (in the decode graph one block per KV head's query group, 16 to 64 rows; 64 rows in prefill)."""
+    group = max(1, op.attrs.int("num_heads") // op.attrs.int("num_kv_heads"))
     write, attend = catalog.attention_gqa(kernel_of(op), op.opname, head_dim=op.attrs.int("head_dim"), decode=decode,
+                                          group=group,
                                           dtype=_same_dtype(op, types, (0, 1, 2), "attention q, k and v"),
                                           cache_dtype=_same_dtype(op, types, (3, 4), "attention k and v caches"))
     return write, attend

@@ -246,16 +246,24 @@ def ssd_state_update(name: str, op: str, *, head_dim: int, state_size: int, dtyp
 
 
 def attention_gqa(name: str, op: str, *, head_dim: int, decode: bool, dtype: str = "bf16",
-                  cache_dtype: str | None = None, exact: bool = True) -> tuple[KernelInstance, KernelInstance]:
-    """(the KV-cache write, the attention): decode blocks 16 (token, head) rows, prefill 64. exact:
-    the two-pass softmax that rounds as the reference does (templates/attention.py), else flash."""
+                  cache_dtype: str | None = None, exact: bool = True,
+                  group: int = 16) -> tuple[KernelInstance, KernelInstance]:
+    """(the KV-cache write, the attention): prefill blocks 64 (token, head) rows; decode one token's
+    query heads of a KV head (`group` of them: 16 to 64 rows), so each program reads its KV head's
+    cache once. exact: the two-pass softmax that rounds as the reference does
+    (templates/attention.py), else flash.
+
+    Decode tiles under 64 rows compile to mma.sync, not wgmma (which takes 64-row tiles): a decode
+    step is bound by the KV-cache read (each K/V element meets `group` query rows, about `group`
+    FLOP per byte, far below the tensor cores' ridge), so padding a 16-row group to 64 would buy no
+    time, while splitting a group over several programs would read the cache once per program."""
     block_d = max(16, _pow2(head_dim))
     cache = cache_dtype or dtype
     write = instance(f"{name}_kv_write", op, KV_CACHE_WRITE, {"BLOCK_D": block_d, "INTERPRET": False},
                      {"k_ptr": dtype, "v_ptr": dtype, "k_cache_ptr": cache, "v_cache_ptr": cache}, num_warps=1,
                      num_stages=1)
     attend = instance(name, op, ATTENTION_GQA, {
-        "BLOCK_M": 16 if decode else 64, "BLOCK_N": 64, "BLOCK_D": block_d, "EXACT": exact, "INTERPRET": False},
+        "BLOCK_M": min(64, max(16, _pow2(group))) if decode else 64, "BLOCK_N": 64, "BLOCK_D": block_d, "EXACT": exact, "INTERPRET": False},
         {"q_ptr": dtype, "k_cache_ptr": cache, "v_cache_ptr": cache, "out_ptr": dtype}, num_warps=4, num_stages=2)
     return write, attend
 

@@ -12,9 +12,11 @@
    them (bench/ops_check.py).
 
     python bench/gpu_check.py [--model /work/shared/models/nano.json] [--iters 50]
+    python bench/gpu_check.py --dry-run [--arch sm_100] [--compile]   # no GPU: the whole script in
+        Triton's interpreter at tiny shapes (timings are CPU time of the interpreter, meaningless)
 
-The CPU-importable parts (the kernel set, the checks, the roofline bytes) run in Triton's
-interpreter at tiny shapes in tests/test_gpu_check.py.
+The kernel set, the checks and the roofline bytes run in the interpreter in tests/test_gpu_check.py,
+and the dry run there goes through main() end to end.
 
 Nothing here asserts a speed; failed correctness checks give exit status 1."""
 
@@ -27,6 +29,7 @@ import tempfile
 import time
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import ops_check  # bench/ops_check.py: the norm, Mamba, attention and router kernels
 import torch
@@ -43,7 +46,10 @@ from nemocompile.runtime.reference.moe import moe_combine, moe_dispatch
 from nemocompile.targets.loader import load_target
 
 BATCHES = (1, 2, 4, 8, 16, 32, 64)
+DRY_RUN_BATCHES = (1, 2, 4)
 TARGETS = {90: "h200", 100: "b200"}
+# The dry run's MoE shapes (bench/ops_check.TINY gives the rest of the config).
+DRY_RUN_MOE = {"hidden_size": 64, "moe_intermediate_size": 128, "n_routed_experts": 8, "num_experts_per_tok": 2}
 
 
 def _block_k(k: int, preferred: int) -> int:
@@ -59,6 +65,9 @@ def kernel_set(d: int, i: int, experts: int, top_k: int, act_format: str) -> lis
                          combine=True, block_k=_block_k(i, 128), **tile),
         catalog.moe_combine("combine", "moe_expert_down", n=d, top_k=top_k),
         catalog.fp8_linear("fp8", "linear", n=d, k=d, quant_act=True, block_k=_block_k(d, 128)),
+        # `linear` after a norm that quantized its output: fp32-held E4M3 values, no activation scale
+        catalog.fp8_linear("fp8_qx", "linear", n=d, k=d, quant_act=False, per_channel=True, has_bias=True,
+                           x_dtype="fp32", block_k=_block_k(d, 128)),
     ]
 
 
@@ -128,8 +137,14 @@ def check(kernels: TritonKernels, d: int, i: int, experts: int, top_k: int, act_
         fp8_out = triton_gemm.fp8_linear(kernels, "fp8", x, weight, scale)
         ok_fp8, worst_fp8 = _within(fp8_out, quant_linear(quantize(x, "fp8", scale), weight, None,
                                                           torch.float32).bfloat16())
+        x_q = quantize(x, "fp8", scale)  # a fused norm's FP8 output, as the runtime holds it (fp32)
+        channel_weight = quantize_fp8(torch.randn(d, d, generator=g, device=device), per_channel=True)
+        bias = torch.randn(d, generator=g, device=device).bfloat16()
+        qx_out = triton_gemm.fp8_linear(kernels, "fp8_qx", x_q, channel_weight, None, bias,
+                                        out=torch.full((tokens, d), float("nan"), dtype=torch.bfloat16, device=device))
+        ok_qx, worst_qx = _within(qx_out, quant_linear(x_q, channel_weight, bias, torch.bfloat16))
         for name, ok, worst in (("moe_expert_up", ok_up, worst_up), ("moe_expert_down", ok_down, worst_down),
-                                ("fp8_linear", ok_fp8, worst_fp8)):
+                                ("fp8_linear", ok_fp8, worst_fp8), ("fp8_linear fp8 input", ok_qx, worst_qx)):
             print(f"  {name:16s} tokens {tokens:3d}: {'ok  ' if ok else 'FAIL'} worst error / bound {worst:.2f}")
             all_ok &= ok
     return all_ok
@@ -161,8 +176,7 @@ def hbm_bytes(touched: int, batch: int, d: int, i: int, top_k: int) -> int:
 
 
 def bench(kernels: TritonKernels, d: int, i: int, experts: int, top_k: int, act_format: str, bandwidth: float,
-          iters: int) -> None:
-    device = "cuda"
+          iters: int, device: str = "cuda", batches: tuple[int, ...] = BATCHES) -> None:
     g = torch.Generator(device=device).manual_seed(1)
     up_w = quantize_nvfp4_stacked(torch.randn(experts, i, d, generator=g, device=device))
     down_w = quantize_nvfp4_stacked(torch.randn(experts, d, i, generator=g, device=device))
@@ -170,7 +184,7 @@ def bench(kernels: TritonKernels, d: int, i: int, experts: int, top_k: int, act_
     scales = torch.full((experts,), 1e-3, device=device) if nvfp4 else None
     print(f"{'batch':>5} {'experts':>7} {'MB moved':>9} {'roofline us':>11} {'fused us':>9} {'% roofline':>10} "
           f"{'unfused us':>10} {'speedup':>7}")
-    for batch in BATCHES:
+    for batch in batches:
         ids, routing = _route(batch, experts, top_k, g, device)
         x = torch.randn(batch, d, generator=g, device=device).bfloat16()
         x_sorted, offsets, order = moe_dispatch(x, ids, experts)
@@ -181,50 +195,68 @@ def bench(kernels: TritonKernels, d: int, i: int, experts: int, top_k: int, act_
         out = torch.empty(batch, d, dtype=torch.bfloat16, device=device)
         pairs = torch.empty(batch * top_k, d, dtype=torch.float32, device=device)
 
-        fused_us = ops_check.time_cuda(partial(fused_experts, kernels, x, order, offsets, up_w, down_w, routing, scales, hidden,
-                                 out, pairs), iters)
-        unfused_us = ops_check.time_cuda(partial(unfused_experts, x_sorted, order, offsets, up_w, down_w, routing, scales),
-                           max(3, iters // 10))
+        fused_us = ops_check.time_us(partial(fused_experts, kernels, x, order, offsets, up_w, down_w, routing, scales,
+                                             hidden, out, pairs), iters, device)
+        unfused_us = ops_check.time_us(partial(unfused_experts, x_sorted, order, offsets, up_w, down_w, routing, scales),
+                                       max(3, iters // 10), device)
         print(f"{batch:5d} {touched:7d} {moved / 1e6:9.2f} {roofline:11.1f} {fused_us:9.1f} "
               f"{100 * roofline / fused_us:9.1f}% {unfused_us:10.1f} {unfused_us / fused_us:6.1f}x")
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="/work/shared/models/nano.json", help="config.json with the MoE shapes")
-    parser.add_argument("--iters", type=int, default=50)
-    args = parser.parse_args()
-    if not torch.cuda.is_available():
-        print("gpu_check.py needs a CUDA GPU (sm_90 or sm_100); none is visible", file=sys.stderr)
-        return 2
-    major, _ = torch.cuda.get_device_capability()
-    if major * 10 not in TARGETS:
-        print(f"gpu_check.py checks sm_90 and sm_100 GPUs; this one is sm_{major}x", file=sys.stderr)
-        return 2
-    arch, target = f"sm_{major * 10}", load_target(TARGETS[major * 10])
+    parser.add_argument("--iters", type=int, default=None, help="timed runs per point (default 50; dry run 1)")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="no GPU: every step in Triton's interpreter on the CPU at tiny shapes")
+    parser.add_argument("--arch", choices=("sm_90", "sm_100"), default="sm_90", help="the dry run's arch")
+    parser.add_argument("--compile", action="store_true", help="the dry run compiles the kernels ahead of time too")
+    args = parser.parse_args(argv)
+    if args.dry_run:
+        device, arch = "cpu", args.arch
+        config: dict[str, Any] = {**ops_check.TINY, **DRY_RUN_MOE}
+        iters, batches, prompt, model = args.iters or 1, DRY_RUN_BATCHES, 37, "tiny shapes (dry run)"
+    else:
+        if not torch.cuda.is_available():
+            print("gpu_check.py needs a CUDA GPU (sm_90 or sm_100); none is visible (--dry-run runs it in the "
+                  "interpreter)", file=sys.stderr)
+            return 2
+        major, _ = torch.cuda.get_device_capability()
+        if major * 10 not in TARGETS:
+            print(f"gpu_check.py checks sm_90 and sm_100 GPUs; this one is sm_{major}x", file=sys.stderr)
+            return 2
+        device, arch = "cuda", f"sm_{major * 10}"
+        config = json.loads(Path(args.model).read_text())
+        iters, batches, prompt, model = args.iters or 50, BATCHES, 4096, Path(args.model).name
+    target = load_target(TARGETS[int(arch[3:])])
     act_format = "bf16" if arch == "sm_90" else "nvfp4"
-    config = json.loads(Path(args.model).read_text())
     d, i = config["hidden_size"], config["moe_intermediate_size"]
     experts, top_k = config["n_routed_experts"], config["num_experts_per_tok"]
-    print(f"{torch.cuda.get_device_name()} ({arch}), {Path(args.model).name}: hidden {d}, expert intermediate {i}, "
-          f"{experts} experts, top-{top_k}, {'W4A16' if act_format == 'bf16' else 'W4A4'}, HBM "
-          f"{target.hbm_bandwidth_bytes_per_s / 1e12:.2f} TB/s ({target.name})")
+    gpu = torch.cuda.get_device_name() if device == "cuda" else "CPU, Triton interpreter"
+    print(f"{gpu} ({arch}), {model}: hidden {d}, expert intermediate {i}, {experts} experts, top-{top_k}, "
+          f"{'W4A16' if act_format == 'bf16' else 'W4A4'}, HBM {target.hbm_bandwidth_bytes_per_s / 1e12:.2f} TB/s "
+          f"({target.name})")
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as root:
+        compile_binaries = device == "cuda" or args.compile
+        cache = Path(settings().kernel_cache_dir).expanduser() if device == "cuda" else Path(root) / "cache"
         emitted = emit(kernel_set(d, i, experts, top_k, act_format) + ops_check.kernel_set(config), Path(root), arch,
-                       Path(settings().kernel_cache_dir).expanduser())
+                       cache, compile_binaries=compile_binaries)
         for kernel in emitted.compiled:
             print(f"  compiled {kernel.name:8s} {kernel.registers:3d} regs {kernel.spills:4d} B stack "
                   f"{kernel.shared_bytes:6d} B smem {', '.join(kernel.tensor_cores) or '-'} ({kernel.seconds:.1f} s)")
-        kernels = TritonKernels.from_directory(Path(root), "cuda")
+        kernels = TritonKernels.from_directory(Path(root), device)
         print(f"kernels ready in {time.perf_counter() - start:.1f} s; checking against the references")
-        ok = check(kernels, d, i, experts, top_k, act_format)
+        ok = check(kernels, d, i, experts, top_k, act_format, device,
+                   token_counts=(1, 13, 64) if device == "cuda" else (1, 9))
         print("norm, Mamba, attention and router kernels against their reference ops")
-        ok &= ops_check.check(kernels, config, "cuda")
-        print("fused MoE experts at decode (median of CUDA-event timings; roofline = bytes / HBM bandwidth)")
-        bench(kernels, d, i, experts, top_k, act_format, float(target.hbm_bandwidth_bytes_per_s), args.iters)
-        print("norm and conv kernels against their torch references (median of CUDA-event timings)")
-        ops_check.bench(kernels, config, args.iters)
+        ok &= ops_check.check(kernels, config, device, prompt=300 if device == "cuda" else prompt)
+        clock = "median of CUDA-event timings" if device == "cuda" else "interpreter CPU time, meaningless as speed"
+        print(f"fused MoE experts at decode ({clock}; roofline = bytes / HBM bandwidth)")
+        bench(kernels, d, i, experts, top_k, act_format, float(target.hbm_bandwidth_bytes_per_s), iters, device,
+              batches)
+        print(f"norm and conv kernels against their torch references ({clock})")
+        ops_check.bench(kernels, config, iters, prompt, device)
     print(f"total {time.perf_counter() - start:.1f} s; correctness {'ok' if ok else 'FAILED'}")
     return 0 if ok else 1
 

@@ -70,7 +70,8 @@ def kernel_set(config: dict[str, Any]) -> list[KernelInstance]:
                                chunk_size=config["chunk_size"], initial_state=True, seq_lens=True),
         catalog.ssd_state_update("ops_update", "ssd_state_update", head_dim=s["head_dim"], state_size=s["state"],
                                  seq_lens=True),
-        *catalog.attention_gqa("ops_attn_decode", "attention_gqa", head_dim=config["head_dim"], decode=True),
+        *catalog.attention_gqa("ops_attn_decode", "attention_gqa", head_dim=config["head_dim"], decode=True,
+                               group=config["num_attention_heads"] // config["num_key_value_heads"]),
         *catalog.attention_gqa("ops_attn_prefill", "attention_gqa", head_dim=config["head_dim"], decode=False),
         *catalog.moe_route("ops_route", "moe_route", experts=experts, top_k=top_k, n_group=config["n_group"],
                            topk_group=config["topk_group"]),
@@ -205,8 +206,18 @@ def check(kernels: TritonKernels, config: dict[str, Any], device: str, prompt: i
     return all_ok
 
 
-def time_cuda(fn: Callable[[], object], iters: int) -> float:
-    """Median microseconds of fn() (CUDA events)."""
+def time_us(fn: Callable[[], object], iters: int, device: str = "cuda") -> float:
+    """Median microseconds of fn(): CUDA events on a GPU; on a CPU (a dry run in the interpreter, where
+    the number says only that the code ran) the process CPU time, which other processes' load does
+    not inflate as it does wall time."""
+    if device != "cuda":
+        fn()
+        times = []
+        for _ in range(iters):
+            start = time.process_time()
+            fn()
+            times.append((time.process_time() - start) * 1e6)
+        return sorted(times)[len(times) // 2]
     for _ in range(3):
         fn()
     times = []
@@ -220,10 +231,9 @@ def time_cuda(fn: Callable[[], object], iters: int) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def bench(kernels: TritonKernels, config: dict[str, Any], iters: int, prompt: int = 4096) -> None:
+def bench(kernels: TritonKernels, config: dict[str, Any], iters: int, prompt: int = 4096, device: str = "cuda") -> None:
     """Median time of each kernel and of its torch reference at decode (batch 1) and one prompt."""
     s = _sizes(config)
-    device = "cuda"
     eps = config["layer_norm_epsilon"]
     print(f"{'kernel':28s} {'triton us':>10} {'torch us':>10} {'speedup':>8}")
     for tokens in (1, prompt):
@@ -245,7 +255,7 @@ def bench(kernels: TritonKernels, config: dict[str, Any], iters: int, prompt: in
              partial(causal_conv1d, conv_x, conv_w, conv_b, "silu", conv_state, conv_lens)),
         ]
         for name, triton_fn, torch_fn in rows:
-            ours, theirs = time_cuda(triton_fn, iters), time_cuda(torch_fn, max(3, iters // 5))
+            ours, theirs = time_us(triton_fn, iters, device), time_us(torch_fn, max(3, iters // 5), device)
             print(f"{name:28s} {ours:10.1f} {theirs:10.1f} {theirs / ours:7.1f}x")
 
 

@@ -34,9 +34,31 @@ def kernels(tmp_path_factory: pytest.TempPathFactory) -> TritonKernels:
     return TritonKernels.from_directory(root, "cpu")
 
 
-def test_every_kernel_passes_its_check_in_the_interpreter(kernels: TritonKernels) -> None:
-    assert gpu_check.check(kernels, HIDDEN, INTER, EXPERTS, TOP_K, "bf16", device="cpu", token_counts=(1, 9))
-    assert ops_check.check(kernels, ops_check.TINY, "cpu", prompt=37)
+def _dry_run(arch: str, capsys: pytest.CaptureFixture[str]) -> str:
+    assert gpu_check.main(["--dry-run", "--arch", arch, "--iters", "1"]) == 0
+    return capsys.readouterr().out
+
+
+def test_the_dry_run_goes_through_the_whole_script(capsys: pytest.CaptureFixture[str]) -> None:
+    """main() end to end in the interpreter (H200 flavour, W4A16): every kernel of the set is checked
+    against its reference and passes, and the MoE decode table has a row per batch, against the
+    unfused torch reference and the HBM roofline."""
+    out = _dry_run("sm_90", capsys)
+    for name in ("moe_expert_up", "moe_expert_down", "fp8_linear ", "fp8_linear fp8 input", "add_rms_norm fp8",
+                 "add_rms_norm nvfp4", "gated_rms_norm", "causal_conv1d", "ssd_state_update", "ssd_chunk_scan",
+                 "attention_gqa", "moe_route"):
+        assert f"  {name}" in out, name
+    assert "FAIL" not in out and "correctness ok" in out and "W4A16" in out and "(h200)" in out
+    table = out.split("fused MoE experts at decode")[1].splitlines()
+    assert "roofline us" in table[1] and "unfused us" in table[1]
+    assert [int(line.split()[0]) for line in table[2:2 + len(gpu_check.DRY_RUN_BATCHES)]] == \
+        list(gpu_check.DRY_RUN_BATCHES)
+
+
+@pytest.mark.slow
+def test_the_dry_run_of_the_b200_flavour(capsys: pytest.CaptureFixture[str]) -> None:
+    out = _dry_run("sm_100", capsys)
+    assert "correctness ok" in out and "W4A4" in out and "(b200)" in out
 
 
 def test_a_wrong_kernel_fails_the_check(kernels: TritonKernels, monkeypatch: pytest.MonkeyPatch) -> None:

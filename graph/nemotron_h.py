@@ -4,6 +4,7 @@ and by plan mode (config.json alone, no weight bytes)."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import overload
@@ -12,7 +13,7 @@ from nemocompile.base.formats import FLOAT_FORMATS
 
 from .builder import GraphBuilder
 from .config import ModelConfig
-from .ir import Graph, TensorSource, Weight
+from .ir import DimBound, Graph, TensorSource, Weight
 from .types import DTYPES, F32, I64, DType, TensorType
 
 # The float formats a checkpoint's unquantized weights may hold (safetensors strings), and
@@ -278,6 +279,19 @@ class WeightSource:
     dtype: DType
 
 
+def dim_bounds(c: ModelConfig, bounds: tuple[int, int]) -> tuple[DimBound, ...]:
+    """The symbolic dims' ranges at `bounds` = (largest batch, longest context)."""
+    max_batch, max_context = bounds
+    return (DimBound("batch", 1, max_batch), DimBound("seq", 1, max_context), DimBound("ctx", 0, max_context),
+            DimBound("routed", 0, max_batch * max_context * c.num_experts_per_tok))
+
+
+def rebound(graph: Graph, c: ModelConfig, bounds: tuple[int, int]) -> Graph:
+    """`graph` with its symbolic dims bounded at `bounds` instead (the build's chosen run-time bounds)."""
+    new = {dim.name: dim for dim in dim_bounds(c, bounds)}
+    return dataclasses.replace(graph, dims=tuple(new.get(dim.name, dim) for dim in graph.dims))
+
+
 def build_block_graph(c: ModelConfig, dtype: DType, sources: Mapping[str, WeightSource] | None = None,
                       extra_weights: list[Weight] | None = None,
                       metadata: dict[str, str] | None = None, prefix: str = "backbone.",
@@ -300,11 +314,8 @@ def build_block_graph(c: ModelConfig, dtype: DType, sources: Mapping[str, Weight
     ids = b.input("input_ids", TensorType(I64, ("batch", "seq")))
     b.input(CACHE_LENS, TensorType(I64, ("batch",)))
     b.input(SEQ_LENS, TensorType(I64, ("batch",)))
-    max_batch, max_context = bounds
-    b.bound("batch", 1, max_batch)
-    b.bound("seq", 1, max_context)
-    b.bound("ctx", 0, max_context)
-    b.bound("routed", 0, max_batch * max_context * c.num_experts_per_tok)
+    for dim in dim_bounds(c, bounds):
+        b.bound(dim.name, dim.low, dim.high)
     hidden = b.op1("embedding", [ids, "embeddings"], scope="embeddings")
     for index, kind in enumerate(c.layer_kinds):
         normed = b.op1("rms_norm", [hidden, f"layers.{index}.norm"], {"eps": c.layer_norm_epsilon},

@@ -37,7 +37,7 @@ def api_message(message: str) -> str:
 def build(model: str | Path | None, out: str | Path, target: str = "h100", precision: str = "auto",
           force: bool = False, overrides: Sequence[str] = (), policy_file: str | Path | None = None,
           exclude: Sequence[str] = (), calibrate: int = 8, calibration_data: str | Path | None = None,
-          max_batch_size: int = 256, max_context: int = 131072, tensorrt: bool = False,
+          max_batch_size: int | None = None, max_context: int | None = None, tensorrt: bool = False,
           calibration_device: str = "cpu", act_scales: str | None = None, calibration_format: str = "auto",
           calibration_length: int | None = None, resume: bool = False,
           tuning_db: str | Path | None = None, world_size: int = 1, tp: int | None = None,
@@ -46,7 +46,9 @@ def build(model: str | Path | None, out: str | Path, target: str = "h100", preci
     directory `out` for `target`, split over `world_size` ranks (tensor-parallel `tp` and
     expert-parallel `ep` ranks, each 1 or the world size, by default the world size). precision:
     auto (the target's policy), bf16 or fp32;
-    overrides: "component=precision" strings, e.g. "routed_experts=fp8". Errors name these
+    overrides: "component=precision" strings, e.g. "routed_experts=fp8". max_batch_size and
+    max_context not given start at 256 and 131072 and shrink to what fits the target
+    (docs/memory-plan.md); given, a plan that does not fit them is refused. Errors name these
     arguments (force=True), not the CLI's options."""
     try:
         options = BuildOptions(target=target, precision=precision, overrides=tuple(overrides),

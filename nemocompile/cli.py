@@ -120,10 +120,13 @@ def _precision_options(command: F) -> F:
         click.option("--world-size", default=1, show_default=True, type=int,
                      help="Ranks (GPUs): build splits the engine over them (tensor and expert parallel); plan "
                           "gives the bytes per GPU."),
-        click.option("--max-batch-size", default=256, show_default=True, type=int,
-                     help="Largest batch the engine accepts (bounds the graph's batch dim)."),
-        click.option("--max-context", default=131072, show_default=True, type=int,
-                     help="Longest sequence, prompt plus generated tokens, the engine accepts (bounds ctx)."),
+        click.option("--max-batch-size", default=None, type=int,
+                     help="Largest batch the engine accepts (bounds the graph's batch dim). Not given: 256, or "
+                          "the most sequences of --max-context tokens the target's memory fits."),
+        click.option("--max-context", default=None, type=int,
+                     help="Longest sequence, prompt plus generated tokens, the engine accepts (bounds ctx). Not "
+                          "given: 131072 (at most the model's max_position_embeddings), shrunk only when one "
+                          "sequence of it does not fit."),
     ]
     for decorator in reversed(decorators):
         command = decorator(command)
@@ -152,8 +155,8 @@ def _stats_table(title: str, stats: Any) -> Table:
 @click.option("--tuning-db", type=click.Path(path_type=Path), help="With --explain: the database configs come from.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON object.")
 def plan(config: Path, target: str, precision: str, overrides: tuple[str, ...], policy_file: Path | None,
-         exclude: tuple[str, ...], act_scales: str | None, world_size: int, max_batch_size: int, max_context: int,
-         explain: bool, tuning_db: Path | None, as_json: bool) -> None:
+         exclude: tuple[str, ...], act_scales: str | None, world_size: int, max_batch_size: int | None,
+         max_context: int | None, explain: bool, tuning_db: Path | None, as_json: bool) -> None:
     """Plan a model from config.json alone: parameters and bytes per precision, no weights read."""
     from .options import BuildOptions
     from .planner import plan_model
@@ -195,6 +198,8 @@ def plan(config: Path, target: str, precision: str, overrides: tuple[str, ...], 
                  f"{_human_bytes(result.bytes_per_gpu)} per GPU at world size {world_size} of "
                  f"{_human_bytes(result.target.memory_bytes)}: {'fits' if result.fits else 'does NOT fit'}; "
                  f"planned in {result.seconds:.2f} s", highlight=False)
+    if result.bounds.shrunk:
+        stdout.print(f"bounds: {result.bounds.describe()}", highlight=False)
 
 
 def _memory_table(memory: Any) -> Table:
@@ -331,8 +336,8 @@ def _build_progress(mode: str) -> Iterator[PhaseListener | None]:
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary.")
 def build(model: Path | None, target: str, out: Path, precision: str, overrides: tuple[str, ...],
           policy_file: Path | None, exclude: tuple[str, ...], act_scales: str | None, world_size: int,
-          tp: int | None, ep: int | None, max_batch_size: int,
-          max_context: int, calibrate: int,
+          tp: int | None, ep: int | None, max_batch_size: int | None,
+          max_context: int | None, calibrate: int,
           calibration_data: Path | None, calibration_format: str, calibration_length: int | None,
           calibration_device: str, force: bool, resume: bool, print_after: tuple[str, ...],
           time_passes: bool, tensorrt: bool, tuning_db: Path | None, as_json: bool) -> None:
@@ -356,6 +361,8 @@ def build(model: Path | None, target: str, out: Path, precision: str, overrides:
             else "log")
     with _build_progress(mode) as listener:
         result = run_build(model, out, options, printer, listener)
+    if result.bounds is not None and result.bounds.shrunk:
+        click.echo(f"bounds: {result.bounds.describe()}", err=True)
     if time_passes:
         click.echo(timing_table(result.passes), err=True)
     if result.tensorrt_skipped:
@@ -367,6 +374,7 @@ def build(model: Path | None, target: str, out: Path, precision: str, overrides:
     summary = {"engine": str(result.out), "target": result.manifest.target.name, "precision": precision,
                "policy": result.manifest.policy.to_json(), "params_total": result.stats.params_total,
                "world_size": result.manifest.world_size, "planned_world_size": world_size,
+               "bounds": result.bounds.as_json() if result.bounds is not None else None,
                "kernels": result.manifest.kernel_counts(),
                "bytes_written": result.bytes_written, "bits_per_element": round(result.stats.bits_per_element, 4),
                "seconds": round(result.seconds, 3),

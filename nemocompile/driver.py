@@ -26,6 +26,7 @@ from nemocompile.codegen.tuning.db import TuningDB
 from nemocompile.graph.importer import ImportedModel, import_checkpoint
 from nemocompile.graph.ir import Graph, TensorSource, Weight
 from nemocompile.graph.kernels import kernel_of, kernel_uses
+from nemocompile.graph.nemotron_h import rebound
 from nemocompile.graph.sharding import Layout, check_layout, rank_view
 from nemocompile.graph.text import print_graph
 from nemocompile.passes.assign_precision import exported_numerics
@@ -35,6 +36,7 @@ from nemocompile.passes.precision_policy import PrecisionPolicy, resolve_policy
 from nemocompile.passes.shard import Shard
 from nemocompile.runtime.engine_format import (
     MANIFEST_NAME,
+    EngineBounds,
     GraphFiles,
     KernelUse,
     Manifest,
@@ -58,6 +60,7 @@ from .engine_files import staged_directory, write_manifest
 from .explain import explain, explained_lines
 from .kernel_configs import ConfigChooser, tuning_lines
 from .memory_plan import MemoryPlan, check_fits, plan_memory
+from .memory_plan_bounds import Bounds, choose_bounds, context_limit
 from .memory_plan_split import Parallelism
 from .numerics_gate import EngineGate, GateCache
 from .options import BuildOptions
@@ -147,6 +150,7 @@ class BuildResult:
     # tuning-database entries this build could not use (entry, why), and configs the gate rejected
     skipped_tuning: tuple[tuple[str, str], ...] = ()
     rejected_configs: tuple[str, ...] = ()
+    bounds: Bounds | None = None  # the engine's run-time bounds, and which the build chose
 
 
 def _build_inputs(model: Path | None, options: BuildOptions) -> list[tuple[str, Path]]:
@@ -249,14 +253,23 @@ class BuildContext:
         self.stream: WeightStream | None = None
         self.bytes_written = 0
         self.memory_plan: MemoryPlan | None = None
+        self.bounds: Bounds | None = None  # the engine's run-time bounds, once planned
         self.discarded_calibration = ""  # why a resumed build's saved calibration was not taken
 
     def plan_memory(self) -> MemoryPlan:
-        """The memory plan per GPU of the graph as its formats now stand; refuses a plan that does not fit."""
+        """The memory plan per GPU of the graph as its formats now stand, at the bounds given or, for
+        those not given, the largest that fit (memory_plan_bounds.py); refuses a plan that does not fit.
+        Chosen bounds replace the graphs' (the runtime's caches and checks size themselves by them)."""
         parallel = Parallelism(self.options.tensor_parallel, self.options.expert_parallel)
-        self.memory_plan = plan_memory(self.model_name, self.graphs[PREFILL], self.imported.config, self.target,
-                                       parallel, self.options.bounds)
+        plan = plan_memory(self.model_name, self.graphs[PREFILL], self.imported.config, self.target,
+                           parallel, self.options.bounds)
+        self.memory_plan, self.bounds = choose_bounds(plan, self.options.max_batch_size, self.options.max_context,
+                                                      context_limit(self.imported.raw_config))
         check_fits(self.memory_plan)
+        chosen = (self.bounds.max_batch_size, self.bounds.max_context)
+        if chosen != self.options.bounds:
+            self.graphs = {name: rebound(graph, self.imported.config, chosen) for name, graph in self.graphs.items()}
+        self.options = dataclasses.replace(self.options, max_batch_size=chosen[0], max_context=chosen[1])
         return self.memory_plan
 
     def run(self) -> list[PassRecord]:
@@ -392,7 +405,7 @@ class BuildContext:
         if not self._small_enough(float_graph):
             self.phases.summarize("skipped: the model is too big for the CPU reference check")
             return None
-        prompts = min(4, self.options.max_batch_size)
+        prompts = min(4, self.options.bounds[0])
         self.phases.set_total(prompts, "prompts")
         float_weights = read_weights(self.imported.checkpoint, float_graph)
         engine_weights = load_weights(self.stage, [weights_file(0)], _engine_graph(graph), torch.device("cpu"))
@@ -403,7 +416,7 @@ class BuildContext:
 
         agreement = measure_agreement(float_graph, float_weights, _engine_graph(graph), engine_weights,
                                       self.vocab_size, f"the {self.policy.base} engine of the same checkpoint",
-                                      prompts=prompts, length=min(32, self.options.max_context), progress=measured)
+                                      prompts=prompts, length=min(32, self.options.bounds[1]), progress=measured)
         phases.summarize(f"{agreement.prompts} random prompts, {agreement.tokens} positions: top-1 "
                          f"{agreement.top1:.4f}, mean KL {agreement.mean_kl:.3g} nats")
         return agreement
@@ -419,7 +432,7 @@ class BuildContext:
             self.phases.summarize("the target cannot run the checkpoint's own numerics; the model is too big to "
                                   "measure the deviation on the CPU reference runtime")
             return None
-        prompts = min(4, self.options.max_batch_size)
+        prompts = min(4, self.options.bounds[0])
         self.phases.set_total(prompts, "prompts")
         engine_weights = load_weights(self.stage, [weights_file(0)], _engine_graph(graph), torch.device("cpu"))
         scales = read_weights(self.imported.checkpoint, dataclasses.replace(graph, weights=added_scales))
@@ -432,7 +445,7 @@ class BuildContext:
         deviation = measure_agreement(_engine_graph(exported), exported_weights, _engine_graph(graph), engine_weights,
                                       self.vocab_size, "the checkpoint's own numerics (every input_scale applied) "
                                       "on the reference runtime", prompts=prompts,
-                                      length=min(32, self.options.max_context), progress=measured)
+                                      length=min(32, self.options.bounds[1]), progress=measured)
         phases.summarize(f"against the checkpoint's own numerics: top-1 {deviation.top1:.4f}, mean KL "
                          f"{deviation.mean_kl:.3g} nats, relative logit error {deviation.rel_error:.3g}")
         return deviation
@@ -515,6 +528,8 @@ def build(model: Path | None, out: Path, options: BuildOptions | None = None,
                 source=SourceInfo(source_name, imported.checkpoint.fingerprint()),
                 tensorrt=exported.files if exported is not None else None,
                 kernel_configs=tuple(chooser.choices),
+                bounds=None if job.bounds is None else EngineBounds(
+                    job.bounds.max_batch_size, job.bounds.max_context, job.bounds.automatic, job.bounds.why),
             )
             # the report holds every phase before this one (it is hashed by the manifest written last)
             write_report(stage / "report.md", manifest, graph, stats, records, stream.errors, agreement,
@@ -537,4 +552,4 @@ def build(model: Path | None, out: Path, options: BuildOptions | None = None,
     return BuildResult(out, manifest, stats, records, bytes_written, time.perf_counter() - start, stream.errors,
                        agreement, phases.records, job.calibration, deviation,
                        exported.skipped if exported is not None else "", tuple(chooser.skipped.items()),
-                       tuple(chooser.rejected))
+                       tuple(chooser.rejected), job.bounds)

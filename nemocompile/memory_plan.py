@@ -186,13 +186,13 @@ class MemoryPlan:
             return 0
         if self.kv_bytes_per_token == 0:
             return None
-        return _largest(lambda context: self.fits_at(batch, context),
+        return largest_true(lambda context: self.fits_at(batch, context),
                         self.target.memory_bytes // self.kv_bytes_per_token + 1)
 
     def largest_batch(self, context: int) -> int:
         """The most sequences of `context` tokens that fit (0 if not one)."""
         per_sequence = context * self.kv_bytes_per_token + self.ssm_state_bytes_per_sequence
-        return _largest(lambda batch: self.fits_at(batch, context), self.target.memory_bytes // max(per_sequence, 1) + 1)
+        return largest_true(lambda batch: self.fits_at(batch, context), self.target.memory_bytes // max(per_sequence, 1) + 1)
 
     def summary(self) -> str:
         """Why a plan does not fit, in one sentence (the build's refusal)."""
@@ -234,7 +234,7 @@ class MemoryPlan:
         }
 
 
-def _largest(fits: Callable[[int], bool], above: int) -> int:
+def largest_true(fits: Callable[[int], bool], above: int) -> int:
     """The largest n >= 0 with fits(n), for a `fits` true at 0 (or not at all) and false at `above`."""
     low, high = 0, above
     while high - low > 1:

@@ -8,6 +8,11 @@ from pathlib import Path
 
 from nemocompile.base.errors import UsageError
 
+# The run-time bounds a build starts from when --max-batch-size or --max-context is not given; such
+# a bound then shrinks to what the memory plan fits (memory_plan_bounds.py).
+DEFAULT_MAX_BATCH_SIZE = 256
+DEFAULT_MAX_CONTEXT = 131072
+
 
 @dataclass(frozen=True)
 class BuildOptions:
@@ -29,8 +34,9 @@ class BuildOptions:
     ep: int | None = None
     # The run-time bounds of the engine: the largest batch and the longest context (prompt plus
     # generated tokens) it accepts. They bound the graph's symbolic dims; caches grow up to them.
-    max_batch_size: int = 256
-    max_context: int = 131072
+    # None: not given; the build chooses it, from the defaults above down to what fits the target.
+    max_batch_size: int | None = None
+    max_context: int | None = None
     force: bool = False
     # Also export the engine's graphs to ONNX for TensorRT (and build the TensorRT engine where
     # TensorRT is installed): tensorrt/ in the engine directory.
@@ -41,7 +47,7 @@ class BuildOptions:
 
     def __post_init__(self) -> None:
         for option, value in (("--world-size", self.world_size), ("--calibrate", self.calibrate),
-                              ("--max-batch-size", self.max_batch_size), ("--max-context", self.max_context)):
+                              ("--max-batch-size", self.bounds[0]), ("--max-context", self.bounds[1])):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise UsageError(f"{option} must be an integer of at least 1, got {value!r}")
         for option, ranks in (("--tp", self.tp), ("--ep", self.ep)):
@@ -52,9 +58,9 @@ class BuildOptions:
                     or self.calibration_length < 1:
                 raise UsageError(f"--calibration-length must be an integer of at least 1, got "
                                  f"{self.calibration_length!r}")
-            if self.calibration_length > self.max_context:
+            if self.calibration_length > self.bounds[1]:
                 raise UsageError(f"--calibration-length {self.calibration_length} exceeds --max-context "
-                                 f"{self.max_context}")
+                                 f"{self.bounds[1]}")
         if self.calibration_format not in ("auto", "tokens", "text", "jsonl"):
             raise UsageError(f"--calibration-format must be auto, tokens, text or jsonl, got "
                              f"{self.calibration_format!r}")
@@ -74,9 +80,10 @@ class BuildOptions:
     @property
     def sample_length(self) -> int:
         """Tokens per calibration sample."""
-        return self.calibration_length if self.calibration_length is not None else min(64, self.max_context)
+        return self.calibration_length if self.calibration_length is not None else min(64, self.bounds[1])
 
     @property
     def bounds(self) -> tuple[int, int]:
-        """(largest batch, longest context), as the graph builder takes them."""
-        return self.max_batch_size, self.max_context
+        """(largest batch, longest context), as the graph builder takes them: the defaults for those not given."""
+        return (DEFAULT_MAX_BATCH_SIZE if self.max_batch_size is None else self.max_batch_size,
+                DEFAULT_MAX_CONTEXT if self.max_context is None else self.max_context)

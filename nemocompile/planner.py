@@ -19,6 +19,7 @@ from nemocompile.passes.precision_policy import PrecisionPolicy, resolve_policy
 from nemocompile.targets import Target, load_target
 
 from .memory_plan import MemoryPlan, plan_memory
+from .memory_plan_bounds import Bounds, choose_bounds, context_limit
 from .memory_plan_split import Parallelism
 from .options import BuildOptions
 from .pipeline import build_steps, graph_passes
@@ -40,6 +41,7 @@ class PlanResult:
     records: list[PassRecord]
     memory: MemoryPlan
     seconds: float
+    bounds: Bounds  # the bounds planned (memory's), and which of them were chosen automatically
 
     @property
     def bytes_per_gpu(self) -> int:
@@ -68,6 +70,7 @@ class PlanResult:
             "kv_bytes_per_token": self.memory.kv_bytes_per_token,
             "ssm_state_bytes_per_sequence": self.memory.ssm_state_bytes_per_sequence,
             "max_context_at_batch_1": self.memory.largest_context(1),
+            "bounds": self.bounds.as_json(),
             "memory_plan": self.memory.as_json(),
             "ops": self.graph.op_counts(),
             "notes": [note for record in self.records for note in record.notes],
@@ -81,7 +84,7 @@ def plan_model(config_path: Path, options: BuildOptions | None = None) -> PlanRe
     target = load_target(options.target)
     policy = resolve_policy(target, options.precision, options.overrides, options.policy_file, options.exclude,
                            options.act_scales)
-    config, _ = load_config(config_path)
+    config, raw = load_config(config_path)
     block_graph = build_block_graph(config, TORCH_DTYPE_TO_IR[config.torch_dtype], bounds=options.bounds)
     graph, records = PassManager(graph_passes(build_steps(target, policy)),
                                    verify_each=settings().verify_each_pass).run(block_graph)
@@ -90,5 +93,7 @@ def plan_model(config_path: Path, options: BuildOptions | None = None) -> PlanRe
     name = config_path.parent.name if config_path.name == "config.json" else config_path.stem
     memory = plan_memory(name, graph, config, target, Parallelism(options.tensor_parallel, options.expert_parallel),
                          options.bounds, stats.categories["mtp"].bytes if "mtp" in stats.categories else 0)
+    # the bounds a build with these options takes: those given, the others the largest that fit
+    memory, bounds = choose_bounds(memory, options.max_batch_size, options.max_context, context_limit(raw))
     return PlanResult(name, config, target, policy, options.precision, options.world_size, graph, stats, records,
-                      memory, time.perf_counter() - start)
+                      memory, time.perf_counter() - start, bounds)

@@ -16,7 +16,7 @@ from nemocompile.graph.importer import why_unused
 from nemocompile.graph.ir import Graph
 from nemocompile.passes.assign_precision import act_quantization, any_gemm_weight
 from nemocompile.passes.manager import PassRecord
-from nemocompile.runtime.engine_format import Manifest
+from nemocompile.runtime.engine_format import EngineBounds, Manifest
 from nemocompile.targets import Target
 
 from .agreement import Agreement
@@ -235,12 +235,15 @@ def deviation_lines(deviation: Agreement | None, graph: Graph) -> list[str]:
     ]
 
 
-def memory_plan_lines(memory: MemoryPlan) -> list[str]:
+def memory_plan_lines(memory: MemoryPlan, bounds: EngineBounds | None = None) -> list[str]:
     """The memory plan per GPU and the largest batch x context that fits (docs/memory-plan.md)."""
     batch, context = memory.max_batch, memory.max_context
     longest_at_one, longest = memory.largest_context(1), memory.largest_context(batch)
     lines = [f"## Memory plan per GPU (world size {memory.parallelism.world_size}, tp {memory.parallelism.tp}, "
-             f"ep {memory.parallelism.ep})", "",
+             f"ep {memory.parallelism.ep})", ""]
+    if bounds is not None:
+        lines += [_bounds_line(bounds), ""]
+    lines += [
              f"At --max-batch-size {batch} and --max-context {context}, "
              f"{memory.step_tokens(batch, context)} tokens per forward step:", "",
              "| part | bytes |", "|---|---:|"]
@@ -253,6 +256,16 @@ def memory_plan_lines(memory: MemoryPlan) -> list[str]:
               f"- largest batch x context that fits: {batch} x {_tokens(longest)} (at --max-batch-size), "
               f"{memory.largest_batch(context)} x {context} (at --max-context), 1 x {_tokens(longest_at_one)}"]
     return lines
+
+
+def _bounds_line(bounds: EngineBounds) -> str:
+    given = [option for option in ("--max-batch-size", "--max-context") if option not in bounds.chosen_automatically]
+    text = f"Run-time bounds: {bounds.max_batch_size} sequences of up to {bounds.max_context} tokens"
+    if not bounds.chosen_automatically:
+        return text + " (both given)."
+    chosen = " and ".join(bounds.chosen_automatically)
+    text += f"; {chosen} chosen automatically (not given" + (f"; {given[0]} given" if given else "") + ")"
+    return text + (f": {bounds.why}." if bounds.why else ": the defaults fit.")
 
 
 def _tokens(count: int | None) -> str:
@@ -298,7 +311,7 @@ def write_report(path: Path, manifest: Manifest, graph: Graph, stats: ParamStats
         lines.append(f"| {name} | {entry.params:,} | {round(entry.active):,} | {entry.bytes:,} | "
                      f"{stats.bits_of(name):.3f} |")
     if memory is not None:
-        lines += ["", *memory_plan_lines(memory)]
+        lines += ["", *memory_plan_lines(memory, manifest.bounds)]
     lines += ["", "## Precision policy", ""]
     lines += [f"- {component}: {chosen}" for component, chosen in manifest.policy.components.items()]
     if manifest.policy.exclude:

@@ -309,6 +309,30 @@ class SourceInfo:
 
 
 @dataclass(frozen=True)
+class EngineBounds:
+    """The run-time bounds the engine was built for (its graphs' batch and ctx dims) and which of them
+    the build chose itself (options not given: shrunk to what the memory plan fits)."""
+
+    max_batch_size: int
+    max_context: int
+    chosen_automatically: tuple[str, ...] = ()  # "--max-batch-size", "--max-context"
+    why: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return {"max_batch_size": self.max_batch_size, "max_context": self.max_context,
+                "chosen_automatically": list(self.chosen_automatically), "why": self.why}
+
+    @staticmethod
+    def read(f: _Fields) -> EngineBounds:
+        f.only(("max_batch_size", "max_context", "chosen_automatically", "why"))
+        chosen = f.array("chosen_automatically")
+        if not all(option in ("--max-batch-size", "--max-context") for option in chosen):
+            raise f.error(f"field `{f.name('chosen_automatically')}` may list only --max-batch-size and --max-context")
+        return EngineBounds(f.number("max_batch_size", minimum=1), f.number("max_context", minimum=1), tuple(chosen),
+                            f.get("why", (str,), "a string"))
+
+
+@dataclass(frozen=True)
 class FileEntry:
     sha256: str
     size: int
@@ -326,7 +350,8 @@ class FileEntry:
 
 
 _FIELDS = ("format_version", "nemocompile_version", "target", "world_size", "ranks", "graphs", "config",
-           "kernels", "tokenizer", "precision", "policy", "source", "files", "tensorrt", "kernel_configs")
+           "kernels", "tokenizer", "precision", "policy", "source", "files", "tensorrt", "kernel_configs",
+           "bounds")
 
 
 @dataclass(frozen=True)
@@ -348,6 +373,7 @@ class Manifest:
     format_version: int = FORMAT_VERSION
     tensorrt: TensorRTFiles | None = None  # present when built with --tensorrt
     kernel_configs: tuple[KernelConfig, ...] = ()  # per op on a Triton kernel: its config and why
+    bounds: EngineBounds | None = None  # absent in engines built before it was recorded
 
     def __post_init__(self) -> None:
         if [r.rank for r in self.ranks] != list(range(len(self.ranks))) or not self.ranks:
@@ -406,6 +432,7 @@ class Manifest:
             "files": {name: entry.to_json() for name, entry in sorted(self.files.items())},
             **({"tensorrt": self.tensorrt.to_json()} if self.tensorrt is not None else {}),
             **({"kernel_configs": [c.to_json() for c in self.kernel_configs]} if self.kernel_configs else {}),
+            **({"bounds": self.bounds.to_json()} if self.bounds is not None else {}),
         }
 
     @staticmethod
@@ -446,6 +473,7 @@ class Manifest:
             source=SourceInfo.read(f.child("source")),
             tensorrt=TensorRTFiles.read(f.child("tensorrt")) if f.data.get("tensorrt") is not None else None,
             kernel_configs=_items(f, "kernel_configs", KernelConfig.read) if "kernel_configs" in f.data else (),
+            bounds=EngineBounds.read(f.child("bounds")) if f.data.get("bounds") is not None else None,
         ).with_files(files)
         for where, named in manifest.named_files():
             if named not in files:

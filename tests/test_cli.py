@@ -101,8 +101,12 @@ def test_build_json_summary(demo_build: tuple[Path, dict[str, Any]]) -> None:
     assert set(summary) == {"engine", "target", "precision", "policy", "params_total", "bytes_written",
                             "bits_per_element", "seconds", "passes", "quantization_errors", "agreement",
                             "world_size", "planned_world_size", "kernels", "phases", "calibration", "deviation",
-                            "tensorrt", "kernel_configs", "skipped_tuning_entries", "rejected_configs"}
+                            "tensorrt", "kernel_configs", "skipped_tuning_entries", "rejected_configs", "bounds"}
     assert summary["tensorrt"] is None  # no ONNX export without --tensorrt
+    # the demo fits the defaults, which the build took as the bounds it was not given
+    assert summary["bounds"] == {"max_batch_size": 256, "max_context": 131072,
+                                 "chosen_automatically": ["--max-batch-size", "--max-context"], "why": "",
+                                 "fits": True}
     assert summary["world_size"] == summary["planned_world_size"] == 1
     # the routed experts' NVFP4 W4A16 GEMMs run on Triton kernels where triton is installed
     compiled = {name for name in summary["kernels"] if name != "reference"}

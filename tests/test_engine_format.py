@@ -17,6 +17,7 @@ import pytest
 from nemocompile.base.errors import EngineError
 from nemocompile.runtime.engine_format import (
     FORMAT_VERSION,
+    EngineBounds,
     FileEntry,
     GraphFiles,
     KernelUse,
@@ -46,6 +47,7 @@ def _manifest(**changes: Any) -> Manifest:
         "policy": PolicyInfo("bf16", {"routed_experts": "nvfp4_w4a4", "router": "fp32"}, ("lm_head",), "error",
                              True),
         "source": SourceInfo("nemotron-h-demo", "c" * 64),
+        "bounds": EngineBounds(256, 131072, ("--max-batch-size", "--max-context")),
     }
     fields.update(changes)
     files = ("config.json", "graph.txt", "graph.decode.txt", "tokenizer.json", weights_file(0))
@@ -72,6 +74,19 @@ def test_manifest_round_trips_through_json() -> None:
     assert back.to_json() == data
     assert back.kernel_counts() == {"reference": 21} and back.backends == ("reference",)
     assert back.weight_files(0) == (weights_file(0),)
+
+
+def test_bounds_are_optional_and_checked() -> None:
+    data = _json()
+    assert data["bounds"] == {"max_batch_size": 256, "max_context": 131072,
+                              "chosen_automatically": ["--max-batch-size", "--max-context"], "why": ""}
+    del data["bounds"]  # an engine built before the bounds were recorded
+    assert Manifest.from_json(data, PATH).bounds is None
+    for bad, message in ((["--max-tokens"], "may list only"), ("--max-context", "must be a list")):
+        broken = {**_json()}
+        broken["bounds"] = {**broken["bounds"], "chosen_automatically": bad}
+        with pytest.raises(EngineError, match=message):
+            Manifest.from_json(broken, PATH)
 
 
 def test_world_size_is_the_number_of_ranks() -> None:

@@ -174,10 +174,11 @@ def test_ultra_on_eight_gpus_holds_a_million_tokens_at_batch_one(target: str) ->
 
 def test_plan_fits_is_the_full_plan_not_the_weights() -> None:
     # Ultra's weights fit on 8 H100s, but 256 sequences of 131072 tokens do not
-    plan = _plan_json(str(MODELS / "ultra.json"), "--world-size", "8")
+    plan = _plan_json(str(MODELS / "ultra.json"), "--world-size", "8", "--max-batch-size", "256",
+                      "--max-context", "131072")
     assert plan["weights_bytes_per_gpu"] < plan["gpu_memory_bytes"] < plan["bytes_per_gpu"]
-    assert plan["fits"] is False
-    result = plan_model(MODELS / "ultra.json", BuildOptions(world_size=8))
+    assert plan["fits"] is False and plan["bounds"]["chosen_automatically"] == []
+    result = plan_model(MODELS / "ultra.json", BuildOptions(world_size=8, max_batch_size=256, max_context=131072))
     assert result.memory.largest_batch(131072) == plan["memory_plan"]["max_batch_at_max_context"] > 0
 
 

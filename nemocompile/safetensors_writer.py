@@ -89,6 +89,7 @@ class SafetensorsWriter:
         _validate_specs(self._specs)
         self._path = Path(path)
         self._next = 0
+        self._rows: int | None = None  # rows of the tensor begun (None: none is)
         self._hash = hashlib.sha256()  # of the file from its first byte: hashed as it is written
         header = _header_bytes(self._specs, metadata)
         self._data_start = len(header)
@@ -144,29 +145,47 @@ class SafetensorsWriter:
     def write_parts(self, name: str, parts: Iterable[torch.Tensor]) -> None:
         """Stream the next declared tensor as consecutive slices along its first dim (e.g. one
         expert at a time), so the whole tensor is never in memory at once."""
+        self.begin(name)
+        for part in parts:
+            self.append(part)
+        self.end()
+
+    def begin(self, name: str) -> None:
+        """Start the next declared tensor, `name`; `append` its slices along the first dim, then `end`
+        it (write_parts, pushed: so several files can take their pieces of one stream of parts)."""
         if self._file is None:
             raise ValueError(f"{self._path} is already closed")
         if self._next >= len(self._specs):
             raise ValueError(
                 f"tensor {name} was not declared for {self._path} (all declared tensors are written)"
             )
-        expected_name, dtype, shape = self._specs[self._next]
+        expected_name = self._specs[self._next][0]
         if name != expected_name:
             raise ValueError(f"expected tensor {expected_name} next in {self._path}, got {name}")
-        rows = 0
-        for part in parts:
-            if part.dtype != TORCH_DTYPES[dtype]:
-                raise ValueError(f"tensor {name} has torch dtype {part.dtype}, declared {dtype}")
-            whole = tuple(part.shape) == shape and rows == 0
-            if not whole and (not shape or tuple(part.shape[1:]) != shape[1:]):
-                raise ValueError(f"tensor {name} has shape {list(part.shape)}, declared {list(shape)}")
-            rows = shape[0] if whole and shape else rows + (part.shape[0] if part.dim() else 1)
-            data = _raw_bytes(part)
-            self._file.write(data)
-            self._hash.update(data)
-            self._offset += data.nbytes
-        if (shape[0] if shape else 1) != rows:
-            raise ValueError(f"tensor {name} was written with {rows} rows, declared {list(shape)}")
+        self._rows = 0
+
+    def append(self, part: torch.Tensor) -> None:
+        """The next slice of the tensor begun."""
+        assert self._file is not None and self._rows is not None, "append before begin"
+        name, dtype, shape = self._specs[self._next]
+        if part.dtype != TORCH_DTYPES[dtype]:
+            raise ValueError(f"tensor {name} has torch dtype {part.dtype}, declared {dtype}")
+        whole = tuple(part.shape) == shape and self._rows == 0
+        if not whole and (not shape or tuple(part.shape[1:]) != shape[1:]):
+            raise ValueError(f"tensor {name} has shape {list(part.shape)}, declared {list(shape)}")
+        self._rows = shape[0] if whole and shape else self._rows + (part.shape[0] if part.dim() else 1)
+        data = _raw_bytes(part)
+        self._file.write(data)
+        self._hash.update(data)
+        self._offset += data.nbytes
+
+    def end(self) -> None:
+        """Finish the tensor begun: all its rows must have been appended."""
+        assert self._rows is not None, "end before begin"
+        name, _, shape = self._specs[self._next]
+        if (shape[0] if shape else 1) != self._rows:
+            raise ValueError(f"tensor {name} was written with {self._rows} rows, declared {list(shape)}")
+        self._rows = None
         self._next += 1
 
     def close(self) -> None:

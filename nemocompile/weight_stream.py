@@ -19,12 +19,13 @@ import gc
 import math
 import threading
 from collections import deque
-from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import cast
+from types import TracebackType
+from typing import Protocol, cast
 
 import torch
 
@@ -193,6 +194,28 @@ class WrittenWeight:
 Job = Callable[[], object]
 
 
+class WeightSink(Protocol):
+    """What the stream writes into, tensor by tensor in declared order: a SafetensorsWriter, or
+    rank_weights.RankSink (each rank's piece of each tensor into the rank's own file)."""
+
+    @property
+    def position(self) -> tuple[int, int]: ...  # (tensors written, where their bytes end)
+
+    def sha256(self) -> str: ...  # of what is written so far
+
+    def write(self, name: str, tensor: torch.Tensor) -> None: ...
+
+    def write_parts(self, name: str, parts: Iterable[torch.Tensor]) -> None: ...
+
+    def __enter__(self) -> WeightSink: ...
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc_value: BaseException | None,
+                 traceback: TracebackType | None) -> None: ...
+
+
+SinkOpener = Callable[[tuple[int, int] | None], WeightSink]  # opened at resume_at (None: from the start)
+
+
 class _Ahead:
     """Runs jobs on a pool up to `depth` ahead of the consumer, and hands their results over in order."""
 
@@ -267,12 +290,14 @@ class WeightStream:
         return data_start(engine_tensor_specs(self.graph), METADATA)
 
     def write(self, path: Path, done: Sequence[WrittenWeight] = (),
-              journal: Callable[[WrittenWeight], None] | None = None) -> int:
-        """Write every weight into `path`. `done`: the leading weights a killed build of the same
+              journal: Callable[[WrittenWeight], None] | None = None, sink: SinkOpener | None = None) -> int:
+        """Write every weight into `path`, or into what `sink` opens (rank_weights.RankSink: each
+        rank's piece into its own file). `done`: the leading weights a killed build of the same
         input already wrote (verified by their hash): the file is continued after them. `journal`
         hears of each weight once its bytes are in the file."""
         path.parent.mkdir(parents=True, exist_ok=True)
         resume_at = (done[-1].tensors, done[-1].end) if done else None
+        opener = sink or partial(SafetensorsWriter, path, engine_tensor_specs(self.graph), METADATA)
         torch_threads = torch.get_num_threads()
         # This thread only writes, hashes and checks the small scale tensors: with one torch thread it
         # never enters an OpenMP region, whose idle team would spin for CPU the workers need.
@@ -283,7 +308,7 @@ class WeightStream:
         pool = ThreadPoolExecutor(self.threads, thread_name_prefix="quantize", initializer=torch.set_num_threads,
                                   initargs=(1,))
         try:
-            with SafetensorsWriter(path, engine_tensor_specs(self.graph), METADATA, resume_at=resume_at) as writer:
+            with opener(resume_at) as writer:
                 self._results = _Ahead(pool, self._jobs(self.graph.weights[len(done):]),
                                        PREFETCH_PER_THREAD * self.threads)
                 for index, weight in enumerate(self.graph.weights):
@@ -402,7 +427,7 @@ class WeightStream:
         assert self._results is not None
         return self._results.next()
 
-    def _write_weight(self, writer: SafetensorsWriter, weight: Weight) -> None:
+    def _write_weight(self, writer: WeightSink, weight: Weight) -> None:
         target = weight.type.dtype
         if not weight.sources:
             if weight.name not in self.scales:
@@ -416,7 +441,7 @@ class WeightStream:
             return
         self._quantize(writer, weight)
 
-    def _quantize(self, writer: SafetensorsWriter, weight: Weight) -> None:
+    def _quantize(self, writer: WeightSink, weight: Weight) -> None:
         """The codes stream out one job (an expert, or a run of rows) at a time, as the workers quantize
         them; the small scale tensors are collected and written after them."""
         fmt = weight.type.dtype.name

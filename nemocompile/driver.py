@@ -81,7 +81,7 @@ from .pipeline import (
     graph_passes,
     run_steps,
 )
-from .rank_weights import split_ranks
+from .rank_weights import HASH_SEPARATOR, RankSink
 from .report import CalibrationInfo, write_report
 from .resume import (
     Journal,
@@ -91,11 +91,13 @@ from .resume import (
     remove_resume_files,
     save_calibration,
     verified_prefix,
+    verified_rank_prefix,
 )
 from .stats import ParamStats, param_stats
 from .weight_stream import QuantizationError, WeightStream, WrittenWeight, read_weights
 
 ProgressHook = Callable[[str, int, int], None]  # (description, bytes just written, bytes in all)
+UNSHARDED_WEIGHTS = "weights/unsharded.safetensors"  # a sharded build's whole copy for the agreement check
 
 
 class _WeightBytes:
@@ -190,9 +192,9 @@ def _model_directory(model: Path | None) -> Iterator[tuple[Path, str]]:
         yield write_demo_checkpoint(Path(tmp)), DEMO_NAME
 
 
-def _engine_graph(graph: Graph) -> Graph:
-    """The same graph with every weight sourced from the engine's own weight file."""
-    weights = tuple(Weight(w.name, w.type, w.category, (TensorSource(weights_file(0), w.name),), w.type.dtype)
+def _engine_graph(graph: Graph, file: str = weights_file(0)) -> Graph:
+    """The same graph with every weight sourced from the engine's own weight file (or `file`)."""
+    weights = tuple(Weight(w.name, w.type, w.category, (TensorSource(file, w.name),), w.type.dtype)
                     for w in graph.weights)
     return dataclasses.replace(graph, weights=weights)
 
@@ -255,6 +257,9 @@ class BuildContext:
         self.memory_plan: MemoryPlan | None = None
         self.bounds: Bounds | None = None  # the engine's run-time bounds, once planned
         self.discarded_calibration = ""  # why a resumed build's saved calibration was not taken
+        # the file holding every weight whole, which the agreement check and the deviation load: the
+        # weights file of a one-rank engine; for a sharded one a whole copy, written only when they run
+        self.whole_weights = weights_file(0)
 
     def plan_memory(self) -> MemoryPlan:
         """The memory plan per GPU of the graph as its formats now stand, at the bounds given or, for
@@ -363,13 +368,33 @@ class BuildContext:
                                    threads=threads)
         phases.set_total(self.stream.total, "bytes")
         path = self.stage / weights_file(0)
+        names = [weight.name for weight in graph.weights]
         done: list[WrittenWeight] = []
-        if self.options.resume:  # the weights a killed build wrote whose bytes still hash to its journal
-            done = verified_prefix(read_journal(self.stage), path, self.stream.data_start(),
-                                   [weight.name for weight in graph.weights])
-        journal = Journal(self.stage, done)
-        self.bytes_written = self.stream.write(path, done, journal.record)
-        phases.summarize(f"{len(graph.weights)} weights, {self.bytes_written:,} bytes")
+        restarted = ""
+        layout = _layout(self.options)
+        if not layout.sharded:
+            if self.options.resume:  # the weights a killed build wrote whose bytes still hash to its journal
+                done = verified_prefix(read_journal(self.stage), path, self.stream.data_start(), names)
+            journal = Journal(self.stage, done)
+            self.bytes_written = self.stream.write(path, done, journal.record)
+        else:  # each rank's piece of each tensor straight into the rank's file
+            rank_paths = [self.stage / weights_file(rank) for rank in range(layout.world_size)]
+            whole = None
+            if _quantized(graph) and self._small_enough(graph):  # the agreement check runs the unsharded graph
+                self.whole_weights = UNSHARDED_WEIGHTS
+                whole = self.stage / UNSHARDED_WEIGHTS
+            if self.options.resume and whole is None:
+                done = verified_rank_prefix(read_journal(self.stage), rank_paths, RankSink.data_start(graph), names)
+            elif self.options.resume:
+                restarted = ("; written again, not resumed: this sharded model is small enough for the agreement "
+                             "check, whose unsharded copy of the weights is not journaled")
+            journal = Journal(self.stage, done)
+
+            def sink(resume_at: tuple[int, int] | None) -> RankSink:
+                return RankSink(graph, rank_paths, resume_at, whole)
+
+            self.bytes_written = self.stream.write(path, done, journal.record, sink)
+        phases.summarize(f"{len(graph.weights)} weights, {self.bytes_written:,} bytes{restarted}")
         counts: dict[str, int] = {}
         for weight in graph.weights:
             counts[weight.type.dtype.name] = counts.get(weight.type.dtype.name, 0) + 1
@@ -408,13 +433,14 @@ class BuildContext:
         prompts = min(4, self.options.bounds[0])
         self.phases.set_total(prompts, "prompts")
         float_weights = read_weights(self.imported.checkpoint, float_graph)
-        engine_weights = load_weights(self.stage, [weights_file(0)], _engine_graph(graph), torch.device("cpu"))
+        engine_graph = _engine_graph(graph, self.whole_weights)
+        engine_weights = load_weights(self.stage, [self.whole_weights], engine_graph, torch.device("cpu"))
         phases = self.phases
 
         def measured(done: int) -> None:
             phases.advance(1, f"prompt {done} of {prompts}")
 
-        agreement = measure_agreement(float_graph, float_weights, _engine_graph(graph), engine_weights,
+        agreement = measure_agreement(float_graph, float_weights, engine_graph, engine_weights,
                                       self.vocab_size, f"the {self.policy.base} engine of the same checkpoint",
                                       prompts=prompts, length=min(32, self.options.bounds[1]), progress=measured)
         phases.summarize(f"{agreement.prompts} random prompts, {agreement.tokens} positions: top-1 "
@@ -434,7 +460,8 @@ class BuildContext:
             return None
         prompts = min(4, self.options.bounds[0])
         self.phases.set_total(prompts, "prompts")
-        engine_weights = load_weights(self.stage, [weights_file(0)], _engine_graph(graph), torch.device("cpu"))
+        engine_graph = _engine_graph(graph, self.whole_weights)
+        engine_weights = load_weights(self.stage, [self.whole_weights], engine_graph, torch.device("cpu"))
         scales = read_weights(self.imported.checkpoint, dataclasses.replace(graph, weights=added_scales))
         exported_weights = {**engine_weights, **scales}
         phases = self.phases
@@ -442,7 +469,8 @@ class BuildContext:
         def measured(done: int) -> None:
             phases.advance(1, f"prompt {done} of {prompts}")
 
-        deviation = measure_agreement(_engine_graph(exported), exported_weights, _engine_graph(graph), engine_weights,
+        deviation = measure_agreement(_engine_graph(exported, self.whole_weights), exported_weights, engine_graph,
+                                      engine_weights,
                                       self.vocab_size, "the checkpoint's own numerics (every input_scale applied) "
                                       "on the reference runtime", prompts=prompts,
                                       length=min(32, self.options.bounds[1]), progress=measured)
@@ -501,8 +529,7 @@ def build(model: Path | None, out: Path, options: BuildOptions | None = None,
             deviation = job.deviation(whole)
         with phases.phase(WRITE):
             rank_files = [weights_file(rank) for rank in range(layout.world_size)]
-            if layout.sharded:
-                split_ranks(stage, weights_file(0), graph, rank_files)
+            (stage / UNSHARDED_WEIGHTS).unlink(missing_ok=True)  # the agreement check's whole copy, if any
             (stage / "graph.txt").write_text(print_graph(_engine_graph(graph)))
             (stage / "graph.decode.txt").write_text(print_graph(_engine_graph(decode)))
             chooser = job.config_chooser(graph, decode)
@@ -543,9 +570,8 @@ def build(model: Path | None, out: Path, options: BuildOptions | None = None,
                          memory=job.memory_plan,
                          kernel_fallbacks=compiled.fallbacks if compiled is not None else ())
             remove_resume_files(stage)  # the engine is complete: nothing left to resume
-            # the weights file was hashed as it was written: not read again (rank files split from
-            # it are new files, hashed from disk)
-            known = {} if layout.sharded else {weights_file(0): stream.sha256}
+            # the weights files were hashed as they were written: not read again
+            known = dict(zip(rank_files, stream.sha256.split(HASH_SEPARATOR), strict=True))
             manifest = write_manifest(stage, manifest, known)
             phases.summarize(f"{len(manifest.files)} files, each with its sha256 in {MANIFEST_NAME}")
         imported.checkpoint.close()

@@ -173,6 +173,22 @@ def verified_prefix(entries: list[WrittenWeight], weights_file: Path, data_start
     return verified
 
 
+def verified_rank_prefix(entries: list[WrittenWeight], files: list[Path], data_start: int,
+                         order: list[str]) -> list[WrittenWeight]:
+    """verified_prefix of files written in step (a sharded build's rank files, one position for all):
+    each entry's sha256 is every file's, joined by ','; an entry counts when every file verifies it."""
+    counts = []
+    for index, path in enumerate(files):
+        own = []
+        for entry in entries:
+            hashes = entry.sha256.split(",")
+            if len(hashes) != len(files):
+                break
+            own.append(dataclasses.replace(entry, sha256=hashes[index]))
+        counts.append(len(verified_prefix(own, path, data_start, order)))
+    return entries[:min(counts, default=0)]
+
+
 class Journal:
     """Appends one line per weight written; the lines already verified are kept."""
 

@@ -17,6 +17,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -153,3 +154,46 @@ def test_world_size_the_model_does_not_divide_lists_valid_choices(checkpoint: Pa
     assert done.returncode == 2
     assert "valid world sizes: 1, 2, 4, 8" in done.stderr
     assert not (tmp_path / "e").exists()
+
+
+def _expected_piece(weight: Any, component: str, whole: torch.Tensor, rank: int) -> torch.Tensor:
+    """Rank `rank`'s piece of the one-rank engine's stored tensor `whole`, sliced here from the IR's
+    declared sharding (the ranges graph/types.py gives), on the whole tensor."""
+    sharding = weight.type.sharding
+    if sharding is None or sharding.dim is None:
+        return torch.zeros_like(whole) if sharding is not None and sharding.partial and rank > 0 else whole
+    dim, logical = sharding.dim, int(weight.type.shape[sharding.dim])
+    if whole.dim() <= dim or (whole.shape[dim] == 1 and logical != 1):  # a per-tensor scale
+        return whole
+    ratio = logical // whole.shape[dim]  # NVFP4 codes two per byte, block scales one per 16
+    return torch.cat([whole.narrow(dim, start // ratio, (stop - start) // ratio)
+                      for start, stop in sharding.ranges(logical, rank)], dim=dim)
+
+
+@pytest.mark.parametrize(("name", "world_size"), [("fp32", 2), ("fp32", 4), ("h100", 8), ("b200", 8)])
+def test_rank_files_hold_the_one_rank_engines_tensors_sliced(checkpoint: Path, runs: Any, name: str,
+                                                             world_size: int) -> None:
+    from safetensors.torch import load_file
+
+    from nemocompile.graph.storage import component_name, stored_tensors
+    from nemocompile.graph.text import parse_graph
+
+    one = load_file(str(checkpoint.parent / f"{name}-1" / "weights" / "rank0.safetensors"))
+    engine = checkpoint.parent / f"{name}-{world_size}"
+    # written per rank as the stream went: no whole copy is left, and nothing else
+    assert sorted(p.name for p in (engine / "weights").iterdir()) == sorted(f"rank{r}.safetensors"
+                                                                          for r in range(world_size))
+    graph = parse_graph((engine / "graph.txt").read_text())
+    sharded = 0
+    for rank in range(world_size):
+        held = load_file(str(engine / "weights" / f"rank{rank}.safetensors"))
+        assert set(held) == set(one)
+        for weight in graph.weights:
+            for stored in stored_tensors(weight.type):
+                tensor = component_name(weight.name, stored.component)
+                expected = _expected_piece(weight, stored.component, one[tensor], rank)
+                assert held[tensor].dtype == expected.dtype and held[tensor].shape == expected.shape, tensor
+                assert torch.equal(held[tensor].reshape(-1).view(torch.uint8),
+                                   expected.contiguous().reshape(-1).view(torch.uint8)), tensor
+                sharded += held[tensor].shape != one[tensor].shape
+    assert sharded > 0

@@ -6,6 +6,8 @@ journal; a resume against a changed checkpoint or other options is refused, nami
 from __future__ import annotations
 
 import json
+import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -19,6 +21,7 @@ from safetensors.torch import save_file
 import nemocompile
 import nemocompile.driver
 from nemocompile.base.errors import UsageError
+from nemocompile.base.settings import override
 from nemocompile.report import comparable_engine_bytes
 from nemocompile.weight_stream import WeightStream
 
@@ -57,7 +60,7 @@ CHILD = textwrap.dedent("""
         return original(*args, **kwargs)
     setattr(owner, name, dying)
     import nemocompile
-    nemocompile.build(sys.argv[4], sys.argv[5], target="b200", calibrate=3)
+    nemocompile.build(sys.argv[4], sys.argv[5], target="b200", calibrate=3, world_size=int(sys.argv[6]))
 """)
 
 
@@ -85,11 +88,13 @@ def uninterrupted(checkpoint: Path) -> dict[str, bytes]:
     return comparable_engine_bytes(out)
 
 
-def killed_build(checkpoint: Path, out: Path, point: str) -> Path:
+def killed_build(checkpoint: Path, out: Path, point: str, world_size: int = 1,
+                 env: dict[str, str] | None = None) -> Path:
     """Run the build in a child that SIGKILLs itself at `point`; returns the staging directory it left."""
     module, attribute, fatal = KILL_POINTS[point]
-    child = subprocess.run([sys.executable, "-c", CHILD, module, attribute, str(fatal), str(checkpoint), str(out)],
-                           capture_output=True, text=True, timeout=600)
+    child = subprocess.run([sys.executable, "-c", CHILD, module, attribute, str(fatal), str(checkpoint), str(out),
+                            str(world_size)], capture_output=True, text=True, timeout=600,
+                           env={**os.environ, **(env or {})})
     assert child.returncode == -9, child.stderr[-2000:]
     assert not out.exists()
     (staging,) = out.parent.glob(f".{out.name}.partial-*")
@@ -119,6 +124,43 @@ def test_killed_and_resumed_build_is_byte_identical(checkpoint: Path, uninterrup
     assert len(rewritten) == WEIGHTS - journaled
     print(f"killed at {point}: {journaled} weights kept, {len(rewritten)} written on resume, "
           f"{result.bytes_written:,} bytes, engine identical")
+
+
+@pytest.mark.parametrize("checked", [False, True])
+def test_a_sharded_build_resumes_its_rank_files_or_rewrites_them_when_it_keeps_a_whole_copy(
+        checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, checked: bool) -> None:
+    """Two ranks, each rank's pieces written straight into its file. Too big for the agreement check
+    (as any real model is), the rank files are continued after the last weight every one of them
+    verifies; small enough for it, the build also wrote a whole copy, and writes the weights again."""
+    limit = {} if checked else {"reference_check_max_params": 0}
+    with override(**limit):
+        nemocompile.build(checkpoint, tmp_path / "whole", target="b200", calibrate=3, world_size=2)
+    expected = comparable_engine_bytes(tmp_path / "whole")
+    out = tmp_path / "engine"
+    env = {} if checked else {"NEMOCOMPILE_REFERENCE_CHECK_MAX_PARAMS": "0"}
+    staging = killed_build(checkpoint, out, "quantize-and-write, before the last weight", 2, env)
+    journaled = len((staging / "weights.journal").read_text().splitlines())
+    assert journaled == WEIGHTS - 1
+    assert all(len(json.loads(line)["sha256"].split(",")) == 2
+               for line in (staging / "weights.journal").read_text().splitlines())
+    rewritten: list[str] = []
+    original = WeightStream._write_weight
+
+    def counting(stream: WeightStream, writer: object, weight: object) -> None:
+        rewritten.append(getattr(weight, "name", ""))
+        original(stream, writer, weight)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(WeightStream, "_write_weight", counting)
+    with override(**limit):
+        result = nemocompile.build(checkpoint, out, target="b200", calibrate=3, world_size=2, resume=True)
+    resumed = comparable_engine_bytes(out)
+    # report.md's phase summary says the weights were written again; everything else is identical
+    resumed["report.md"] = re.sub(rb"; written again, not resumed: [^|\n]*", b" ", resumed["report.md"])
+    assert resumed == expected
+    assert len(rewritten) == (WEIGHTS if checked else 1)
+    (quantize,) = [phase for phase in result.phases if phase.name == "quantize-and-write"]
+    assert ("written again, not resumed" in quantize.summary) == checked
+    assert sorted(p.name for p in (out / "weights").iterdir()) == ["rank0.safetensors", "rank1.safetensors"]
 
 
 def test_resume_against_a_changed_checkpoint_or_options_is_refused(checkpoint: Path, tmp_path: Path) -> None:

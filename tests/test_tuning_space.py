@@ -53,7 +53,10 @@ def test_space_lists_the_default_first_and_apply_fills_it_in() -> None:
 
 
 @pytest.mark.parametrize(("instance", "chosen", "reason"), [
-    (UP, config(BLOCK_K=256), "dividing K = 2688"),
+    (catalog.moe_gemm("u48", "moe_expert_up", n=64, k=48, experts=8, top_k=2, act_format="bf16", gather=True,
+                      activation="relu2", block_m=16, block_n=64, block_k=64),
+     config(BLOCK_K=128), "as many steps over K = 48 as 64"),
+    (UP, config(BLOCK_K=8), "multiple of 16"),
     (UP, config(SWAP_AB=False), "M side (BLOCK_M 16)"),
     (UP, config(BLOCK_M=128, BLOCK_N=256, BLOCK_K=16, SWAP_AB=False, num_stages=2), "the fp32 accumulator"),
     (UP, config(BLOCK_M=128, BLOCK_N=256, BLOCK_K=128, SWAP_AB=False, num_warps=8, num_stages=4),
@@ -75,6 +78,11 @@ def test_w4a4_takes_only_native_tiles_on_blackwell() -> None:
     kept = space.prune(w4a4, space.configs(w4a4), "sm_100").kept
     assert kept and all(dict(c)["BLOCK_M"] == 128 and not dict(c)["SWAP_AB"] for c in kept)
     assert not space.prune(w4a4, space.configs(w4a4), "sm_90").kept
+    # K = 48 (the b200 demo's down-GEMM), under dot_scaled's 64 step: one masked 64-wide step is kept
+    short = catalog.moe_gemm("d", "moe_expert_down", n=64, k=48, experts=8, top_k=2, act_format="nvfp4",
+                             block_m=128, block_n=128, block_k=64)
+    kept = space.prune(short, space.configs(short), "sm_100").kept
+    assert kept and {dict(c)["BLOCK_K"] for c in kept} == {64}
 
 
 def test_cost_model_prefers_small_moe_blocks_for_decode_and_large_ones_for_prefill() -> None:

@@ -100,7 +100,8 @@ def seconds(instance: KernelInstance, config: Config, tokens: int, target: Targe
     slots = target.sm_count * blocks_per_sm(instance, config, target.arch)
     waves = math.ceil(programs / slots)
     peak = (target.peak_tflops.get(p.compute) or target.peak_tflops["bf16"]) * 1e12
-    padded_flops = 2.0 * tiles_m * block_m * tiles_n * block_n * p.k
+    k_tiles = math.ceil(p.k / block_k)  # the last step is masked past K, its padding still computed
+    padded_flops = 2.0 * tiles_m * block_m * tiles_n * block_n * k_tiles * block_k
     # a wave's programs share the machine; a partial wave runs at the speed of a whole one
     compute = padded_flops / peak * (waves * slots / max(programs, 1))
     weight_bytes = hit * p.n * p.k * p.weight_bits / 8
@@ -110,5 +111,5 @@ def seconds(instance: KernelInstance, config: Config, tokens: int, target: Targe
     in_flight = min(programs, slots) * stages * tile_bytes
     bandwidth = min(target.hbm_bandwidth_bytes_per_s, in_flight / MEMORY_LATENCY_SECONDS)
     memory = moved / bandwidth
-    k_steps = waves * (p.k / block_k) * K_STEP_SECONDS
+    k_steps = waves * k_tiles * K_STEP_SECONDS
     return LAUNCH_SECONDS + max(compute, memory) + k_steps

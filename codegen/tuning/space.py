@@ -186,13 +186,21 @@ def why_pruned(instance: KernelInstance, config: Config, arch: str, workload: Wo
     block_m, block_n, block_k = (int(values[f"BLOCK_{x}"]) for x in "MNK")
     swap = bool(values["SWAP_AB"])
     w4a4 = problem.get("ACT_FORMAT") == "nvfp4"
-    if block_k % limits.mma_k or k % block_k:
-        return f"BLOCK_K {block_k} must be a multiple of {limits.mma_k} dividing K = {k}"
-    if instance.template.entry == "fp8_linear" and block_k < FP8_MIN_BLOCK_K:
+    if block_k % limits.mma_k:
+        return f"BLOCK_K {block_k} must be a multiple of {limits.mma_k}"
+    fp8 = instance.template.entry == "fp8_linear"
+    if fp8 and block_k < FP8_MIN_BLOCK_K:
         return f"an FP8 dot needs BLOCK_K >= {FP8_MIN_BLOCK_K}"
+    if w4a4 and block_k < W4A4_MIN_BLOCK_K:
+        return f"tl.dot_scaled needs BLOCK_K >= {W4A4_MIN_BLOCK_K}"
+    # The last K step masks its loads past K, so BLOCK_K need not divide K; but a BLOCK_K that
+    # takes as many steps over K as half of it only loads more padding.
+    smallest = W4A4_MIN_BLOCK_K if w4a4 else FP8_MIN_BLOCK_K if fp8 else limits.mma_k
+    half = block_k // 2
+    if half >= smallest and half % limits.mma_k == 0 and -(-k // half) == -(-k // block_k):
+        return (f"BLOCK_K {block_k} takes as many steps over K = {k} as {half} (the last step is masked "
+                f"past K), loading more padding")
     if w4a4:
-        if block_k < W4A4_MIN_BLOCK_K:
-            return f"tl.dot_scaled needs BLOCK_K >= {W4A4_MIN_BLOCK_K}"
         if block_m != 128 or swap:
             return "the native NVFP4 MMA (tcgen05 mxf4nvf4) takes 128-row activation tiles, unswapped"
         if arch != "sm_100":

@@ -244,7 +244,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         model = make_model(workdir)
-        fp32 = build(workdir, "fp32", precision="fp32", target="h100")
+        # section 3 fills the cache to 32k tokens, past the 4,096 of the config's max_position_embeddings
+        # (transformers' default), which the build would otherwise take as the context bound
+        fp32 = build(workdir, "fp32", precision="fp32", target="h100", max_context=CONTEXTS[-1] + 64)
         section_vs_transformers(model, fp32, prompt_tokens, steps, repeats)
         del model
         section_precisions(workdir, fp32, steps, repeats)

@@ -101,6 +101,19 @@ def killed_build(checkpoint: Path, out: Path, point: str, world_size: int = 1,
     return staging
 
 
+def count_written_weights(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The names of the weights the next build writes, appended as it writes them."""
+    written: list[str] = []
+    original = WeightStream._write_weight
+
+    def counting(stream: WeightStream, writer: object, weight: object) -> None:
+        written.append(getattr(weight, "name", ""))
+        original(stream, writer, weight)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(WeightStream, "_write_weight", counting)
+    return written
+
+
 @pytest.mark.parametrize("point", list(KILL_POINTS))
 def test_killed_and_resumed_build_is_byte_identical(checkpoint: Path, uninterrupted: dict[str, bytes], point: str,
                                                     tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -108,14 +121,7 @@ def test_killed_and_resumed_build_is_byte_identical(checkpoint: Path, uninterrup
     staging = killed_build(checkpoint, out, point)
     journal = staging / "weights.journal"
     journaled = len(journal.read_text().splitlines()) if journal.exists() else 0
-    rewritten: list[str] = []
-    original = WeightStream._write_weight
-
-    def counting(stream: WeightStream, writer: object, weight: object) -> None:
-        rewritten.append(getattr(weight, "name", ""))
-        original(stream, writer, weight)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(WeightStream, "_write_weight", counting)
+    rewritten = count_written_weights(monkeypatch)
     result = nemocompile.build(checkpoint, out, target="b200", calibrate=3, resume=True)
     assert comparable_engine_bytes(out) == uninterrupted
     assert not staging.exists() and not list(tmp_path.glob(".engine.*"))
@@ -143,14 +149,7 @@ def test_a_sharded_build_resumes_its_rank_files_or_rewrites_them_when_it_keeps_a
     assert journaled == WEIGHTS - 1
     assert all(len(json.loads(line)["sha256"].split(",")) == 2
                for line in (staging / "weights.journal").read_text().splitlines())
-    rewritten: list[str] = []
-    original = WeightStream._write_weight
-
-    def counting(stream: WeightStream, writer: object, weight: object) -> None:
-        rewritten.append(getattr(weight, "name", ""))
-        original(stream, writer, weight)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(WeightStream, "_write_weight", counting)
+    rewritten = count_written_weights(monkeypatch)
     with override(**limit):
         result = nemocompile.build(checkpoint, out, target="b200", calibrate=3, world_size=2, resume=True)
     resumed = comparable_engine_bytes(out)

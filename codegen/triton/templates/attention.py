@@ -43,6 +43,16 @@ def kv_cache_write(
 
 
 @triton.jit
+def _key_block(start, cache_base, head_dim, ds, d_ok, valid_end, BLOCK_N: tl.constexpr):
+    """Key positions start..start+BLOCK_N-1 of one sequence's KV head (its cache rows begin at
+    cache_base), their element offsets [BLOCK_N, BLOCK_D] and the mask of the keys written so far."""
+    keys = start + tl.arange(0, BLOCK_N)
+    kv_offsets = (cache_base + keys[:, None]) * head_dim + ds[None, :]
+    kv_mask = (keys < valid_end)[:, None] & d_ok[None, :]
+    return keys, kv_offsets, kv_mask
+
+
+@triton.jit
 def _scores(q, k_cache_ptr, kv_offsets, kv_mask, keys, positions, row_ok, scale, q_dtype: tl.constexpr,
             EXACT: tl.constexpr, INTERPRET: tl.constexpr):
     """The masked scores of one key block: (q k^T) * scale, rounded in q's dtype as the reference
@@ -85,9 +95,7 @@ def attention_gqa(
     acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
     cache_base = (seq * num_kv_heads + kv_head) * capacity
     for start in range(0, key_end, BLOCK_N):
-        keys = start + tl.arange(0, BLOCK_N)
-        kv_offsets = (cache_base + keys[:, None]) * head_dim + ds[None, :]
-        kv_mask = (keys < valid_end)[:, None] & d_ok[None, :]
+        keys, kv_offsets, kv_mask = _key_block(start, cache_base, head_dim, ds, d_ok, valid_end, BLOCK_N)
         scores = _scores(q, k_cache_ptr, kv_offsets, kv_mask, keys, positions, row_ok, scale, q_dtype, EXACT,
                          INTERPRET)
         new_max = tl.maximum(row_max, tl.max(scores, axis=1))
@@ -106,9 +114,7 @@ def attention_gqa(
         safe_max = tl.where(row_max == float("-inf"), 0.0, row_max)
         inverse = 1.0 / tl.where(row_sum == 0.0, 1.0, row_sum)
         for start in range(0, key_end, BLOCK_N):
-            keys = start + tl.arange(0, BLOCK_N)
-            kv_offsets = (cache_base + keys[:, None]) * head_dim + ds[None, :]
-            kv_mask = (keys < valid_end)[:, None] & d_ok[None, :]
+            keys, kv_offsets, kv_mask = _key_block(start, cache_base, head_dim, ds, d_ok, valid_end, BLOCK_N)
             scores = _scores(q, k_cache_ptr, kv_offsets, kv_mask, keys, positions, row_ok, scale, q_dtype, EXACT,
                              INTERPRET)
             probs = tl.exp(scores - safe_max[:, None]) * inverse[:, None]

@@ -1,14 +1,18 @@
 """Import a Hugging Face Nemotron-H checkpoint directory as released: config.json, one
 safetensors file or a sharded index, `backbone.` prefix, routed experts stored per expert,
-BF16/FP16/FP32 weights, or NVIDIA ModelOpt NVFP4/FP8/mixed-precision weights (graph/modelopt.py).
+BF16/FP16/FP32 weights, or NVIDIA ModelOpt NVFP4/FP8/mixed-precision weights (graph/modelopt.py),
+with ModelOpt's FP8 KV-cache scales where its config declares them.
 Every expected tensor is checked (presence, shape, dtype) before anything is built, and all
 problems are reported together. A tensor the model does not use is refused, unless it is one
 known to be unused at inference (UNUSED_AT_INFERENCE: skipped and named in the report) or a
-multi-token-prediction tensor (carried and counted). No weight bytes are read."""
+multi-token-prediction tensor (carried and counted). No weight bytes are read, except the two
+fp32 KV-cache scalars of each attention layer of an FP8-KV checkpoint (checked positive)."""
 
 from __future__ import annotations
 
 import fnmatch
+import math
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,15 +23,25 @@ from nemocompile.base.formats import indivisible_input
 from .checkpoint import Checkpoint, check_tensors
 from .config import ModelConfig, load_config
 from .ir import Graph, TensorSource, Weight
-from .modelopt import SCALAR_SHAPES, QuantConfig, read_quant_config, stored_layout, tensor_format
+from .modelopt import (
+    KV_CACHE_ALGO,
+    SCALAR_SHAPES,
+    QuantConfig,
+    kv_scale_tensor,
+    read_quant_config,
+    stored_layout,
+    tensor_format,
+)
 from .nemotron_h import (
     DEFAULT_BOUNDS,
     FLOAT_DTYPES,
     INPUT_SCALE_CATEGORY,
+    KV_SCALES,
     TORCH_DTYPE_TO_IR,
     WeightSource,
     WeightSpec,
     build_block_graph,
+    kv_scale_name,
     model_weights,
 )
 from .storage import component_name
@@ -38,9 +52,13 @@ MTP_PREFIX = "mtp."
 # Checkpoint tensors known to be unused at inference: skipped, and named in the engine's report.
 # Pattern (fnmatch, full tensor name) -> why it is not needed.
 UNUSED_AT_INFERENCE: dict[str, str] = {
-    "*.k_proj.k_scale": "ModelOpt's FP8 KV-cache scale; nemocompile keeps the KV cache in the float base",
-    "*.v_proj.v_scale": "ModelOpt's FP8 KV-cache scale; nemocompile keeps the KV cache in the float base",
+    "*.k_proj.k_scale": "a ModelOpt FP8 KV-cache scale, but the quantization config declares no "
+                        "kv_cache_quant_algo, so the KV cache stays as the policy says",
+    "*.v_proj.v_scale": "a ModelOpt FP8 KV-cache scale, but the quantization config declares no "
+                        "kv_cache_quant_algo, so the KV cache stays as the policy says",
 }
+# the least FP8 KV-cache scale (the smallest normal float32, as every other scale: kernels flush denormals)
+FLOAT32_TINY = 2.0 ** -126
 
 
 @dataclass(frozen=True)
@@ -51,6 +69,9 @@ class ImportedModel:
     checkpoint: Checkpoint
     skipped_tensors: tuple[str, ...] = ()  # known to be unused at inference (UNUSED_AT_INFERENCE)
     quirks: tuple[str, ...] = ()  # known quirks of ModelOpt's writers met in the checkpoint, tolerated
+    # the checkpoint's quantized KV cache (KV_CACHE_ALGO) and where it says so; its scales are graph weights
+    kv_cache: str | None = None
+    kv_cache_source: str = ""
 
 
 def _prefix(ckpt: Checkpoint) -> str:
@@ -188,6 +209,52 @@ def _input_scales(specs: list[WeightSpec], plan: _Plan, ckpt: Checkpoint) -> tup
     return weights, problems
 
 
+def _read_f32_scalar(ckpt: Checkpoint, name: str) -> float:
+    """One stored F32 scalar (4 bytes), read without torch."""
+    path, offset, count = ckpt.location(name)
+    with path.open("rb") as file:
+        file.seek(offset)
+        data = file.read(count)
+    if len(data) != 4:
+        raise CheckpointError(f"{path} changed after the checkpoint was opened (tensor {name})")
+    return float(struct.unpack("<f", data)[0])
+
+
+def _kv_scales(config: ModelConfig, prefix: str, quant: QuantConfig | None,
+               ckpt: Checkpoint) -> tuple[list[Weight], list[str]]:
+    """ModelOpt's FP8 KV-cache scales, `{prefix}layers.N.mixer.k_proj.k_scale` and `...v_proj.v_scale`,
+    carried as the graph weights `layers.N.mixer.k_scale` / `.v_scale` that assign_kv_cache gives
+    attention (so calibration leaves them): one positive F32 scalar each, for every attention layer."""
+    if quant is None or quant.kv_cache != KV_CACHE_ALGO:
+        return [], []
+    weights: list[Weight] = []
+    problems: list[str] = []
+    for index, kind in enumerate(config.layer_kinds):
+        if kind != "attention":
+            continue
+        scope = f"layers.{index}.mixer"
+        for scale in KV_SCALES:
+            which = scale.removesuffix("_scale")
+            tensor = kv_scale_tensor(f"{prefix}{scope}", which)
+            ref = ckpt.ref(tensor)
+            if ref is None:
+                problems.append(f"{tensor} is missing ({quant.source} declares kv_cache_quant_algo "
+                                f"{quant.kv_cache}, which needs a k_scale and a v_scale for every attention layer)")
+                continue
+            if ref.shape not in SCALAR_SHAPES or ref.dtype != F32.safetensors:
+                problems.append(f"{tensor} is {ref.dtype} {list(ref.shape)}, but an FP8 KV-cache scale is an F32 "
+                                "scalar (amax / 448)")
+                continue
+            value = _read_f32_scalar(ckpt, tensor)
+            if not (math.isfinite(value) and value >= FLOAT32_TINY):
+                problems.append(f"{tensor} is {value:g}, but an FP8 KV-cache scale must be a positive, finite "
+                                "normal float32")
+                continue
+            weights.append(Weight(kv_scale_name(scope, which), TensorType(F32, ()), INPUT_SCALE_CATEGORY,
+                                  (TensorSource(ref.file, tensor),)))
+    return weights, problems
+
+
 def _mtp_weights(ckpt: Checkpoint) -> list[Weight]:
     """Multi-token-prediction tensors are carried into the engine and counted, not executed."""
     weights = []
@@ -236,7 +303,9 @@ def import_checkpoint(directory: Path, bounds: tuple[int, int] = DEFAULT_BOUNDS)
     quant = read_quant_config(directory, raw)
     plan = _plan(specs, quant, ckpt)
     scales, scale_problems = _input_scales(specs, plan, ckpt)
-    problems = plan.problems + check_tensors(ckpt, plan.expected) + scale_problems
+    kv_scales, kv_problems = _kv_scales(config, prefix, quant, ckpt)
+    scales += kv_scales
+    problems = plan.problems + check_tensors(ckpt, plan.expected) + scale_problems + kv_problems
     if problems:
         raise CheckpointError(join_problems(f"{directory} does not match its config.json", problems))
     used = set(plan.expected) | {source.tensor for weight in scales for source in weight.sources}
@@ -250,8 +319,9 @@ def import_checkpoint(directory: Path, bounds: tuple[int, int] = DEFAULT_BOUNDS)
         stored = plan.dtypes[spec.name] or SAFETENSORS_DTYPES[ckpt.refs[spec.tensors[0]].dtype]
         sources[spec.name] = WeightSource(tensors, stored)
     metadata = {"source_fingerprint": ckpt.fingerprint()}
-    if quant is not None:
+    if quant is not None and quant.algo is not None:
         metadata["source_quantization"] = quant.algo
     graph = build_block_graph(config, TORCH_DTYPE_TO_IR[config.torch_dtype], sources, scales + _mtp_weights(ckpt),
                               metadata, prefix, lm_head, bounds)
-    return ImportedModel(graph, config, raw, ckpt, tuple(skipped), quant.quirks if quant else ())
+    return ImportedModel(graph, config, raw, ckpt, tuple(skipped), quant.quirks if quant else (),
+                         quant.kv_cache if quant else None, quant.source if quant else "")

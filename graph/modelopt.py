@@ -9,8 +9,16 @@ cross-checked against the config (`QuantConfig.dtype_of`); the importer refuses 
 whose tensors and config disagree, naming every disagreement. Known quirks of ModelOpt's own
 writers are tolerated and listed in `QuantConfig.quirks` (report.md names them): ModelOpt 0.47
 appends a NUL-separated suffix to the module names it lists (`"lm_head.\\u0000backbone.pt_name_sentinel"`),
-read here as the name before the NUL. A quantized KV cache (`kv_cache_quant_algo`) is refused
-until the KV-cache format lands with the multi-GPU runtime."""
+read here as the name before the NUL.
+
+A quantized KV cache (`kv_cache_quant_algo: FP8`; config.json's `kv_cache_scheme`
+`{"num_bits": 8, "type": "float", "dynamic": false}`) is deployed with the checkpoint's own scales:
+ModelOpt 0.47's unified HF export writes, for each attention module, `<module>.k_proj.k_scale` and
+`<module>.v_proj.v_scale`, F32 0-d tensors holding the static amax its `k_bmm_quantizer` /
+`v_bmm_quantizer` calibrated on the keys / values the attention reads, divided by 448 (E4M3's
+largest value). In Nemotron-H those are the k_proj / v_proj outputs as they are: its attention has
+no rotary embedding. A KV-only export has `quant_algo: null` (every GEMM float). Any other KV-cache
+format (INT8, NVFP4) is refused."""
 
 from __future__ import annotations
 
@@ -33,6 +41,10 @@ from .types import DTYPES, DType, TensorType
 ALGO_DTYPES: Mapping[str, DType] = MappingProxyType(
     {dtype.format.modelopt_algo: dtype for dtype in DTYPES.values() if dtype.format.modelopt_algo})
 SUPPORTED_ALGOS = (*ALGO_DTYPES, "MIXED_PRECISION")
+# The one quantized KV cache nemocompile runs (passes/assign_kv_cache.py): FP8 E4M3, a scale per tensor.
+KV_CACHE_ALGO = "FP8"
+# config.json's spelling of it (ModelOpt's convert_hf_config writes compressed-tensors' scheme)
+FP8_KV_SCHEME = {"num_bits": 8, "type": "float", "dynamic": False}
 QUANT_CONFIG_FILE = "hf_quant_config.json"
 # The storage dtype of a quantized weight -> its format (U8: NVFP4 codes, F8_E4M3: FP8)
 STORED_FORMATS: Mapping[str, DType] = MappingProxyType(
@@ -48,15 +60,18 @@ SCALAR_SHAPES = ((), (1,))
 @dataclass(frozen=True)
 class QuantConfig:
     source: str
-    algo: str
+    algo: str | None  # None: no GEMM quantized (a KV-cache-only export)
     exclude_modules: tuple[str, ...] = ()
     quantized_layers: Mapping[str, str] = field(default_factory=dict)  # module -> NVFP4 | FP8
     quirks: tuple[str, ...] = ()  # known quirks of ModelOpt's writers met in this config, tolerated
+    kv_cache: str | None = None  # KV_CACHE_ALGO when the checkpoint's KV cache is quantized, with its scales
 
     def dtype_of(self, module: str) -> DType | None:
         """The stored format of a linear module as the config says, or None when it keeps the
         module unquantized. A quantized_layers entry covers the module and the modules under it
         (ModelOpt names a layer's stacked experts `...mixer.experts`)."""
+        if self.algo is None:
+            return None
         if self.algo == "MIXED_PRECISION":
             for name, algo in self.quantized_layers.items():
                 if module == name or module.startswith(name + "."):
@@ -98,14 +113,24 @@ def _algo(value: Any, where: str) -> str:
     return algo
 
 
-def _check_kv_cache(section: Mapping[str, Any], where: str) -> None:
+def _kv_cache(section: Mapping[str, Any], where: str) -> str | None:
+    """KV_CACHE_ALGO when the section declares a quantized KV cache, None when it does not; any
+    other KV-cache format is refused."""
     kv_algo = section.get("kv_cache_quant_algo")
-    if kv_algo is None and section.get("kv_cache_scheme"):  # config.json's compressed-tensors spelling
-        kv_algo = "FP8"
-    if kv_algo is not None:
-        raise CheckpointError(f"{where}: kv_cache_quant_algo {kv_algo!r} asks for a quantized KV cache with the "
-                              "checkpoint's k_scale/v_scale, which nemocompile does not run yet (the KV-cache "
-                              "format comes with the multi-GPU runtime); export without KV-cache quantization")
+    if kv_algo is None and "kv_cache_scheme" in section:  # config.json's compressed-tensors spelling
+        scheme = section["kv_cache_scheme"]
+        if scheme is None:
+            return None
+        if isinstance(scheme, dict) and all(scheme.get(key, False) == value for key, value in FP8_KV_SCHEME.items()):
+            return KV_CACHE_ALGO
+        kv_algo = scheme if isinstance(scheme, str) else json.dumps(scheme)
+    if kv_algo is None:
+        return None
+    if str(kv_algo).upper() != KV_CACHE_ALGO:
+        raise CheckpointError(f"{where}: kv_cache_quant_algo {kv_algo!r} is not supported; nemocompile runs a "
+                              f"quantized KV cache in {KV_CACHE_ALGO} only (E4M3 codes with the checkpoint's "
+                              "k_scale and v_scale per attention layer)")
+    return KV_CACHE_ALGO
 
 
 def _check_group_size(entry: Mapping[str, Any], algo: str, where: str) -> None:
@@ -116,9 +141,11 @@ def _check_group_size(entry: Mapping[str, Any], algo: str, where: str) -> None:
 
 
 def _parse(section: Mapping[str, Any], where: str) -> QuantConfig:
-    algo = _algo(section.get("quant_algo"), where)
-    _check_kv_cache(section, where)
-    _check_group_size(section, algo, where)
+    kv_cache = _kv_cache(section, where)
+    # a KV-cache-only export (ModelOpt writes quant_algo null): every GEMM stays float
+    algo = None if kv_cache and section.get("quant_algo") is None else _algo(section.get("quant_algo"), where)
+    if algo is not None:
+        _check_group_size(section, algo, where)
     exclude = section.get("exclude_modules") or section.get("ignore") or []
     if not isinstance(exclude, list) or not all(isinstance(e, str) for e in exclude):
         raise CheckpointError(f"{where}: exclude_modules must be a list of module names")
@@ -137,7 +164,7 @@ def _parse(section: Mapping[str, Any], where: str) -> QuantConfig:
             if isinstance(entry, dict):
                 _check_group_size(entry, layer_algo, f"{where}, quantized_layers[{module!r}]")
             layers[_module_name(module, quirks)] = layer_algo
-    return QuantConfig(where, algo, tuple(exclude), layers, tuple(sorted(quirks)))
+    return QuantConfig(where, algo, tuple(exclude), layers, tuple(sorted(quirks)), kv_cache)
 
 
 # It lists at most every quantized layer of the model: tens of kilobytes for the largest.
@@ -163,7 +190,8 @@ def read_quant_config(directory: Path, raw_config: Mapping[str, Any]) -> QuantCo
     where = f"{directory / 'config.json'} quantization_config"
     if not isinstance(section, dict):
         raise CheckpointError(f"{where} must be an object")
-    if "quant_algo" not in section and isinstance(section.get("quantization"), dict):
+    if ("quant_algo" not in section and "kv_cache_scheme" not in section
+            and isinstance(section.get("quantization"), dict)):
         section = section["quantization"]
     return _parse(section, where)
 
@@ -176,3 +204,9 @@ def stored_layout(dtype: DType, shape: tuple[int, ...]) -> dict[str, tuple[tuple
         raise CheckpointError(f"is {dtype.format.modelopt_algo} but {reason}")
     return {stored.component: (stored.shape, stored.dtype.safetensors)
             for stored in stored_tensors(TensorType(dtype, shape))}
+
+
+def kv_scale_tensor(attention_module: str, which: str) -> str:
+    """The checkpoint tensor ModelOpt writes for the scale of attention module `attention_module`'s
+    key (`which` = "k") or value ("v") cache: `<module>.k_proj.k_scale`, `<module>.v_proj.v_scale`."""
+    return f"{attention_module}.{which}_proj.{which}_scale"

@@ -32,7 +32,7 @@ from nemocompile.graph.text import print_graph
 from nemocompile.passes.assign_precision import exported_numerics
 from nemocompile.passes.base import Pass
 from nemocompile.passes.manager import PassRecord
-from nemocompile.passes.precision_policy import PrecisionPolicy, resolve_policy
+from nemocompile.passes.precision_policy import PrecisionPolicy, resolve_policy, with_checkpoint_kv_cache
 from nemocompile.passes.shard import Shard
 from nemocompile.runtime.engine_format import (
     MANIFEST_NAME,
@@ -246,6 +246,8 @@ class BuildContext:
         self.target = load_target(options.target)
         self.policy = resolve_policy(self.target, options.precision, options.overrides, options.policy_file,
                                      options.exclude, options.act_scales)
+        if imported.kv_cache is not None:  # a ModelOpt FP8 KV cache, deployed with the checkpoint's scales
+            self.policy = with_checkpoint_kv_cache(self.policy, imported.kv_cache_source)
         self.steps = build_steps(self.target, self.policy, options.calibrate, options.calibration_data,
                                  _shard(options))
         check_print_after(self.steps, options.print_after)

@@ -5,6 +5,7 @@ against what the target can run."""
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import sys
 from collections.abc import Mapping, Sequence
@@ -58,6 +59,8 @@ class PrecisionPolicy:
     # activation scales of W4A4 / W8A8 GEMMs: "static" (calibrated, or the checkpoint's input_scale)
     # or "dynamic" (computed from the activations on every call; no calibration)
     act_scales: str = "static"
+    # the components the policy file or --override set (the others follow the target or the base)
+    explicit: frozenset[str] = frozenset()
 
     def act_format_for_stored(self, stored: str, has_input_scale: bool) -> str | None:
         """Activations of a GEMM whose weight the checkpoint stores quantized, deployed as exported:
@@ -209,4 +212,18 @@ def resolve_policy(target: Target, precision: str = "auto", overrides: Sequence[
     _check_float_components(components, base, explicit)
     _check_target(target, components)
     return PrecisionPolicy(base, MappingProxyType(components), tuple(patterns), on_indivisible,
-                           frozenset(target.native_formats), four_over_six, scales)
+                           frozenset(target.native_formats), four_over_six, scales, frozenset(explicit))
+
+
+def with_checkpoint_kv_cache(policy: PrecisionPolicy, declared_by: str) -> PrecisionPolicy:
+    """The policy for a checkpoint that declares an FP8 KV cache with its own scales (a ModelOpt
+    export's kv_cache_quant_algo, named by `declared_by`): kv_cache = fp8, as deployed by vLLM and
+    TensorRT-LLM. A kv_cache the user chose otherwise (--override, policy file) is refused."""
+    chosen = policy.components.get("kv_cache", policy.base)
+    if chosen == FP8_KV_CACHE:
+        return policy
+    if "kv_cache" in policy.explicit:
+        raise UsageError(f"{declared_by} declares an FP8 KV cache with its own k_scale and v_scale, but the "
+                         f"policy (--override or policy file) asks for kv_cache={chosen}; drop that choice or "
+                         f"set kv_cache=fp8")
+    return dataclasses.replace(policy, components=MappingProxyType({**policy.components, "kv_cache": FP8_KV_CACHE}))

@@ -70,8 +70,12 @@ RECIPES: dict[str, Callable[[], dict[str, Any]]] = {
     "fp8": lambda: mtq.FP8_DEFAULT_CFG,
     "nvfp4": lambda: mtq.NVFP4_DEFAULT_CFG,
     "mixed": mixed_recipe,
+    # FP8 W8A8 GEMMs and an FP8 KV cache, as hf_ptq.py's `--qformat fp8 --kv_cache_qformat fp8`
     "fp8_kv": lambda: {**mtq.FP8_DEFAULT_CFG,
                        "quant_cfg": [*mtq.FP8_DEFAULT_CFG["quant_cfg"], *mtq.FP8_KV_CFG["quant_cfg"]]},
+    # an FP8 KV cache alone: every GEMM float (ModelOpt exports quant_algo null)
+    "kv_only": lambda: {"quant_cfg": [{"quantizer_name": "*", "enable": False}, *mtq.FP8_KV_CFG["quant_cfg"]],
+                        "algorithm": "max"},
 }
 
 
@@ -132,11 +136,16 @@ class Export:
     logits: torch.Tensor  # ModelOpt's fake-quantized model on the prompt, fp32
 
 
+def calibration_batches() -> list[torch.Tensor]:
+    """The token batches make_export calibrates with."""
+    generator = torch.Generator().manual_seed(7)
+    return [torch.randint(0, CONFIG["vocab_size"], (2, 32), generator=generator) for _ in range(4)]
+
+
 def make_export(recipe: str, directory: Path, seed: int = 0) -> Export:
     """Quantize a random tiny model with ModelOpt and export it to `directory`."""
     model = random_model(seed)
-    generator = torch.Generator().manual_seed(7)
-    batches = [torch.randint(0, CONFIG["vocab_size"], (2, 32), generator=generator) for _ in range(4)]
+    batches = calibration_batches()
     prompt = torch.randint(0, CONFIG["vocab_size"], (2, 24), generator=torch.Generator().manual_seed(5))
 
     def calibrate(m: Any) -> None:

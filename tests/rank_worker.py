@@ -1,7 +1,8 @@
 """One rank of a sharded engine under test, started with torchrun's environment (RANK, WORLD_SIZE,
 MASTER_ADDR, MASTER_PORT): `python tests/rank_worker.py ENGINE OUT [die]`. It loads the engine with
 `nemocompile.load` (which joins the process group), prefills two prompts and decodes 16 greedy steps,
-and rank 0 saves the logits of every step and the tokens to OUT. With `die`, rank 1 exits right after
+and rank 0 saves the logits of every step and the tokens to OUT (RANK_WORKER_VOCAB=N takes the
+prompts' ids modulo N, for a model of a smaller vocabulary). With `die`, rank 1 exits right after
 loading, so the test can watch the other ranks fail instead of hanging."""
 
 from __future__ import annotations
@@ -22,8 +23,10 @@ def main() -> None:
     engine = nemocompile.load(engine_dir, device="cpu")
     if len(sys.argv) > 3 and os.environ.get("RANK") == "1":
         os._exit(3)  # a rank that dies mid-run
-    cache = engine.new_cache(len(PROMPTS))
-    steps = [engine.forward(PROMPTS, cache)[:, -1]]
+    vocab = int(os.environ.get("RANK_WORKER_VOCAB", "0"))  # a model of a smaller vocabulary: ids modulo it
+    prompts = [[token % vocab for token in prompt] for prompt in PROMPTS] if vocab else PROMPTS
+    cache = engine.new_cache(len(prompts))
+    steps = [engine.forward(prompts, cache)[:, -1]]
     tokens = [steps[-1].argmax(-1)]
     for _ in range(DECODE_STEPS):
         steps.append(engine.forward(tokens[-1][:, None], cache)[:, -1])

@@ -226,15 +226,6 @@ def test_a_float_weight_with_a_weight_scale_is_refused_as_ambiguous(exports: Cal
         nemocompile.build(model, tmp_path / "engine", target="b200")
 
 
-def test_fp8_kv_cache_is_refused_clearly(exports: Callable[[str], Export], tmp_path: Path) -> None:
-    export = exports("fp8_kv")
-    tensors = load_file(str(export.directory / "model.safetensors"))
-    assert "backbone.layers.1.mixer.k_proj.k_scale" in tensors  # ModelOpt wrote the KV-cache scales
-    with pytest.raises(CheckpointError, match="kv_cache_quant_algo 'FP8' asks for a quantized KV cache"):
-        nemocompile.build(export.directory, tmp_path / "engine", target="h100")
-    assert not (tmp_path / "engine").exists()
-
-
 def test_group_size_other_than_nvfp4s_block_is_refused(exports: Callable[[str], Export], tmp_path: Path) -> None:
     def edit(section: dict[str, Any]) -> None:
         section["group_size"] = 32

@@ -1,6 +1,8 @@
 """Plan mode: build the graph from config.json alone (no weight bytes read or allocated), assign
 precision by the target's policy, account parameters and bytes, and plan the memory of each GPU
-for a world size (weights, KV cache, Mamba state, workspace, communication: memory_plan.py)."""
+for a world size (weights, KV cache, Mamba state, workspace, communication: memory_plan.py). A
+checkpoint directory whose ModelOpt quantization config declares an FP8 KV cache is planned with it,
+as its build deploys it."""
 
 from __future__ import annotations
 
@@ -13,9 +15,10 @@ from nemocompile.base.formats import BASE_PRECISIONS, FORMATS, PRECISIONS
 from nemocompile.base.settings import settings
 from nemocompile.graph.config import ModelConfig, load_config
 from nemocompile.graph.ir import Graph
+from nemocompile.graph.modelopt import read_quant_config
 from nemocompile.graph.nemotron_h import TORCH_DTYPE_TO_IR, build_block_graph, mtp_weight_estimate
 from nemocompile.passes.manager import PassManager, PassRecord
-from nemocompile.passes.precision_policy import PrecisionPolicy, resolve_policy
+from nemocompile.passes.precision_policy import PrecisionPolicy, resolve_policy, with_checkpoint_kv_cache
 from nemocompile.targets import Target, load_target
 
 from .memory_plan import MemoryPlan, plan_memory
@@ -85,6 +88,10 @@ def plan_model(config_path: Path, options: BuildOptions | None = None) -> PlanRe
     policy = resolve_policy(target, options.precision, options.overrides, options.policy_file, options.exclude,
                            options.act_scales)
     config, raw = load_config(config_path)
+    if config_path.is_dir() or config_path.name == "config.json":  # a checkpoint's: its KV cache as declared
+        quant = read_quant_config(config_path if config_path.is_dir() else config_path.parent, raw)
+        if quant is not None and quant.kv_cache is not None:
+            policy = with_checkpoint_kv_cache(policy, quant.source)
     block_graph = build_block_graph(config, TORCH_DTYPE_TO_IR[config.torch_dtype], bounds=options.bounds)
     graph, records = PassManager(graph_passes(build_steps(target, policy)),
                                    verify_each=settings().verify_each_pass).run(block_graph)

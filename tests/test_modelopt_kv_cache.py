@@ -24,6 +24,8 @@ from nemocompile.base.errors import CheckpointError, UsageError
 from nemocompile.cli import main
 from nemocompile.driver import BuildResult
 from nemocompile.graph.modelopt import QUANT_CONFIG_FILE
+from nemocompile.options import BuildOptions
+from nemocompile.planner import plan_model
 
 pytest.importorskip("modelopt", reason="the exports are made by NVIDIA ModelOpt")
 import modelopt.torch.quantization as mtq
@@ -204,6 +206,21 @@ def test_a_consistent_override_is_accepted_and_a_conflicting_one_refused(exports
     assert done.exit_code == 2
     assert len(done.stderr.strip().splitlines()) == 1 and "asks for kv_cache=bf16" in done.stderr
     assert not (tmp_path / "cli").exists()
+
+
+def test_plan_of_the_checkpoint_counts_its_fp8_kv_cache(exports: Callable[[str], Export], tmp_path: Path) -> None:
+    export = exports("kv_only")
+    options = BuildOptions(target="h100", precision="fp32")
+    declared = plan_model(export.directory, options)
+    assert declared.policy.components["kv_cache"] == "fp8_e4m3"
+    undeclared = _copy(export, tmp_path / "undeclared")
+    _drop_quantization(undeclared)
+    plain = plan_model(undeclared / "config.json", options)
+    assert plain.policy.components["kv_cache"] == "fp32"
+    assert declared.memory.kv_bytes_per_token * 4 == plain.memory.kv_bytes_per_token  # E4M3 bytes, not fp32
+    with pytest.raises(UsageError, match="declares an FP8 KV cache"):
+        plan_model(export.directory / "config.json", BuildOptions(target="h100", precision="fp32",
+                                                                   overrides=("kv_cache=fp32",)))
 
 
 def _config_kv(algo: str) -> Callable[[Path], None]:

@@ -73,6 +73,9 @@ RECIPES: dict[str, Callable[[], dict[str, Any]]] = {
     # FP8 W8A8 GEMMs and an FP8 KV cache, as hf_ptq.py's `--qformat fp8 --kv_cache_qformat fp8`
     "fp8_kv": lambda: {**mtq.FP8_DEFAULT_CFG,
                        "quant_cfg": [*mtq.FP8_DEFAULT_CFG["quant_cfg"], *mtq.FP8_KV_CFG["quant_cfg"]]},
+    # the mixed recipe with an FP8 KV cache (quant_algo MIXED_PRECISION, kv_cache_quant_algo FP8)
+    "mixed_kv": lambda: {**mixed_recipe(),
+                         "quant_cfg": [*mixed_recipe()["quant_cfg"], *mtq.FP8_KV_CFG["quant_cfg"]]},
     # an FP8 KV cache alone: every GEMM float (ModelOpt exports quant_algo null)
     "kv_only": lambda: {"quant_cfg": [{"quantizer_name": "*", "enable": False}, *mtq.FP8_KV_CFG["quant_cfg"]],
                         "algorithm": "max"},

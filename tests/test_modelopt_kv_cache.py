@@ -113,7 +113,8 @@ def test_modelopt_exports_amax_over_448_of_the_k_and_v_projections(exports: Call
                 float(getattr(attention, f"{which}_bmm_quantizer").amax) / E4M3_MAX, rel=1e-6)
 
 
-@pytest.mark.parametrize(("recipe", "target"), [("fp8_kv", "h100"), ("fp8_kv", "b200"), ("kv_only", "h100")])
+@pytest.mark.parametrize(("recipe", "target"), [("fp8_kv", "h100"), ("fp8_kv", "b200"), ("kv_only", "h100"),
+                                                ("mixed_kv", "b200")])
 def test_export_deploys_with_its_own_kv_scales_and_modelopts_numerics(
         exports: Callable[[str], Export], engines: Callable[[str, str], tuple[Path, BuildResult]], recipe: str,
         target: str) -> None:

@@ -207,7 +207,8 @@ def plan_kernels(graphs: Mapping[str, Graph], arch: str, configure: Configure | 
             except NoKernel as why:
                 fallbacks.append(Fallback(graph_name, op.results[0].name, op.opname, name, str(why)))
                 continue
-            named = [_named(i) for i in (configure(graph_name, op, built) if configure else built)]
+            configured = configure(graph_name, op, built) if configure else built
+            named = [_named(i) for i in catalog.with_split_k_reduces(configured)]
             for instance in named:
                 instances.setdefault(instance.name, instance)
             bindings.setdefault(graph_name, {})[op.results[0].name] = [i.name for i in named]

@@ -3,6 +3,7 @@ specialise them for one op's shapes and formats."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import replace
 
 from nemocompile.base.errors import IRError
@@ -14,10 +15,20 @@ MOE_NVFP4_GEMM = KernelTemplate(
     module="moe_gemm", entry="moe_nvfp4_gemm", imports=("numerics", "quant_math"),
     params=(("x_ptr", "*dtype"), ("order_ptr", "*i64"), ("tile_starts_ptr", "*i32"), ("offsets_ptr", "*i64"),
             ("weight_ptr", "*u8"), ("block_scale_ptr", "*fp8e4nv"), ("global_scale_ptr", "*fp32"),
-            ("input_scale_ptr", "*fp32"), ("routing_ptr", "*fp32"), ("out_ptr", "*dtype")),
+            ("input_scale_ptr", "*fp32"), ("routing_ptr", "*fp32"), ("out_ptr", "*dtype"), ("workspace_ptr", "*fp32")),
     constexprs=("N", "K", "NUM_EXPERTS", "TOP_K", "GATHER", "ACTIVATION", "COMBINE", "ACT_FORMAT",
-                "BLOCK_M", "BLOCK_N", "BLOCK_K", "SWAP_AB", "INTERPRET"),
+                "BLOCK_M", "BLOCK_N", "BLOCK_K", "SWAP_AB", "SPLIT_K", "INTERPRET"),
     aligned=("x_ptr", "weight_ptr", "block_scale_ptr", "out_ptr"),
+)
+# The second launch of a split-K moe_nvfp4_gemm: sums the K slices' partials, applies the epilogue.
+MOE_NVFP4_GEMM_REDUCE = KernelTemplate(
+    module="moe_gemm", entry="moe_nvfp4_gemm_reduce", imports=("numerics", "quant_math"),
+    params=(("workspace_ptr", "*fp32"), ("x_ptr", "*dtype"), ("order_ptr", "*i64"), ("tile_starts_ptr", "*i32"),
+            ("offsets_ptr", "*i64"), ("global_scale_ptr", "*fp32"), ("input_scale_ptr", "*fp32"),
+            ("routing_ptr", "*fp32"), ("out_ptr", "*dtype")),
+    constexprs=("N", "NUM_EXPERTS", "ACTIVATION", "COMBINE", "ACT_FORMAT", "BLOCK_M", "BLOCK_N", "SPLIT_K",
+                "INTERPRET"),
+    aligned=("workspace_ptr", "out_ptr"),
 )
 # tl.dot_scaled with E4M3 block-16 scales: tcgen05 kind::mxf4nvf4 exists on sm_100a only
 MOE_NVFP4_W4A4_ARCHS = ("sm_100",)
@@ -32,10 +43,18 @@ MOE_COMBINE_ROWS = KernelTemplate(
 FP8_LINEAR = KernelTemplate(
     module="fp8_gemm", entry="fp8_linear", imports=("numerics", "quant_math"),
     params=(("x_ptr", "*dtype"), ("input_scale_ptr", "*fp32"), ("weight_ptr", "*fp8e4nv"),
-            ("weight_scale_ptr", "*fp32"), ("bias_ptr", "*dtype"), ("out_ptr", "*dtype"), ("rows", "i32")),
+            ("weight_scale_ptr", "*fp32"), ("bias_ptr", "*dtype"), ("out_ptr", "*dtype"), ("workspace_ptr", "*fp32"),
+            ("rows", "i32")),
     constexprs=("N", "K", "QUANT_ACT", "PER_CHANNEL", "HAS_BIAS", "BLOCK_M", "BLOCK_N", "BLOCK_K", "SWAP_AB",
-                "INTERPRET"),
+                "SPLIT_K", "INTERPRET"),
     aligned=("x_ptr", "weight_ptr", "out_ptr"),
+)
+FP8_LINEAR_REDUCE = KernelTemplate(
+    module="fp8_gemm", entry="fp8_linear_reduce", imports=("numerics", "quant_math"),
+    params=(("workspace_ptr", "*fp32"), ("input_scale_ptr", "*fp32"), ("weight_scale_ptr", "*fp32"),
+            ("bias_ptr", "*dtype"), ("out_ptr", "*dtype"), ("rows", "i32")),
+    constexprs=("N", "QUANT_ACT", "PER_CHANNEL", "HAS_BIAS", "BLOCK_M", "BLOCK_N", "SPLIT_K", "INTERPRET"),
+    aligned=("workspace_ptr", "out_ptr"),
 )
 
 # The norm, Mamba, attention and router templates (docs/triton-codegen.md).
@@ -105,7 +124,8 @@ MOE_PERMUTATION = KernelTemplate(
     constexprs=("BLOCK_PAIRS", "BLOCK_E"),
 )
 
-TEMPLATES = {t.entry: t for t in (MOE_NVFP4_GEMM, MOE_COMBINE_ROWS, FP8_LINEAR, ADD_RMS_NORM, GATED_RMS_NORM,
+TEMPLATES = {t.entry: t for t in (MOE_NVFP4_GEMM, MOE_NVFP4_GEMM_REDUCE, MOE_COMBINE_ROWS, FP8_LINEAR,
+                                  FP8_LINEAR_REDUCE, ADD_RMS_NORM, GATED_RMS_NORM,
                                   CAUSAL_CONV1D, SSD_CHUNK_SCAN, SSD_STATE_UPDATE, KV_CACHE_WRITE, ATTENTION_GQA,
                                   MOE_ROUTER, MOE_PERMUTATION)}
 __all__ = ["TEMPLATES", "KernelInstance", "add_rms_norm", "attention_gqa", "causal_conv1d", "fp8_linear",
@@ -138,15 +158,17 @@ def _check_tiles(name: str, k: int, block_k: int, act_format: str = "") -> None:
 def moe_gemm(name: str, op: str, *, n: int, k: int, experts: int, top_k: int, act_format: str,
              activation: str = "none", gather: bool = False, combine: bool = False, x_dtype: str = "bf16",
              out_dtype: str = "bf16", block_m: int = 16, block_n: int = 64, block_k: int = 128,
-             swap_ab: bool | None = None, num_warps: int = 4, num_stages: int = 3) -> KernelInstance:
-    """One grouped NVFP4 GEMM: act_format "bf16" (W4A16) or "nvfp4" (W4A4)."""
+             swap_ab: bool | None = None, num_warps: int = 4, num_stages: int = 3,
+             split_k: int = 1) -> KernelInstance:
+    """One grouped NVFP4 GEMM: act_format "bf16" (W4A16) or "nvfp4" (W4A4). split_k > 1 needs its
+    reduce kernel after it (split_k_reduce)."""
     _check_tiles(name, k, block_k, act_format)
     swap = (act_format == "bf16" and block_m < 64) if swap_ab is None else swap_ab
     template = MOE_NVFP4_GEMM if act_format == "bf16" else replace(MOE_NVFP4_GEMM, archs=MOE_NVFP4_W4A4_ARCHS)
     return instance(name, op, template, {
         "N": n, "K": k, "NUM_EXPERTS": experts, "TOP_K": top_k, "GATHER": gather, "ACTIVATION": activation,
         "COMBINE": combine, "ACT_FORMAT": act_format, "BLOCK_M": block_m, "BLOCK_N": block_n,
-        "BLOCK_K": block_k, "SWAP_AB": swap, "INTERPRET": False},
+        "BLOCK_K": block_k, "SWAP_AB": swap, "SPLIT_K": split_k, "INTERPRET": False},
         {"x_ptr": x_dtype, "out_ptr": "fp32" if combine else out_dtype}, num_warps, num_stages)
 
 
@@ -159,13 +181,50 @@ def moe_combine(name: str, op: str, *, n: int, top_k: int, out_dtype: str = "bf1
 def fp8_linear(name: str, op: str, *, n: int, k: int, quant_act: bool, per_channel: bool = False,
                has_bias: bool = False, x_dtype: str = "bf16", out_dtype: str = "bf16", block_m: int = 16,
                block_n: int = 64, block_k: int = 128, swap_ab: bool | None = None, num_warps: int = 4,
-               num_stages: int = 3) -> KernelInstance:
+               num_stages: int = 3, split_k: int = 1) -> KernelInstance:
     _check_tiles(name, k, block_k)
     swap = block_m < 64 if swap_ab is None else swap_ab
     return instance(name, op, FP8_LINEAR, {
         "N": n, "K": k, "QUANT_ACT": quant_act, "PER_CHANNEL": per_channel, "HAS_BIAS": has_bias,
-        "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "SWAP_AB": swap, "INTERPRET": False},
+        "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "SWAP_AB": swap, "SPLIT_K": split_k,
+        "INTERPRET": False},
         {"x_ptr": x_dtype, "bias_ptr": out_dtype, "out_ptr": out_dtype}, num_warps, num_stages)
+
+
+# GEMM template entry -> the template of its split-K reduce (the second launch)
+SPLIT_K_REDUCES = {MOE_NVFP4_GEMM.entry: MOE_NVFP4_GEMM_REDUCE, FP8_LINEAR.entry: FP8_LINEAR_REDUCE}
+REDUCE_SUFFIX = "_splitk_reduce"
+
+
+def split_k_reduce(gemm: KernelInstance) -> KernelInstance | None:
+    """The reduce kernel a GEMM instance with SPLIT_K > 1 launches after itself (its tiles, epilogue
+    options and output dtypes), or None for SPLIT_K 1 and for other templates."""
+    reduce = SPLIT_K_REDUCES.get(gemm.template.entry)
+    values = dict(gemm.constexprs)
+    if reduce is None or int(values.get("SPLIT_K", 1)) == 1:
+        return None
+    if int(values["SPLIT_K"]) < 1:
+        raise IRError(f"kernel {gemm.name}: SPLIT_K {values['SPLIT_K']} must be at least 1")
+    pointers = dict(gemm.pointer_types)
+    return instance(gemm.name + REDUCE_SUFFIX, gemm.op, reduce, {name: values[name] for name in reduce.constexprs},
+                    {name: pointers[name] for name in ("x_ptr", "bias_ptr", "out_ptr")
+                     if name in pointers and (name, "*dtype") in reduce.params},
+                    num_warps=8 if int(values["BLOCK_M"]) * int(values["BLOCK_N"]) > 4096 else 4, num_stages=1)
+
+
+def with_split_k_reduces(instances: Sequence[KernelInstance]) -> tuple[KernelInstance, ...]:
+    """An op's kernels in launch order with each split-K GEMM followed by its reduce kernel (reduce
+    kernels already in the list are replaced: the GEMM's config decides them)."""
+    reduces = {t.entry for t in SPLIT_K_REDUCES.values()}
+    result: list[KernelInstance] = []
+    for kernel in instances:
+        if kernel.template.entry in reduces:
+            continue
+        result.append(kernel)
+        reduce = split_k_reduce(kernel)
+        if reduce is not None:
+            result.append(reduce)
+    return tuple(result)
 
 
 def _pow2(n: int) -> int:

@@ -39,13 +39,24 @@ def _tensor(value: object, what: str) -> torch.Tensor:
     return value
 
 
+def _gemm_names(kernels: TritonKernels, names: Sequence[str]) -> tuple[str, str | None, Sequence[str]]:
+    """(the GEMM, its split-K reduce kernel or None, the op's kernels after them): a GEMM with
+    SPLIT_K > 1 is bound with its reduce kernel right after it (codegen: with_split_k_reduces)."""
+    if int(kernels.constexpr(names[0], "SPLIT_K")) > 1:
+        if len(names) < 2:
+            raise EngineError(f"kernel {names[0]} splits K but is bound without its reduce kernel")
+        return names[0], names[1], names[2:]
+    return names[0], None, names[1:]
+
+
 def _grouped_w4a16(kernels: TritonKernels, names: Sequence[str], op: Op, args: Args) -> tuple[torch.Tensor, ...]:
     weight = args[2]
     if not isinstance(weight, NVFP4Tensor):
         raise EngineError(f"{op.opname} at {op.scope}: kernel {kernel_of(op)} needs an NVFP4 weight")
     out_dtype = torch_dtype(op.results[0].type.dtype)
-    return (triton_gemm.grouped_gemm_w4a16(kernels, names[0], _tensor(args[0], "x"), _tensor(args[1], "offsets"),
-                                           weight, out_dtype),)
+    gemm, reduce, _ = _gemm_names(kernels, names)
+    return (triton_gemm.grouped_gemm_w4a16(kernels, gemm, _tensor(args[0], "x"), _tensor(args[1], "offsets"),
+                                           weight, out_dtype, reduce),)
 
 
 def _nvfp4(op: Op, value: object) -> NVFP4Tensor:
@@ -60,17 +71,21 @@ def _optional(value: object) -> torch.Tensor | None:
 
 def _expert_up(kernels: TritonKernels, names: Sequence[str], op: Op, args: Args) -> tuple[torch.Tensor, ...]:
     x = _tensor(args[0], "x")
-    return (triton_gemm.moe_expert_up(kernels, names[0], x.reshape(-1, x.shape[-1]), _tensor(args[1], "order"),
+    gemm, reduce, _ = _gemm_names(kernels, names)
+    return (triton_gemm.moe_expert_up(kernels, gemm, x.reshape(-1, x.shape[-1]), _tensor(args[1], "order"),
                                       _tensor(args[2], "offsets"), _nvfp4(op, args[3]), _optional(args[4]),
-                                      out_dtype=torch_dtype(op.results[0].type.dtype)),)
+                                      out_dtype=torch_dtype(op.results[0].type.dtype), reduce_name=reduce),)
 
 
 def _expert_down(kernels: TritonKernels, names: Sequence[str], op: Op, args: Args) -> tuple[torch.Tensor, ...]:
     routing = _tensor(args[4], "weights")
+    gemm, reduce, rest = _gemm_names(kernels, names)
+    if not rest:
+        raise EngineError(f"{op.opname} at {op.scope}: kernel {gemm} is bound without its combine kernel")
     out = triton_gemm.moe_expert_down(
-        kernels, names[0], names[1], _tensor(args[0], "hidden"), _tensor(args[1], "order"),
+        kernels, gemm, rest[0], _tensor(args[0], "hidden"), _tensor(args[1], "order"),
         _tensor(args[2], "offsets"), _nvfp4(op, args[3]), routing.reshape(-1, routing.shape[-1]),
-        _optional(args[5] if len(args) > 5 else None))
+        _optional(args[5] if len(args) > 5 else None), reduce_name=reduce)
     return (out.view(*routing.shape[:-1], out.shape[-1]),)
 
 
@@ -83,16 +98,18 @@ def _per_channel_fp8(op: Op, weight: object) -> FP8Tensor:
 
 
 def _fp8_quant_linear(kernels: TritonKernels, names: Sequence[str], op: Op, args: Args) -> tuple[torch.Tensor, ...]:
-    return (triton_gemm.fp8_linear(kernels, names[0], _tensor(args[0], "x"), _per_channel_fp8(op, args[1]),
+    gemm, reduce, _ = _gemm_names(kernels, names)
+    return (triton_gemm.fp8_linear(kernels, gemm, _tensor(args[0], "x"), _per_channel_fp8(op, args[1]),
                                    _tensor(args[2], "input_scale"), _optional(args[3] if len(args) > 3 else None),
-                                   out_dtype=torch_dtype(op.results[0].type.dtype)),)
+                                   out_dtype=torch_dtype(op.results[0].type.dtype), reduce_name=reduce),)
 
 
 def _fp8_linear(kernels: TritonKernels, names: Sequence[str], op: Op, args: Args) -> tuple[torch.Tensor, ...]:
     """linear(x, fp8 weight, bias?): x already quantized (fp32 values) or bf16; no activation scale."""
-    return (triton_gemm.fp8_linear(kernels, names[0], _tensor(args[0], "x"), _per_channel_fp8(op, args[1]), None,
+    gemm, reduce, _ = _gemm_names(kernels, names)
+    return (triton_gemm.fp8_linear(kernels, gemm, _tensor(args[0], "x"), _per_channel_fp8(op, args[1]), None,
                                    _optional(args[2] if len(args) > 2 else None),
-                                   out_dtype=torch_dtype(op.results[0].type.dtype)),)
+                                   out_dtype=torch_dtype(op.results[0].type.dtype), reduce_name=reduce),)
 
 
 LAUNCHERS: dict[str, Launcher] = {

@@ -4,7 +4,12 @@ and pass the kernel's arguments by name. The meaning of each is a composition of
 
 The expert schedule is computed on the device without a host sync: tile_starts[e] is the number
 of BLOCK_M tiles of experts before e, and the grid has cdiv(rows, BLOCK_M) + E programs (an upper
-bound on the tiles), the extra ones exiting at once."""
+bound on the tiles), the extra ones exiting at once.
+
+A kernel with SPLIT_K > 1 writes fp32 partial sums of its K slices to a workspace [rows, SPLIT_K, N]
+(allocated here, through `alloc`, which tests replace with a NaN-poisoning one) over a third grid
+axis, and its reduce kernel (`reduce_name`, the next kernel of the op: codegen's
+split_k_reduce) sums them over the same tiles and applies the epilogue."""
 
 from __future__ import annotations
 
@@ -13,6 +18,7 @@ import torch.nn.functional as F
 
 from ..formats import FP8Tensor, NVFP4Tensor
 from .triton_loader import TritonKernels
+from .triton_ops import Alloc, empty
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -46,39 +52,70 @@ def _per_expert(scale: torch.Tensor, experts: int) -> torch.Tensor:
     return torch.broadcast_to(scale.to(torch.float32).reshape(-1), (experts,)).contiguous()
 
 
+def split_k(kernels: TritonKernels, name: str, reduce_name: str | None) -> int:
+    """The kernel's SPLIT_K; a split kernel must come with its reduce kernel."""
+    split = int(kernels.constexpr(name, "SPLIT_K"))
+    if split > 1 and reduce_name is None:
+        raise ValueError(f"kernel {name} splits K in {split} and needs its reduce kernel, which was not given")
+    return split
+
+
+def _workspace(split: int, rows: int, n: int, device: torch.device, alloc: Alloc) -> torch.Tensor:
+    """fp32 [rows, SPLIT_K, N] for a split kernel; a placeholder the unsplit kernel does not touch."""
+    return alloc((rows, split, n), torch.float32, device) if split > 1 else _one(device)
+
+
 def moe_nvfp4_gemm(kernels: TritonKernels, name: str, x: torch.Tensor, order: torch.Tensor | None,
                    offsets: torch.Tensor, weight: NVFP4Tensor, input_scale: torch.Tensor | None,
-                   routing: torch.Tensor | None, out: torch.Tensor, rows: int) -> torch.Tensor:
+                   routing: torch.Tensor | None, out: torch.Tensor, rows: int, reduce_name: str | None = None,
+                   alloc: Alloc = empty) -> torch.Tensor:
     """Run kernel `name` (a moe_nvfp4_gemm specialisation) over rows offsets[0]:offsets[E] of `rows`;
-    `order` is read only by specialisations that gather or combine."""
+    `order` is read only by specialisations that gather or combine; `reduce_name`: the reduce
+    kernel of a split-K specialisation."""
     experts = offsets.numel() - 1
     block_m = int(kernels.constexpr(name, "BLOCK_M"))
     block_n = int(kernels.constexpr(name, "BLOCK_N"))
     n = int(kernels.constexpr(name, "N"))
+    split = split_k(kernels, name, reduce_name)
     one = _one(x.device)
+    grid = (_cdiv(rows, block_m) + experts, _cdiv(n, block_n))
+    starts = tile_starts(offsets, block_m)
+    order_arg = offsets if order is None else order.contiguous()
+    global_scale = _per_expert(weight.global_scale, experts)
+    input_scales = one if input_scale is None else _per_expert(input_scale, experts)
+    routing_arg = one if routing is None else routing.to(torch.float32).contiguous()
+    workspace = _workspace(split, rows, n, x.device, alloc)
+    x = aligned(x)
     kernels.launch(
-        name, (_cdiv(rows, block_m) + experts, _cdiv(n, block_n)),
-        x_ptr=aligned(x), order_ptr=offsets if order is None else order.contiguous(), tile_starts_ptr=tile_starts(offsets, block_m),
+        name, (*grid, split),
+        x_ptr=x, order_ptr=order_arg, tile_starts_ptr=starts,
         offsets_ptr=offsets.contiguous(), weight_ptr=aligned(weight.packed),
-        block_scale_ptr=aligned(weight.block_scale), global_scale_ptr=_per_expert(weight.global_scale, experts),
-        input_scale_ptr=one if input_scale is None else _per_expert(input_scale, experts),
-        routing_ptr=one if routing is None else routing.to(torch.float32).contiguous(), out_ptr=out)
+        block_scale_ptr=aligned(weight.block_scale), global_scale_ptr=global_scale,
+        input_scale_ptr=input_scales, routing_ptr=routing_arg, out_ptr=out, workspace_ptr=workspace)
+    if split > 1:
+        assert reduce_name is not None
+        kernels.launch(reduce_name, grid, workspace_ptr=workspace, x_ptr=x, order_ptr=order_arg,
+                       tile_starts_ptr=starts, offsets_ptr=offsets.contiguous(), global_scale_ptr=global_scale,
+                       input_scale_ptr=input_scales, routing_ptr=routing_arg, out_ptr=out)
     return out
 
 
 def moe_expert_up(kernels: TritonKernels, name: str, x: torch.Tensor, order: torch.Tensor, offsets: torch.Tensor,
                   weight: NVFP4Tensor, input_scale: torch.Tensor | None = None, out: torch.Tensor | None = None,
-                  out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+                  out_dtype: torch.dtype = torch.bfloat16, reduce_name: str | None = None,
+                  alloc: Alloc = empty) -> torch.Tensor:
     """hidden [N*k, I] = act(grouped_gemm(Q(x[order // k]), offsets, weight)): gather, GEMM, ReLU²."""
     if out is None:
         out = torch.empty(order.numel(), weight.shape[1], dtype=out_dtype, device=x.device)
-    return moe_nvfp4_gemm(kernels, name, x, order, offsets, weight, input_scale, None, out, order.numel())
+    return moe_nvfp4_gemm(kernels, name, x, order, offsets, weight, input_scale, None, out, order.numel(),
+                          reduce_name, alloc)
 
 
 def moe_expert_down(kernels: TritonKernels, name: str, combine_name: str, hidden: torch.Tensor, order: torch.Tensor,
                     offsets: torch.Tensor, weight: NVFP4Tensor, routing: torch.Tensor,
                     input_scale: torch.Tensor | None = None, out: torch.Tensor | None = None,
-                    pairs: torch.Tensor | None = None) -> torch.Tensor:
+                    pairs: torch.Tensor | None = None, reduce_name: str | None = None,
+                    alloc: Alloc = empty) -> torch.Tensor:
     """out [N, D] = moe_combine(grouped_gemm(Q(hidden), offsets, weight), order, routing, N): the GEMM
     writes each pair's weighted row (fp32, `pairs` [N*k, D]), then moe_combine_rows sums each token's."""
     tokens, top_k = routing.shape
@@ -88,22 +125,24 @@ def moe_expert_down(kernels: TritonKernels, name: str, combine_name: str, hidden
     if out is None:
         out = torch.empty(tokens, d, dtype=hidden.dtype, device=hidden.device)
     moe_nvfp4_gemm(kernels, name, hidden, order, offsets, weight, input_scale, routing.reshape(-1), pairs,
-                   order.numel())
+                   order.numel(), reduce_name, alloc)
     block_n = int(kernels.constexpr(combine_name, "BLOCK_N"))
     kernels.launch(combine_name, (tokens, _cdiv(d, block_n)), pairs_ptr=pairs, out_ptr=out)
     return out
 
 
 def grouped_gemm_w4a16(kernels: TritonKernels, name: str, x_sorted: torch.Tensor, offsets: torch.Tensor,
-                      weight: NVFP4Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+                      weight: NVFP4Tensor, out_dtype: torch.dtype, reduce_name: str | None = None) -> torch.Tensor:
     """The `grouped_gemm` op with an NVFP4 weight and float rows already sorted by expert."""
     out = torch.empty(x_sorted.shape[0], weight.shape[1], dtype=out_dtype, device=x_sorted.device)
-    return moe_nvfp4_gemm(kernels, name, x_sorted, None, offsets, weight, None, None, out, x_sorted.shape[0])
+    return moe_nvfp4_gemm(kernels, name, x_sorted, None, offsets, weight, None, None, out, x_sorted.shape[0],
+                          reduce_name)
 
 
 def fp8_linear(kernels: TritonKernels, name: str, x: torch.Tensor, weight: FP8Tensor,
                input_scale: torch.Tensor | None, bias: torch.Tensor | None = None, out: torch.Tensor | None = None,
-               out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+               out_dtype: torch.dtype = torch.bfloat16, reduce_name: str | None = None,
+               alloc: Alloc = empty) -> torch.Tensor:
     """out [M, N] = Q(x) @ dequant(weight)^T + bias (Q: FP8 with the static input_scale, when given)."""
     rows = x.reshape(-1, x.shape[-1])
     n = weight.shape[0]
@@ -111,9 +150,19 @@ def fp8_linear(kernels: TritonKernels, name: str, x: torch.Tensor, weight: FP8Te
         out = torch.empty(rows.shape[0], n, dtype=out_dtype, device=x.device)
     block_m = int(kernels.constexpr(name, "BLOCK_M"))
     block_n = int(kernels.constexpr(name, "BLOCK_N"))
+    split = split_k(kernels, name, reduce_name)
     one = _one(x.device)
-    kernels.launch(name, (_cdiv(rows.shape[0], block_m), _cdiv(n, block_n)),
-                   x_ptr=aligned(rows), input_scale_ptr=one if input_scale is None else input_scale.float().reshape(1),
-                   weight_ptr=aligned(weight.data), weight_scale_ptr=weight.scale.float().reshape(-1).contiguous(),
-                   bias_ptr=out if bias is None else bias.to(out.dtype).contiguous(), out_ptr=out, rows=rows.shape[0])
+    grid = (_cdiv(rows.shape[0], block_m), _cdiv(n, block_n))
+    scale = one if input_scale is None else input_scale.float().reshape(1)
+    weight_scale = weight.scale.float().reshape(-1).contiguous()
+    bias_arg = out if bias is None else bias.to(out.dtype).contiguous()
+    workspace = _workspace(split, rows.shape[0], n, x.device, alloc)
+    kernels.launch(name, (*grid, split),
+                   x_ptr=aligned(rows), input_scale_ptr=scale, weight_ptr=aligned(weight.data),
+                   weight_scale_ptr=weight_scale, bias_ptr=bias_arg, out_ptr=out, workspace_ptr=workspace,
+                   rows=rows.shape[0])
+    if split > 1:
+        assert reduce_name is not None
+        kernels.launch(reduce_name, grid, workspace_ptr=workspace, input_scale_ptr=scale,
+                       weight_scale_ptr=weight_scale, bias_ptr=bias_arg, out_ptr=out, rows=rows.shape[0])
     return out.view(*x.shape[:-1], n)

@@ -11,6 +11,11 @@ fused norm already quantized (add_rms_norm with FP8 output, whose `linear` carri
 values cannot be turned back into E4M3 codes here); they enter the bf16 dot as a high and a low
 bf16 part.
 
+SPLIT_K > 1: program (m, n, s) sums K slice s (whole BLOCK_K steps; the last slice ends at K) in
+fp32 into workspace fp32 [rows, SPLIT_K, N] unscaled, and fp8_linear_reduce sums the SPLIT_K
+partials in slice order (no atomics) and applies the epilogue (scales, bias, cast). SPLIT_K 1 is
+the single kernel, which applies the epilogue itself.
+
 INTERPRET (true only under TRITON_INTERPRET=1): the interpreter's fp32 -> fp8e4nv cast and bf16
 tl.dot are wrong, so there the already-rounded values stay fp32 and the dot runs in fp32 "ieee".
 """
@@ -33,10 +38,10 @@ def _dot(acc, x, w, SWAP_AB: tl.constexpr):
 
 @triton.jit
 def fp8_linear(
-    x_ptr, input_scale_ptr, weight_ptr, weight_scale_ptr, bias_ptr, out_ptr, rows,
+    x_ptr, input_scale_ptr, weight_ptr, weight_scale_ptr, bias_ptr, out_ptr, workspace_ptr, rows,
     N: tl.constexpr, K: tl.constexpr, QUANT_ACT: tl.constexpr, PER_CHANNEL: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SWAP_AB: tl.constexpr,
-    INTERPRET: tl.constexpr,
+    SPLIT_K: tl.constexpr, INTERPRET: tl.constexpr,
 ):
     """x [rows, K] (bf16/fp32), weight float8e4nv [N, K], out [rows, N]."""
     row_ids = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -53,7 +58,15 @@ def fp8_linear(
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     # BLOCK_K need not divide K: the last step's elements beyond K load as 0 and add nothing.
     EVEN_K: tl.constexpr = K % BLOCK_K == 0
-    for k0 in range(0, K, BLOCK_K):
+    if SPLIT_K == 1:  # constexpr bounds: the loop of the single kernel
+        k_begin: tl.constexpr = 0
+        k_end: tl.constexpr = K
+    else:
+        # slices of whole BLOCK_K steps: only the last slice holds the masked step past K
+        SLICE: tl.constexpr = ((K + BLOCK_K - 1) // BLOCK_K + SPLIT_K - 1) // SPLIT_K * BLOCK_K
+        k_begin = tl.program_id(2) * SLICE
+        k_end = tl.minimum(k_begin + SLICE, K)
+    for k0 in range(k_begin, k_end, BLOCK_K):
         k_ids = k0 + tl.arange(0, BLOCK_K)
         if EVEN_K:
             x = tl.load(x_rows + k_ids[None, :], mask=row_mask[:, None], other=0.0).to(tl.float32)
@@ -81,12 +94,46 @@ def fp8_linear(
             acc = _dot(acc, (x - x_operand.to(tl.float32)).to(tl.bfloat16), w_operand, SWAP_AB)
     if SWAP_AB:
         acc = tl.trans(acc)
+    if SPLIT_K == 1:
+        _epilogue(acc, row_ids, row_mask, col_ids, col_mask, input_scale_ptr, weight_scale_ptr, bias_ptr, out_ptr,
+                  N, QUANT_ACT, PER_CHANNEL, HAS_BIAS, INTERPRET)
+    else:
+        partial = workspace_ptr + (row_ids.to(tl.int64)[:, None] * SPLIT_K + tl.program_id(2)) * N + col_ids[None, :]
+        tl.store(partial, acc, mask=row_mask[:, None] & col_mask[None, :])
+
+
+@triton.jit
+def fp8_linear_reduce(
+    workspace_ptr, input_scale_ptr, weight_scale_ptr, bias_ptr, out_ptr, rows,
+    N: tl.constexpr, QUANT_ACT: tl.constexpr, PER_CHANNEL: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr, INTERPRET: tl.constexpr,
+):
+    """The second launch of a split-K fp8_linear: the SPLIT_K partial sums of workspace
+    [rows, SPLIT_K, N] added in slice order, then the GEMM's epilogue."""
+    row_ids = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    col_ids = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = row_ids < rows
+    col_mask = col_ids < N
+    mask = row_mask[:, None] & col_mask[None, :]
+    partial = workspace_ptr + row_ids.to(tl.int64)[:, None] * (SPLIT_K * N) + col_ids[None, :]
+    acc = tl.load(partial, mask=mask, other=0.0)
+    for s in tl.static_range(1, SPLIT_K):
+        acc += tl.load(partial + s * N, mask=mask, other=0.0)
+    _epilogue(acc, row_ids, row_mask, col_ids, col_mask, input_scale_ptr, weight_scale_ptr, bias_ptr, out_ptr,
+              N, QUANT_ACT, PER_CHANNEL, HAS_BIAS, INTERPRET)
+
+
+@triton.jit
+def _epilogue(acc, row_ids, row_mask, col_ids, col_mask, input_scale_ptr, weight_scale_ptr, bias_ptr, out_ptr,
+              N: tl.constexpr, QUANT_ACT: tl.constexpr, PER_CHANNEL: tl.constexpr, HAS_BIAS: tl.constexpr,
+              INTERPRET: tl.constexpr):
+    """The finished K sum (fp32 [BLOCK_M, BLOCK_N]) scaled, biased, rounded and stored."""
     if PER_CHANNEL:
         acc = acc * tl.load(weight_scale_ptr + col_ids, mask=col_mask, other=0.0)[None, :]
     else:
         acc = acc * tl.load(weight_scale_ptr)
     if QUANT_ACT:
-        acc = acc * input_scale
+        acc = acc * tl.load(input_scale_ptr)
     if HAS_BIAS:
         acc = acc + tl.load(bias_ptr + col_ids, mask=col_mask, other=0.0).to(tl.float32)[None, :]
     mask = row_mask[:, None] & col_mask[None, :]

@@ -13,6 +13,13 @@ ACT_FORMAT selects the activation side:
 - "nvfp4" (W4A4, Blackwell): the activation tile is quantized on load to NVFP4 (dynamic E4M3 block
   scales, per-expert static input_scale) and multiplied by `tl.dot_scaled` (tcgen05 mxf4nvf4).
 
+SPLIT_K > 1 splits K over a third grid axis: program (t, n, s) sums K slice s (SLICE_TILES whole
+BLOCK_K steps; the last slice ends at K, its last step masked as usual) in fp32 and stores the
+partial tile unscaled at workspace[row, s, :] (workspace fp32 [rows, SPLIT_K, N]); then
+moe_nvfp4_gemm_reduce, over the same tiles, sums the SPLIT_K partials in slice order (no atomics:
+the result does not depend on timing) and applies the epilogue. SPLIT_K 1 is the single kernel,
+which applies the epilogue itself and never touches the workspace.
+
 INTERPRET (true only under TRITON_INTERPRET=1): the interpreter's bf16 tl.dot multiplies raw bits
 (Triton issue 11584) and its dot_scaled decodes E4M3 scales as E8M0, so in interpreter mode only
 both operands are dequantized explicitly to fp32 and multiplied with input_precision="ieee".
@@ -47,11 +54,11 @@ def _find_expert(tile_starts_ptr, pid, NUM_EXPERTS: tl.constexpr):
 @triton.jit
 def moe_nvfp4_gemm(
     x_ptr, order_ptr, tile_starts_ptr, offsets_ptr, weight_ptr, block_scale_ptr, global_scale_ptr,
-    input_scale_ptr, routing_ptr, out_ptr,
+    input_scale_ptr, routing_ptr, out_ptr, workspace_ptr,
     N: tl.constexpr, K: tl.constexpr, NUM_EXPERTS: tl.constexpr, TOP_K: tl.constexpr,
     GATHER: tl.constexpr, ACTIVATION: tl.constexpr, COMBINE: tl.constexpr, ACT_FORMAT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SWAP_AB: tl.constexpr,
-    INTERPRET: tl.constexpr,
+    SPLIT_K: tl.constexpr, INTERPRET: tl.constexpr,
 ):
     """out[r] = epilogue(x[src(r)] @ W[e]^T) for the rows r of expert e.
 
@@ -66,11 +73,7 @@ def moe_nvfp4_gemm(
     pid = tl.program_id(0)
     if pid >= tl.load(tile_starts_ptr + NUM_EXPERTS):
         return
-    expert = _find_expert(tile_starts_ptr, pid, NUM_EXPERTS)
-    row_start = tl.load(offsets_ptr + expert) + (pid - tl.load(tile_starts_ptr + expert)) * BLOCK_M
-    row_end = tl.load(offsets_ptr + expert + 1)
-    row_ids = row_start + tl.arange(0, BLOCK_M)
-    row_mask = row_ids < row_end
+    expert, row_ids, row_mask = _tile_rows(tile_starts_ptr, offsets_ptr, pid, NUM_EXPERTS, BLOCK_M)
     if GATHER:
         source_rows = tl.load(order_ptr + row_ids, mask=row_mask, other=0) // TOP_K
     else:
@@ -90,7 +93,15 @@ def moe_nvfp4_gemm(
     # K is a multiple of 16 (the NVFP4 block), BLOCK_K need not divide it: the last step's elements
     # beyond K load as code 0 with block scale 0 (and activation 0), which adds nothing to the dot.
     EVEN_K: tl.constexpr = K % BLOCK_K == 0
-    for k0 in range(0, K, BLOCK_K):
+    if SPLIT_K == 1:  # constexpr bounds: the loop of the single kernel
+        k_begin: tl.constexpr = 0
+        k_end: tl.constexpr = K
+    else:
+        # slices of whole BLOCK_K steps: only the last slice holds the masked step past K
+        SLICE: tl.constexpr = ((K + BLOCK_K - 1) // BLOCK_K + SPLIT_K - 1) // SPLIT_K * BLOCK_K
+        k_begin = tl.program_id(2) * SLICE
+        k_end = tl.minimum(k_begin + SLICE, K)
+    for k0 in range(k_begin, k_end, BLOCK_K):
         k_ids = k0 + tl.arange(0, BLOCK_K)
         byte_ids = k0 // 2 + tl.arange(0, BLOCK_K // 2)
         block_ids = k0 // 16 + tl.arange(0, BLOCK_K // 16)
@@ -126,9 +137,58 @@ def moe_nvfp4_gemm(
                 acc = tl.dot(x_operand, tl.trans(w_values), acc, input_precision="ieee")
     if SWAP_AB:
         acc = tl.trans(acc)
+    if SPLIT_K == 1:
+        _moe_epilogue(acc, expert, row_ids, row_mask, col_ids, col_mask, x_ptr, order_ptr, global_scale_ptr,
+                      input_scale_ptr, routing_ptr, out_ptr, N, ACTIVATION, COMBINE, ACT_FORMAT, INTERPRET)
+    else:
+        partial = workspace_ptr + (row_ids.to(tl.int64)[:, None] * SPLIT_K + tl.program_id(2)) * N + col_ids[None, :]
+        tl.store(partial, acc, mask=row_mask[:, None] & col_mask[None, :])
+
+
+@triton.jit
+def moe_nvfp4_gemm_reduce(
+    workspace_ptr, x_ptr, order_ptr, tile_starts_ptr, offsets_ptr, global_scale_ptr, input_scale_ptr, routing_ptr,
+    out_ptr,
+    N: tl.constexpr, NUM_EXPERTS: tl.constexpr, ACTIVATION: tl.constexpr, COMBINE: tl.constexpr,
+    ACT_FORMAT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr,
+    INTERPRET: tl.constexpr,
+):
+    """The second launch of a split-K moe_nvfp4_gemm: over the GEMM's tiles (the same tile_starts,
+    BLOCK_M and BLOCK_N), the SPLIT_K partial sums of workspace [rows, SPLIT_K, N] added in slice
+    order, then the GEMM's epilogue. x_ptr is read for its dtype only (the down-GEMM's rounding)."""
+    pid = tl.program_id(0)
+    if pid >= tl.load(tile_starts_ptr + NUM_EXPERTS):
+        return
+    expert, row_ids, row_mask = _tile_rows(tile_starts_ptr, offsets_ptr, pid, NUM_EXPERTS, BLOCK_M)
+    col_ids = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_mask = col_ids < N
+    mask = row_mask[:, None] & col_mask[None, :]
+    partial = workspace_ptr + row_ids.to(tl.int64)[:, None] * (SPLIT_K * N) + col_ids[None, :]
+    acc = tl.load(partial, mask=mask, other=0.0)
+    for s in tl.static_range(1, SPLIT_K):
+        acc += tl.load(partial + s * N, mask=mask, other=0.0)
+    _moe_epilogue(acc, expert, row_ids, row_mask, col_ids, col_mask, x_ptr, order_ptr, global_scale_ptr,
+                  input_scale_ptr, routing_ptr, out_ptr, N, ACTIVATION, COMBINE, ACT_FORMAT, INTERPRET)
+
+
+@triton.jit
+def _tile_rows(tile_starts_ptr, offsets_ptr, pid, NUM_EXPERTS: tl.constexpr, BLOCK_M: tl.constexpr):
+    """The expert of M-tile `pid`, the tile's row ids and which of them belong to the expert."""
+    expert = _find_expert(tile_starts_ptr, pid, NUM_EXPERTS)
+    row_start = tl.load(offsets_ptr + expert) + (pid - tl.load(tile_starts_ptr + expert)) * BLOCK_M
+    row_end = tl.load(offsets_ptr + expert + 1)
+    row_ids = row_start + tl.arange(0, BLOCK_M)
+    return expert, row_ids, row_ids < row_end
+
+
+@triton.jit
+def _moe_epilogue(acc, expert, row_ids, row_mask, col_ids, col_mask, x_ptr, order_ptr, global_scale_ptr,
+                  input_scale_ptr, routing_ptr, out_ptr, N: tl.constexpr, ACTIVATION: tl.constexpr,
+                  COMBINE: tl.constexpr, ACT_FORMAT: tl.constexpr, INTERPRET: tl.constexpr):
+    """The finished K sum (fp32 [BLOCK_M, BLOCK_N]) scaled, activated and stored (see moe_nvfp4_gemm)."""
     scale = tl.load(global_scale_ptr + expert)
     if ACT_FORMAT == "nvfp4":
-        scale = scale * input_scale
+        scale = scale * tl.load(input_scale_ptr + expert)
     acc = acc * scale
     if ACTIVATION == "relu2":
         # The GEMM result rounded to the output dtype first, then relu² rounded again: the reference

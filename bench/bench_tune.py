@@ -23,6 +23,7 @@ from pathlib import Path
 
 from nemocompile.api import build
 from nemocompile.base.settings import override, settings
+from nemocompile.codegen.tuning.space import short
 from nemocompile.tune import TuneOptions, tune_engine
 
 
@@ -45,6 +46,10 @@ def main() -> None:
             configs = sum(len(s.trials) for s in result.sweeps)
             print(f"{label:44s} {result.problems:7d} {len(result.sweeps):6d} {configs:8d} "
                   f"{time.perf_counter() - start:7.2f} {time.process_time() - cpu:6.2f}")
+        gemms = [sw for sw in result.sweeps if sw.problem.instance.template.entry in ("moe_nvfp4_gemm", "fp8_linear")]
+        split = [sw for sw in gemms if sw.chosen is not None and dict(sw.chosen).get("SPLIT_K", 1) != 1]
+        print(f"split-K chosen by the cost model in {len(split)} of {len(gemms)} GEMM sweeps"
+              + "".join(f"\n  {sw.problem.label} @ {sw.tokens} tokens: {short(sw.chosen)}" for sw in split if sw.chosen))
         print(f"report and plots of the last sweep: {result.report} (removed with the temporary directory)")
 
 

@@ -117,9 +117,10 @@ def gpu_runner(arch: str) -> Runner:  # pragma: no cover - needs a GPU
 
     def run(instance: KernelInstance, config: space.Config, tokens: int) -> tuple[float, torch.Tensor]:
         seconds = timer(instance, config, tokens)
-        configured = space.apply(instance, config)
+        configured = catalog.with_split_k_reduces([space.apply(instance, config)])  # a split GEMM and its reduce
         kernels = TritonKernels.from_files(kernel_files(configured, arch, timer.cache_dir, timer.device), timer.device)
-        call, out = synthetic_call(kernels, configured, tokens, timer.device)
+        call, out = synthetic_call(kernels, configured[0], tokens, timer.device,
+                                   configured[1].name if len(configured) > 1 else None)
         call()
         torch.cuda.synchronize()
         return seconds, out.clone()

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from nemocompile.base.settings import settings
+from nemocompile.codegen.triton import templates_catalog as catalog
 from nemocompile.codegen.triton.aot import triton_version
 from nemocompile.codegen.triton.spec import KernelInstance
 from nemocompile.codegen.tuning import cost_model, space
@@ -162,7 +163,7 @@ class ConfigChooser:
         for config, source, why in self._candidates(graph, instance, workload):
             trial = list(instances)
             trial[position] = space.apply(instance, config)
-            verdict = self.gate(graph, op, trial)
+            verdict = self.gate(graph, op, catalog.with_split_k_reduces(trial))
             if verdict.passed:
                 return config, source, why, verdict.message
             self.rejected.append(f"{op.opname} at {op.scope}: config {space.short(config)} ({source}) rejected by "

@@ -26,6 +26,7 @@ import torch
 
 from nemocompile.base.errors import UsageError
 from nemocompile.base.settings import settings
+from nemocompile.codegen.triton import templates_catalog as catalog
 from nemocompile.codegen.triton.plan import plan_kernels
 from nemocompile.codegen.triton.spec import KernelInstance
 from nemocompile.codegen.tuning import cost_model, space
@@ -338,7 +339,7 @@ def _select(sweep: Sweep, problem: KernelProblem, target: Target, db: TuningDB, 
         if not error:
             trial_instances = list(problem.instances)
             trial_instances[problem.position] = space.apply(problem.instance, config)
-            verdict = gate(problem.graph, problem.op, trial_instances)
+            verdict = gate(problem.graph, problem.op, catalog.with_split_k_reduces(trial_instances))
             if verdict.passed:
                 sweep.chosen, sweep.check = config, verdict.message
                 default = sweep.seconds(sweep.default)

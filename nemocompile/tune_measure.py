@@ -23,6 +23,7 @@ from nemocompile.base.settings import settings
 from nemocompile.codegen.triton.aot import ARTIFACTS, compile_instance
 from nemocompile.codegen.triton.emit import INDEX, INDEX_VERSION, KERNELS_DIR
 from nemocompile.codegen.triton.spec import TEMPLATE_DIR, KernelInstance
+from nemocompile.codegen.triton.templates_catalog import with_split_k_reduces
 from nemocompile.codegen.tuning.space import Config, apply
 from nemocompile.codegen.tuning.workload import GEMM, Workload
 from nemocompile.runtime.formats import FP8Tensor, NVFP4Tensor
@@ -47,9 +48,11 @@ def compile_jobs() -> int:
 
 
 def compile_config(instance: KernelInstance, config: Config, arch: str, cache_dir: Path) -> str:
-    """"" when the config compiles for `arch` (into the shared cache), else the compiler's sentence."""
+    """"" when the config compiles for `arch` (into the shared cache; a split-K config with its
+    reduce kernel), else the compiler's sentence."""
     try:
-        compile_instance(apply(instance, config), arch, cache_dir)
+        for kernel in with_split_k_reduces([apply(instance, config)]):
+            compile_instance(kernel, arch, cache_dir)
     except CompileError as error:
         return str(error)
     return ""
@@ -63,18 +66,23 @@ def compile_all(instance: KernelInstance, configs: Sequence[Config], arch: str, 
         return {config: error for config, error in zip(configs, errors, strict=True) if error}
 
 
-def kernel_files(instance: KernelInstance, arch: str, cache_dir: Path, device: torch.device) -> dict[str, bytes]:
-    """An engine-like kernels/ folder of one instance in memory (its binary too on CUDA)."""
-    files = {f"{KERNELS_DIR}/src/{name}": (TEMPLATE_DIR / name).read_bytes() for name in instance.template.files}
-    entry = instance.describe()
-    if device.type == "cuda":
-        binary = compile_instance(instance, arch, cache_dir)
-        entry["binary"] = {"key": binary.key}
-        for artifact in ARTIFACTS:
-            files[f"{KERNELS_DIR}/bin/{binary.key}.{artifact}"] = binary.file(artifact).read_bytes()
+def kernel_files(instances: Sequence[KernelInstance], arch: str, cache_dir: Path,
+                 device: torch.device) -> dict[str, bytes]:
+    """An engine-like kernels/ folder of some instances in memory (their binaries too on CUDA)."""
+    files = {f"{KERNELS_DIR}/src/{name}": (TEMPLATE_DIR / name).read_bytes()
+             for name in sorted({f for instance in instances for f in instance.template.files})}
+    entries = []
+    for instance in instances:
+        entry = instance.describe()
+        if device.type == "cuda":
+            binary = compile_instance(instance, arch, cache_dir)
+            entry["binary"] = {"key": binary.key}
+            for artifact in ARTIFACTS:
+                files[f"{KERNELS_DIR}/bin/{binary.key}.{artifact}"] = binary.file(artifact).read_bytes()
+        entries.append(entry)
     import triton
 
-    index = {"version": INDEX_VERSION, "triton": triton.__version__, "arch": arch, "kernels": [entry], "bindings": {}}
+    index = {"version": INDEX_VERSION, "triton": triton.__version__, "arch": arch, "kernels": entries, "bindings": {}}
     files[f"{KERNELS_DIR}/{INDEX}"] = json.dumps(index).encode()
     return files
 
@@ -93,10 +101,11 @@ def _routing(tokens: int, experts: int, top_k: int, device: torch.device,
 MEASURED_TEMPLATES = frozenset({"moe_nvfp4_gemm", "fp8_linear"})
 
 
-def synthetic_call(kernels: TritonKernels, instance: KernelInstance, tokens: int,
-                   device: torch.device) -> tuple[Callable[[], None], torch.Tensor]:
-    """A launch of `instance` on `tokens` tokens of synthetic inputs (what gets timed; the same
-    inputs for every config of an instance), and the tensor it writes."""
+def synthetic_call(kernels: TritonKernels, instance: KernelInstance, tokens: int, device: torch.device,
+                   reduce_name: str | None = None) -> tuple[Callable[[], None], torch.Tensor]:
+    """A launch of `instance` (and of its split-K reduce kernel `reduce_name`) on `tokens` tokens of
+    synthetic inputs (what gets timed; the same inputs for every config of an instance), and the
+    tensor it writes."""
     values = dict(instance.constexprs)
     n, k = int(values["N"]), int(values["K"])
     generator = torch.Generator().manual_seed(0)
@@ -115,7 +124,8 @@ def synthetic_call(kernels: TritonKernels, instance: KernelInstance, tokens: int
         source = (x if values.get("GATHER") else x.repeat_interleave(top_k, 0)).to(device)
 
         def grouped() -> None:
-            triton_gemm.moe_nvfp4_gemm(kernels, instance.name, source, order, offsets, weight, None, routing, out, rows)
+            triton_gemm.moe_nvfp4_gemm(kernels, instance.name, source, order, offsets, weight, None, routing, out, rows,
+                                       reduce_name)
         return grouped, out
     data = (torch.randn(n, k, generator=generator) * 0.1).to(torch.float8_e4m3fn)
     weight8 = FP8Tensor(data.to(device), torch.full((n,), 0.01, device=device))
@@ -124,7 +134,7 @@ def synthetic_call(kernels: TritonKernels, instance: KernelInstance, tokens: int
     result = torch.empty(tokens, n, dtype=torch.bfloat16, device=device)
 
     def linear() -> None:
-        triton_gemm.fp8_linear(kernels, instance.name, xd, weight8, scale, out=result)
+        triton_gemm.fp8_linear(kernels, instance.name, xd, weight8, scale, out=result, reduce_name=reduce_name)
     return linear, result
 
 
@@ -147,10 +157,11 @@ class MeasuredTimer:
         return compile_all(instance, configs, self.arch, self.cache_dir)
 
     def __call__(self, instance: KernelInstance, config: Config, tokens: int, workload: Workload = GEMM) -> float:
-        configured = apply(instance, config)
+        configured = with_split_k_reduces([apply(instance, config)])  # the GEMM, then its reduce if split
         kernels = TritonKernels.from_files(kernel_files(configured, self.arch, self.cache_dir, self.device),
                                            self.device)
-        call, _ = synthetic_call(kernels, configured, tokens, self.device)
+        call, _ = synthetic_call(kernels, configured[0], tokens, self.device,
+                                 configured[1].name if len(configured) > 1 else None)
         for _ in range(self.warmup):
             call()
         samples = []

@@ -67,19 +67,24 @@ def test_selection_rejects_a_config_that_differs_from_the_default() -> None:
 
 
 def test_measured_path_runs_in_the_interpreter(tmp_path: Path) -> None:
-    """The timed call on synthetic inputs, for two tilings of one kernel: both write the same
-    numbers (tiles do not change what a GEMM computes), and the timer times one."""
-    tiny = catalog.moe_gemm("up", "moe_expert_up", n=64, k=64, experts=4, top_k=2, act_format="bf16", gather=True,
+    """The timed call on synthetic inputs, for three configs of one kernel (another BLOCK_K, and
+    split-K with its reduce kernel): all write the same numbers up to the fp32 sum's order (tiles
+    do not change what a GEMM computes), and the timer times one of each."""
+    tiny = catalog.moe_gemm("up", "moe_expert_up", n=64, k=128, experts=4, top_k=2, act_format="bf16", gather=True,
                             activation="relu2", block_m=16, block_n=64, block_k=32)
+    default = space.config_of(tiny)
+    split = tuple(sorted({**dict(default), "SPLIT_K": 2}.items()))
     outputs = []
-    for config in (space.config_of(tiny), tuple(sorted({**dict(space.config_of(tiny)), "BLOCK_K": 64}.items()))):
-        configured = space.apply(tiny, config)
+    for config in (default, tuple(sorted({**dict(default), "BLOCK_K": 64}.items())), split):
+        configured = catalog.with_split_k_reduces([space.apply(tiny, config)])
         kernels = TritonKernels.from_files(kernel_files(configured, "sm_90", tmp_path, torch.device("cpu")), "cpu")
-        call, out = synthetic_call(kernels, configured, 4, torch.device("cpu"))
+        call, out = synthetic_call(kernels, configured[0], 4, torch.device("cpu"),
+                                   configured[1].name if len(configured) > 1 else None)
         out.fill_(float("nan"))
         call()
         outputs.append(out.clone())
     assert not torch.isnan(outputs[0]).any() and float(outputs[0].float().abs().max()) > 0
-    assert torch.equal(outputs[0], outputs[1])
+    torch.testing.assert_close(outputs[1], outputs[0], rtol=2**-7, atol=0.0)
+    torch.testing.assert_close(outputs[2], outputs[0], rtol=2**-7, atol=0.0)
     timer = MeasuredTimer("sm_90", tmp_path, torch.device("cpu"), repeats=1, warmup=0)
-    assert timer(tiny, space.config_of(tiny), 4) > 0
+    assert timer(tiny, default, 4) > 0 and timer(tiny, split, 4) > 0

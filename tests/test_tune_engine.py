@@ -193,6 +193,34 @@ def test_numerics_gate_rejects_a_wrong_kernel_even_when_it_is_fastest(engine: Pa
     assert "Rejected configs" in (options.reports / "report.md").read_text()
 
 
+def _reduce_drops_the_last_slice() -> dict[str, bytes]:
+    """moe_gemm.py whose split-K reduce leaves out the last K slice: a test-only wrong kernel."""
+    source = (TEMPLATE_DIR / "moe_gemm.py").read_text()
+    line = "    for s in tl.static_range(1, SPLIT_K):\n"
+    assert source.count(line) == 1
+    return {"moe_gemm.py": source.replace(line, "    for s in tl.static_range(1, SPLIT_K - 1):\n").encode()}
+
+
+def test_numerics_gate_checks_split_k_candidates(engine: Path, kernel_cache: Path, tmp_path: Path) -> None:
+    """A split-K config made fastest is checked with its reduce kernel in the interpreter: it passes
+    and becomes the entry; with a reduce that drops a slice it is rejected and a config that does
+    not split is chosen instead."""
+    (problem,) = kernel_problems({"decode": _graphs(engine)[1]}, "sm_90", "moe_expert_down/moe_nvfp4_gemm")
+    split = next(c for c in space.prune(problem.instance, space.configs(problem.instance), "sm_90").kept
+                 if dict(c)["SPLIT_K"] == 2)
+    for name, sources in (("right", None), ("wrong", _reduce_drops_the_last_slice())):
+        options = TuneOptions(db=tmp_path / f"{name}.sqlite", kernels="moe_expert_down/moe_nvfp4_gemm", batch_sizes=(1,),
+                              plots=False)
+        with override(kernel_cache_dir=str(kernel_cache)):
+            (sweep,) = tune_engine(engine, options, FakeTimer(fastest=split), sources=sources).sweeps
+        if sources is None:
+            assert sweep.chosen == split and sweep.check.startswith("passed") and not sweep.rejected
+        else:
+            assert sweep.chosen is not None and dict(sweep.chosen)["SPLIT_K"] == 1
+            assert any(space.short(split) in m and "exceeds the tolerance" in m for m in sweep.rejected), \
+                sweep.rejected
+
+
 def test_build_takes_recorded_configs_and_names_entries_of_another_triton(engine: Path, kernel_cache: Path,
                                                                            tmp_path: Path) -> None:
     db = tmp_path / "t.sqlite"
@@ -259,3 +287,53 @@ def test_tune_refuses_bad_options(engine: Path, kernel_cache: Path, tmp_path: Pa
     code, _, err = _cli(["tune", str(engine), "--db", db], kernel_cache)  # no GPU here
     assert code == 2 and "use --cost-model" in err
     shutil.rmtree(tmp_path)
+
+
+class SplitKTimer(FakeTimer):
+    """Fake measurements in which every split of K halves a config's time: the database then holds
+    split-K configs wherever a GEMM's space keeps one (a test device: the cost model decides for
+    itself, see test_tuning_space)."""
+
+    def __call__(self, instance: KernelInstance, config: space.Config, tokens: int, workload: Workload) -> float:
+        return super().__call__(instance, config, tokens, workload) / int(dict(config).get("SPLIT_K", 1))
+
+
+@pytest.mark.slow  # ~50 s on 2 loaded cores: two sweeps, a build compiling the split kernels, two engines run
+def test_an_engine_with_split_k_gemms_matches_the_reference(engine: Path, kernel_cache: Path, tmp_path: Path) -> None:
+    """Split-K configs from the database go through the gate, into kernels.json with their reduce
+    kernels bound after them, and the whole engine on the triton backend (interpreter) matches the
+    reference backend, prefill and greedy decode."""
+    from nemocompile.api import load
+
+    db = tmp_path / "t.sqlite"
+    with override(kernel_cache_dir=str(kernel_cache)):
+        # one bucket (32 tokens, the decode design point): the nearest entry for both graphs
+        for kernels in ("moe_nvfp4_gemm", "fp8_linear"):
+            tune_engine(engine, TuneOptions(db=db, kernels=kernels, batch_sizes=(32,), plots=False), SplitKTimer())
+        build(None, tmp_path / "engine", target="h100", tuning_db=db)
+    out = tmp_path / "engine"
+    configs = json.loads((out / "manifest.json").read_text())["kernel_configs"]
+    split = [c for c in configs if json.loads(c["config"]).get("SPLIT_K", 1) > 1]
+    assert {c["graph"] for c in split} == {"prefill", "decode"}
+    # the expert up-GEMM's K (32) is two BLOCK_K 16 steps: too short to split (pruned)
+    assert {c["op"] for c in split} == {"moe_expert_down", "quant_linear"}
+    assert all(c["source"] == "tuned" and c["check"].startswith("passed") for c in split)
+    index = json.loads((out / "kernels" / "kernels.json").read_text())
+    kernels = {k["name"]: k for k in index["kernels"]}
+    bound_splits = 0
+    for bound in index["bindings"].values():
+        for names in bound.values():
+            for position, name in enumerate(names):
+                if kernels[name]["entry"] in ("moe_nvfp4_gemm", "fp8_linear") and \
+                        kernels[name]["constexprs"]["SPLIT_K"] > 1:  # a split GEMM: its reduce right after it
+                    reduce = kernels[names[position + 1]]
+                    assert reduce["entry"] == kernels[name]["entry"] + "_reduce" and reduce["binary"]["arch"] == "sm_90"
+                    bound_splits += 1
+    assert bound_splits >= len(split) // 2
+    with override(kernel_cache_dir=str(kernel_cache)):
+        reference, triton = load(out, backend="reference"), load(out, backend="triton")
+    prompts = [[1, 2, 3, 4, 5, 6, 7, 8], [9, 10, 11, 12, 13, 14, 15, 16]]
+    expected, actual = reference.forward(prompts), triton.forward(prompts)
+    assert float((expected - actual).abs().max()) <= 0.05 * float(expected.abs().max())
+    mixed = [[1, 2, 3], [4, 5, 6, 7, 8, 9, 10]]
+    assert reference.complete(mixed, 4) == triton.complete(mixed, 4)

@@ -42,14 +42,19 @@ def config(**values: object) -> space.Config:
 def test_space_lists_the_default_first_and_apply_fills_it_in() -> None:
     configs = space.configs(UP)
     assert configs[0] == space.config_of(UP) == config()
-    assert len(configs) == len(set(configs)) == 4 * 3 * 5 * 2 * 1 * 2 * 3
+    assert len(configs) == len(set(configs)) == 4 * 3 * 5 * 2 * 4 * 2 * 3
     wide = space.apply(UP, config(BLOCK_N=128, num_warps=8))
     assert dict(wide.constexprs)["BLOCK_N"] == 128 and wide.num_warps == 8
     assert space.problem_of(wide) == space.problem_of(UP)  # the config is not part of the problem
     assert space.config_of(catalog.moe_combine("c", "moe_expert_down", n=64, top_k=2)) == \
         (("BLOCK_N", 256), ("num_warps", 4))  # the expert combine's space (op_spaces): its row tile and warps
+    split = space.apply(UP, config(SPLIT_K=4))
+    assert dict(split.constexprs)["SPLIT_K"] == 4 and space.problem_of(split) == space.problem_of(UP)
+    reduce = catalog.split_k_reduce(split)
+    assert reduce is not None and dict(reduce.constexprs)["SPLIT_K"] == 4
+    combine = catalog.moe_combine("c", "moe_expert_down", n=64, top_k=2)
     with pytest.raises(ValueError, match="split-K"):
-        space.apply(UP, config(SPLIT_K=2))
+        space.apply(combine, (*space.config_of(combine), ("SPLIT_K", 2)))
 
 
 @pytest.mark.parametrize(("instance", "chosen", "reason"), [
@@ -64,6 +69,12 @@ def test_space_lists_the_default_first_and_apply_fills_it_in() -> None:
     (LINEAR, config(BLOCK_K=16), "an FP8 dot needs BLOCK_K >= 32"),
     (space.apply(catalog.fp8_linear("l", "quant_linear", n=64, k=96, quant_act=True, block_k=32), config(BLOCK_K=32)),
      config(BLOCK_K=32, num_warps=8), "8 warps need 128 MMA rows"),
+    # 2688 / 128 = 21 K steps: 8 slices of 3 leave the last empty; 2688 / 256 = 11 steps in 8 slices of 2
+    (UP, config(SPLIT_K=8), "leaves the last slice empty"),
+    (UP, config(SPLIT_K=8, BLOCK_K=256), "leaves the last slice empty"),
+    (LINEAR, config(SPLIT_K=8, BLOCK_K=256, BLOCK_N=128), "leaves the last slice empty"),
+    (space.apply(catalog.fp8_linear("l", "quant_linear", n=64, k=96, quant_act=True, block_k=32), config(BLOCK_K=32)),
+     config(BLOCK_K=32, SPLIT_K=4), "leaves slices of 1 BLOCK_K step(s) of the 3 over K = 96"),
 ])
 def test_prune_names_the_limit(instance: catalog.KernelInstance, chosen: space.Config, reason: str) -> None:
     why = space.why_pruned(instance, chosen, "sm_90")
@@ -96,6 +107,26 @@ def test_cost_model_prefers_small_moe_blocks_for_decode_and_large_ones_for_prefi
     small, large = (cost_model.seconds(UP, config(), tokens, H100) for tokens in (1, 4096))
     assert 0 < small < large
     assert cost_model.seconds(UP, config(), 64, H100) == cost_model.seconds(UP, config(), 64, H100)
+
+
+def test_cost_model_takes_split_k_where_few_tiles_stream_a_deep_k() -> None:
+    """Decode of a narrow, deep GEMM: a handful of N tiles cannot draw the HBM bandwidth, so K slices
+    on more SMs win despite the workspace and the second launch; in prefill the M x N tiles fill
+    the SMs and split-K only adds the round trip."""
+    deep = catalog.fp8_linear("deep", "quant_linear", n=256, k=16384, quant_act=True, block_k=128)
+    kept = space.prune(deep, space.configs(deep), "sm_90").kept
+
+    def best(tokens: int, split: int | None = None) -> tuple[space.Config, float]:
+        scored = [(c, cost_model.seconds(deep, c, tokens, H100)) for c in kept
+                  if split is None or dict(c)["SPLIT_K"] == split]
+        return min(scored, key=lambda item: item[1])
+
+    assert dict(best(1)[0])["SPLIT_K"] > 1 and best(1)[1] < best(1, split=1)[1]
+    assert dict(best(4096)[0])["SPLIT_K"] == 1
+    # the reduce is counted: the same tiles split cost more than unsplit where the tiles fill the SMs
+    wide = config(BLOCK_M=128, BLOCK_N=128, SWAP_AB=False, num_warps=8, num_stages=2)
+    split = tuple(sorted({**dict(wide), "SPLIT_K": 2}.items()))
+    assert cost_model.seconds(LINEAR, split, 4096, H100) > cost_model.seconds(LINEAR, wide, 4096, H100)
 
 
 def _key(problem: str = '{"K": 64}', template_hash: str = "abc") -> KernelKey:

@@ -10,9 +10,16 @@ Assumptions, so the ranking can be judged:
   N tile (the first read from HBM, a tenth of the repeats missing the L2), the output written once.
   The bandwidth reached follows Little's law: the bytes the resident programs have in flight
   (num_stages tiles of weights and of the rows that exist, padding loads nothing) over
-  MEMORY_LATENCY_SECONDS, up to the HBM bandwidth.
+  MEMORY_LATENCY_SECONDS, up to the HBM bandwidth, and up to SM_LOAD_BYTES_PER_S per SM that holds
+  a program (an SM's path from the L2 moves about 64 bytes per clock: a few SMs cannot draw the
+  whole HBM bandwidth, which is what split-K fixes in decode).
 - Each program walks K / BLOCK_K steps of fixed latency (fewer, deeper steps are cheaper) and
   every launch costs LAUNCH_SECONDS.
+- Split-K (SPLIT_K > 1): SPLIT_K times the programs, each walking one slice of the K steps (more
+  programs to fill the SMs and more bytes in flight, fewer serial steps each); the GEMM writes fp32
+  partial tiles (rows x N x 4 bytes x SPLIT_K) instead of its output, and a second launch reads
+  them back, at HBM bandwidth bounded by its own bytes in flight, and writes the output. The
+  workspace may stay in the L2; it is counted at HBM rates, against split-K.
 The model ranks configs of one problem; its absolute times are lower bounds, not predictions.
 The other templates (norms, conv, SSD, attention, router, the expert combine) have their own
 work terms under the same kind of roofline: op_cost."""
@@ -30,12 +37,14 @@ from .op_spaces import OP_SPACES
 from .space import LIMITS, Config, accumulator_registers, shared_bytes
 from .workload import GEMM, Workload
 
-MODEL_VERSION = "roofline-tiles-2"  # recorded with every modelled entry
+MODEL_VERSION = "roofline-tiles-3"  # recorded with every modelled entry
 LAUNCH_SECONDS = 3e-6
 K_STEP_SECONDS = 40e-9
 MEMORY_LATENCY_SECONDS = 1e-6  # HBM round trip under load, order of magnitude
 L2_MISS = 0.1
 MAX_BLOCKS_PER_SM = 32
+SM_LOAD_BYTES_PER_S = 110e9  # 64 B per clock at ~1.75 GHz, order of magnitude
+WORKSPACE_BYTES = 4  # a split-K partial sum: fp32
 
 
 @dataclass(frozen=True)
@@ -92,24 +101,39 @@ def seconds(instance: KernelInstance, config: Config, tokens: int, target: Targe
     values = dict(config)
     block_m, block_n, block_k = (int(values[f"BLOCK_{x}"]) for x in "MNK")
     stages = int(values["num_stages"])
+    split = int(values.get("SPLIT_K", 1))
     hit = experts_hit(p.experts, p.top_k, tokens)
     rows_per_expert = p.rows / hit
     tiles_m = hit * math.ceil(rows_per_expert / block_m)
     tiles_n = math.ceil(p.n / block_n)
-    programs = tiles_m * tiles_n
+    programs = tiles_m * tiles_n * split
     slots = target.sm_count * blocks_per_sm(instance, config, target.arch)
     waves = math.ceil(programs / slots)
     peak = (target.peak_tflops.get(p.compute) or target.peak_tflops["bf16"]) * 1e12
     k_tiles = math.ceil(p.k / block_k)  # the last step is masked past K, its padding still computed
+    slice_tiles = math.ceil(k_tiles / split)  # steps per program (the last slice may have fewer)
     padded_flops = 2.0 * tiles_m * block_m * tiles_n * block_n * k_tiles * block_k
     # a wave's programs share the machine; a partial wave runs at the speed of a whole one
     compute = padded_flops / peak * (waves * slots / max(programs, 1))
     weight_bytes = hit * p.n * p.k * p.weight_bits / 8
     act_bytes = p.rows * p.k * p.act_bytes * (1 + L2_MISS * (tiles_n - 1))
-    moved = weight_bytes + act_bytes + p.rows * p.n * p.out_bytes
-    tile_bytes = block_n * block_k * p.weight_bits / 8 + min(block_m, math.ceil(rows_per_expert)) * block_k * p.act_bytes
+    written = p.rows * p.n * (p.out_bytes if split == 1 else WORKSPACE_BYTES * split)
+    moved = weight_bytes + act_bytes + written
+    rows_in_tile = min(block_m, math.ceil(rows_per_expert))
+    tile_bytes = block_n * block_k * p.weight_bits / 8 + rows_in_tile * block_k * p.act_bytes
     in_flight = min(programs, slots) * stages * tile_bytes
-    bandwidth = min(target.hbm_bandwidth_bytes_per_s, in_flight / MEMORY_LATENCY_SECONDS)
+    bandwidth = min(target.hbm_bandwidth_bytes_per_s, in_flight / MEMORY_LATENCY_SECONDS,
+                    min(programs, target.sm_count) * SM_LOAD_BYTES_PER_S)
     memory = moved / bandwidth
-    k_steps = waves * k_tiles * K_STEP_SECONDS
-    return LAUNCH_SECONDS + max(compute, memory) + k_steps
+    k_steps = waves * slice_tiles * K_STEP_SECONDS
+    gemm = LAUNCH_SECONDS + max(compute, memory) + k_steps
+    if split == 1:
+        return gemm
+    # the reduce: one program per output tile, its SPLIT_K partial loads in flight together
+    reduce_programs = tiles_m * tiles_n
+    reduce_in_flight = min(reduce_programs, target.sm_count * MAX_BLOCKS_PER_SM) * rows_in_tile * block_n \
+        * WORKSPACE_BYTES * split
+    reduce_bandwidth = min(target.hbm_bandwidth_bytes_per_s, reduce_in_flight / MEMORY_LATENCY_SECONDS,
+                           min(reduce_programs, target.sm_count) * SM_LOAD_BYTES_PER_S)
+    reduce_bytes = p.rows * p.n * (WORKSPACE_BYTES * split + p.out_bytes)
+    return gemm + LAUNCH_SECONDS + reduce_bytes / reduce_bandwidth

@@ -22,9 +22,11 @@ from .workload import Workload
 
 Config = tuple[tuple[str, Constexpr], ...]  # sorted (option, value) pairs
 LAUNCH_OPTIONS = ("num_warps", "num_stages")
-# Split-K would add a reduction over K slices; no template takes it yet, so every space lists 1
-# only (the option exists so a CUTLASS or Triton split-K candidate can widen it).
+# Split-K: the GEMM templates sum K in SPLIT_K slices (a third grid axis) into an fp32 workspace,
+# and a second kernel adds the slices and runs the epilogue (codegen/triton/templates_catalog:
+# split_k_reduce). A slice is at least MIN_SLICE_STEPS whole BLOCK_K steps.
 SPLIT_K = "SPLIT_K"
+MIN_SLICE_STEPS = 2
 
 
 @dataclass(frozen=True)
@@ -46,10 +48,10 @@ def _space(entry: str, options: Mapping[str, tuple[Constexpr, ...]]) -> Template
 # stays on the tensor cores (the weight becomes the 64-row operand).
 MOE_SPACE = _space("moe_nvfp4_gemm", {
     "BLOCK_M": (16, 32, 64, 128), "BLOCK_N": (64, 128, 256), "BLOCK_K": (16, 32, 64, 128, 256),
-    "SWAP_AB": (True, False), SPLIT_K: (1,), "num_warps": (4, 8), "num_stages": (2, 3, 4)})
+    "SWAP_AB": (True, False), SPLIT_K: (1, 2, 4, 8), "num_warps": (4, 8), "num_stages": (2, 3, 4)})
 FP8_SPACE = _space("fp8_linear", {
     "BLOCK_M": (16, 32, 64, 128), "BLOCK_N": (64, 128, 256), "BLOCK_K": (32, 64, 128, 256),
-    "SWAP_AB": (True, False), SPLIT_K: (1,), "num_warps": (4, 8), "num_stages": (2, 3, 4)})
+    "SWAP_AB": (True, False), SPLIT_K: (1, 2, 4, 8), "num_warps": (4, 8), "num_stages": (2, 3, 4)})
 GEMM_SPACES = (MOE_SPACE, FP8_SPACE)
 # every template of codegen/triton/templates_catalog.py: the GEMMs' here, the others' in op_spaces
 SPACES: dict[str, TemplateSpace] = {
@@ -73,9 +75,10 @@ def config_of(instance: KernelInstance) -> Config:
 
 
 def apply(instance: KernelInstance, config: Config) -> KernelInstance:
-    """The instance with `config` filled in (split-K, which no template takes, must be 1)."""
+    """The instance with `config` filled in (split-K only where the template takes it; its reduce
+    kernel is added by templates_catalog.with_split_k_reduces)."""
     chosen = dict(config)
-    if chosen.get(SPLIT_K, 1) != 1:
+    if chosen.get(SPLIT_K, 1) != 1 and SPLIT_K not in instance.template.constexprs:
         raise ValueError(f"kernel {instance.name}: template {instance.template.entry} has no split-K")
     constexprs = tuple((name, chosen.get(name, value)) for name, value in instance.constexprs)
     return replace(instance, constexprs=constexprs,
@@ -200,6 +203,15 @@ def why_pruned(instance: KernelInstance, config: Config, arch: str, workload: Wo
     if half >= smallest and half % limits.mma_k == 0 and -(-k // half) == -(-k // block_k):
         return (f"BLOCK_K {block_k} takes as many steps over K = {k} as {half} (the last step is masked "
                 f"past K), loading more padding")
+    split = int(values.get(SPLIT_K, 1))
+    if split > 1:
+        k_steps = -(-k // block_k)
+        slice_steps = -(-k_steps // split)
+        if slice_steps < MIN_SLICE_STEPS:
+            return (f"SPLIT_K {split} leaves slices of {slice_steps} BLOCK_K step(s) of the {k_steps} over K = {k} "
+                    f"(at least {MIN_SLICE_STEPS}: a shorter slice costs a workspace round trip for too little work)")
+        if (split - 1) * slice_steps >= k_steps:
+            return f"SPLIT_K {split} over {k_steps} BLOCK_K steps of {slice_steps} leaves the last slice empty"
     if w4a4:
         if block_m != 128 or swap:
             return "the native NVFP4 MMA (tcgen05 mxf4nvf4) takes 128-row activation tiles, unswapped"

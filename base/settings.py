@@ -32,6 +32,9 @@ class Settings:
     # The CPU reference runtime multiplies float32 weights through oneDNN, packed once at load
     # (runtime/cpu_gemm.py: MKL's GEMV reads weights at half the speed on AMD CPUs); off: F.linear.
     cpu_onednn_gemm: bool = True
+    # The CPU reference runtime compiles the decode step with torch.compile (runtime/compiled_step.py):
+    # the first decode step of each batch size compiles (tens of seconds cold), the rest run 2-3x faster.
+    cpu_compile_decode: bool = False
     # The ahead-of-time kernel compile cache shared by builds (content-addressed entries).
     kernel_cache_dir: str = "~/.cache/nemocompile/kernels"
     # The tokens per call the build chooses kernel configs for: decode graph, prefill graph (a

@@ -74,14 +74,16 @@ BACKENDS = ("reference", "triton", "onnx", "tensorrt")
 
 @overload
 def load(path: str | Path, device: str | None = None,
-         backend: Literal["reference", "triton"] | None = None) -> Engine: ...
+         backend: Literal["reference", "triton"] | None = None, compile: bool | None = None) -> Engine: ...
 
 
 @overload
-def load(path: str | Path, device: str | None = None, *, backend: str) -> Engine | OnnxEngine: ...
+def load(path: str | Path, device: str | None = None, *, backend: str,
+         compile: bool | None = None) -> Engine | OnnxEngine: ...
 
 
-def load(path: str | Path, device: str | None = None, backend: str | None = None) -> Engine | OnnxEngine:
+def load(path: str | Path, device: str | None = None, backend: str | None = None,
+         compile: bool | None = None) -> Engine | OnnxEngine:
     """Load an engine directory; verifies every file's sha256 and the GPU arch first. When `path`
     is missing because a build died mid-swap, the engine it set aside is put back first; engines set
     aside by interrupted builds are deleted once `path` verified (a warning says which).
@@ -89,9 +91,14 @@ def load(path: str | Path, device: str | None = None, backend: str | None = None
     a CPU), "reference" (every op by its reference implementation), "onnx" (the decomposed ONNX export
     of an engine built with tensorrt=True, on the CPU), "tensorrt" (the TensorRT engine); by default
     triton where the engine has kernels, a GPU is present and triton is installed, else each op as
-    the runtime's kernel registry says."""
+    the runtime's kernel registry says.
+    compile: on the CPU, run the decode step compiled by torch.compile (each batch size compiles on
+    its first decode step, tens of seconds cold; then decode runs 2-3x faster); None: the
+    `cpu_compile_decode` setting (NEMOCOMPILE_CPU_COMPILE_DECODE)."""
     if backend is not None and backend not in BACKENDS:
         raise UsageError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    if compile and backend in ("onnx", "tensorrt"):
+        raise UsageError(f"compile applies to the reference and triton backends, not {backend}")
     restore_set_aside(Path(path))
     engine: Engine | OnnxEngine
     if backend == "onnx":
@@ -99,6 +106,6 @@ def load(path: str | Path, device: str | None = None, backend: str | None = None
     elif backend == "tensorrt":
         engine = load_tensorrt(path)
     else:
-        engine = _load(path, device, backend)
+        engine = _load(path, device, backend, compile)
     remove_set_aside(Path(path))
     return engine

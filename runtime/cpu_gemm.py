@@ -27,11 +27,14 @@ from nemocompile.graph.kernels import REFERENCE
 
 @dataclass(frozen=True, eq=False)
 class PackedLinear:
-    """A float32 weight [out, in], or stacked experts [E, out, in], held by oneDNN: one packed
-    [out, in] tensor per expert (one in all for a plain weight)."""
+    """A float32 weight [out, in], or stacked experts [E, out, in], multiplied by oneDNN: one
+    [out, in] tensor per expert (one in all for a plain weight), packed in oneDNN's layout, or
+    views of the dense weight `source` (oneDNN reads a dense weight too; compiled decode steps,
+    runtime/compiled_step.py, read `source` themselves)."""
 
     shape: torch.Size
     packed: tuple[torch.Tensor, ...]
+    source: torch.Tensor | None = None
 
     @property
     def dtype(self) -> torch.dtype:
@@ -47,6 +50,8 @@ class PackedLinear:
 
     def dense(self) -> torch.Tensor:
         """The weight as a plain float32 tensor (a copy)."""
+        if self.source is not None:
+            return self.source.clone()
         pieces = [p.to_dense() for p in self.packed]
         return pieces[0] if len(self.shape) == 2 else torch.stack(pieces)
 
@@ -69,8 +74,12 @@ class PackedLinear:
         return out
 
 
-def pack(weight: torch.Tensor) -> PackedLinear:
-    """`weight` (float32 [out, in] or [E, out, in], on the CPU) packed for oneDNN."""
+def pack(weight: torch.Tensor, dense: bool = False) -> PackedLinear:
+    """`weight` (float32 [out, in] or [E, out, in], on the CPU) packed for oneDNN; dense: kept as it
+    is (one copy, which compiled decode steps read too) and handed to oneDNN in that layout."""
+    if dense:
+        weight = weight.contiguous()
+        return PackedLinear(weight.shape, (weight,) if weight.ndim == 2 else tuple(weight.unbind(0)), weight)
     experts = [weight] if weight.ndim == 2 else list(weight.unbind(0))
     return PackedLinear(weight.shape, tuple(w.contiguous().to_mkldnn() for w in experts))
 

@@ -18,11 +18,13 @@ from nemocompile.graph.ir import Graph, Op
 from nemocompile.graph.nemotron_h import CACHE_LENS, SEQ_LENS
 
 from .cache import Cache
+from .compiled_step import CompiledSteps
 from .cpu_gemm import PackedLinear, pack, packable_weights
 from .dtypes import value_dtype
 from .kernels import Resolution, device_of, resolve
 from .quantized_ops import prepare
 from .reference_dispatch import OpImpl
+from .step_results import store_results
 from .weights import WeightValue
 
 # Called with each op and its operand values before it runs (calibration collects amax here).
@@ -47,12 +49,16 @@ class Step:
 
 class Executor:
     def __init__(self, graph: Graph, weights: Mapping[str, WeightValue], observer: Observer | None = None,
-                 resolver: Resolver = resolve, prepared: dict[str, WeightValue] | None = None) -> None:
+                 resolver: Resolver = resolve, prepared: dict[str, WeightValue] | None = None,
+                 compile: bool = False, dense_weights: bool = False) -> None:
         """resolver: how each op finds its implementation (the kernel registry's `resolve` by
         default; an engine's backend passes its own). prepared: weights already put in the layout
         the GEMMs read fastest, by name, shared with the other executors of an engine (its prefill
         and decode graphs) so that each weight is prepared, and held, once; this executor adds
-        the ones it prepares."""
+        the ones it prepares. compile: run the ops that Inductor can trace as compiled runs
+        (runtime/compiled_step.py; on the CPU, without an observer). dense_weights: float32 GEMM
+        weights go to oneDNN in their dense layout, not packed (runtime/cpu_gemm.py), as compiled
+        runs read them."""
         missing = [w.name for w in graph.weights if w.name not in weights]
         if missing:
             raise IRError(f"graph {graph.name} needs weights that were not loaded: {', '.join(missing[:5])}")
@@ -99,6 +105,8 @@ class Executor:
         ]
         # The layout the GEMMs read fastest; float32 GEMM weights packed for oneDNN on the CPU,
         # unless an observer (calibration) reads the operands.
+        if compile and (observer is not None or device.type != "cpu"):
+            raise UsageError("compiled decode runs on the CPU reference runtime, without an observer")
         packed = set() if observer is not None else packable_weights(
             [(step.op, step.impl.kernel if isinstance(step.impl, Resolution) else "") for step in self.steps],
             weights, device)
@@ -107,9 +115,12 @@ class Executor:
         for name, index in weight_slots.items():
             value = shared.get(name)
             if value is None or isinstance(value, PackedLinear) != (name in packed):
-                value = pack(weights[name]) if name in packed else prepare(weights[name])  # type: ignore[arg-type]
+                value = (pack(weights[name], dense_weights) if name in packed  # type: ignore[arg-type]
+                         else prepare(weights[name]))
                 shared[name] = value
             self.base[index] = value
+        wanted = {index for _, index in self.output_slots} | {index for _, index in self.update_slots}
+        self.compiled = CompiledSteps(graph.name, self.steps, self.base, wanted) if compile else None
 
     @property
     def plan(self) -> list[tuple[OpImpl, tuple[int, ...], tuple[torch.dtype, ...]]]:
@@ -151,19 +162,16 @@ class Executor:
         for name, index in self.state_slots:
             regs[index] = tensors[name]
         observer = self.observer
-        for step in self.steps:
-            args = [None if index < 0 else regs[index] for index in step.operands]
-            if observer is not None:
-                observer(step.op, args)
-            results = step.impl(step.op, args)
-            for position, (index, tensor, dtype) in enumerate(zip(step.results, results, step.dtypes, strict=True)):
-                if tensor.dtype != dtype:
-                    op = step.op
-                    raise IRError(f"{op.opname} at {op.scope} produced {tensor.dtype} for %{op.results[position].name}, "
-                                  f"the IR says {op.results[position].type.dtype}")
-                regs[index] = tensor
-            for index in step.release:
-                regs[index] = None
+        if self.compiled is not None:
+            self.compiled.run(regs)
+        else:
+            for step in self.steps:
+                args = [None if index < 0 else regs[index] for index in step.operands]
+                if observer is not None:
+                    observer(step.op, args)
+                store_results(step, step.impl(step.op, args), regs)
+                for index in step.release:
+                    regs[index] = None
         for name, index in self.update_slots:
             value = regs[index]
             assert isinstance(value, torch.Tensor)

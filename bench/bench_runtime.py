@@ -2,7 +2,8 @@
 
 1. fp32 engine against transformers' eager NemotronHForCausalLM on the same random model (8 layers,
    hidden 512): prefill and decode tokens/s, interleaved repeats, with the targets (decode at least
-   2x transformers, prefill at least 1x) and max|diff| of the logits.
+   2x transformers, prefill at least 1x) and max|diff| of the logits; the runtime eager (default)
+   and with the decode step compiled (`load(compile=True)`, runtime/compiled_step.py).
 2. Decode tokens/s of the bf16 engine and the quantized h100 (NVFP4 W4A16 experts, FP8 W8A8) and
    b200 (NVFP4 W4A4) engines built from the same checkpoint; the target is within 2x of bf16.
 3. Decode step time against context length (1k to 32k) for the fp32 engine, with the share of the
@@ -72,6 +73,13 @@ def build(workdir: Path, name: str, **options: Any) -> Any:
     return nemocompile.load(workdir / name, device="cpu")
 
 
+def compiled(engine: Any) -> Any:
+    """The same engine directory loaded with the decode step compiled (compile=True)."""
+    import nemocompile
+
+    return nemocompile.load(engine.directory, device="cpu", compile=True)
+
+
 def ours_decode(engine: Any, prompt: torch.Tensor, tokens: torch.Tensor) -> tuple[float, torch.Tensor]:
     cache = engine.new_cache(prompt.shape[0])
     engine.forward(prompt, cache)
@@ -119,44 +127,55 @@ def interleaved(runs: dict[str, Callable[[], tuple[float, torch.Tensor]]], repea
     return {name: statistics.median(ts) for name, ts in times.items()}, logits
 
 
-def section_vs_transformers(model: Any, engine: Any, prompt_tokens: int, steps: int, repeats: int) -> None:
+def section_vs_transformers(model: Any, engines: dict[str, Any], prompt_tokens: int, steps: int,
+                            repeats: int) -> None:
+    """engines: the runtime's modes by name (eager, compiled), each raced against transformers."""
     rows = []
     g = torch.Generator().manual_seed(SEED + 2)
     for batch in (1, 4):
         prompt = torch.randint(0, CONFIG["vocab_size"], (batch, prompt_tokens), generator=g)
         tokens = torch.randint(0, CONFIG["vocab_size"], (batch, steps), generator=g)
-        for phase, runs, count in (
-            ("prefill", {"ours": lambda p=prompt: ours_prefill(engine, p),
-                         "transformers": lambda p=prompt: theirs_prefill(model, p)}, batch * prompt_tokens),
-            ("decode", {"ours": lambda p=prompt, t=tokens: ours_decode(engine, p, t),
-                        "transformers": lambda p=prompt, t=tokens: theirs_decode(model, p, t)}, batch * steps),
-        ):
-            seconds, logits = interleaved(runs, repeats)
-            diff = float((logits["ours"] - logits["transformers"]).abs().max() / logits["transformers"].abs().max())
+        for phase, count in (("prefill", batch * prompt_tokens), ("decode", batch * steps)):
+            runs: dict[str, Callable[[], tuple[float, torch.Tensor]]] = {}
+            for name, engine in engines.items():
+                runs[name] = ((lambda e=engine, p=prompt: ours_prefill(e, p)) if phase == "prefill" else
+                              (lambda e=engine, p=prompt, t=tokens: ours_decode(e, p, t)))
+            runs["transformers"] = ((lambda p=prompt: theirs_prefill(model, p)) if phase == "prefill" else
+                                    (lambda p=prompt, t=tokens: theirs_decode(model, p, t)))
+            seconds, logits = interleaved(runs, repeats)  # the warm-up compiles each batch size
+            theirs = logits["transformers"]
             target = 2.0 if phase == "decode" else 1.0
-            ratio = seconds["transformers"] / seconds["ours"]
-            rows.append([phase, str(batch), f"{count / seconds['ours']:.1f}", f"{count / seconds['transformers']:.1f}",
-                         f"{ratio:.2f}x", f">= {target:.0f}x", "yes" if ratio >= target else "NO", f"{diff:.1e}"])
+            for name in engines:
+                diff = float((logits[name] - theirs).abs().max() / theirs.abs().max())
+                ratio = seconds["transformers"] / seconds[name]
+                rows.append([phase, str(batch), name, f"{count / seconds[name]:.1f}",
+                             f"{count / seconds['transformers']:.1f}", f"{ratio:.2f}x", f">= {target:.0f}x",
+                             "yes" if ratio >= target else "NO", f"{diff:.1e}"])
     print_table(f"1. fp32 engine vs transformers eager (prompt {prompt_tokens} tokens, {steps} decode steps, "
-                f"median of {repeats})",
-                ["phase", "batch", "ours tok/s", "transformers tok/s", "speed-up", "target", "met",
+                f"median of {repeats}; compiled: load(compile=True), compile time not counted)",
+                ["phase", "batch", "runtime", "ours tok/s", "transformers tok/s", "speed-up", "target", "met",
                  "rel max|diff|"], rows)
 
 
 def section_precisions(workdir: Path, fp32: Any, steps: int, repeats: int) -> None:
-    engines = {"fp32": fp32, "bf16": build(workdir, "bf16", precision="bf16", target="h100"),
-               "h100 (W4A16 + FP8)": build(workdir, "h100", target="h100"),
-               "b200 (W4A4 + FP8)": build(workdir, "b200", target="b200")}
+    eager = {"fp32": fp32, "bf16": build(workdir, "bf16", precision="bf16", target="h100"),
+             "h100 (W4A16 + FP8)": build(workdir, "h100", target="h100"),
+             "b200 (W4A4 + FP8)": build(workdir, "b200", target="b200")}
+    engines = {(name, mode): engine if mode == "eager" else compiled(engine)
+               for name, engine in eager.items() for mode in ("eager", "compiled")}
     g = torch.Generator().manual_seed(SEED + 3)
     prompt = torch.randint(0, CONFIG["vocab_size"], (1, 32), generator=g)
     tokens = torch.randint(0, CONFIG["vocab_size"], (1, steps), generator=g)
-    runs = {name: (lambda e=engine: ours_decode(e, prompt, tokens)) for name, engine in engines.items()}
+    runs = {f"{name} {mode}": (lambda e=engine: ours_decode(e, prompt, tokens))
+            for (name, mode), engine in engines.items()}
     seconds, _ = interleaved(runs, repeats)
-    base = seconds["bf16"]
-    rows = [[name, f"{steps / s:.1f}", f"{s / base:.2f}x", "" if name in ("fp32", "bf16") else
-             ("yes" if s / base <= 2 else "NO")] for name, s in seconds.items()]
+    rows = []
+    for name, mode in engines:
+        s, base = seconds[f"{name} {mode}"], seconds[f"bf16 {mode}"]
+        rows.append([name, mode, f"{steps / s:.1f}", f"{s / base:.2f}x",
+                     "" if name in ("fp32", "bf16") else ("yes" if s / base <= 2 else "NO")])
     print_table(f"2. decode by precision (batch 1, {steps} steps, median of {repeats}); target: quantized within 2x "
-                f"of bf16", ["engine", "tok/s", "time vs bf16", "within 2x"], rows)
+                f"of bf16 (in the same mode)", ["engine", "runtime", "tok/s", "time vs bf16", "within 2x"], rows)
 
 
 def _kind_of(scope: str, pattern: str) -> str:
@@ -194,27 +213,32 @@ def fill_cache(engine: Any, context: int) -> Any:
     return cache
 
 
+def _step_ms(engine: Any, context: int, steps: int) -> float:
+    cache = fill_cache(engine, context)
+    engine.forward([[5]], cache)  # warm-up
+    start = time.perf_counter()
+    for _ in range(steps):
+        engine.forward([[5]], cache)
+    return (time.perf_counter() - start) / steps * 1e3
+
+
 def section_context(engine: Any, steps: int, contexts: Sequence[int]) -> None:
+    fast = compiled(engine)
     totals: dict[str, float] = defaultdict(float)
     timed_steps(engine, totals)
     rows = []
     for context in contexts:
-        cache = fill_cache(engine, context)
-        engine.forward([[5]], cache)  # warm-up
         totals.clear()
-        start = time.perf_counter()
-        for _ in range(steps):
-            engine.forward([[5]], cache)
-        step_ms = (time.perf_counter() - start) / steps * 1e3
+        step_ms = _step_ms(engine, context, steps)
         measured = sum(totals.values())
         rows.append([f"{context:,}", f"{step_ms:.2f}", f"{totals['attention'] / steps * 1e3:.2f}",
                      f"{100 * totals['attention'] / measured:.0f}%", f"{totals['mamba'] / steps * 1e3:.2f}",
-                     f"{100 * totals['mamba'] / measured:.0f}%"])
-        del cache
+                     f"{100 * totals['mamba'] / measured:.0f}%", f"{_step_ms(fast, context, steps):.2f}"])
     pattern = CONFIG["hybrid_override_pattern"]
     print_table(f"3. fp32 decode step vs context (batch 1, mean of {steps} steps; {pattern.count('*')} attention "
-                f"layer(s), {pattern.count('M')} Mamba layers; shares of the measured op time)",
-                ["context", "step ms", "attention ms", "attention share", "mamba ms", "mamba share"], rows)
+                f"layer(s), {pattern.count('M')} Mamba layers; shares of the measured op time, eager)",
+                ["context", "step ms", "attention ms", "attention share", "mamba ms", "mamba share",
+                 "compiled step ms"], rows)
 
 
 def profile_decode(engine: Any, steps: int) -> None:
@@ -247,7 +271,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         # section 3 fills the cache to 32k tokens, past the 4,096 of the config's max_position_embeddings
         # (transformers' default), which the build would otherwise take as the context bound
         fp32 = build(workdir, "fp32", precision="fp32", target="h100", max_context=CONTEXTS[-1] + 64)
-        section_vs_transformers(model, fp32, prompt_tokens, steps, repeats)
+        section_vs_transformers(model, {"eager": fp32, "compiled": compiled(fp32)}, prompt_tokens, steps, repeats)
         del model
         section_precisions(workdir, fp32, steps, repeats)
         if args.profile:

@@ -92,7 +92,7 @@ def _moe_expert_down(op: Op, a: Args) -> tuple[torch.Tensor, ...]:
     """The pairs' outputs, put back in (token, slot) order and summed over slots with the routing
     weights in float32 (the reference sums them in expert order)."""
     hidden, order, offsets, weight, weights = _t(a[0]), _t(a[1]), _t(a[2]), _t(a[3]), _t(a[4])
-    if order.shape[0] > PAIRS_MAX:
+    if order.shape[0] > PAIRS_MAX or order.shape[0] != weights.numel():  # (not every pair: a rank's share)
         return REFERENCE["moe_expert_down"](op, a)
     y = _pairs_gemm(hidden, weight, _expert_of_row(offsets, hidden.shape[0]))  # expert order
     flat_weights = weights.reshape(-1, weights.shape[-1])

@@ -61,6 +61,25 @@ def compilable(step: Step, base: Sequence[object]) -> bool:
     return True
 
 
+STATIC_DIMS = frozenset({"batch", "seq"})  # sizes fixed for every step of a batch: one compile
+
+
+def _compiled_flags(steps: Sequence[Step], base: Sequence[object]) -> list[bool]:
+    """Which steps run compiled: those `compilable` that read no value whose size varies from step
+    to step (a value with a dim other than batch and seq, made by an eager op: the rank's share of
+    the token-expert pairs that `local_experts` keeps, for one); such a value would compile the
+    run again for every size. What an op left eager for that reason makes varies too."""
+    varying: set[int] = set()
+    flags = []
+    for step in steps:
+        flag = compilable(step, base) and not varying.intersection(step.operands)
+        if not flag:
+            varying.update(index for index, result in zip(step.results, step.op.results, strict=True)
+                           if any(isinstance(dim, str) and dim not in STATIC_DIMS for dim in result.type.shape))
+        flags.append(flag)
+    return flags
+
+
 @dataclass(frozen=True)
 class Run:
     """Steps start:end of the graph; compiled: a function of the registers `reads` returning the
@@ -101,7 +120,7 @@ class CompiledSteps:
 
     def __init__(self, graph_name: str, steps: Sequence[Step], base: Sequence[object], keep: set[int]) -> None:
         self.steps = list(steps)
-        flags = [compilable(step, base) for step in self.steps]
+        flags = _compiled_flags(self.steps, base)
         later_reads: list[set[int]] = [set() for _ in range(len(self.steps) + 1)]
         later_reads[-1] = set(keep)
         for position in range(len(self.steps) - 1, -1, -1):

@@ -36,7 +36,7 @@ def _close(ours: torch.Tensor, theirs: torch.Tensor, tolerance: float = 1e-5) ->
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     config = transformers.NemotronHConfig(
-        vocab_size=97, hidden_size=32, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+        vocab_size=96, hidden_size=32, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
         intermediate_size=48, mamba_num_heads=4, mamba_head_dim=8, n_groups=2, ssm_state_size=8, chunk_size=8,
         conv_kernel=4, n_routed_experts=EXPERTS, num_experts_per_tok=2, moe_intermediate_size=16,
         moe_shared_expert_intermediate_size=24, hybrid_override_pattern="ME*-ME", tie_word_embeddings=True,
@@ -180,3 +180,26 @@ def test_run_compile_prints_the_eager_tokens(fp32_engine: Path) -> None:
         return json.loads(result.stdout)
 
     assert run("--compile") == run()
+
+
+def test_ops_after_a_ranks_expert_share_stay_eager(checkpoint: Path, tmp_path: Path) -> None:
+    """In an expert-parallel rank's graph, `local_experts` (eager) keeps a number of token-expert
+    pairs that varies per step; the expert GEMMs reading them stay eager rather than compile again
+    for every count. (Building the executor needs no process group; running it does.)"""
+    from nemocompile.graph.sharding import rank_view
+    from nemocompile.runtime.engine import read_engine
+    from nemocompile.runtime.executor import Executor
+    from nemocompile.runtime.weights import load_weights
+
+    nemocompile.build(checkpoint, tmp_path / "two", target="h100", precision="fp32", world_size=2)
+    contents = read_engine(tmp_path / "two")
+    decode = rank_view(contents.decode)
+    weights = load_weights(contents.directory, list(contents.manifest.weight_files(0)), rank_view(contents.prefill),
+                           torch.device("cpu"))
+    executor = Executor(decode, weights, compile=True, dense_weights=True)
+    compiled = executor.compiled
+    assert compiled is not None
+    eager = [executor.steps[i].op.opname for run in compiled.runs if run.compiled is None
+             for i in range(run.start, run.end)]
+    assert eager.count("local_experts") == eager.count("moe_expert_up") == eager.count("moe_expert_down") == 2
+    assert "moe_route" not in eager and "linear" not in eager and "all_reduce" in eager

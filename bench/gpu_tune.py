@@ -6,7 +6,8 @@ back to hidden with the routing-weight epilogue) and each batch size of 1..256 t
 1. the template's config space, pruned by the target's limits, ordered by the cost model; the
    best --top of them are compiled ahead of time in parallel (the shared compile cache) and timed
    with CUDA events (median of 25 after 5 warm-up launches, L2 flushed before each), the default
-   config always among them; a config that fails to compile or run scores infinitely slow;
+   config and the model's best split-K config (with its reduce kernel) always among them; a config
+   that fails to compile or run scores infinitely slow;
 2. the fastest config must reproduce the default config's output on the same inputs (the default
    is checked against the reference composition by bench/gpu_check.py), else it is rejected;
 3. the winners go to a tuning database (--db), as `nemocompile tune` writes them.
@@ -60,11 +61,15 @@ def expert_gemms(config: dict[str, int], act_format: str) -> list[KernelInstance
 
 
 def candidates(instance: KernelInstance, tokens: int, target: Target, top: int) -> list[space.Config]:
-    """The default config and the cost model's best `top` of the pruned space."""
+    """`top` configs: the default, the cost model's best split-K config (the model seldom ranks
+    split-K high for these shapes; the measurement tells whether it is right), and the model's best
+    of the rest of the pruned space."""
     kept = space.prune(instance, space.configs(instance), target.arch).kept
-    ranked = sorted(kept, key=lambda c: cost_model.seconds(instance, c, tokens, target))[:top]
+    ranked = sorted(kept, key=lambda c: cost_model.seconds(instance, c, tokens, target))
     default = space.config_of(instance)
-    return ranked if default in ranked else [default, *ranked[:-1]]
+    split = next((c for c in ranked if dict(c).get(space.SPLIT_K, 1) != 1), None)
+    must = [default, *([split] if split is not None and split not in ranked[:top] else [])]
+    return [*must, *(c for c in ranked if c not in must)][:top]
 
 
 @dataclass

@@ -3,12 +3,13 @@ computes its op's reference result (runtime/reference_dispatch.py), but with no 
 synchronisation, no shape that depends on tensor values and no Python loop over experts, so that
 Inductor traces a run of them as one graph and fuses it into a few C++ loops.
 
-- A GEMM of a few rows (decode) is written as a reduction over K per output element: Inductor
-  turns it into one vectorised, multi-threaded pass over the weight, which reads it at about
-  30 GB/s on the project's 2-core machines, against 16-23 GB/s for oneDNN's GEMV and 9 GB/s for
-  MKL's (`python bench/bench_runtime.py`). Beyond GEMV_MAX_ROWS rows it stays `F.linear`.
-- Routed experts are computed per (token, slot) pair against that pair's expert's weight, read
-  in place by index: the same products as the grouped GEMM's, with no dispatch loop, as long as
+- A float32 GEMM of a few rows (decode) is written as a reduction over K per output element:
+  Inductor turns it into one vectorised, multi-threaded pass over the weight, which reads it at
+  about 30 GB/s on the project's 2-core machines, against 16-23 GB/s for oneDNN's GEMV and 9 GB/s
+  for MKL's. Beyond GEMV_MAX_ROWS rows, and for bf16 weights (whose Inductor reduction reads
+  6.7 GB/s against oneDNN's 10), it stays `F.linear`.
+- Routed experts (float32 weights; bf16 ones stay with the eager grouped GEMM, as for linear) are
+  computed per (token, slot) pair against that pair's expert's weight, read in place by index: the same products as the grouped GEMM's, with no dispatch loop, as long as
   there are at most PAIRS_MAX pairs. Beyond that the reference implementation runs (torch.compile
   then splits the graph around its host-side loop).
 
@@ -35,7 +36,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     """x [..., K] times weight [N, K] transposed, plus bias, in x's dtype: as one reduction per
     output element for a few rows, else F.linear."""
     rows = x.reshape(-1, x.shape[-1])
-    if rows.shape[0] > GEMV_MAX_ROWS:
+    if rows.shape[0] > GEMV_MAX_ROWS or weight.dtype != torch.float32:  # bf16: oneDNN's GEMV is faster
         return F.linear(x, weight, bias)
     # one reduction per row over the same weight: Inductor fuses them into one pass over it, and
     # each stays parallel over the outputs

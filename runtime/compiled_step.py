@@ -49,6 +49,11 @@ def compilable(step: Step, base: Sequence[object]) -> bool:
         return False
     if isinstance(step.impl, Resolution) and step.impl.kernel != REFERENCE:
         return False
+    if op.opname in ("moe_expert_up", "moe_expert_down"):  # per-pair experts: float32 weights only
+        weight = base[step.operands[3]] if step.operands[3] >= 0 else None
+        float32 = isinstance(weight, torch.Tensor) and weight.dtype == torch.float32
+        if not (isinstance(weight, PackedLinear) or float32):
+            return False
     for index in step.operands:
         value = base[index] if index >= 0 else None
         if isinstance(value, PackedLinear):
@@ -62,6 +67,8 @@ def compilable(step: Step, base: Sequence[object]) -> bool:
 
 
 STATIC_DIMS = frozenset({"batch", "seq"})  # sizes fixed for every step of a batch: one compile
+MIN_RUN_OPS = 3
+GEMMS = frozenset({"linear", "moe_expert_up", "moe_expert_down"})
 
 
 def _compiled_flags(steps: Sequence[Step], base: Sequence[object]) -> list[bool]:
@@ -77,6 +84,11 @@ def _compiled_flags(steps: Sequence[Step], base: Sequence[object]) -> list[bool]
             varying.update(index for index, result in zip(step.results, step.op.results, strict=True)
                            if any(isinstance(dim, str) and dim not in STATIC_DIMS for dim in result.type.shape))
         flags.append(flag)
+    # A compiled call costs tens of microseconds (guards, wrappers), an eager pointwise op a few: a
+    # run of fewer than MIN_RUN_OPS ops without a GEMM runs eagerly.
+    for start, end, flag in _runs(steps, flags):
+        if flag and end - start < MIN_RUN_OPS and not any(steps[i].op.opname in GEMMS for i in range(start, end)):
+            flags[start:end] = [False] * (end - start)
     return flags
 
 
@@ -95,6 +107,7 @@ class Run:
 
 
 def _runs(steps: Sequence[Step], flags: Sequence[bool]) -> list[tuple[int, int, bool]]:
+    """(start, end, flag) of each run of equal flags."""
     runs, start = [], 0
     for flag, group in itertools.groupby(range(len(steps)), key=lambda i: flags[i]):
         size = len(list(group))

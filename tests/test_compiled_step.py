@@ -202,4 +202,4 @@ def test_ops_after_a_ranks_expert_share_stay_eager(checkpoint: Path, tmp_path: P
     eager = [executor.steps[i].op.opname for run in compiled.runs if run.compiled is None
              for i in range(run.start, run.end)]
     assert eager.count("local_experts") == eager.count("moe_expert_up") == eager.count("moe_expert_down") == 2
-    assert "moe_route" not in eager and "linear" not in eager and "all_reduce" in eager
+    assert "ssd_state_update" not in eager and "linear" not in eager and "all_reduce" in eager

@@ -209,8 +209,9 @@ class Engine:
                  backend: str | None = None, compile: bool | None = None) -> None:
         """compile: run the decode step's traceable ops compiled by torch.compile (CPU only;
         runtime/compiled_step.py): each batch size compiles on its first decode step, then decodes
-        2-3x faster. None: the `cpu_compile_decode` setting. backend: "triton" (the ops bound to the engine's Triton kernels run them: compiled binaries
-        on CUDA, the interpreter on a CPU; the others as the kernel registry says), "reference" (every
+        2-3x faster in float32 (bf16 about 1.25x; quantized GEMMs stay eager). None: the
+        `cpu_compile_decode` setting. backend: "triton" (the ops bound to the engine's Triton kernels
+        run them: compiled binaries on CUDA, the interpreter on a CPU; the others as the kernel registry says), "reference" (every
         op by its reference implementation), or None: the kernel registry resolves every op (a kernel
         registered in this runtime for the device, else the reference implementation)."""
         self.directory = contents.directory

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
 
 with warnings.catch_warnings():
@@ -165,3 +166,19 @@ def make_export(recipe: str, directory: Path, seed: int = 0) -> Export:
         logits = model(prompt).logits.float().clone()
         export_hf_checkpoint(model, export_dir=directory)
     return Export(directory, prompt, logits)
+
+
+def relative_error(got: torch.Tensor, expected: torch.Tensor) -> float:
+    """The largest logit difference relative to the largest reference logit."""
+    return float((got - expected).abs().max() / expected.abs().max())
+
+
+def export_maker(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Export]:
+    """A recipe's export, made on first use (for a test module's `exports` fixture)."""
+    made: dict[str, Export] = {}
+
+    def get(recipe: str) -> Export:
+        if recipe not in made:
+            made[recipe] = make_export(recipe, tmp_path_factory.mktemp(f"modelopt-{recipe}") / "export")
+        return made[recipe]
+    return get

@@ -29,7 +29,7 @@ from nemocompile.graph.modelopt import QUANT_CONFIG_FILE
 from nemocompile.runtime.formats import NVFP4Tensor, dequantize_nvfp4
 
 pytest.importorskip("modelopt", reason="the exports are made by NVIDIA ModelOpt")
-from modelopt_exports import Export, cpu_nvfp4_fake_quantization, make_export, random_model
+from modelopt_exports import Export, cpu_nvfp4_fake_quantization, export_maker, random_model, relative_error
 
 # fp32 engines run ModelOpt's numerics; what they may differ by is float summation order
 RELATIVE_TOLERANCE = 1e-3
@@ -46,20 +46,10 @@ class Built:
         return (self.result.out / "report.md").read_text()
 
 
-def relative_error(got: torch.Tensor, expected: torch.Tensor) -> float:
-    """The largest logit difference relative to the largest reference logit."""
-    return float((got - expected).abs().max() / expected.abs().max())
-
 
 @pytest.fixture(scope="session")
 def exports(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Export]:
-    made: dict[str, Export] = {}
-
-    def get(recipe: str) -> Export:
-        if recipe not in made:
-            made[recipe] = make_export(recipe, tmp_path_factory.mktemp(f"modelopt-{recipe}") / "export")
-        return made[recipe]
-    return get
+    return export_maker(tmp_path_factory)
 
 
 @pytest.fixture(scope="session")

@@ -29,7 +29,14 @@ from nemocompile.planner import plan_model
 
 pytest.importorskip("modelopt", reason="the exports are made by NVIDIA ModelOpt")
 import modelopt.torch.quantization as mtq
-from modelopt_exports import RECIPES, Export, calibration_batches, make_export, random_model
+from modelopt_exports import (
+    RECIPES,
+    Export,
+    calibration_batches,
+    export_maker,
+    random_model,
+    relative_error,
+)
 from test_distributed import ranks
 
 E4M3_MAX = 448.0
@@ -43,19 +50,10 @@ KV_TOLERANCE = 1e-5
 FLOAT_KV_AT_LEAST = 1e-3
 
 
-def relative_error(got: torch.Tensor, expected: torch.Tensor) -> float:
-    return float((got - expected).abs().max() / expected.abs().max())
-
 
 @pytest.fixture(scope="module")
 def exports(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Export]:
-    made: dict[str, Export] = {}
-
-    def get(recipe: str) -> Export:
-        if recipe not in made:
-            made[recipe] = make_export(recipe, tmp_path_factory.mktemp(f"modelopt-{recipe}") / "export")
-        return made[recipe]
-    return get
+    return export_maker(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

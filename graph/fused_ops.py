@@ -12,7 +12,7 @@ from nemocompile.base.errors import IRError
 from .ir import Attrs, Graph, Op
 from .opdef import define, dims_agree, require
 from .ops import ACTIVATIONS, QUANTIZE_FORMATS, _infer_quantize, _matmul_result, _verify_router, _with_last
-from .types import F32, I64, TensorType
+from .types import F32, FP8_E4M3, FP8_SCALED, I64, TensorType
 
 Types = Sequence[TensorType | None]
 
@@ -123,14 +123,21 @@ def _infer_quant_linear(types: Types, attrs: Attrs) -> tuple[TensorType, ...]:
         raise IRError(f"quant_linear input has last dim {x.shape[-1]}, expected {weight.shape[1]}")
     if bias is not None and not dims_agree(bias.shape[0], weight.shape[0]):
         raise IRError(f"quant_linear bias {bias} does not match weight {weight}")
-    gemm_input = _quantized_input(x, scale, None, attrs, "quant_linear")
+    if x.dtype == FP8_E4M3:
+        # E4M3 codes a fused norm wrote (add_rms_norm with act_format fp8): they mean codes * input_scale.
+        if _act_format(attrs) != "fp8" or scale is None:
+            raise IRError(f"quant_linear reads E4M3 codes {x} and needs act_format fp8 with their input_scale")
+        gemm_input = x.with_(dtype=FP8_SCALED)
+    else:
+        gemm_input = _quantized_input(x, scale, None, attrs, "quant_linear")
     return (_with_last(_matmul_result(gemm_input, weight, attrs, "quant_linear"), weight.shape[0]),)
 
 
 define("quant_linear", "fused", ["x", "weight:weight", "input_scale:scale", "bias?:bias"], ["out"],
        [("act_format", "str"), ("out_dtype", "dtype")], infer=_infer_quant_linear,
        doc="linear(quantize(x, input_scale), weight, bias): the activations quantized to act_format on load "
-           "(W4A4, W8A8), result in out_dtype")
+           "(W4A4, W8A8), result in out_dtype. An x of fp8e4m3 codes (a fused norm quantized it already, "
+           "act_format fp8) is read as it is: linear(x * input_scale, weight, bias)")
 
 
 def _infer_quant_grouped_gemm(types: Types, attrs: Attrs) -> tuple[TensorType, ...]:
@@ -154,29 +161,39 @@ def _infer_add_rms_norm(types: Types, attrs: Attrs) -> tuple[TensorType, ...]:
         raise IRError(f"add_rms_norm adds {x.dtype} to a {residual.dtype} residual")
     if not dims_agree(residual.shape[-1], weight.shape[0]):
         raise IRError(f"add_rms_norm input has last dim {residual.shape[-1]}, expected {weight.shape[0]}")
-    return (_quantized_input(residual, scale, None, attrs, "add_rms_norm"), residual)
+    out = _quantized_input(residual, scale, None, attrs, "add_rms_norm")
+    # FP8: the E4M3 codes themselves (the GEMM after it, a quant_linear, takes input_scale too).
+    return (out.with_(dtype=FP8_E4M3) if out.dtype == FP8_SCALED else out, residual)
 
 
 define("add_rms_norm", "fused", ["x", "residual", "weight:weight", "input_scale?:scale"], ["out", "residual_out"],
        [("eps", "float"), ("act_format", "str?")], infer=_infer_add_rms_norm,
        doc="residual_out = residual + x; out = rms_norm(residual_out), quantized to act_format with input_scale "
-           "when set (as `quantize`)")
+           "when set (as `quantize`): for fp8 the E4M3 codes (out * input_scale is the `quantize` result), "
+           "for nvfp4 the quantized values")
 
 # ---------------------------------------------------------------- what a graph holds, per fusion rule
 
 # Each fusion rule of passes/fuse_*.py and how to recognise one of its rewrites in a graph.
-FUSIONS: dict[str, Callable[[Op], bool]] = {
-    "fuse_experts": lambda op: op.opname == "moe_expert_down",  # one up/down pair per MoE layer
-    "fuse_router": lambda op: op.opname == "moe_route",
-    "add_rms_norm": lambda op: op.opname == "add_rms_norm",
-    "add_rms_norm_quantize": lambda op: op.opname == "add_rms_norm" and op.attrs.get("act_format") is not None,
-    "quant_linear": lambda op: op.opname == "quant_linear",
-    "quant_grouped_gemm": lambda op: op.opname == "quant_grouped_gemm",
-    "conv1d_silu": lambda op: op.opname == "causal_conv1d" and op.attrs.get("activation") == "silu",
+def _reads_norm_codes(op: Op, graph: Graph) -> bool:
+    """A quant_linear reading the codes a fused norm wrote (made by add_rms_norm_quantize, not by the
+    quant_linear rule)."""
+    producer = graph.producer(op.operands[0]) if op.operands and op.operands[0] is not None else None
+    return producer is not None and producer.opname == "add_rms_norm" and producer.attrs.get("act_format") == "fp8"
+
+
+FUSIONS: dict[str, Callable[[Op, Graph], bool]] = {
+    "fuse_experts": lambda op, _: op.opname == "moe_expert_down",  # one up/down pair per MoE layer
+    "fuse_router": lambda op, _: op.opname == "moe_route",
+    "add_rms_norm": lambda op, _: op.opname == "add_rms_norm",
+    "add_rms_norm_quantize": lambda op, _: op.opname == "add_rms_norm" and op.attrs.get("act_format") is not None,
+    "quant_linear": lambda op, graph: op.opname == "quant_linear" and not _reads_norm_codes(op, graph),
+    "quant_grouped_gemm": lambda op, _: op.opname == "quant_grouped_gemm",
+    "conv1d_silu": lambda op, _: op.opname == "causal_conv1d" and op.attrs.get("activation") == "silu",
 }
 
 
 def fusions_in(graph: Graph) -> dict[str, int]:
     """Fusion rule -> how many of its rewrites `graph` holds (inspect reads an engine's this way).
     add_rms_norm counts every fused norm, add_rms_norm_quantize those that also quantize."""
-    return {name: sum(1 for op in graph.ops if found(op)) for name, found in FUSIONS.items()}
+    return {name: sum(1 for op in graph.ops if found(op, graph)) for name, found in FUSIONS.items()}

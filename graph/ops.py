@@ -58,6 +58,9 @@ def _matmul_result(x: TensorType, weight: TensorType, attrs: Attrs, what: str) -
     """The GEMM's result type before its last dim is set: x's dtype, or `out_dtype` when x is an
     activation that a `quantize` op quantized (its format then is the weight's)."""
     out_dtype = attrs.get("out_dtype")
+    if x.dtype.name == "fp8e4m3":
+        raise IRError(f"{what} input is E4M3 codes {x}, which carry no scale; a quant_linear with their "
+                      "input_scale reads them")
     if x.dtype.quantized:
         if x.dtype != weight.dtype:
             raise IRError(f"{what} input is quantized to {x.dtype} but its weight is {weight.dtype}")

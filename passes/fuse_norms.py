@@ -4,8 +4,12 @@ activation quantization that follows it (W4A4, W8A8) when the norm feeds only th
 Rules:
 - `add_rms_norm`: rms_norm(add(a, b)) -> add_rms_norm(x = b, residual = a), which defines both the
   norm's result and the sum (later layers read the sum as their residual).
-- `add_rms_norm_quantize`: quantize(add_rms_norm(...).out) with no other reader of the norm ->
-  add_rms_norm {act_format} with the quantize's input_scale; its `out` is the quantized value.
+- `add_rms_norm_quantize`: linear(quantize(add_rms_norm(...).out)), the norm and the quantize read by
+  nothing else -> add_rms_norm {act_format} with the quantize's input_scale. FP8 (W8A8): the norm's
+  `out` is the E4M3 codes and the linear becomes a quant_linear reading them with the same
+  input_scale, so the GEMM loads 1 byte per activation and rounds nothing. NVFP4: the norm's `out`
+  is the quantized value (the runtime holds it as fp32 values) and the linear stays; packed codes
+  plus block scales for a W4A4 GEMM are not carried yet (docs/triton-codegen.md).
 
 In a Nemotron-H graph every layer's residual add feeds the next layer's norm (or the final
 norm_f), so the first rule fires once per layer; the second once per layer after the first whose
@@ -44,23 +48,32 @@ ADD_RMS_NORM = Rule("add_rms_norm", op("rms_norm", x=op("add", capture="sum")), 
 
 
 def _fuse_quantize(match: Match, builder: GraphBuilder) -> None:
-    quantize, norm = match.root, match.ops["normed"]
+    linear, quantize, norm = match.root, match.ops["q"], match.ops["normed"]
+    builder.drop(quantize)
     builder.drop(norm)
+    fmt, scale = quantize.attrs.str("format"), operand(quantize, "input_scale")
     builder.op_named("add_rms_norm", {"x": operand(norm, "x"), "residual": operand(norm, "residual"),
-                                      "weight": operand(norm, "weight"),
-                                      "input_scale": operand(quantize, "input_scale")},
-                     {"eps": norm.attrs.float("eps"), "act_format": quantize.attrs.str("format")}, norm.scope,
+                                      "weight": operand(norm, "weight"), "input_scale": scale},
+                     {"eps": norm.attrs.float("eps"), "act_format": fmt}, norm.scope,
                      [quantize.results[0].name, norm.results[1].name])
+    if fmt == "fp8":
+        builder.op_named("quant_linear", {"x": quantize.results[0].name, "weight": operand(linear, "weight"),
+                                          "input_scale": scale, "bias": operand(linear, "bias")},
+                         {"act_format": fmt, "out_dtype": linear.attrs.str("out_dtype")}, linear.scope, match.results)
+    else:
+        builder.reemit(linear)
 
 
 def _quantizable(match: Match) -> bool:
     assert match.builder is not None
-    return len(match.users("normed")) == 1 and match.builder.can_drop(match.ops["normed"])
+    return (len(match.users("normed")) == 1 and len(match.users("q")) == 1
+            and match.builder.can_drop(match.ops["q"], match.ops["normed"]))
 
 
 ADD_RMS_NORM_QUANTIZE = Rule(
     "add_rms_norm_quantize",
-    op("quantize", x=op("add_rms_norm", capture="normed", attrs={"act_format": None}), offsets=ABSENT),
+    op("linear", x=op("quantize", capture="q", offsets=ABSENT,
+                      x=op("add_rms_norm", capture="normed", attrs={"act_format": None}))),
     _fuse_quantize, _quantizable)
 
 

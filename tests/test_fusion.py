@@ -135,9 +135,16 @@ def test_add_rms_norm_reference_is_add_then_norm_then_quantize() -> None:
     generator = torch.Generator().manual_seed(3)
     x, residual = torch.randn(2, 3, 32, generator=generator), torch.randn(2, 3, 32, generator=generator)
     weight, scale = torch.rand(32, generator=generator) + 0.5, torch.tensor(0.003)
-    out, residual_out = fused.add_rms_norm(x, residual, weight, scale, eps=1e-5, act_format="fp8")
+    codes, residual_out = fused.add_rms_norm(x, residual, weight, scale, eps=1e-5, act_format="fp8")
     assert torch.equal(residual_out, residual + x)
-    assert torch.equal(out, quantize(rms_norm(residual + x, weight, 1e-5), "fp8", scale))
+    # FP8: the norm writes E4M3 codes; times the scale they are the `quantize` op's values, bit for bit
+    values = quantize(rms_norm(residual + x, weight, 1e-5), "fp8", scale)
+    assert codes.dtype == torch.float8_e4m3fn and torch.equal(codes.float() * scale, values)
+    assert values.abs().max() == 448 * scale  # the scale is small enough that some values saturate
+    # and the quant_linear after it reads the codes as those values
+    w = torch.randn(8, 32, generator=generator)
+    assert torch.equal(fused.quant_linear_on_load(codes, w, scale, None, act_format="fp8", out_dtype=torch.float32),
+                       fused.linear_any(values, w, None, torch.float32))
 
 
 def _stacked_nvfp4(weights: torch.Tensor) -> fused.WeightValue:

@@ -15,7 +15,7 @@ from nemocompile.graph.ir import Attrs, AttrValue, Graph, Op, StateSlot, Value, 
 from nemocompile.graph.nemotron_h import build_block_graph
 from nemocompile.graph.opdef import opdef
 from nemocompile.graph.text import format_op
-from nemocompile.graph.types import BF16, F32, I64, Sharding, TensorType
+from nemocompile.graph.types import BF16, F32, FP8_E4M3, FP8_SCALED, I64, Sharding, TensorType
 from nemocompile.graph.verifier import verify
 from nemocompile.passes.decompose import Decompose
 from nemocompile.passes.specialize_decode import SpecializeDecode
@@ -321,3 +321,25 @@ def test_accepts_a_hand_built_graph_with_optional_operands_left_out() -> None:
     assert verify(graph) is graph
     assert graph.ops[0].operands == ("x", "w", *(None,) * (len(opdef("linear").operands) - 2))
     assert isinstance(graph.states[0], StateSlot)
+
+
+def test_a_fused_norms_fp8_codes_are_read_only_with_their_scale() -> None:
+    """add_rms_norm {act_format fp8} types its output as E4M3 codes; a quant_linear reads them with the
+    input_scale (result in its out_dtype), while a plain linear, which has no scale, is refused."""
+    b = GraphBuilder("codes")
+    x = b.input("x", TensorType(BF16, ("batch", 16)))
+    residual = b.input("residual", TensorType(BF16, ("batch", 16)))
+    norm = b.weight("norm", TensorType(BF16, (16,)), "norms")
+    w = b.weight("w", TensorType(FP8_SCALED, (4, 16)), "mlp")
+    scale = b.weight("scale", TensorType(F32, ()), "activation_scales")
+    codes, summed = b.op("add_rms_norm", [x, residual, norm, scale], {"eps": 1e-5, "act_format": "fp8"})
+    assert b.type_of(codes) == TensorType(FP8_E4M3, ("batch", 16))
+    y = b.op1("quant_linear", [codes, w, scale], {"act_format": "fp8", "out_dtype": "bf16"})
+    assert b.type_of(y) == TensorType(BF16, ("batch", 4))
+    with pytest.raises(IRError, match="E4M3 codes .* carry no scale"):
+        b.op1("linear", [codes, w], {"out_dtype": "bf16"})
+    with pytest.raises(IRError, match="needs act_format fp8"):
+        b.op1("quant_linear", [codes, w, scale], {"act_format": "nvfp4", "out_dtype": "bf16"})
+    b.output(y)
+    b.output(summed)
+    assert verify(b.build()).ops[1].opname == "quant_linear"

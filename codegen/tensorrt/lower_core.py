@@ -163,6 +163,15 @@ def _fp8_quantize(low: Lowering, x32: str, scale: str, per_row: bool) -> str:
     return b.one("Mul", [b.one("DequantizeLinear", [q, unit, zero_point]), column])
 
 
+def fp8_codes_value(low: Lowering, x32: str, scale: str) -> str:
+    """The E4M3 codes of x (float32) with the static per-tensor scale (an ONNX value), carried in
+    float32: e4m3(clamp(x / scale)), which times the scale is `_fp8_quantize`'s value."""
+    b = low.b
+    zero_point = b.one("Cast", [b.const(np.zeros((), dtype=np.uint8))], to=TensorProto.FLOAT8E4M3FN)
+    q = b.one("QuantizeLinear", [x32, scale, zero_point], saturate=1)
+    return b.one("DequantizeLinear", [q, b.scalar(1.0), zero_point])
+
+
 def nvfp4_block_scales(low: Lowering, x32: str, rank: int, width: int, global_scale: str) -> str:
     """E4M3 block scales of x [..., width] for blocks of 16 along the last dim: block_amax / (6 *
     global_scale), a zero block at 1.0, clamped to [2^-9, 448] (as runtime/formats/nvfp4.py).

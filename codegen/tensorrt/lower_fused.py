@@ -5,9 +5,10 @@ from __future__ import annotations
 
 from nemocompile.graph.ir import Op
 from nemocompile.graph.opdef import operand
+from nemocompile.graph.types import FP8_E4M3
 
 from .context import Lowering
-from .lower_core import activation_value, linear_value, quantize_value, rms_norm_value
+from .lower_core import activation_value, fp8_codes_value, linear_value, quantize_value, rms_norm_value
 from .lower_moe import combine_value, expert_order, gather_rows, grouped_gemm_value, router_values
 
 
@@ -32,7 +33,10 @@ def _quantized(low: Lowering, op: Op, x32: str, rank: int, width: int, offsets32
 
 def quant_linear(low: Lowering, op: Op) -> None:
     x = _req(op, "x")
-    q = _quantized(low, op, low.value(x), len(low.dims(x)), low.static(x, -1), None)
+    if low.type_of(x).dtype == FP8_E4M3:  # E4M3 codes a fused norm wrote: codes * input_scale
+        q = low.b.one("Mul", [low.value(x), low.value(_req(op, "input_scale"))])
+    else:
+        q = _quantized(low, op, low.value(x), len(low.dims(x)), low.static(x, -1), None)
     low.bind(op, [linear_value(low, q, _req(op, "weight"), operand(op, "bias"))])
 
 
@@ -74,5 +78,9 @@ def add_rms_norm(low: Lowering, op: Op) -> None:
     dtype = low.type_of(residual).dtype
     residual_out = b.round_to(b.one("Add", [low.value(residual), low.value(x)]), dtype)
     normed = b.round_to(rms_norm_value(low, residual_out, _req(op, "weight"), op.attrs.float("eps")), dtype)
+    if op.results[0].type.dtype == FP8_E4M3:  # the E4M3 codes (as float32 values), read by a quant_linear
+        codes = fp8_codes_value(low, normed, low.value(_req(op, "input_scale")))
+        low.bind(op, [codes, residual_out], rounded=False)
+        return
     out = _quantized(low, op, normed, len(low.dims(residual)), low.static(residual, -1), None)
     low.bind(op, [out, residual_out])

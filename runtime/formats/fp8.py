@@ -191,8 +191,13 @@ def fake_quantize_fp8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     NaN and nothing is validated, as this runs on every forward.
     """
     scale = scale.to(torch.float32)
-    data = _cast(x.to(torch.float32) / scale)
-    return (data.to(torch.float32) * scale).to(x.dtype)
+    return (fp8_codes(x, scale).to(torch.float32) * scale).to(x.dtype)
+
+
+def fp8_codes(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """The E4M3 codes of activations x with a static scale: e4m3(clamp(float32(x) / scale)), so
+    ``codes.float() * scale`` is ``fake_quantize_fp8(x.float(), scale)`` bit for bit."""
+    return _cast(x.to(torch.float32) / scale.to(torch.float32))
 
 
 def e4m3_to_float32(values: torch.Tensor) -> torch.Tensor:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from ..cpu_gemm import PackedLinear
+from ..formats import fp8_codes
 from ..quantized_ops import quant_grouped_gemm, quant_linear, quantize
 from ..weights import WeightValue
 from .elementwise import add, linear, relu2, silu
@@ -90,7 +91,10 @@ def moe_expert_down(hidden: torch.Tensor, order: torch.Tensor, offsets: torch.Te
 
 def quant_linear_on_load(x: torch.Tensor, weight: WeightValue, input_scale: torch.Tensor, bias: torch.Tensor | None,
                          *, act_format: str, out_dtype: torch.dtype) -> torch.Tensor:
-    """The `quant_linear` op: linear(quantize(x, input_scale), weight, bias)."""
+    """The `quant_linear` op: linear(quantize(x, input_scale), weight, bias); E4M3 codes x (a fused
+    norm's FP8 output) mean x * input_scale, the value `quantize` gave, bit for bit."""
+    if x.dtype == torch.float8_e4m3fn:
+        return linear_any(x.to(torch.float32) * input_scale.to(torch.float32), weight, bias, out_dtype)
     return linear_any(quantize(x, act_format, input_scale), weight, bias, out_dtype)
 
 
@@ -103,7 +107,12 @@ def quant_grouped_gemm_on_load(x: torch.Tensor, offsets: torch.Tensor, weight: W
 def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, input_scale: torch.Tensor | None,
                  *, eps: float, act_format: str | None) -> tuple[torch.Tensor, torch.Tensor]:
     """(out, residual_out): residual_out = residual + x; out = rms_norm(residual_out), quantized
-    to act_format (as `quantize`) when given."""
+    to act_format (as `quantize`) when given: for fp8 its E4M3 codes (codes * input_scale is the
+    `quantize` result), for nvfp4 the quantized values."""
     residual_out = add(residual, x)
-    return _quantized(rms_norm(residual_out, weight, eps), act_format, input_scale, None), residual_out
+    normed = rms_norm(residual_out, weight, eps)
+    if act_format == "fp8":
+        assert input_scale is not None, "an act_format needs its input_scale"
+        return fp8_codes(normed, input_scale), residual_out
+    return _quantized(normed, act_format, input_scale, None), residual_out
 

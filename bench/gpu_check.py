@@ -37,7 +37,7 @@ import torch
 from nemocompile.base.settings import settings
 from nemocompile.codegen.triton import templates_catalog as catalog
 from nemocompile.codegen.triton.emit import emit
-from nemocompile.runtime.formats import NVFP4Tensor, quantize_fp8, quantize_nvfp4_stacked
+from nemocompile.runtime.formats import NVFP4Tensor, fp8_codes, quantize_fp8, quantize_nvfp4_stacked
 from nemocompile.runtime.kernels import triton_gemm
 from nemocompile.runtime.kernels.triton_loader import TritonKernels
 from nemocompile.runtime.quantized_ops import quant_grouped_gemm, quant_linear, quantize
@@ -65,9 +65,9 @@ def kernel_set(d: int, i: int, experts: int, top_k: int, act_format: str) -> lis
                          combine=True, block_k=_block_k(i, 128), **tile),
         catalog.moe_combine("combine", "moe_expert_down", n=d, top_k=top_k),
         catalog.fp8_linear("fp8", "linear", n=d, k=d, quant_act=True, block_k=_block_k(d, 128)),
-        # `linear` after a norm that quantized its output: fp32-held E4M3 values, no activation scale
-        catalog.fp8_linear("fp8_qx", "linear", n=d, k=d, quant_act=False, per_channel=True, has_bias=True,
-                           x_dtype="fp32", block_k=_block_k(d, 128)),
+        # `quant_linear` after a norm that quantized its output: the E4M3 codes it wrote, with its scale
+        catalog.fp8_linear("fp8_qx", "quant_linear", n=d, k=d, quant_act=True, per_channel=True, has_bias=True,
+                           x_dtype="fp8e4nv", block_k=_block_k(d, 128)),
     ]
 
 
@@ -137,14 +137,15 @@ def check(kernels: TritonKernels, d: int, i: int, experts: int, top_k: int, act_
         fp8_out = triton_gemm.fp8_linear(kernels, "fp8", x, weight, scale)
         ok_fp8, worst_fp8 = _within(fp8_out, quant_linear(quantize(x, "fp8", scale), weight, None,
                                                           torch.float32).bfloat16())
-        x_q = quantize(x, "fp8", scale)  # a fused norm's FP8 output, as the runtime holds it (fp32)
+        x_codes = fp8_codes(x, scale)  # a fused norm's FP8 output: E4M3 codes meaning codes * scale
         channel_weight = quantize_fp8(torch.randn(d, d, generator=g, device=device), per_channel=True)
         bias = torch.randn(d, generator=g, device=device).bfloat16()
-        qx_out = triton_gemm.fp8_linear(kernels, "fp8_qx", x_q, channel_weight, None, bias,
+        qx_out = triton_gemm.fp8_linear(kernels, "fp8_qx", x_codes, channel_weight, scale, bias,
                                         out=torch.full((tokens, d), float("nan"), dtype=torch.bfloat16, device=device))
-        ok_qx, worst_qx = _within(qx_out, quant_linear(x_q, channel_weight, bias, torch.bfloat16))
+        ok_qx, worst_qx = _within(qx_out, quant_linear(quantize(x, "fp8", scale), channel_weight, bias,
+                                                       torch.bfloat16))
         for name, ok, worst in (("moe_expert_up", ok_up, worst_up), ("moe_expert_down", ok_down, worst_down),
-                                ("fp8_linear", ok_fp8, worst_fp8), ("fp8_linear fp8 input", ok_qx, worst_qx)):
+                                ("fp8_linear", ok_fp8, worst_fp8), ("fp8_linear codes", ok_qx, worst_qx)):
             print(f"  {name:16s} tokens {tokens:3d}: {'ok  ' if ok else 'FAIL'} worst error / bound {worst:.2f}")
             all_ok &= ok
     return all_ok

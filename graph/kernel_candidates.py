@@ -34,10 +34,9 @@ CANDIDATES: tuple[KernelSpec, ...] = (
            archs=HOPPER_AND_BLACKWELL, config_space=MOE_TILES, priority=1,
            doc="NVFP4 weights dequantized in registers (E2M1 codes x E4M3 block scales, exact in bf16), bf16 "
                "tensor-core dot, ragged expert segments scheduled on the device"),
-    kernel("triton_fp8_linear", "linear", "triton", formats={"weight": ["fp8"], "x": ["fp8", "bf16"]},
+    kernel("triton_fp8_linear", "linear", "triton", formats={"weight": ["fp8"], "x": ["bf16"]},
            archs=HOPPER_AND_BLACKWELL, config_space=FP8_TILES, priority=1,
-           doc="FP8 weight, activations already quantized (a fused norm's FP8 output, held as fp32 values: a "
-               "high and a low bf16 part) or bf16 (W8A16); bf16 tensor-core dot"),
+           doc="FP8 weight, bf16 activations (W8A16): the weight upcast in registers, bf16 tensor-core dot"),
     kernel("triton_rms_norm", "rms_norm", "triton", formats={"x": FLOATS, "weight": FLOATS},
            archs=HOPPER_AND_BLACKWELL, config_space=WARPS, priority=1,
            doc="one row per program, fp32 statistics, the add_rms_norm template without a residual"),
@@ -103,9 +102,10 @@ FUSED_CANDIDATES = (
                    "NVFP4 W4A16 grouped GEMM, routing weight times each pair's row, per-token sum"),
     FusedCandidate("triton_moe_down_w4a4", "moe_expert_down", _NVFP4_DOWN, {"act_format": ("nvfp4",)}, ("sm_100",),
                    W4A4_TILES, "NVFP4 quantize-on-load, tl.dot_scaled, routing weight times each pair's row, per-token sum"),
-    FusedCandidate("triton_fp8_quant_linear", "quant_linear", {"weight": ("fp8",), "x": ("bf16",)},
+    FusedCandidate("triton_fp8_quant_linear", "quant_linear", {"weight": ("fp8",), "x": ("bf16", "fp8e4m3")},
                    {"act_format": ("fp8",)}, HOPPER_AND_BLACKWELL, FP8_TILES,
-                   "FP8 W8A8: activations rounded to E4M3 on load, fp8 tensor-core dot"),
+                   "FP8 W8A8: bf16 activations rounded to E4M3 on load, or the E4M3 codes a fused norm wrote "
+                   "read as they are; fp8 tensor-core dot"),
     FusedCandidate("triton_add_rms_norm", "add_rms_norm", {"x": FLOATS, "residual": FLOATS, "weight": FLOATS},
                    {"act_format": (None, "fp8", "nvfp4")}, HOPPER_AND_BLACKWELL, WARPS,
                    "residual add + RMSNorm, output in the stream dtype or quantized on output (FP8, NVFP4)"),

@@ -22,16 +22,16 @@ W4A4 = catalog.moe_gemm("w4a4", "moe_expert_up", n=256, k=256, experts=8, top_k=
 # The b200 demo's expert K (48): one 64-wide K step, padded, still the native NVFP4 MMA.
 W4A4_PADDED = catalog.moe_gemm("w4a4_k48", "moe_expert_down", n=32, k=48, experts=8, top_k=2, act_format="nvfp4",
                                combine=True, block_m=128, block_n=128, block_k=64)
-# linear after a fused norm: fp32-held FP8 activations as two bf16 parts, bf16 tensor cores
-FP8_FP32_INPUT = catalog.fp8_linear("fp8_fp32_x", "linear", n=256, k=256, quant_act=False, per_channel=True,
-                                    x_dtype="fp32")
+# quant_linear after a fused norm: the E4M3 codes it wrote loaded as they are, fp8 x fp8 tensor cores
+FP8_CODES_INPUT = catalog.fp8_linear("fp8_codes_x", "quant_linear", n=256, k=256, quant_act=True, per_channel=True,
+                                     x_dtype="fp8e4nv")
 CASES = [(UP, "sm_90", "wgmma.mma_async.sync.aligned.m64n16k16.f32.bf16.bf16"),
          (FP8, "sm_90", "wgmma.mma_async.sync.aligned.m64n16k32.f32.e4m3.e4m3"),
          (UP, "sm_100", "tcgen05.mma.cta_group::1.kind::f16"),
          (FP8, "sm_100", "tcgen05.mma.cta_group::1.kind::f8f6f4"),
          (W4A4, "sm_100", "tcgen05.mma.cta_group::1.kind::mxf4nvf4.block_scale.block16"),
-         (FP8_FP32_INPUT, "sm_90", "wgmma.mma_async.sync.aligned.m64n16k16.f32.bf16.bf16"),
-         (FP8_FP32_INPUT, "sm_100", "tcgen05.mma.cta_group::1.kind::f16"),
+         (FP8_CODES_INPUT, "sm_90", "wgmma.mma_async.sync.aligned.m64n16k32.f32.e4m3.e4m3"),
+         (FP8_CODES_INPUT, "sm_100", "tcgen05.mma.cta_group::1.kind::f8f6f4"),
          (W4A4_PADDED, "sm_100", "tcgen05.mma.cta_group::1.kind::mxf4nvf4.block_scale.block16")]
 
 

@@ -32,11 +32,14 @@ from nemocompile.graph.kernels import candidates
 PROMPTS = [[1, 2, 3, 4, 5, 6, 7, 8], [9, 10, 11, 12, 13, 14, 15, 16]]
 MIXED = [[1, 2, 3], [4, 5, 6, 7, 8, 9, 10]]
 # Op kinds with a Triton kernel in the demo engines, and those that have none (reference by design).
-ON_TRITON = {"add_rms_norm", "attention_gqa", "causal_conv1d", "gated_rms_norm", "linear", "moe_expert_down",
+ON_TRITON = {"add_rms_norm", "attention_gqa", "causal_conv1d", "gated_rms_norm", "moe_expert_down",
              "moe_expert_up", "moe_route", "quant_linear", "rms_norm", "ssd_chunk_scan", "ssd_state_update"}
 NO_TRITON_KERNEL = {"activation", "add", "cast", "embedding", "split"}
-# A `linear` runs a Triton kernel where its weight is FP8 (the Mamba in_proj after a norm that quantized
-# its output); with a float weight (attention, latent projections, lm_head) its reference, by design.
+# A `linear` has a Triton kernel for an FP8 weight with bf16 input (W8A16); the demo engines have none
+# (the FP8 Mamba in_proj after a norm that quantized its output is a quant_linear reading the norm's
+# E4M3 codes), so every `linear` there has a float weight (attention, latent projections, lm_head) and
+# runs its reference, by design.
+NO_MATCHING_KERNEL = {"linear"}
 GEMMS = {"linear", "quant_linear", "grouped_gemm", "quant_grouped_gemm", "moe_expert_up", "moe_expert_down"}
 # (engine, op kind) -> the reason its Triton kernel was not built, where the demo shapes miss one: none.
 EXPECTED_FALLBACKS: dict[tuple[str, str], str] = {}
@@ -90,7 +93,7 @@ def test_every_op_runs_its_kernel_or_is_listed_with_a_reason(engines: dict[str, 
     assert set(fell_back) == expected_fallbacks
     for op, why in fell_back.items():
         assert why is not None and "the build made no" in why and EXPECTED_FALLBACKS[target, op] in why
-    assert {r.op for r in resolutions} == ON_TRITON | NO_TRITON_KERNEL
+    assert {r.op for r in resolutions} == ON_TRITON | NO_TRITON_KERNEL | NO_MATCHING_KERNEL
     for op in NO_TRITON_KERNEL:  # by design, not by a miss: the catalog has no Triton candidate for them here
         assert not any(spec.backend == "triton" and spec.runs_on(arch) for spec in candidates(op))
     index = json.loads((engines[target] / "kernels" / "kernels.json").read_text())
@@ -105,7 +108,7 @@ def test_every_quantized_gemm_runs_a_triton_kernel(engines: dict[str, Path], tar
     from nemocompile.graph.text import parse_graph
 
     index = json.loads((engines[target] / "kernels" / "kernels.json").read_text())
-    quantized = 0
+    quantized = codes = 0
     for name, file in (("prefill", "graph.txt"), ("decode", "graph.decode.txt")):
         graph = parse_graph((engines[target] / file).read_text())
         types = graph.value_types()
@@ -114,7 +117,13 @@ def test_every_quantized_gemm_runs_a_triton_kernel(engines: dict[str, Path], tar
                                           for v in op.operands[1:4]):
                 quantized += 1
                 assert op.results[0].name in index["bindings"][name], f"{name}: {op.opname} at {op.scope}"
-    assert quantized > 0
+            x = op.operands[0] if op.operands else None
+            if op.opname == "quant_linear" and x is not None and types[x].dtype.name == "fp8e4m3":
+                # the W8A8 GEMM after a fused norm reads the norm's E4M3 codes
+                producer = graph.producer(x)
+                assert producer is not None and producer.attrs.get("act_format") == "fp8", op.scope
+                codes += 1
+    assert quantized > 0 and codes > 0
 
 
 @pytest.mark.parametrize("target", ["h100", "b200"])

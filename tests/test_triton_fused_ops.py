@@ -18,7 +18,7 @@ from nemocompile.codegen.triton.emit import emit
 from nemocompile.codegen.triton.plan import BUILDERS, _named
 from nemocompile.graph.ir import Attrs, Op, Value
 from nemocompile.graph.types import TensorType, dtype_named
-from nemocompile.runtime.formats import quantize_fp8, quantize_nvfp4_stacked
+from nemocompile.runtime.formats import fp8_codes, quantize_fp8, quantize_nvfp4_stacked
 from nemocompile.runtime.kernels.triton_backend import TritonBackend
 from nemocompile.runtime.kernels.triton_loader import TritonKernels
 from nemocompile.runtime.quantized_ops import quant_grouped_gemm, quant_linear, quantize
@@ -93,17 +93,21 @@ def test_moe_expert_up_and_down(tmp_path: Path, act_format: str | None) -> None:
     assert_within_bf16_ulps(out[0], expected, 2, _floor(expected), row_rounding_bound(expert_rows, order, routing))
 
 
-@pytest.mark.parametrize("with_bias", [False, True])
-def test_fp8_quant_linear(tmp_path: Path, with_bias: bool) -> None:
+@pytest.mark.parametrize(("with_bias", "codes"), [(False, False), (True, False), (True, True)])
+def test_fp8_quant_linear(tmp_path: Path, with_bias: bool, codes: bool) -> None:
+    """bf16 activations quantized on load, or (codes) the E4M3 codes a fused norm wrote with the same
+    scale: both mean quant_linear(quantize(x, scale))."""
     g = torch.Generator().manual_seed(5)
     n, k = 96, 64
     x = (torch.randn(2, 3, k, generator=g) * 2).bfloat16()
     weight = quantize_fp8(torch.randn(n, k, generator=g))
     scale = torch.tensor(float(x.float().abs().max()) / 448)
     bias = torch.randn(n, generator=g).bfloat16() if with_bias else None
+    x_operand = fp8_codes(x, scale) if codes else x
     out = _run(tmp_path, "triton_fp8_quant_linear", "quant_linear",
-               [_t("bf16", 2, 3, k), _t("fp8", n, k), _t("f32"), _t("bf16", n) if with_bias else None],
-               _t("bf16", 2, 3, n), {"act_format": "fp8", "out_dtype": "bf16"}, [x, weight, scale, bias])
+               [_t("fp8e4m3" if codes else "bf16", 2, 3, k), _t("fp8", n, k), _t("f32"),
+                _t("bf16", n) if with_bias else None],
+               _t("bf16", 2, 3, n), {"act_format": "fp8", "out_dtype": "bf16"}, [x_operand, weight, scale, bias])
     expected = quant_linear(quantize(x, "fp8", scale), weight, bias, torch.float32).bfloat16()
     assert out.shape == (2, 3, n)
     assert_within_bf16_ulps(out, expected, 2, _floor(expected))

@@ -17,7 +17,9 @@ is the final bf16 rounding (the interpreter's cast truncates, so the templates r
 even on the bits first in interpreter mode).
 The interpreter paths: bf16 tl.dot is wrong in the interpreter (Triton issue 11584) and dot_scaled
 decodes E4M3 scales as E8M0, so in interpreter mode the kernels upcast both operands to fp32
-(INTERPRET constexpr); the compiled tensor-core paths are checked on a GPU by bench/gpu_check.py.
+(INTERPRET constexpr); the FP8 GEMM reading E4M3 codes runs its fp8 x fp8 dot there as it is (the
+interpreter's fp8 dot is exact: test_fp8_codes_enter_the_dot_exactly). The compiled tensor-core
+paths are checked on a GPU by bench/gpu_check.py.
 """
 
 from __future__ import annotations
@@ -72,8 +74,10 @@ def _kernels() -> list:
         catalog.fp8_linear("fp8_w8a16", "linear", n=INTER, k=HIDDEN, quant_act=False, block_k=64),
         catalog.fp8_linear("fp8_exact", "linear", n=HIDDEN, k=HIDDEN, quant_act=True, out_dtype="fp32",
                            block_k=64),
-        catalog.fp8_linear("fp8_quantized_input", "linear", n=INTER, k=HIDDEN, quant_act=False, per_channel=True,
-                           has_bias=True, x_dtype="fp32", block_k=64),
+        catalog.fp8_linear("fp8_codes_input", "quant_linear", n=INTER, k=HIDDEN, quant_act=True, per_channel=True,
+                           has_bias=True, x_dtype="fp8e4nv", block_k=64),
+        catalog.fp8_linear("fp8_codes_exact", "quant_linear", n=HIDDEN, k=HIDDEN, quant_act=True, out_dtype="fp32",
+                           x_dtype="fp8e4nv", block_k=64),
         catalog.moe_combine("combine_padded", "moe_expert_down", n=PADDED_N, top_k=TOP_K, block_n=64),
         *(kernel for k in PADDED_K for kernel in _padded_kernels(k)),
     ]
@@ -252,18 +256,22 @@ def test_fp8_linear(kernels: TritonKernels, kernel: str, rows: int) -> None:
 
 
 @pytest.mark.parametrize("rows", [1, 7, 70])
-def test_fp8_linear_of_an_activation_a_norm_quantized(kernels: TritonKernels, rows: int) -> None:
-    """`linear` reading a fused norm's FP8 output (the runtime holds its exact values in fp32; the op
-    has no activation scale) against the reference `linear` op (runtime/reference/fused.linear_any)."""
-    from nemocompile.runtime.reference.fused import linear_any
+def test_fp8_linear_reads_the_codes_a_norm_wrote(kernels: TritonKernels, rows: int) -> None:
+    """`quant_linear` reading a fused norm's FP8 output (E4M3 codes, 1 byte each, with the norm's
+    input_scale) against the reference op (runtime/reference/fused.quant_linear_on_load)."""
+    from nemocompile.runtime.formats import fp8_codes
+    from nemocompile.runtime.reference.fused import quant_linear_on_load
 
     g = torch.Generator().manual_seed(500 + rows)
     x = torch.randn(rows, HIDDEN, generator=g) * 3
-    x = quantize(x, "fp8", torch.tensor(float(x.abs().max()) / 448 * 0.8))  # fp32, some saturated
+    input_scale = torch.tensor(float(x.abs().max()) / 448 * 0.8)
+    codes = fp8_codes(x, input_scale)  # some saturated at +-448
+    assert codes.dtype == torch.float8_e4m3fn and codes.float().abs().max() == 448
     weight = quantize_fp8(torch.randn(INTER, HIDDEN, generator=g), per_channel=True)
     bias = torch.randn(INTER, generator=g).bfloat16()
-    out = triton_gemm.fp8_linear(kernels, "fp8_quantized_input", x, weight, None, bias, out=poisoned(rows, INTER))
-    expected = linear_any(x, weight, bias, torch.bfloat16)
+    out = triton_gemm.fp8_linear(kernels, "fp8_codes_input", codes, weight, input_scale, bias,
+                                 out=poisoned(rows, INTER))
+    expected = quant_linear_on_load(codes, weight, input_scale, bias, act_format="fp8", out_dtype=torch.bfloat16)
     assert_within_bf16_ulps(out, expected, 2, _scale_floor(expected))
 
 
@@ -276,6 +284,18 @@ def test_fp8_quantizes_activations_bit_exactly(kernels: TritonKernels) -> None:
     assert isinstance(weight, FP8Tensor) and bool((weight.data.float() == torch.eye(HIDDEN)).all())
     out = triton_gemm.fp8_linear(kernels, "fp8_exact", x, weight, input_scale, out=poisoned(5, HIDDEN, dtype=torch.float32))
     torch.testing.assert_close(out, quantize(x, "fp8", input_scale), rtol=0.0, atol=0.0)
+
+
+def test_fp8_codes_enter_the_dot_exactly(kernels: TritonKernels) -> None:
+    """Every finite E4M3 code through the fp8 x fp8 dot of the codes path (which the interpreter runs
+    as it is, without the fp32 upcast of the other paths), times an identity weight: out == codes."""
+    codes = torch.arange(256, dtype=torch.uint8)
+    codes[(codes & 0x7F) == 0x7F] = 0  # the two NaN codes (the norm never writes them)
+    x = codes.view(torch.float8_e4m3fn).reshape(256 // HIDDEN, HIDDEN)
+    weight = quantize_fp8(torch.eye(HIDDEN), scale=torch.tensor(1.0))
+    out = triton_gemm.fp8_linear(kernels, "fp8_codes_exact", x, weight, torch.tensor(1.0),
+                                 out=poisoned(x.shape[0], HIDDEN, dtype=torch.float32))
+    torch.testing.assert_close(out, x.float(), rtol=0.0, atol=0.0)
 
 
 def test_loader_refuses_missing_index(tmp_path: Path) -> None:

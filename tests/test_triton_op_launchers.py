@@ -78,12 +78,16 @@ def test_add_rms_norm(tmp_path: Path, act_format: str | None) -> None:
     torch.manual_seed(1)
     x, residual, weight = _randn(B, T, D), _randn(B, T, D), _randn(D) * 0.1 + 1
     scale = torch.tensor(3.0 / (448 if act_format == "fp8" else 6 * 448))
-    out_type = _t({None: "bf16", "fp8": "fp8", "nvfp4": "nvfp4"}[act_format], B, T, D)
+    out_type = _t({None: "bf16", "fp8": "fp8e4m3", "nvfp4": "nvfp4"}[act_format], B, T, D)
     got, want = _run(tmp_path, "triton_add_rms_norm", "add_rms_norm",
                      [(_t("bf16", B, T, D), x), (_t("bf16", B, T, D), residual), (_t("bf16", D), weight),
                       (_t("f32"), scale) if act_format else None],
                      [out_type, _t("bf16", B, T, D)], {"eps": 1e-5, **({"act_format": act_format} if act_format else {})})
-    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])  # quantized outputs: exact values in fp32
+    assert got[0].dtype == want[0].dtype and torch.equal(got[1], want[1])
+    if act_format == "fp8":  # the E4M3 codes themselves, bit for bit
+        assert got[0].dtype == torch.float8_e4m3fn and torch.equal(got[0].view(torch.uint8), want[0].view(torch.uint8))
+    else:  # NVFP4: the quantized values, exact in fp32
+        assert torch.equal(got[0], want[0])
 
 
 def test_rms_norm_and_gated_rms_norm(tmp_path: Path) -> None:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, replace
 
 from nemocompile.graph.ir import Graph, Op
 from nemocompile.graph.kernels import find, kernel_of
-from nemocompile.graph.types import TensorType
+from nemocompile.graph.types import FP8_E4M3, TensorType
 
 from . import plan_ops
 from . import templates_catalog as catalog
@@ -135,22 +135,23 @@ def _expert_down(op: Op, types: Mapping[str, TensorType], arch: str, decode: boo
 
 
 def _fp8_quant_linear(op: Op, types: Mapping[str, TensorType], arch: str, decode: bool) -> tuple[KernelInstance, ...]:
-    """quant_linear(x, fp8 weight [N, K], input_scale, bias?) with act_format fp8 (W8A8)."""
+    """quant_linear(x, fp8 weight [N, K], input_scale, bias?) with act_format fp8 (W8A8): x bf16 (rounded
+    to E4M3 on load) or the E4M3 codes a fused norm wrote (loaded as they are)."""
     n, k = _dims(_operand_type(op, types, 1), f"{op.opname} weight")
     has_bias = len(op.operands) > 3 and op.operands[3] is not None
     out_dtype = triton_dtype(op.results[0].type, f"{op.opname} result")
+    x_type = _operand_type(op, types, 0)
+    x_dtype = "fp8e4nv" if x_type.dtype == FP8_E4M3 else triton_dtype(x_type, f"{op.opname} input")
     block_k = block_k_for(k, FP8_MIN_BLOCK_K)
     return (catalog.fp8_linear(kernel_of(op), op.opname, n=n, k=k, quant_act=True, per_channel=True,
-                               has_bias=has_bias, x_dtype=triton_dtype(_operand_type(op, types, 0), "x"),
-                               out_dtype=out_dtype, block_m=16, block_n=64, block_k=block_k),)
+                               has_bias=has_bias, x_dtype=x_dtype, out_dtype=out_dtype, block_m=16, block_n=64,
+                               block_k=block_k),)
 
 
 def _fp8_linear(op: Op, types: Mapping[str, TensorType], arch: str, decode: bool) -> tuple[KernelInstance, ...]:
-    """linear(x, fp8 weight [N, K], bias?): x an FP8-quantized activation (the runtime holds it as its
-    fp32 values) or bf16 (W8A16)."""
+    """linear(x, fp8 weight [N, K], bias?) with bf16 x (W8A16)."""
     n, k = _dims(_operand_type(op, types, 1), f"{op.opname} weight")
-    x_type = _operand_type(op, types, 0)
-    x_dtype = "fp32" if x_type.dtype.name == "fp8" else triton_dtype(x_type, f"{op.opname} input")
+    x_dtype = triton_dtype(_operand_type(op, types, 0), f"{op.opname} input")
     bias = op.operands[2] if len(op.operands) > 2 else None
     out_dtype = triton_dtype(op.results[0].type, f"{op.opname} result")
     if bias is not None and triton_dtype(types[bias], f"{op.opname} bias") != out_dtype:

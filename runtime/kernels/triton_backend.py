@@ -105,7 +105,7 @@ def _fp8_quant_linear(kernels: TritonKernels, names: Sequence[str], op: Op, args
 
 
 def _fp8_linear(kernels: TritonKernels, names: Sequence[str], op: Op, args: Args) -> tuple[torch.Tensor, ...]:
-    """linear(x, fp8 weight, bias?): x already quantized (fp32 values) or bf16; no activation scale."""
+    """linear(x, fp8 weight, bias?) with bf16 x (W8A16); no activation scale."""
     gemm, reduce, _ = _gemm_names(kernels, names)
     return (triton_gemm.fp8_linear(kernels, gemm, _tensor(args[0], "x"), _per_channel_fp8(op, args[1]), None,
                                    _optional(args[2] if len(args) > 2 else None),

@@ -39,18 +39,16 @@ def rms_norm(kernels: TritonKernels, names: Sequence[str], op: Op, args: Args) -
 
 
 def add_rms_norm(kernels: TritonKernels, names: Sequence[str], op: Op, args: Args) -> tuple[torch.Tensor, ...]:
-    """(out, residual_out); a quantized out is returned as its exact values in fp32 (the runtime's
-    form of a quantized activation, runtime/dtypes.value_dtype), from the kernel's E4M3 data or
-    NVFP4 codes and block scales."""
+    """(out, residual_out); an FP8 out is the kernel's E4M3 codes (the IR's fp8e4m3, which the
+    quant_linear after it reads with the same input_scale); an NVFP4 out is returned as its exact
+    values in fp32 (the runtime's form of a quantized activation, runtime/dtypes.value_dtype), from
+    the kernel's packed codes and block scales."""
     scale = _opt(args, 3)
     outs, residual = triton_ops.add_rms_norm(kernels, names[0], _t(op, args, 0), _t(op, args, 1), _t(op, args, 2),
                                              op.attrs.float("eps"), scale)
     if len(outs) == 2:
         assert scale is not None  # the wrapper refuses a quantizing kernel without one
         return dequantize_nvfp4(NVFP4Tensor(outs[0], outs[1], scale.reshape(()).float()), torch.float32), residual
-    if outs[0].dtype == torch.float8_e4m3fn:
-        assert scale is not None
-        return outs[0].float() * scale.float(), residual
     return outs[0], residual
 
 

@@ -1,23 +1,28 @@
 """FP8 E4M3 GEMM: out = Q(x) @ dequant(W)^T + bias, for the shared experts and the Mamba
 in/out projections (W8A8), or with bf16 activations (W8A16, QUANT_ACT false).
 
-Q rounds x / input_scale to E4M3 (clamped to +-448, ties to even) with the static per-tensor
-scale, as the `quantize` op does; the rounding is done in fp32 arithmetic (quant_math) and the
-exact result cast to float8e4nv, so the dot is fp8 x fp8 -> fp32 (wgmma / tcgen05). The weight
-scale is per tensor ([1]) or per output row ([N], PER_CHANNEL).
+W8A8 (QUANT_ACT) reads x in one of two forms, picked by x's element type:
+- bf16/fp32 activations, rounded on load: Q rounds x / input_scale to E4M3 (clamped to +-448, ties
+  to even) with the static per-tensor scale, as the `quantize` op does; the rounding is done in
+  fp32 arithmetic (quant_math) and the exact result cast to float8e4nv;
+- float8e4nv codes a fused norm already wrote (add_rms_norm with FP8 output, then quant_linear),
+  which mean codes * input_scale: loaded as they are, 1 byte per element.
+Either way the dot is fp8 x fp8 -> fp32 (wgmma on sm_90a, tcgen05 kind::f8f6f4 on sm_100a) and
+input_scale multiplies the accumulator. The weight scale is per tensor ([1]) or per output row
+([N], PER_CHANNEL).
 
-Without QUANT_ACT the activations are bf16 (W8A16), or fp32: the exact values of an activation a
-fused norm already quantized (add_rms_norm with FP8 output, whose `linear` carries no scale, so the
-values cannot be turned back into E4M3 codes here); they enter the bf16 dot as a high and a low
-bf16 part.
+Without QUANT_ACT the activations are bf16 (W8A16).
 
 SPLIT_K > 1: program (m, n, s) sums K slice s (whole BLOCK_K steps; the last slice ends at K) in
 fp32 into workspace fp32 [rows, SPLIT_K, N] unscaled, and fp8_linear_reduce sums the SPLIT_K
 partials in slice order (no atomics) and applies the epilogue (scales, bias, cast). SPLIT_K 1 is
 the single kernel, which applies the epilogue itself.
 
-INTERPRET (true only under TRITON_INTERPRET=1): the interpreter's fp32 -> fp8e4nv cast and bf16
-tl.dot are wrong, so there the already-rounded values stay fp32 and the dot runs in fp32 "ieee".
+INTERPRET (true only under TRITON_INTERPRET=1): the interpreter's fp32 -> fp8e4nv cast is wrong and
+its bf16 tl.dot multiplies raw bits (Triton issue 11584), so where x is rounded on load or is bf16
+the operands are upcast to fp32 there (exact: every E4M3 and bf16 value is an fp32 value) and the dot
+runs in fp32 "ieee"; the compiled kernel never takes that path. Codes read as they are run the fp8
+dot in the interpreter too: its fp8 x fp8 dot is exact (Triton 3.9, checked over every finite code).
 """
 
 import triton
@@ -43,13 +48,15 @@ def fp8_linear(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SWAP_AB: tl.constexpr,
     SPLIT_K: tl.constexpr, INTERPRET: tl.constexpr,
 ):
-    """x [rows, K] (bf16/fp32), weight float8e4nv [N, K], out [rows, N]."""
+    """x [rows, K] (bf16/fp32, or float8e4nv codes with QUANT_ACT), weight float8e4nv [N, K], out [rows, N]."""
     row_ids = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     col_ids = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = row_ids < rows
     col_mask = col_ids < N
     x_rows = x_ptr + row_ids.to(tl.int64)[:, None] * K
     weight_rows = weight_ptr + col_ids.to(tl.int64)[:, None] * K
+    # x holds E4M3 codes already (a fused norm's output): nothing to round on load.
+    CODES: tl.constexpr = x_ptr.dtype.element_ty == tl.float8e4nv
     if QUANT_ACT:
         input_scale = tl.load(input_scale_ptr)
     if SWAP_AB:
@@ -69,29 +76,29 @@ def fp8_linear(
     for k0 in range(k_begin, k_end, BLOCK_K):
         k_ids = k0 + tl.arange(0, BLOCK_K)
         if EVEN_K:
-            x = tl.load(x_rows + k_ids[None, :], mask=row_mask[:, None], other=0.0).to(tl.float32)
+            x = tl.load(x_rows + k_ids[None, :], mask=row_mask[:, None], other=0.0)
             w = tl.load(weight_rows + k_ids[None, :], mask=col_mask[:, None], other=0.0)
         else:
             k_mask = (k_ids < K)[None, :]
-            x = tl.load(x_rows + k_ids[None, :], mask=row_mask[:, None] & k_mask, other=0.0).to(tl.float32)
+            x = tl.load(x_rows + k_ids[None, :], mask=row_mask[:, None] & k_mask, other=0.0)
             w = tl.load(weight_rows + k_ids[None, :], mask=col_mask[:, None] & k_mask, other=0.0)
-        if QUANT_ACT:
-            x = round_to_e4m3_signed(tl.math.div_rn(x, input_scale))
-        if INTERPRET:
+        if CODES:
+            # fp8 x fp8 in both modes: the interpreter's fp8 dot equals an fp32 matmul of the decoded
+            # values (measured with Triton 3.9 over every finite E4M3 code; the norm writes no NaN).
             x_operand = x
+            w_operand = w
+        elif INTERPRET:
+            x_operand = x.to(tl.float32)
+            if QUANT_ACT:
+                x_operand = round_to_e4m3_signed(tl.math.div_rn(x_operand, input_scale))
             w_operand = w.to(tl.float32)
         elif QUANT_ACT:
-            x_operand = x.to(tl.float8e4nv)  # exact: x holds E4M3 values
-            w_operand = w
+            x_operand = round_to_e4m3_signed(tl.math.div_rn(x.to(tl.float32), input_scale)).to(tl.float8e4nv)
+            w_operand = w  # the cast above is exact: the value is an E4M3 value
         else:
             x_operand = x.to(tl.bfloat16)
             w_operand = w.to(tl.bfloat16)  # exact: every E4M3 value is a bf16 value
         acc = _dot(acc, x_operand, w_operand, SWAP_AB)
-        if not INTERPRET and not QUANT_ACT and x_ptr.dtype.element_ty == tl.float32:
-            # An fp32 activation (the exact values of an activation a fused norm quantized): the bf16
-            # operand above is its high part; the rounding error, as a second bf16 part, brings the
-            # dot to 16 significant bits of x, far below the output's bf16 rounding.
-            acc = _dot(acc, (x - x_operand.to(tl.float32)).to(tl.bfloat16), w_operand, SWAP_AB)
     if SWAP_AB:
         acc = tl.trans(acc)
     if SPLIT_K == 1:

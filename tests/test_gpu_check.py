@@ -44,7 +44,7 @@ def test_the_dry_run_goes_through_the_whole_script(capsys: pytest.CaptureFixture
     against its reference and passes, and the MoE decode table has a row per batch, against the
     unfused torch reference and the HBM roofline."""
     out = _dry_run("sm_90", capsys)
-    for name in ("moe_expert_up", "moe_expert_down", "fp8_linear ", "fp8_linear fp8 input", "add_rms_norm fp8",
+    for name in ("moe_expert_up", "moe_expert_down", "fp8_linear ", "fp8_linear codes", "add_rms_norm fp8",
                  "add_rms_norm nvfp4", "gated_rms_norm", "causal_conv1d", "ssd_state_update", "ssd_chunk_scan",
                  "attention_gqa", "moe_route"):
         assert f"  {name}" in out, name

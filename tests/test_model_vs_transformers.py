@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import nemocompile
+from nemocompile.graph.opdef import operand
 from nemocompile.runtime.engine import Engine
 
 transformers = pytest.importorskip("transformers", reason="the oracle is transformers' NemotronHForCausalLM")
@@ -230,9 +231,10 @@ def test_bias_models_run_at_h100_auto_precision(bias_pair: Pair, tmp_path: Path,
     nemocompile.build(bias_pair.checkpoint, tmp_path / "auto", target="h100")
     engine = nemocompile.load(tmp_path / "auto")
     weights = engine.graph.weight_map()
-    linears = [op for op in engine.graph.ops if op.opname == "linear" and op.operands[2] is not None]
+    # (a W8A8 GEMM after a fused norm is a quant_linear reading the norm's E4M3 codes)
+    linears = [op for op in engine.graph.ops if op.opname in ("linear", "quant_linear") and operand(op, "bias")]
     quantized = [op for op in linears if weights[op.operands[1] or ""].type.dtype.quantized]
-    assert linears and all(not weights[op.operands[2] or ""].type.dtype.quantized for op in linears)
+    assert linears and all(not weights[operand(op, "bias") or ""].type.dtype.quantized for op in linears)
     ids = _prompt()
     with torch.no_grad():
         truth = bias_pair.model(ids).logits

@@ -10,6 +10,7 @@ the weights ModelOpt's export itself writes."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -124,8 +125,10 @@ def test_every_input_scale_quantizes_its_gemm_whatever_the_float_base(built: Cal
                  for name in tensors)
     for precision in ("fp32", "bf16"):
         text = graph_text(built("fp8", "h100", precision))
-        # each quantization once: a quantize op, or a fused GEMM / norm's act_format
-        assert text.count('format = "fp8"') == scales, precision
+        # each quantization once: a quantize op, or a fused GEMM / norm's act_format (the quant_linear
+        # reading a fused norm's E4M3 codes repeats the norm's act_format: it quantizes nothing)
+        norm_codes = len(re.findall(r'= add_rms_norm\([^)]*\) \{act_format = "fp8"', text))
+        assert text.count('format = "fp8"') - norm_codes == scales, precision
         assert built("fp8", "h100", precision).result.calibration is None  # every scale is the checkpoint's
     bf16 = built("fp8", "h100", "bf16")
     error = relative_error(bf16.logits, bf16.export.logits)

@@ -192,9 +192,10 @@ def test_h100_graph_shows_w4a16_experts_and_w8a8_linears(demo: dict[str, Built])
     assert re.search(r"= moe_expert_up\(%\d+, %\d+, %\d+, %layers\.2\.mixer\.experts_up, _\) "
                      r"\{activation = \"relu2\", kernel = \"\w+\", top_k = 2\} : tensor<bf16", text)
     assert 'format = "nvfp4"' not in text and "= quantize(" not in text
-    # in/out_proj of 2 Mamba layers, shared up/down of 2 MoE: layer 3's norm quantizes its in_proj input,
-    # the other 7 GEMMs quantize on load
-    assert text.count('{act_format = "fp8"') == 8 and text.count("= quant_linear(") == 7
+    # in/out_proj of 2 Mamba layers, shared up/down of 2 MoE: layer 3's norm quantizes its in_proj input
+    # (E4M3 codes, which a quant_linear reads with the same input_scale), the other 7 GEMMs quantize on load
+    assert text.count('{act_format = "fp8"') == 9 and text.count("= quant_linear(") == 8
+    assert re.search(r'= add_rms_norm\([^)]*\) \{act_format = "fp8"[^}]*\} : tensor<fp8e4m3, ', text)
     assert "weight %layers.1.mixer.q_proj : tensor<bf16, " in text
 
 
@@ -208,7 +209,7 @@ def test_b200_graph_shows_w4a4_experts(demo: dict[str, Built]) -> None:
     assert re.search(r"= moe_expert_down\([^)]*%layers\.2\.mixer\.experts_down\.input_scale\) "
                      r'\{act_format = "nvfp4"', text)
     assert "weight %layers.2.mixer.experts_up.input_scale : tensor<f32, [8]>" in text
-    assert text.count('{act_format = "fp8"') == 8
+    assert text.count('{act_format = "fp8"') == 9  # 8 FP8 GEMMs and the norm before one of them
 
 
 @pytest.mark.parametrize("model", ["demo", "tiny"])  # bf16 and fp32 source weights

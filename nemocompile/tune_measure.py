@@ -130,7 +130,9 @@ def synthetic_call(kernels: TritonKernels, instance: KernelInstance, tokens: int
     data = (torch.randn(n, k, generator=generator) * 0.1).to(torch.float8_e4m3fn)
     weight8 = FP8Tensor(data.to(device), torch.full((n,), 0.01, device=device))
     scale = torch.tensor([0.02], device=device) if values.get("QUANT_ACT") else None
-    xd = x.to(device)
+    # an instance that reads a fused norm's output takes E4M3 codes (which mean codes * input_scale)
+    codes = dict(instance.pointer_types).get("x_ptr") == "fp8e4nv"
+    xd = (x.float() / 0.02).clamp(-448, 448).to(torch.float8_e4m3fn).to(device) if codes else x.to(device)
     result = torch.empty(tokens, n, dtype=torch.bfloat16, device=device)
 
     def linear() -> None:

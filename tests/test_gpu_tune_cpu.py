@@ -9,6 +9,7 @@ import importlib.util
 import math
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -89,3 +90,29 @@ def test_measured_path_runs_in_the_interpreter(tmp_path: Path) -> None:
     torch.testing.assert_close(outputs[2], outputs[0], rtol=2**-7, atol=0.0)
     timer = MeasuredTimer("sm_90", tmp_path, torch.device("cpu"), repeats=1, warmup=0)
     assert timer(tiny, default, 4) > 0 and timer(tiny, split, 4) > 0
+
+
+def test_measured_fp8_linear_on_norm_codes_reads_codes(tmp_path: Path) -> None:
+    """An FP8 GEMM fed by a fused norm takes E4M3 codes: the timed call hands it codes (the bf16
+    activations quantized with the input scale; its compiled binary reads 1-byte codes, while the
+    interpreter would take bf16 too), so it computes what the kernel that quantizes the same
+    activations on load computes."""
+    outputs, handed = [], []
+    for x_dtype in ("bf16", "fp8e4nv"):
+        kernel = catalog.fp8_linear(f"fp8_{x_dtype}", "quant_linear", n=32, k=64, quant_act=True, x_dtype=x_dtype,
+                                    block_k=32)
+        kernels = TritonKernels.from_files(kernel_files([kernel], "sm_90", tmp_path, torch.device("cpu")), "cpu")
+        launch = kernels.launch
+
+        def spy(name: str, grid: Any, launch: Any = launch, **arguments: Any) -> Any:
+            handed.append(arguments["x_ptr"].dtype)
+            return launch(name, grid, **arguments)
+
+        kernels.launch = spy  # type: ignore[method-assign]
+        call, out = synthetic_call(kernels, kernel, 3, torch.device("cpu"))
+        out.fill_(float("nan"))
+        call()
+        outputs.append(out.clone())
+    assert handed == [torch.bfloat16, torch.float8_e4m3fn]
+    assert not torch.isnan(outputs[1]).any() and float(outputs[1].float().abs().max()) > 0
+    torch.testing.assert_close(outputs[1], outputs[0], rtol=0.0, atol=0.0)

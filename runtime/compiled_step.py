@@ -131,8 +131,11 @@ class CompiledSteps:
     """A graph's steps as compiled runs and eager ops. `keep`: registers read after the steps
     (outputs, state updates) besides those later steps read."""
 
-    def __init__(self, graph_name: str, steps: Sequence[Step], base: Sequence[object], keep: set[int]) -> None:
+    def __init__(self, graph_name: str, steps: Sequence[Step], base: Sequence[object], keep: set[int],
+                 states: frozenset[int] = frozenset()) -> None:
+        """states: the registers of the graph's state inputs (see `run`)."""
         self.steps = list(steps)
+        self.states = states
         flags = _compiled_flags(self.steps, base)
         later_reads: list[set[int]] = [set() for _ in range(len(self.steps) + 1)]
         later_reads[-1] = set(keep)
@@ -182,12 +185,23 @@ class CompiledSteps:
                     results = step.impl(step.op, args)
                     store_results(step, results, regs)
                 continue
-            values = run.compiled(*(_plain(regs[index]) for index in run.reads))
+            values = run.compiled(*(self._input(index, regs[index]) for index in run.reads))
             for index, tensor, dtype in zip(run.writes, values, run.dtypes, strict=True):
                 if tensor.dtype != dtype:
                     raise IRError(f"compiled steps {run.start}..{run.end} produced {tensor.dtype} for a value the IR "
                                   f"types {dtype}")
                 regs[index] = tensor
+
+
+    def _input(self, index: int, value: Any) -> Any:
+        """A value as the compiled code reads it. A state made outside inference mode (a new cache, a
+        restored snapshot) is copied into an inference tensor, as the states a step writes are:
+        the compiled code is specialised to the kind of tensor it was first given."""
+        value = _plain(value)
+        if (index in self.states and isinstance(value, torch.Tensor) and not value.is_inference()
+                and torch.is_inference_mode_enabled()):
+            return value.clone()
+        return value
 
 
 def _plain(value: Any) -> Any:

@@ -120,7 +120,8 @@ class Executor:
                 shared[name] = value
             self.base[index] = value
         wanted = {index for _, index in self.output_slots} | {index for _, index in self.update_slots}
-        self.compiled = CompiledSteps(graph.name, self.steps, self.base, wanted) if compile else None
+        self.compiled = (CompiledSteps(graph.name, self.steps, self.base, wanted,
+                                       frozenset(index for _, index in self.state_slots)) if compile else None)
 
     @property
     def plan(self) -> list[tuple[OpImpl, tuple[int, ...], tuple[torch.dtype, ...]]]:

@@ -203,3 +203,21 @@ def test_ops_after_a_ranks_expert_share_stay_eager(checkpoint: Path, tmp_path: P
              for i in range(run.start, run.end)]
     assert eager.count("local_experts") == eager.count("moe_expert_up") == eager.count("moe_expert_down") == 2
     assert "ssd_state_update" not in eager and "linear" not in eager and "all_reduce" in eager
+
+
+def test_a_cache_made_outside_inference_mode_compiles_once(fp32_engine: Path) -> None:
+    """A new cache or a restored snapshot holds ordinary tensors, the states a step writes are
+    inference tensors: the compiled code, specialised to what it first gets, would compile again on
+    the second step (as it did) unless the states are handed over as inference tensors."""
+    from torch._dynamo.utils import counters
+
+    fast = nemocompile.load(fp32_engine, device="cpu", compile=True)
+    snapshot = fast.new_cache(1)
+    fast.forward([[5, 17, 33, 2]], snapshot)
+    cache = fast.cache_from_states([snapshot.sequence_state(0)])  # ordinary tensors again
+    assert not any(t.is_inference() for t in cache.tensors.values())
+    fast.forward([[7]], cache)
+    graphs = counters["stats"]["unique_graphs"]
+    for token in (8, 9, 10):
+        fast.forward([[token]], cache)
+    assert counters["stats"]["unique_graphs"] == graphs

@@ -94,7 +94,7 @@ def load(path: str | Path, device: str | None = None, backend: str | None = None
     the runtime's kernel registry says.
     compile: on the CPU, run the decode step compiled by torch.compile (each batch size compiles on
     its first decode step, tens of seconds cold; then float32 engines decode 2-3x faster, bf16 ones about 1.25x,
-    quantized ones about as fast as without); None: the
+    quantized ones no faster: their quantized GEMMs stay eager); None: the
     `cpu_compile_decode` setting (NEMOCOMPILE_CPU_COMPILE_DECODE)."""
     if backend is not None and backend not in BACKENDS:
         raise UsageError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")

@@ -26,7 +26,7 @@ from nemocompile.codegen.triton.spec import TEMPLATE_DIR, KernelInstance
 from nemocompile.codegen.triton.templates_catalog import with_split_k_reduces
 from nemocompile.codegen.tuning.space import Config, apply
 from nemocompile.codegen.tuning.workload import GEMM, Workload
-from nemocompile.runtime.formats import FP8Tensor, NVFP4Tensor
+from nemocompile.runtime.formats import FP8Tensor, NVFP4Tensor, fp8_codes
 from nemocompile.runtime.kernels import triton_gemm
 from nemocompile.runtime.kernels.triton_loader import TritonKernels
 
@@ -132,7 +132,7 @@ def synthetic_call(kernels: TritonKernels, instance: KernelInstance, tokens: int
     scale = torch.tensor([0.02], device=device) if values.get("QUANT_ACT") else None
     # an instance that reads a fused norm's output takes E4M3 codes (which mean codes * input_scale)
     codes = dict(instance.pointer_types).get("x_ptr") == "fp8e4nv"
-    xd = (x.float() / 0.02).clamp(-448, 448).to(torch.float8_e4m3fn).to(device) if codes else x.to(device)
+    xd = fp8_codes(x, torch.tensor(0.02)).to(device) if codes else x.to(device)
     result = torch.empty(tokens, n, dtype=torch.bfloat16, device=device)
 
     def linear() -> None:

@@ -25,7 +25,6 @@ import torch.nn.functional as F
 from nemocompile.graph.ir import Op
 
 from .reference import fused
-from .reference.moe import moe_router
 from .reference_dispatch import REFERENCE, Args, OpImpl, _opt, _t
 
 GEMV_MAX_ROWS = 8  # rows up to which a GEMM is written as a reduction (decode batches)
@@ -62,24 +61,6 @@ def _pairs_gemm(rows: torch.Tensor, weight: torch.Tensor, experts: torch.Tensor)
     return (weight[experts].float() * rows.float()[:, None, :]).sum(-1).to(rows.dtype)
 
 
-def _moe_route(op: Op, a: Args) -> tuple[torch.Tensor, ...]:
-    """moe_route with the expert offsets counted by comparison instead of bincount (whose output
-    size depends on the ids' values)."""
-    at = op.attrs
-    x = _t(a[0])
-    top_k, experts = at.int("top_k"), at.int("num_experts")
-    weights, ids = moe_router(x.reshape(-1, x.shape[-1]), _t(a[1]), _opt(a[2]), top_k=top_k,
-                              n_group=at.int("n_group"), topk_group=at.int("topk_group"),
-                              norm_topk_prob=at.bool("norm_topk_prob"),
-                              routed_scaling_factor=at.float("routed_scaling_factor"))
-    flat = ids.reshape(-1)
-    counts = (flat[:, None] == torch.arange(experts, device=flat.device)[None, :]).sum(0)
-    offsets = F.pad(torch.cumsum(counts, dim=0), (1, 0)).to(torch.int64)
-    order = torch.argsort(flat, stable=True).to(torch.int64)
-    shape = (*x.shape[:-1], top_k)
-    return weights.reshape(shape), ids.reshape(shape), offsets, order
-
-
 def _moe_expert_up(op: Op, a: Args) -> tuple[torch.Tensor, ...]:
     x, order, offsets, weight = _t(a[0]), _t(a[1]), _t(a[2]), _t(a[3])
     if order.shape[0] > PAIRS_MAX:
@@ -108,7 +89,6 @@ def _moe_expert_down(op: Op, a: Args) -> tuple[torch.Tensor, ...]:
 # Ops whose reference implementation torch.compile cannot trace whole, or traces into slow code.
 TRACEABLE: dict[str, OpImpl] = {
     "linear": _linear,
-    "moe_route": _moe_route,
     "moe_expert_up": _moe_expert_up,
     "moe_expert_down": _moe_expert_down,
 }

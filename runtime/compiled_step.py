@@ -27,7 +27,7 @@ from nemocompile.base.errors import IRError
 from nemocompile.graph.kernels import REFERENCE
 
 from .compiled_ops import TRACEABLE
-from .cpu_gemm import PackedLinear
+from .cpu_gemm import GEMM_WEIGHT_OPERAND, PackedLinear
 from .kernels import Resolution
 from .step_results import store_results
 
@@ -39,36 +39,32 @@ if TYPE_CHECKING:
 COMPILABLE = frozenset({"embedding", "rms_norm", "add_rms_norm", "add", "cast", "activation", "split",
                         "gated_rms_norm", "causal_conv1d", "ssd_state_update", "linear", "moe_route",
                         "moe_expert_up", "moe_expert_down"})
+EXPERT_OPS = frozenset({"moe_expert_up", "moe_expert_down"})
 
 
 def compilable(step: Step, base: Sequence[object]) -> bool:
     """Whether `step` can be part of a compiled run: a listed op, run by its reference
-    implementation, whose weights (operands held in `base`) are plain float tensors."""
+    implementation, whose weights (operands held in `base`) are plain float tensors (oneDNN weights
+    held dense count as theirs), routed experts' float32."""
     op = step.op
     if op.opname not in COMPILABLE or op.attrs.get("act_format") is not None:
         return False
     if isinstance(step.impl, Resolution) and step.impl.kernel != REFERENCE:
         return False
-    if op.opname in ("moe_expert_up", "moe_expert_down"):  # per-pair experts: float32 weights only
-        weight = base[step.operands[3]] if step.operands[3] >= 0 else None
-        float32 = isinstance(weight, torch.Tensor) and weight.dtype == torch.float32
-        if not (isinstance(weight, PackedLinear) or float32):
+    for position, index in enumerate(step.operands):
+        held = base[index] if index >= 0 else None
+        if held is None:  # absent, or not a weight
+            continue
+        value = _plain(held)  # None for a weight oneDNN holds packed
+        if not (isinstance(value, torch.Tensor) and (value.is_floating_point() or op.opname == "embedding")):
             return False
-    for index in step.operands:
-        value = base[index] if index >= 0 else None
-        if isinstance(value, PackedLinear):
-            value = value.source
-            if value is None:
-                return False
-        if value is not None and not (isinstance(value, torch.Tensor)
-                                      and (value.is_floating_point() or op.opname == "embedding")):
-            return False
+        if op.opname in EXPERT_OPS and position == GEMM_WEIGHT_OPERAND[op.opname] and value.dtype != torch.float32:
+            return False  # per-pair experts: float32 weights only
     return True
 
 
 STATIC_DIMS = frozenset({"batch", "seq"})  # sizes fixed for every step of a batch: one compile
 MIN_RUN_OPS = 3
-GEMMS = frozenset({"linear", "moe_expert_up", "moe_expert_down"})
 
 
 def _compiled_flags(steps: Sequence[Step], base: Sequence[object]) -> list[bool]:
@@ -87,7 +83,7 @@ def _compiled_flags(steps: Sequence[Step], base: Sequence[object]) -> list[bool]
     # A compiled call costs tens of microseconds (guards, wrappers), an eager pointwise op a few: a
     # run of fewer than MIN_RUN_OPS ops without a GEMM runs eagerly.
     for start, end, flag in _runs(steps, flags):
-        if flag and end - start < MIN_RUN_OPS and not any(steps[i].op.opname in GEMMS for i in range(start, end)):
+        if flag and end - start < MIN_RUN_OPS and not any(steps[i].op.opname in GEMM_WEIGHT_OPERAND for i in range(start, end)):
             flags[start:end] = [False] * (end - start)
     return flags
 
@@ -104,6 +100,7 @@ class Run:
     dtypes: tuple[torch.dtype, ...]
     compiled: Callable[..., tuple[torch.Tensor, ...]] | None
     source: str
+    fixed: tuple[object, ...] = ()  # per read: the weight as the compiled code reads it, None: a register
 
 
 def _runs(steps: Sequence[Step], flags: Sequence[bool]) -> list[tuple[int, int, bool]]:
@@ -164,8 +161,9 @@ class CompiledSteps:
             exec(compile(source, f"<nemocompile {name}>", "exec"), namespace)  # one code object per run
             # bf16 values rounded where the eager ops round them, not kept in float32 across fused ops
             function = torch.compile(namespace[name], dynamic=False, options={"emulate_precision_casts": True})
+            fixed = tuple(None if base[i] is None else _plain(base[i]) for i in reads)
             self.runs.append(Run(start, end, tuple(reads), writes, tuple(defined[i] for i in writes),
-                                 function, source))
+                                 function, source, fixed))
 
     @property
     def source(self) -> str:
@@ -185,16 +183,16 @@ class CompiledSteps:
                     results = step.impl(step.op, args)
                     store_results(step, results, regs)
                 continue
-            values = run.compiled(*(self._input(index, regs[index]) for index in run.reads))
+            values = run.compiled(*(self._input(index, regs[index]) if weight is None else weight
+                                    for index, weight in zip(run.reads, run.fixed, strict=True)))
             for index, tensor, dtype in zip(run.writes, values, run.dtypes, strict=True):
                 if tensor.dtype != dtype:
                     raise IRError(f"compiled steps {run.start}..{run.end} produced {tensor.dtype} for a value the IR "
                                   f"types {dtype}")
                 regs[index] = tensor
 
-
     def _input(self, index: int, value: Any) -> Any:
-        """A value as the compiled code reads it. A state made outside inference mode (a new cache, a
+        """A register's value as the compiled code reads it. A state made outside inference mode (a new cache, a
         restored snapshot) is copied into an inference tensor, as the states a step writes are:
         the compiled code is specialised to the kind of tensor it was first given."""
         value = _plain(value)

@@ -66,7 +66,10 @@ def expert_order(topk_ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor
     pair indices t*k + j sorted stably by topk_ids[t, j]."""
     flat_ids = topk_ids.reshape(-1)
     order = torch.argsort(flat_ids, stable=True)
-    counts = torch.bincount(flat_ids, minlength=num_experts)
+    if torch.compiler.is_compiling():  # bincount's size depends on the ids' values: count by comparison
+        counts = (flat_ids[:, None] == torch.arange(num_experts, device=flat_ids.device)[None, :]).sum(0)
+    else:
+        counts = torch.bincount(flat_ids, minlength=num_experts)
     expert_offsets = F.pad(torch.cumsum(counts, dim=0), (1, 0)).to(torch.int64)
     return expert_offsets, order.to(torch.int64)
 

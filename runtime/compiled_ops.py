@@ -9,9 +9,11 @@ Inductor traces a run of them as one graph and fuses it into a few C++ loops.
   for MKL's. Beyond GEMV_MAX_ROWS rows, and for bf16 weights (whose Inductor reduction reads
   6.7 GB/s against oneDNN's 10), it stays `F.linear`.
 - Routed experts (float32 weights; bf16 ones stay with the eager grouped GEMM, as for linear) are
-  computed per (token, slot) pair against that pair's expert's weight, read in place by index: the same products as the grouped GEMM's, with no dispatch loop, as long as
-  there are at most PAIRS_MAX pairs. Beyond that the reference implementation runs (torch.compile
-  then splits the graph around its host-side loop).
+  computed per (token, slot) pair against that pair's expert's weight, read in place by index:
+  the same products as the grouped GEMM's, with no dispatch loop, as long as there are at most
+  PAIRS_MAX pairs. Beyond that the reference implementation runs (torch.compile then splits the
+  graph around its host-side loop). The route op is the reference's: its expert counting switches
+  to comparisons when traced (runtime/reference/moe.py).
 
 Products and sums are the reference's in float32 (bf16 operands widen first, one rounding at the
 end, as the reference's oneDNN GEMMs accumulate); only the summation order differs, so results

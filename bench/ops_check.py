@@ -73,6 +73,9 @@ def kernel_set(config: dict[str, Any]) -> list[KernelInstance]:
         *catalog.attention_gqa("ops_attn_decode", "attention_gqa", head_dim=config["head_dim"], decode=True,
                                group=config["num_attention_heads"] // config["num_key_value_heads"]),
         *catalog.attention_gqa("ops_attn_prefill", "attention_gqa", head_dim=config["head_dim"], decode=False),
+        *catalog.attention_gqa("ops_attn_fp8", "attention_gqa", head_dim=config["head_dim"], decode=True,
+                               group=config["num_attention_heads"] // config["num_key_value_heads"],
+                               cache_dtype="fp8e4nv"),
         *catalog.moe_route("ops_route", "moe_route", experts=experts, top_k=top_k, n_group=config["n_group"],
                            topk_group=config["topk_group"]),
     ]
@@ -183,6 +186,16 @@ def check(kernels: TritonKernels, config: dict[str, Any], device: str, prompt: i
                                                     **attn)
         ref_out, _, _ = attention_gqa_cached(q, k, v, ref_k, ref_v, lens, **attn)
         cases.append((f"attention_gqa {batch}x{length}", max(_error(out, ref_out), _error(k_cache, ref_k)), 2e-2))
+        if decode:  # an FP8 KV cache: codes written bit for bit, read as code * scale
+            fp8 = torch.float8_e4m3fn
+            scales = {"k_scale": k.float().abs().max() / 448, "v_scale": v.float().abs().max() / 448}
+            k_codes, v_codes = (cache.to(fp8) for cache in (ref_k, ref_v))
+            ref_k8, ref_v8 = k_codes.clone(), v_codes.clone()
+            out, _, _ = triton_ops.attention_gqa_cached(kernels, "ops_attn_fp8_kv_write", "ops_attn_fp8", q, k, v,
+                                                        k_codes, v_codes, lens, alloc=_poison, **attn, **scales)
+            ref_out, _, _ = attention_gqa_cached(q, k, v, ref_k8, ref_v8, lens, **attn, **scales)
+            codes = _quantized_mismatch(k_codes.float(), ref_k8.float())
+            cases.append((f"attention_gqa fp8 cache {batch}x{length}", max(_error(out, ref_out), codes), 2e-2))
     experts, top_k = config["n_routed_experts"], config["num_experts_per_tok"]
     for tokens in (1, 8, prompt):
         x, router_w = randn(tokens, s["hidden"]), randn(experts, s["hidden"], dtype=torch.float32)

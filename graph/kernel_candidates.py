@@ -24,8 +24,8 @@ W4A4_TILES: dict[str, tuple[AttrValue, ...]] = {"BLOCK_M": (128,), "BLOCK_N": (1
 FP8_TILES: dict[str, tuple[AttrValue, ...]] = {"BLOCK_M": (16, 64, 128), "BLOCK_N": (64, 128), "BLOCK_K": (64, 128), "SWAP_AB": (True, False),
              "num_warps": (4, 8), "num_stages": (2, 3, 4)}
 
-# The float element types the norm, Mamba and attention kernels read and write (fp8 KV caches, f16 and
-# quantized inputs run their reference implementations).
+# The float element types the norm, Mamba and attention kernels read and write (f16 and quantized inputs
+# run their reference implementations; attention also takes an FP8 KV cache).
 FLOATS = ("bf16", "f32")  # the dtypes the kernels are tested in (tests/test_triton_ops.py)
 WARPS: dict[str, tuple[AttrValue, ...]] = {"num_warps": (1, 2, 4, 8)}
 
@@ -59,11 +59,13 @@ CANDIDATES: tuple[KernelSpec, ...] = (
            archs=HOPPER_AND_BLACKWELL, config_space=WARPS, priority=1,
            doc="Mamba2 decode step; an idle sequence (seq_lens 0) keeps its state"),
     kernel("triton_attention_gqa", "attention_gqa", "triton",
-           formats={"q": FLOATS, "k": FLOATS, "v": FLOATS, "k_cache": FLOATS, "v_cache": FLOATS},
+           formats={"q": FLOATS, "k": FLOATS, "v": FLOATS, "k_cache": (*FLOATS, "fp8e4m3"),
+                    "v_cache": (*FLOATS, "fp8e4m3")},
            archs=HOPPER_AND_BLACKWELL, config_space={"BLOCK_M": (16, 64, 128), "BLOCK_N": (32, 64, 128), **WARPS},
            priority=1,
            doc="KV-cache write at each sequence's length, then causal flash attention (online softmax, fp32 "
-               "statistics); a program serves one KV head, so a group's query heads share K/V loads"),
+               "statistics); a program serves one KV head, so a group's query heads share K/V loads; an FP8 "
+               "cache is written as E4M3 codes and read as code * scale, 1 byte per element"),
 )
 
 

@@ -187,3 +187,24 @@ def test_the_onnx_export_refuses_an_fp8_cache(demo_engines: dict[str, Path]) -> 
 
     with pytest.raises(IRError, match=r"state layers\.1\.k is an fp8e4m3 KV cache \(kv_cache = fp8\)"):
         check_exportable(nemocompile.load(demo_engines["fp8"]).graph)
+
+
+def test_the_triton_backend_runs_fp8_cached_attention_as_the_reference_does(demo_engines: dict[str, Path]) -> None:
+    """The FP8 cache's attention runs its Triton kernel (codes written and read with their scales) in
+    the interpreter, with the reference's logits and greedy tokens, prefill and decode."""
+    pytest.importorskip("triton", reason="the Triton kernels need the triton package")
+    import json
+
+    kernels = json.loads((demo_engines["fp8"] / "kernels" / "kernels.json").read_text())
+    assert not [f for f in kernels["fallbacks"] if f["op"] == "attention_gqa"]
+    attention = [k for k in kernels["kernels"] if k["op"] == "attention_gqa"]
+    assert attention and all(k["signature"]["k_cache_ptr"] == "*fp8e4nv" for k in attention)
+    reference = nemocompile.load(demo_engines["fp8"], backend="reference")
+    triton = nemocompile.load(demo_engines["fp8"], backend="triton")
+    prompts = [[72, 101, 108, 108, 111, 44, 32, 119], [84, 104, 101, 32, 113, 117, 105, 99]]
+    expected, actual = reference.forward(prompts), triton.forward(prompts)
+    error = float((expected - actual).abs().max())
+    print(f"fp8 KV cache: logits max |triton - reference| = {error:.2e} (max |logit| {float(expected.abs().max()):.2f})")
+    assert error <= 1e-2 * float(expected.abs().max())
+    mixed = [[72, 101, 108], [84, 104, 101, 32, 113, 117, 105]]
+    assert reference.complete(mixed, 8) == triton.complete(mixed, 8)

@@ -404,6 +404,63 @@ def test_attention_gqa_cached(dtype: torch.dtype, case: tuple[Any, ...], exact: 
         assert k_out[seq, :, cached + length:].isnan().all(), "nothing past the new tokens is written"
 
 
+FP8_ATTENTION_CASES = [ATTENTION_CASES[0], ATTENTION_CASES[1], ATTENTION_CASES[4], ATTENTION_CASES[5]]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", FP8_ATTENTION_CASES)
+def test_attention_gqa_fp8_cache(dtype: torch.dtype, case: tuple[Any, ...], tmp_path: Path) -> None:
+    """An FP8 (E4M3) KV cache: the new keys/values written as the reference's codes bit for bit (some
+    beyond 448 * scale, which saturate; some under E4M3's smallest normal), every cached entry read as
+    code * scale; entries past each sequence's length are NaN codes the kernel must not read."""
+    batch, length, heads, kv_heads, head_dim, lens = case
+    torch.manual_seed(7 + length * 100 + sum(lens))
+    capacity = max(lens) + length + 3
+    q = torch.randn(batch, length, heads * head_dim).to(dtype)
+    k = (torch.randn(batch, length, kv_heads * head_dim) * torch.logspace(-4, 1, kv_heads * head_dim)).to(dtype)
+    v = torch.randn(batch, length, kv_heads * head_dim).to(dtype)
+    k_scale, v_scale = torch.tensor(float(k.float().abs().max()) / 600), torch.tensor(0.01)
+    fp8 = torch.float8_e4m3fn
+    k_cache = (torch.randn(batch, kv_heads, capacity, head_dim) * 100).to(fp8)
+    v_cache = (torch.randn(batch, kv_heads, capacity, head_dim) * 100).to(fp8)
+    for seq, cached in enumerate(lens):  # the runtime's cache holds zeros past each length ...
+        k_cache[seq, :, cached:] = 0.0
+        v_cache[seq, :, cached:] = 0.0
+    expected_k, expected_v = k_cache.clone(), v_cache.clone()
+    for seq, cached in enumerate(lens):  # ... the kernel must not read them: poison its copy there
+        k_cache[seq, :, cached:] = float("nan")
+        v_cache[seq, :, cached:] = float("nan")
+    cache_lens = torch.tensor(lens)
+    sizes: dict[str, Any] = dict(num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim, scale=head_dim**-0.5,
+                                 k_scale=k_scale, v_scale=v_scale)
+    write, attend = catalog.attention_gqa("attn", "attention_gqa", head_dim=head_dim, decode=length == 1,
+                                          dtype=TRITON_TYPE[dtype], cache_dtype="fp8e4nv", group=heads // kv_heads)
+    ks = interpreted([write, attend], tmp_path)
+    out, k_out, v_out = triton_ops.attention_gqa_cached(ks, write.name, attend.name, q, k, v, k_cache, v_cache,
+                                                        cache_lens, alloc=poison, **sizes)
+    expected, _, _ = attention_gqa_cached(q, k, v, expected_k, expected_v, cache_lens, **sizes)
+    assert k_out is k_cache and v_out is v_cache
+    assert_close(out, expected, RTOL[dtype])
+    new_codes = k_out.view(torch.uint8)[0, :, lens[0]:lens[0] + length]
+    assert (new_codes & 0x7F == 0x7E).any(), "some new keys saturate at 448"
+    for seq, cached in enumerate(lens):
+        written = slice(0, cached + length)
+        assert torch.equal(k_out[seq, :, written].view(torch.uint8), expected_k[seq, :, written].view(torch.uint8))
+        assert torch.equal(v_out[seq, :, written].view(torch.uint8), expected_v[seq, :, written].view(torch.uint8))
+        assert k_out[seq, :, cached + length:].float().isnan().all(), "nothing past the new tokens is written"
+
+
+def test_attention_gqa_fp8_cache_needs_its_scales(tmp_path: Path) -> None:
+    write, attend = catalog.attention_gqa("attn", "attention_gqa", head_dim=16, decode=True, cache_dtype="fp8e4nv",
+                                          group=2)
+    ks = interpreted([write, attend], tmp_path)
+    q, k = torch.randn(1, 1, 64).bfloat16(), torch.randn(1, 1, 32).bfloat16()
+    cache = torch.zeros(1, 2, 4, 16).to(torch.float8_e4m3fn)
+    with pytest.raises(ValueError, match="take k_scale and v_scale"):
+        triton_ops.attention_gqa_cached(ks, write.name, attend.name, q, k, k, cache, cache.clone(), torch.tensor([0]),
+                                        num_heads=4, num_kv_heads=2, head_dim=16, scale=0.25)
+
+
 # ----------------------------------------------------------------------------------------- router
 
 ROUTER_CASES = [  # (tokens, hidden, experts, top_k, n_group, topk_group, bias)

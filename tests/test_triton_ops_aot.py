@@ -31,6 +31,8 @@ def nemotron_instances() -> list[KernelInstance]:
     the variants engines use (conv1d and SSD with a state and seq_lens, attention in its EXACT form)."""
     attention_decode = catalog.attention_gqa("attention_decode", "attention_gqa", head_dim=128, decode=True)
     attention_prefill = catalog.attention_gqa("attention_prefill", "attention_gqa", head_dim=128, decode=False)
+    attention_fp8_cache = catalog.attention_gqa("attention_fp8_cache", "attention_gqa", head_dim=128, decode=True,
+                                                cache_dtype="fp8e4nv")
     return [
         catalog.add_rms_norm("add_rms_norm", "add_rms_norm", width=HIDDEN),
         catalog.add_rms_norm("add_rms_norm_fp8", "add_rms_norm", width=HIDDEN, act_format="fp8"),
@@ -43,7 +45,7 @@ def nemotron_instances() -> list[KernelInstance]:
                                initial_state=True, seq_lens=True),
         catalog.ssd_state_update("ssd_state_update", "ssd_state_update", head_dim=64, state_size=128,
                                  seq_lens=True),
-        *attention_decode, *attention_prefill,
+        *attention_decode, *attention_prefill, *attention_fp8_cache,
         *catalog.moe_route("router_e128", "moe_route", experts=128, top_k=6),
         *catalog.moe_route("router_e256_grouped", "moe_route", experts=256, top_k=8, n_group=8, topk_group=4),
     ]

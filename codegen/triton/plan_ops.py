@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from nemocompile.base.errors import IRError
 from nemocompile.graph.ir import Op
 from nemocompile.graph.kernels import kernel_of
-from nemocompile.graph.types import TensorType
+from nemocompile.graph.types import FP8_E4M3, TensorType
 
 from . import templates_catalog as catalog
 from .spec import KernelInstance
@@ -140,8 +140,17 @@ def attention_gqa(op: Op, types: Mapping[str, TensorType], arch: str, decode: bo
     write, attend = catalog.attention_gqa(kernel_of(op), op.opname, head_dim=op.attrs.int("head_dim"), decode=decode,
                                           group=group,
                                           dtype=_same_dtype(op, types, (0, 1, 2), "attention q, k and v"),
-                                          cache_dtype=_same_dtype(op, types, (3, 4), "attention k and v caches"))
+                                          cache_dtype=_cache_dtype(op, types))
     return write, attend
+
+
+def _cache_dtype(op: Op, types: Mapping[str, TensorType]) -> str:
+    """The KV caches' element type: a float one, or E4M3 codes (an FP8 cache, with its two scales)."""
+    if {required(op, types, i).dtype for i in (3, 4)} != {FP8_E4M3}:
+        return _same_dtype(op, types, (3, 4), "attention k and v caches")
+    if operand(op, types, 6) is None or operand(op, types, 7) is None:
+        raise NoKernel("an FP8 KV cache needs its k_scale and v_scale")
+    return "fp8e4nv"
 
 
 def moe_route(op: Op, types: Mapping[str, TensorType], arch: str, decode: bool) -> tuple[KernelInstance, ...]:

@@ -96,16 +96,16 @@ SSD_STATE_UPDATE = KernelTemplate(
     constexprs=("HAS_SEQ_LENS", "BLOCK_P", "BLOCK_N", "INTERPRET"),
 )
 KV_CACHE_WRITE = KernelTemplate(
-    module="attention", entry="kv_cache_write", imports=("numerics",),
+    module="attention", entry="kv_cache_write", imports=("numerics", "quant_math"),
     params=(("k_ptr", "*dtype"), ("v_ptr", "*dtype"), ("k_cache_ptr", "*dtype"), ("v_cache_ptr", "*dtype"),
-            ("lens_ptr", "*i64"), ("length", "i32"), ("num_kv_heads", "i32"), ("head_dim", "i32"),
+            ("lens_ptr", "*i64"), ("k_scale_ptr", "*fp32"), ("v_scale_ptr", "*fp32"), ("length", "i32"), ("num_kv_heads", "i32"), ("head_dim", "i32"),
             ("capacity", "i32")),
     constexprs=("BLOCK_D", "INTERPRET"),
 )
 ATTENTION_GQA = KernelTemplate(
-    module="attention", entry="attention_gqa", imports=("numerics",),
+    module="attention", entry="attention_gqa", imports=("numerics", "quant_math"),
     params=(("q_ptr", "*dtype"), ("k_cache_ptr", "*dtype"), ("v_cache_ptr", "*dtype"), ("lens_ptr", "*i64"),
-            ("out_ptr", "*dtype"), ("length", "i32"), ("num_heads", "i32"), ("num_kv_heads", "i32"),
+            ("out_ptr", "*dtype"), ("k_scale_ptr", "*fp32"), ("v_scale_ptr", "*fp32"), ("length", "i32"), ("num_heads", "i32"), ("num_kv_heads", "i32"),
             ("head_dim", "i32"), ("capacity", "i32"), ("scale", "fp32")),
     constexprs=("BLOCK_M", "BLOCK_N", "BLOCK_D", "EXACT", "INTERPRET"),
 )
@@ -309,7 +309,7 @@ def attention_gqa(name: str, op: str, *, head_dim: int, decode: bool, dtype: str
                   group: int = 16) -> tuple[KernelInstance, KernelInstance]:
     """(the KV-cache write, the attention): prefill blocks 64 (token, head) rows; decode one token's
     query heads of a KV head (`group` of them: 16 to 64 rows), so each program reads its KV head's
-    cache once. exact: the two-pass softmax that rounds as the reference does
+    cache once. cache_dtype "fp8e4nv": an FP8 cache of E4M3 codes under fp32 k/v scales. exact: the two-pass softmax that rounds as the reference does
     (templates/attention.py), else flash.
 
     Decode tiles under 64 rows compile to mma.sync, not wgmma (which takes 64-row tiles): a decode

@@ -87,7 +87,8 @@ def attention_gqa(kernels: TritonKernels, names: Sequence[str], op: Op, args: Ar
     at = op.attrs
     return triton_ops.attention_gqa_cached(
         kernels, names[0], names[1], *(_t(op, args, i) for i in range(6)), num_heads=at.int("num_heads"),
-        num_kv_heads=at.int("num_kv_heads"), head_dim=at.int("head_dim"), scale=at.float("scale"))
+        num_kv_heads=at.int("num_kv_heads"), head_dim=at.int("head_dim"), scale=at.float("scale"),
+        k_scale=_opt(args, 6), v_scale=_opt(args, 7))
 
 
 def moe_route(kernels: TritonKernels, names: Sequence[str], op: Op, args: Args) -> tuple[torch.Tensor, ...]:

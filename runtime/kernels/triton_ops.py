@@ -187,12 +187,20 @@ def ssd_state_update(kernels: TritonKernels, name: str, x: torch.Tensor, dt: tor
 def attention_gqa_cached(kernels: TritonKernels, write_name: str, name: str, q: torch.Tensor, k: torch.Tensor,
                          v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cache_lens: torch.Tensor, *,
                          num_heads: int, num_kv_heads: int, head_dim: int, scale: float,
+                         k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
                          alloc: Alloc = empty) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """out [B, T, Hq*Dh] in q's dtype, and the caches (the given tensors, written in place)."""
+    """out [B, T, Hq*Dh] in q's dtype, and the caches (the given tensors, written in place). An FP8
+    cache (float8_e4m3fn) takes its fp32 scales k_scale and v_scale; a float cache none."""
     if num_heads % num_kv_heads != 0:
         raise ValueError(f"attention_gqa: num_heads {num_heads} is not a multiple of num_kv_heads {num_kv_heads}.")
     if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
         raise ValueError("attention_gqa: the KV caches must be contiguous [B, Hkv, capacity, Dh] tensors.")
+    fp8 = k_cache.dtype == torch.float8_e4m3fn
+    if fp8 != (k_scale is not None and v_scale is not None) or v_cache.dtype != k_cache.dtype:
+        raise ValueError(f"attention_gqa: {k_cache.dtype}/{v_cache.dtype} caches take "
+                         f"{'k_scale and v_scale' if fp8 else 'no scales'}.")
+    scales = [s.to(device=q.device, dtype=torch.float32).reshape(1) if s is not None else _placeholder(q.device)
+              for s in (k_scale, v_scale)]
     batch, length, _ = q.shape
     capacity = k_cache.shape[2]
     lens = cache_lens.to(device=q.device, dtype=torch.int64).contiguous()
@@ -203,13 +211,14 @@ def attention_gqa_cached(kernels: TritonKernels, write_name: str, name: str, q: 
     if batch == 0 or length == 0:
         return out, k_cache, v_cache
     kernels.launch(write_name, (batch, length, num_kv_heads), k_ptr=k.contiguous(), v_ptr=v.contiguous(),
-                   k_cache_ptr=k_cache, v_cache_ptr=v_cache, lens_ptr=lens, length=length,
-                   num_kv_heads=num_kv_heads, head_dim=head_dim, capacity=capacity)
+                   k_cache_ptr=k_cache, v_cache_ptr=v_cache, lens_ptr=lens, k_scale_ptr=scales[0],
+                   v_scale_ptr=scales[1], length=length, num_kv_heads=num_kv_heads, head_dim=head_dim,
+                   capacity=capacity)
     rows = length * (num_heads // num_kv_heads)
     kernels.launch(name, (batch, num_kv_heads, _cdiv(rows, int(kernels.constexpr(name, "BLOCK_M")))),
                    q_ptr=q.contiguous(), k_cache_ptr=k_cache, v_cache_ptr=v_cache, lens_ptr=lens, out_ptr=out,
-                   length=length, num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
-                   capacity=capacity, scale=float(scale))
+                   k_scale_ptr=scales[0], v_scale_ptr=scales[1], length=length, num_heads=num_heads,
+                   num_kv_heads=num_kv_heads, head_dim=head_dim, capacity=capacity, scale=float(scale))
     return out, k_cache, v_cache
 
 

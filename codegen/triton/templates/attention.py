@@ -15,17 +15,44 @@ Two softmax forms (constexpr EXACT):
   probabilities; an engine's greedy tokens then follow the reference's.
 - otherwise the one-pass online (flash) softmax in fp32 with exp2: half the K reads, the
   unnormalised probabilities rounded to the query dtype for the P V product.
+
+An FP8 cache (the cache pointers' element type float8e4nv) holds E4M3 codes under the per-tensor
+fp32 scales k_scale and v_scale: a new key is stored as E4M3(clamp(k / k_scale, +-448)), rounded to
+nearest even in fp32 arithmetic (quant_math: the interpreter's fp32 -> fp8 cast is wrong near powers
+of two), and every key attention reads, the new ones included, is its code times k_scale rounded to
+the query dtype, as the reference does. The cache read is then 1 byte per element. With a float
+cache the scale pointers are not read.
 """
 
 import triton
 import triton.language as tl
 
 from .numerics import cast_rne, dot_f32, rounded
+from .quant_math import round_to_e4m3_signed
+
+
+@triton.jit
+def _to_cache(x, cache_ptr, scale_ptr, INTERPRET: tl.constexpr):
+    """fp32 keys or values as the cache stores them: cast to its float dtype, or E4M3 codes of x / scale."""
+    if cache_ptr.dtype.element_ty == tl.float8e4nv:
+        return round_to_e4m3_signed(tl.math.div_rn(x, tl.load(scale_ptr))).to(tl.float8e4nv)  # exact cast
+    else:
+        return cast_rne(x, cache_ptr.dtype.element_ty, INTERPRET)
+
+
+@triton.jit
+def _from_cache(cache_ptr, offsets, mask, scale_ptr, q_dtype: tl.constexpr, INTERPRET: tl.constexpr):
+    """Cached keys or values in the query dtype: an FP8 code times its scale, rounded to q_dtype."""
+    stored = tl.load(cache_ptr + offsets, mask=mask, other=0.0)
+    if cache_ptr.dtype.element_ty == tl.float8e4nv:
+        return cast_rne(stored.to(tl.float32) * tl.load(scale_ptr), q_dtype, INTERPRET)
+    else:
+        return stored.to(q_dtype)
 
 
 @triton.jit
 def kv_cache_write(
-    k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, lens_ptr,
+    k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, lens_ptr, k_scale_ptr, v_scale_ptr,
     length, num_kv_heads, head_dim, capacity, BLOCK_D: tl.constexpr,
     INTERPRET: tl.constexpr,
 ):
@@ -38,8 +65,8 @@ def kv_cache_write(
     target = ((seq * num_kv_heads + head) * capacity + tl.load(lens_ptr + seq) + t) * head_dim + ds
     k = tl.load(k_ptr + source, mask=ok).to(tl.float32)
     v = tl.load(v_ptr + source, mask=ok).to(tl.float32)
-    tl.store(k_cache_ptr + target, cast_rne(k, k_cache_ptr.dtype.element_ty, INTERPRET), mask=ok)
-    tl.store(v_cache_ptr + target, cast_rne(v, v_cache_ptr.dtype.element_ty, INTERPRET), mask=ok)
+    tl.store(k_cache_ptr + target, _to_cache(k, k_cache_ptr, k_scale_ptr, INTERPRET), mask=ok)
+    tl.store(v_cache_ptr + target, _to_cache(v, v_cache_ptr, v_scale_ptr, INTERPRET), mask=ok)
 
 
 @triton.jit
@@ -53,11 +80,11 @@ def _key_block(start, cache_base, head_dim, ds, d_ok, valid_end, BLOCK_N: tl.con
 
 
 @triton.jit
-def _scores(q, k_cache_ptr, kv_offsets, kv_mask, keys, positions, row_ok, scale, q_dtype: tl.constexpr,
-            EXACT: tl.constexpr, INTERPRET: tl.constexpr):
+def _scores(q, k_cache_ptr, k_scale_ptr, kv_offsets, kv_mask, keys, positions, row_ok, scale,
+            q_dtype: tl.constexpr, EXACT: tl.constexpr, INTERPRET: tl.constexpr):
     """The masked scores of one key block: (q k^T) * scale, rounded in q's dtype as the reference
     computes them when EXACT; -inf where a row may not see a key."""
-    k = tl.load(k_cache_ptr + kv_offsets, mask=kv_mask, other=0.0).to(q_dtype)
+    k = _from_cache(k_cache_ptr, kv_offsets, kv_mask, k_scale_ptr, q_dtype, INTERPRET)
     if EXACT:
         scores = rounded(rounded(dot_f32(q, tl.trans(k), INTERPRET), q_dtype, INTERPRET) * scale, q_dtype, INTERPRET)
     else:
@@ -68,7 +95,7 @@ def _scores(q, k_cache_ptr, kv_offsets, kv_mask, keys, positions, row_ok, scale,
 
 @triton.jit
 def attention_gqa(
-    q_ptr, k_cache_ptr, v_cache_ptr, lens_ptr, out_ptr,
+    q_ptr, k_cache_ptr, v_cache_ptr, lens_ptr, out_ptr, k_scale_ptr, v_scale_ptr,
     length, num_heads, num_kv_heads, head_dim, capacity,
     scale, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     EXACT: tl.constexpr, INTERPRET: tl.constexpr,
@@ -96,8 +123,8 @@ def attention_gqa(
     cache_base = (seq * num_kv_heads + kv_head) * capacity
     for start in range(0, key_end, BLOCK_N):
         keys, kv_offsets, kv_mask = _key_block(start, cache_base, head_dim, ds, d_ok, valid_end, BLOCK_N)
-        scores = _scores(q, k_cache_ptr, kv_offsets, kv_mask, keys, positions, row_ok, scale, q_dtype, EXACT,
-                         INTERPRET)
+        scores = _scores(q, k_cache_ptr, k_scale_ptr, kv_offsets, kv_mask, keys, positions, row_ok, scale, q_dtype,
+                         EXACT, INTERPRET)
         new_max = tl.maximum(row_max, tl.max(scores, axis=1))
         safe_max = tl.where(new_max == float("-inf"), 0.0, new_max)
         if EXACT:
@@ -106,7 +133,7 @@ def attention_gqa(
             probs = tl.exp2(scores - safe_max[:, None])
             correction = tl.exp2(row_max - safe_max)
             row_sum = row_sum * correction + tl.sum(probs, axis=1)
-            v = tl.load(v_cache_ptr + kv_offsets, mask=kv_mask, other=0.0).to(q_dtype)
+            v = _from_cache(v_cache_ptr, kv_offsets, kv_mask, v_scale_ptr, q_dtype, INTERPRET)
             acc = acc * correction[:, None] + dot_f32(cast_rne(probs, q_dtype, INTERPRET), v, INTERPRET)
         row_max = new_max
     if EXACT:
@@ -115,10 +142,10 @@ def attention_gqa(
         inverse = 1.0 / tl.where(row_sum == 0.0, 1.0, row_sum)
         for start in range(0, key_end, BLOCK_N):
             keys, kv_offsets, kv_mask = _key_block(start, cache_base, head_dim, ds, d_ok, valid_end, BLOCK_N)
-            scores = _scores(q, k_cache_ptr, kv_offsets, kv_mask, keys, positions, row_ok, scale, q_dtype, EXACT,
-                             INTERPRET)
+            scores = _scores(q, k_cache_ptr, k_scale_ptr, kv_offsets, kv_mask, keys, positions, row_ok, scale,
+                             q_dtype, EXACT, INTERPRET)
             probs = tl.exp(scores - safe_max[:, None]) * inverse[:, None]
-            v = tl.load(v_cache_ptr + kv_offsets, mask=kv_mask, other=0.0).to(q_dtype)
+            v = _from_cache(v_cache_ptr, kv_offsets, kv_mask, v_scale_ptr, q_dtype, INTERPRET)
             acc += dot_f32(cast_rne(probs, q_dtype, INTERPRET), v, INTERPRET)
         out = acc
     else:

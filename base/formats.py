@@ -167,6 +167,18 @@ _FORMATS = (
                       doc="block_amax / (6 * input_scale), computed on the fly"),
                 _PER_TENSOR_INPUT),
         modelopt_algo="NVFP4", native_archs=BLACKWELL, in_ir=True),
+    # An NVFP4 activation as a fused norm hands it to the GEMM after it: the packed E2M1 codes and their
+    # E4M3 block scales, which mean values only with the static global scale (input_scale) that the GEMM
+    # takes as an operand, as `fp8e4m3` codes mean values with theirs. Never a weight.
+    NumberFormat(
+        "nvfp4codes", "quantized", 4,
+        "NVFP4 activation codes: packed E2M1 codes and an E4M3 scale per 16 inputs, under the global input_scale "
+        "the GEMM reading them takes (add_rms_norm's NVFP4 output)",
+        6.0, element="fp4e2m1", storage="u8", block_size=16,
+        scales=(Scale("block_scale", "fp8e4m3", "per_block", "activation", static=False,
+                      doc="block_amax / (6 * input_scale), computed by the norm that wrote the codes"),
+                _PER_TENSOR_INPUT),
+        native_archs=BLACKWELL, in_ir=True),
     # Formats that checkpoints or tensor cores have but the IR does not use (yet): known so that
     # safetensors headers are read and targets state what they compute in.
     _float("f64", 64, 1.7976931348623157e308, "IEEE float64", safetensors="F64", torch_name="float64",

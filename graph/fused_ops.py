@@ -12,7 +12,7 @@ from nemocompile.base.errors import IRError
 from .ir import Attrs, Graph, Op
 from .opdef import define, dims_agree, require
 from .ops import ACTIVATIONS, QUANTIZE_FORMATS, _infer_quantize, _matmul_result, _verify_router, _with_last
-from .types import F32, FP8_E4M3, FP8_SCALED, I64, TensorType
+from .types import F32, FP8_E4M3, FP8_SCALED, I64, NVFP4, NVFP4_CODES, TensorType
 
 Types = Sequence[TensorType | None]
 
@@ -115,6 +115,10 @@ define("moe_expert_down", "fused",
 # ---------------------------------------------------------------- GEMMs that quantize their input on load
 
 
+# The codes forms of a fused norm's quantized output -> the quantized format they mean with input_scale.
+_CODES = {FP8_E4M3: (FP8_SCALED, "E4M3 codes"), NVFP4_CODES: (NVFP4, "NVFP4 codes")}
+
+
 def _infer_quant_linear(types: Types, attrs: Attrs) -> tuple[TensorType, ...]:
     x, weight, scale, bias = require(types, 0), require(types, 1), require(types, 2), types[3]
     if weight.rank != 2:
@@ -123,11 +127,13 @@ def _infer_quant_linear(types: Types, attrs: Attrs) -> tuple[TensorType, ...]:
         raise IRError(f"quant_linear input has last dim {x.shape[-1]}, expected {weight.shape[1]}")
     if bias is not None and not dims_agree(bias.shape[0], weight.shape[0]):
         raise IRError(f"quant_linear bias {bias} does not match weight {weight}")
-    if x.dtype == FP8_E4M3:
-        # E4M3 codes a fused norm wrote (add_rms_norm with act_format fp8): they mean codes * input_scale.
-        if _act_format(attrs) != "fp8" or scale is None:
-            raise IRError(f"quant_linear reads E4M3 codes {x} and needs act_format fp8 with their input_scale")
-        gemm_input = x.with_(dtype=FP8_SCALED)
+    if x.dtype in _CODES:
+        # Codes a fused norm wrote (add_rms_norm with act_format fp8 or nvfp4): they mean values only
+        # with input_scale (E4M3 codes * input_scale; E2M1 codes * block scales * input_scale).
+        scaled, what = _CODES[x.dtype]
+        if _act_format(attrs) != scaled.name or scale is None:
+            raise IRError(f"quant_linear reads {what} {x} and needs act_format {scaled.name} with their input_scale")
+        gemm_input = x.with_(dtype=scaled)
     else:
         gemm_input = _quantized_input(x, scale, None, attrs, "quant_linear")
     return (_with_last(_matmul_result(gemm_input, weight, attrs, "quant_linear"), weight.shape[0]),)
@@ -136,8 +142,9 @@ def _infer_quant_linear(types: Types, attrs: Attrs) -> tuple[TensorType, ...]:
 define("quant_linear", "fused", ["x", "weight:weight", "input_scale:scale", "bias?:bias"], ["out"],
        [("act_format", "str"), ("out_dtype", "dtype")], infer=_infer_quant_linear,
        doc="linear(quantize(x, input_scale), weight, bias): the activations quantized to act_format on load "
-           "(W4A4, W8A8), result in out_dtype. An x of fp8e4m3 codes (a fused norm quantized it already, "
-           "act_format fp8) is read as it is: linear(x * input_scale, weight, bias)")
+           "(W4A4, W8A8), result in out_dtype. Codes a fused norm wrote are read as they are: fp8e4m3 x "
+           "(act_format fp8) as linear(x * input_scale, weight, bias), nvfp4codes x (act_format nvfp4) as "
+           "linear(e2m1(x) * block_scale(x) * input_scale, weight, bias)")
 
 
 def _infer_quant_grouped_gemm(types: Types, attrs: Attrs) -> tuple[TensorType, ...]:
@@ -162,15 +169,18 @@ def _infer_add_rms_norm(types: Types, attrs: Attrs) -> tuple[TensorType, ...]:
     if not dims_agree(residual.shape[-1], weight.shape[0]):
         raise IRError(f"add_rms_norm input has last dim {residual.shape[-1]}, expected {weight.shape[0]}")
     out = _quantized_input(residual, scale, None, attrs, "add_rms_norm")
-    # FP8: the E4M3 codes themselves (the GEMM after it, a quant_linear, takes input_scale too).
-    return (out.with_(dtype=FP8_E4M3) if out.dtype == FP8_SCALED else out, residual)
+    # The codes themselves (the GEMM after it, a quant_linear, takes input_scale too): E4M3 codes for
+    # fp8, packed E2M1 codes with their E4M3 block scales for nvfp4.
+    codes = {scaled: code for code, (scaled, _) in _CODES.items()}
+    return (out.with_(dtype=codes.get(out.dtype, out.dtype)), residual)
 
 
 define("add_rms_norm", "fused", ["x", "residual", "weight:weight", "input_scale?:scale"], ["out", "residual_out"],
        [("eps", "float"), ("act_format", "str?")], infer=_infer_add_rms_norm,
        doc="residual_out = residual + x; out = rms_norm(residual_out), quantized to act_format with input_scale "
-           "when set (as `quantize`): for fp8 the E4M3 codes (out * input_scale is the `quantize` result), "
-           "for nvfp4 the quantized values")
+           "when set (as `quantize`), as codes: for fp8 the E4M3 codes (out * input_scale is the `quantize` "
+           "result), for nvfp4 the packed E2M1 codes and E4M3 block scales (nvfp4codes; times input_scale they "
+           "are the `quantize` result)")
 
 # ---------------------------------------------------------------- what a graph holds, per fusion rule
 
@@ -179,7 +189,7 @@ def _reads_norm_codes(op: Op, graph: Graph) -> bool:
     """A quant_linear reading the codes a fused norm wrote (made by add_rms_norm_quantize, not by the
     quant_linear rule)."""
     producer = graph.producer(op.operands[0]) if op.operands and op.operands[0] is not None else None
-    return producer is not None and producer.opname == "add_rms_norm" and producer.attrs.get("act_format") == "fp8"
+    return producer is not None and producer.opname == "add_rms_norm" and producer.attrs.get("act_format") is not None
 
 
 FUSIONS: dict[str, Callable[[Op, Graph], bool]] = {

@@ -61,6 +61,9 @@ def _matmul_result(x: TensorType, weight: TensorType, attrs: Attrs, what: str) -
     if x.dtype.name == "fp8e4m3":
         raise IRError(f"{what} input is E4M3 codes {x}, which carry no scale; a quant_linear with their "
                       "input_scale reads them")
+    if x.dtype.name == "nvfp4codes":
+        raise IRError(f"{what} input is NVFP4 codes {x} (E2M1 codes and E4M3 block scales), which carry no global "
+                      "scale; a quant_linear with act_format nvfp4 and their input_scale reads them")
     if x.dtype.quantized:
         if x.dtype != weight.dtype:
             raise IRError(f"{what} input is quantized to {x.dtype} but its weight is {weight.dtype}")

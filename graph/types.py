@@ -47,7 +47,9 @@ class DType:
 
 
 def _dtype(fmt: NumberFormat) -> DType:
-    scales = fmt.weight_scales()
+    # the block scales' dtype where the format has blocks (nvfp4codes' are not stored with a weight),
+    # else the first weight scale's
+    scales = [s for s in fmt.scales if s.layout == "per_block"] or list(fmt.weight_scales())
     return DType(fmt.name, fmt.bits, fmt.is_float, fmt.block_size, scales[0].dtype if scales else None,
                  fmt.quantized)
 
@@ -62,6 +64,7 @@ I32 = DTYPES["i32"]
 U8 = DTYPES["u8"]
 BOOL = DTYPES["bool"]
 NVFP4 = DTYPES["nvfp4"]
+NVFP4_CODES = DTYPES["nvfp4codes"]
 FP8_SCALED = DTYPES["fp8"]
 
 # safetensors header dtype strings -> IR dtypes.

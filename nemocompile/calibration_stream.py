@@ -23,6 +23,7 @@ from nemocompile.passes.assign_precision import gemm_weight
 from nemocompile.runtime.cache import Cache
 from nemocompile.runtime.dtypes import value_dtype
 from nemocompile.runtime.kernels import resolve
+from nemocompile.runtime.step_results import wrong_result
 from nemocompile.runtime.weights import WeightValue
 
 from .calibration import AmaxObserver, Scales, finish_scales
@@ -123,10 +124,12 @@ class StreamedCalibration:
                     args = [None if name is None else values[name] if name in values else weights[name]
                             for name in op.operands]
                     observer(op, args)
-                    for value, tensor, dtype in zip(op.results, impl(op, args), dtypes, strict=True):
-                        if tensor.dtype != dtype:
-                            raise IRError(f"{op.opname} at {op.scope} produced {tensor.dtype} for %{value.name}, "
-                                          f"the IR says {value.type.dtype}")
+                    for position, (value, tensor, dtype) in enumerate(zip(op.results, impl(op, args), dtypes,
+                                                                          strict=True)):
+                        error = wrong_result(op, position, tensor, dtype)
+                        if error is not None or not isinstance(tensor, torch.Tensor):  # (a float graph: tensors)
+                            raise IRError(error or f"calibration runs a float graph, but {op.opname} at {op.scope} "
+                                                   f"produced NVFP4 codes")
                         values[value.name] = tensor
                 for name in [name for name in values if name not in self.keep_after[number]]:
                     del values[name]

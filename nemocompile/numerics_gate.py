@@ -25,6 +25,7 @@ from nemocompile.graph.ir import Graph, Op
 from nemocompile.graph.kernels import kernel_of
 from nemocompile.runtime.cache import Cache
 from nemocompile.runtime.executor import Executor
+from nemocompile.runtime.formats import NVFP4Tensor, dequantize_nvfp4
 from nemocompile.runtime.kernels.triton_backend import LAUNCHERS, reference_only
 from nemocompile.runtime.kernels.triton_loader import TritonKernels
 from nemocompile.runtime.reference_dispatch import Args, reference_impl
@@ -138,6 +139,11 @@ def _kernel_files(instances: Sequence[KernelInstance], sources: Mapping[str, byt
     return files
 
 
+def _values(result: torch.Tensor | NVFP4Tensor) -> torch.Tensor:
+    """A result as values: NVFP4 codes (a norm's nvfp4codes output) dequantized."""
+    return dequantize_nvfp4(result) if isinstance(result, NVFP4Tensor) else result
+
+
 def check(op: Op, args: Args, instances: Sequence[KernelInstance],
           sources: Mapping[str, bytes] | None = None) -> GateResult:
     """Run `op` through `instances` (its kernels, in launch order) in the interpreter and compare
@@ -146,10 +152,10 @@ def check(op: Op, args: Args, instances: Sequence[KernelInstance],
     if launcher is None:
         return GateResult(False, math.inf, 0.0, f"no launcher for kernel {kernel_of(op)}")
     with torch.inference_mode():
-        expected = reference_impl(op.opname)(op, args)[0]
+        expected = _values(reference_impl(op.opname)(op, args)[0])
         try:
             kernels = TritonKernels.from_files(_kernel_files(instances, sources), "cpu")
-            actual = launcher(kernels, [i.name for i in instances], op, args)[0]
+            actual = _values(launcher(kernels, [i.name for i in instances], op, args)[0])
         except Exception as error:  # a config that fails to run is rejected, whatever Triton raised
             first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
             return GateResult(False, math.inf, 0.0, f"failed in the interpreter: {first}")

@@ -5,16 +5,15 @@ Rules:
 - `add_rms_norm`: rms_norm(add(a, b)) -> add_rms_norm(x = b, residual = a), which defines both the
   norm's result and the sum (later layers read the sum as their residual).
 - `add_rms_norm_quantize`: linear(quantize(add_rms_norm(...).out)), the norm and the quantize read by
-  nothing else -> add_rms_norm {act_format} with the quantize's input_scale. FP8 (W8A8): the norm's
-  `out` is the E4M3 codes and the linear becomes a quant_linear reading them with the same
-  input_scale, so the GEMM loads 1 byte per activation and rounds nothing. NVFP4: the norm's `out`
-  is the quantized value (the runtime holds it as fp32 values) and the linear stays; packed codes
-  plus block scales for a W4A4 GEMM are not carried yet (docs/triton-codegen.md).
+  nothing else -> add_rms_norm {act_format} with the quantize's input_scale, whose `out` is the codes,
+  and the linear becomes a quant_linear reading them with the same input_scale, so the GEMM loads
+  the codes and rounds nothing again. FP8 (W8A8): E4M3 codes (`fp8e4m3`), 1 byte per activation.
+  NVFP4 (W4A4): packed E2M1 codes and E4M3 block scales (`nvfp4codes`), 0.5 + 1/16 byte.
 
 In a Nemotron-H graph every layer's residual add feeds the next layer's norm (or the final
 norm_f), so the first rule fires once per layer; the second once per layer after the first whose
-mixer quantizes its input (a Mamba layer with W8A8 in_proj). Layer 0's norm reads the embedding
-directly: nothing to add."""
+mixer quantizes its input (a Mamba layer with W8A8 in_proj; an MLP or Mamba layer of a W4A4
+checkpoint). Layer 0's norm reads the embedding directly: nothing to add."""
 
 from __future__ import annotations
 
@@ -56,12 +55,9 @@ def _fuse_quantize(match: Match, builder: GraphBuilder) -> None:
                                       "weight": operand(norm, "weight"), "input_scale": scale},
                      {"eps": norm.attrs.float("eps"), "act_format": fmt}, norm.scope,
                      [quantize.results[0].name, norm.results[1].name])
-    if fmt == "fp8":
-        builder.op_named("quant_linear", {"x": quantize.results[0].name, "weight": operand(linear, "weight"),
-                                          "input_scale": scale, "bias": operand(linear, "bias")},
-                         {"act_format": fmt, "out_dtype": linear.attrs.str("out_dtype")}, linear.scope, match.results)
-    else:
-        builder.reemit(linear)
+    builder.op_named("quant_linear", {"x": quantize.results[0].name, "weight": operand(linear, "weight"),
+                                      "input_scale": scale, "bias": operand(linear, "bias")},
+                     {"act_format": fmt, "out_dtype": linear.attrs.str("out_dtype")}, linear.scope, match.results)
 
 
 def _quantizable(match: Match) -> bool:

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from nemocompile.graph.ir import Op
 
 from .reference import fused
-from .reference_dispatch import REFERENCE, Args, OpImpl, _opt, _t
+from .reference_dispatch import REFERENCE, Args, OpImpl, Result, _opt, _t
 
 GEMV_MAX_ROWS = 8  # rows up to which a GEMM is written as a reduction (decode batches)
 PAIRS_MAX = 64  # (token, expert) pairs up to which routed experts are computed per pair
@@ -63,7 +63,7 @@ def _pairs_gemm(rows: torch.Tensor, weight: torch.Tensor, experts: torch.Tensor)
     return (weight[experts].float() * rows.float()[:, None, :]).sum(-1).to(rows.dtype)
 
 
-def _moe_expert_up(op: Op, a: Args) -> tuple[torch.Tensor, ...]:
+def _moe_expert_up(op: Op, a: Args) -> tuple[Result, ...]:
     x, order, offsets, weight = _t(a[0]), _t(a[1]), _t(a[2]), _t(a[3])
     if order.shape[0] > PAIRS_MAX:
         return REFERENCE["moe_expert_up"](op, a)
@@ -72,7 +72,7 @@ def _moe_expert_up(op: Op, a: Args) -> tuple[torch.Tensor, ...]:
     return (fused.activation(hidden, op.attrs.str("activation")),)
 
 
-def _moe_expert_down(op: Op, a: Args) -> tuple[torch.Tensor, ...]:
+def _moe_expert_down(op: Op, a: Args) -> tuple[Result, ...]:
     """The pairs' outputs, put back in (token, slot) order and summed over slots with the routing
     weights in float32 (the reference sums them in expert order)."""
     hidden, order, offsets, weight, weights = _t(a[0]), _t(a[1]), _t(a[2]), _t(a[3]), _t(a[4])

@@ -23,7 +23,11 @@ def torch_dtype(dtype: DType | str) -> torch.dtype:
 
 def value_dtype(dtype: DType) -> torch.dtype:
     """The torch dtype the reference runtime holds a value of `dtype` in: a quantized activation
-    (the result of `quantize`) as its exact values in fp32."""
+    (the result of `quantize`) as its exact values in fp32; NVFP4 codes a fused norm wrote
+    (`nvfp4codes`) as an NVFP4Tensor, whose packed codes are uint8 (runtime/step_results.py checks
+    the form)."""
+    if dtype.name == "nvfp4codes":
+        return torch.uint8
     return torch.float32 if dtype.quantized else torch_dtype(dtype)
 
 

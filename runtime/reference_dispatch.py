@@ -13,6 +13,7 @@ from nemocompile.graph.ir import Op
 
 from . import reference as ref
 from .dtypes import torch_dtype
+from .formats import NVFP4Tensor
 from .quantized_ops import quantize, quantize_dynamic
 from .reference import comm, fused
 from .weights import WeightValue
@@ -20,7 +21,10 @@ from .weights import WeightValue
 Args = Sequence[WeightValue | None]
 # An implementation takes the op and its operand values and returns its results; an op with state
 # operands returns their new content among its results (the executor binds it back to the cache).
-OpImpl = Callable[[Op, Args], tuple[torch.Tensor, ...]]
+# Results are tensors, but for NVFP4 codes a fused norm hands its GEMM (IR `nvfp4codes`): an
+# NVFP4Tensor, as NVFP4 weights are held.
+Result = torch.Tensor | NVFP4Tensor
+OpImpl = Callable[[Op, Args], tuple[Result, ...]]
 
 
 def _t(value: WeightValue | None) -> torch.Tensor:
@@ -182,8 +186,14 @@ def _moe_expert_down(op: Op, a: Args) -> tuple[torch.Tensor, ...]:
                                   act_format=_act_format(op), out_dtype=_result_dtype(op)),)
 
 
+def _activation_or_codes(value: WeightValue | None) -> torch.Tensor | NVFP4Tensor:
+    """An activation operand that may be NVFP4 codes (a fused norm's nvfp4codes output)."""
+    assert isinstance(value, torch.Tensor | NVFP4Tensor)
+    return value
+
+
 def _quant_linear(op: Op, a: Args) -> tuple[torch.Tensor, ...]:
-    return (fused.quant_linear_on_load(_t(a[0]), _w(a[1]), _t(a[2]), _opt(a[3]), act_format=op.attrs.str("act_format"),
+    return (fused.quant_linear_on_load(_activation_or_codes(a[0]), _w(a[1]), _t(a[2]), _opt(a[3]), act_format=op.attrs.str("act_format"),
                                        out_dtype=_result_dtype(op)),)
 
 
@@ -192,7 +202,7 @@ def _quant_grouped_gemm(op: Op, a: Args) -> tuple[torch.Tensor, ...]:
                                              act_format=op.attrs.str("act_format"), out_dtype=_result_dtype(op)),)
 
 
-def _add_rms_norm(op: Op, a: Args) -> tuple[torch.Tensor, ...]:
+def _add_rms_norm(op: Op, a: Args) -> tuple[Result, ...]:
     return fused.add_rms_norm(_t(a[0]), _t(a[1]), _t(a[2]), _opt(a[3]), eps=op.attrs.float("eps"),
                               act_format=_act_format(op))
 

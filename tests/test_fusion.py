@@ -21,11 +21,14 @@ from nemocompile.passes.precision_policy import PrecisionPolicy
 from nemocompile.passes.select_kernels import SelectKernels
 from nemocompile.passes.specialize_decode import SpecializeDecode
 from nemocompile.pipeline import fusion_steps
-from nemocompile.runtime.formats import quantize_nvfp4
+from nemocompile.runtime.formats import NVFP4Tensor, dequantize_nvfp4, quantize_nvfp4
 from nemocompile.runtime.quantized_ops import quant_grouped_gemm, quantize
 from nemocompile.runtime.reference import fused, moe_combine, moe_dispatch, moe_router, relu2, rms_norm
 
 FUSION_PASSES: Sequence[Pass] = [step.pipeline_pass for step in fusion_steps()]
+# W4A4 everywhere: the norm of every Mamba layer after the first hands its in_proj NVFP4 codes
+W4A4 = PrecisionPolicy("fp32", {"routed_experts": "nvfp4_w4a4", "shared_experts": "nvfp4_w4a4",
+                                "mamba_linears": "nvfp4_w4a4"})
 POLICIES: dict[str, PrecisionPolicy | None] = {"fp32": None, "weight_only": WEIGHT_ONLY,
                                                "w4a4_w8a8": WITH_ACTIVATIONS}
 
@@ -46,7 +49,7 @@ def implied(letters: str, activations_quantized: bool) -> dict[str, int]:
 
 
 def precision_graph(name: str, policy: str) -> Graph:
-    chosen = POLICIES[policy]
+    chosen = W4A4 if policy == "w4a4" else POLICIES[policy]
     graph = core_graph(name)
     return graph if chosen is None else AssignPrecision(chosen).apply(graph).graph
 
@@ -63,6 +66,17 @@ def config_name(request: pytest.FixtureRequest) -> str:
 
 def test_every_fusion_pass_keeps_every_logit_and_counts_what_the_model_implies(config_name: str,
                                                                                policy: str) -> None:
+    check_fusions(config_name, policy)
+
+
+def test_w4a4_norms_hand_nvfp4_codes_and_keep_every_logit() -> None:
+    """Every linear W4A4: each Mamba layer's norm after the first hands its in_proj NVFP4 codes (one
+    config: the policy changes only the format the norm rule writes)."""
+    assert check_fusions("hybrid", "w4a4") >= 1
+
+
+def check_fusions(config_name: str, policy: str) -> int:
+    """The fusion passes one by one, each checked before/after; returns how many norms quantize."""
     graph = precision_graph(config_name, policy)
     counts: dict[str, int] = {}
     for fusion in FUSION_PASSES:
@@ -72,13 +86,21 @@ def test_every_fusion_pass_keeps_every_logit_and_counts_what_the_model_implies(c
         assert fusion.apply(output.graph).counts == dict.fromkeys(output.counts, 0)  # a fixed point
         counts.update(output.counts)
         graph = output.graph
-    expected = implied(pattern(config_name), policy == "w4a4_w8a8")
+    expected = implied(pattern(config_name), policy in ("w4a4_w8a8", "w4a4"))
     print(f"{config_name} {policy}: {counts}")
     assert counts == expected
     assert fusions_in(graph) == expected  # what inspect reads from an engine's graph
     left = graph.op_counts()
     assert not {"moe_router", "moe_dispatch", "grouped_gemm", "moe_combine", "quantize"} & set(left)
     assert left.get("rms_norm") == 1  # layer 0's norm reads the embedding: no residual add to fuse
+    # a norm that quantizes hands its GEMM codes: E4M3 for W8A8, packed E2M1 + block scales for W4A4
+    codes = {"w4a4_w8a8": "fp8e4m3", "w4a4": "nvfp4codes"}.get(policy)
+    norms = [op for op in graph.ops if op.opname == "add_rms_norm" and op.attrs.get("act_format") is not None]
+    assert [op.results[0].type.dtype.name for op in norms] == [codes] * len(norms)
+    for norm in norms:
+        (reader,) = graph.users(norm.results[0].name)
+        assert reader.opname == "quant_linear" and reader.operands[2] == norm.operands[3]  # the same input_scale
+    return len(norms)
 
 
 def test_fused_ops_have_reference_kernels_that_select_kernels_records() -> None:
@@ -145,6 +167,29 @@ def test_add_rms_norm_reference_is_add_then_norm_then_quantize() -> None:
     w = torch.randn(8, 32, generator=generator)
     assert torch.equal(fused.quant_linear_on_load(codes, w, scale, None, act_format="fp8", out_dtype=torch.float32),
                        fused.linear_any(values, w, None, torch.float32))
+
+
+def test_add_rms_norm_nvfp4_codes_are_the_quantize_values() -> None:
+    """NVFP4: the norm writes packed E2M1 codes and E4M3 block scales under input_scale (an
+    NVFP4Tensor); dequantized they are the `quantize` op's values bit for bit, and the quant_linear
+    after it reads them as those values."""
+    generator = torch.Generator().manual_seed(4)
+    x, residual = torch.randn(2, 3, 64, generator=generator), torch.randn(2, 3, 64, generator=generator)
+    x[0, 0] = -residual[0, 0]  # a zero row: its blocks get scale 1.0 and code 0
+    weight = torch.rand(64, generator=generator) + 0.5
+    for scale in (torch.tensor(2.5 / 2688), torch.tensor(0.3 / 2688)):  # the second saturates blocks
+        codes, residual_out = fused.add_rms_norm(x, residual, weight, scale, eps=1e-5, act_format="nvfp4")
+        assert isinstance(codes, NVFP4Tensor) and torch.equal(residual_out, residual + x)
+        assert codes.packed.shape == (2, 3, 32) and codes.block_scale.shape == (2, 3, 4)
+        assert codes.global_scale is not scale and torch.equal(codes.global_scale, scale)
+        values = quantize(rms_norm(residual + x, weight, 1e-5), "nvfp4", scale)
+        dequantized = dequantize_nvfp4(codes)
+        assert torch.equal(dequantized.view(torch.int32), values.view(torch.int32))  # signs of zero too
+        assert torch.equal(codes.block_scale[0, 0].float(), torch.ones(4))
+        w = torch.randn(8, 64, generator=generator)
+        assert torch.equal(fused.quant_linear_on_load(codes, w, scale, None, act_format="nvfp4",
+                                                      out_dtype=torch.float32),
+                           fused.linear_any(values, w, None, torch.float32))
 
 
 def _stacked_nvfp4(weights: torch.Tensor) -> fused.WeightValue:

@@ -23,6 +23,7 @@ from nemocompile.codegen.triton.emit import emit
 from nemocompile.codegen.triton.plan import BUILDERS, _named
 from nemocompile.graph.ir import Attrs, Op, Value
 from nemocompile.graph.types import TensorType, dtype_named
+from nemocompile.runtime.formats import NVFP4Tensor
 from nemocompile.runtime.kernels.triton_backend import TritonBackend
 from nemocompile.runtime.kernels.triton_loader import TritonKernels
 from nemocompile.runtime.reference_dispatch import reference_impl
@@ -78,16 +79,24 @@ def test_add_rms_norm(tmp_path: Path, act_format: str | None) -> None:
     torch.manual_seed(1)
     x, residual, weight = _randn(B, T, D), _randn(B, T, D), _randn(D) * 0.1 + 1
     scale = torch.tensor(3.0 / (448 if act_format == "fp8" else 6 * 448))
-    out_type = _t({None: "bf16", "fp8": "fp8e4m3", "nvfp4": "nvfp4"}[act_format], B, T, D)
+    out_type = _t({None: "bf16", "fp8": "fp8e4m3", "nvfp4": "nvfp4codes"}[act_format], B, T, D)
     got, want = _run(tmp_path, "triton_add_rms_norm", "add_rms_norm",
                      [(_t("bf16", B, T, D), x), (_t("bf16", B, T, D), residual), (_t("bf16", D), weight),
                       (_t("f32"), scale) if act_format else None],
                      [out_type, _t("bf16", B, T, D)], {"eps": 1e-5, **({"act_format": act_format} if act_format else {})})
-    assert got[0].dtype == want[0].dtype and torch.equal(got[1], want[1])
-    if act_format == "fp8":  # the E4M3 codes themselves, bit for bit
+    assert torch.equal(got[1], want[1])
+    if act_format == "nvfp4":  # the packed E2M1 codes and E4M3 block scales as the kernel wrote them, bit for bit
+        codes, expected = got[0], want[0]
+        assert isinstance(codes, NVFP4Tensor) and isinstance(expected, NVFP4Tensor)
+        assert codes.packed.shape == (B, T, D // 2) and codes.block_scale.shape == (B, T, D // 16)
+        assert torch.equal(codes.packed, expected.packed)
+        assert torch.equal(codes.block_scale.view(torch.uint8), expected.block_scale.view(torch.uint8))
+        assert torch.equal(codes.global_scale, scale)
+        assert int(codes.packed.count_nonzero()) > codes.packed.numel() // 2  # real codes, not zeros
+    elif act_format == "fp8":  # the E4M3 codes themselves, bit for bit
         assert got[0].dtype == torch.float8_e4m3fn and torch.equal(got[0].view(torch.uint8), want[0].view(torch.uint8))
-    else:  # NVFP4: the quantized values, exact in fp32
-        assert torch.equal(got[0], want[0])
+    else:
+        assert got[0].dtype == want[0].dtype and torch.equal(got[0], want[0])
 
 
 def test_rms_norm_and_gated_rms_norm(tmp_path: Path) -> None:

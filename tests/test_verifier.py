@@ -15,7 +15,17 @@ from nemocompile.graph.ir import Attrs, AttrValue, Graph, Op, StateSlot, Value, 
 from nemocompile.graph.nemotron_h import build_block_graph
 from nemocompile.graph.opdef import opdef
 from nemocompile.graph.text import format_op
-from nemocompile.graph.types import BF16, F32, FP8_E4M3, FP8_SCALED, I64, Sharding, TensorType
+from nemocompile.graph.types import (
+    BF16,
+    F32,
+    FP8_E4M3,
+    FP8_SCALED,
+    I64,
+    NVFP4,
+    NVFP4_CODES,
+    Sharding,
+    TensorType,
+)
 from nemocompile.graph.verifier import verify
 from nemocompile.passes.decompose import Decompose
 from nemocompile.passes.specialize_decode import SpecializeDecode
@@ -343,3 +353,29 @@ def test_a_fused_norms_fp8_codes_are_read_only_with_their_scale() -> None:
     b.output(y)
     b.output(summed)
     assert verify(b.build()).ops[1].opname == "quant_linear"
+
+
+def test_a_fused_norms_nvfp4_codes_are_read_only_by_a_w4a4_quant_linear() -> None:
+    """add_rms_norm {act_format nvfp4} types its output as nvfp4codes (packed E2M1 codes and E4M3 block
+    scales); a quant_linear {act_format nvfp4} reads them with the input_scale, while a plain linear, or
+    a quant_linear of another format, is refused, and the verifier quotes a graph that has one."""
+    b = GraphBuilder("nvfp4_codes")
+    x = b.input("x", TensorType(BF16, ("batch", 32)))
+    residual = b.input("residual", TensorType(BF16, ("batch", 32)))
+    norm = b.weight("norm", TensorType(BF16, (32,)), "norms")
+    w = b.weight("w", TensorType(NVFP4, (4, 32)), "mlp")
+    scale = b.weight("scale", TensorType(F32, ()), "activation_scales")
+    codes, summed = b.op("add_rms_norm", [x, residual, norm, scale], {"eps": 1e-5, "act_format": "nvfp4"})
+    assert b.type_of(codes) == TensorType(NVFP4_CODES, ("batch", 32))
+    y = b.op1("quant_linear", [codes, w, scale], {"act_format": "nvfp4", "out_dtype": "bf16"})
+    assert b.type_of(y) == TensorType(BF16, ("batch", 4))
+    with pytest.raises(IRError, match=r"NVFP4 codes .* carry no global scale"):
+        b.op1("linear", [codes, w], {"out_dtype": "bf16"})
+    with pytest.raises(IRError, match="needs act_format nvfp4"):
+        b.op1("quant_linear", [codes, w, scale], {"act_format": "fp8", "out_dtype": "bf16"})
+    b.output(y)
+    b.output(summed)
+    graph = verify(b.build())
+    assert graph.ops[1].opname == "quant_linear"
+    linear = Op("linear", (codes, "w", None), graph.ops[1].results, Attrs.of({"out_dtype": "bf16"}))
+    assert_rejected(graph, 1, linear, "carry no global scale")

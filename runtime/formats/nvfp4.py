@@ -220,6 +220,20 @@ def fake_quantize_nvfp4(x: torch.Tensor, global_scale: torch.Tensor) -> torch.Te
     return out.view(x.shape)
 
 
+def nvfp4_codes(x: torch.Tensor, global_scale: torch.Tensor) -> NVFP4Tensor:
+    """The NVFP4 codes of activations x [..., in] with the static global scale (the calibrated
+    ``input_scale``, 0-d): dynamic E4M3 block scales and packed E2M1 codes, computed from
+    float32(x) as ``fake_quantize_nvfp4`` rounds it, so ``dequantize_nvfp4`` of the result is
+    ``fake_quantize_nvfp4(x.float(), global_scale)`` bit for bit. This is the form a fused norm hands
+    the W4A4 GEMM after it (the IR's ``nvfp4codes``). Nothing is validated (it runs on every forward)."""
+    global_scale = global_scale.to(torch.float32).reshape(())
+    blocks = _blocks_of(x.to(torch.float32), validate_dtype=False)
+    block_scale = _dynamic_block_scale(_block_amax(blocks), global_scale)
+    packed = _encode(blocks, block_scale.to(torch.float32) * global_scale)
+    return NVFP4Tensor(packed.view(*x.shape[:-1], x.shape[-1] // 2),
+                       block_scale.view(*x.shape[:-1], x.shape[-1] // BLOCK_SIZE), global_scale)
+
+
 # ------------------------------------------------------------------------------------ internals
 
 

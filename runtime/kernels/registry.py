@@ -21,7 +21,7 @@ from nemocompile.graph.ir import Op
 from nemocompile.graph.kernels import REFERENCE, kernel_of
 
 from ..reference_dispatch import REFERENCE as REFERENCE_IMPLS
-from ..reference_dispatch import OpImpl, reference_impl
+from ..reference_dispatch import OpImpl, Result, reference_impl
 
 _log = logging.getLogger(__name__)
 
@@ -73,7 +73,7 @@ class Resolution:
     impl: OpImpl
     fallback: str | None = None
 
-    def __call__(self, *args: Any) -> tuple[torch.Tensor, ...]:
+    def __call__(self, *args: Any) -> tuple[Result, ...]:
         return self.impl(*args)
 
 

@@ -12,12 +12,12 @@ import torch
 from nemocompile.base.errors import EngineError
 from nemocompile.graph.ir import Op
 
-from ..formats import NVFP4Tensor, dequantize_nvfp4
-from ..reference_dispatch import Args
+from ..formats import NVFP4Tensor
+from ..reference_dispatch import Args, Result
 from . import triton_ops
 from .triton_loader import TritonKernels
 
-Launcher = Callable[[TritonKernels, Sequence[str], Op, Args], tuple[torch.Tensor, ...]]
+Launcher = Callable[[TritonKernels, Sequence[str], Op, Args], tuple[Result, ...]]
 
 
 def _t(op: Op, args: Args, index: int) -> torch.Tensor:
@@ -38,17 +38,16 @@ def rms_norm(kernels: TritonKernels, names: Sequence[str], op: Op, args: Args) -
     return (out,)
 
 
-def add_rms_norm(kernels: TritonKernels, names: Sequence[str], op: Op, args: Args) -> tuple[torch.Tensor, ...]:
-    """(out, residual_out); an FP8 out is the kernel's E4M3 codes (the IR's fp8e4m3, which the
-    quant_linear after it reads with the same input_scale); an NVFP4 out is returned as its exact
-    values in fp32 (the runtime's form of a quantized activation, runtime/dtypes.value_dtype), from
-    the kernel's packed codes and block scales."""
+def add_rms_norm(kernels: TritonKernels, names: Sequence[str], op: Op, args: Args) -> tuple[Result, ...]:
+    """(out, residual_out), as the kernel wrote them: a quantized out is codes, which the quant_linear
+    after it reads with the same input_scale. FP8: the E4M3 codes (the IR's fp8e4m3); NVFP4: the
+    packed E2M1 codes and E4M3 block scales as an NVFP4Tensor under input_scale (the IR's nvfp4codes)."""
     scale = _opt(args, 3)
     outs, residual = triton_ops.add_rms_norm(kernels, names[0], _t(op, args, 0), _t(op, args, 1), _t(op, args, 2),
                                              op.attrs.float("eps"), scale)
     if len(outs) == 2:
         assert scale is not None  # the wrapper refuses a quantizing kernel without one
-        return dequantize_nvfp4(NVFP4Tensor(outs[0], outs[1], scale.reshape(()).float()), torch.float32), residual
+        return NVFP4Tensor(outs[0], outs[1], scale.reshape(()).float()), residual
     return outs[0], residual
 
 

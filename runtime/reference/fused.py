@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from ..cpu_gemm import PackedLinear
-from ..formats import fp8_codes
+from ..formats import NVFP4Tensor, dequantize_nvfp4, fp8_codes, nvfp4_codes
 from ..quantized_ops import quant_grouped_gemm, quant_linear, quantize
 from ..weights import WeightValue
 from .elementwise import add, linear, relu2, silu
@@ -89,10 +89,14 @@ def moe_expert_down(hidden: torch.Tensor, order: torch.Tensor, offsets: torch.Te
     return out.reshape(*weights.shape[:-1], y.shape[-1])
 
 
-def quant_linear_on_load(x: torch.Tensor, weight: WeightValue, input_scale: torch.Tensor, bias: torch.Tensor | None,
-                         *, act_format: str, out_dtype: torch.dtype) -> torch.Tensor:
-    """The `quant_linear` op: linear(quantize(x, input_scale), weight, bias); E4M3 codes x (a fused
-    norm's FP8 output) mean x * input_scale, the value `quantize` gave, bit for bit."""
+def quant_linear_on_load(x: torch.Tensor | NVFP4Tensor, weight: WeightValue, input_scale: torch.Tensor,
+                         bias: torch.Tensor | None, *, act_format: str, out_dtype: torch.dtype) -> torch.Tensor:
+    """The `quant_linear` op: linear(quantize(x, input_scale), weight, bias). Codes a fused norm
+    wrote are the value `quantize` gave, bit for bit, once scaled: E4M3 codes x (FP8) mean
+    x * input_scale; NVFP4 codes (an NVFP4Tensor whose global scale is input_scale) mean their
+    dequantized values."""
+    if isinstance(x, NVFP4Tensor):
+        return linear_any(dequantize_nvfp4(x, torch.float32), weight, bias, out_dtype)
     if x.dtype == torch.float8_e4m3fn:
         return linear_any(x.to(torch.float32) * input_scale.to(torch.float32), weight, bias, out_dtype)
     return linear_any(quantize(x, act_format, input_scale), weight, bias, out_dtype)
@@ -105,14 +109,17 @@ def quant_grouped_gemm_on_load(x: torch.Tensor, offsets: torch.Tensor, weight: W
 
 
 def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, input_scale: torch.Tensor | None,
-                 *, eps: float, act_format: str | None) -> tuple[torch.Tensor, torch.Tensor]:
+                 *, eps: float, act_format: str | None) -> tuple[torch.Tensor | NVFP4Tensor, torch.Tensor]:
     """(out, residual_out): residual_out = residual + x; out = rms_norm(residual_out), quantized
-    to act_format (as `quantize`) when given: for fp8 its E4M3 codes (codes * input_scale is the
-    `quantize` result), for nvfp4 the quantized values."""
+    to act_format (as `quantize`) when given, as codes: for fp8 its E4M3 codes (codes * input_scale
+    is the `quantize` result), for nvfp4 an NVFP4Tensor of packed E2M1 codes, E4M3 block scales and
+    input_scale as global scale (dequantized, the `quantize` result)."""
     residual_out = add(residual, x)
     normed = rms_norm(residual_out, weight, eps)
+    if act_format is None:
+        return normed, residual_out
+    assert input_scale is not None, "an act_format needs its input_scale"
     if act_format == "fp8":
-        assert input_scale is not None, "an act_format needs its input_scale"
         return fp8_codes(normed, input_scale), residual_out
-    return _quantized(normed, act_format, input_scale, None), residual_out
+    return nvfp4_codes(normed, input_scale), residual_out
 

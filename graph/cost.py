@@ -72,15 +72,17 @@ def numel(type_: TensorType, dims: Mapping[str, int]) -> int:
     return math.prod(d if isinstance(d, int) else dims[d] for d in type_.shape)
 
 
-def activation_bytes(type_: TensorType, dims: Mapping[str, int]) -> float:
-    """Bytes of an activation: NVFP4 codes with their E4M3 block scales, FP8 bytes, or the float's."""
-    count = numel(type_, dims)
-    dtype: DType = type_.dtype
-    # a block-scaled format adds one scale per block (E4M3 for NVFP4: one byte); FP8's one scale
-    # per tensor is nothing
+def element_bytes(dtype: DType) -> float:
+    """Bytes per element of an activation of `dtype`: NVFP4 codes (`nvfp4`, `nvfp4codes`) with their
+    E4M3 block scales, 0.5 + 1/16; FP8 one (its one scale per tensor is nothing); a float's."""
     scale = dtype.scale_dtype
     block_scale = DTYPES[scale].bits / 8 / dtype.block_size if dtype.block_size and scale else 0.0
-    return count * (dtype.bits / 8 + block_scale)
+    return dtype.bits / 8 + block_scale
+
+
+def activation_bytes(type_: TensorType, dims: Mapping[str, int]) -> float:
+    """Bytes of an activation (element_bytes each)."""
+    return numel(type_, dims) * element_bytes(type_.dtype)
 
 
 def experts_hit(experts: int, top_k: int, tokens: int) -> float:

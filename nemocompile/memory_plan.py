@@ -11,6 +11,8 @@ attention is fused (no score matrix is held), so the workspace does not grow wit
 
 from __future__ import annotations
 
+import math
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,6 +21,7 @@ from nemocompile.base.errors import TargetError
 from nemocompile.base.formats import BASE_PRECISIONS, PRECISIONS
 from nemocompile.base.settings import settings
 from nemocompile.graph.config import ModelConfig
+from nemocompile.graph.cost import element_bytes
 from nemocompile.graph.ir import Graph
 from nemocompile.graph.types import DTYPES, DType
 from nemocompile.targets import Target
@@ -37,13 +40,20 @@ INDEX_BYTES = 8  # a routed token's expert id (int32) and weight (fp32)
 QUANTIZED_INPUT_BYTES = 1  # an FP8 (or narrower NVFP4) copy of a GEMM's input, per element
 
 
-def _mamba_workspace(c: ModelConfig, p: Parallelism, tokens: int, batch: int, act: int) -> dict[str, int]:
+def _quantized_input(c: ModelConfig, tokens: int, codes: float | None) -> int:
+    """The block input's quantized copy: the codes its norm hands the GEMM (`codes` bytes per element:
+    1 for FP8, 0.5 + 1/16 for NVFP4 with its block scales), else an FP8-sized bound."""
+    return math.ceil(tokens * c.hidden_size * (QUANTIZED_INPUT_BYTES if codes is None else codes))
+
+
+def _mamba_workspace(c: ModelConfig, p: Parallelism, tokens: int, batch: int, act: int,
+                     codes: float | None) -> dict[str, int]:
     heads = share(c.mamba_num_heads, p.tp)
     width = heads * c.mamba_head_dim
     chunks = -(-tokens // c.chunk_size) + batch  # whole chunks, plus one partial chunk per sequence
     in_rows = width + mamba_channels(c, p.tp) + heads
     return {
-        "quantized input": tokens * c.hidden_size * QUANTIZED_INPUT_BYTES,
+        "quantized input": _quantized_input(c, tokens, codes),
         "in_proj output (z, x, B, C, dt)": tokens * in_rows * act,
         "conv output": tokens * mamba_channels(c, p.tp) * act,
         "SSD chunk states (fp32)": chunks * heads * c.mamba_head_dim * c.ssm_state_size * FP32_BYTES,
@@ -51,7 +61,8 @@ def _mamba_workspace(c: ModelConfig, p: Parallelism, tokens: int, batch: int, ac
     }
 
 
-def _attention_workspace(c: ModelConfig, p: Parallelism, tokens: int, batch: int, act: int) -> dict[str, int]:
+def _attention_workspace(c: ModelConfig, p: Parallelism, tokens: int, batch: int, act: int,
+                         codes: float | None) -> dict[str, int]:
     heads = share(c.num_attention_heads, p.tp)
     return {
         "q, k, v": tokens * (heads + 2 * local_kv_heads(c, p.tp)) * c.head_dim * act,
@@ -60,13 +71,14 @@ def _attention_workspace(c: ModelConfig, p: Parallelism, tokens: int, batch: int
     }
 
 
-def _moe_workspace(c: ModelConfig, p: Parallelism, tokens: int, batch: int, act: int) -> dict[str, int]:
+def _moe_workspace(c: ModelConfig, p: Parallelism, tokens: int, batch: int, act: int,
+                   codes: float | None) -> dict[str, int]:
     width = c.expert_input_size
     local_experts = share(c.n_routed_experts, p.ep)
     # a token picks distinct experts: at most min(top_k, local experts) of its rows land on one rank
     rows = tokens * min(c.num_experts_per_tok, local_experts)
     parts = {
-        "quantized input": tokens * c.hidden_size * QUANTIZED_INPUT_BYTES,
+        "quantized input": _quantized_input(c, tokens, codes),
         "router logits (fp32)": tokens * c.n_routed_experts * FP32_BYTES,
         "top-k ids and weights": tokens * c.num_experts_per_tok * INDEX_BYTES,
         "expert inputs": rows * width * act,
@@ -80,11 +92,15 @@ def _moe_workspace(c: ModelConfig, p: Parallelism, tokens: int, batch: int, act:
     return parts
 
 
-def _mlp_workspace(c: ModelConfig, p: Parallelism, tokens: int, batch: int, act: int) -> dict[str, int]:
-    return {"mlp hidden": tokens * share(c.intermediate_size, p.tp) * act}
+def _mlp_workspace(c: ModelConfig, p: Parallelism, tokens: int, batch: int, act: int,
+                   codes: float | None) -> dict[str, int]:
+    hidden = {"mlp hidden": tokens * share(c.intermediate_size, p.tp) * act}
+    return hidden if codes is None else {"quantized input": _quantized_input(c, tokens, codes), **hidden}
 
 
-BLOCK_WORKSPACE: Mapping[str, Callable[[ModelConfig, Parallelism, int, int, int], dict[str, int]]] = {
+# (config, parallelism, step tokens, batch, float bytes, bytes per element of the codes the block's
+# norm hands its first GEMM, None where it hands none) -> the block's buffers
+BLOCK_WORKSPACE: Mapping[str, Callable[[ModelConfig, Parallelism, int, int, int, float | None], dict[str, int]]] = {
     "mamba": _mamba_workspace, "attention": _attention_workspace, "moe": _moe_workspace, "mlp": _mlp_workspace,
 }
 
@@ -108,6 +124,9 @@ class MemoryPlan:
     step_tokens_bound: int  # tokens one forward step processes at most (settings.plan_step_tokens)
     reserve_bytes: int  # CUDA context, cuBLAS workspaces, allocator rounding
     nccl_bytes_per_communicator: int
+    # block kind -> bytes per element of the codes its norm hands its first GEMM (add_rms_norm with an
+    # act_format: FP8 E4M3 codes, or NVFP4 codes with block scales), for the kinds that have one
+    norm_codes_bytes: Mapping[str, float] = field(default_factory=dict)
 
     @property
     def weights_bytes(self) -> int:
@@ -126,7 +145,8 @@ class MemoryPlan:
         """The largest block's transient buffers plus the residual stream, or the logits if larger."""
         c, p, act = self.config, self.parallelism, self.activation_dtype.bits // 8
         tokens = self.step_tokens(batch, context)
-        blocks = {kind: BLOCK_WORKSPACE[kind](c, p, tokens, batch, act) for kind in set(c.layer_kinds)}
+        blocks = {kind: BLOCK_WORKSPACE[kind](c, p, tokens, batch, act, self.norm_codes_bytes.get(kind))
+                  for kind in set(c.layer_kinds)}
         kind, parts = max(blocks.items(), key=lambda item: (sum(item[1].values()), item[0]))
         logits = batch * share(c.vocab_size, p.tp) * FP32_BYTES
         out = {"residual stream, block input and output": 3 * tokens * c.hidden_size * act}
@@ -272,7 +292,26 @@ def plan_memory(model: str, graph: Graph, config: ModelConfig, target: Target, p
     return MemoryPlan(model, config, target, parallelism, activation,
                       rank_weight_bytes_by_category(graph.weights, config, parallelism, extra_mtp_bytes),
                       kv, conv, ssm, bounds[0], bounds[1], current.plan_step_tokens,
-                      current.plan_runtime_reserve_bytes, current.plan_nccl_bytes)
+                      current.plan_runtime_reserve_bytes, current.plan_nccl_bytes, norm_codes_bytes(graph, config))
+
+
+def norm_codes_bytes(graph: Graph, config: ModelConfig) -> dict[str, float]:
+    """Block kind -> bytes per element of the codes a layer's norm of that kind hands its GEMM (the
+    largest where layers differ), from the graph's `add_rms_norm` ops with an act_format: the norm
+    of layer N (scope `layers.N.norm`) feeds layer N's mixer."""
+    found: dict[str, float] = {}
+    for op in graph.ops:
+        if op.opname != "add_rms_norm" or op.attrs.get("act_format") is None:
+            continue
+        layer = _NORM_SCOPE.fullmatch(op.scope)
+        if layer is None or int(layer.group(1)) >= len(config.layer_kinds):
+            continue
+        kind = config.layer_kinds[int(layer.group(1))]
+        found[kind] = max(found.get(kind, 0.0), element_bytes(op.results[0].type.dtype))
+    return found
+
+
+_NORM_SCOPE = re.compile(r"layers\.(\d+)\.norm")
 
 
 def check_fits(plan: MemoryPlan) -> None:

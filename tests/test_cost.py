@@ -7,6 +7,7 @@ from test_pass_equivalence import WITH_ACTIVATIONS, core_graph
 
 from nemocompile.graph.cost import CostModel, OpCost, Sizes, experts_hit, kernel_label
 from nemocompile.passes.assign_precision import AssignPrecision
+from nemocompile.passes.precision_policy import PrecisionPolicy
 from nemocompile.pipeline import fusion_steps
 
 
@@ -60,3 +61,25 @@ def test_decode_attention_reads_the_cache_and_writes_one_position() -> None:
     qkv_out = 4 * (32 + 16 + 16 + 32)
     assert cost.bytes == cache + qkv_out
     assert cost.flops == 4 * 4 * 1 * (100 + 1) * 8
+
+
+def test_nvfp4_codes_a_norm_hands_its_gemm_cost_their_real_bytes() -> None:
+    """Every linear W4A4: the norm of a Mamba layer after the first writes NVFP4 codes with E4M3 block
+    scales (0.5 + 1/16 byte per element, not fp32 values), and the in_proj after it reads those bytes."""
+    w4a4 = PrecisionPolicy("fp32", {"routed_experts": "nvfp4_w4a4", "shared_experts": "nvfp4_w4a4",
+                                    "mamba_linears": "nvfp4_w4a4"})
+    graph = AssignPrecision(w4a4).apply(core_graph("hybrid")).graph  # hidden 32, M*EM-E, fp32
+    for step in fusion_steps():
+        graph = step.pipeline_pass.apply(graph).graph
+    model = CostModel(graph)
+    sizes = Sizes(batch=2, seq=3)
+    tokens, hidden = 6, 32
+    norm = next(op for op in graph.ops if op.opname == "add_rms_norm" and op.attrs.get("act_format") == "nvfp4")
+    codes = tokens * hidden * (0.5 + 1 / 16)
+    # reads x, residual, weight and input_scale; writes the codes and the fp32 sum
+    assert model.cost(norm, sizes).bytes == 4 * (2 * tokens * hidden + hidden + 1) + codes + 4 * tokens * hidden
+    (in_proj,) = graph.users(norm.results[0].name)
+    cost = model.cost(in_proj, sizes)
+    rows = int(graph.weight_map()[in_proj.operands[1] or ""].type.shape[0])
+    weight_bytes = rows * (hidden // 2 + hidden // 16) + 4  # codes, E4M3 scales, the fp32 weight_scale_2
+    assert cost.compute == "fp4" and cost.bytes == weight_bytes + codes + 4 + 4 * tokens * rows

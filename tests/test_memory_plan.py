@@ -17,9 +17,13 @@ from nemocompile.cli import main
 from nemocompile.graph.config import config_from_dict
 from nemocompile.graph.nemotron_h import build_block_graph
 from nemocompile.graph.types import BF16
-from nemocompile.memory_plan import MemoryPlan, check_fits, plan_memory
+from nemocompile.memory_plan import BLOCK_WORKSPACE, MemoryPlan, check_fits, plan_memory
 from nemocompile.memory_plan_split import Parallelism
 from nemocompile.options import BuildOptions
+from nemocompile.passes.assign_precision import AssignPrecision
+from nemocompile.passes.decompose import Decompose
+from nemocompile.passes.fuse_norms import FuseAddRmsNorm
+from nemocompile.passes.precision_policy import PrecisionPolicy
 from nemocompile.passes.set_precision import SetPrecision
 from nemocompile.planner import plan_model
 from nemocompile.targets import load_target
@@ -188,3 +192,24 @@ def test_docs_table_is_what_the_planner_prints() -> None:
     text = (Path(__file__).resolve().parents[1] / "docs" / "memory-plan.md").read_text()
     table = text.split("<!-- memory-plan-table -->\n", 1)[1].split("<!-- end memory-plan-table -->", 1)[0]
     assert table == memory_plan_table(MODELS), "docs/memory-plan.md is stale: python bench/bench_memory_plan.py"
+
+
+def test_a_norm_handing_nvfp4_codes_plans_their_real_bytes() -> None:
+    """W4A4 Mamba and MLP linears: the norm of the Mamba layer (layer 1) hands its in_proj NVFP4 codes
+    with E4M3 block scales, 0.5 + 1/16 byte per element, not the FP8-sized bound; layer 0's MLP has
+    no norm to fuse (it reads the embedding) and keeps no quantized copy."""
+    config = config_from_dict({**TINY, "hybrid_override_pattern": "-M*E"})
+    graph = SetPrecision("bf16").apply(build_block_graph(config, BF16, bounds=(2, 100))).graph
+    w4a4 = PrecisionPolicy("bf16", {"mamba_linears": "nvfp4_w4a4", "mlp": "nvfp4_w4a4"})
+    for step in (Decompose(), AssignPrecision(w4a4), FuseAddRmsNorm()):
+        graph = step.apply(graph).graph
+    assert [op.results[0].type.dtype.name for op in graph.ops if op.opname == "add_rms_norm"
+            and op.attrs.get("act_format")] == ["nvfp4codes"]
+    with override(plan_step_tokens=16):
+        plan = plan_memory("tiny", graph, config, load_target("b200"), Parallelism(1, 1), (2, 100))
+    assert dict(plan.norm_codes_bytes) == {"mamba": 0.5 + 1 / 16}
+    tokens = 16
+    assert plan.workspace(2, 100)["mamba: quantized input"] == tokens * 32 * 9 // 16  # 288, not 512 (FP8-sized)
+    assert BLOCK_WORKSPACE["mlp"](config, Parallelism(1, 1), tokens, 2, 2, 0.5625) == {
+        "quantized input": tokens * 32 * 9 // 16, "mlp hidden": tokens * 24 * 2}
+    assert BLOCK_WORKSPACE["mlp"](config, Parallelism(1, 1), tokens, 2, 2, None) == {"mlp hidden": tokens * 24 * 2}

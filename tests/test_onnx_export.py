@@ -304,3 +304,25 @@ def test_export_streams_large_weights_in_chunks_and_writes_the_same_files(
     assert data > 10 * chunk  # the demo's large weights went through many chunks
     for relative in ("tensorrt/weights.bin", "tensorrt/model.onnx", "tensorrt/decode.decomposed.onnx"):
         assert (streamed.engine / relative).read_bytes() == (engines["demo-h100"].engine / relative).read_bytes()
+
+
+def test_nvfp4_codes_a_norm_hands_its_gemm_export_as_their_values(tiny_checkpoint: Path,
+                                                                  tmp_path: Path) -> None:
+    """W4A4 MLP and Mamba linears on b200: the MLP layer's norm hands its up_proj NVFP4 codes
+    (nvfp4codes). ONNX has no value of packed codes with their block scales, so the export carries
+    them as the values they mean (the FLOAT4E2M1 codes dequantized with their block scales and
+    input_scale) and the quant_linear reads those: the decomposed export, on ONNX's reference
+    evaluator, gives the reference runtime's logits and 8 greedy tokens."""
+    out = tmp_path / "engine"
+    nemocompile.build(tiny_checkpoint, out, target="b200", tensorrt=True, calibrate=2, max_context=256,
+                      overrides=["mlp=nvfp4_w4a4", "mamba_linears=nvfp4_w4a4"])
+    assert "tensor<nvfp4codes" in (out / "graph.txt").read_text()
+    decomposed = onnx.load(str(_models(out)["prefill_decomposed"]))
+    assert any(node.op_type == "QuantizeLinear" for node in decomposed.graph.node)
+    reference, exported = nemocompile.load(out), nemocompile.load(out, backend="onnx")
+    ids = torch.randint(0, reference.vocab_size, (2, 7), generator=torch.Generator().manual_seed(3))
+    expected, got = reference.forward(ids), exported.forward(ids)
+    relative = float((got - expected).abs().max() / expected.abs().max())
+    print(f"W4A4 norm hand-off: prefill logits max |diff| / max |logit| = {relative:.3g}")
+    assert relative <= TOLERANCE["auto"]
+    assert torch.equal(exported.generate(ids, GREEDY_STEPS), reference.generate(ids, GREEDY_STEPS))

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from nemocompile.graph.ir import Op
 from nemocompile.graph.opdef import operand
-from nemocompile.graph.types import FP8_E4M3
+from nemocompile.graph.types import FP8_E4M3, NVFP4_CODES
 
 from .context import Lowering
 from .lower_core import activation_value, fp8_codes_value, linear_value, quantize_value, rms_norm_value
@@ -35,6 +35,8 @@ def quant_linear(low: Lowering, op: Op) -> None:
     x = _req(op, "x")
     if low.type_of(x).dtype == FP8_E4M3:  # E4M3 codes a fused norm wrote: codes * input_scale
         q = low.b.one("Mul", [low.value(x), low.value(_req(op, "input_scale"))])
+    elif low.type_of(x).dtype == NVFP4_CODES:  # NVFP4 codes a fused norm wrote, carried as their values
+        q = low.value(x)
     else:
         q = _quantized(low, op, low.value(x), len(low.dims(x)), low.static(x, -1), None)
     low.bind(op, [linear_value(low, q, _req(op, "weight"), operand(op, "bias"))])
@@ -82,5 +84,8 @@ def add_rms_norm(low: Lowering, op: Op) -> None:
         codes = fp8_codes_value(low, normed, low.value(_req(op, "input_scale")))
         low.bind(op, [codes, residual_out], rounded=False)
         return
+    # NVFP4 codes (nvfp4codes) are carried as the values they mean under input_scale (the `quantize`
+    # value: DequantizeLinear of the FLOAT4E2M1 codes with their block scales), which the quant_linear
+    # after it reads as they are; ONNX has no value holding packed codes and block scales together.
     out = _quantized(low, op, normed, len(low.dims(residual)), low.static(residual, -1), None)
     low.bind(op, [out, residual_out])

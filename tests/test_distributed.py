@@ -34,9 +34,14 @@ TINY = dict(vocab_size=128, hidden_size=32, hybrid_override_pattern="M*E-", num_
 # (name, build keywords, world sizes): fp32 at every size; the quantized engines (the target's policy
 # for every GEMM it quantizes, fp32 for the rest: `base = "fp32"`) at 1 and 8
 FP32_BASE = "fp32-base.toml"
+# W4A4 Mamba and MLP linears: the MLP layer's norm hands its column-parallel up_proj NVFP4 codes
+W4A4_NORMS = "w4a4-norms.toml"
+POLICY_FILES = {FP32_BASE: 'base = "fp32"\n',
+                W4A4_NORMS: 'base = "fp32"\n[components]\nmlp = "nvfp4_w4a4"\nmamba_linears = "nvfp4_w4a4"\n'}
 ENGINES = [("fp32", {"target": "h100", "precision": "fp32"}, (1, 2, 4, 8)),
            ("h100", {"target": "h100", "policy_file": FP32_BASE}, (1, 8)),
-           ("b200", {"target": "b200", "policy_file": FP32_BASE}, (1, 8))]
+           ("b200", {"target": "b200", "policy_file": FP32_BASE}, (1, 8)),
+           ("b200-w4a4-norms", {"target": "b200", "policy_file": W4A4_NORMS}, (1, 2))]
 
 
 def ranks(world_size: int, *args: str, env: dict[str, str] | None = None,
@@ -72,7 +77,8 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def runs(checkpoint: Path) -> dict[tuple[str, int], dict[str, torch.Tensor]]:
     """Each engine built and run once: (name, world size) -> rank 0's logits and tokens."""
     found = {}
-    (checkpoint.parent / FP32_BASE).write_text('base = "fp32"\n')
+    for name, text in POLICY_FILES.items():
+        (checkpoint.parent / name).write_text(text)
     for name, options, sizes in ENGINES:
         for world_size in sizes:
             engine = checkpoint.parent / f"{name}-{world_size}"
@@ -109,6 +115,17 @@ def test_sharded_engine_files_and_graph(checkpoint: Path, runs: dict[tuple[str, 
     assert "blocks=[128, 128, 64, 64, 8]" in text  # in_proj: z, x, B, C, dt
     for op in ("all_reduce(", "all_gather(", "local_experts(", "vocab_embedding("):
         assert op in text
+
+
+def test_nvfp4_codes_of_a_norm_feed_a_column_parallel_gemm(checkpoint: Path,
+                                                          runs: dict[tuple[str, int], dict[str, torch.Tensor]]) -> None:
+    """At world size 2 the MLP layer's norm (replicated) hands the whole row's NVFP4 codes to the
+    up_proj, whose weight rows are split: each rank reads the same codes (test_sharded_engine_matches_
+    one_rank compares the logits)."""
+    text = (checkpoint.parent / "b200-w4a4-norms-2" / "graph.txt").read_text()
+    norm = next(line for line in text.splitlines() if "= add_rms_norm(" in line and "nvfp4codes" in line)
+    assert ": tensor<nvfp4codes, [batch, seq, 32]>," in norm  # replicated: no shard<...>
+    assert "weight %layers.3.mixer.up_proj : tensor<nvfp4, [128, 32], shard<tp=2, dim=0>>" in text
 
 
 def test_run_world_size_prints_the_one_rank_ids(checkpoint: Path,

@@ -236,3 +236,30 @@ def test_build_json_carries_the_deviation(exports: Callable[[str], Export], tmp_
     deviation = summary["deviation"]
     assert deviation["reference"].startswith("the checkpoint's own numerics")
     assert deviation["relative_logit_error"] > RELATIVE_TOLERANCE and 0 < deviation["top1_agreement"] <= 1
+
+
+def test_w4a4_norm_hands_nvfp4_codes_and_runs_on_the_triton_backend(built: Callable[[str, str, str], Built]) -> None:
+    """ModelOpt's NVFP4 recipe makes every linear W4A4, so on b200 the dense MLP layer's norm quantizes
+    its output for the up_proj (`%55, %9 = add_rms_norm(...) {act_format = "nvfp4"}` in a real
+    export): it writes NVFP4 codes (nvfp4codes: packed E2M1 + E4M3 block scales), which a
+    quant_linear with the same input_scale reads. With backend="triton" (this CPU: the interpreter)
+    the norm runs its kernel, and the engine matches backend="reference": logits error printed,
+    8 greedy tokens identical."""
+    pytest.importorskip("triton", reason="the triton backend needs the triton package (the [triton] extra)")
+    engine = built("nvfp4", "b200", "fp32")
+    text = graph_text(engine)
+    norms = re.findall(r'%(\S+), %\S+ = add_rms_norm\(.*?(%\S+)\) \{act_format = "nvfp4".*: tensor<nvfp4codes,', text)
+    assert len(norms) == 1  # the MLP layer's (the MoE layer's norm feeds the router too; layer 0 has none)
+    codes, scale = norms[0]
+    assert re.search(rf'= quant_linear\(%{re.escape(codes)}, %layers\.3\.mixer\.up_proj, {re.escape(scale)}, _\) '
+                     r'\{act_format = "nvfp4"', text)
+    reference = nemocompile.load(engine.result.out, backend="reference")
+    triton = nemocompile.load(engine.result.out, backend="triton")
+    norm_kernels = {r.kernel for r in triton.kernels() if r.op == "add_rms_norm"}
+    assert norm_kernels == {"triton_add_rms_norm"} and all(r.fallback is None for r in triton.kernels())
+    prompt = engine.export.prompt
+    expected, got = reference.forward(prompt), triton.forward(prompt)
+    error = relative_error(got, expected)
+    print(f"\nnvfp4 on b200, triton (interpreter) vs reference: max relative logit error {error:.3g}")
+    assert error < 1e-3
+    assert torch.equal(triton.generate(prompt, 8), reference.generate(prompt, 8))

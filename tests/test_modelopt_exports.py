@@ -244,7 +244,7 @@ def test_w4a4_norm_hands_nvfp4_codes_and_runs_on_the_triton_backend(built: Calla
     export): it writes NVFP4 codes (nvfp4codes: packed E2M1 + E4M3 block scales), which a
     quant_linear with the same input_scale reads. With backend="triton" (this CPU: the interpreter)
     the norm runs its kernel, and the engine matches backend="reference": logits error printed,
-    8 greedy tokens identical."""
+    8 greedy tokens identical (and with the decode step compiled)."""
     pytest.importorskip("triton", reason="the triton backend needs the triton package (the [triton] extra)")
     engine = built("nvfp4", "b200", "fp32")
     text = graph_text(engine)
@@ -262,4 +262,7 @@ def test_w4a4_norm_hands_nvfp4_codes_and_runs_on_the_triton_backend(built: Calla
     error = relative_error(got, expected)
     print(f"\nnvfp4 on b200, triton (interpreter) vs reference: max relative logit error {error:.3g}")
     assert error < 1e-3
-    assert torch.equal(triton.generate(prompt, 8), reference.generate(prompt, 8))
+    tokens = reference.generate(prompt, 8)
+    assert torch.equal(triton.generate(prompt, 8), tokens)
+    # the compiled CPU decode step keeps the quantizing norm and its GEMM eager, and hands the codes on
+    assert torch.equal(nemocompile.load(engine.result.out, compile=True).generate(prompt, 8), tokens)

@@ -23,6 +23,10 @@ W4A4_TILES: dict[str, tuple[AttrValue, ...]] = {"BLOCK_M": (128,), "BLOCK_N": (1
               "num_stages": (2, 3)}
 FP8_TILES: dict[str, tuple[AttrValue, ...]] = {"BLOCK_M": (16, 64, 128), "BLOCK_N": (64, 128), "BLOCK_K": (64, 128), "SWAP_AB": (True, False),
              "num_warps": (4, 8), "num_stages": (2, 3, 4)}
+# The grouped FP8 GEMM (templates/moe_fp8_gemm.py): FP8_TILES without split-K, which it does not take.
+MOE_FP8_TILES: dict[str, tuple[AttrValue, ...]] = {"BLOCK_M": (16, 32, 64, 128), "BLOCK_N": (64, 128),
+                                                   "BLOCK_K": (32, 64, 128), "SWAP_AB": (True, False),
+                                                   "num_warps": (4, 8), "num_stages": (2, 3, 4)}
 
 # The float element types the norm, Mamba and attention kernels read and write (f16 and quantized inputs
 # run their reference implementations; attention also takes an FP8 KV cache).
@@ -75,6 +79,8 @@ CANDIDATES: tuple[KernelSpec, ...] = (
 # tl.dot_scaled) on Blackwell only, FP8 W8A8 on both.
 _NVFP4 = {"weight": ("nvfp4",), "x": ("bf16",)}
 _NVFP4_DOWN = {"weight": ("nvfp4",), "hidden": ("bf16",)}
+_FP8 = {"weight": ("fp8",), "x": ("bf16",)}
+_FP8_DOWN = {"weight": ("fp8",), "hidden": ("bf16",)}
 
 
 @dataclass(frozen=True)
@@ -104,6 +110,13 @@ FUSED_CANDIDATES = (
                    "NVFP4 W4A16 grouped GEMM, routing weight times each pair's row, per-token sum"),
     FusedCandidate("triton_moe_down_w4a4", "moe_expert_down", _NVFP4_DOWN, {"act_format": ("nvfp4",)}, ("sm_100",),
                    W4A4_TILES, "NVFP4 quantize-on-load, tl.dot_scaled, routing weight times each pair's row, per-token sum"),
+    FusedCandidate("triton_moe_up_fp8", "moe_expert_up", _FP8, {"act_format": ("fp8", None), "activation": ("relu2",)},
+                   HOPPER_AND_BLACKWELL, MOE_FP8_TILES,
+                   "gather x[order // k], FP8 grouped GEMM: W8A8 (rows rounded to E4M3 on load with the expert's "
+                   "input_scale, fp8 tensor-core dot) or W8A16; ReLU² epilogue"),
+    FusedCandidate("triton_moe_down_fp8", "moe_expert_down", _FP8_DOWN, {"act_format": ("fp8", None)},
+                   HOPPER_AND_BLACKWELL, MOE_FP8_TILES,
+                   "FP8 grouped GEMM (W8A8 or W8A16), routing weight times each pair's row, per-token sum"),
     FusedCandidate("triton_fp8_quant_linear", "quant_linear", {"weight": ("fp8",), "x": ("bf16", "fp8e4m3")},
                    {"act_format": ("fp8",)}, HOPPER_AND_BLACKWELL, FP8_TILES,
                    "FP8 W8A8: bf16 activations rounded to E4M3 on load, or the E4M3 codes a fused norm wrote "

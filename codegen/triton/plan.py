@@ -161,6 +161,28 @@ def _fp8_linear(op: Op, types: Mapping[str, TensorType], arch: str, decode: bool
                                block_n=64, block_k=block_k_for(k, FP8_MIN_BLOCK_K)),)
 
 
+def _fp8_experts(op: Op, types: Mapping[str, TensorType], arch: str, decode: bool) -> tuple[KernelInstance, ...]:
+    """moe_expert_up / moe_expert_down with an FP8 weight [E, N, K]: W8A8 (act_format fp8, the rows
+    rounded to E4M3 on load with input_scale[expert]) or W8A16 (no act_format). Up: gather, GEMM,
+    activation; down: the GEMM writing weighted pair rows, then the per-token sum (moe_combine_rows).
+    Decode tiles of 16 rows (the weight is the MMA's 64-row side), prefill tiles of 64."""
+    experts, n, k = _dims(_operand_type(op, types, 3), f"{op.opname} weight")
+    up = op.opname == "moe_expert_up"
+    x_dtype = triton_dtype(_operand_type(op, types, 0), f"{op.opname} input")
+    out_dtype = triton_dtype(op.results[0].type, f"{op.opname} result")
+    if not up and x_dtype != out_dtype:
+        raise NoKernel("the kernel rounds each expert row to the input's dtype, which differs from the result's")
+    top_k = op.attrs.int("top_k")
+    gemm = catalog.moe_fp8_gemm(kernel_of(op), op.opname, n=n, k=k, experts=experts, top_k=top_k,
+                                quant_act=op.attrs.get("act_format") == "fp8",
+                                activation=op.attrs.str("activation") if up else "none", gather=up, combine=not up,
+                                x_dtype=x_dtype, out_dtype=out_dtype, block_m=16 if decode else 64,
+                                block_k=block_k_for(k, FP8_MIN_BLOCK_K))
+    if up:
+        return (gemm,)
+    return gemm, catalog.moe_combine(f"{kernel_of(op)}_combine", op.opname, n=n, top_k=top_k, out_dtype=out_dtype)
+
+
 BUILDERS: dict[str, Builder] = {
     "triton_nvfp4_grouped_w4a16": _grouped_w4a16,
     "triton_moe_up_w4a16": _expert_up,
@@ -169,6 +191,8 @@ BUILDERS: dict[str, Builder] = {
     "triton_moe_down_w4a4": _expert_down,
     "triton_fp8_quant_linear": _fp8_quant_linear,
     "triton_fp8_linear": _fp8_linear,
+    "triton_moe_up_fp8": _fp8_experts,
+    "triton_moe_down_fp8": _fp8_experts,
     "triton_rms_norm": plan_ops.rms_norm,
     "triton_add_rms_norm": plan_ops.add_rms_norm,
     "triton_gated_rms_norm": plan_ops.gated_rms_norm,

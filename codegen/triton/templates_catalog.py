@@ -57,6 +57,19 @@ FP8_LINEAR_REDUCE = KernelTemplate(
     aligned=("workspace_ptr", "out_ptr"),
 )
 
+# The grouped GEMM of FP8 E4M3 experts (W8A8, or W8A16): moe_gemm's schedule and epilogue around
+# fp8_gemm's K loop; no split-K (templates/moe_fp8_gemm.py says why).
+MOE_FP8_GEMM = KernelTemplate(
+    module="moe_fp8_gemm", entry="moe_fp8_gemm", imports=("numerics", "quant_math", "fp8_gemm", "moe_gemm"),
+    params=(("x_ptr", "*dtype"), ("order_ptr", "*i64"), ("tile_starts_ptr", "*i32"), ("offsets_ptr", "*i64"),
+            ("weight_ptr", "*fp8e4nv"), ("weight_scale_ptr", "*fp32"), ("input_scale_ptr", "*fp32"),
+            ("routing_ptr", "*fp32"), ("out_ptr", "*dtype"), ("scale_expert_stride", "i32"),
+            ("scale_column_stride", "i32")),
+    constexprs=("N", "K", "NUM_EXPERTS", "TOP_K", "GATHER", "ACTIVATION", "COMBINE", "QUANT_ACT", "BLOCK_M",
+                "BLOCK_N", "BLOCK_K", "SWAP_AB", "INTERPRET"),
+    aligned=("x_ptr", "weight_ptr", "out_ptr"),
+)
+
 # The norm, Mamba, attention and router templates (docs/triton-codegen.md).
 NVFP4_BLOCK = FORMATS["nvfp4"].block
 ADD_RMS_NORM = KernelTemplate(
@@ -125,11 +138,11 @@ MOE_PERMUTATION = KernelTemplate(
 )
 
 TEMPLATES = {t.entry: t for t in (MOE_NVFP4_GEMM, MOE_NVFP4_GEMM_REDUCE, MOE_COMBINE_ROWS, FP8_LINEAR,
-                                  FP8_LINEAR_REDUCE, ADD_RMS_NORM, GATED_RMS_NORM,
+                                  FP8_LINEAR_REDUCE, MOE_FP8_GEMM, ADD_RMS_NORM, GATED_RMS_NORM,
                                   CAUSAL_CONV1D, SSD_CHUNK_SCAN, SSD_STATE_UPDATE, KV_CACHE_WRITE, ATTENTION_GQA,
                                   MOE_ROUTER, MOE_PERMUTATION)}
 __all__ = ["TEMPLATES", "KernelInstance", "add_rms_norm", "attention_gqa", "causal_conv1d", "fp8_linear",
-           "gated_rms_norm", "moe_combine", "moe_gemm", "moe_route", "ssd_chunk_scan", "ssd_state_update"]
+           "gated_rms_norm", "moe_combine", "moe_fp8_gemm", "moe_gemm", "moe_route", "ssd_chunk_scan", "ssd_state_update"]
 
 # Tile configurations an autotuner may try (graph/kernels.py carries the same spaces for the tuner).
 MOE_CONFIG_SPACE: dict[str, tuple[Constexpr, ...]] = {
@@ -189,6 +202,27 @@ def fp8_linear(name: str, op: str, *, n: int, k: int, quant_act: bool, per_chann
         "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "SWAP_AB": swap, "SPLIT_K": split_k,
         "INTERPRET": False},
         {"x_ptr": x_dtype, "bias_ptr": out_dtype, "out_ptr": out_dtype}, num_warps, num_stages)
+
+
+FP8_DOT_MIN_K = 32  # an fp8 x fp8 tl.dot takes K >= 32 per step
+
+
+def moe_fp8_gemm(name: str, op: str, *, n: int, k: int, experts: int, top_k: int, quant_act: bool = True,
+                 activation: str = "none", gather: bool = False, combine: bool = False, x_dtype: str = "bf16",
+                 out_dtype: str = "bf16", block_m: int = 16, block_n: int = 64, block_k: int = 128,
+                 swap_ab: bool | None = None, num_warps: int = 4, num_stages: int = 3) -> KernelInstance:
+    """One grouped FP8 GEMM: quant_act (W8A8: activations rounded to E4M3 on load with the expert's
+    input_scale) or not (W8A16). A BLOCK_M under 64 swaps the operands (the weight tile is the MMA's
+    64-row side) unless swap_ab says otherwise."""
+    _check_tiles(name, k, block_k)
+    if block_k < FP8_DOT_MIN_K:
+        raise IRError(f"kernel {name}: BLOCK_K {block_k} is under the {FP8_DOT_MIN_K} an FP8 dot steps K by")
+    swap = block_m < 64 if swap_ab is None else swap_ab
+    return instance(name, op, MOE_FP8_GEMM, {
+        "N": n, "K": k, "NUM_EXPERTS": experts, "TOP_K": top_k, "GATHER": gather, "ACTIVATION": activation,
+        "COMBINE": combine, "QUANT_ACT": quant_act, "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k,
+        "SWAP_AB": swap, "INTERPRET": False},
+        {"x_ptr": x_dtype, "out_ptr": "fp32" if combine else out_dtype}, num_warps, num_stages)
 
 
 # GEMM template entry -> the template of its split-K reduce (the second launch)

@@ -63,7 +63,7 @@ class Problem:
 
 
 def gemm_problem(instance: KernelInstance, tokens: int) -> Problem:
-    """The problem of a GEMM instance (moe_nvfp4_gemm, fp8_linear) called on `tokens` tokens."""
+    """The problem of a GEMM instance (moe_nvfp4_gemm, moe_fp8_gemm, fp8_linear) called on `tokens` tokens."""
     values = dict(instance.constexprs)
     pointers = dict(instance.pointer_types)
     out_bytes = 4.0 if pointers.get("out_ptr") == "fp32" else 2.0
@@ -73,6 +73,10 @@ def gemm_problem(instance: KernelInstance, tokens: int) -> Problem:
         return Problem(tokens * top_k, int(values["N"]), int(values["K"]), int(values["NUM_EXPERTS"]), top_k,
                        4 + 8 / 16, 2.0, out_bytes, "fp4" if w4a4 else "bf16")
     quant = bool(values.get("QUANT_ACT"))
+    if instance.template.entry == "moe_fp8_gemm":  # E4M3 weights (the per-expert scales are negligible)
+        top_k = int(values["TOP_K"])
+        return Problem(tokens * top_k, int(values["N"]), int(values["K"]), int(values["NUM_EXPERTS"]), top_k, 8.0,
+                       2.0, out_bytes, "fp8" if quant else "bf16")
     return Problem(tokens, int(values["N"]), int(values["K"]), 1, 1, 8.0, 2.0, out_bytes, "fp8" if quant else "bf16")
 
 

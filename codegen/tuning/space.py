@@ -52,7 +52,12 @@ MOE_SPACE = _space("moe_nvfp4_gemm", {
 FP8_SPACE = _space("fp8_linear", {
     "BLOCK_M": (16, 32, 64, 128), "BLOCK_N": (64, 128, 256), "BLOCK_K": (32, 64, 128, 256),
     "SWAP_AB": (True, False), SPLIT_K: (1, 2, 4, 8), "num_warps": (4, 8), "num_stages": (2, 3, 4)})
-GEMM_SPACES = (MOE_SPACE, FP8_SPACE)
+# The grouped FP8 GEMM (moe_fp8_gemm): the FP8 tiles and MoE block sizes, no split-K (it has none).
+MOE_FP8_SPACE = _space("moe_fp8_gemm", {
+    "BLOCK_M": (16, 32, 64, 128), "BLOCK_N": (64, 128, 256), "BLOCK_K": (32, 64, 128, 256),
+    "SWAP_AB": (True, False), "num_warps": (4, 8), "num_stages": (2, 3, 4)})
+GEMM_SPACES = (MOE_SPACE, FP8_SPACE, MOE_FP8_SPACE)
+FP8_ENTRIES = frozenset({"fp8_linear", "moe_fp8_gemm"})  # the GEMMs whose operands are staged as bytes
 # every template of codegen/triton/templates_catalog.py: the GEMMs' here, the others' in op_spaces
 SPACES: dict[str, TemplateSpace] = {
     **{space.entry: space for space in GEMM_SPACES},
@@ -165,7 +170,7 @@ def shared_bytes(instance: KernelInstance, config: Config) -> int:
     """Shared memory a GEMM config needs at most: num_stages buffers of an activation tile and a
     weight tile, both staged as 16-bit values (FP8 as bytes) before the MMA."""
     values = dict(config)
-    element = 1 if instance.template.entry == "fp8_linear" else 2
+    element = 1 if instance.template.entry in FP8_ENTRIES else 2
     tile = (int(values["BLOCK_M"]) + int(values["BLOCK_N"])) * int(values["BLOCK_K"]) * element
     return tile * int(values["num_stages"])
 
@@ -191,7 +196,7 @@ def why_pruned(instance: KernelInstance, config: Config, arch: str, workload: Wo
     w4a4 = problem.get("ACT_FORMAT") == "nvfp4"
     if block_k % limits.mma_k:
         return f"BLOCK_K {block_k} must be a multiple of {limits.mma_k}"
-    fp8 = instance.template.entry == "fp8_linear"
+    fp8 = instance.template.entry in FP8_ENTRIES
     if fp8 and block_k < FP8_MIN_BLOCK_K:
         return f"an FP8 dot needs BLOCK_K >= {FP8_MIN_BLOCK_K}"
     if w4a4 and block_k < W4A4_MIN_BLOCK_K:

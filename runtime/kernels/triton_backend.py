@@ -41,8 +41,9 @@ def _tensor(value: object, what: str) -> torch.Tensor:
 
 def _gemm_names(kernels: TritonKernels, names: Sequence[str]) -> tuple[str, str | None, Sequence[str]]:
     """(the GEMM, its split-K reduce kernel or None, the op's kernels after them): a GEMM with
-    SPLIT_K > 1 is bound with its reduce kernel right after it (codegen: with_split_k_reduces)."""
-    if int(kernels.constexpr(names[0], "SPLIT_K")) > 1:
+    SPLIT_K > 1 is bound with its reduce kernel right after it (codegen: with_split_k_reduces); a
+    template without SPLIT_K (the grouped FP8 GEMM) never splits."""
+    if int(kernels.entries[names[0]].constexprs.get("SPLIT_K", 1)) > 1:
         if len(names) < 2:
             raise EngineError(f"kernel {names[0]} splits K but is bound without its reduce kernel")
         return names[0], names[1], names[2:]
@@ -65,6 +66,15 @@ def _nvfp4(op: Op, value: object) -> NVFP4Tensor:
     return value
 
 
+def _expert_weight(op: Op, value: object) -> NVFP4Tensor | FP8Tensor:
+    """The stacked expert weight in the format the op's kernel takes (the FP8 kernels' names end in _fp8)."""
+    if kernel_of(op).endswith("_fp8"):
+        if not isinstance(value, FP8Tensor):
+            raise EngineError(f"{op.opname} at {op.scope}: kernel {kernel_of(op)} needs an FP8 weight")
+        return value
+    return _nvfp4(op, value)
+
+
 def _optional(value: object) -> torch.Tensor | None:
     return value if isinstance(value, torch.Tensor) else None
 
@@ -73,7 +83,7 @@ def _expert_up(kernels: TritonKernels, names: Sequence[str], op: Op, args: Args)
     x = _tensor(args[0], "x")
     gemm, reduce, _ = _gemm_names(kernels, names)
     return (triton_gemm.moe_expert_up(kernels, gemm, x.reshape(-1, x.shape[-1]), _tensor(args[1], "order"),
-                                      _tensor(args[2], "offsets"), _nvfp4(op, args[3]), _optional(args[4]),
+                                      _tensor(args[2], "offsets"), _expert_weight(op, args[3]), _optional(args[4]),
                                       out_dtype=torch_dtype(op.results[0].type.dtype), reduce_name=reduce),)
 
 
@@ -84,7 +94,7 @@ def _expert_down(kernels: TritonKernels, names: Sequence[str], op: Op, args: Arg
         raise EngineError(f"{op.opname} at {op.scope}: kernel {gemm} is bound without its combine kernel")
     out = triton_gemm.moe_expert_down(
         kernels, gemm, rest[0], _tensor(args[0], "hidden"), _tensor(args[1], "order"),
-        _tensor(args[2], "offsets"), _nvfp4(op, args[3]), routing.reshape(-1, routing.shape[-1]),
+        _tensor(args[2], "offsets"), _expert_weight(op, args[3]), routing.reshape(-1, routing.shape[-1]),
         _optional(args[5] if len(args) > 5 else None), reduce_name=reduce)
     return (out.view(*routing.shape[:-1], out.shape[-1]),)
 
@@ -118,6 +128,8 @@ LAUNCHERS: dict[str, Launcher] = {
     "triton_moe_up_w4a4": _expert_up,
     "triton_moe_down_w4a16": _expert_down,
     "triton_moe_down_w4a4": _expert_down,
+    "triton_moe_up_fp8": _expert_up,
+    "triton_moe_down_fp8": _expert_down,
     "triton_fp8_quant_linear": _fp8_quant_linear,
     "triton_fp8_linear": _fp8_linear,
     **OP_LAUNCHERS,

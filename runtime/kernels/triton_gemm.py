@@ -100,19 +100,51 @@ def moe_nvfp4_gemm(kernels: TritonKernels, name: str, x: torch.Tensor, order: to
     return out
 
 
+def moe_fp8_gemm(kernels: TritonKernels, name: str, x: torch.Tensor, order: torch.Tensor | None,
+                 offsets: torch.Tensor, weight: FP8Tensor, input_scale: torch.Tensor | None,
+                 routing: torch.Tensor | None, out: torch.Tensor, rows: int) -> torch.Tensor:
+    """Run kernel `name` (a moe_fp8_gemm specialisation) over rows offsets[0]:offsets[E] of `rows`:
+    weight FP8 [E, N, K] with a per-tensor [], per-expert [E] or per-channel [E, N] scale (read in
+    place through its strides); input_scale [E] or [] (W8A8) or None (W8A16: ones)."""
+    experts = offsets.numel() - 1
+    block_m = int(kernels.constexpr(name, "BLOCK_M"))
+    n = int(kernels.constexpr(name, "N"))
+    grid = (_cdiv(rows, block_m) + experts, _cdiv(n, int(kernels.constexpr(name, "BLOCK_N"))))
+    scale = weight.scale.to(torch.float32).contiguous()
+    strides = {0: (0, 0), 1: (1, 0), 2: (n, 1)}[scale.ndim]  # (per expert, per output column)
+    input_scales = (torch.ones(experts, dtype=torch.float32, device=x.device) if input_scale is None
+                    else _per_expert(input_scale, experts))
+    kernels.launch(
+        name, grid, x_ptr=aligned(x), order_ptr=offsets if order is None else order.contiguous(),
+        tile_starts_ptr=tile_starts(offsets, block_m), offsets_ptr=offsets.contiguous(),
+        weight_ptr=aligned(weight.data), weight_scale_ptr=scale, input_scale_ptr=input_scales,
+        routing_ptr=_one(x.device) if routing is None else routing.to(torch.float32).contiguous(), out_ptr=out,
+        scale_expert_stride=strides[0], scale_column_stride=strides[1])
+    return out
+
+
+def _expert_gemm(kernels: TritonKernels, name: str, x: torch.Tensor, order: torch.Tensor, offsets: torch.Tensor,
+                 weight: NVFP4Tensor | FP8Tensor, input_scale: torch.Tensor | None, routing: torch.Tensor | None,
+                 out: torch.Tensor, reduce_name: str | None, alloc: Alloc) -> torch.Tensor:
+    """The grouped GEMM of an expert op, by the weight's format (the FP8 kernel has no split-K)."""
+    if isinstance(weight, FP8Tensor):
+        return moe_fp8_gemm(kernels, name, x, order, offsets, weight, input_scale, routing, out, order.numel())
+    return moe_nvfp4_gemm(kernels, name, x, order, offsets, weight, input_scale, routing, out, order.numel(),
+                          reduce_name, alloc)
+
+
 def moe_expert_up(kernels: TritonKernels, name: str, x: torch.Tensor, order: torch.Tensor, offsets: torch.Tensor,
-                  weight: NVFP4Tensor, input_scale: torch.Tensor | None = None, out: torch.Tensor | None = None,
+                  weight: NVFP4Tensor | FP8Tensor, input_scale: torch.Tensor | None = None, out: torch.Tensor | None = None,
                   out_dtype: torch.dtype = torch.bfloat16, reduce_name: str | None = None,
                   alloc: Alloc = empty) -> torch.Tensor:
     """hidden [N*k, I] = act(grouped_gemm(Q(x[order // k]), offsets, weight)): gather, GEMM, ReLU²."""
     if out is None:
         out = torch.empty(order.numel(), weight.shape[1], dtype=out_dtype, device=x.device)
-    return moe_nvfp4_gemm(kernels, name, x, order, offsets, weight, input_scale, None, out, order.numel(),
-                          reduce_name, alloc)
+    return _expert_gemm(kernels, name, x, order, offsets, weight, input_scale, None, out, reduce_name, alloc)
 
 
 def moe_expert_down(kernels: TritonKernels, name: str, combine_name: str, hidden: torch.Tensor, order: torch.Tensor,
-                    offsets: torch.Tensor, weight: NVFP4Tensor, routing: torch.Tensor,
+                    offsets: torch.Tensor, weight: NVFP4Tensor | FP8Tensor, routing: torch.Tensor,
                     input_scale: torch.Tensor | None = None, out: torch.Tensor | None = None,
                     pairs: torch.Tensor | None = None, reduce_name: str | None = None,
                     alloc: Alloc = empty) -> torch.Tensor:
@@ -124,8 +156,8 @@ def moe_expert_down(kernels: TritonKernels, name: str, combine_name: str, hidden
         pairs = torch.empty(tokens * top_k, d, dtype=torch.float32, device=hidden.device)
     if out is None:
         out = torch.empty(tokens, d, dtype=hidden.dtype, device=hidden.device)
-    moe_nvfp4_gemm(kernels, name, hidden, order, offsets, weight, input_scale, routing.reshape(-1), pairs,
-                   order.numel(), reduce_name, alloc)
+    _expert_gemm(kernels, name, hidden, order, offsets, weight, input_scale, routing.reshape(-1), pairs, reduce_name,
+                 alloc)
     block_n = int(kernels.constexpr(combine_name, "BLOCK_N"))
     kernels.launch(combine_name, (tokens, _cdiv(d, block_n)), pairs_ptr=pairs, out_ptr=out)
     return out

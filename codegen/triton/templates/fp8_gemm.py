@@ -55,10 +55,31 @@ def fp8_linear(
     col_mask = col_ids < N
     x_rows = x_ptr + row_ids.to(tl.int64)[:, None] * K
     weight_rows = weight_ptr + col_ids.to(tl.int64)[:, None] * K
-    # x holds E4M3 codes already (a fused norm's output): nothing to round on load.
-    CODES: tl.constexpr = x_ptr.dtype.element_ty == tl.float8e4nv
     if QUANT_ACT:
         input_scale = tl.load(input_scale_ptr)
+    else:
+        input_scale = 1.0
+    acc = fp8_k_sum(x_rows, weight_rows, row_mask, col_mask, input_scale, K, QUANT_ACT, BLOCK_M, BLOCK_N, BLOCK_K,
+                    SWAP_AB, SPLIT_K, INTERPRET)
+    if SPLIT_K == 1:
+        _epilogue(acc, row_ids, row_mask, col_ids, col_mask, input_scale_ptr, weight_scale_ptr, bias_ptr, out_ptr,
+                  N, QUANT_ACT, PER_CHANNEL, HAS_BIAS, INTERPRET)
+    else:
+        partial = workspace_ptr + (row_ids.to(tl.int64)[:, None] * SPLIT_K + tl.program_id(2)) * N + col_ids[None, :]
+        tl.store(partial, acc, mask=row_mask[:, None] & col_mask[None, :])
+
+
+@triton.jit
+def fp8_k_sum(x_rows, weight_rows, row_mask, col_mask, input_scale, K: tl.constexpr, QUANT_ACT: tl.constexpr,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SWAP_AB: tl.constexpr,
+              SPLIT_K: tl.constexpr, INTERPRET: tl.constexpr):
+    """sum over K (over K slice program_id(2) when SPLIT_K > 1) of Q(x) times the FP8 weight's codes,
+    unscaled, fp32 [BLOCK_M, BLOCK_N]: x_rows [BLOCK_M, 1] and weight_rows [BLOCK_N, 1] point at the
+    rows' first elements (K contiguous), the masks say which rows exist. Q rounds x / input_scale to
+    E4M3 (QUANT_ACT, bf16/fp32 x), or x holds E4M3 codes already (read as they are), or x is bf16
+    and the weight is upcast (W8A16). Shared by fp8_linear and the grouped FP8 GEMM (moe_fp8_gemm)."""
+    # x holds E4M3 codes already (a fused norm's output): nothing to round on load.
+    CODES: tl.constexpr = x_rows.dtype.element_ty == tl.float8e4nv
     if SWAP_AB:
         acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
     else:
@@ -101,12 +122,7 @@ def fp8_linear(
         acc = _dot(acc, x_operand, w_operand, SWAP_AB)
     if SWAP_AB:
         acc = tl.trans(acc)
-    if SPLIT_K == 1:
-        _epilogue(acc, row_ids, row_mask, col_ids, col_mask, input_scale_ptr, weight_scale_ptr, bias_ptr, out_ptr,
-                  N, QUANT_ACT, PER_CHANNEL, HAS_BIAS, INTERPRET)
-    else:
-        partial = workspace_ptr + (row_ids.to(tl.int64)[:, None] * SPLIT_K + tl.program_id(2)) * N + col_ids[None, :]
-        tl.store(partial, acc, mask=row_mask[:, None] & col_mask[None, :])
+    return acc
 
 
 @triton.jit

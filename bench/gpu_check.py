@@ -1,4 +1,4 @@
-"""The prepared check for a lent GPU (H100/H200: W4A16; B200: W4A4), within 10 minutes:
+"""The prepared check for a lent GPU (H100/H200: W4A16; B200: W4A4; both: FP8 W8A8 experts), within 10 minutes:
 
 1. compiles the GEMM kernels ahead of time for the GPU's arch and loads the stored binaries
    through the runtime loader (no JIT), as an engine would;
@@ -6,7 +6,8 @@
    NaN-poisoned outputs, the tolerance of tests/test_triton_gemm.py);
 3. times the fused MoE experts (up-GEMM + down-GEMM + combine) at decode batch 1..64 with Nano's
    shapes against the unfused torch reference (quant_grouped_gemm, moe_combine) and against the
-   HBM roofline (the bytes of the experts touched, at the target's HBM bandwidth), and prints a table;
+   HBM roofline (the bytes of the experts touched, at the target's HBM bandwidth), and prints a table:
+   the arch's NVFP4 experts, then the FP8 W8A8 experts of a ModelOpt FP8 export (moe_fp8_gemm);
 4. checks the norm, Mamba, attention and router kernels (specialised as engines use them: conv1d
    and SSD with seq_lens, attention in its EXACT form) against their reference ops and times two of
    them (bench/ops_check.py).
@@ -37,7 +38,14 @@ import torch
 from nemocompile.base.settings import settings
 from nemocompile.codegen.triton import templates_catalog as catalog
 from nemocompile.codegen.triton.emit import emit
-from nemocompile.runtime.formats import NVFP4Tensor, fp8_codes, quantize_fp8, quantize_nvfp4_stacked
+from nemocompile.runtime.formats import (
+    FP8Tensor,
+    NVFP4Tensor,
+    fp8_codes,
+    quantize_fp8,
+    quantize_fp8_stacked,
+    quantize_nvfp4_stacked,
+)
 from nemocompile.runtime.kernels import triton_gemm
 from nemocompile.runtime.kernels.triton_loader import TritonKernels
 from nemocompile.runtime.quantized_ops import quant_grouped_gemm, quant_linear, quantize
@@ -50,6 +58,11 @@ DRY_RUN_BATCHES = (1, 2, 4)
 TARGETS = {90: "h200", 100: "b200"}
 # The dry run's MoE shapes (bench/ops_check.TINY gives the rest of the config).
 DRY_RUN_MOE = {"hidden_size": 64, "moe_intermediate_size": 128, "n_routed_experts": 8, "num_experts_per_tok": 2}
+
+
+# act_format -> amax / input_scale of the static activation scales the checks use (E2M1 6 x E4M3 448; E4M3 448)
+SCALED_MAX = {"nvfp4": 6 * 448, "fp8": 448}
+FP8 = "fp8"  # the W8A8 expert GEMMs: kernels "up_fp8" / "down_fp8", FP8 weights
 
 
 def _block_k(k: int, preferred: int) -> int:
@@ -68,7 +81,23 @@ def kernel_set(d: int, i: int, experts: int, top_k: int, act_format: str) -> lis
         # `quant_linear` after a norm that quantized its output: the E4M3 codes it wrote, with its scale
         catalog.fp8_linear("fp8_qx", "quant_linear", n=d, k=d, quant_act=True, per_channel=True, has_bias=True,
                            x_dtype="fp8e4nv", block_k=_block_k(d, 128)),
+        # a ModelOpt FP8 export's routed experts (W8A8, per-expert scales), decode tiles as plan.py builds them
+        catalog.moe_fp8_gemm("up_fp8", "moe_expert_up", n=i, k=d, experts=experts, top_k=top_k, activation="relu2",
+                             gather=True, block_k=_block_k(d, 128)),
+        catalog.moe_fp8_gemm("down_fp8", "moe_expert_down", n=d, k=i, experts=experts, top_k=top_k, combine=True,
+                             block_k=_block_k(i, 128)),
     ]
+
+
+def _names(act_format: str) -> tuple[str, str]:
+    """The (up, down) kernels of an expert format: the FP8 ones, or the NVFP4 ones of the arch."""
+    return ("up_fp8", "down_fp8") if act_format == FP8 else ("up", "down")
+
+
+def _experts(experts: int, n: int, k: int, act_format: str, generator: torch.Generator,
+             device: str) -> NVFP4Tensor | FP8Tensor:
+    w = torch.randn(experts, n, k, generator=generator, device=device)
+    return quantize_fp8_stacked(w) if act_format == FP8 else quantize_nvfp4_stacked(w)
 
 
 def _bf16_ulp(values: torch.Tensor) -> torch.Tensor:
@@ -107,31 +136,38 @@ def check(kernels: TritonKernels, d: int, i: int, experts: int, top_k: int, act_
     """The expert GEMMs and the FP8 linear against their reference compositions; True when all pass."""
     g = torch.Generator(device=device).manual_seed(0)
     all_ok = True
-    up_w = quantize_nvfp4_stacked(torch.randn(experts, i, d, generator=g, device=device))
-    down_w = quantize_nvfp4_stacked(torch.randn(experts, d, i, generator=g, device=device))
+    up_w, down_w = _experts(experts, i, d, act_format, g, device), _experts(experts, d, i, act_format, g, device)
+    up_name, down_name = _names(act_format)
     for tokens in token_counts:
         ids, routing = _route(tokens, experts, top_k, g, device)
         ids[:, 0] = torch.where(ids[:, 0] == 1, 0, ids[:, 0])  # expert 1 gets no tokens from slot 0
         x = torch.randn(tokens, d, generator=g, device=device).bfloat16()
         x_sorted, offsets, order = moe_dispatch(x, ids, experts)
-        nvfp4 = act_format == "nvfp4"
-        up_scale = torch.full((experts,), float(x.float().abs().max()) / 2688, device=device) if nvfp4 else None
-        hidden = triton_gemm.moe_expert_up(kernels, "up", x, order, offsets, up_w, up_scale,
+        quantized = act_format in SCALED_MAX  # W4A4 or W8A8: static per-expert input scales
+        up_scale = (torch.full((experts,), float(x.float().abs().max()) / SCALED_MAX[act_format], device=device)
+                    if quantized else None)
+        hidden = triton_gemm.moe_expert_up(kernels, up_name, x, order, offsets, up_w, up_scale,
                                            out=torch.full((tokens * top_k, i), float("nan"), dtype=torch.bfloat16,
                                                           device=device))
-        up_in = quantize(x_sorted, "nvfp4", up_scale, offsets) if up_scale is not None else x_sorted
+        up_in = quantize(x_sorted, act_format, up_scale, offsets) if up_scale is not None else x_sorted
         # the fused ops' references (runtime/reference/fused.py): expert GEMM outputs in bf16
         ref_hidden = relu2(quant_grouped_gemm(up_in, offsets, up_w, torch.bfloat16))
         ok_up, worst_up = _within(hidden, ref_hidden, 3.0)
-        down_scale = (torch.full((experts,), float(ref_hidden.float().abs().max()) / 2688, device=device)
-                      if nvfp4 else None)
-        out = triton_gemm.moe_expert_down(kernels, "down", "combine", ref_hidden, order, offsets, down_w, routing,
+        down_scale = (torch.full((experts,), float(ref_hidden.float().abs().max()) / SCALED_MAX[act_format],
+                                 device=device) if quantized else None)
+        out = triton_gemm.moe_expert_down(kernels, down_name, "combine", ref_hidden, order, offsets, down_w, routing,
                                           down_scale, out=torch.full((tokens, d), float("nan"), dtype=torch.bfloat16,
                                                                      device=device))
-        down_in = quantize(ref_hidden, "nvfp4", down_scale, offsets) if down_scale is not None else ref_hidden
+        down_in = quantize(ref_hidden, act_format, down_scale, offsets) if down_scale is not None else ref_hidden
         rows = quant_grouped_gemm(down_in, offsets, down_w, torch.bfloat16)
         ref_out = moe_combine(rows, order, routing, tokens)
         ok_down, worst_down = _within(out, ref_out, 2.0, _row_rounding(rows, order, routing))
+        up_label, down_label = (f"{op} {act_format}" for op in ("moe_expert_up", "moe_expert_down"))
+        results = [(up_label, ok_up, worst_up), (down_label, ok_down, worst_down)]
+        if act_format == FP8:  # the FP8 linears were checked with the arch's experts
+            _print_checks(tokens, results)
+            all_ok &= ok_up and ok_down
+            continue
         weight = quantize_fp8(torch.randn(d, d, generator=g, device=device))
         scale = torch.tensor(float(x.float().abs().max()) / 448, device=device)
         fp8_out = triton_gemm.fp8_linear(kernels, "fp8", x, weight, scale)
@@ -144,45 +180,50 @@ def check(kernels: TritonKernels, d: int, i: int, experts: int, top_k: int, act_
                                         out=torch.full((tokens, d), float("nan"), dtype=torch.bfloat16, device=device))
         ok_qx, worst_qx = _within(qx_out, quant_linear(quantize(x, "fp8", scale), channel_weight, bias,
                                                        torch.bfloat16))
-        for name, ok, worst in (("moe_expert_up", ok_up, worst_up), ("moe_expert_down", ok_down, worst_down),
-                                ("fp8_linear", ok_fp8, worst_fp8), ("fp8_linear codes", ok_qx, worst_qx)):
-            print(f"  {name:16s} tokens {tokens:3d}: {'ok  ' if ok else 'FAIL'} worst error / bound {worst:.2f}")
-            all_ok &= ok
+        results += [("fp8_linear", ok_fp8, worst_fp8), ("fp8_linear codes", ok_qx, worst_qx)]
+        _print_checks(tokens, results)
+        all_ok &= all(ok for _, ok, _ in results)
     return all_ok
 
 
-def fused_experts(kernels: TritonKernels, x: torch.Tensor, order: torch.Tensor, offsets: torch.Tensor,
-                  up_w: NVFP4Tensor, down_w: NVFP4Tensor, routing: torch.Tensor, scales: torch.Tensor | None,
-                  hidden: torch.Tensor, out: torch.Tensor, pairs: torch.Tensor) -> None:
-    triton_gemm.moe_expert_up(kernels, "up", x, order, offsets, up_w, scales, out=hidden)
-    triton_gemm.moe_expert_down(kernels, "down", "combine", hidden, order, offsets, down_w, routing, scales,
+def _print_checks(tokens: int, results: list[tuple[str, bool, float]]) -> None:
+    for name, ok, worst in results:
+        print(f"  {name:21s} tokens {tokens:3d}: {'ok  ' if ok else 'FAIL'} worst error / bound {worst:.2f}")
+
+
+def fused_experts(kernels: TritonKernels, names: tuple[str, str], x: torch.Tensor, order: torch.Tensor,
+                  offsets: torch.Tensor, up_w: NVFP4Tensor | FP8Tensor, down_w: NVFP4Tensor | FP8Tensor,
+                  routing: torch.Tensor, scales: torch.Tensor | None, hidden: torch.Tensor, out: torch.Tensor,
+                  pairs: torch.Tensor) -> None:
+    triton_gemm.moe_expert_up(kernels, names[0], x, order, offsets, up_w, scales, out=hidden)
+    triton_gemm.moe_expert_down(kernels, names[1], "combine", hidden, order, offsets, down_w, routing, scales,
                                 out=out, pairs=pairs)
 
 
-def unfused_experts(x_sorted: torch.Tensor, order: torch.Tensor, offsets: torch.Tensor, up_w: NVFP4Tensor,
-                    down_w: NVFP4Tensor, routing: torch.Tensor, scales: torch.Tensor | None) -> None:
-    up_in = quantize(x_sorted, "nvfp4", scales, offsets) if scales is not None else x_sorted
+def unfused_experts(x_sorted: torch.Tensor, order: torch.Tensor, offsets: torch.Tensor,
+                    up_w: NVFP4Tensor | FP8Tensor, down_w: NVFP4Tensor | FP8Tensor, routing: torch.Tensor,
+                    scales: torch.Tensor | None, act_format: str) -> None:
+    up_in = quantize(x_sorted, act_format, scales, offsets) if scales is not None else x_sorted
     hidden = relu2(quant_grouped_gemm(up_in, offsets, up_w, torch.bfloat16))
-    down_in = quantize(hidden, "nvfp4", scales, offsets) if scales is not None else hidden
+    down_in = quantize(hidden, act_format, scales, offsets) if scales is not None else hidden
     moe_combine(quant_grouped_gemm(down_in, offsets, down_w, torch.bfloat16), order, routing, routing.shape[0])
 
 
-def hbm_bytes(touched: int, batch: int, d: int, i: int, top_k: int) -> int:
-    """The least bytes the fused MoE experts move from and to HBM at decode: the NVFP4 weights of the
-    experts the batch touches (packed E2M1 codes and E4M3 block-16 scales, up and down, and their
-    fp32 global scales), the bf16 activations in and out, and the bf16 hidden rows written by the
-    up-GEMM and read by the down-GEMM."""
-    per_expert = (i * d // 2 + i * d // 16) * 2 + 8
+def hbm_bytes(touched: int, batch: int, d: int, i: int, top_k: int, act_format: str = "nvfp4") -> int:
+    """The least bytes the fused MoE experts move from and to HBM at decode: the weights of the
+    experts the batch touches (NVFP4: packed E2M1 codes and E4M3 block-16 scales, up and down, and
+    their fp32 global scales; FP8: one E4M3 byte per weight and the fp32 weight and input scales),
+    the bf16 activations in and out, and the bf16 hidden rows written by the up-GEMM and read by the
+    down-GEMM."""
+    per_expert = i * d * 2 + 16 if act_format == FP8 else (i * d // 2 + i * d // 16) * 2 + 8
     return touched * per_expert + batch * d * 2 * 2 + batch * top_k * i * 2 * 2
 
 
 def bench(kernels: TritonKernels, d: int, i: int, experts: int, top_k: int, act_format: str, bandwidth: float,
           iters: int, device: str = "cuda", batches: tuple[int, ...] = BATCHES) -> None:
     g = torch.Generator(device=device).manual_seed(1)
-    up_w = quantize_nvfp4_stacked(torch.randn(experts, i, d, generator=g, device=device))
-    down_w = quantize_nvfp4_stacked(torch.randn(experts, d, i, generator=g, device=device))
-    nvfp4 = act_format == "nvfp4"
-    scales = torch.full((experts,), 1e-3, device=device) if nvfp4 else None
+    up_w, down_w = _experts(experts, i, d, act_format, g, device), _experts(experts, d, i, act_format, g, device)
+    scales = torch.full((experts,), 1e-3, device=device) if act_format in SCALED_MAX else None
     print(f"{'batch':>5} {'experts':>7} {'MB moved':>9} {'roofline us':>11} {'fused us':>9} {'% roofline':>10} "
           f"{'unfused us':>10} {'speedup':>7}")
     for batch in batches:
@@ -190,16 +231,16 @@ def bench(kernels: TritonKernels, d: int, i: int, experts: int, top_k: int, act_
         x = torch.randn(batch, d, generator=g, device=device).bfloat16()
         x_sorted, offsets, order = moe_dispatch(x, ids, experts)
         touched = int(torch.unique(ids).numel())
-        moved = hbm_bytes(touched, batch, d, i, top_k)
+        moved = hbm_bytes(touched, batch, d, i, top_k, act_format)
         roofline = moved / bandwidth * 1e6
         hidden = torch.empty(batch * top_k, i, dtype=torch.bfloat16, device=device)
         out = torch.empty(batch, d, dtype=torch.bfloat16, device=device)
         pairs = torch.empty(batch * top_k, d, dtype=torch.float32, device=device)
 
-        fused_us = ops_check.time_us(partial(fused_experts, kernels, x, order, offsets, up_w, down_w, routing, scales,
-                                             hidden, out, pairs), iters, device)
-        unfused_us = ops_check.time_us(partial(unfused_experts, x_sorted, order, offsets, up_w, down_w, routing, scales),
-                                       max(3, iters // 10), device)
+        fused_us = ops_check.time_us(partial(fused_experts, kernels, _names(act_format), x, order, offsets, up_w,
+                                             down_w, routing, scales, hidden, out, pairs), iters, device)
+        unfused_us = ops_check.time_us(partial(unfused_experts, x_sorted, order, offsets, up_w, down_w, routing, scales,
+                                               act_format), max(3, iters // 10), device)
         print(f"{batch:5d} {touched:7d} {moved / 1e6:9.2f} {roofline:11.1f} {fused_us:9.1f} "
               f"{100 * roofline / fused_us:9.1f}% {unfused_us:10.1f} {unfused_us / fused_us:6.1f}x")
 
@@ -248,14 +289,18 @@ def main(argv: list[str] | None = None) -> int:
                   f"{kernel.shared_bytes:6d} B smem {', '.join(kernel.tensor_cores) or '-'} ({kernel.seconds:.1f} s)")
         kernels = TritonKernels.from_directory(Path(root), device)
         print(f"kernels ready in {time.perf_counter() - start:.1f} s; checking against the references")
-        ok = check(kernels, d, i, experts, top_k, act_format, device,
-                   token_counts=(1, 13, 64) if device == "cuda" else (1, 9))
+        token_counts = (1, 13, 64) if device == "cuda" else (1, 9)
+        ok = check(kernels, d, i, experts, top_k, act_format, device, token_counts)
+        print("FP8 W8A8 experts (moe_fp8_gemm) against their reference ops")
+        ok &= check(kernels, d, i, experts, top_k, FP8, device, token_counts)
         print("norm, Mamba, attention and router kernels against their reference ops")
         ok &= ops_check.check(kernels, config, device, prompt=300 if device == "cuda" else prompt)
         clock = "median of CUDA-event timings" if device == "cuda" else "interpreter CPU time, meaningless as speed"
         print(f"fused MoE experts at decode ({clock}; roofline = bytes / HBM bandwidth)")
         bench(kernels, d, i, experts, top_k, act_format, float(target.hbm_bandwidth_bytes_per_s), iters, device,
               batches)
+        print(f"fused FP8 W8A8 MoE experts at decode ({clock})")
+        bench(kernels, d, i, experts, top_k, FP8, float(target.hbm_bandwidth_bytes_per_s), iters, device, batches)
         print(f"norm and conv kernels against their torch references ({clock})")
         ops_check.bench(kernels, config, iters, prompt, device)
     print(f"total {time.perf_counter() - start:.1f} s; correctness {'ok' if ok else 'FAILED'}")

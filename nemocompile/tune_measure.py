@@ -98,7 +98,7 @@ def _routing(tokens: int, experts: int, top_k: int, device: torch.device,
 
 
 # The templates synthetic_call makes inputs for; the sweep of the others on a GPU is --cost-model's.
-MEASURED_TEMPLATES = frozenset({"moe_nvfp4_gemm", "fp8_linear"})
+MEASURED_TEMPLATES = frozenset({"moe_nvfp4_gemm", "moe_fp8_gemm", "fp8_linear"})
 
 
 def synthetic_call(kernels: TritonKernels, instance: KernelInstance, tokens: int, device: torch.device,
@@ -110,12 +110,17 @@ def synthetic_call(kernels: TritonKernels, instance: KernelInstance, tokens: int
     n, k = int(values["N"]), int(values["K"])
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(tokens, k, generator=generator).to(torch.bfloat16)
-    if instance.template.entry == "moe_nvfp4_gemm":
+    if instance.template.entry in ("moe_nvfp4_gemm", "moe_fp8_gemm"):
         experts, top_k = int(values["NUM_EXPERTS"]), int(values["TOP_K"])
         order, offsets = _routing(tokens, experts, top_k, device, generator)
-        packed = torch.randint(0, 256, (experts, n, k // 2), generator=generator, dtype=torch.uint8)
-        scales = (torch.rand(experts, n, k // 16, generator=generator) + 0.5).to(torch.float8_e4m3fn)
-        weight = NVFP4Tensor(packed.to(device), scales.to(device), torch.full((experts,), 0.01, device=device))
+        weight: NVFP4Tensor | FP8Tensor
+        if instance.template.entry == "moe_fp8_gemm":  # E4M3 codes, a per-expert scale (ModelOpt's FP8 layout)
+            e4m3 = (torch.randn(experts, n, k, generator=generator) * 0.1).to(torch.float8_e4m3fn)
+            weight = FP8Tensor(e4m3.to(device), torch.full((experts,), 0.01, device=device))
+        else:
+            packed = torch.randint(0, 256, (experts, n, k // 2), generator=generator, dtype=torch.uint8)
+            scales = (torch.rand(experts, n, k // 16, generator=generator) + 0.5).to(torch.float8_e4m3fn)
+            weight = NVFP4Tensor(packed.to(device), scales.to(device), torch.full((experts,), 0.01, device=device))
         rows = tokens * top_k
         combine = bool(values["COMBINE"])
         out = torch.empty(rows, n, dtype=torch.float32 if combine else torch.bfloat16, device=device)
@@ -123,9 +128,15 @@ def synthetic_call(kernels: TritonKernels, instance: KernelInstance, tokens: int
         # a gathering GEMM reads token rows through `order`; the others read rows already in pair order
         source = (x if values.get("GATHER") else x.repeat_interleave(top_k, 0)).to(device)
 
+        input_scale = torch.full((experts,), 0.02, device=device) if values.get("QUANT_ACT") else None
+
         def grouped() -> None:
-            triton_gemm.moe_nvfp4_gemm(kernels, instance.name, source, order, offsets, weight, None, routing, out, rows,
-                                       reduce_name)
+            if isinstance(weight, FP8Tensor):
+                triton_gemm.moe_fp8_gemm(kernels, instance.name, source, order, offsets, weight, input_scale, routing,
+                                         out, rows)
+            else:
+                triton_gemm.moe_nvfp4_gemm(kernels, instance.name, source, order, offsets, weight, None, routing, out,
+                                           rows, reduce_name)
         return grouped, out
     data = (torch.randn(n, k, generator=generator) * 0.1).to(torch.float8_e4m3fn)
     weight8 = FP8Tensor(data.to(device), torch.full((n,), 0.01, device=device))

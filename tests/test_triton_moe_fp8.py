@@ -186,6 +186,48 @@ def test_w8a8_rounds_activations_bit_exactly(kernels: TritonKernels) -> None:
     torch.testing.assert_close(out, expected, rtol=0.0, atol=0.0)
 
 
+@pytest.mark.parametrize("act_format", ["fp8", None])
+def test_builder_and_launcher_run_the_ir_ops(tmp_path: Path, act_format: str | None) -> None:
+    """moe_expert_up / moe_expert_down as fuse_experts writes them (3-D x, routing [1, N, k]) with an
+    FP8 weight, W8A8 (act_format fp8) or W8A16 (none): specialised by plan.py's builder, emitted,
+    bound and run through the runtime's Triton backend (tests/test_triton_fused_ops._run), against
+    the fused ops' references."""
+    from nemocompile.graph.types import TensorType, dtype_named
+    from tests.test_triton_fused_ops import _run
+
+    def t(dtype: str, *shape: int) -> TensorType:
+        return TensorType(dtype_named(dtype), shape)
+
+    g = torch.Generator().manual_seed(29)
+    tokens, d, i = 5, 64, 96
+    ids, routing_weights = _routing(tokens, g)
+    x = torch.randn(1, tokens, d, generator=g).bfloat16()
+    _, offsets, order = moe_dispatch(x[0], ids, EXPERTS)
+    up_w, down_w = _weight(EXPERTS, i, d, "per-expert", g), _weight(EXPERTS, d, i, "per-channel", g)
+    up_scale = _input_scales(x, g) if act_format else None
+    scale_type = t("f32", EXPERTS) if act_format else None
+    attrs: dict[str, object] = {"top_k": TOP_K, "out_dtype": "bf16", **({"act_format": act_format} if act_format else {})}
+    index = t("i64", tokens * TOP_K)
+    hidden = _run(tmp_path / "up", "triton_moe_up_fp8", "moe_expert_up",
+                  [t("bf16", 1, tokens, d), index, t("i64", EXPERTS + 1), t("fp8", EXPERTS, i, d), scale_type],
+                  t("bf16", tokens * TOP_K, i), {**attrs, "activation": "relu2"},
+                  [x, order, offsets, up_w, up_scale])
+    expected_hidden = moe_expert_up(x, order, offsets, up_w, up_scale, top_k=TOP_K, activation_kind="relu2",
+                                    act_format=act_format, out_dtype=torch.bfloat16)
+    assert_within_bf16_ulps(hidden, expected_hidden, 3, _scale_floor(expected_hidden))
+    down_scale = _input_scales(expected_hidden, g) if act_format else None
+    out = _run(tmp_path / "down", "triton_moe_down_fp8", "moe_expert_down",
+               [t("bf16", tokens * TOP_K, i), index, t("i64", EXPERTS + 1), t("fp8", EXPERTS, d, i),
+                t("f32", 1, tokens, TOP_K), scale_type], t("bf16", 1, tokens, d), attrs,
+               [expected_hidden, order, offsets, down_w, routing_weights.view(1, tokens, TOP_K), down_scale])
+    expected = moe_expert_down(expected_hidden, order, offsets, down_w, routing_weights.view(1, tokens, TOP_K),
+                               down_scale, act_format=act_format, out_dtype=torch.bfloat16)
+    rows_in = quantize(expected_hidden, "fp8", down_scale, offsets) if down_scale is not None else expected_hidden
+    rows = quant_grouped_gemm(rows_in, offsets, down_w, torch.bfloat16)
+    assert out.shape == (1, tokens, d)
+    assert_within_bf16_ulps(out[0], expected[0], 2, _scale_floor(expected), row_rounding_bound(rows, order, routing_weights))
+
+
 # ---- ahead-of-time compile: the fp8 x fp8 tensor-core MMA of each arch ------------------------------
 
 AOT_UP = catalog.moe_fp8_gemm("up_aot", "moe_expert_up", n=256, k=256, experts=8, top_k=2, activation="relu2",

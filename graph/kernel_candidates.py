@@ -21,6 +21,10 @@ MOE_TILES: dict[str, tuple[AttrValue, ...]] = {"BLOCK_M": (16, 32, 64, 128), "BL
              "SWAP_AB": (True, False), "num_warps": (4, 8), "num_stages": (2, 3, 4)}
 W4A4_TILES: dict[str, tuple[AttrValue, ...]] = {"BLOCK_M": (128,), "BLOCK_N": (128, 256), "BLOCK_K": (128, 256), "num_warps": (4, 8),
               "num_stages": (2, 3)}
+# The dense NVFP4 GEMMs (the grouped template's DENSE mode) also split K: at decode, N / BLOCK_N
+# programs alone may leave SMs idle.
+DENSE_NVFP4_TILES: dict[str, tuple[AttrValue, ...]] = {**MOE_TILES, "SPLIT_K": (1, 2, 4, 8)}
+DENSE_W4A4_TILES: dict[str, tuple[AttrValue, ...]] = {**W4A4_TILES, "SPLIT_K": (1, 2, 4, 8)}
 FP8_TILES: dict[str, tuple[AttrValue, ...]] = {"BLOCK_M": (16, 64, 128), "BLOCK_N": (64, 128), "BLOCK_K": (64, 128), "SWAP_AB": (True, False),
              "num_warps": (4, 8), "num_stages": (2, 3, 4)}
 # The grouped FP8 GEMM (templates/moe_fp8_gemm.py): FP8_TILES without split-K, which it does not take.
@@ -38,6 +42,12 @@ CANDIDATES: tuple[KernelSpec, ...] = (
            archs=HOPPER_AND_BLACKWELL, config_space=MOE_TILES, priority=1,
            doc="NVFP4 weights dequantized in registers (E2M1 codes x E4M3 block scales, exact in bf16), bf16 "
                "tensor-core dot, ragged expert segments scheduled on the device"),
+    kernel("triton_nvfp4_linear_w4a16", "linear", "triton", formats={"weight": ["nvfp4"], "x": FLOATS},
+           archs=HOPPER_AND_BLACKWELL, config_space=DENSE_NVFP4_TILES, priority=1,
+           doc="NVFP4 weight, bf16 activations (W4A16): E2M1 codes and E4M3 block scales dequantized in "
+               "registers, bf16 tensor-core dot (wgmma on sm_90a), global scale on the accumulator, optional "
+               "bias (the grouped NVFP4 GEMM's DENSE mode); fp32 activations take an exact fp32 dot (no "
+               "tensor cores)"),
     kernel("triton_fp8_linear", "linear", "triton", formats={"weight": ["fp8"], "x": ["bf16"]},
            archs=HOPPER_AND_BLACKWELL, config_space=FP8_TILES, priority=1,
            doc="FP8 weight, bf16 activations (W8A16): the weight upcast in registers, bf16 tensor-core dot"),
@@ -117,6 +127,10 @@ FUSED_CANDIDATES = (
     FusedCandidate("triton_moe_down_fp8", "moe_expert_down", _FP8_DOWN, {"act_format": ("fp8", None)},
                    HOPPER_AND_BLACKWELL, MOE_FP8_TILES,
                    "FP8 grouped GEMM (W8A8 or W8A16), routing weight times each pair's row, per-token sum"),
+    FusedCandidate("triton_nvfp4_quant_linear_w4a4", "quant_linear", {"weight": ("nvfp4",), "x": FLOATS},
+                   {"act_format": ("nvfp4",)}, ("sm_100",), DENSE_W4A4_TILES,
+                   "NVFP4 W4A4: activations quantized to NVFP4 on load (dynamic E4M3 block-16 scales under the "
+                   "static input_scale), tl.dot_scaled (tcgen05 mxf4nvf4 block16), optional bias"),
     FusedCandidate("triton_fp8_quant_linear", "quant_linear", {"weight": ("fp8",), "x": ("bf16", "fp8e4m3")},
                    {"act_format": ("fp8",)}, HOPPER_AND_BLACKWELL, FP8_TILES,
                    "FP8 W8A8: bf16 activations rounded to E4M3 on load, or the E4M3 codes a fused norm wrote "

@@ -25,7 +25,14 @@ W4A4_PADDED = catalog.moe_gemm("w4a4_k48", "moe_expert_down", n=32, k=48, expert
 # quant_linear after a fused norm: the E4M3 codes it wrote loaded as they are, fp8 x fp8 tensor cores
 FP8_CODES_INPUT = catalog.fp8_linear("fp8_codes_x", "quant_linear", n=256, k=256, quant_act=True, per_channel=True,
                                      x_dtype="fp8e4nv")
+# The dense NVFP4 GEMMs (linear W4A16 at decode tiles, quant_linear W4A4 with a bias, K = 80 padded)
+DENSE_W4A16 = catalog.nvfp4_linear("dense_w4a16", "linear", n=256, k=256, act_format="bf16")
+DENSE_W4A4 = catalog.nvfp4_linear("dense_w4a4", "quant_linear", n=256, k=80, act_format="nvfp4", has_bias=True,
+                                  block_k=64)
 CASES = [(UP, "sm_90", "wgmma.mma_async.sync.aligned.m64n16k16.f32.bf16.bf16"),
+         (DENSE_W4A16, "sm_90", "wgmma.mma_async.sync.aligned.m64n16k16.f32.bf16.bf16"),
+         (DENSE_W4A16, "sm_100", "tcgen05.mma.cta_group::1.kind::f16"),
+         (DENSE_W4A4, "sm_100", "tcgen05.mma.cta_group::1.kind::mxf4nvf4.block_scale.block16"),
          (FP8, "sm_90", "wgmma.mma_async.sync.aligned.m64n16k32.f32.e4m3.e4m3"),
          (UP, "sm_100", "tcgen05.mma.cta_group::1.kind::f16"),
          (FP8, "sm_100", "tcgen05.mma.cta_group::1.kind::f8f6f4"),
@@ -55,9 +62,10 @@ def test_gemm_compiles_to_tensor_cores(cache: Path, kernel: catalog.KernelInstan
           f"cold {cold.seconds:.2f} s, warm {warm.seconds:.3f} s")
 
 
-def test_w4a4_is_refused_for_hopper(cache: Path) -> None:
+@pytest.mark.parametrize("kernel", [W4A4, DENSE_W4A4], ids=["grouped", "dense"])
+def test_w4a4_is_refused_for_hopper(cache: Path, kernel: catalog.KernelInstance) -> None:
     with pytest.raises(CompileError, match="does not compile for sm_90"):
-        compile_instance(W4A4, "sm_90", cache)
+        compile_instance(kernel, "sm_90", cache)
 
 
 def test_emit_writes_content_addressed_binaries(cache: Path, tmp_path: Path) -> None:

@@ -183,6 +183,24 @@ def _fp8_experts(op: Op, types: Mapping[str, TensorType], arch: str, decode: boo
     return gemm, catalog.moe_combine(f"{kernel_of(op)}_combine", op.opname, n=n, top_k=top_k, out_dtype=out_dtype)
 
 
+def _nvfp4_linear(op: Op, types: Mapping[str, TensorType], arch: str, decode: bool) -> tuple[KernelInstance, ...]:
+    """linear(x, nvfp4 weight [N, K], bias?) (W4A16), or quant_linear(x, nvfp4 weight, input_scale,
+    bias?) {act_format nvfp4} (W4A4): the dense mode of the NVFP4 GEMM template."""
+    n, k = _dims(_operand_type(op, types, 1), f"{op.opname} weight")
+    _nvfp4_k(k)
+    w4a4 = op.opname == "quant_linear"
+    bias_index = 3 if w4a4 else 2
+    bias = op.operands[bias_index] if len(op.operands) > bias_index else None
+    out_dtype = triton_dtype(op.results[0].type, f"{op.opname} result")
+    if bias is not None and triton_dtype(types[bias], f"{op.opname} bias") != out_dtype:
+        raise NoKernel("the bias dtype differs from the result's; the kernel reads it as the result's")
+    return (catalog.nvfp4_linear(kernel_of(op), op.opname, n=n, k=k, act_format="nvfp4" if w4a4 else "bf16",
+                                 has_bias=bias is not None,
+                                 x_dtype=triton_dtype(_operand_type(op, types, 0), f"{op.opname} input"),
+                                 out_dtype=out_dtype,
+                                 block_k=block_k_for(k, W4A4_MIN_BLOCK_K if w4a4 else BLOCK_K_CHOICES[-1])),)
+
+
 BUILDERS: dict[str, Builder] = {
     "triton_nvfp4_grouped_w4a16": _grouped_w4a16,
     "triton_moe_up_w4a16": _expert_up,
@@ -193,6 +211,8 @@ BUILDERS: dict[str, Builder] = {
     "triton_fp8_linear": _fp8_linear,
     "triton_moe_up_fp8": _fp8_experts,
     "triton_moe_down_fp8": _fp8_experts,
+    "triton_nvfp4_linear_w4a16": _nvfp4_linear,
+    "triton_nvfp4_quant_linear_w4a4": _nvfp4_linear,
     "triton_rms_norm": plan_ops.rms_norm,
     "triton_add_rms_norm": plan_ops.add_rms_norm,
     "triton_gated_rms_norm": plan_ops.gated_rms_norm,

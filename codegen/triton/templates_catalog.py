@@ -15,9 +15,10 @@ MOE_NVFP4_GEMM = KernelTemplate(
     module="moe_gemm", entry="moe_nvfp4_gemm", imports=("numerics", "quant_math"),
     params=(("x_ptr", "*dtype"), ("order_ptr", "*i64"), ("tile_starts_ptr", "*i32"), ("offsets_ptr", "*i64"),
             ("weight_ptr", "*u8"), ("block_scale_ptr", "*fp8e4nv"), ("global_scale_ptr", "*fp32"),
-            ("input_scale_ptr", "*fp32"), ("routing_ptr", "*fp32"), ("out_ptr", "*dtype"), ("workspace_ptr", "*fp32")),
+            ("input_scale_ptr", "*fp32"), ("routing_ptr", "*fp32"), ("out_ptr", "*dtype"), ("workspace_ptr", "*fp32"),
+            ("bias_ptr", "*dtype"), ("rows", "i32")),
     constexprs=("N", "K", "NUM_EXPERTS", "TOP_K", "GATHER", "ACTIVATION", "COMBINE", "ACT_FORMAT",
-                "BLOCK_M", "BLOCK_N", "BLOCK_K", "SWAP_AB", "SPLIT_K", "INTERPRET"),
+                "BLOCK_M", "BLOCK_N", "BLOCK_K", "SWAP_AB", "SPLIT_K", "DENSE", "HAS_BIAS", "INTERPRET"),
     aligned=("x_ptr", "weight_ptr", "block_scale_ptr", "out_ptr"),
 )
 # The second launch of a split-K moe_nvfp4_gemm: sums the K slices' partials, applies the epilogue.
@@ -25,9 +26,9 @@ MOE_NVFP4_GEMM_REDUCE = KernelTemplate(
     module="moe_gemm", entry="moe_nvfp4_gemm_reduce", imports=("numerics", "quant_math"),
     params=(("workspace_ptr", "*fp32"), ("x_ptr", "*dtype"), ("order_ptr", "*i64"), ("tile_starts_ptr", "*i32"),
             ("offsets_ptr", "*i64"), ("global_scale_ptr", "*fp32"), ("input_scale_ptr", "*fp32"),
-            ("routing_ptr", "*fp32"), ("out_ptr", "*dtype")),
+            ("routing_ptr", "*fp32"), ("out_ptr", "*dtype"), ("bias_ptr", "*dtype"), ("rows", "i32")),
     constexprs=("N", "NUM_EXPERTS", "ACTIVATION", "COMBINE", "ACT_FORMAT", "BLOCK_M", "BLOCK_N", "SPLIT_K",
-                "INTERPRET"),
+                "DENSE", "HAS_BIAS", "INTERPRET"),
     aligned=("workspace_ptr", "out_ptr"),
 )
 # tl.dot_scaled with E4M3 block-16 scales: tcgen05 kind::mxf4nvf4 exists on sm_100a only
@@ -142,7 +143,8 @@ TEMPLATES = {t.entry: t for t in (MOE_NVFP4_GEMM, MOE_NVFP4_GEMM_REDUCE, MOE_COM
                                   CAUSAL_CONV1D, SSD_CHUNK_SCAN, SSD_STATE_UPDATE, KV_CACHE_WRITE, ATTENTION_GQA,
                                   MOE_ROUTER, MOE_PERMUTATION)}
 __all__ = ["TEMPLATES", "KernelInstance", "add_rms_norm", "attention_gqa", "causal_conv1d", "fp8_linear",
-           "gated_rms_norm", "moe_combine", "moe_fp8_gemm", "moe_gemm", "moe_route", "ssd_chunk_scan", "ssd_state_update"]
+           "gated_rms_norm", "moe_combine", "moe_fp8_gemm", "moe_gemm", "moe_route", "nvfp4_linear", "ssd_chunk_scan",
+           "ssd_state_update"]
 
 # Tile configurations an autotuner may try (graph/kernels.py carries the same spaces for the tuner).
 MOE_CONFIG_SPACE: dict[str, tuple[Constexpr, ...]] = {
@@ -172,17 +174,43 @@ def moe_gemm(name: str, op: str, *, n: int, k: int, experts: int, top_k: int, ac
              activation: str = "none", gather: bool = False, combine: bool = False, x_dtype: str = "bf16",
              out_dtype: str = "bf16", block_m: int = 16, block_n: int = 64, block_k: int = 128,
              swap_ab: bool | None = None, num_warps: int = 4, num_stages: int = 3,
-             split_k: int = 1) -> KernelInstance:
+             split_k: int = 1, dense: bool = False, has_bias: bool = False) -> KernelInstance:
     """One grouped NVFP4 GEMM: act_format "bf16" (W4A16) or "nvfp4" (W4A4). split_k > 1 needs its
-    reduce kernel after it (split_k_reduce)."""
+    reduce kernel after it (split_k_reduce). dense: the DENSE mode (nvfp4_linear)."""
     _check_tiles(name, k, block_k, act_format)
+    if dense and (experts != 1 or gather or combine or activation != "none"):
+        raise IRError(f"kernel {name}: a dense NVFP4 GEMM has one weight and no gather, combine or activation")
+    if has_bias and not dense:
+        raise IRError(f"kernel {name}: only the dense NVFP4 GEMM adds a bias")
     swap = (act_format == "bf16" and block_m < 64) if swap_ab is None else swap_ab
     template = MOE_NVFP4_GEMM if act_format == "bf16" else replace(MOE_NVFP4_GEMM, archs=MOE_NVFP4_W4A4_ARCHS)
+    out = "fp32" if combine else out_dtype
     return instance(name, op, template, {
         "N": n, "K": k, "NUM_EXPERTS": experts, "TOP_K": top_k, "GATHER": gather, "ACTIVATION": activation,
         "COMBINE": combine, "ACT_FORMAT": act_format, "BLOCK_M": block_m, "BLOCK_N": block_n,
-        "BLOCK_K": block_k, "SWAP_AB": swap, "SPLIT_K": split_k, "INTERPRET": False},
-        {"x_ptr": x_dtype, "out_ptr": "fp32" if combine else out_dtype}, num_warps, num_stages)
+        "BLOCK_K": block_k, "SWAP_AB": swap, "SPLIT_K": split_k, "DENSE": dense, "HAS_BIAS": has_bias,
+        "INTERPRET": False},
+        {"x_ptr": x_dtype, "out_ptr": out, "bias_ptr": out}, num_warps, num_stages)
+
+
+def nvfp4_linear(name: str, op: str, *, n: int, k: int, act_format: str, has_bias: bool = False,
+                 x_dtype: str = "bf16", out_dtype: str = "bf16", block_m: int | None = None,
+                 block_n: int | None = None, block_k: int = 128, swap_ab: bool | None = None,
+                 num_warps: int | None = None, num_stages: int = 3, split_k: int = 1) -> KernelInstance:
+    """A dense GEMM with an NVFP4 weight [N, K]: moe_nvfp4_gemm's DENSE mode (one weight, rows from
+    the program id, optional bias). act_format "bf16": W4A16 (x bf16 or fp32), default tiles
+    BLOCK_M 16 with SWAP_AB (decode: the weight tile is the 64-row MMA operand); "nvfp4": W4A4 on
+    sm_100 (x quantized on load under the static input_scale, tl.dot_scaled), 128x128 tiles."""
+    w4a4 = act_format == "nvfp4"
+    # W4A4 takes 8 warps by default: its 128x128 tile quantized on load spilled with 4 (sm_100a: 255
+    # registers and 120 bytes of stack at N = K = 4096; 178 registers and none with 8)
+    return moe_gemm(name, op, n=n, k=k, experts=1, top_k=1, act_format=act_format, x_dtype=x_dtype,
+                    out_dtype=out_dtype, block_m=block_m or (128 if w4a4 else 16),
+                    block_n=block_n or (128 if w4a4 else 64),
+                    block_k=block_k,
+                    swap_ab=swap_ab, num_warps=num_warps or (8 if w4a4 else 4), num_stages=num_stages,
+                    split_k=split_k, dense=True,
+                    has_bias=has_bias)
 
 
 def moe_combine(name: str, op: str, *, n: int, top_k: int, out_dtype: str = "bf16",

@@ -122,6 +122,17 @@ def _fp8_linear(kernels: TritonKernels, names: Sequence[str], op: Op, args: Args
                                    out_dtype=torch_dtype(op.results[0].type.dtype), reduce_name=reduce),)
 
 
+def _nvfp4_linear(kernels: TritonKernels, names: Sequence[str], op: Op, args: Args) -> tuple[torch.Tensor, ...]:
+    """linear(x, nvfp4 weight, bias?) (W4A16) or quant_linear(x, nvfp4 weight, input_scale, bias?) (W4A4)."""
+    gemm, reduce, _ = _gemm_names(kernels, names)
+    quantized = op.opname == "quant_linear"
+    input_scale = _tensor(args[2], "input_scale") if quantized else None
+    bias_index = 3 if quantized else 2
+    return (triton_gemm.nvfp4_linear(kernels, gemm, _tensor(args[0], "x"), _nvfp4(op, args[1]), input_scale,
+                                     _optional(args[bias_index] if len(args) > bias_index else None),
+                                     out_dtype=torch_dtype(op.results[0].type.dtype), reduce_name=reduce),)
+
+
 LAUNCHERS: dict[str, Launcher] = {
     "triton_nvfp4_grouped_w4a16": _grouped_w4a16,
     "triton_moe_up_w4a16": _expert_up,
@@ -132,6 +143,8 @@ LAUNCHERS: dict[str, Launcher] = {
     "triton_moe_down_fp8": _expert_down,
     "triton_fp8_quant_linear": _fp8_quant_linear,
     "triton_fp8_linear": _fp8_linear,
+    "triton_nvfp4_linear_w4a16": _nvfp4_linear,
+    "triton_nvfp4_quant_linear_w4a4": _nvfp4_linear,
     **OP_LAUNCHERS,
 }
 # graph -> op result name -> why its Triton kernel was not built for it (codegen/triton/plan.Fallback)

@@ -68,35 +68,42 @@ def _workspace(split: int, rows: int, n: int, device: torch.device, alloc: Alloc
 def moe_nvfp4_gemm(kernels: TritonKernels, name: str, x: torch.Tensor, order: torch.Tensor | None,
                    offsets: torch.Tensor, weight: NVFP4Tensor, input_scale: torch.Tensor | None,
                    routing: torch.Tensor | None, out: torch.Tensor, rows: int, reduce_name: str | None = None,
-                   alloc: Alloc = empty) -> torch.Tensor:
+                   alloc: Alloc = empty, bias: torch.Tensor | None = None) -> torch.Tensor:
     """Run kernel `name` (a moe_nvfp4_gemm specialisation) over rows offsets[0]:offsets[E] of `rows`;
     `order` is read only by specialisations that gather or combine; `reduce_name`: the reduce
-    kernel of a split-K specialisation."""
-    experts = offsets.numel() - 1
+    kernel of a split-K specialisation. A DENSE specialisation (one weight) runs rows 0..rows-1 and
+    reads neither `offsets` nor `order`; `bias` only there (HAS_BIAS)."""
+    dense = bool(kernels.constexpr(name, "DENSE"))
+    experts = 1 if dense else offsets.numel() - 1
     block_m = int(kernels.constexpr(name, "BLOCK_M"))
     block_n = int(kernels.constexpr(name, "BLOCK_N"))
     n = int(kernels.constexpr(name, "N"))
     split = split_k(kernels, name, reduce_name)
     one = _one(x.device)
-    grid = (_cdiv(rows, block_m) + experts, _cdiv(n, block_n))
-    starts = tile_starts(offsets, block_m)
-    order_arg = offsets if order is None else order.contiguous()
+    # a dense GEMM has no expert schedule: one program per BLOCK_M rows
+    grid = (_cdiv(rows, block_m) + (0 if dense else experts), _cdiv(n, block_n))
+    starts = one if dense else tile_starts(offsets, block_m)
+    offsets_arg = one if dense else offsets.contiguous()
+    order_arg = offsets_arg if order is None or dense else order.contiguous()
     global_scale = _per_expert(weight.global_scale, experts)
     input_scales = one if input_scale is None else _per_expert(input_scale, experts)
     routing_arg = one if routing is None else routing.to(torch.float32).contiguous()
+    bias_arg = out if bias is None else bias.to(out.dtype).contiguous()
     workspace = _workspace(split, rows, n, x.device, alloc)
     x = aligned(x)
     kernels.launch(
         name, (*grid, split),
         x_ptr=x, order_ptr=order_arg, tile_starts_ptr=starts,
-        offsets_ptr=offsets.contiguous(), weight_ptr=aligned(weight.packed),
+        offsets_ptr=offsets_arg, weight_ptr=aligned(weight.packed),
         block_scale_ptr=aligned(weight.block_scale), global_scale_ptr=global_scale,
-        input_scale_ptr=input_scales, routing_ptr=routing_arg, out_ptr=out, workspace_ptr=workspace)
+        input_scale_ptr=input_scales, routing_ptr=routing_arg, out_ptr=out, workspace_ptr=workspace,
+        bias_ptr=bias_arg, rows=rows)
     if split > 1:
         assert reduce_name is not None
         kernels.launch(reduce_name, grid, workspace_ptr=workspace, x_ptr=x, order_ptr=order_arg,
-                       tile_starts_ptr=starts, offsets_ptr=offsets.contiguous(), global_scale_ptr=global_scale,
-                       input_scale_ptr=input_scales, routing_ptr=routing_arg, out_ptr=out)
+                       tile_starts_ptr=starts, offsets_ptr=offsets_arg, global_scale_ptr=global_scale,
+                       input_scale_ptr=input_scales, routing_ptr=routing_arg, out_ptr=out, bias_ptr=bias_arg,
+                       rows=rows)
     return out
 
 
@@ -131,6 +138,24 @@ def _expert_gemm(kernels: TritonKernels, name: str, x: torch.Tensor, order: torc
         return moe_fp8_gemm(kernels, name, x, order, offsets, weight, input_scale, routing, out, order.numel())
     return moe_nvfp4_gemm(kernels, name, x, order, offsets, weight, input_scale, routing, out, order.numel(),
                           reduce_name, alloc)
+
+
+def nvfp4_linear(kernels: TritonKernels, name: str, x: torch.Tensor, weight: NVFP4Tensor,
+                 input_scale: torch.Tensor | None = None, bias: torch.Tensor | None = None,
+                 out: torch.Tensor | None = None, out_dtype: torch.dtype = torch.bfloat16,
+                 reduce_name: str | None = None, alloc: Alloc = empty) -> torch.Tensor:
+    """out [..., N] = x @ dequant(weight)^T + bias with an NVFP4 weight [N, K]: W4A16, or W4A4 (the
+    kernel's ACT_FORMAT nvfp4: x quantized on load as `quantize(x, "nvfp4", input_scale)`)."""
+    rows = x.reshape(-1, x.shape[-1])
+    n = weight.shape[0]
+    if out is None:
+        out = torch.empty(rows.shape[0], n, dtype=out_dtype, device=x.device)
+    if kernels.constexpr(name, "ACT_FORMAT") == "nvfp4" and input_scale is None:
+        raise ValueError(f"kernel {name} quantizes its input to NVFP4 and needs the input_scale")
+    # the [N, K/2] weight is the kernel's one weight [1, N, K/2]: the same bytes
+    moe_nvfp4_gemm(kernels, name, rows, None, _one(x.device), weight, input_scale, None, out, rows.shape[0],
+                   reduce_name, alloc, bias)
+    return out.view(*x.shape[:-1], n)
 
 
 def moe_expert_up(kernels: TritonKernels, name: str, x: torch.Tensor, order: torch.Tensor, offsets: torch.Tensor,

@@ -67,5 +67,6 @@ def moe_fp8_gemm(
     scale_ids = expert.to(tl.int64) * scale_expert_stride + col_ids * scale_column_stride
     acc = acc * tl.load(weight_scale_ptr + scale_ids, mask=col_mask, other=0.0)[None, :]
     # the expert's input scale is the epilogue's per-expert scale (its "global" one); nothing else is scaled
+    # (no bias: out_ptr stands in for the bias pointer the epilogue does not read without HAS_BIAS)
     _moe_epilogue(acc, expert, row_ids, row_mask, col_ids, col_mask, x_ptr, order_ptr, input_scale_ptr,
-                  input_scale_ptr, routing_ptr, out_ptr, N, ACTIVATION, COMBINE, "fp8", INTERPRET)
+                  input_scale_ptr, routing_ptr, out_ptr, out_ptr, N, ACTIVATION, COMBINE, "fp8", False, INTERPRET)

@@ -13,6 +13,15 @@ ACT_FORMAT selects the activation side:
 - "nvfp4" (W4A4, Blackwell): the activation tile is quantized on load to NVFP4 (dynamic E4M3 block
   scales, per-expert static input_scale) and multiplied by `tl.dot_scaled` (tcgen05 mxf4nvf4).
 
+DENSE is the same GEMM for a dense `linear` / `quant_linear` (one weight [1, N, K/2], no experts):
+program (m, n) owns rows m * BLOCK_M .. of `rows`, nothing is gathered or combined, and the
+epilogue may add a bias (HAS_BIAS). It is a mode of this kernel rather than a template of its own
+because everything that matters is shared: the K loop (the NVFP4 dequantization in registers for
+W4A16, the quantize-on-load and tl.dot_scaled for W4A4, the interpreter paths, the masked last K
+step), split-K with its reduce, and the epilogue; only where a program's rows come from differs,
+and a copy of the K loop would be a second place to keep those numerics right. The expert-schedule
+pointers (order, tile_starts, offsets, routing) are not read in DENSE mode.
+
 SPLIT_K > 1 splits K over a third grid axis: program (t, n, s) sums K slice s (SLICE_TILES whole
 BLOCK_K steps; the last slice ends at K, its last step masked as usual) in fp32 and stores the
 partial tile unscaled at workspace[row, s, :] (workspace fp32 [rows, SPLIT_K, N]); then
@@ -54,11 +63,11 @@ def _find_expert(tile_starts_ptr, pid, NUM_EXPERTS: tl.constexpr):
 @triton.jit
 def moe_nvfp4_gemm(
     x_ptr, order_ptr, tile_starts_ptr, offsets_ptr, weight_ptr, block_scale_ptr, global_scale_ptr,
-    input_scale_ptr, routing_ptr, out_ptr, workspace_ptr,
+    input_scale_ptr, routing_ptr, out_ptr, workspace_ptr, bias_ptr, rows,
     N: tl.constexpr, K: tl.constexpr, NUM_EXPERTS: tl.constexpr, TOP_K: tl.constexpr,
     GATHER: tl.constexpr, ACTIVATION: tl.constexpr, COMBINE: tl.constexpr, ACT_FORMAT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SWAP_AB: tl.constexpr,
-    SPLIT_K: tl.constexpr, INTERPRET: tl.constexpr,
+    SPLIT_K: tl.constexpr, DENSE: tl.constexpr, HAS_BIAS: tl.constexpr, INTERPRET: tl.constexpr,
 ):
     """out[r] = epilogue(x[src(r)] @ W[e]^T) for the rows r of expert e.
 
@@ -67,13 +76,17 @@ def moe_nvfp4_gemm(
     ACTIVATION "relu2" squares the positive part. COMBINE: the row is multiplied by its routing
     weight routing[order[r]] (routing: [tokens * TOP_K] fp32) and stored as fp32 at row order[r]
     of out [tokens * TOP_K, N] (moe_combine_rows then sums each token's TOP_K rows); else stored
-    at row r in out's dtype.
+    at row r in out's dtype. DENSE: rows 0..rows-1 of x [rows, K] and out [rows, N], weight [1, N, K/2],
+    plus bias [N] (out's dtype) with HAS_BIAS.
     """
     tl.static_assert(not (SWAP_AB and ACT_FORMAT == "nvfp4"), "SWAP_AB is a W4A16 option")
+    tl.static_assert(not (DENSE and (GATHER or COMBINE or NUM_EXPERTS != 1)), "DENSE has one weight, no routing")
+    tl.static_assert(not (HAS_BIAS and not DENSE), "a bias is a DENSE option")
     pid = tl.program_id(0)
-    if pid >= tl.load(tile_starts_ptr + NUM_EXPERTS):
-        return
-    expert, row_ids, row_mask = _tile_rows(tile_starts_ptr, offsets_ptr, pid, NUM_EXPERTS, BLOCK_M)
+    if not DENSE:
+        if pid >= tl.load(tile_starts_ptr + NUM_EXPERTS):
+            return
+    expert, row_ids, row_mask = _program_rows(tile_starts_ptr, offsets_ptr, rows, pid, NUM_EXPERTS, BLOCK_M, DENSE)
     if GATHER:
         source_rows = tl.load(order_ptr + row_ids, mask=row_mask, other=0) // TOP_K
     else:
@@ -126,7 +139,9 @@ def moe_nvfp4_gemm(
                                     tl.trans(packed), scales.to(tl.float8e4nv), "e2m1", acc)
         else:
             w_values = unpack_e2m1(packed) * expand_block_scales(scales, BLOCK_K)
-            if INTERPRET:
+            if INTERPRET or x_ptr.dtype.element_ty == tl.float32:
+                # fp32 activations keep an exact fp32 dot when compiled too (no tensor cores: the
+                # reference multiplies in fp32, and bf16 operands would round x)
                 x_operand = x.to(tl.float32)
             else:
                 x_operand = x.to(tl.bfloat16)
@@ -139,7 +154,8 @@ def moe_nvfp4_gemm(
         acc = tl.trans(acc)
     if SPLIT_K == 1:
         _moe_epilogue(acc, expert, row_ids, row_mask, col_ids, col_mask, x_ptr, order_ptr, global_scale_ptr,
-                      input_scale_ptr, routing_ptr, out_ptr, N, ACTIVATION, COMBINE, ACT_FORMAT, INTERPRET)
+                      input_scale_ptr, routing_ptr, out_ptr, bias_ptr, N, ACTIVATION, COMBINE, ACT_FORMAT, HAS_BIAS,
+                      INTERPRET)
     else:
         partial = workspace_ptr + (row_ids.to(tl.int64)[:, None] * SPLIT_K + tl.program_id(2)) * N + col_ids[None, :]
         tl.store(partial, acc, mask=row_mask[:, None] & col_mask[None, :])
@@ -148,18 +164,19 @@ def moe_nvfp4_gemm(
 @triton.jit
 def moe_nvfp4_gemm_reduce(
     workspace_ptr, x_ptr, order_ptr, tile_starts_ptr, offsets_ptr, global_scale_ptr, input_scale_ptr, routing_ptr,
-    out_ptr,
+    out_ptr, bias_ptr, rows,
     N: tl.constexpr, NUM_EXPERTS: tl.constexpr, ACTIVATION: tl.constexpr, COMBINE: tl.constexpr,
     ACT_FORMAT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr,
-    INTERPRET: tl.constexpr,
+    DENSE: tl.constexpr, HAS_BIAS: tl.constexpr, INTERPRET: tl.constexpr,
 ):
     """The second launch of a split-K moe_nvfp4_gemm: over the GEMM's tiles (the same tile_starts,
     BLOCK_M and BLOCK_N), the SPLIT_K partial sums of workspace [rows, SPLIT_K, N] added in slice
     order, then the GEMM's epilogue. x_ptr is read for its dtype only (the down-GEMM's rounding)."""
     pid = tl.program_id(0)
-    if pid >= tl.load(tile_starts_ptr + NUM_EXPERTS):
-        return
-    expert, row_ids, row_mask = _tile_rows(tile_starts_ptr, offsets_ptr, pid, NUM_EXPERTS, BLOCK_M)
+    if not DENSE:
+        if pid >= tl.load(tile_starts_ptr + NUM_EXPERTS):
+            return
+    expert, row_ids, row_mask = _program_rows(tile_starts_ptr, offsets_ptr, rows, pid, NUM_EXPERTS, BLOCK_M, DENSE)
     col_ids = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_mask = col_ids < N
     mask = row_mask[:, None] & col_mask[None, :]
@@ -168,7 +185,8 @@ def moe_nvfp4_gemm_reduce(
     for s in tl.static_range(1, SPLIT_K):
         acc += tl.load(partial + s * N, mask=mask, other=0.0)
     _moe_epilogue(acc, expert, row_ids, row_mask, col_ids, col_mask, x_ptr, order_ptr, global_scale_ptr,
-                  input_scale_ptr, routing_ptr, out_ptr, N, ACTIVATION, COMBINE, ACT_FORMAT, INTERPRET)
+                  input_scale_ptr, routing_ptr, out_ptr, bias_ptr, N, ACTIVATION, COMBINE, ACT_FORMAT, HAS_BIAS,
+                  INTERPRET)
 
 
 @triton.jit
@@ -182,14 +200,30 @@ def _tile_rows(tile_starts_ptr, offsets_ptr, pid, NUM_EXPERTS: tl.constexpr, BLO
 
 
 @triton.jit
+def _program_rows(tile_starts_ptr, offsets_ptr, rows, pid, NUM_EXPERTS: tl.constexpr, BLOCK_M: tl.constexpr,
+                  DENSE: tl.constexpr):
+    """(expert, row ids, row mask) of program `pid`: an expert's M-tile, or (DENSE) rows pid * BLOCK_M
+    onwards of `rows`, all of expert 0."""
+    if DENSE:
+        row_ids = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+        expert = pid * 0
+        row_mask = row_ids < rows
+    else:
+        expert, row_ids, row_mask = _tile_rows(tile_starts_ptr, offsets_ptr, pid, NUM_EXPERTS, BLOCK_M)
+    return expert, row_ids, row_mask
+
+
+@triton.jit
 def _moe_epilogue(acc, expert, row_ids, row_mask, col_ids, col_mask, x_ptr, order_ptr, global_scale_ptr,
-                  input_scale_ptr, routing_ptr, out_ptr, N: tl.constexpr, ACTIVATION: tl.constexpr,
-                  COMBINE: tl.constexpr, ACT_FORMAT: tl.constexpr, INTERPRET: tl.constexpr):
-    """The finished K sum (fp32 [BLOCK_M, BLOCK_N]) scaled, activated and stored (see moe_nvfp4_gemm)."""
+                  input_scale_ptr, routing_ptr, out_ptr, bias_ptr, N: tl.constexpr, ACTIVATION: tl.constexpr,
+                  COMBINE: tl.constexpr, ACT_FORMAT: tl.constexpr, HAS_BIAS: tl.constexpr, INTERPRET: tl.constexpr):
+    """The finished K sum (fp32 [BLOCK_M, BLOCK_N]) scaled, biased, activated and stored (see moe_nvfp4_gemm)."""
     scale = tl.load(global_scale_ptr + expert)
     if ACT_FORMAT == "nvfp4":
         scale = scale * tl.load(input_scale_ptr + expert)
     acc = acc * scale
+    if HAS_BIAS:  # the reference adds the bias in fp32 to the scaled sum, then rounds once
+        acc = acc + tl.load(bias_ptr + col_ids, mask=col_mask, other=0.0).to(tl.float32)[None, :]
     if ACTIVATION == "relu2":
         # The GEMM result rounded to the output dtype first, then relu² rounded again: the reference
         # returns grouped_gemm in the op's dtype and squares that.

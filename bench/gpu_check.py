@@ -8,7 +8,12 @@
    shapes against the unfused torch reference (quant_grouped_gemm, moe_combine) and against the
    HBM roofline (the bytes of the experts touched, at the target's HBM bandwidth), and prints a table:
    the arch's NVFP4 experts, then the FP8 W8A8 experts of a ModelOpt FP8 export (moe_fp8_gemm);
-4. checks the norm, Mamba, attention and router kernels (specialised as engines use them: conv1d
+4. checks the dense NVFP4 GEMMs (`linear` W4A16 on sm_90, `quant_linear` W4A4 on sm_100) at the
+   Mamba in_proj and out_proj shapes against their reference ops, and times them at decode batch
+   1..64 against the torch reference and the HBM roofline (the weight's codes and block scales, the
+   activations in and out; the timed calls cycle through enough weight copies that each reads its
+   weight from HBM, not from the L2), unsplit and, where N / BLOCK_N programs leave SMs idle, split-K;
+5. checks the norm, Mamba, attention and router kernels (specialised as engines use them: conv1d
    and SSD with seq_lens, attention in its EXACT form) against their reference ops and times two of
    them (bench/ops_check.py).
 
@@ -28,6 +33,7 @@ import json
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -44,12 +50,14 @@ from nemocompile.runtime.formats import (
     fp8_codes,
     quantize_fp8,
     quantize_fp8_stacked,
+    quantize_nvfp4,
     quantize_nvfp4_stacked,
 )
 from nemocompile.runtime.kernels import triton_gemm
 from nemocompile.runtime.kernels.triton_loader import TritonKernels
 from nemocompile.runtime.quantized_ops import quant_grouped_gemm, quant_linear, quantize
 from nemocompile.runtime.reference.elementwise import relu2
+from nemocompile.runtime.reference.fused import linear_any, quant_linear_on_load
 from nemocompile.runtime.reference.moe import moe_combine, moe_dispatch
 from nemocompile.targets.loader import load_target
 
@@ -98,6 +106,127 @@ def _experts(experts: int, n: int, k: int, act_format: str, generator: torch.Gen
              device: str) -> NVFP4Tensor | FP8Tensor:
     w = torch.randn(experts, n, k, generator=generator, device=device)
     return quantize_fp8_stacked(w) if act_format == FP8 else quantize_nvfp4_stacked(w)
+
+
+def dense_shapes(config: dict[str, Any]) -> dict[str, tuple[int, int]]:
+    """(N, K) of the dense GEMMs timed: the Mamba in_proj (x, z, B, C, dt) and out_proj."""
+    inner = config["mamba_num_heads"] * config["mamba_head_dim"]
+    in_n = 2 * inner + 2 * config["n_groups"] * config["ssm_state_size"] + config["mamba_num_heads"]
+    return {"in_proj": (in_n, config["hidden_size"]), "out_proj": (config["hidden_size"], inner)}
+
+
+DENSE_BLOCK_N = 64  # the W4A16 default (BLOCK_M 16, SWAP_AB); W4A4 takes 128x128 tiles
+
+
+def _dense_split(n: int, k: int, block_n: int, block_k: int, sm_count: int) -> int:
+    """The smallest SPLIT_K (2, 4, 8) whose programs cover the SMs with at least two BLOCK_K steps per
+    slice, or 1 when N / BLOCK_N programs alone do (or no split keeps two steps a slice)."""
+    programs = -(-n // block_n)
+    steps = -(-k // block_k)
+    for split in (2, 4, 8):
+        if programs * split >= sm_count and -(-steps // split) >= 2 and programs < sm_count:
+            return split
+    return 1
+
+
+def dense_kernel_set(shapes: dict[str, tuple[int, int]], act_format: str, sm_count: int
+                     ) -> list[catalog.KernelInstance]:
+    """The dense NVFP4 GEMM per shape (with a bias: the epilogue's whole path), and its split-K form
+    where the unsplit one leaves SMs idle at decode; each split-K GEMM is followed by its reduce."""
+    op = "linear" if act_format == "bf16" else "quant_linear"
+    block_n = DENSE_BLOCK_N if act_format == "bf16" else 128
+    found: list[catalog.KernelInstance] = []
+    for name, (n, k) in shapes.items():
+        block_k = _block_k(k, 128)
+        found.append(catalog.nvfp4_linear(f"dense_{name}", op, n=n, k=k, act_format=act_format, has_bias=True,
+                                          block_k=block_k))
+        split = _dense_split(n, k, block_n, block_k, sm_count)
+        if split > 1:
+            found.append(catalog.nvfp4_linear(f"dense_{name}_splitk{split}", op, n=n, k=k, act_format=act_format,
+                                              has_bias=True, block_k=block_k, split_k=split))
+    return list(catalog.with_split_k_reduces(found))
+
+
+def _dense_gemms(kernels: TritonKernels) -> list[tuple[str, str | None]]:
+    """(GEMM, its split-K reduce or None) of every dense kernel loaded."""
+    names = sorted(name for name in kernels.entries if name.startswith("dense_") and
+                   not name.endswith(catalog.REDUCE_SUFFIX))
+    return [(name, name + catalog.REDUCE_SUFFIX if name + catalog.REDUCE_SUFFIX in kernels.entries else None)
+            for name in names]
+
+
+def _dense_reference(x: torch.Tensor, weight: NVFP4Tensor, scale: torch.Tensor | None,
+                     bias: torch.Tensor | None) -> torch.Tensor:
+    """The op the kernel runs: linear (W4A16) or quant_linear {act_format nvfp4} (W4A4)."""
+    if scale is None:
+        return linear_any(x, weight, bias, torch.bfloat16)
+    return quant_linear_on_load(x, weight, scale, bias, act_format="nvfp4", out_dtype=torch.bfloat16)
+
+
+def check_dense(kernels: TritonKernels, act_format: str, device: str = "cuda",
+                token_counts: tuple[int, ...] = (1, 13, 64)) -> bool:
+    """Each dense NVFP4 GEMM against its reference op (bias included); True when all pass."""
+    g = torch.Generator(device=device).manual_seed(2)
+    all_ok = True
+    for name, reduce in _dense_gemms(kernels):
+        n, k = int(kernels.constexpr(name, "N")), int(kernels.constexpr(name, "K"))
+        weight = quantize_nvfp4(torch.randn(n, k, generator=g, device=device))
+        bias = torch.randn(n, generator=g, device=device).bfloat16()
+        for tokens in token_counts:
+            x = torch.randn(tokens, k, generator=g, device=device).bfloat16()
+            scale = torch.tensor(float(x.float().abs().max()) / 2688, device=device) if act_format == "nvfp4" else None
+            out = triton_gemm.nvfp4_linear(kernels, name, x, weight, scale, bias, reduce_name=reduce,
+                                           out=torch.full((tokens, n), float("nan"), dtype=torch.bfloat16,
+                                                          device=device))
+            ok, worst = _within(out, _dense_reference(x, weight, scale, bias))
+            label = f"dense_{'w4a16' if act_format == 'bf16' else 'w4a4'} {name.removeprefix('dense_')}"
+            print(f"  {label:30s} tokens {tokens:3d}: {'ok  ' if ok else 'FAIL'} worst error / bound {worst:.2f}")
+            all_ok &= ok
+    return all_ok
+
+
+def dense_hbm_bytes(n: int, k: int, batch: int) -> int:
+    """The least bytes a dense NVFP4 GEMM moves at decode: its weight's packed E2M1 codes and E4M3
+    block-16 scales and fp32 global scale, the bf16 activations in and the bf16 output (the bias, N
+    bf16 values, is left out as the roofline's own rounding)."""
+    return n * k // 2 + n * k // 16 + 4 + batch * k * 2 + batch * n * 2
+
+
+L2_FLUSH_BYTES = 256 * 2**20  # the weight copies cycled per timed call hold more than any L2 of these GPUs
+
+
+def _cycling_call(kernels: TritonKernels, name: str, reduce: str | None, x: torch.Tensor,
+                  weights: list[NVFP4Tensor], scale: torch.Tensor | None, out: torch.Tensor) -> Callable[[], None]:
+    """A launch of kernel `name` on the next weight copy at each call (so no call finds its weight in the L2)."""
+    turn = [0]
+
+    def call() -> None:
+        turn[0] = (turn[0] + 1) % len(weights)
+        triton_gemm.nvfp4_linear(kernels, name, x, weights[turn[0]], scale, out=out, reduce_name=reduce)
+    return call
+
+
+def bench_dense(kernels: TritonKernels, act_format: str, bandwidth: float, iters: int, device: str = "cuda",
+                batches: tuple[int, ...] = BATCHES) -> None:
+    g = torch.Generator(device=device).manual_seed(3)
+    print(f"{'kernel':24s} {'batch':>5} {'MB moved':>9} {'roofline us':>11} {'kernel us':>9} {'% roofline':>10} "
+          f"{'torch us':>9} {'speedup':>7}")
+    for name, reduce in _dense_gemms(kernels):
+        n, k = int(kernels.constexpr(name, "N")), int(kernels.constexpr(name, "K"))
+        base = quantize_nvfp4(torch.randn(n, k, generator=g, device=device))
+        copies = max(1, -(-L2_FLUSH_BYTES // (n * k // 2 + n * k // 16))) if device == "cuda" else 1
+        weights = [base, *(NVFP4Tensor(base.packed.clone(), base.block_scale.clone(), base.global_scale)
+                           for _ in range(copies - 1))]
+        for batch in batches:
+            x = torch.randn(batch, k, generator=g, device=device).bfloat16()
+            scale = torch.tensor(float(x.float().abs().max()) / 2688, device=device) if act_format == "nvfp4" else None
+            out = torch.empty(batch, n, dtype=torch.bfloat16, device=device)
+            moved = dense_hbm_bytes(n, k, batch)
+            roofline = moved / bandwidth * 1e6
+            kernel_us = ops_check.time_us(_cycling_call(kernels, name, reduce, x, weights, scale, out), iters, device)
+            torch_us = ops_check.time_us(partial(_dense_reference, x, base, scale, None), max(3, iters // 10), device)
+            print(f"{name:24s} {batch:5d} {moved / 1e6:9.2f} {roofline:11.1f} {kernel_us:9.1f} "
+                  f"{100 * roofline / kernel_us:9.1f}% {torch_us:9.1f} {torch_us / kernel_us:6.1f}x")
 
 
 def _bf16_ulp(values: torch.Tensor) -> torch.Tensor:
@@ -282,8 +411,9 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as root:
         compile_binaries = device == "cuda" or args.compile
         cache = Path(settings().kernel_cache_dir).expanduser() if device == "cuda" else Path(root) / "cache"
-        emitted = emit(kernel_set(d, i, experts, top_k, act_format) + ops_check.kernel_set(config), Path(root), arch,
-                       cache, compile_binaries=compile_binaries)
+        dense = dense_kernel_set(dense_shapes(config), act_format, target.sm_count)
+        emitted = emit(kernel_set(d, i, experts, top_k, act_format) + dense + ops_check.kernel_set(config), Path(root),
+                       arch, cache, compile_binaries=compile_binaries)
         for kernel in emitted.compiled:
             print(f"  compiled {kernel.name:8s} {kernel.registers:3d} regs {kernel.spills:4d} B stack "
                   f"{kernel.shared_bytes:6d} B smem {', '.join(kernel.tensor_cores) or '-'} ({kernel.seconds:.1f} s)")
@@ -293,6 +423,8 @@ def main(argv: list[str] | None = None) -> int:
         ok = check(kernels, d, i, experts, top_k, act_format, device, token_counts)
         print("FP8 W8A8 experts (moe_fp8_gemm) against their reference ops")
         ok &= check(kernels, d, i, experts, top_k, FP8, device, token_counts)
+        print("dense NVFP4 GEMMs against their reference ops")
+        ok &= check_dense(kernels, act_format, device, token_counts)
         print("norm, Mamba, attention and router kernels against their reference ops")
         ok &= ops_check.check(kernels, config, device, prompt=300 if device == "cuda" else prompt)
         clock = "median of CUDA-event timings" if device == "cuda" else "interpreter CPU time, meaningless as speed"
@@ -301,6 +433,8 @@ def main(argv: list[str] | None = None) -> int:
               batches)
         print(f"fused FP8 W8A8 MoE experts at decode ({clock})")
         bench(kernels, d, i, experts, top_k, FP8, float(target.hbm_bandwidth_bytes_per_s), iters, device, batches)
+        print(f"dense NVFP4 GEMMs at decode ({clock}; roofline = bytes / HBM bandwidth)")
+        bench_dense(kernels, act_format, float(target.hbm_bandwidth_bytes_per_s), iters, device, batches)
         print(f"norm and conv kernels against their torch references ({clock})")
         ops_check.bench(kernels, config, iters, prompt, device)
     print(f"total {time.perf_counter() - start:.1f} s; correctness {'ok' if ok else 'FAILED'}")

@@ -44,7 +44,8 @@ def test_the_dry_run_goes_through_the_whole_script(capsys: pytest.CaptureFixture
     against its reference and passes, and the MoE decode table has a row per batch, against the
     unfused torch reference and the HBM roofline."""
     out = _dry_run("sm_90", capsys)
-    for name in ("moe_expert_up", "moe_expert_down", "fp8_linear ", "fp8_linear codes", "add_rms_norm fp8",
+    for name in ("moe_expert_up", "moe_expert_down", "fp8_linear ", "fp8_linear codes", "dense_w4a16 in_proj",
+                 "dense_w4a16 out_proj", "add_rms_norm fp8",
                  "add_rms_norm nvfp4", "gated_rms_norm", "causal_conv1d", "ssd_state_update", "ssd_chunk_scan",
                  "attention_gqa", "moe_route"):
         assert f"  {name}" in out, name
@@ -53,6 +54,11 @@ def test_the_dry_run_goes_through_the_whole_script(capsys: pytest.CaptureFixture
     assert "roofline us" in table[1] and "unfused us" in table[1]
     assert [int(line.split()[0]) for line in table[2:2 + len(gpu_check.DRY_RUN_BATCHES)]] == \
         list(gpu_check.DRY_RUN_BATCHES)
+    dense = out.split("dense NVFP4 GEMMs at decode")[1].splitlines()
+    assert "roofline us" in dense[1] and "torch us" in dense[1]
+    rows = [line.split() for line in dense[2:2 + 2 * len(gpu_check.DRY_RUN_BATCHES)]]
+    assert [(row[0], int(row[1])) for row in rows] == [(f"dense_{name}", batch) for name in ("in_proj", "out_proj")
+                                                      for batch in gpu_check.DRY_RUN_BATCHES]
 
 
 @pytest.mark.slow
@@ -70,6 +76,35 @@ def test_a_wrong_kernel_fails_the_check(kernels: TritonKernels, monkeypatch: pyt
 
     monkeypatch.setattr(triton_gemm, "moe_expert_up", off_by_a_few_ulps)
     assert not gpu_check.check(kernels, HIDDEN, INTER, EXPERTS, TOP_K, "bf16", device="cpu", token_counts=(9,))
+
+
+def test_a_wrong_dense_kernel_fails_the_check(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    instances = gpu_check.dense_kernel_set({"out_proj": (HIDDEN, INTER)}, "bf16", sm_count=132)
+    emit(instances, tmp_path, "sm_90", tmp_path / "cache", compile_binaries=False)
+    kernels = TritonKernels.from_directory(tmp_path, "cpu")
+    assert gpu_check.check_dense(kernels, "bf16", device="cpu", token_counts=(3,))
+    real = triton_gemm.nvfp4_linear
+
+    def off_by_a_few_ulps(*args: object, **kwargs: object) -> torch.Tensor:
+        return real(*args, **kwargs).mul_(1 + 2.0**-4)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(triton_gemm, "nvfp4_linear", off_by_a_few_ulps)
+    assert not gpu_check.check_dense(kernels, "bf16", device="cpu", token_counts=(3,))
+
+
+def test_dense_split_k_only_where_programs_leave_sms_idle() -> None:
+    # Nano's out_proj at decode: N 2688 / 64 = 42 programs on 132 SMs; 32 K steps of 128
+    assert gpu_check._dense_split(2688, 4096, 64, 128, 132) == 4
+    assert gpu_check._dense_split(10304, 2688, 64, 128, 132) == 1  # in_proj: 161 programs already
+    assert gpu_check._dense_split(64, 64, 64, 64, 132) == 1  # one K step: nothing to split
+    dense = gpu_check.dense_kernel_set({"out_proj": (2688, 4096)}, "bf16", sm_count=132)
+    assert [k.name for k in dense] == ["dense_out_proj", "dense_out_proj_splitk4",
+                                       "dense_out_proj_splitk4" + "_splitk_reduce"]
+
+
+def test_dense_roofline_bytes() -> None:
+    n, k, batch = 256, 512, 3
+    assert gpu_check.dense_hbm_bytes(n, k, batch) == n * k // 2 + n * k // 16 + 4 + batch * k * 2 + batch * n * 2
 
 
 def test_roofline_bytes_count_weights_scales_and_activations() -> None:

@@ -196,13 +196,14 @@ L2_FLUSH_BYTES = 256 * 2**20  # the weight copies cycled per timed call hold mor
 
 
 def _cycling_call(kernels: TritonKernels, name: str, reduce: str | None, x: torch.Tensor,
-                  weights: list[NVFP4Tensor], scale: torch.Tensor | None, out: torch.Tensor) -> Callable[[], None]:
+                  weights: list[NVFP4Tensor], scale: torch.Tensor | None, bias: torch.Tensor,
+                  out: torch.Tensor) -> Callable[[], None]:
     """A launch of kernel `name` on the next weight copy at each call (so no call finds its weight in the L2)."""
     turn = [0]
 
     def call() -> None:
         turn[0] = (turn[0] + 1) % len(weights)
-        triton_gemm.nvfp4_linear(kernels, name, x, weights[turn[0]], scale, out=out, reduce_name=reduce)
+        triton_gemm.nvfp4_linear(kernels, name, x, weights[turn[0]], scale, bias, out=out, reduce_name=reduce)
     return call
 
 
@@ -217,14 +218,16 @@ def bench_dense(kernels: TritonKernels, act_format: str, bandwidth: float, iters
         copies = max(1, -(-L2_FLUSH_BYTES // (n * k // 2 + n * k // 16))) if device == "cuda" else 1
         weights = [base, *(NVFP4Tensor(base.packed.clone(), base.block_scale.clone(), base.global_scale)
                            for _ in range(copies - 1))]
+        bias = torch.randn(n, generator=g, device=device).bfloat16()
         for batch in batches:
             x = torch.randn(batch, k, generator=g, device=device).bfloat16()
             scale = torch.tensor(float(x.float().abs().max()) / 2688, device=device) if act_format == "nvfp4" else None
             out = torch.empty(batch, n, dtype=torch.bfloat16, device=device)
             moved = dense_hbm_bytes(n, k, batch)
             roofline = moved / bandwidth * 1e6
-            kernel_us = ops_check.time_us(_cycling_call(kernels, name, reduce, x, weights, scale, out), iters, device)
-            torch_us = ops_check.time_us(partial(_dense_reference, x, base, scale, None), max(3, iters // 10), device)
+            kernel_us = ops_check.time_us(_cycling_call(kernels, name, reduce, x, weights, scale, bias, out), iters,
+                                          device)
+            torch_us = ops_check.time_us(partial(_dense_reference, x, base, scale, bias), max(3, iters // 10), device)
             print(f"{name:24s} {batch:5d} {moved / 1e6:9.2f} {roofline:11.1f} {kernel_us:9.1f} "
                   f"{100 * roofline / kernel_us:9.1f}% {torch_us:9.1f} {torch_us / kernel_us:6.1f}x")
 

@@ -96,6 +96,25 @@ def test_w4a4_takes_only_native_tiles_on_blackwell() -> None:
     assert kept and {dict(c)["BLOCK_K"] for c in kept} == {64}
 
 
+def test_dense_nvfp4_gemms_share_the_grouped_space_and_model() -> None:
+    """The dense NVFP4 GEMMs are moe_nvfp4_gemm's DENSE mode: the same space (split-K included), W4A4
+    to native tiles on sm_100 only, and a model of one weight read once; fp32 activations (an exact
+    fp32 dot) cost more than bf16 ones where compute counts."""
+    w4a16 = catalog.nvfp4_linear("d", "linear", n=2688, k=4096, act_format="bf16")
+    w4a4 = catalog.nvfp4_linear("q", "quant_linear", n=2688, k=4096, act_format="nvfp4")
+    assert space.space_of(w4a16) is space.MOE_SPACE and space.problem_of(w4a16)["DENSE"] is True
+    assert {dict(c)["SPLIT_K"] for c in space.prune(w4a16, space.configs(w4a16), "sm_90").kept} == {1, 2, 4, 8}
+    kept = space.prune(w4a4, space.configs(w4a4), "sm_100").kept
+    assert kept and all(dict(c)["BLOCK_M"] == 128 and not dict(c)["SWAP_AB"] for c in kept)
+    assert not space.prune(w4a4, space.configs(w4a4), "sm_90").kept
+    problem = cost_model.gemm_problem(w4a16, 8)
+    assert (problem.rows, problem.experts, problem.compute) == (8, 1, "bf16")
+    fp32 = catalog.nvfp4_linear("f", "linear", n=2688, k=4096, act_format="bf16", x_dtype="fp32", out_dtype="fp32")
+    assert cost_model.gemm_problem(fp32, 8).compute == "fp32"
+    prefill = config(BLOCK_M=64, BLOCK_N=128, SWAP_AB=False)
+    assert cost_model.seconds(fp32, prefill, 4096, H100) > cost_model.seconds(w4a16, prefill, 4096, H100)
+
+
 def test_cost_model_prefers_small_moe_blocks_for_decode_and_large_ones_for_prefill() -> None:
     kept = space.prune(UP, space.configs(UP), "sm_90").kept
 

@@ -67,11 +67,14 @@ def gemm_problem(instance: KernelInstance, tokens: int) -> Problem:
     values = dict(instance.constexprs)
     pointers = dict(instance.pointer_types)
     out_bytes = 4.0 if pointers.get("out_ptr") == "fp32" else 2.0
-    if instance.template.entry == "moe_nvfp4_gemm":
+    if instance.template.entry == "moe_nvfp4_gemm":  # grouped, or DENSE (one weight: NUM_EXPERTS 1, TOP_K 1)
         top_k = int(values["TOP_K"])
         w4a4 = values.get("ACT_FORMAT") == "nvfp4"
+        # fp32 activations: 4 bytes each, and W4A16 keeps an exact fp32 dot (no tensor cores)
+        fp32_x = pointers.get("x_ptr") == "fp32"
+        compute = "fp4" if w4a4 else "fp32" if fp32_x else "bf16"
         return Problem(tokens * top_k, int(values["N"]), int(values["K"]), int(values["NUM_EXPERTS"]), top_k,
-                       4 + 8 / 16, 2.0, out_bytes, "fp4" if w4a4 else "bf16")
+                       4 + 8 / 16, 4.0 if fp32_x else 2.0, out_bytes, compute)
     quant = bool(values.get("QUANT_ACT"))
     if instance.template.entry == "moe_fp8_gemm":  # E4M3 weights (the per-expert scales are negligible)
         top_k = int(values["TOP_K"])

@@ -127,10 +127,11 @@ FUSED_CANDIDATES = (
     FusedCandidate("triton_moe_down_fp8", "moe_expert_down", _FP8_DOWN, {"act_format": ("fp8", None)},
                    HOPPER_AND_BLACKWELL, MOE_FP8_TILES,
                    "FP8 grouped GEMM (W8A8 or W8A16), routing weight times each pair's row, per-token sum"),
-    FusedCandidate("triton_nvfp4_quant_linear_w4a4", "quant_linear", {"weight": ("nvfp4",), "x": FLOATS},
+    FusedCandidate("triton_nvfp4_quant_linear_w4a4", "quant_linear", {"weight": ("nvfp4",), "x": (*FLOATS, "nvfp4codes")},
                    {"act_format": ("nvfp4",)}, ("sm_100",), DENSE_W4A4_TILES,
                    "NVFP4 W4A4: activations quantized to NVFP4 on load (dynamic E4M3 block-16 scales under the "
-                   "static input_scale), tl.dot_scaled (tcgen05 mxf4nvf4 block16), optional bias"),
+                   "static input_scale), or the NVFP4 codes and block scales a fused norm wrote read as they are; "
+                   "tl.dot_scaled (tcgen05 mxf4nvf4 block16), optional bias"),
     FusedCandidate("triton_fp8_quant_linear", "quant_linear", {"weight": ("fp8",), "x": ("bf16", "fp8e4m3")},
                    {"act_format": ("fp8",)}, HOPPER_AND_BLACKWELL, FP8_TILES,
                    "FP8 W8A8: bf16 activations rounded to E4M3 on load, or the E4M3 codes a fused norm wrote "

@@ -26,7 +26,7 @@ from nemocompile.codegen.triton.spec import TEMPLATE_DIR, KernelInstance
 from nemocompile.codegen.triton.templates_catalog import with_split_k_reduces
 from nemocompile.codegen.tuning.space import Config, apply
 from nemocompile.codegen.tuning.workload import GEMM, Workload
-from nemocompile.runtime.formats import FP8Tensor, NVFP4Tensor, fp8_codes
+from nemocompile.runtime.formats import FP8Tensor, NVFP4Tensor, fp8_codes, nvfp4_codes
 from nemocompile.runtime.kernels import triton_gemm
 from nemocompile.runtime.kernels.triton_loader import TritonKernels
 
@@ -127,6 +127,11 @@ def synthetic_call(kernels: TritonKernels, instance: KernelInstance, tokens: int
         routing = torch.rand(rows, device=device) if combine else None
         # a gathering GEMM reads token rows through `order`; the others read rows already in pair order
         source = (x if values.get("GATHER") else x.repeat_interleave(top_k, 0)).to(device)
+        x_scale = None
+        if dict(instance.pointer_types).get("x_ptr") == "u8":  # a fused norm's NVFP4 codes, as the binary reads them
+            # (under the global scale the W4A4 call below quantizes with: its input_scale placeholder, 1.0)
+            norm_codes = nvfp4_codes(source.cpu(), torch.tensor(1.0))
+            source, x_scale = norm_codes.packed.to(device), norm_codes.block_scale.to(device)
 
         input_scale = torch.full((experts,), 0.02, device=device) if values.get("QUANT_ACT") else None
 
@@ -136,7 +141,7 @@ def synthetic_call(kernels: TritonKernels, instance: KernelInstance, tokens: int
                                          out, rows)
             else:
                 triton_gemm.moe_nvfp4_gemm(kernels, instance.name, source, order, offsets, weight, None, routing, out,
-                                           rows, reduce_name)
+                                           rows, reduce_name, x_scale=x_scale)
         return grouped, out
     data = (torch.randn(n, k, generator=generator) * 0.1).to(torch.float8_e4m3fn)
     weight8 = FP8Tensor(data.to(device), torch.full((n,), 0.01, device=device))

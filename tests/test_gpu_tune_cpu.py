@@ -116,3 +116,29 @@ def test_measured_fp8_linear_on_norm_codes_reads_codes(tmp_path: Path) -> None:
     assert handed == [torch.bfloat16, torch.float8_e4m3fn]
     assert not torch.isnan(outputs[1]).any() and float(outputs[1].float().abs().max()) > 0
     torch.testing.assert_close(outputs[1], outputs[0], rtol=0.0, atol=0.0)
+
+
+def test_measured_w4a4_linear_on_nvfp4_norm_codes_reads_codes(tmp_path: Path) -> None:
+    """A dense W4A4 GEMM fed by a fused NVFP4 norm takes packed codes and block scales: the timed call
+    hands it codes (its compiled binary reads 0.5-byte codes and an E4M3 scale per 16, where bf16
+    activations would be read out of bounds), so it computes what the kernel that quantizes the same
+    activations on load computes."""
+    outputs, handed = [], []
+    for x_dtype in ("bf16", "u8"):
+        kernel = catalog.nvfp4_linear(f"w4a4_{x_dtype}", "quant_linear", n=32, k=64, act_format="nvfp4",
+                                      x_dtype=x_dtype, block_k=64)
+        kernels = TritonKernels.from_files(kernel_files([kernel], "sm_100", tmp_path, torch.device("cpu")), "cpu")
+        launch = kernels.launch
+
+        def spy(name: str, grid: Any, launch: Any = launch, **arguments: Any) -> Any:
+            handed.append((arguments["x_ptr"].dtype, arguments["x_scale_ptr"].shape))
+            return launch(name, grid, **arguments)
+
+        kernels.launch = spy  # type: ignore[method-assign]
+        call, out = synthetic_call(kernels, kernel, 3, torch.device("cpu"))
+        out.fill_(float("nan"))
+        call()
+        outputs.append(out.clone())
+    assert handed[1] == (torch.uint8, (3, 4)) and handed[0][0] == torch.bfloat16
+    assert not torch.isnan(outputs[1]).any() and float(outputs[1].float().abs().max()) > 0
+    torch.testing.assert_close(outputs[1], outputs[0], rtol=0.0, atol=0.0)

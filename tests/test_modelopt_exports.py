@@ -243,7 +243,8 @@ def test_w4a4_norm_hands_nvfp4_codes_and_runs_on_the_triton_backend(built: Calla
     its output for the up_proj (`%55, %9 = add_rms_norm(...) {act_format = "nvfp4"}` in a real
     export): it writes NVFP4 codes (nvfp4codes: packed E2M1 + E4M3 block scales), which a
     quant_linear with the same input_scale reads. With backend="triton" (this CPU: the interpreter)
-    the norm runs its kernel, and the engine matches backend="reference": logits error printed,
+    the norm runs its kernel and the GEMM the dense W4A4 kernel in its codes mode (the codes and block
+    scales loaded as they are), and the engine matches backend="reference": logits error printed,
     8 greedy tokens identical (and with the decode step compiled)."""
     pytest.importorskip("triton", reason="the triton backend needs the triton package (the [triton] extra)")
     engine = built("nvfp4", "b200", "fp32")
@@ -257,6 +258,14 @@ def test_w4a4_norm_hands_nvfp4_codes_and_runs_on_the_triton_backend(built: Calla
     triton = nemocompile.load(engine.result.out, backend="triton")
     norm_kernels = {r.kernel for r in triton.kernels() if r.op == "add_rms_norm"}
     assert norm_kernels == {"triton_add_rms_norm"} and all(r.fallback is None for r in triton.kernels())
+    # the quant_linear reading the codes runs the dense W4A4 kernel in its codes mode (x pointer u8)
+    gemm = re.search(rf'%(\S+) = quant_linear\(%{re.escape(codes)}, [^)]*\) \{{act_format = "nvfp4", '
+                     r'kernel = "triton_nvfp4_quant_linear_w4a4"', text)
+    assert gemm is not None
+    index = json.loads((engine.result.out / "kernels" / "kernels.json").read_text())
+    signatures = {k["name"]: k["signature"] for k in index["kernels"]}
+    bound = index["bindings"]["prefill"][gemm.group(1)]
+    assert signatures[bound[0]]["x_ptr"] == "*u8" and signatures[bound[0]]["x_scale_ptr"] == "*fp8e4nv"
     prompt = engine.export.prompt
     expected, got = reference.forward(prompt), triton.forward(prompt)
     error = relative_error(got, expected)
@@ -273,10 +282,10 @@ def test_nvfp4_export_runs_every_dense_gemm_on_a_triton_kernel(built: Callable[[
                                                                target: str) -> None:
     """ModelOpt's NVFP4_DEFAULT_CFG export (every linear NVFP4) as a bf16 engine: on h100 each dense
     GEMM is `linear` with an NVFP4 weight (W4A16), on b200 `quant_linear {act_format nvfp4}` (W4A4).
-    None may be left on its reference implementation but the b200 quant_linear that reads a fused
-    norm's NVFP4 codes (the dense W4A4 kernel quantizes bf16 rows on load; its codes input is still
-    to come); the triton backend (Triton's interpreter) matches the reference backend: logits within
-    2% of the largest, 8 greedy tokens identical."""
+    None may be left on its reference implementation: the b200 quant_linear that reads a fused
+    norm's NVFP4 codes runs the dense W4A4 kernel in its codes mode; the triton backend (Triton's
+    interpreter) matches the reference backend: logits within 2% of the largest, 8 greedy tokens
+    identical."""
     pytest.importorskip("triton", reason="the triton backend needs the triton package (the [triton] extra)")
     from nemocompile.graph.kernels import REFERENCE, kernel_of
     from nemocompile.graph.types import NVFP4, NVFP4_CODES
@@ -297,6 +306,7 @@ def test_nvfp4_export_runs_every_dense_gemm_on_a_triton_kernel(built: Callable[[
             x = op.operands[0]
             assert x is not None
             if types[x].dtype == NVFP4_CODES:
+                assert kernel_of(op) == "triton_nvfp4_quant_linear_w4a4", f"{op.opname} at {op.scope}"
                 codes_input += 1
                 continue
             assert kernel_of(op) != REFERENCE, f"{op.opname} at {op.scope} runs its reference"

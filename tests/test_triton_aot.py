@@ -29,7 +29,15 @@ FP8_CODES_INPUT = catalog.fp8_linear("fp8_codes_x", "quant_linear", n=256, k=256
 DENSE_W4A16 = catalog.nvfp4_linear("dense_w4a16", "linear", n=256, k=256, act_format="bf16")
 DENSE_W4A4 = catalog.nvfp4_linear("dense_w4a4", "quant_linear", n=256, k=80, act_format="nvfp4", has_bias=True,
                                   block_k=64)
+# quant_linear after a fused NVFP4 norm: the packed E2M1 codes and E4M3 block scales it wrote go to
+# tl.dot_scaled as they are (CODES: x pointer u8), at the Nano in_proj K and a padded K = 80
+DENSE_W4A4_CODES = catalog.nvfp4_linear("dense_w4a4_codes", "quant_linear", n=256, k=2688, act_format="nvfp4",
+                                        x_dtype="u8")
+DENSE_W4A4_CODES_PADDED = catalog.nvfp4_linear("dense_w4a4_codes_k80", "quant_linear", n=256, k=80,
+                                               act_format="nvfp4", x_dtype="u8", has_bias=True, block_k=64)
 CASES = [(UP, "sm_90", "wgmma.mma_async.sync.aligned.m64n16k16.f32.bf16.bf16"),
+         (DENSE_W4A4_CODES, "sm_100", "tcgen05.mma.cta_group::1.kind::mxf4nvf4.block_scale.block16"),
+         (DENSE_W4A4_CODES_PADDED, "sm_100", "tcgen05.mma.cta_group::1.kind::mxf4nvf4.block_scale.block16"),
          (DENSE_W4A16, "sm_90", "wgmma.mma_async.sync.aligned.m64n16k16.f32.bf16.bf16"),
          (DENSE_W4A16, "sm_100", "tcgen05.mma.cta_group::1.kind::f16"),
          (DENSE_W4A4, "sm_100", "tcgen05.mma.cta_group::1.kind::mxf4nvf4.block_scale.block16"),

@@ -15,7 +15,7 @@ from dataclasses import dataclass, replace
 
 from nemocompile.graph.ir import Graph, Op
 from nemocompile.graph.kernels import find, kernel_of
-from nemocompile.graph.types import FP8_E4M3, TensorType
+from nemocompile.graph.types import FP8_E4M3, NVFP4_CODES, TensorType
 
 from . import plan_ops
 from . import templates_catalog as catalog
@@ -194,9 +194,14 @@ def _nvfp4_linear(op: Op, types: Mapping[str, TensorType], arch: str, decode: bo
     out_dtype = triton_dtype(op.results[0].type, f"{op.opname} result")
     if bias is not None and triton_dtype(types[bias], f"{op.opname} bias") != out_dtype:
         raise NoKernel("the bias dtype differs from the result's; the kernel reads it as the result's")
+    x_type = _operand_type(op, types, 0)
+    # NVFP4 codes a fused norm wrote (nvfp4codes) are read by W4A4 as they are: packed codes (x pointer
+    # u8, the kernel's codes mode) and their block scales
+    if x_type.dtype == NVFP4_CODES and not w4a4:
+        raise NoKernel("NVFP4 codes are read by the W4A4 quant_linear")
+    x_dtype = "u8" if x_type.dtype == NVFP4_CODES else triton_dtype(x_type, f"{op.opname} input")
     return (catalog.nvfp4_linear(kernel_of(op), op.opname, n=n, k=k, act_format="nvfp4" if w4a4 else "bf16",
-                                 has_bias=bias is not None,
-                                 x_dtype=triton_dtype(_operand_type(op, types, 0), f"{op.opname} input"),
+                                 has_bias=bias is not None, x_dtype=x_dtype,
                                  out_dtype=out_dtype,
                                  block_k=block_k_for(k, W4A4_MIN_BLOCK_K if w4a4 else BLOCK_K_CHOICES[-1])),)
 

@@ -16,7 +16,7 @@ MOE_NVFP4_GEMM = KernelTemplate(
     params=(("x_ptr", "*dtype"), ("order_ptr", "*i64"), ("tile_starts_ptr", "*i32"), ("offsets_ptr", "*i64"),
             ("weight_ptr", "*u8"), ("block_scale_ptr", "*fp8e4nv"), ("global_scale_ptr", "*fp32"),
             ("input_scale_ptr", "*fp32"), ("routing_ptr", "*fp32"), ("out_ptr", "*dtype"), ("workspace_ptr", "*fp32"),
-            ("bias_ptr", "*dtype"), ("rows", "i32")),
+            ("bias_ptr", "*dtype"), ("x_scale_ptr", "*fp8e4nv"), ("rows", "i32")),
     constexprs=("N", "K", "NUM_EXPERTS", "TOP_K", "GATHER", "ACTIVATION", "COMBINE", "ACT_FORMAT",
                 "BLOCK_M", "BLOCK_N", "BLOCK_K", "SWAP_AB", "SPLIT_K", "DENSE", "HAS_BIAS", "INTERPRET"),
     aligned=("x_ptr", "weight_ptr", "block_scale_ptr", "out_ptr"),
@@ -200,7 +200,8 @@ def nvfp4_linear(name: str, op: str, *, n: int, k: int, act_format: str, has_bia
     """A dense GEMM with an NVFP4 weight [N, K]: moe_nvfp4_gemm's DENSE mode (one weight, rows from
     the program id, optional bias). act_format "bf16": W4A16 (x bf16 or fp32), default tiles
     BLOCK_M 16 with SWAP_AB (decode: the weight tile is the 64-row MMA operand); "nvfp4": W4A4 on
-    sm_100 (x quantized on load under the static input_scale, tl.dot_scaled), 128x128 tiles."""
+    sm_100 (x quantized on load under the static input_scale, tl.dot_scaled), 128x128 tiles; x_dtype
+    "u8": x is NVFP4 codes a fused norm wrote (packed, with block scales), read as they are."""
     w4a4 = act_format == "nvfp4"
     # W4A4 takes 8 warps by default: its 128x128 tile quantized on load spilled with 4 (sm_100a: 255
     # registers and 120 bytes of stack at N = K = 4096; 178 registers and none with 8)

@@ -123,12 +123,14 @@ def _fp8_linear(kernels: TritonKernels, names: Sequence[str], op: Op, args: Args
 
 
 def _nvfp4_linear(kernels: TritonKernels, names: Sequence[str], op: Op, args: Args) -> tuple[torch.Tensor, ...]:
-    """linear(x, nvfp4 weight, bias?) (W4A16) or quant_linear(x, nvfp4 weight, input_scale, bias?) (W4A4)."""
+    """linear(x, nvfp4 weight, bias?) (W4A16) or quant_linear(x, nvfp4 weight, input_scale, bias?) (W4A4),
+    whose x may be the NVFP4 codes a fused norm wrote (an NVFP4Tensor)."""
     gemm, reduce, _ = _gemm_names(kernels, names)
     quantized = op.opname == "quant_linear"
     input_scale = _tensor(args[2], "input_scale") if quantized else None
     bias_index = 3 if quantized else 2
-    return (triton_gemm.nvfp4_linear(kernels, gemm, _tensor(args[0], "x"), _nvfp4(op, args[1]), input_scale,
+    x = args[0] if isinstance(args[0], NVFP4Tensor) else _tensor(args[0], "x")  # NVFP4 codes a fused norm wrote
+    return (triton_gemm.nvfp4_linear(kernels, gemm, x, _nvfp4(op, args[1]), input_scale,
                                      _optional(args[bias_index] if len(args) > bias_index else None),
                                      out_dtype=torch_dtype(op.results[0].type.dtype), reduce_name=reduce),)
 

@@ -68,11 +68,13 @@ def _workspace(split: int, rows: int, n: int, device: torch.device, alloc: Alloc
 def moe_nvfp4_gemm(kernels: TritonKernels, name: str, x: torch.Tensor, order: torch.Tensor | None,
                    offsets: torch.Tensor, weight: NVFP4Tensor, input_scale: torch.Tensor | None,
                    routing: torch.Tensor | None, out: torch.Tensor, rows: int, reduce_name: str | None = None,
-                   alloc: Alloc = empty, bias: torch.Tensor | None = None) -> torch.Tensor:
+                   alloc: Alloc = empty, bias: torch.Tensor | None = None,
+                   x_scale: torch.Tensor | None = None) -> torch.Tensor:
     """Run kernel `name` (a moe_nvfp4_gemm specialisation) over rows offsets[0]:offsets[E] of `rows`;
     `order` is read only by specialisations that gather or combine; `reduce_name`: the reduce
     kernel of a split-K specialisation. A DENSE specialisation (one weight) runs rows 0..rows-1 and
-    reads neither `offsets` nor `order`; `bias` only there (HAS_BIAS)."""
+    reads neither `offsets` nor `order`; `bias` only there (HAS_BIAS). x uint8: NVFP4 codes [rows, K/2]
+    with their block scales `x_scale` [rows, K/16] (the kernel's CODES mode)."""
     dense = bool(kernels.constexpr(name, "DENSE"))
     experts = 1 if dense else offsets.numel() - 1
     block_m = int(kernels.constexpr(name, "BLOCK_M"))
@@ -97,7 +99,7 @@ def moe_nvfp4_gemm(kernels: TritonKernels, name: str, x: torch.Tensor, order: to
         offsets_ptr=offsets_arg, weight_ptr=aligned(weight.packed),
         block_scale_ptr=aligned(weight.block_scale), global_scale_ptr=global_scale,
         input_scale_ptr=input_scales, routing_ptr=routing_arg, out_ptr=out, workspace_ptr=workspace,
-        bias_ptr=bias_arg, rows=rows)
+        bias_ptr=bias_arg, x_scale_ptr=weight.block_scale if x_scale is None else aligned(x_scale), rows=rows)
     if split > 1:
         assert reduce_name is not None
         kernels.launch(reduce_name, grid, workspace_ptr=workspace, x_ptr=x, order_ptr=order_arg,
@@ -140,22 +142,26 @@ def _expert_gemm(kernels: TritonKernels, name: str, x: torch.Tensor, order: torc
                           reduce_name, alloc)
 
 
-def nvfp4_linear(kernels: TritonKernels, name: str, x: torch.Tensor, weight: NVFP4Tensor,
+def nvfp4_linear(kernels: TritonKernels, name: str, x: torch.Tensor | NVFP4Tensor, weight: NVFP4Tensor,
                  input_scale: torch.Tensor | None = None, bias: torch.Tensor | None = None,
                  out: torch.Tensor | None = None, out_dtype: torch.dtype = torch.bfloat16,
                  reduce_name: str | None = None, alloc: Alloc = empty) -> torch.Tensor:
     """out [..., N] = x @ dequant(weight)^T + bias with an NVFP4 weight [N, K]: W4A16, or W4A4 (the
-    kernel's ACT_FORMAT nvfp4: x quantized on load as `quantize(x, "nvfp4", input_scale)`)."""
-    rows = x.reshape(-1, x.shape[-1])
+    kernel's ACT_FORMAT nvfp4: x quantized on load as `quantize(x, "nvfp4", input_scale)`, or x the
+    NVFP4 codes a fused norm wrote, an NVFP4Tensor under input_scale, read as they are)."""
+    # (codegen/triton/plan.py specialises a uint8 x pointer for an nvfp4codes input: CODES mode)
+    data = x.packed if isinstance(x, NVFP4Tensor) else x
+    rows = data.reshape(-1, data.shape[-1])
+    x_scale = x.block_scale.reshape(rows.shape[0], -1) if isinstance(x, NVFP4Tensor) else None
     n = weight.shape[0]
     if out is None:
-        out = torch.empty(rows.shape[0], n, dtype=out_dtype, device=x.device)
+        out = torch.empty(rows.shape[0], n, dtype=out_dtype, device=data.device)
     if kernels.constexpr(name, "ACT_FORMAT") == "nvfp4" and input_scale is None:
         raise ValueError(f"kernel {name} quantizes its input to NVFP4 and needs the input_scale")
     # the [N, K/2] weight is the kernel's one weight [1, N, K/2]: the same bytes
-    moe_nvfp4_gemm(kernels, name, rows, None, _one(x.device), weight, input_scale, None, out, rows.shape[0],
-                   reduce_name, alloc, bias)
-    return out.view(*x.shape[:-1], n)
+    moe_nvfp4_gemm(kernels, name, rows, None, _one(data.device), weight, input_scale, None, out, rows.shape[0],
+                   reduce_name, alloc, bias, x_scale)
+    return out.view(*data.shape[:-1], n)
 
 
 def moe_expert_up(kernels: TritonKernels, name: str, x: torch.Tensor, order: torch.Tensor, offsets: torch.Tensor,

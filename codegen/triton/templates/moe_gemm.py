@@ -12,6 +12,10 @@ ACT_FORMAT selects the activation side:
   per-expert fp32 global scale multiplies the accumulator.
 - "nvfp4" (W4A4, Blackwell): the activation tile is quantized on load to NVFP4 (dynamic E4M3 block
   scales, per-expert static input_scale) and multiplied by `tl.dot_scaled` (tcgen05 mxf4nvf4).
+  Or, where x is a uint8 pointer (CODES: the `quant_linear` after a fused norm, which reads the
+  norm's nvfp4codes), x holds NVFP4 codes already, packed two per byte [rows, K/2], with their E4M3
+  block scales at x_scale [rows, K/16] (under input_scale as global scale): both are loaded as they
+  are and go to `tl.dot_scaled` unchanged, 0.5 + 1/16 byte per activation, nothing rounded again.
 
 DENSE is the same GEMM for a dense `linear` / `quant_linear` (one weight [1, N, K/2], no experts):
 program (m, n) owns rows m * BLOCK_M .. of `rows`, nothing is gathered or combined, and the
@@ -31,7 +35,8 @@ which applies the epilogue itself and never touches the workspace.
 
 INTERPRET (true only under TRITON_INTERPRET=1): the interpreter's bf16 tl.dot multiplies raw bits
 (Triton issue 11584) and its dot_scaled decodes E4M3 scales as E8M0, so in interpreter mode only
-both operands are dequantized explicitly to fp32 and multiplied with input_precision="ieee".
+both operands are dequantized explicitly to fp32 and multiplied with input_precision="ieee" (codes
+read as they are too: E2M1 value times block scale, exact in fp32).
 """
 
 import triton
@@ -63,7 +68,7 @@ def _find_expert(tile_starts_ptr, pid, NUM_EXPERTS: tl.constexpr):
 @triton.jit
 def moe_nvfp4_gemm(
     x_ptr, order_ptr, tile_starts_ptr, offsets_ptr, weight_ptr, block_scale_ptr, global_scale_ptr,
-    input_scale_ptr, routing_ptr, out_ptr, workspace_ptr, bias_ptr, rows,
+    input_scale_ptr, routing_ptr, out_ptr, workspace_ptr, bias_ptr, x_scale_ptr, rows,
     N: tl.constexpr, K: tl.constexpr, NUM_EXPERTS: tl.constexpr, TOP_K: tl.constexpr,
     GATHER: tl.constexpr, ACTIVATION: tl.constexpr, COMBINE: tl.constexpr, ACT_FORMAT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SWAP_AB: tl.constexpr,
@@ -77,8 +82,12 @@ def moe_nvfp4_gemm(
     weight routing[order[r]] (routing: [tokens * TOP_K] fp32) and stored as fp32 at row order[r]
     of out [tokens * TOP_K, N] (moe_combine_rows then sums each token's TOP_K rows); else stored
     at row r in out's dtype. DENSE: rows 0..rows-1 of x [rows, K] and out [rows, N], weight [1, N, K/2],
-    plus bias [N] (out's dtype) with HAS_BIAS.
+    plus bias [N] (out's dtype) with HAS_BIAS. CODES (x uint8): x [*, K/2] packed NVFP4 codes and
+    x_scale float8e4nv [*, K/16] their block scales (ACT_FORMAT nvfp4; x_scale is not read otherwise).
     """
+    # x holds NVFP4 codes a fused norm wrote (packed E2M1, block scales at x_scale_ptr)
+    CODES: tl.constexpr = x_ptr.dtype.element_ty == tl.uint8
+    tl.static_assert(not CODES or ACT_FORMAT == "nvfp4", "NVFP4 codes are read by the W4A4 GEMM")
     tl.static_assert(not (SWAP_AB and ACT_FORMAT == "nvfp4"), "SWAP_AB is a W4A16 option")
     tl.static_assert(not (DENSE and (GATHER or COMBINE or NUM_EXPERTS != 1)), "DENSE has one weight, no routing")
     tl.static_assert(not (HAS_BIAS and not DENSE), "a bias is a DENSE option")
@@ -96,7 +105,11 @@ def moe_nvfp4_gemm(
     expert64 = expert.to(tl.int64)
     weight_rows = weight_ptr + expert64 * (N * K // 2) + col_ids[:, None] * (K // 2)
     scale_rows = block_scale_ptr + expert64 * (N * K // 16) + col_ids[:, None] * (K // 16)
-    x_rows = x_ptr + source_rows.to(tl.int64)[:, None] * K
+    if CODES:
+        x_rows = x_ptr + source_rows.to(tl.int64)[:, None] * (K // 2)
+        x_scale_rows = x_scale_ptr + source_rows.to(tl.int64)[:, None] * (K // 16)
+    else:
+        x_rows = x_ptr + source_rows.to(tl.int64)[:, None] * K
     if ACT_FORMAT == "nvfp4":
         input_scale = tl.load(input_scale_ptr + expert)
     if SWAP_AB:
@@ -119,16 +132,35 @@ def moe_nvfp4_gemm(
         byte_ids = k0 // 2 + tl.arange(0, BLOCK_K // 2)
         block_ids = k0 // 16 + tl.arange(0, BLOCK_K // 16)
         if EVEN_K:
-            x = tl.load(x_rows + k_ids[None, :], mask=row_mask[:, None], other=0.0)
+            if CODES:
+                x_packed = tl.load(x_rows + byte_ids[None, :], mask=row_mask[:, None], other=0)
+                x_scales = tl.load(x_scale_rows + block_ids[None, :], mask=row_mask[:, None], other=0.0)
+            else:
+                x = tl.load(x_rows + k_ids[None, :], mask=row_mask[:, None], other=0.0)
             packed = tl.load(weight_rows + byte_ids[None, :], mask=col_mask[:, None], other=0)
             scales = tl.load(scale_rows + block_ids[None, :], mask=col_mask[:, None], other=0.0).to(tl.float32)
         else:
-            x = tl.load(x_rows + k_ids[None, :], mask=row_mask[:, None] & (k_ids < K)[None, :], other=0.0)
+            if CODES:
+                x_packed = tl.load(x_rows + byte_ids[None, :], mask=row_mask[:, None] & (byte_ids < K // 2)[None, :],
+                                   other=0)
+                x_scales = tl.load(x_scale_rows + block_ids[None, :],
+                                   mask=row_mask[:, None] & (block_ids < K // 16)[None, :], other=0.0)
+            else:
+                x = tl.load(x_rows + k_ids[None, :], mask=row_mask[:, None] & (k_ids < K)[None, :], other=0.0)
             packed = tl.load(weight_rows + byte_ids[None, :], mask=col_mask[:, None] & (byte_ids < K // 2)[None, :],
                              other=0)
             scales = tl.load(scale_rows + block_ids[None, :], mask=col_mask[:, None] & (block_ids < K // 16)[None, :],
                              other=0.0).to(tl.float32)
-        if ACT_FORMAT == "nvfp4":
+        if CODES:
+            # the norm's codes and block scales as they are (masked rows and K beyond load code 0)
+            if INTERPRET:
+                x_values = unpack_e2m1(x_packed) * expand_block_scales(x_scales.to(tl.float32), BLOCK_K)
+                w_values = unpack_e2m1(packed) * expand_block_scales(scales, BLOCK_K)
+                acc = tl.dot(x_values, tl.trans(w_values), acc, input_precision="ieee")
+            else:
+                acc = tl.dot_scaled(x_packed, x_scales, "e2m1", tl.trans(packed), scales.to(tl.float8e4nv), "e2m1",
+                                    acc)
+        elif ACT_FORMAT == "nvfp4":
             codes, x_scales = nvfp4_quantize_tile(x.to(tl.float32), input_scale)
             if INTERPRET:
                 x_values = e2m1_value(codes) * expand_block_scales(x_scales, BLOCK_K)

@@ -92,20 +92,17 @@ def test_measured_path_runs_in_the_interpreter(tmp_path: Path) -> None:
     assert timer(tiny, default, 4) > 0 and timer(tiny, split, 4) > 0
 
 
-def test_measured_fp8_linear_on_norm_codes_reads_codes(tmp_path: Path) -> None:
-    """An FP8 GEMM fed by a fused norm takes E4M3 codes: the timed call hands it codes (the bf16
-    activations quantized with the input scale; its compiled binary reads 1-byte codes, while the
-    interpreter would take bf16 too), so it computes what the kernel that quantizes the same
-    activations on load computes."""
-    outputs, handed = [], []
-    for x_dtype in ("bf16", "fp8e4nv"):
-        kernel = catalog.fp8_linear(f"fp8_{x_dtype}", "quant_linear", n=32, k=64, quant_act=True, x_dtype=x_dtype,
-                                    block_k=32)
-        kernels = TritonKernels.from_files(kernel_files([kernel], "sm_90", tmp_path, torch.device("cpu")), "cpu")
+def _timed_outputs(instances: list[KernelInstance], arch: str, tmp_path: Path,
+                   handed: list[Any], pick: Any) -> list[torch.Tensor]:
+    """Each instance's synthetic timed call run once in the interpreter on a NaN-filled output: the
+    outputs, and `pick(arguments)` of each launch appended to `handed`."""
+    outputs = []
+    for kernel in instances:
+        kernels = TritonKernels.from_files(kernel_files([kernel], arch, tmp_path, torch.device("cpu")), "cpu")
         launch = kernels.launch
 
         def spy(name: str, grid: Any, launch: Any = launch, **arguments: Any) -> Any:
-            handed.append(arguments["x_ptr"].dtype)
+            handed.append(pick(arguments))
             return launch(name, grid, **arguments)
 
         kernels.launch = spy  # type: ignore[method-assign]
@@ -113,8 +110,20 @@ def test_measured_fp8_linear_on_norm_codes_reads_codes(tmp_path: Path) -> None:
         out.fill_(float("nan"))
         call()
         outputs.append(out.clone())
-    assert handed == [torch.bfloat16, torch.float8_e4m3fn]
     assert not torch.isnan(outputs[1]).any() and float(outputs[1].float().abs().max()) > 0
+    return outputs
+
+
+def test_measured_fp8_linear_on_norm_codes_reads_codes(tmp_path: Path) -> None:
+    """An FP8 GEMM fed by a fused norm takes E4M3 codes: the timed call hands it codes (the bf16
+    activations quantized with the input scale; its compiled binary reads 1-byte codes, while the
+    interpreter would take bf16 too), so it computes what the kernel that quantizes the same
+    activations on load computes."""
+    handed: list[Any] = []
+    instances = [catalog.fp8_linear(f"fp8_{x_dtype}", "quant_linear", n=32, k=64, quant_act=True, x_dtype=x_dtype,
+                                    block_k=32) for x_dtype in ("bf16", "fp8e4nv")]
+    outputs = _timed_outputs(instances, "sm_90", tmp_path, handed, lambda arguments: arguments["x_ptr"].dtype)
+    assert handed == [torch.bfloat16, torch.float8_e4m3fn]
     torch.testing.assert_close(outputs[1], outputs[0], rtol=0.0, atol=0.0)
 
 
@@ -123,22 +132,10 @@ def test_measured_w4a4_linear_on_nvfp4_norm_codes_reads_codes(tmp_path: Path) ->
     hands it codes (its compiled binary reads 0.5-byte codes and an E4M3 scale per 16, where bf16
     activations would be read out of bounds), so it computes what the kernel that quantizes the same
     activations on load computes."""
-    outputs, handed = [], []
-    for x_dtype in ("bf16", "u8"):
-        kernel = catalog.nvfp4_linear(f"w4a4_{x_dtype}", "quant_linear", n=32, k=64, act_format="nvfp4",
-                                      x_dtype=x_dtype, block_k=64)
-        kernels = TritonKernels.from_files(kernel_files([kernel], "sm_100", tmp_path, torch.device("cpu")), "cpu")
-        launch = kernels.launch
-
-        def spy(name: str, grid: Any, launch: Any = launch, **arguments: Any) -> Any:
-            handed.append((arguments["x_ptr"].dtype, arguments["x_scale_ptr"].shape))
-            return launch(name, grid, **arguments)
-
-        kernels.launch = spy  # type: ignore[method-assign]
-        call, out = synthetic_call(kernels, kernel, 3, torch.device("cpu"))
-        out.fill_(float("nan"))
-        call()
-        outputs.append(out.clone())
+    handed: list[Any] = []
+    instances = [catalog.nvfp4_linear(f"w4a4_{x_dtype}", "quant_linear", n=32, k=64, act_format="nvfp4",
+                                      x_dtype=x_dtype, block_k=64) for x_dtype in ("bf16", "u8")]
+    outputs = _timed_outputs(instances, "sm_100", tmp_path, handed,
+                             lambda arguments: (arguments["x_ptr"].dtype, arguments["x_scale_ptr"].shape))
     assert handed[1] == (torch.uint8, (3, 4)) and handed[0][0] == torch.bfloat16
-    assert not torch.isnan(outputs[1]).any() and float(outputs[1].float().abs().max()) > 0
     torch.testing.assert_close(outputs[1], outputs[0], rtol=0.0, atol=0.0)

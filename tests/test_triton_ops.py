@@ -372,36 +372,7 @@ ATTENTION_CASES = [  # (batch, new tokens, query heads, kv heads, head_dim, cach
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", ATTENTION_CASES)
 def test_attention_gqa_cached(dtype: torch.dtype, case: tuple[Any, ...], exact: bool, tmp_path: Path) -> None:
-    batch, length, heads, kv_heads, head_dim, lens = case
-    torch.manual_seed(length * 100 + sum(lens))
-    capacity = max(lens) + length + 3
-    q = torch.randn(batch, length, heads * head_dim).to(dtype)
-    k = torch.randn(batch, length, kv_heads * head_dim).to(dtype)
-    v = torch.randn(batch, length, kv_heads * head_dim).to(dtype)
-    k_cache = torch.randn(batch, kv_heads, capacity, head_dim).to(dtype)
-    v_cache = torch.randn(batch, kv_heads, capacity, head_dim).to(dtype)
-    for seq, cached in enumerate(lens):  # the runtime's cache holds zeros past each length ...
-        k_cache[seq, :, cached:] = 0.0
-        v_cache[seq, :, cached:] = 0.0
-    expected_k, expected_v = k_cache.clone(), v_cache.clone()
-    for seq, cached in enumerate(lens):  # ... the kernel must not read them: poison its copy there
-        k_cache[seq, :, cached:] = float("nan")
-        v_cache[seq, :, cached:] = float("nan")
-    cache_lens = torch.tensor(lens)
-    sizes: dict[str, Any] = dict(num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim, scale=head_dim**-0.5)
-    write, attend = catalog.attention_gqa("attn", "attention_gqa", head_dim=head_dim, decode=length == 1,
-                                          dtype=TRITON_TYPE[dtype], exact=exact, group=heads // kv_heads)
-    ks = interpreted([write, attend], tmp_path)
-    out, k_out, v_out = triton_ops.attention_gqa_cached(ks, write.name, attend.name, q, k, v, k_cache, v_cache,
-                                                        cache_lens, alloc=poison, **sizes)
-    expected, _, _ = attention_gqa_cached(q, k, v, expected_k, expected_v, cache_lens, **sizes)
-    assert k_out is k_cache and v_out is v_cache
-    assert_close(out, expected, RTOL_ATTENTION_BF16 if dtype == torch.bfloat16 and not exact else RTOL[dtype])
-    for seq, cached in enumerate(lens):
-        written = slice(0, cached + length)
-        assert torch.equal(k_out[seq, :, written], expected_k[seq, :, written])
-        assert torch.equal(v_out[seq, :, written], expected_v[seq, :, written])
-        assert k_out[seq, :, cached + length:].isnan().all(), "nothing past the new tokens is written"
+    _check_attention(case, dtype, exact, False, tmp_path)
 
 
 FP8_ATTENTION_CASES = [ATTENTION_CASES[0], ATTENTION_CASES[1], ATTENTION_CASES[4], ATTENTION_CASES[5]]
@@ -413,16 +384,24 @@ def test_attention_gqa_fp8_cache(dtype: torch.dtype, case: tuple[Any, ...], tmp_
     """An FP8 (E4M3) KV cache: the new keys/values written as the reference's codes bit for bit (some
     beyond 448 * scale, which saturate; some under E4M3's smallest normal), every cached entry read as
     code * scale; entries past each sequence's length are NaN codes the kernel must not read."""
+    _check_attention(case, dtype, True, True, tmp_path)
+
+
+def _check_attention(case: tuple[Any, ...], dtype: torch.dtype, exact: bool, fp8: bool, tmp_path: Path) -> None:
+    """The cache write and attention kernels against attention_gqa_cached on one case, with a float
+    cache of `dtype` or an FP8 one (E4M3 codes under fp32 k/v scales)."""
     batch, length, heads, kv_heads, head_dim, lens = case
-    torch.manual_seed(7 + length * 100 + sum(lens))
+    torch.manual_seed(length * 100 + sum(lens) + 7 * fp8)
     capacity = max(lens) + length + 3
     q = torch.randn(batch, length, heads * head_dim).to(dtype)
-    k = (torch.randn(batch, length, kv_heads * head_dim) * torch.logspace(-4, 1, kv_heads * head_dim)).to(dtype)
+    k = torch.randn(batch, length, kv_heads * head_dim)
+    if fp8:  # magnitudes over five decades: some keys saturate at 448 * k_scale, some are subnormal codes
+        k = k * torch.logspace(-4, 1, kv_heads * head_dim)
+    k = k.to(dtype)
     v = torch.randn(batch, length, kv_heads * head_dim).to(dtype)
-    k_scale, v_scale = torch.tensor(float(k.float().abs().max()) / 600), torch.tensor(0.01)
-    fp8 = torch.float8_e4m3fn
-    k_cache = (torch.randn(batch, kv_heads, capacity, head_dim) * 100).to(fp8)
-    v_cache = (torch.randn(batch, kv_heads, capacity, head_dim) * 100).to(fp8)
+    cache_dtype = torch.float8_e4m3fn if fp8 else dtype
+    k_cache = (torch.randn(batch, kv_heads, capacity, head_dim) * (100 if fp8 else 1)).to(cache_dtype)
+    v_cache = (torch.randn(batch, kv_heads, capacity, head_dim) * (100 if fp8 else 1)).to(cache_dtype)
     for seq, cached in enumerate(lens):  # the runtime's cache holds zeros past each length ...
         k_cache[seq, :, cached:] = 0.0
         v_cache[seq, :, cached:] = 0.0
@@ -431,22 +410,26 @@ def test_attention_gqa_fp8_cache(dtype: torch.dtype, case: tuple[Any, ...], tmp_
         k_cache[seq, :, cached:] = float("nan")
         v_cache[seq, :, cached:] = float("nan")
     cache_lens = torch.tensor(lens)
-    sizes: dict[str, Any] = dict(num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim, scale=head_dim**-0.5,
-                                 k_scale=k_scale, v_scale=v_scale)
+    sizes: dict[str, Any] = dict(num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim, scale=head_dim**-0.5)
+    if fp8:
+        sizes.update(k_scale=torch.tensor(float(k.float().abs().max()) / 600), v_scale=torch.tensor(0.01))
     write, attend = catalog.attention_gqa("attn", "attention_gqa", head_dim=head_dim, decode=length == 1,
-                                          dtype=TRITON_TYPE[dtype], cache_dtype="fp8e4nv", group=heads // kv_heads)
+                                          dtype=TRITON_TYPE[dtype], exact=exact, group=heads // kv_heads,
+                                          cache_dtype="fp8e4nv" if fp8 else None)
     ks = interpreted([write, attend], tmp_path)
     out, k_out, v_out = triton_ops.attention_gqa_cached(ks, write.name, attend.name, q, k, v, k_cache, v_cache,
                                                         cache_lens, alloc=poison, **sizes)
     expected, _, _ = attention_gqa_cached(q, k, v, expected_k, expected_v, cache_lens, **sizes)
     assert k_out is k_cache and v_out is v_cache
-    assert_close(out, expected, RTOL[dtype])
-    new_codes = k_out.view(torch.uint8)[0, :, lens[0]:lens[0] + length]
-    assert (new_codes & 0x7F == 0x7E).any(), "some new keys saturate at 448"
+    assert_close(out, expected, RTOL_ATTENTION_BF16 if dtype == torch.bfloat16 and not exact else RTOL[dtype])
+    if fp8:
+        new_codes = k_out.view(torch.uint8)[0, :, lens[0]:lens[0] + length]
+        assert (new_codes & 0x7F == 0x7E).any(), "some new keys saturate at 448"
+    bits = torch.uint8 if fp8 else dtype  # codes compared bit for bit
     for seq, cached in enumerate(lens):
         written = slice(0, cached + length)
-        assert torch.equal(k_out[seq, :, written].view(torch.uint8), expected_k[seq, :, written].view(torch.uint8))
-        assert torch.equal(v_out[seq, :, written].view(torch.uint8), expected_v[seq, :, written].view(torch.uint8))
+        assert torch.equal(k_out[seq, :, written].view(bits), expected_k[seq, :, written].view(bits))
+        assert torch.equal(v_out[seq, :, written].view(bits), expected_v[seq, :, written].view(bits))
         assert k_out[seq, :, cached + length:].float().isnan().all(), "nothing past the new tokens is written"
 
 

@@ -23,6 +23,7 @@ from nemocompile.graph.types import (
     I64,
     NVFP4,
     NVFP4_CODES,
+    DType,
     Sharding,
     TensorType,
 )
@@ -333,49 +334,34 @@ def test_accepts_a_hand_built_graph_with_optional_operands_left_out() -> None:
     assert isinstance(graph.states[0], StateSlot)
 
 
-def test_a_fused_norms_fp8_codes_are_read_only_with_their_scale() -> None:
-    """add_rms_norm {act_format fp8} types its output as E4M3 codes; a quant_linear reads them with the
-    input_scale (result in its out_dtype), while a plain linear, which has no scale, is refused."""
+@pytest.mark.parametrize(("act_format", "weight_dtype", "codes_dtype", "other", "unscaled"), [
+    ("fp8", FP8_SCALED, FP8_E4M3, "nvfp4", "E4M3 codes"),
+    ("nvfp4", NVFP4, NVFP4_CODES, "fp8", "NVFP4 codes"),
+])
+def test_a_fused_norms_codes_are_read_only_by_a_quant_linear_of_their_format(
+        act_format: str, weight_dtype: DType, codes_dtype: DType, other: str, unscaled: str) -> None:
+    """add_rms_norm {act_format} types its output as codes (fp8: E4M3 codes; nvfp4: nvfp4codes, packed
+    E2M1 codes and E4M3 block scales); a quant_linear of that act_format reads them with the input_scale
+    (result in its out_dtype), while a plain linear, which has no scale, or a quant_linear of another
+    format, is refused, and the verifier quotes a graph that has one."""
     b = GraphBuilder("codes")
-    x = b.input("x", TensorType(BF16, ("batch", 16)))
-    residual = b.input("residual", TensorType(BF16, ("batch", 16)))
-    norm = b.weight("norm", TensorType(BF16, (16,)), "norms")
-    w = b.weight("w", TensorType(FP8_SCALED, (4, 16)), "mlp")
-    scale = b.weight("scale", TensorType(F32, ()), "activation_scales")
-    codes, summed = b.op("add_rms_norm", [x, residual, norm, scale], {"eps": 1e-5, "act_format": "fp8"})
-    assert b.type_of(codes) == TensorType(FP8_E4M3, ("batch", 16))
-    y = b.op1("quant_linear", [codes, w, scale], {"act_format": "fp8", "out_dtype": "bf16"})
-    assert b.type_of(y) == TensorType(BF16, ("batch", 4))
-    with pytest.raises(IRError, match=r"E4M3 codes .* carry no scale"):
-        b.op1("linear", [codes, w], {"out_dtype": "bf16"})
-    with pytest.raises(IRError, match="needs act_format fp8"):
-        b.op1("quant_linear", [codes, w, scale], {"act_format": "nvfp4", "out_dtype": "bf16"})
-    b.output(y)
-    b.output(summed)
-    assert verify(b.build()).ops[1].opname == "quant_linear"
-
-
-def test_a_fused_norms_nvfp4_codes_are_read_only_by_a_w4a4_quant_linear() -> None:
-    """add_rms_norm {act_format nvfp4} types its output as nvfp4codes (packed E2M1 codes and E4M3 block
-    scales); a quant_linear {act_format nvfp4} reads them with the input_scale, while a plain linear, or
-    a quant_linear of another format, is refused, and the verifier quotes a graph that has one."""
-    b = GraphBuilder("nvfp4_codes")
     x = b.input("x", TensorType(BF16, ("batch", 32)))
     residual = b.input("residual", TensorType(BF16, ("batch", 32)))
     norm = b.weight("norm", TensorType(BF16, (32,)), "norms")
-    w = b.weight("w", TensorType(NVFP4, (4, 32)), "mlp")
+    w = b.weight("w", TensorType(weight_dtype, (4, 32)), "mlp")
     scale = b.weight("scale", TensorType(F32, ()), "activation_scales")
-    codes, summed = b.op("add_rms_norm", [x, residual, norm, scale], {"eps": 1e-5, "act_format": "nvfp4"})
-    assert b.type_of(codes) == TensorType(NVFP4_CODES, ("batch", 32))
-    y = b.op1("quant_linear", [codes, w, scale], {"act_format": "nvfp4", "out_dtype": "bf16"})
+    codes, summed = b.op("add_rms_norm", [x, residual, norm, scale], {"eps": 1e-5, "act_format": act_format})
+    assert b.type_of(codes) == TensorType(codes_dtype, ("batch", 32))
+    y = b.op1("quant_linear", [codes, w, scale], {"act_format": act_format, "out_dtype": "bf16"})
     assert b.type_of(y) == TensorType(BF16, ("batch", 4))
-    with pytest.raises(IRError, match=r"NVFP4 codes .* carry no global scale"):
+    with pytest.raises(IRError, match=f"{unscaled} .* carry no"):
         b.op1("linear", [codes, w], {"out_dtype": "bf16"})
-    with pytest.raises(IRError, match="needs act_format nvfp4"):
-        b.op1("quant_linear", [codes, w, scale], {"act_format": "fp8", "out_dtype": "bf16"})
+    with pytest.raises(IRError, match=f"needs act_format {act_format}"):
+        b.op1("quant_linear", [codes, w, scale], {"act_format": other, "out_dtype": "bf16"})
     b.output(y)
     b.output(summed)
     graph = verify(b.build())
     assert graph.ops[1].opname == "quant_linear"
     linear = Op("linear", (codes, "w", None), graph.ops[1].results, Attrs.of({"out_dtype": "bf16"}))
-    assert_rejected(graph, 1, linear, "carry no global scale")
+    assert_rejected(graph, 1, linear, "carry no")
+    assert_rejected(graph, 1, linear, unscaled)

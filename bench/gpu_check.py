@@ -13,6 +13,7 @@
    1..64 against the torch reference and the HBM roofline (the weight's codes and block scales, the
    activations in and out; the timed calls cycle through enough weight copies that each reads its
    weight from HBM, not from the L2), unsplit and, where N / BLOCK_N programs leave SMs idle, split-K;
+   on sm_100 also the W4A4 GEMM reading a fused norm's NVFP4 codes (`_codes`);
 5. checks the norm, Mamba, attention and router kernels (specialised as engines use them: conv1d
    and SSD with seq_lens, attention in its EXACT form) against their reference ops and times two of
    them (bench/ops_check.py).
@@ -48,6 +49,7 @@ from nemocompile.runtime.formats import (
     FP8Tensor,
     NVFP4Tensor,
     fp8_codes,
+    nvfp4_codes,
     quantize_fp8,
     quantize_fp8_stacked,
     quantize_nvfp4,
@@ -140,6 +142,9 @@ def dense_kernel_set(shapes: dict[str, tuple[int, int]], act_format: str, sm_cou
         block_k = _block_k(k, 128)
         found.append(catalog.nvfp4_linear(f"dense_{name}", op, n=n, k=k, act_format=act_format, has_bias=True,
                                           block_k=block_k))
+        if act_format == "nvfp4":  # the W4A4 GEMM after a fused norm reads the norm's NVFP4 codes as they are
+            found.append(catalog.nvfp4_linear(f"dense_{name}{CODES_SUFFIX}", op, n=n, k=k, act_format=act_format,
+                                              has_bias=True, block_k=block_k, x_dtype="u8"))
         split = _dense_split(n, k, block_n, block_k, sm_count)
         if split > 1:
             found.append(catalog.nvfp4_linear(f"dense_{name}_splitk{split}", op, n=n, k=k, act_format=act_format,
@@ -153,6 +158,14 @@ def _dense_gemms(kernels: TritonKernels) -> list[tuple[str, str | None]]:
                    not name.endswith(catalog.REDUCE_SUFFIX))
     return [(name, name + catalog.REDUCE_SUFFIX if name + catalog.REDUCE_SUFFIX in kernels.entries else None)
             for name in names]
+
+
+def _dense_input(name: str, x: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor | NVFP4Tensor:
+    """What kernel `name` reads: x, or for a codes kernel the NVFP4 codes a fused norm writes for x."""
+    if name.endswith(CODES_SUFFIX):
+        assert scale is not None
+        return nvfp4_codes(x, scale)
+    return x
 
 
 def _dense_reference(x: torch.Tensor, weight: NVFP4Tensor, scale: torch.Tensor | None,
@@ -175,7 +188,8 @@ def check_dense(kernels: TritonKernels, act_format: str, device: str = "cuda",
         for tokens in token_counts:
             x = torch.randn(tokens, k, generator=g, device=device).bfloat16()
             scale = torch.tensor(float(x.float().abs().max()) / 2688, device=device) if act_format == "nvfp4" else None
-            out = triton_gemm.nvfp4_linear(kernels, name, x, weight, scale, bias, reduce_name=reduce,
+            out = triton_gemm.nvfp4_linear(kernels, name, _dense_input(name, x, scale), weight, scale, bias,
+                                           reduce_name=reduce,
                                            out=torch.full((tokens, n), float("nan"), dtype=torch.bfloat16,
                                                           device=device))
             ok, worst = _within(out, _dense_reference(x, weight, scale, bias))
@@ -185,17 +199,19 @@ def check_dense(kernels: TritonKernels, act_format: str, device: str = "cuda",
     return all_ok
 
 
-def dense_hbm_bytes(n: int, k: int, batch: int) -> int:
+def dense_hbm_bytes(n: int, k: int, batch: int, codes: bool = False) -> int:
     """The least bytes a dense NVFP4 GEMM moves at decode: its weight's packed E2M1 codes and E4M3
-    block-16 scales and fp32 global scale, the bf16 activations in and the bf16 output (the bias, N
-    bf16 values, is left out as the roofline's own rounding)."""
-    return n * k // 2 + n * k // 16 + 4 + batch * k * 2 + batch * n * 2
+    block-16 scales and fp32 global scale, the activations in (bf16, or NVFP4 codes and block scales)
+    and the bf16 output (the bias, N bf16 values, is left out as the roofline's own rounding)."""
+    activations = batch * (k // 2 + k // 16) if codes else batch * k * 2
+    return n * k // 2 + n * k // 16 + 4 + activations + batch * n * 2
 
 
+CODES_SUFFIX = "_codes"  # a dense W4A4 kernel reading a fused norm's NVFP4 codes
 L2_FLUSH_BYTES = 256 * 2**20  # the weight copies cycled per timed call hold more than any L2 of these GPUs
 
 
-def _cycling_call(kernels: TritonKernels, name: str, reduce: str | None, x: torch.Tensor,
+def _cycling_call(kernels: TritonKernels, name: str, reduce: str | None, x: torch.Tensor | NVFP4Tensor,
                   weights: list[NVFP4Tensor], scale: torch.Tensor | None, bias: torch.Tensor,
                   out: torch.Tensor) -> Callable[[], None]:
     """A launch of kernel `name` on the next weight copy at each call (so no call finds its weight in the L2)."""
@@ -223,10 +239,10 @@ def bench_dense(kernels: TritonKernels, act_format: str, bandwidth: float, iters
             x = torch.randn(batch, k, generator=g, device=device).bfloat16()
             scale = torch.tensor(float(x.float().abs().max()) / 2688, device=device) if act_format == "nvfp4" else None
             out = torch.empty(batch, n, dtype=torch.bfloat16, device=device)
-            moved = dense_hbm_bytes(n, k, batch)
+            moved = dense_hbm_bytes(n, k, batch, name.endswith(CODES_SUFFIX))
             roofline = moved / bandwidth * 1e6
-            kernel_us = ops_check.time_us(_cycling_call(kernels, name, reduce, x, weights, scale, bias, out), iters,
-                                          device)
+            kernel_us = ops_check.time_us(_cycling_call(kernels, name, reduce, _dense_input(name, x, scale), weights,
+                                                        scale, bias, out), iters, device)
             torch_us = ops_check.time_us(partial(_dense_reference, x, base, scale, bias), max(3, iters // 10), device)
             print(f"{name:24s} {batch:5d} {moved / 1e6:9.2f} {roofline:11.1f} {kernel_us:9.1f} "
                   f"{100 * roofline / kernel_us:9.1f}% {torch_us:9.1f} {torch_us / kernel_us:6.1f}x")

@@ -95,54 +95,41 @@ def test_reduce_kernels_follow_their_gemms() -> None:
     assert [k.name for k in again] == names
 
 
+@pytest.mark.parametrize("act_format", ["bf16", "nvfp4"])
 @pytest.mark.parametrize("split", SPLITS)
-def test_w4a16_up_and_down(kernels: TritonKernels, split: int) -> None:
-    g = torch.Generator().manual_seed(10 + split)
+def test_expert_gemms_up_and_down(kernels: TritonKernels, split: int, act_format: str) -> None:
+    """The grouped NVFP4 up- and down-GEMMs split over K, W4A16 (bf16) and W4A4 (nvfp4: the rows
+    quantized on load with the expert's input_scale), against the unsplit references."""
+    w4a4 = act_format == "nvfp4"
+    g = torch.Generator().manual_seed((20 if w4a4 else 10) + split)
+    k, up, down = (K4, f"up4_{split}", f"down4_{split}") if w4a4 else (K16, f"up{split}", f"down{split}")
     ids, routing = _routing(g)
-    x = torch.randn(TOKENS, K16, generator=g).bfloat16()
-    weight = quantize_nvfp4_stacked(torch.randn(EXPERTS, N, K16, generator=g))
+    x = torch.randn(TOKENS, k, generator=g).bfloat16()
+    weight = quantize_nvfp4_stacked(torch.randn(EXPERTS, N, k, generator=g))
     x_sorted, offsets, order = moe_dispatch(x, ids, EXPERTS)
     assert offsets[EMPTY_EXPERT] == offsets[EMPTY_EXPERT + 1]
+    scale = float(x.float().abs().max()) / (6 * 448) * (0.5 + torch.rand(EXPERTS, generator=g)) if w4a4 else None
+
+    def gemm_input(rows: torch.Tensor) -> torch.Tensor:
+        return quantize(rows, "nvfp4", scale, offsets) if w4a4 else rows
+
     alloc = PoisonedAlloc()
-    hidden = triton_gemm.moe_expert_up(kernels, f"up{split}", x, order, offsets, weight,
-                                       out=poisoned(TOKENS * TOP_K, N), reduce_name=_reduce(f"up{split}"),
-                                       alloc=alloc)
+    hidden = triton_gemm.moe_expert_up(kernels, up, x, order, offsets, weight, scale,
+                                       out=poisoned(TOKENS * TOP_K, N), reduce_name=_reduce(up), alloc=alloc)
     assert alloc.shapes == [(TOKENS * TOP_K, split, N)]
-    expected = relu2(quant_grouped_gemm(x_sorted, offsets, weight, torch.bfloat16))
+    expected = relu2(quant_grouped_gemm(gemm_input(x_sorted), offsets, weight, torch.bfloat16))
     assert_within_bf16_ulps(hidden, expected, 3, _floor(expected))
-    rows_in = torch.randn(TOKENS * TOP_K, K16, generator=g).bfloat16()
-    out = triton_gemm.moe_expert_down(kernels, f"down{split}", "combine", rows_in, order, offsets, weight, routing,
+    rows_in = x_sorted if w4a4 else torch.randn(TOKENS * TOP_K, k, generator=g).bfloat16()
+    out = triton_gemm.moe_expert_down(kernels, down, "combine", rows_in, order, offsets, weight, routing, scale,
                                       out=poisoned(TOKENS, N), pairs=poisoned(TOKENS * TOP_K, N, dtype=torch.float32),
-                                      reduce_name=_reduce(f"down{split}"), alloc=alloc)
-    rows = quant_grouped_gemm(rows_in, offsets, weight, torch.bfloat16)
+                                      reduce_name=_reduce(down), alloc=PoisonedAlloc())
+    rows = quant_grouped_gemm(gemm_input(rows_in), offsets, weight, torch.bfloat16)
     combined = moe_combine(rows, order, routing, TOKENS)
     assert_within_bf16_ulps(out, combined, 2, _floor(combined), row_rounding_bound(rows, order, routing))
     # deterministic: no atomics, the slices are added in a fixed order
-    again = triton_gemm.moe_expert_up(kernels, f"up{split}", x, order, offsets, weight,
-                                      reduce_name=_reduce(f"up{split}"), alloc=PoisonedAlloc())
+    again = triton_gemm.moe_expert_up(kernels, up, x, order, offsets, weight, scale, reduce_name=_reduce(up),
+                                      alloc=PoisonedAlloc())
     assert torch.equal(again, hidden)
-
-
-@pytest.mark.parametrize("split", SPLITS)
-def test_w4a4_up_and_down(kernels: TritonKernels, split: int) -> None:
-    g = torch.Generator().manual_seed(20 + split)
-    ids, routing = _routing(g)
-    x = torch.randn(TOKENS, K4, generator=g).bfloat16()
-    weight = quantize_nvfp4_stacked(torch.randn(EXPERTS, N, K4, generator=g))
-    x_sorted, offsets, order = moe_dispatch(x, ids, EXPERTS)
-    scale = float(x.float().abs().max()) / (6 * 448) * (0.5 + torch.rand(EXPERTS, generator=g))
-    hidden = triton_gemm.moe_expert_up(kernels, f"up4_{split}", x, order, offsets, weight, scale,
-                                       out=poisoned(TOKENS * TOP_K, N), reduce_name=_reduce(f"up4_{split}"),
-                                       alloc=PoisonedAlloc())
-    expected = relu2(quant_grouped_gemm(quantize(x_sorted, "nvfp4", scale, offsets), offsets, weight, torch.bfloat16))
-    assert_within_bf16_ulps(hidden, expected, 3, _floor(expected))
-    out = triton_gemm.moe_expert_down(kernels, f"down4_{split}", "combine", x_sorted, order, offsets,
-                                      weight, routing, scale, out=poisoned(TOKENS, N),
-                                      pairs=poisoned(TOKENS * TOP_K, N, dtype=torch.float32),
-                                      reduce_name=_reduce(f"down4_{split}"), alloc=PoisonedAlloc())
-    rows = quant_grouped_gemm(quantize(x_sorted, "nvfp4", scale, offsets), offsets, weight, torch.bfloat16)
-    combined = moe_combine(rows, order, routing, TOKENS)
-    assert_within_bf16_ulps(out, combined, 2, _floor(combined), row_rounding_bound(rows, order, routing))
 
 
 @pytest.mark.parametrize("rows", [1, 13])

@@ -28,7 +28,7 @@ dot in the interpreter too: its fp8 x fp8 dot is exact (Triton 3.9, checked over
 import triton
 import triton.language as tl
 
-from .numerics import cast_rne
+from .numerics import cast_rne, split_k_slice, zero_accumulator
 from .quant_math import round_to_e4m3_signed
 
 
@@ -80,20 +80,14 @@ def fp8_k_sum(x_rows, weight_rows, row_mask, col_mask, input_scale, K: tl.conste
     and the weight is upcast (W8A16). Shared by fp8_linear and the grouped FP8 GEMM (moe_fp8_gemm)."""
     # x holds E4M3 codes already (a fused norm's output): nothing to round on load.
     CODES: tl.constexpr = x_rows.dtype.element_ty == tl.float8e4nv
-    if SWAP_AB:
-        acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
-    else:
-        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    acc = zero_accumulator(BLOCK_M, BLOCK_N, SWAP_AB)
     # BLOCK_K need not divide K: the last step's elements beyond K load as 0 and add nothing.
     EVEN_K: tl.constexpr = K % BLOCK_K == 0
     if SPLIT_K == 1:  # constexpr bounds: the loop of the single kernel
         k_begin: tl.constexpr = 0
         k_end: tl.constexpr = K
     else:
-        # slices of whole BLOCK_K steps: only the last slice holds the masked step past K
-        SLICE: tl.constexpr = ((K + BLOCK_K - 1) // BLOCK_K + SPLIT_K - 1) // SPLIT_K * BLOCK_K
-        k_begin = tl.program_id(2) * SLICE
-        k_end = tl.minimum(k_begin + SLICE, K)
+        k_begin, k_end = split_k_slice(K, BLOCK_K, SPLIT_K)
     for k0 in range(k_begin, k_end, BLOCK_K):
         k_ids = k0 + tl.arange(0, BLOCK_K)
         if EVEN_K:

@@ -42,7 +42,7 @@ read as they are too: E2M1 value times block scale, exact in fp32).
 import triton
 import triton.language as tl
 
-from .numerics import cast_rne, rounded
+from .numerics import cast_rne, rounded, split_k_slice, zero_accumulator
 from .quant_math import (
     e2m1_value,
     expand_block_scales,
@@ -112,10 +112,7 @@ def moe_nvfp4_gemm(
         x_rows = x_ptr + source_rows.to(tl.int64)[:, None] * K
     if ACT_FORMAT == "nvfp4":
         input_scale = tl.load(input_scale_ptr + expert)
-    if SWAP_AB:
-        acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
-    else:
-        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    acc = zero_accumulator(BLOCK_M, BLOCK_N, SWAP_AB)
     # K is a multiple of 16 (the NVFP4 block), BLOCK_K need not divide it: the last step's elements
     # beyond K load as code 0 with block scale 0 (and activation 0), which adds nothing to the dot.
     EVEN_K: tl.constexpr = K % BLOCK_K == 0
@@ -123,10 +120,7 @@ def moe_nvfp4_gemm(
         k_begin: tl.constexpr = 0
         k_end: tl.constexpr = K
     else:
-        # slices of whole BLOCK_K steps: only the last slice holds the masked step past K
-        SLICE: tl.constexpr = ((K + BLOCK_K - 1) // BLOCK_K + SPLIT_K - 1) // SPLIT_K * BLOCK_K
-        k_begin = tl.program_id(2) * SLICE
-        k_end = tl.minimum(k_begin + SLICE, K)
+        k_begin, k_end = split_k_slice(K, BLOCK_K, SPLIT_K)
     for k0 in range(k_begin, k_end, BLOCK_K):
         k_ids = k0 + tl.arange(0, BLOCK_K)
         byte_ids = k0 // 2 + tl.arange(0, BLOCK_K // 2)

@@ -1,5 +1,5 @@
 """Rounding and dot helpers for the norm, conv, SSD, attention and router templates, exact in Triton's
-interpreter too (INTERPRET true only there).
+interpreter too (INTERPRET true only there), and the tile helpers the GEMM templates share.
 
 The interpreter truncates fp32 -> bf16 and multiplies raw bits in a bf16 tl.dot (Triton issue
 11584); compiled code rounds to nearest even and uses the tensor cores. Under INTERPRET, cast_rne
@@ -41,3 +41,22 @@ def dot_f32(a, b, INTERPRET: tl.constexpr):
         return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
     else:
         return tl.dot(a, b)
+
+
+@triton.jit
+def zero_accumulator(BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SWAP_AB: tl.constexpr):
+    """The fp32 accumulator of a GEMM tile: [BLOCK_M, BLOCK_N], or its transpose when SWAP_AB makes
+    the weight tile the MMA's M side."""
+    if SWAP_AB:
+        return tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    else:
+        return tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+
+
+@triton.jit
+def split_k_slice(K: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
+    """The K range [begin, end) that split-K program tl.program_id(2) sums: slices of whole BLOCK_K
+    steps, so only the last slice holds the masked step past K."""
+    SLICE: tl.constexpr = ((K + BLOCK_K - 1) // BLOCK_K + SPLIT_K - 1) // SPLIT_K * BLOCK_K
+    begin = tl.program_id(2) * SLICE
+    return begin, tl.minimum(begin + SLICE, K)

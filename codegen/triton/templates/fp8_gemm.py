@@ -28,7 +28,7 @@ dot in the interpreter too: its fp8 x fp8 dot is exact (Triton 3.9, checked over
 import triton
 import triton.language as tl
 
-from .numerics import cast_rne, split_k_slice, zero_accumulator
+from .numerics import cast_rne, split_k_slice, store_split_k_partial, sum_split_k_partials, zero_accumulator
 from .quant_math import round_to_e4m3_signed
 
 
@@ -65,8 +65,8 @@ def fp8_linear(
         _epilogue(acc, row_ids, row_mask, col_ids, col_mask, input_scale_ptr, weight_scale_ptr, bias_ptr, out_ptr,
                   N, QUANT_ACT, PER_CHANNEL, HAS_BIAS, INTERPRET)
     else:
-        partial = workspace_ptr + (row_ids.to(tl.int64)[:, None] * SPLIT_K + tl.program_id(2)) * N + col_ids[None, :]
-        tl.store(partial, acc, mask=row_mask[:, None] & col_mask[None, :])
+        store_split_k_partial(workspace_ptr, acc, row_ids, col_ids, row_mask[:, None] & col_mask[None, :], N,
+                              SPLIT_K)
 
 
 @triton.jit
@@ -132,10 +132,7 @@ def fp8_linear_reduce(
     row_mask = row_ids < rows
     col_mask = col_ids < N
     mask = row_mask[:, None] & col_mask[None, :]
-    partial = workspace_ptr + row_ids.to(tl.int64)[:, None] * (SPLIT_K * N) + col_ids[None, :]
-    acc = tl.load(partial, mask=mask, other=0.0)
-    for s in tl.static_range(1, SPLIT_K):
-        acc += tl.load(partial + s * N, mask=mask, other=0.0)
+    acc = sum_split_k_partials(workspace_ptr, row_ids, col_ids, mask, N, SPLIT_K)
     _epilogue(acc, row_ids, row_mask, col_ids, col_mask, input_scale_ptr, weight_scale_ptr, bias_ptr, out_ptr,
               N, QUANT_ACT, PER_CHANNEL, HAS_BIAS, INTERPRET)
 

@@ -42,7 +42,14 @@ read as they are too: E2M1 value times block scale, exact in fp32).
 import triton
 import triton.language as tl
 
-from .numerics import cast_rne, rounded, split_k_slice, zero_accumulator
+from .numerics import (
+    cast_rne,
+    rounded,
+    split_k_slice,
+    store_split_k_partial,
+    sum_split_k_partials,
+    zero_accumulator,
+)
 from .quant_math import (
     e2m1_value,
     expand_block_scales,
@@ -183,8 +190,8 @@ def moe_nvfp4_gemm(
                       input_scale_ptr, routing_ptr, out_ptr, bias_ptr, N, ACTIVATION, COMBINE, ACT_FORMAT, HAS_BIAS,
                       INTERPRET)
     else:
-        partial = workspace_ptr + (row_ids.to(tl.int64)[:, None] * SPLIT_K + tl.program_id(2)) * N + col_ids[None, :]
-        tl.store(partial, acc, mask=row_mask[:, None] & col_mask[None, :])
+        store_split_k_partial(workspace_ptr, acc, row_ids, col_ids, row_mask[:, None] & col_mask[None, :], N,
+                              SPLIT_K)
 
 
 @triton.jit
@@ -206,10 +213,7 @@ def moe_nvfp4_gemm_reduce(
     col_ids = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_mask = col_ids < N
     mask = row_mask[:, None] & col_mask[None, :]
-    partial = workspace_ptr + row_ids.to(tl.int64)[:, None] * (SPLIT_K * N) + col_ids[None, :]
-    acc = tl.load(partial, mask=mask, other=0.0)
-    for s in tl.static_range(1, SPLIT_K):
-        acc += tl.load(partial + s * N, mask=mask, other=0.0)
+    acc = sum_split_k_partials(workspace_ptr, row_ids, col_ids, mask, N, SPLIT_K)
     _moe_epilogue(acc, expert, row_ids, row_mask, col_ids, col_mask, x_ptr, order_ptr, global_scale_ptr,
                   input_scale_ptr, routing_ptr, out_ptr, bias_ptr, N, ACTIVATION, COMBINE, ACT_FORMAT, HAS_BIAS,
                   INTERPRET)

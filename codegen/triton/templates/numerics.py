@@ -60,3 +60,22 @@ def split_k_slice(K: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr)
     SLICE: tl.constexpr = ((K + BLOCK_K - 1) // BLOCK_K + SPLIT_K - 1) // SPLIT_K * BLOCK_K
     begin = tl.program_id(2) * SLICE
     return begin, tl.minimum(begin + SLICE, K)
+
+
+@triton.jit
+def store_split_k_partial(workspace_ptr, acc, row_ids, col_ids, mask, N: tl.constexpr, SPLIT_K: tl.constexpr):
+    """Split-K program tl.program_id(2)'s unscaled fp32 tile at workspace[row, slice, :] (workspace
+    fp32 [rows, SPLIT_K, N])."""
+    partial = workspace_ptr + (row_ids.to(tl.int64)[:, None] * SPLIT_K + tl.program_id(2)) * N + col_ids[None, :]
+    tl.store(partial, acc, mask=mask)
+
+
+@triton.jit
+def sum_split_k_partials(workspace_ptr, row_ids, col_ids, mask, N: tl.constexpr, SPLIT_K: tl.constexpr):
+    """The SPLIT_K partial tiles of workspace [rows, SPLIT_K, N] added in slice order (no atomics: the
+    sum does not depend on timing)."""
+    partial = workspace_ptr + row_ids.to(tl.int64)[:, None] * (SPLIT_K * N) + col_ids[None, :]
+    acc = tl.load(partial, mask=mask, other=0.0)
+    for s in tl.static_range(1, SPLIT_K):
+        acc += tl.load(partial + s * N, mask=mask, other=0.0)
+    return acc

@@ -189,11 +189,24 @@ def test_the_onnx_export_refuses_an_fp8_cache(demo_engines: dict[str, Path]) -> 
         check_exportable(nemocompile.load(demo_engines["fp8"]).graph)
 
 
-def test_the_triton_backend_runs_fp8_cached_attention_as_the_reference_does(demo_engines: dict[str, Path]) -> None:
+def test_the_triton_backend_runs_fp8_cached_attention_as_the_reference_does(
+        demo_engines: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
     """The FP8 cache's attention runs its Triton kernel (codes written and read with their scales) in
-    the interpreter, with the reference's logits and greedy tokens, prefill and decode."""
+    the interpreter, with the reference's logits and greedy tokens, prefill and decode; its launches
+    with FP8 caches are counted."""
     pytest.importorskip("triton", reason="the Triton kernels need the triton package")
     import json
+
+    from nemocompile.runtime.kernels import triton_ops
+
+    launched: list[torch.dtype] = []
+    original = triton_ops.attention_gqa_cached
+
+    def counted(*args: object, **kwargs: object) -> object:
+        launched.append(args[6].dtype)  # type: ignore[attr-defined]  # k_cache
+        return original(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(triton_ops, "attention_gqa_cached", counted)
 
     kernels = json.loads((demo_engines["fp8"] / "kernels" / "kernels.json").read_text())
     assert not [f for f in kernels["fallbacks"] if f["op"] == "attention_gqa"]
@@ -208,3 +221,4 @@ def test_the_triton_backend_runs_fp8_cached_attention_as_the_reference_does(demo
     assert error <= 1e-2 * float(expected.abs().max())
     mixed = [[72, 101, 108], [84, 104, 101, 32, 113, 117, 105]]
     assert reference.complete(mixed, 8) == triton.complete(mixed, 8)
+    assert launched and set(launched) == {torch.float8_e4m3fn}, launched

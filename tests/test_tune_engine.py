@@ -194,11 +194,12 @@ def test_numerics_gate_rejects_a_wrong_kernel_even_when_it_is_fastest(engine: Pa
 
 
 def _reduce_drops_the_last_slice() -> dict[str, bytes]:
-    """moe_gemm.py whose split-K reduce leaves out the last K slice: a test-only wrong kernel."""
-    source = (TEMPLATE_DIR / "moe_gemm.py").read_text()
+    """numerics.py whose split-K partial sum (the reduce kernels') leaves out the last K slice: a
+    test-only wrong kernel."""
+    source = (TEMPLATE_DIR / "numerics.py").read_text()
     line = "    for s in tl.static_range(1, SPLIT_K):\n"
     assert source.count(line) == 1
-    return {"moe_gemm.py": source.replace(line, "    for s in tl.static_range(1, SPLIT_K - 1):\n").encode()}
+    return {"numerics.py": source.replace(line, "    for s in tl.static_range(1, SPLIT_K - 1):\n").encode()}
 
 
 def test_numerics_gate_checks_split_k_candidates(engine: Path, kernel_cache: Path, tmp_path: Path) -> None:
